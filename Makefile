@@ -1,0 +1,30 @@
+# Magnetar developer tasks. `make help` lists them.
+CARGO_TARGET_DIR ?= $(HOME)/.cache/magnetar-target
+export CARGO_TARGET_DIR
+
+.PHONY: help run test lint fmt build release perf-meta
+
+help: ## List targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+run: ## Run `magnetar standalone` over ./data
+	cargo run --release -- standalone
+
+test: lint ## The whole test suite: format, clippy, then every test (CI runs this)
+	cargo nextest run --workspace --profile ci
+
+lint: ## rustfmt check and clippy with -D warnings
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+fmt: ## Format the code
+	cargo fmt --all
+
+build: ## Debug build of everything
+	cargo build --workspace --all-targets
+
+release: ## Optimized binary
+	cargo build --release
+
+perf-meta: ## Metastore benchmark on a 3-node local cluster, recorded in docs/benchmarks.md
+	cargo run --release -- perf meta --record docs/benchmarks.md

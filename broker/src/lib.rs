@@ -1,0 +1,1 @@
+//! Magnetar broker: Pulsar protocol server, managed ledgers, subscriptions (not built yet; see the broker issue).

@@ -1,0 +1,8 @@
+//! Shared plumbing for the Magnetar binaries: layered configuration
+//! ([`config`]), tracing setup ([`telemetry`]), signal-driven graceful
+//! shutdown ([`shutdown`]) and common error types ([`error`]).
+
+pub mod config;
+pub mod error;
+pub mod shutdown;
+pub mod telemetry;

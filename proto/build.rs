@@ -1,0 +1,13 @@
+//! Compiles the `.proto` files into `OUT_DIR` with a vendored `protoc`, so building Magnetar
+//! needs no system protobuf compiler.
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protoc = protoc_bin_vendored::protoc_bin_path()?;
+    // prost-build finds protoc through this variable; a build script is single-threaded.
+    std::env::set_var("PROTOC", protoc);
+    println!("cargo:rerun-if-changed=proto");
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_protos(&["proto/metastore.proto"], &["proto"])?;
+    Ok(())
+}

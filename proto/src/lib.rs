@@ -1,0 +1,8 @@
+//! Generated wire types. The `.proto` sources live in `proto/proto/`; `build.rs` compiles them
+//! into `OUT_DIR`. Conversions to domain types live in the crates that own those types.
+
+/// The metastore's client API and Raft transport.
+pub mod metastore {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("magnetar.metastore.v1");
+}

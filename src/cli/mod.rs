@@ -1,0 +1,36 @@
+//! Command-line definitions and dispatch.
+
+mod meta;
+mod perf;
+mod server;
+
+use clap::{Parser, Subcommand};
+
+/// Magnetar: a Pulsar-compatible messaging cluster.
+#[derive(Parser, Debug)]
+#[command(name = "magnetar", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a metastore node (Raft metadata store).
+    Metastore(server::MetastoreArgs),
+    /// Run everything on one machine over one data directory.
+    Standalone(server::StandaloneArgs),
+    /// Talk to a metastore cluster: get, put, del, ls, watch, cluster …
+    Meta(meta::MetaArgs),
+    /// Benchmarks.
+    Perf(perf::PerfArgs),
+}
+
+pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Metastore(a) => server::metastore(a).await,
+        Command::Standalone(a) => server::standalone(a).await,
+        Command::Meta(a) => meta::run(a).await,
+        Command::Perf(a) => perf::run(a).await,
+    }
+}

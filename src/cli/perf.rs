@@ -1,0 +1,228 @@
+//! `magnetar perf …`: benchmarks that print their figures next to the machine's physical limits
+//! measured in the same run, and record them in `docs/benchmarks.md`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use hdrhistogram::Histogram;
+use magnetar_metastore::client::{MetaClient, PutOptions};
+use magnetar_metastore::local_cluster::LocalCluster;
+
+#[derive(Args, Debug)]
+pub struct PerfArgs {
+    #[command(subcommand)]
+    cmd: PerfCmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum PerfCmd {
+    /// Metastore put/get throughput and latency on a local cluster of real processes.
+    Meta(MetaPerf),
+}
+
+#[derive(Args, Debug)]
+struct MetaPerf {
+    /// Cluster size (1 or 3+).
+    #[arg(long, default_value_t = 3)]
+    nodes: usize,
+    /// Seconds per phase.
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// Concurrent requests in flight.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Value size in bytes.
+    #[arg(long, default_value_t = 128)]
+    value_size: usize,
+    /// Distinct keys.
+    #[arg(long, default_value_t = 10_000)]
+    keys: usize,
+    /// Write the results into this markdown file (section between perf-meta markers).
+    #[arg(long)]
+    record: Option<PathBuf>,
+}
+
+pub async fn run(a: PerfArgs) -> anyhow::Result<()> {
+    match a.cmd {
+        PerfCmd::Meta(m) => meta(m).await,
+    }
+}
+
+struct Phase {
+    name: &'static str,
+    ops: u64,
+    errors: u64,
+    secs: f64,
+    hist: Histogram<u64>,
+}
+
+impl Phase {
+    fn line(&self) -> String {
+        let us = |q: f64| self.hist.value_at_quantile(q) as f64 / 1000.0;
+        format!(
+            "| {} | {:.0} | {:.2} | {:.2} | {:.2} | {} |",
+            self.name,
+            self.ops as f64 / self.secs,
+            us(0.5),
+            us(0.99),
+            us(0.999),
+            self.errors
+        )
+    }
+}
+
+/// fdatasync'd 4 KiB appends per second on the disk holding `dir`: one client write per fsync
+/// is the ceiling a system without batching could reach.
+fn fdatasync_rate(dir: &Path) -> anyhow::Result<f64> {
+    let path = dir.join("fsync-probe");
+    let mut f = std::fs::File::create(&path).context("creating the fsync probe")?;
+    let buf = vec![0u8; 4096];
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed() < Duration::from_secs(2) {
+        f.write_all(&buf)?;
+        f.sync_data()?;
+        n += 1;
+    }
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    std::fs::remove_file(&path).ok();
+    Ok(rate)
+}
+
+async fn run_phase<F, Fut>(name: &'static str, concurrency: usize, duration: Duration, op: F) -> anyhow::Result<Phase>
+where
+    F: Fn(u64) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
+    let op = Arc::new(op);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..concurrency {
+        let op = op.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("static bounds are valid");
+            let (mut ops, mut errors) = (0u64, 0u64);
+            let mut i = w as u64;
+            while start.elapsed() < duration {
+                let t = Instant::now();
+                if op(i).await {
+                    ops += 1;
+                    let _ = hist.record(t.elapsed().as_nanos() as u64);
+                } else {
+                    errors += 1;
+                }
+                i += concurrency as u64;
+            }
+            (hist, ops, errors)
+        }));
+    }
+    let mut total = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
+    let (mut ops, mut errors) = (0, 0);
+    for t in tasks {
+        let (h, o, e) = t.await?;
+        total.add(h)?;
+        ops += o;
+        errors += e;
+    }
+    Ok(Phase { name, ops, errors, secs: start.elapsed().as_secs_f64(), hist: total })
+}
+
+async fn meta(a: MetaPerf) -> anyhow::Result<()> {
+    let bin = std::env::current_exe().context("locating the magnetar binary")?;
+    let dir = std::env::temp_dir().join(format!("magnetar-perf-meta-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let result = meta_in(&a, &bin, &dir).await;
+    std::fs::remove_dir_all(&dir).ok();
+    result
+}
+
+async fn meta_in(a: &MetaPerf, bin: &Path, dir: &Path) -> anyhow::Result<()> {
+    println!("measuring the disk's fdatasync rate …");
+    let fsync_rate = fdatasync_rate(dir)?;
+    println!("raw fdatasync rate (4 KiB appends): {fsync_rate:.0}/s");
+    println!("starting a {}-node metastore cluster …", a.nodes);
+    let cluster = LocalCluster::start(bin, dir, a.nodes, &[])?;
+    cluster
+        .wait_for_leader(Duration::from_secs(20))
+        .await
+        .context("no leader elected within 20 s")?;
+    let client = cluster.client();
+    let value = vec![b'x'; a.value_size];
+    let keys = a.keys as u64;
+    let duration = Duration::from_secs(a.duration);
+
+    println!("preloading {} keys …", a.keys);
+    let c = client.clone();
+    let v = value.clone();
+    let _ = run_phase("preload", a.concurrency, Duration::from_secs(2), move |i| put(c.clone(), i % keys, v.clone())).await?;
+
+    let mut phases = Vec::new();
+    for (name, kind) in [("put", 0), ("get (linearizable)", 1), ("get (stale)", 2)] {
+        println!("{name}: {} s with {} in flight …", a.duration, a.concurrency);
+        let c = client.clone();
+        let v = value.clone();
+        let p = run_phase(name, a.concurrency, duration, move |i| {
+            let (c, v) = (c.clone(), v.clone());
+            async move {
+                match kind {
+                    0 => put(c, i % keys, v).await,
+                    1 => c.get(&key(i % keys)).await.is_ok(),
+                    _ => c.get_with(&key(i % keys), true).await.is_ok(),
+                }
+            }
+        })
+        .await?;
+        println!("  {:.0} ops/s", p.ops as f64 / p.secs);
+        phases.push(p);
+    }
+    drop(cluster);
+
+    let mut table = String::new();
+    table.push_str(&format!(
+        "{}-node cluster of real processes on one machine, {} B values, {} keys, {} requests in flight, {} s per phase.\n\
+         Raw fdatasync rate of the same disk, measured in the same run: **{fsync_rate:.0}/s** (4 KiB appends).\n\n",
+        a.nodes, a.value_size, a.keys, a.concurrency, a.duration
+    ));
+    table.push_str("| operation | ops/s | p50 µs | p99 µs | p99.9 µs | errors |\n|---|---|---|---|---|---|\n");
+    for p in &phases {
+        table.push_str(&p.line());
+        table.push('\n');
+    }
+    if let Some(put) = phases.first() {
+        table.push_str(&format!(
+            "\nPuts per raw fdatasync: **{:.1}x** (group commit of the Raft log).\n",
+            put.ops as f64 / put.secs / fsync_rate
+        ));
+    }
+    println!("\n{table}");
+    if let Some(path) = &a.record {
+        record(path, "perf-meta", &table)?;
+        println!("recorded in {}", path.display());
+    }
+    Ok(())
+}
+
+fn key(i: u64) -> String {
+    format!("/perf/key-{i:08}")
+}
+
+async fn put(c: MetaClient, i: u64, v: Vec<u8>) -> bool {
+    c.put(&key(i), v, PutOptions::default()).await.is_ok()
+}
+
+/// Replaces the section between `<!-- NAME:start -->` and `<!-- NAME:end -->` in a markdown file
+/// (appending it if absent).
+fn record(path: &Path, name: &str, body: &str) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let (start, end) = (format!("<!-- {name}:start -->"), format!("<!-- {name}:end -->"));
+    let section = format!("{start}\n{body}{end}");
+    let new = match (text.find(&start), text.find(&end)) {
+        (Some(s), Some(e)) if e > s => format!("{}{}{}", &text[..s], section, &text[e + end.len()..]),
+        _ => format!("{text}\n{section}\n"),
+    };
+    std::fs::write(path, new).with_context(|| format!("writing {}", path.display()))
+}

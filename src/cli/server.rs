@@ -1,0 +1,93 @@
+//! `magnetar metastore` and `magnetar standalone`.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use magnetar_common::config::ConfigLoader;
+use magnetar_metastore::MetastoreConfig;
+
+#[derive(Args, Debug)]
+pub struct MetastoreArgs {
+    /// TOML config file.
+    #[arg(long, short = 'c')]
+    config: Option<PathBuf>,
+    /// This node's id.
+    #[arg(long)]
+    node_id: Option<u64>,
+    /// Listen address (host:port; port 0 picks a free one).
+    #[arg(long)]
+    listen: Option<String>,
+    /// Address peers and clients use to reach this node.
+    #[arg(long)]
+    advertise: Option<String>,
+    /// Data directory.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Bootstrap members, `id=host:port,…` (1 or 3+). Omit to join later as a learner.
+    #[arg(long, value_delimiter = ',')]
+    initial_members: Vec<String>,
+    /// Any other setting, as dotted.key=value (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+}
+
+fn load_metastore_config(a: &MetastoreArgs) -> anyhow::Result<MetastoreConfig> {
+    let mut loader = ConfigLoader::new("MAGNETAR_METASTORE_").file(a.config.as_deref());
+    if let Some(v) = a.node_id {
+        loader = loader.set("node_id", &v.to_string());
+    }
+    if let Some(v) = &a.listen {
+        loader = loader.set("listen_addr", &format!("\"{v}\""));
+    }
+    if let Some(v) = &a.advertise {
+        loader = loader.set("advertise_addr", &format!("\"{v}\""));
+    }
+    if let Some(v) = &a.data_dir {
+        loader = loader.set("data_dir", &format!("\"{}\"", v.display()));
+    }
+    if !a.initial_members.is_empty() {
+        let list: Vec<String> = a.initial_members.iter().map(|m| format!("\"{m}\"")).collect();
+        loader = loader.set("initial_members", &format!("[{}]", list.join(",")));
+    }
+    for kv in &a.set {
+        let (k, v) = kv.split_once('=').with_context(|| format!("--set {kv}: expected KEY=VALUE"))?;
+        loader = loader.set(k, v);
+    }
+    Ok(loader.load::<MetastoreConfig>()?)
+}
+
+pub async fn metastore(a: MetastoreArgs) -> anyhow::Result<()> {
+    let cfg = load_metastore_config(&a)?;
+    let shutdown = magnetar_common::shutdown::shutdown_on_signals();
+    magnetar_metastore::run(cfg, shutdown).await?;
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct StandaloneArgs {
+    /// Data directory for every component.
+    #[arg(long, default_value = "./data")]
+    data_dir: PathBuf,
+    /// Metastore gRPC address.
+    #[arg(long, default_value = "127.0.0.1:2379")]
+    metastore_listen: String,
+}
+
+/// Today standalone runs the single-node metastore; the bookie and the broker join it as
+/// they are built.
+pub async fn standalone(a: StandaloneArgs) -> anyhow::Result<()> {
+    let cfg = MetastoreConfig {
+        node_id: 1,
+        listen_addr: a.metastore_listen.clone(),
+        data_dir: a.data_dir.join("metastore"),
+        initial_members: vec![format!("1={}", a.metastore_listen)],
+        ..Default::default()
+    };
+    magnetar_common::config::Validate::validate(&cfg)?;
+    let shutdown = magnetar_common::shutdown::shutdown_on_signals();
+    tracing::info!(data_dir = %a.data_dir.display(), "starting standalone: metastore on {}", a.metastore_listen);
+    tracing::warn!("standalone currently runs the metastore only; the bookie and the Pulsar broker are not built yet");
+    magnetar_metastore::run(cfg, shutdown).await?;
+    Ok(())
+}

@@ -1,0 +1,85 @@
+//! `magnetar meta …` against a running cluster, as a user types it.
+
+use std::process::Command;
+
+use crate::support::{bin, cluster, ChildGuard};
+
+fn meta(endpoints: &str, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(bin()).arg("meta").arg("--endpoints").arg(endpoints).args(args).output().expect("run magnetar meta");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[tokio::test]
+async fn meta_cli_round_trip() {
+    let t = cluster(3, &[]).await;
+    let eps = t.c.endpoints().join(",");
+    let (ok, out, err) = meta(&eps, &["put", "/cli/a", "hello"]);
+    assert!(ok, "{err}");
+    assert!(out.starts_with("version "), "{out}");
+    let version: u64 = out.trim().trim_start_matches("version ").parse().expect("version");
+    let (ok, out, _) = meta(&eps, &["get", "/cli/a"]);
+    assert!(ok);
+    assert!(out.starts_with("hello"), "{out}");
+    let (ok, _, err) = meta(&eps, &["put", "/cli/a", "x", "--expect-version", "1"]);
+    assert!(!ok && err.contains("version mismatch"), "{err}");
+    let (ok, _, _) = meta(&eps, &["put", "/cli/a", "world", "--expect-version", &version.to_string()]);
+    assert!(ok);
+    meta(&eps, &["put", "/cli/b", "2"]);
+    let (ok, out, _) = meta(&eps, &["--json", "ls", "/cli/"]);
+    assert!(ok);
+    let rows: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).expect("json line")).collect();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0]["value"], "world");
+    let (ok, out, _) = meta(&eps, &["watch", "/cli/", "--from-revision", "1", "--count", "3"]);
+    assert!(ok);
+    assert_eq!(out.lines().count(), 3, "{out}");
+    let (ok, _, _) = meta(&eps, &["del", "/cli/b"]);
+    assert!(ok);
+    let (ok, _, err) = meta(&eps, &["get", "/cli/b"]);
+    assert!(!ok && err.contains("not found"), "{err}");
+    let (ok, out, _) = meta(&eps, &["--json", "cluster", "status"]);
+    assert!(ok);
+    let status: serde_json::Value = serde_json::from_str(&out).expect("status json");
+    assert_eq!(status["members"].as_array().map(|m| m.len()), Some(3));
+    assert!(status["leader_id"].is_u64());
+    let (ok, _, err) = meta("127.0.0.1:1", &["--timeout", "2", "get", "/x"]);
+    assert!(!ok && err.contains("unavailable"), "{err}");
+}
+
+#[tokio::test]
+async fn standalone_serves_and_stops_cleanly_on_sigterm() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = magnetar_metastore::local_cluster::free_ports(1).expect("port")[0];
+    let addr = format!("127.0.0.1:{port}");
+    let mut child = standalone(dir.path(), &addr);
+    let client = magnetar_metastore::client::MetaClient::connect(&[addr.clone()]).expect("client");
+    client.put("/standalone", "up", Default::default()).await.expect("put against standalone");
+    let pid = child.0.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().expect("kill").success());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = child.0.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "standalone did not stop on SIGTERM");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "clean shutdown exits 0, got {status}");
+    // Restarting over the same data keeps what was written.
+    let _restarted = standalone(dir.path(), &addr);
+    let got = client.get("/standalone").await.expect("get after restart");
+    assert_eq!(got.map(|k| k.value), Some(b"up".to_vec()));
+}
+
+fn standalone(data: &std::path::Path, addr: &str) -> ChildGuard {
+    let child = Command::new(bin())
+        .arg("standalone")
+        .arg("--data-dir")
+        .arg(data)
+        .arg("--metastore-listen")
+        .arg(addr)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start standalone");
+    ChildGuard(child)
+}
