@@ -10,10 +10,11 @@ help: ## List targets
 run: ## Run `magnetar standalone` over ./data
 	cargo run --release -- standalone
 
-test: lint ## The whole test suite: format, clippy, then every test (CI runs this)
+test: ## The whole test suite: format check, then every test (CI runs this)
+	cargo fmt --all -- --check
 	cargo nextest run --workspace --profile ci
 
-lint: ## rustfmt check and clippy with -D warnings
+lint: ## rustfmt check and clippy with -D warnings (builds RocksDB once more, in check mode)
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 

@@ -74,13 +74,7 @@ impl<'a> ConfigLoader<'a> {
     /// still apply), because treating the whole environment as config would
     /// make every `PATH` an unknown key.
     pub fn new(env_prefix: &'a str) -> Self {
-        Self {
-            env_prefix,
-            file: None,
-            aliases: Vec::new(),
-            ignored_env: Vec::new(),
-            overrides: Vec::new(),
-        }
+        Self { env_prefix, file: None, aliases: Vec::new(), ignored_env: Vec::new(), overrides: Vec::new() }
     }
 
     /// TOML file to merge over the defaults. `None` means "no file", which
@@ -135,24 +129,17 @@ impl<'a> ConfigLoader<'a> {
             Ok(Value::Table(t)) => t,
             Ok(other) => {
                 return Err(ConfigError::Deserialize {
-                    message: format!(
-                        "config defaults must serialize to a table, got {}",
-                        other.type_str()
-                    ),
+                    message: format!("config defaults must serialize to a table, got {}", other.type_str()),
                 })
             }
             Err(e) => {
-                return Err(ConfigError::Deserialize {
-                    message: format!("cannot serialize config defaults: {e}"),
-                })
+                return Err(ConfigError::Deserialize { message: format!("cannot serialize config defaults: {e}") })
             }
         };
 
         if let Some(path) = self.file {
-            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                path: path.to_path_buf(),
-                source,
-            })?;
+            let text = std::fs::read_to_string(path)
+                .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
             let file_table: Table = toml::from_str(&text).map_err(|e| ConfigError::Parse {
                 path: path.to_path_buf(),
                 message: e.to_string().trim_end().to_owned(),
@@ -166,23 +153,16 @@ impl<'a> ConfigLoader<'a> {
         for (key, raw) in &self.overrides {
             let segments = split_key(key).ok_or_else(|| ConfigError::Invalid {
                 key: key.clone(),
-                reason: "override key must be dotted identifiers like `raft.heartbeat_ms`"
-                    .to_owned(),
+                reason: "override key must be dotted identifiers like `raft.heartbeat_ms`".to_owned(),
             })?;
             let value = parse_value(raw, lookup(&merged, &segments));
-            insert(&mut merged, &segments, value).map_err(|reason| ConfigError::Invalid {
-                key: key.clone(),
-                reason,
-            })?;
+            insert(&mut merged, &segments, value)
+                .map_err(|reason| ConfigError::Invalid { key: key.clone(), reason })?;
             origins.record(key, format!("override `{key}={raw}`"));
         }
 
         let config = T::deserialize(PathDeserializer::root(Value::Table(merged))).map_err(|e| {
-            let mut message = if e.path.is_empty() {
-                e.message
-            } else {
-                format!("{}: {}", e.path, e.message)
-            };
+            let mut message = if e.path.is_empty() { e.message } else { format!("{}: {}", e.path, e.message) };
             if let Some(origin) = origins.find(&e.path) {
                 message.push_str(&format!(" (from {origin})"));
             }
@@ -209,10 +189,8 @@ impl<'a> ConfigLoader<'a> {
                 reason: format!("env alias `{alias}` maps to a malformed key"),
             })?;
             let value = parse_value(raw, lookup(merged, &segments));
-            insert(merged, &segments, value).map_err(|reason| ConfigError::Invalid {
-                key: (*key).to_owned(),
-                reason,
-            })?;
+            insert(merged, &segments, value)
+                .map_err(|reason| ConfigError::Invalid { key: (*key).to_owned(), reason })?;
             origins.record(key, format!("environment variable {alias}"));
         }
 
@@ -228,10 +206,8 @@ impl<'a> ConfigLoader<'a> {
             .collect();
 
         // Sorted so that the first unknown variable reported is deterministic.
-        let mut prefixed: Vec<&(String, String)> = env
-            .iter()
-            .filter(|(name, _)| name.starts_with(self.env_prefix) && !skip.contains(name.as_str()))
-            .collect();
+        let mut prefixed: Vec<&(String, String)> =
+            env.iter().filter(|(name, _)| name.starts_with(self.env_prefix) && !skip.contains(name.as_str())).collect();
         prefixed.sort();
 
         for (name, raw) in prefixed {
@@ -257,22 +233,15 @@ impl<'a> ConfigLoader<'a> {
 /// `localhost` (resolved to 127.0.0.1); other host names are rejected rather
 /// than resolved, so loading config never blocks on DNS.
 pub fn parse_socket_addr(key: &str, v: &str) -> Result<SocketAddr, ConfigError> {
-    let invalid = |reason: String| ConfigError::Invalid {
-        key: key.to_owned(),
-        reason,
-    };
+    let invalid = |reason: String| ConfigError::Invalid { key: key.to_owned(), reason };
     if let Ok(addr) = v.parse::<SocketAddr>() {
         return Ok(addr);
     }
     if let Some(port) = v.strip_prefix("localhost:") {
-        let port: u16 = port
-            .parse()
-            .map_err(|e| invalid(format!("`{v}` has an invalid port: {e}")))?;
+        let port: u16 = port.parse().map_err(|e| invalid(format!("`{v}` has an invalid port: {e}")))?;
         return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
     }
-    Err(invalid(format!(
-        "`{v}` is not a socket address; expected `ip:port` such as `0.0.0.0:6650` or `[::1]:6650`"
-    )))
+    Err(invalid(format!("`{v}` is not a socket address; expected `ip:port` such as `0.0.0.0:6650` or `[::1]:6650`")))
 }
 
 /// Splits a dotted key, rejecting empty segments (`a..b`, `.a`, ``).
@@ -307,18 +276,10 @@ fn insert<S: AsRef<str>>(table: &mut Table, segments: &[S], value: Value) -> Res
     for segment in parents {
         let segment = segment.as_ref();
         walked.push(segment);
-        let entry = current
-            .entry(segment.to_owned())
-            .or_insert_with(|| Value::Table(Table::new()));
+        let entry = current.entry(segment.to_owned()).or_insert_with(|| Value::Table(Table::new()));
         match entry {
             Value::Table(t) => current = t,
-            other => {
-                return Err(format!(
-                    "`{}` is a {}, not a table",
-                    walked.join("."),
-                    other.type_str()
-                ))
-            }
+            other => return Err(format!("`{}` is a {}, not a table", walked.join("."), other.type_str())),
         }
     }
     current.insert(last.as_ref().to_owned(), value);
@@ -328,9 +289,7 @@ fn insert<S: AsRef<str>>(table: &mut Table, segments: &[S], value: Value) -> Res
 fn deep_merge(base: &mut Table, overlay: Table) {
     for (key, value) in overlay {
         match (base.get_mut(&key), value) {
-            (Some(Value::Table(base_sub)), Value::Table(overlay_sub)) => {
-                deep_merge(base_sub, overlay_sub)
-            }
+            (Some(Value::Table(base_sub)), Value::Table(overlay_sub)) => deep_merge(base_sub, overlay_sub),
             (_, value) => {
                 base.insert(key, value);
             }
@@ -350,9 +309,7 @@ fn parse_value(raw: &str, current: Option<&Value>) -> Value {
     }
     match toml::from_str::<Table>(&format!("v = {raw}")) {
         // A single-entry check stops `1\nother = 2` from smuggling in keys.
-        Ok(mut t) if t.len() == 1 => t
-            .remove("v")
-            .unwrap_or_else(|| Value::String(raw.to_owned())),
+        Ok(mut t) if t.len() == 1 => t.remove("v").unwrap_or_else(|| Value::String(raw.to_owned())),
         _ => Value::String(raw.to_owned()),
     }
 }
@@ -425,10 +382,7 @@ impl std::error::Error for PathError {}
 
 impl serde::de::Error for PathError {
     fn custom<M: fmt::Display>(msg: M) -> Self {
-        PathError {
-            path: String::new(),
-            message: msg.to_string(),
-        }
+        PathError { path: String::new(), message: msg.to_string() }
     }
 }
 
@@ -456,10 +410,7 @@ struct PathDeserializer {
 
 impl PathDeserializer {
     fn root(value: Value) -> Self {
-        Self {
-            value,
-            path: String::new(),
-        }
+        Self { value, path: String::new() }
     }
 }
 
@@ -476,37 +427,24 @@ impl<'de> serde::Deserializer<'de> for PathDeserializer {
             Value::Datetime(d) => visitor.visit_string(d.to_string()),
             Value::Array(items) => {
                 let len = items.len();
-                let mut seq = SeqAccess {
-                    items: items.into_iter().enumerate(),
-                    path: path.clone(),
-                };
+                let mut seq = SeqAccess { items: items.into_iter().enumerate(), path: path.clone() };
                 visitor.visit_seq(&mut seq).and_then(|v| {
                     if seq.items.len() == 0 {
                         Ok(v)
                     } else {
-                        Err(serde::de::Error::invalid_length(
-                            len,
-                            &"fewer elements in array",
-                        ))
+                        Err(serde::de::Error::invalid_length(len, &"fewer elements in array"))
                     }
                 })
             }
             Value::Table(table) => {
                 let len = table.len();
                 let entries: Vec<(String, Value)> = table.into_iter().collect();
-                let mut map = MapAccess {
-                    entries: entries.into_iter(),
-                    pending: None,
-                    path: path.clone(),
-                };
+                let mut map = MapAccess { entries: entries.into_iter(), pending: None, path: path.clone() };
                 visitor.visit_map(&mut map).and_then(|v| {
                     if map.entries.len() == 0 {
                         Ok(v)
                     } else {
-                        Err(serde::de::Error::invalid_length(
-                            len,
-                            &"fewer elements in table",
-                        ))
+                        Err(serde::de::Error::invalid_length(len, &"fewer elements in table"))
                     }
                 })
             }
@@ -515,10 +453,7 @@ impl<'de> serde::Deserializer<'de> for PathDeserializer {
     }
 
     // A present key is always `Some`; absence is handled by serde defaults.
-    fn deserialize_option<V: serde::de::Visitor<'de>>(
-        self,
-        visitor: V,
-    ) -> Result<V::Value, PathError> {
+    fn deserialize_option<V: serde::de::Visitor<'de>>(self, visitor: V) -> Result<V::Value, PathError> {
         let path = self.path.clone();
         at(&path, visitor.visit_some(self))
     }
@@ -542,19 +477,11 @@ impl<'de> serde::Deserializer<'de> for PathDeserializer {
     ) -> Result<V::Value, PathError> {
         let path = self.path;
         let result = match self.value {
-            Value::String(s) => visitor.visit_enum(
-                serde::de::value::StringDeserializer::<PathError>::new(s),
-            ),
-            Value::Table(table) if table.len() == 1 => {
-                match table.into_iter().next() {
-                    Some((variant, value)) => visitor.visit_enum(EnumAccess {
-                        variant,
-                        value,
-                        path: path.clone(),
-                    }),
-                    None => Err(serde::de::Error::custom("expected one enum variant")),
-                }
-            }
+            Value::String(s) => visitor.visit_enum(serde::de::value::StringDeserializer::<PathError>::new(s)),
+            Value::Table(table) if table.len() == 1 => match table.into_iter().next() {
+                Some((variant, value)) => visitor.visit_enum(EnumAccess { variant, value, path: path.clone() }),
+                None => Err(serde::de::Error::custom("expected one enum variant")),
+            },
             other => Err(serde::de::Error::custom(format!(
                 "invalid type: {}, expected a variant name or a table with exactly one key",
                 other.type_str()
@@ -583,12 +510,9 @@ impl<'de> serde::de::SeqAccess<'de> for SeqAccess {
         seed: S,
     ) -> Result<Option<S::Value>, PathError> {
         match self.items.next() {
-            Some((idx, value)) => seed
-                .deserialize(PathDeserializer {
-                    value,
-                    path: format!("{}[{idx}]", self.path),
-                })
-                .map(Some),
+            Some((idx, value)) => {
+                seed.deserialize(PathDeserializer { value, path: format!("{}[{idx}]", self.path) }).map(Some)
+            }
             None => Ok(None),
         }
     }
@@ -607,10 +531,7 @@ struct MapAccess {
 impl<'de> serde::de::MapAccess<'de> for MapAccess {
     type Error = PathError;
 
-    fn next_key_seed<K: serde::de::DeserializeSeed<'de>>(
-        &mut self,
-        seed: K,
-    ) -> Result<Option<K::Value>, PathError> {
+    fn next_key_seed<K: serde::de::DeserializeSeed<'de>>(&mut self, seed: K) -> Result<Option<K::Value>, PathError> {
         let Some((key, value)) = self.entries.next() else {
             return Ok(None);
         };
@@ -618,17 +539,10 @@ impl<'de> serde::de::MapAccess<'de> for MapAccess {
         self.pending = Some((path.clone(), value));
         // The key carries its own full path so that `deny_unknown_fields`
         // errors name `raft.bogus`, not just `raft`.
-        seed.deserialize(PathDeserializer {
-            value: Value::String(key),
-            path,
-        })
-        .map(Some)
+        seed.deserialize(PathDeserializer { value: Value::String(key), path }).map(Some)
     }
 
-    fn next_value_seed<S: serde::de::DeserializeSeed<'de>>(
-        &mut self,
-        seed: S,
-    ) -> Result<S::Value, PathError> {
+    fn next_value_seed<S: serde::de::DeserializeSeed<'de>>(&mut self, seed: S) -> Result<S::Value, PathError> {
         match self.pending.take() {
             Some((path, value)) => seed.deserialize(PathDeserializer { value, path }),
             None => Err(serde::de::Error::custom("value requested before key")),
@@ -655,19 +569,9 @@ impl<'de> serde::de::EnumAccess<'de> for EnumAccess {
         seed: S,
     ) -> Result<(S::Value, PathDeserializer), PathError> {
         let path = join_path(&self.path, &self.variant);
-        let variant = at(
-            &path,
-            seed.deserialize(serde::de::value::StringDeserializer::<PathError>::new(
-                self.variant,
-            )),
-        )?;
-        Ok((
-            variant,
-            PathDeserializer {
-                value: self.value,
-                path,
-            },
-        ))
+        let variant =
+            at(&path, seed.deserialize(serde::de::value::StringDeserializer::<PathError>::new(self.variant)))?;
+        Ok((variant, PathDeserializer { value: self.value, path }))
     }
 }
 
@@ -678,18 +582,11 @@ impl<'de> serde::de::VariantAccess<'de> for PathDeserializer {
         serde::de::Deserialize::deserialize(self)
     }
 
-    fn newtype_variant_seed<S: serde::de::DeserializeSeed<'de>>(
-        self,
-        seed: S,
-    ) -> Result<S::Value, PathError> {
+    fn newtype_variant_seed<S: serde::de::DeserializeSeed<'de>>(self, seed: S) -> Result<S::Value, PathError> {
         seed.deserialize(self)
     }
 
-    fn tuple_variant<V: serde::de::Visitor<'de>>(
-        self,
-        _len: usize,
-        visitor: V,
-    ) -> Result<V::Value, PathError> {
+    fn tuple_variant<V: serde::de::Visitor<'de>>(self, _len: usize, visitor: V) -> Result<V::Value, PathError> {
         serde::Deserializer::deserialize_any(self, visitor)
     }
 
@@ -703,6 +600,7 @@ impl<'de> serde::de::VariantAccess<'de> for PathDeserializer {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a panic is the failure report in tests
 mod tests {
     use super::*;
     use serde::Deserialize;
@@ -760,30 +658,20 @@ mod tests {
 
     impl Default for RaftSection {
         fn default() -> Self {
-            Self {
-                heartbeat_ms: 100,
-                election_ratio: 10.0,
-                enabled: true,
-            }
+            Self { heartbeat_ms: 100, election_ratio: 10.0, enabled: true }
         }
     }
 
     impl Default for BrokerSection {
         fn default() -> Self {
-            Self {
-                port: 6650,
-                listen: "0.0.0.0:6650".into(),
-            }
+            Self { port: 6650, listen: "0.0.0.0:6650".into() }
         }
     }
 
     impl Validate for TestConfig {
         fn validate(&self) -> Result<(), ConfigError> {
             if self.raft.heartbeat_ms == 0 {
-                return Err(ConfigError::Invalid {
-                    key: "raft.heartbeat_ms".into(),
-                    reason: "must be > 0".into(),
-                });
+                return Err(ConfigError::Invalid { key: "raft.heartbeat_ms".into(), reason: "must be > 0".into() });
             }
             parse_socket_addr("broker.listen", &self.broker.listen)?;
             Ok(())
@@ -798,10 +686,7 @@ mod tests {
     }
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     fn load(loader: ConfigLoader<'_>, pairs: &[(&str, &str)]) -> Result<TestConfig, ConfigError> {
@@ -880,19 +765,14 @@ mod tests {
     #[test]
     fn unknown_top_level_file_key() {
         let f = write_file("clustr_name = \"x\"\n");
-        let msg = load(ConfigLoader::new("MAGNETAR_").file(Some(f.path())), &[])
-            .unwrap_err()
-            .to_string();
+        let msg = load(ConfigLoader::new("MAGNETAR_").file(Some(f.path())), &[]).unwrap_err().to_string();
         assert!(msg.contains("clustr_name"), "{msg}");
     }
 
     #[test]
     fn unknown_env_var_is_error_naming_variable() {
-        let err = load(
-            ConfigLoader::new("MAGNETAR_"),
-            &[("MAGNETAR_RAFT__HEARTBEAT", "5"), ("HOME", "/root")],
-        )
-        .unwrap_err();
+        let err =
+            load(ConfigLoader::new("MAGNETAR_"), &[("MAGNETAR_RAFT__HEARTBEAT", "5"), ("HOME", "/root")]).unwrap_err();
         match &err {
             ConfigError::UnknownEnv { var } => assert_eq!(var, "MAGNETAR_RAFT__HEARTBEAT"),
             other => panic!("expected UnknownEnv, got {other:?}"),
@@ -904,10 +784,7 @@ mod tests {
     fn env_below_a_leaf_or_with_empty_segment_is_unknown() {
         for var in ["MAGNETAR_RAFT__HEARTBEAT_MS__X", "MAGNETAR_RAFT____X", "MAGNETAR_"] {
             let err = load(ConfigLoader::new("MAGNETAR_"), &[(var, "1")]).unwrap_err();
-            assert!(
-                matches!(&err, ConfigError::UnknownEnv { var: v } if v == var),
-                "{var}: {err:?}"
-            );
+            assert!(matches!(&err, ConfigError::UnknownEnv { var: v } if v == var), "{var}: {err:?}");
         }
     }
 
@@ -915,11 +792,7 @@ mod tests {
     fn log_vars_and_ignored_vars_are_not_config() {
         let cfg = load(
             ConfigLoader::new("MAGNETAR_").ignore_env("MAGNETAR_CONFIG"),
-            &[
-                ("MAGNETAR_LOG", "debug"),
-                ("MAGNETAR_LOG_FORMAT", "json"),
-                ("MAGNETAR_CONFIG", "/etc/magnetar.toml"),
-            ],
+            &[("MAGNETAR_LOG", "debug"), ("MAGNETAR_LOG_FORMAT", "json"), ("MAGNETAR_CONFIG", "/etc/magnetar.toml")],
         )
         .unwrap();
         assert_eq!(cfg, TestConfig::default());
@@ -930,38 +803,26 @@ mod tests {
         let f = write_file("[raft]\nheartbeat_ms = \"x\"\n");
         let err = load(ConfigLoader::new("MAGNETAR_").file(Some(f.path())), &[]).unwrap_err();
         let msg = err.to_string();
-        assert!(
-            msg.contains("raft.heartbeat_ms: invalid type: string \"x\", expected u64"),
-            "{msg}"
-        );
+        assert!(msg.contains("raft.heartbeat_ms: invalid type: string \"x\", expected u64"), "{msg}");
     }
 
     #[test]
     fn type_mismatch_from_env_names_key_and_variable() {
-        let msg = load(
-            ConfigLoader::new("MAGNETAR_"),
-            &[("MAGNETAR_BROKER__PORT", "70000")],
-        )
-        .unwrap_err()
-        .to_string();
+        let msg = load(ConfigLoader::new("MAGNETAR_"), &[("MAGNETAR_BROKER__PORT", "70000")]).unwrap_err().to_string();
         assert!(msg.contains("broker.port"), "{msg}");
         assert!(msg.contains("MAGNETAR_BROKER__PORT"), "{msg}");
     }
 
     #[test]
     fn type_mismatch_inside_array_names_index() {
-        let msg = load(ConfigLoader::new("MAGNETAR_").set("tags", "[\"a\", 3]"), &[])
-            .unwrap_err()
-            .to_string();
+        let msg = load(ConfigLoader::new("MAGNETAR_").set("tags", "[\"a\", 3]"), &[]).unwrap_err().to_string();
         assert!(msg.contains("tags[1]"), "{msg}");
         assert!(msg.contains("override"), "{msg}");
     }
 
     #[test]
     fn bad_enum_variant_names_key() {
-        let msg = load(ConfigLoader::new("MAGNETAR_").set("mode", "solo"), &[])
-            .unwrap_err()
-            .to_string();
+        let msg = load(ConfigLoader::new("MAGNETAR_").set("mode", "solo"), &[]).unwrap_err().to_string();
         assert!(msg.contains("mode: unknown variant `solo`"), "{msg}");
     }
 
@@ -971,11 +832,7 @@ mod tests {
         let cfg = load(loader(), &[("brokerServicePort", "6651")]).unwrap();
         assert_eq!(cfg.broker.port, 6651);
 
-        let cfg = load(
-            loader(),
-            &[("brokerServicePort", "6651"), ("MAGNETAR_BROKER__PORT", "6652")],
-        )
-        .unwrap();
+        let cfg = load(loader(), &[("brokerServicePort", "6651"), ("MAGNETAR_BROKER__PORT", "6652")]).unwrap();
         assert_eq!(cfg.broker.port, 6652);
     }
 
@@ -991,11 +848,9 @@ mod tests {
 
     #[test]
     fn string_default_stays_string() {
-        let cfg = load(
-            ConfigLoader::new("MAGNETAR_"),
-            &[("MAGNETAR_NODE_ID", "007"), ("MAGNETAR_CLUSTER_NAME", "true")],
-        )
-        .unwrap();
+        let cfg =
+            load(ConfigLoader::new("MAGNETAR_"), &[("MAGNETAR_NODE_ID", "007"), ("MAGNETAR_CLUSTER_NAME", "true")])
+                .unwrap();
         assert_eq!(cfg.node_id, "007");
         assert_eq!(cfg.cluster_name, "true");
     }
@@ -1003,25 +858,15 @@ mod tests {
     #[test]
     fn env_can_override_optional_key_set_in_file() {
         let f = write_file("advertised = \"a:1\"\n");
-        let cfg = load(
-            ConfigLoader::new("MAGNETAR_").file(Some(f.path())),
-            &[("MAGNETAR_ADVERTISED", "b:2")],
-        )
-        .unwrap();
+        let cfg = load(ConfigLoader::new("MAGNETAR_").file(Some(f.path())), &[("MAGNETAR_ADVERTISED", "b:2")]).unwrap();
         assert_eq!(cfg.advertised.as_deref(), Some("b:2"));
     }
 
     #[test]
     fn validate_error_surfaces() {
         let err = load(ConfigLoader::new("MAGNETAR_").set("raft.heartbeat_ms", "0"), &[]).unwrap_err();
-        assert!(
-            matches!(&err, ConfigError::Invalid { key, .. } if key == "raft.heartbeat_ms"),
-            "{err:?}"
-        );
-        assert_eq!(
-            err.to_string(),
-            "invalid value for `raft.heartbeat_ms`: must be > 0"
-        );
+        assert!(matches!(&err, ConfigError::Invalid { key, .. } if key == "raft.heartbeat_ms"), "{err:?}");
+        assert_eq!(err.to_string(), "invalid value for `raft.heartbeat_ms`: must be > 0");
 
         let err = load(ConfigLoader::new("MAGNETAR_").set("broker.listen", "nope"), &[]).unwrap_err();
         assert!(err.to_string().contains("`broker.listen`"), "{err}");
@@ -1053,12 +898,9 @@ mod tests {
     #[test]
     fn set_value_cannot_inject_extra_keys() {
         // Taken as a literal string, which then fails to be a u64.
-        let msg = load(
-            ConfigLoader::new("MAGNETAR_").set("raft.heartbeat_ms", "5\nenabled = false"),
-            &[],
-        )
-        .unwrap_err()
-        .to_string();
+        let msg = load(ConfigLoader::new("MAGNETAR_").set("raft.heartbeat_ms", "5\nenabled = false"), &[])
+            .unwrap_err()
+            .to_string();
         assert!(msg.contains("raft.heartbeat_ms: invalid type: string"), "{msg}");
     }
 
@@ -1067,31 +909,16 @@ mod tests {
         assert_eq!(parse_value("42", None), Value::Integer(42));
         assert_eq!(parse_value("1.5", None), Value::Float(1.5));
         assert_eq!(parse_value("true", None), Value::Boolean(true));
-        assert_eq!(
-            parse_value("[1, 2]", None),
-            Value::Array(vec![Value::Integer(1), Value::Integer(2)])
-        );
+        assert_eq!(parse_value("[1, 2]", None), Value::Array(vec![Value::Integer(1), Value::Integer(2)]));
         assert_eq!(parse_value("hello world", None), Value::String("hello world".into()));
-        assert_eq!(
-            parse_value("42", Some(&Value::String(String::new()))),
-            Value::String("42".into())
-        );
+        assert_eq!(parse_value("42", Some(&Value::String(String::new()))), Value::String("42".into()));
     }
 
     #[test]
     fn socket_addr_helper() {
-        assert_eq!(
-            parse_socket_addr("k", "127.0.0.1:6650").unwrap(),
-            "127.0.0.1:6650".parse::<SocketAddr>().unwrap()
-        );
-        assert_eq!(
-            parse_socket_addr("k", "[::1]:80").unwrap(),
-            "[::1]:80".parse::<SocketAddr>().unwrap()
-        );
-        assert_eq!(
-            parse_socket_addr("k", "localhost:8080").unwrap(),
-            "127.0.0.1:8080".parse::<SocketAddr>().unwrap()
-        );
+        assert_eq!(parse_socket_addr("k", "127.0.0.1:6650").unwrap(), "127.0.0.1:6650".parse::<SocketAddr>().unwrap());
+        assert_eq!(parse_socket_addr("k", "[::1]:80").unwrap(), "[::1]:80".parse::<SocketAddr>().unwrap());
+        assert_eq!(parse_socket_addr("k", "localhost:8080").unwrap(), "127.0.0.1:8080".parse::<SocketAddr>().unwrap());
         let err = parse_socket_addr("broker.listen", "localhost:99999").unwrap_err();
         assert!(err.to_string().contains("`broker.listen`"), "{err}");
         assert!(parse_socket_addr("k", "6650").is_err());

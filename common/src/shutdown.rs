@@ -23,10 +23,7 @@ pub const FORCED_EXIT_CODE: i32 = 130;
 /// signal behaviour, which still terminates it.
 pub fn shutdown_on_signals() -> CancellationToken {
     let token = CancellationToken::new();
-    match (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) {
+    match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
         (Ok(sigint), Ok(sigterm)) => {
             tokio::spawn(watch_signals(sigint, sigterm, token.clone()));
         }
@@ -58,30 +55,24 @@ async fn watch_signals(mut sigint: Signal, mut sigterm: Signal, token: Cancellat
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a panic is the failure report in tests
 mod tests {
     use super::*;
     use std::time::Duration;
 
-    #[tokio::test]
-    async fn token_not_cancelled_without_signal() {
-        let token = shutdown_on_signals();
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        assert!(!token.is_cancelled());
-    }
-
-    // The only test that delivers a real signal: a second one would exit the
-    // test binary, so no other test may send any.
+    // The only test that delivers a real signal: every live listener in this
+    // process sees it, and a second one would exit the test binary, so no
+    // other test may send signals or rely on a token staying uncancelled.
     #[tokio::test]
     async fn sigterm_cancels_token() {
         let token = shutdown_on_signals();
-        let status = std::process::Command::new("kill")
-            .args(["-TERM", &std::process::id().to_string()])
-            .status()
-            .unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!token.is_cancelled());
+
+        let status =
+            std::process::Command::new("kill").args(["-TERM", &std::process::id().to_string()]).status().unwrap();
         assert!(status.success());
-        tokio::time::timeout(Duration::from_secs(5), token.cancelled())
-            .await
-            .unwrap();
+        tokio::time::timeout(Duration::from_secs(5), token.cancelled()).await.unwrap();
     }
 
     #[tokio::test]
@@ -92,14 +83,8 @@ mod tests {
             let _ = rx.await;
         });
         tracker.close();
-        assert!(
-            tokio::time::timeout(Duration::from_millis(20), tracker.wait())
-                .await
-                .is_err()
-        );
+        assert!(tokio::time::timeout(Duration::from_millis(20), tracker.wait()).await.is_err());
         tx.send(()).unwrap();
-        tokio::time::timeout(Duration::from_secs(5), tracker.wait())
-            .await
-            .unwrap();
+        tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await.unwrap();
     }
 }

@@ -90,23 +90,16 @@ fn filter_directive(rust_log: Option<String>, magnetar_log: Option<String>) -> S
 /// Uses `try_init`, so a second call (several tests in one process, or a
 /// library embedding) is a silent no-op instead of a panic.
 pub fn init_tracing(format: LogFormat) {
-    let directive = filter_directive(
-        std::env::var("RUST_LOG").ok(),
-        std::env::var("MAGNETAR_LOG").ok(),
-    );
+    let directive = filter_directive(std::env::var("RUST_LOG").ok(), std::env::var("MAGNETAR_LOG").ok());
     let (filter, bad_directive) = match EnvFilter::try_new(&directive) {
         Ok(filter) => (filter, None),
         Err(e) => (EnvFilter::new(DEFAULT_LOG_FILTER), Some(e)),
     };
 
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let installed = match format {
         // Escape codes are noise in files and journald, so only colour a tty.
-        LogFormat::Text => builder
-            .with_ansi(std::io::stderr().is_terminal())
-            .try_init(),
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
 
@@ -121,6 +114,7 @@ pub fn init_tracing(format: LogFormat) {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a panic is the failure report in tests
 mod tests {
     use super::*;
 

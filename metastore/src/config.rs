@@ -133,7 +133,8 @@ impl MetastoreConfig {
 }
 
 fn parse_member(s: &str) -> Result<Member, ConfigError> {
-    let invalid = |reason: &str| ConfigError::Invalid { key: "initial_members".into(), reason: format!("`{s}`: {reason}") };
+    let invalid =
+        |reason: &str| ConfigError::Invalid { key: "initial_members".into(), reason: format!("`{s}`: {reason}") };
     let (id, addr) = s.split_once('=').ok_or_else(|| invalid("expected id=host:port"))?;
     let id: u64 = id.trim().parse().map_err(|_| invalid("the id is not a number"))?;
     let addr = addr.trim();

@@ -9,9 +9,8 @@ struct Builder;
 
 impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Builder {
     async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError> {
-        let dir = tempfile::tempdir().map_err(|e| {
-            StorageError::from_io_error(openraft::ErrorSubject::Store, openraft::ErrorVerb::Write, e)
-        })?;
+        let dir = tempfile::tempdir()
+            .map_err(|e| StorageError::from_io_error(openraft::ErrorSubject::Store, openraft::ErrorVerb::Write, e))?;
         let db = match magnetar_metastore::store::open_db(dir.path()) {
             Ok(db) => db,
             Err(e) => panic!("open_db: {e}"),

@@ -19,8 +19,8 @@ struct Fixture {
 fn fixture() -> Fixture {
     let dir = tempfile::tempdir().expect("tempdir");
     let db = magnetar_metastore::store::open_db(dir.path()).expect("open db");
-    let sm = StateMachine::new(db, dir.path().join("snap"), Retention { event_revisions: 2048 })
-        .expect("state machine");
+    let sm =
+        StateMachine::new(db, dir.path().join("snap"), Retention { event_revisions: 2048 }).expect("state machine");
     let shared = sm.shared();
     Fixture { _dir: dir, sm, shared, next_index: 1 }
 }
@@ -201,7 +201,8 @@ async fn watch_history_by_revision_and_prefix() {
 #[tokio::test]
 async fn old_history_is_pruned_and_the_floor_reported() {
     let mut f = fixture();
-    let cmds: Vec<Command> = (0..5000).map(|i| Command { request: None, op: put(&format!("/p/{}", i % 10), "v", None, 0) }).collect();
+    let cmds: Vec<Command> =
+        (0..5000).map(|i| Command { request: None, op: put(&format!("/p/{}", i % 10), "v", None, 0) }).collect();
     for chunk in cmds.chunks(500) {
         f.apply_all(chunk.to_vec()).await;
     }

@@ -117,7 +117,10 @@ pub async fn run(a: MetaArgs) -> anyhow::Result<()> {
         MetaCmd::Ls { prefix } => {
             for kv in client.list(&prefix).await? {
                 if a.json {
-                    println!("{}", serde_json::json!({"key": kv.key, "value": show_value(&kv.value), "version": kv.version}));
+                    println!(
+                        "{}",
+                        serde_json::json!({"key": kv.key, "value": show_value(&kv.value), "version": kv.version})
+                    );
                 } else {
                     println!("{}\t{}\t(version {})", kv.key, show_value(&kv.value), kv.version);
                 }
@@ -157,11 +160,8 @@ pub async fn run(a: MetaArgs) -> anyhow::Result<()> {
 
 fn print_status(s: &magnetar_proto::metastore::ClusterStatusResponse, json: bool) -> anyhow::Result<()> {
     if json {
-        let members: Vec<_> = s
-            .members
-            .iter()
-            .map(|m| serde_json::json!({"id": m.id, "addr": m.addr, "voter": m.voter}))
-            .collect();
+        let members: Vec<_> =
+            s.members.iter().map(|m| serde_json::json!({"id": m.id, "addr": m.addr, "voter": m.voter})).collect();
         let v = serde_json::json!({
             "node_id": s.node_id, "leader_id": s.leader_id, "leader_addr": s.leader_addr, "term": s.term,
             "state": s.state, "last_log_index": s.last_log_index, "last_applied": s.last_applied,
@@ -184,4 +184,3 @@ fn print_status(s: &magnetar_proto::metastore::ClusterStatusResponse, json: bool
     }
     Ok(())
 }
-

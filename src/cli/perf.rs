@@ -146,10 +146,7 @@ async fn meta_in(a: &MetaPerf, bin: &Path, dir: &Path) -> anyhow::Result<()> {
     println!("raw fdatasync rate (4 KiB appends): {fsync_rate:.0}/s");
     println!("starting a {}-node metastore cluster …", a.nodes);
     let cluster = LocalCluster::start(bin, dir, a.nodes, &[])?;
-    cluster
-        .wait_for_leader(Duration::from_secs(20))
-        .await
-        .context("no leader elected within 20 s")?;
+    cluster.wait_for_leader(Duration::from_secs(20)).await.context("no leader elected within 20 s")?;
     let client = cluster.client();
     let value = vec![b'x'; a.value_size];
     let keys = a.keys as u64;
@@ -158,7 +155,8 @@ async fn meta_in(a: &MetaPerf, bin: &Path, dir: &Path) -> anyhow::Result<()> {
     println!("preloading {} keys …", a.keys);
     let c = client.clone();
     let v = value.clone();
-    let _ = run_phase("preload", a.concurrency, Duration::from_secs(2), move |i| put(c.clone(), i % keys, v.clone())).await?;
+    let _ = run_phase("preload", a.concurrency, Duration::from_secs(2), move |i| put(c.clone(), i % keys, v.clone()))
+        .await?;
 
     let mut phases = Vec::new();
     for (name, kind) in [("put", 0), ("get (linearizable)", 1), ("get (stale)", 2)] {

@@ -38,13 +38,13 @@ fn load_metastore_config(a: &MetastoreArgs) -> anyhow::Result<MetastoreConfig> {
         loader = loader.set("node_id", &v.to_string());
     }
     if let Some(v) = &a.listen {
-        loader = loader.set("listen_addr", &format!("\"{v}\""));
+        loader = loader.set("listen_addr", v);
     }
     if let Some(v) = &a.advertise {
-        loader = loader.set("advertise_addr", &format!("\"{v}\""));
+        loader = loader.set("advertise_addr", v);
     }
     if let Some(v) = &a.data_dir {
-        loader = loader.set("data_dir", &format!("\"{}\"", v.display()));
+        loader = loader.set("data_dir", &v.display().to_string());
     }
     if !a.initial_members.is_empty() {
         let list: Vec<String> = a.initial_members.iter().map(|m| format!("\"{m}\"")).collect();

@@ -36,7 +36,13 @@ async fn single_node_api_round_trip() {
     assert!(all.windows(2).all(|w| w[0].key < w[1].key));
 
     let ok = c
-        .txn(Txn::default().compare("/list/000", all[0].version).compare("/new", 0).put("/new", "n", 0).delete("/list/001"))
+        .txn(
+            Txn::default()
+                .compare("/list/000", all[0].version)
+                .compare("/new", 0)
+                .put("/new", "n", 0)
+                .delete("/list/001"),
+        )
         .await
         .expect("txn");
     assert!(ok.succeeded);
@@ -53,7 +59,10 @@ async fn single_node_api_round_trip() {
 
     // Limits and malformed input answer with clear errors and the node keeps serving.
     let big = c.put("/big", vec![0u8; 1025], PutOptions::default()).await.expect_err("too big");
-    assert!(matches!(&big, ClientError::InvalidArgument { message } if message.contains("limits.max_value_bytes")), "{big}");
+    assert!(
+        matches!(&big, ClientError::InvalidArgument { message } if message.contains("limits.max_value_bytes")),
+        "{big}"
+    );
     let empty = c.put("", "x", PutOptions::default()).await.expect_err("empty key");
     assert!(matches!(empty, ClientError::InvalidArgument { .. }), "{empty}");
     let long_key = "k".repeat(5000);
@@ -66,7 +75,10 @@ async fn single_node_api_round_trip() {
     // Far over the gRPC frame limit: rejected before the node buffers it.
     let huge = c.put("/huge", vec![0u8; 16 << 20], PutOptions::default()).await.expect_err("frame too large");
     assert!(matches!(huge, ClientError::InvalidArgument { .. } | ClientError::Server { .. }), "{huge:?}");
-    assert!(matches!(c.put("/s", "x", PutOptions { expected_version: None, session: 12345 }).await, Err(ClientError::NoSuchSession(_))));
+    assert!(matches!(
+        c.put("/s", "x", PutOptions { expected_version: None, session: 12345 }).await,
+        Err(ClientError::NoSuchSession(_))
+    ));
     assert_eq!(c.get("/new").await.expect("still serving").map(|k| k.value), Some(b"n".to_vec()));
 }
 
@@ -78,10 +90,7 @@ async fn a_follower_points_to_the_leader_and_the_client_follows() {
     let only_follower = MetaClient::new(&[t.c.nodes[follower].addr.clone()], ClientOptions::default()).expect("client");
     // The follower answers NotLeader with the leader's address, which the client follows.
     only_follower.put("/via-follower", "x", PutOptions::default()).await.expect("put through a follower endpoint");
-    assert_eq!(
-        only_follower.get("/via-follower").await.expect("get").map(|k| k.value),
-        Some(b"x".to_vec())
-    );
+    assert_eq!(only_follower.get("/via-follower").await.expect("get").map(|k| k.value), Some(b"x".to_vec()));
     let status = only_follower.cluster_status(Some(&t.c.nodes[follower].addr)).await.expect("status");
     assert_eq!(status.leader_addr, t.c.nodes[leader].addr);
     assert_eq!(status.members.len(), 3);

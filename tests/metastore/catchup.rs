@@ -9,11 +9,8 @@ use crate::support::{cluster, wait_until};
 
 #[tokio::test]
 async fn restarted_node_catches_up_from_a_snapshot_after_log_purge() {
-    let mut t = cluster(
-        3,
-        &["--set", "raft.snapshot_every_entries=100", "--set", "raft.keep_entries_after_snapshot=10"],
-    )
-    .await;
+    let mut t =
+        cluster(3, &["--set", "raft.snapshot_every_entries=100", "--set", "raft.keep_entries_after_snapshot=10"]).await;
     let leader = t.leader().await;
     let lagger = (leader + 1) % 3;
     t.c.kill(lagger);
@@ -50,5 +47,8 @@ async fn restarted_node_catches_up_from_a_snapshot_after_log_purge() {
         }
     }
     assert_eq!(keys.len(), 600);
-    assert!(keys.iter().enumerate().all(|(i, (k, v))| *k == format!("/snap/{i:04}") && *v == format!("v{i}").into_bytes()));
+    assert!(keys
+        .iter()
+        .enumerate()
+        .all(|(i, (k, v))| *k == format!("/snap/{i:04}") && *v == format!("v{i}").into_bytes()));
 }

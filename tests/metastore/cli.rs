@@ -5,8 +5,18 @@ use std::process::Command;
 use crate::support::{bin, cluster, ChildGuard};
 
 fn meta(endpoints: &str, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(bin()).arg("meta").arg("--endpoints").arg(endpoints).args(args).output().expect("run magnetar meta");
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    let out = Command::new(bin())
+        .arg("meta")
+        .arg("--endpoints")
+        .arg(endpoints)
+        .args(args)
+        .output()
+        .expect("run magnetar meta");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[tokio::test]

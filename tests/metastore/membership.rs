@@ -37,8 +37,9 @@ async fn add_learners_promote_and_remove() {
     let status = c.cluster_remove(1).await.expect("remove 1");
     assert!(!status.members.iter().any(|m| m.id == 1), "{status:?}");
     t.c.kill(0);
-    let c2 = magnetar_metastore::client::MetaClient::connect(&[t.c.nodes[two].addr.clone(), t.c.nodes[three].addr.clone()])
-        .expect("client");
+    let c2 =
+        magnetar_metastore::client::MetaClient::connect(&[t.c.nodes[two].addr.clone(), t.c.nodes[three].addr.clone()])
+            .expect("client");
     c2.put("/m/after", "v", PutOptions::default()).await.expect("write after removal");
     assert_eq!(c2.list("/m/").await.expect("list").len(), 51);
 }

@@ -27,7 +27,10 @@ async fn expiry_deletes_ephemeral_keys_and_emits_watch_events() {
 
     // Abandoned: expires, the key goes, and watchers hear of it.
     drop(session);
-    let event = tokio::time::timeout(Duration::from_secs(10), watcher.next()).await.expect("expiry event in time").expect("watch");
+    let event = tokio::time::timeout(Duration::from_secs(10), watcher.next())
+        .await
+        .expect("expiry event in time")
+        .expect("watch");
     assert_eq!(event.events.len(), 1, "{event:?}");
     let e = &event.events[0];
     assert_eq!((e.kind, e.key.as_str(), e.session), (EventKind::Delete, "/brokers/b1", id));
@@ -41,13 +44,14 @@ async fn expiry_deletes_ephemeral_keys_and_emits_watch_events() {
 async fn a_session_survives_a_leader_change_and_reports_loss_when_closed() {
     let mut t = cluster(3, &[]).await;
     let c = t.c.client();
-    let session = c.session(Duration::from_millis(2000)).await.expect("session");
+    // A TTL comfortably above the failover time (election timeout up to 1 s plus reconnects).
+    let session = c.session(Duration::from_millis(4000)).await.expect("session");
     c.put("/owner", "me", PutOptions { expected_version: None, session: session.id() }).await.expect("put");
     let leader = t.leader().await;
     t.c.kill(leader);
     t.leader().await;
-    // Two TTLs after the failover the new leader has not expired the session.
-    tokio::time::sleep(Duration::from_millis(4000)).await;
+    // More than a TTL after the failover the new leader has not expired the session.
+    tokio::time::sleep(Duration::from_millis(5000)).await;
     assert!(!session.is_lost(), "session lost across a leader change\n{}", t.logs());
     assert!(c.get("/owner").await.expect("get").is_some(), "ephemeral key lost across a leader change");
 

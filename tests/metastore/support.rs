@@ -13,7 +13,7 @@ pub fn bin() -> PathBuf {
 pub struct TestCluster {
     pub c: LocalCluster,
     // Dropped after the cluster (field order), so processes stop before files go.
-    pub dir: tempfile::TempDir,
+    pub _dir: tempfile::TempDir,
 }
 
 impl TestCluster {
@@ -34,7 +34,7 @@ pub async fn cluster(n: usize, extra: &[&str]) -> TestCluster {
     let dir = tempfile::tempdir().expect("tempdir");
     let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
     let c = LocalCluster::start(&bin(), dir.path(), n, &extra).expect("spawn nodes");
-    let t = TestCluster { c, dir };
+    let t = TestCluster { c, _dir: dir };
     t.leader().await;
     t
 }

@@ -23,7 +23,11 @@ async fn watch_replays_history_from_a_revision() {
     }
     assert_eq!(
         got,
-        vec![(EventKind::Put, "/h/a".to_string()), (EventKind::Put, "/h/b".to_string()), (EventKind::Delete, "/h/a".to_string())]
+        vec![
+            (EventKind::Put, "/h/a".to_string()),
+            (EventKind::Put, "/h/b".to_string()),
+            (EventKind::Delete, "/h/a".to_string())
+        ]
     );
 }
 

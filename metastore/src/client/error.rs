@@ -99,7 +99,9 @@ pub(crate) fn classify(status: tonic::Status, key: &str, expected: u64) -> Dispo
         Some(ErrorCode::InvalidArgument) => {
             Disposition::Fail(ClientError::InvalidArgument { message: status.message().to_owned() })
         }
-        Some(ErrorCode::Compacted) => Disposition::Fail(ClientError::Compacted { message: status.message().to_owned() }),
+        Some(ErrorCode::Compacted) => {
+            Disposition::Fail(ClientError::Compacted { message: status.message().to_owned() })
+        }
         Some(code) => Disposition::Fail(ClientError::Server { code: Some(code), status }),
         // No Magnetar code: a transport failure (connection refused, reset, deadline).
         None => match status.code() {

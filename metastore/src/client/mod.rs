@@ -372,7 +372,13 @@ impl MetaClient {
     }
 
     /// One page of keys under `prefix` after `start_after`.
-    pub async fn range(&self, prefix: &str, start_after: &str, limit: u32, stale: bool) -> Result<RangePage, ClientError> {
+    pub async fn range(
+        &self,
+        prefix: &str,
+        start_after: &str,
+        limit: u32,
+        stale: bool,
+    ) -> Result<RangePage, ClientError> {
         let route = if stale { Route::Any } else { Route::Leader };
         let r = self
             .call(route, prefix, 0, |mut c| {
@@ -455,9 +461,11 @@ impl MetaClient {
 
     /// Closes a session by id (its owner is told it was lost).
     pub async fn close_session(&self, id: u64) -> Result<(), ClientError> {
-        self.call(Route::Leader, "", 0, |mut c| async move { c.session_close(pb::SessionCloseRequest { session_id: id }).await })
-            .await
-            .map(|_| ())
+        self.call(Route::Leader, "", 0, |mut c| async move {
+            c.session_close(pb::SessionCloseRequest { session_id: id }).await
+        })
+        .await
+        .map(|_| ())
     }
 
     /// Cluster status as seen by one node (`endpoint`), or by any node when `None`.
@@ -471,13 +479,21 @@ impl MetaClient {
                     .map(|r| r.into_inner())
                     .map_err(|status| ClientError::Server { code: error::code_of(&status), status })
             }
-            None => self.call(Route::Any, "", 0, |mut c| async move { c.cluster_status(pb::ClusterStatusRequest {}).await }).await,
+            None => {
+                self.call(Route::Any, "", 0, |mut c| async move { c.cluster_status(pb::ClusterStatusRequest {}).await })
+                    .await
+            }
         }
     }
 
     /// Adds node `id` at `addr` as a learner (waiting until it caught up), and promotes it to
     /// voter if `promote`.
-    pub async fn cluster_add(&self, id: u64, addr: &str, promote: bool) -> Result<pb::ClusterStatusResponse, ClientError> {
+    pub async fn cluster_add(
+        &self,
+        id: u64,
+        addr: &str,
+        promote: bool,
+    ) -> Result<pb::ClusterStatusResponse, ClientError> {
         let req = pb::ClusterAddRequest { id, addr: addr.to_owned(), promote };
         self.call_timed(Route::Leader, "", 0, MEMBERSHIP_WAIT, MEMBERSHIP_WAIT * 2, |mut c| {
             let req = req.clone();

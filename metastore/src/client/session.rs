@@ -121,7 +121,8 @@ async fn stream_once(
     if tx.send(pb::KeepAliveRequest { session_id: id }).await.is_err() {
         return StreamEnd::Broken;
     }
-    let opened = tokio::time::timeout(client.options().attempt_timeout, rpc.session_keep_alive(ReceiverStream::new(rx))).await;
+    let opened =
+        tokio::time::timeout(client.options().attempt_timeout, rpc.session_keep_alive(ReceiverStream::new(rx))).await;
     let mut inbound = match opened {
         Ok(Ok(r)) => r.into_inner(),
         Ok(Err(status)) => return on_status(client, status, target),

@@ -134,13 +134,17 @@ impl Watcher {
                         continue;
                     }
                     self.next = msg.revision + 1;
-                    return Ok(WatchBatch { revision: msg.revision, events: msg.events.into_iter().map(from_wire).collect() });
+                    return Ok(WatchBatch {
+                        revision: msg.revision,
+                        events: msg.events.into_iter().map(from_wire).collect(),
+                    });
                 }
                 // The node went away: resume elsewhere.
                 Ok(None) => {}
                 Err(status) => {
-                    if let Disposition::Fail(e @ (ClientError::Compacted { .. } | ClientError::InvalidArgument { .. })) =
-                        classify(status, &self.prefix, 0)
+                    if let Disposition::Fail(
+                        e @ (ClientError::Compacted { .. } | ClientError::InvalidArgument { .. }),
+                    ) = classify(status, &self.prefix, 0)
                     {
                         return Err(e);
                     }

@@ -44,11 +44,11 @@ impl MetastoreNode {
     /// Opens the data directory, starts Raft and serves gRPC. Stops when `shutdown` is
     /// cancelled (call [`Self::stop`] to wait for that to finish).
     pub async fn start(cfg: MetastoreConfig, shutdown: CancellationToken) -> Result<Self, MetaError> {
-        let listener = TcpListener::bind(&cfg.listen_addr).await.map_err(|source| MetaError::Io {
-            context: "binding the metastore listen address",
-            source,
-        })?;
-        let addr = listener.local_addr().map_err(|source| MetaError::Io { context: "reading the bound address", source })?;
+        let listener = TcpListener::bind(&cfg.listen_addr)
+            .await
+            .map_err(|source| MetaError::Io { context: "binding the metastore listen address", source })?;
+        let addr =
+            listener.local_addr().map_err(|source| MetaError::Io { context: "reading the bound address", source })?;
         let advertise = if cfg.advertise_addr.is_empty() {
             if addr.ip().is_unspecified() {
                 return Err(MetaError::InvalidArgument {
@@ -85,7 +85,9 @@ impl MetastoreNode {
             .await
             .map_err(|source| MetaError::Fatal { source })?;
 
-        let members = cfg.members().map_err(|e| MetaError::InvalidArgument { field: "initial_members", reason: e.to_string() })?;
+        let members = cfg
+            .members()
+            .map_err(|e| MetaError::InvalidArgument { field: "initial_members", reason: e.to_string() })?;
         let initialized = raft.is_initialized().await.map_err(|source| MetaError::Fatal { source })?;
         if !members.is_empty() && !initialized {
             let nodes: BTreeMap<u64, BasicNode> = members

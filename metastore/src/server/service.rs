@@ -52,7 +52,13 @@ fn request_key(id: Option<pb::RequestId>) -> Option<(u64, u64)> {
 }
 
 impl Api {
-    pub(crate) fn new(raft: Raft, sm: Arc<SmShared>, leases: Arc<Leases>, cfg: MetastoreConfig, cancel: CancellationToken) -> Self {
+    pub(crate) fn new(
+        raft: Raft,
+        sm: Arc<SmShared>,
+        leases: Arc<Leases>,
+        cfg: MetastoreConfig,
+        cancel: CancellationToken,
+    ) -> Self {
         Api { raft, sm, leases, cfg, cancel }
     }
 
@@ -64,9 +70,8 @@ impl Api {
         let m = self.raft.metrics();
         let m = m.borrow();
         let leader_id = m.current_leader;
-        let leader_addr = leader_id.and_then(|id| {
-            m.membership_config.nodes().find(|(nid, _)| **nid == id).map(|(_, n)| n.addr.clone())
-        });
+        let leader_addr = leader_id
+            .and_then(|id| m.membership_config.nodes().find(|(nid, _)| **nid == id).map(|(_, n)| n.addr.clone()));
         MetaError::NotLeader { leader_id, leader_addr }
     }
 
@@ -90,7 +95,11 @@ impl Api {
         if key.len() > self.cfg.limits.max_key_bytes {
             return Err(MetaError::InvalidArgument {
                 field: "key",
-                reason: format!("{} bytes exceeds the limit of {} (limits.max_key_bytes)", key.len(), self.cfg.limits.max_key_bytes),
+                reason: format!(
+                    "{} bytes exceeds the limit of {} (limits.max_key_bytes)",
+                    key.len(),
+                    self.cfg.limits.max_key_bytes
+                ),
             });
         }
         Ok(())
@@ -114,10 +123,9 @@ impl Api {
         match tokio::time::timeout(CLUSTER_WAIT, self.raft.client_write(cmd)).await {
             Err(_) => Err(MetaError::Unavailable { reason: "timed out waiting for the write to commit".into() }),
             Ok(Ok(resp)) => Ok(resp.data),
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => Err(MetaError::NotLeader {
-                leader_id: f.leader_id,
-                leader_addr: f.leader_node.map(|n| n.addr),
-            }),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+                Err(MetaError::NotLeader { leader_id: f.leader_id, leader_addr: f.leader_node.map(|n| n.addr) })
+            }
             Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
                 Err(MetaError::InvalidArgument { field: "membership", reason: e.to_string() })
             }
@@ -132,10 +140,9 @@ impl Api {
         match tokio::time::timeout(CLUSTER_WAIT, self.raft.ensure_linearizable()).await {
             Err(_) => Err(MetaError::Unavailable { reason: "timed out confirming leadership for a read".into() }),
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => Err(MetaError::NotLeader {
-                leader_id: f.leader_id,
-                leader_addr: f.leader_node.map(|n| n.addr),
-            }),
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => {
+                Err(MetaError::NotLeader { leader_id: f.leader_id, leader_addr: f.leader_node.map(|n| n.addr) })
+            }
             Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e)))) => {
                 Err(MetaError::Unavailable { reason: e.to_string() })
             }
@@ -225,7 +232,9 @@ impl Metastore for Api {
         };
         let res = self.write(cmd).await?;
         match res.outcome {
-            Outcome::Put { version } => Ok(Response::new(pb::PutResponse { header: self.header(res.revision), version })),
+            Outcome::Put { version } => {
+                Ok(Response::new(pb::PutResponse { header: self.header(res.revision), version }))
+            }
             Outcome::BadVersion { key, expected, actual } => Err(bad_version(key, expected, actual)),
             Outcome::NoSuchSession(id) => Err(MetaError::NoSuchSession(id).into()),
             other => Err(Status::internal(format!("unexpected put outcome {other:?}"))),
@@ -241,7 +250,9 @@ impl Metastore for Api {
         };
         let res = self.write(cmd).await?;
         match res.outcome {
-            Outcome::Deleted(deleted) => Ok(Response::new(pb::DeleteResponse { header: self.header(res.revision), deleted })),
+            Outcome::Deleted(deleted) => {
+                Ok(Response::new(pb::DeleteResponse { header: self.header(res.revision), deleted }))
+            }
             Outcome::BadVersion { key, expected, actual } => Err(bad_version(key, expected, actual)),
             other => Err(Status::internal(format!("unexpected delete outcome {other:?}"))),
         }
@@ -250,7 +261,11 @@ impl Metastore for Api {
     async fn range(&self, req: Request<pb::RangeRequest>) -> Result<Response<pb::RangeResponse>, Status> {
         let req = req.into_inner();
         if req.prefix.len() > self.cfg.limits.max_key_bytes {
-            return Err(MetaError::InvalidArgument { field: "prefix", reason: "longer than limits.max_key_bytes".into() }.into());
+            return Err(MetaError::InvalidArgument {
+                field: "prefix",
+                reason: "longer than limits.max_key_bytes".into(),
+            }
+            .into());
         }
         let limit = match req.limit as usize {
             0 => self.cfg.limits.default_page,
@@ -295,7 +310,13 @@ impl Metastore for Api {
                     self.check_key(&d.key)?;
                     ops.push(TxnOp::Delete { key: d.key });
                 }
-                None => return Err(MetaError::InvalidArgument { field: "ops", reason: "an op names neither put nor delete".into() }.into()),
+                None => {
+                    return Err(MetaError::InvalidArgument {
+                        field: "ops",
+                        reason: "an op names neither put nor delete".into(),
+                    }
+                    .into())
+                }
             }
         }
         if total > self.cfg.limits.max_value_bytes * 2 {
@@ -329,22 +350,31 @@ impl Metastore for Api {
     async fn next_id(&self, req: Request<pb::NextIdRequest>) -> Result<Response<pb::NextIdResponse>, Status> {
         let req = req.into_inner();
         self.check_key(&req.name)?;
-        let res = self.write(Command { request: request_key(req.request_id), op: Op::NextId { name: req.name } }).await?;
+        let res =
+            self.write(Command { request: request_key(req.request_id), op: Op::NextId { name: req.name } }).await?;
         match res.outcome {
             Outcome::Id(id) => Ok(Response::new(pb::NextIdResponse { header: self.header(res.revision), id })),
             other => Err(Status::internal(format!("unexpected next_id outcome {other:?}"))),
         }
     }
 
-    async fn session_create(&self, req: Request<pb::SessionCreateRequest>) -> Result<Response<pb::SessionCreateResponse>, Status> {
+    async fn session_create(
+        &self,
+        req: Request<pb::SessionCreateRequest>,
+    ) -> Result<Response<pb::SessionCreateResponse>, Status> {
         let req = req.into_inner();
         let s = &self.cfg.sessions;
         let ttl_ms = req.ttl_ms.clamp(s.min_ttl_ms, s.max_ttl_ms);
-        let res = self.write(Command { request: request_key(req.request_id), op: Op::CreateSession { ttl_ms } }).await?;
+        let res =
+            self.write(Command { request: request_key(req.request_id), op: Op::CreateSession { ttl_ms } }).await?;
         match res.outcome {
             Outcome::SessionCreated { id, ttl_ms } => {
                 self.leases.touch(&self.sm, id);
-                Ok(Response::new(pb::SessionCreateResponse { header: self.header(res.revision), session_id: id, ttl_ms }))
+                Ok(Response::new(pb::SessionCreateResponse {
+                    header: self.header(res.revision),
+                    session_id: id,
+                    ttl_ms,
+                }))
             }
             other => Err(Status::internal(format!("unexpected session outcome {other:?}"))),
         }
@@ -380,7 +410,8 @@ impl Metastore for Api {
                     if ttl.is_none() {
                         // A new leader may not have applied the session's creation yet: catch
                         // up to the commit point before calling the session gone.
-                        if tokio::time::timeout(CLUSTER_WAIT, raft.ensure_linearizable()).await.is_ok_and(|r| r.is_ok()) {
+                        if tokio::time::timeout(CLUSTER_WAIT, raft.ensure_linearizable()).await.is_ok_and(|r| r.is_ok())
+                        {
                             ttl = leases.touch(&sm, msg.session_id);
                         } else {
                             let e = MetaError::Unavailable { reason: "cannot confirm leadership".into() };
@@ -402,33 +433,52 @@ impl Metastore for Api {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn session_close(&self, req: Request<pb::SessionCloseRequest>) -> Result<Response<pb::SessionCloseResponse>, Status> {
+    async fn session_close(
+        &self,
+        req: Request<pb::SessionCloseRequest>,
+    ) -> Result<Response<pb::SessionCloseResponse>, Status> {
         let id = req.into_inner().session_id;
         let res = self.write(Command { request: None, op: Op::CloseSession { id, expired: false } }).await?;
         self.leases.forget(id);
         match res.outcome {
-            Outcome::SessionClosed(_) => Ok(Response::new(pb::SessionCloseResponse { header: self.header(res.revision) })),
+            Outcome::SessionClosed(_) => {
+                Ok(Response::new(pb::SessionCloseResponse { header: self.header(res.revision) }))
+            }
             other => Err(Status::internal(format!("unexpected close outcome {other:?}"))),
         }
     }
 
-    async fn cluster_status(&self, _req: Request<pb::ClusterStatusRequest>) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+    async fn cluster_status(
+        &self,
+        _req: Request<pb::ClusterStatusRequest>,
+    ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
         Ok(Response::new(self.status()))
     }
 
-    async fn cluster_add(&self, req: Request<pb::ClusterAddRequest>) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+    async fn cluster_add(
+        &self,
+        req: Request<pb::ClusterAddRequest>,
+    ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
         let req = req.into_inner();
         if req.id == 0 || !req.addr.contains(':') {
-            return Err(MetaError::InvalidArgument { field: "id/addr", reason: "need an id > 0 and host:port".into() }.into());
+            return Err(
+                MetaError::InvalidArgument { field: "id/addr", reason: "need an id > 0 and host:port".into() }.into()
+            );
         }
         self.ensure_leader()?;
         let node = BasicNode { addr: req.addr };
         // Blocks until the learner has caught up with the log (or a snapshot).
         match tokio::time::timeout(Duration::from_secs(120), self.raft.add_learner(req.id, node, true)).await {
-            Err(_) => return Err(MetaError::Unavailable { reason: "the learner did not catch up in time".into() }.into()),
+            Err(_) => {
+                return Err(MetaError::Unavailable { reason: "the learner did not catch up in time".into() }.into())
+            }
             Ok(Ok(_)) => {}
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => return Err(self.leader_hint().into()),
-            Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => return Err(membership_error(e).into()),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
+                return Err(self.leader_hint().into())
+            }
+            Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
+                return Err(membership_error(e).into())
+            }
             Ok(Err(RaftError::Fatal(source))) => return Err(MetaError::Fatal { source }.into()),
         }
         if req.promote {
@@ -437,13 +487,19 @@ impl Metastore for Api {
         Ok(Response::new(self.status()))
     }
 
-    async fn cluster_promote(&self, req: Request<pb::ClusterPromoteRequest>) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+    async fn cluster_promote(
+        &self,
+        req: Request<pb::ClusterPromoteRequest>,
+    ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
         let id = req.into_inner().id;
         self.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id]))).await?;
         Ok(Response::new(self.status()))
     }
 
-    async fn cluster_remove(&self, req: Request<pb::ClusterRemoveRequest>) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+    async fn cluster_remove(
+        &self,
+        req: Request<pb::ClusterRemoveRequest>,
+    ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
         let id = req.into_inner().id;
         let (is_voter, known) = {
             let m = self.raft.metrics();

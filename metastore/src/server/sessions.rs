@@ -71,7 +71,13 @@ impl Leases {
 }
 
 /// Expires sessions while this node is the leader.
-pub(crate) async fn expiry_loop(raft: Raft, sm: Arc<SmShared>, leases: Arc<Leases>, me: u64, cancel: CancellationToken) {
+pub(crate) async fn expiry_loop(
+    raft: Raft,
+    sm: Arc<SmShared>,
+    leases: Arc<Leases>,
+    me: u64,
+    cancel: CancellationToken,
+) {
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

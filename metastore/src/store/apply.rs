@@ -12,8 +12,7 @@ use rocksdb::WriteBatch;
 use super::sm::{SmShared, APPLIED, EVENT_FLOOR, MEMBERSHIP};
 use super::{be64, cf, handle, read_be64, sto_read, sto_write};
 use crate::types::{
-    Command, CommandResult, Event, EventBatch, LogId, NodeId, Op, Outcome, RequestKey, StorageError, StoredValue,
-    TxnOp,
+    Command, CommandResult, Event, EventBatch, LogId, NodeId, Op, Outcome, RequestKey, StorageError, StoredValue, TxnOp,
 };
 
 /// How often (in revisions) old events and dedup answers are pruned.
@@ -56,7 +55,10 @@ impl<'a> Applier<'a> {
         Ok(())
     }
 
-    pub(crate) fn set_membership(&mut self, m: StoredMembership<NodeId, openraft::BasicNode>) -> Result<(), StorageError> {
+    pub(crate) fn set_membership(
+        &mut self,
+        m: StoredMembership<NodeId, openraft::BasicNode>,
+    ) -> Result<(), StorageError> {
         self.membership = Some(m);
         Ok(())
     }

@@ -35,19 +35,17 @@ impl LogStore {
     pub fn new(db: Arc<DB>) -> Self {
         let (tx, rx) = mpsc::channel::<LogFlushed<TypeConfig>>();
         let sync_db = db.clone();
-        let spawned = std::thread::Builder::new()
-            .name("meta-wal-sync".into())
-            .spawn(move || {
-                while let Ok(first) = rx.recv() {
-                    let mut group = vec![first];
-                    group.extend(rx.try_iter());
-                    let res = sync_db.flush_wal(true);
-                    for cb in group {
-                        let r = res.as_ref().map(|_| ()).map_err(|e| std::io::Error::other(e.to_string()));
-                        cb.log_io_completed(r);
-                    }
+        let spawned = std::thread::Builder::new().name("meta-wal-sync".into()).spawn(move || {
+            while let Ok(first) = rx.recv() {
+                let mut group = vec![first];
+                group.extend(rx.try_iter());
+                let res = sync_db.flush_wal(true);
+                for cb in group {
+                    let r = res.as_ref().map(|_| ()).map_err(|e| std::io::Error::other(e.to_string()));
+                    cb.log_io_completed(r);
                 }
-            });
+            }
+        });
         if let Err(e) = spawned {
             tracing::error!(error = %e, "cannot start the WAL syncer thread; appends will sync inline");
         }
@@ -219,9 +217,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
 /// The state machine's applied index as stored (0 when nothing was applied).
 fn applied_index(db: &DB) -> Result<u64, StorageError> {
-    let applied: Option<LogId> = match db.get_cf(handle(db, cf::SM_META), crate::store::sm::APPLIED).map_err(sto_read)? {
-        Some(b) => bincode::deserialize(&b).map_err(sto_read)?,
-        None => None,
-    };
+    let applied: Option<LogId> =
+        match db.get_cf(handle(db, cf::SM_META), crate::store::sm::APPLIED).map_err(sto_read)? {
+            Some(b) => bincode::deserialize(&b).map_err(sto_read)?,
+            None => None,
+        };
     Ok(applied.map(|l| l.index).unwrap_or(0))
 }

@@ -45,16 +45,12 @@ pub(crate) mod cf {
     pub const SM_META: &str = "sm_meta";
 
     /// Every column family of the state machine (what a snapshot holds).
-    pub const STATE_MACHINE: [&str; 8] =
-        [KV, EVENTS, SESSIONS, SESSION_KEYS, COUNTERS, DEDUP, DEDUP_AGE, SM_META];
+    pub const STATE_MACHINE: [&str; 8] = [KV, EVENTS, SESSIONS, SESSION_KEYS, COUNTERS, DEDUP, DEDUP_AGE, SM_META];
 }
 
 /// Opens (or creates) the metastore's RocksDB under `dir`.
 pub fn open_db(dir: &Path) -> Result<Arc<DB>, MetaError> {
-    std::fs::create_dir_all(dir).map_err(|source| MetaError::Io {
-        context: "creating the data directory",
-        source,
-    })?;
+    std::fs::create_dir_all(dir).map_err(|source| MetaError::Io { context: "creating the data directory", source })?;
     let mut opts = Options::default();
     opts.create_if_missing(true);
     opts.create_missing_column_families(true);
@@ -62,13 +58,9 @@ pub fn open_db(dir: &Path) -> Result<Arc<DB>, MetaError> {
     opts.set_keep_log_file_num(4);
     let mut names = vec![cf::LOG, cf::RAFT];
     names.extend(cf::STATE_MACHINE);
-    let cfs = names
-        .into_iter()
-        .map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
-    let db = DB::open_cf_descriptors(&opts, dir.join("db"), cfs).map_err(|source| MetaError::Storage {
-        context: "opening RocksDB",
-        source,
-    })?;
+    let cfs = names.into_iter().map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
+    let db = DB::open_cf_descriptors(&opts, dir.join("db"), cfs)
+        .map_err(|source| MetaError::Storage { context: "opening RocksDB", source })?;
     Ok(Arc::new(db))
 }
 
@@ -89,19 +81,11 @@ pub(crate) fn read_be64(b: &[u8]) -> Option<u64> {
 }
 
 pub(crate) fn sto_read(e: impl std::error::Error + Send + Sync + 'static) -> StorageError {
-    StorageError::from_io_error(
-        openraft::ErrorSubject::Store,
-        openraft::ErrorVerb::Read,
-        std::io::Error::other(e),
-    )
+    StorageError::from_io_error(openraft::ErrorSubject::Store, openraft::ErrorVerb::Read, std::io::Error::other(e))
 }
 
 pub(crate) fn sto_write(e: impl std::error::Error + Send + Sync + 'static) -> StorageError {
-    StorageError::from_io_error(
-        openraft::ErrorSubject::Store,
-        openraft::ErrorVerb::Write,
-        std::io::Error::other(e),
-    )
+    StorageError::from_io_error(openraft::ErrorSubject::Store, openraft::ErrorVerb::Write, std::io::Error::other(e))
 }
 
 /// Runs blocking storage work off the async executor.

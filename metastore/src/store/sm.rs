@@ -21,7 +21,9 @@ use super::apply::Applier;
 use super::snapshot::{self, SnapshotBuilder};
 use super::{be64, blocking, cf, handle, read_be64, sto_read};
 use crate::error::MetaError;
-use crate::types::{CommandResult, Entry, Event, EventBatch, KeyValue, LogId, NodeId, StorageError, StoredValue, TypeConfig};
+use crate::types::{
+    CommandResult, Entry, Event, EventBatch, KeyValue, LogId, NodeId, StorageError, StoredValue, TypeConfig,
+};
 
 pub(crate) const APPLIED: &[u8] = b"applied";
 pub(crate) const MEMBERSHIP: &[u8] = b"membership";
@@ -184,7 +186,13 @@ impl SmShared {
         self.event_floor.fetch_max(floor, Ordering::AcqRel);
     }
 
-    pub(crate) fn publish(&self, applied: u64, floor: u64, sessions: &HashMap<u64, Option<u64>>, events: Vec<EventBatch>) {
+    pub(crate) fn publish(
+        &self,
+        applied: u64,
+        floor: u64,
+        sessions: &HashMap<u64, Option<u64>>,
+        events: Vec<EventBatch>,
+    ) {
         if let Ok(mut s) = self.sessions.lock() {
             for (id, ttl) in sessions {
                 match ttl {
@@ -249,7 +257,9 @@ impl StateMachine {
 impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotBuilder = SnapshotBuilder;
 
-    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership<NodeId, openraft::BasicNode>), StorageError> {
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId>, StoredMembership<NodeId, openraft::BasicNode>), StorageError> {
         let db = self.shared.db.clone();
         blocking(move || {
             let meta = handle(&db, cf::SM_META);
