@@ -12,7 +12,9 @@ use serde::{Deserialize, Serialize};
 use tracing_subscriber::EnvFilter;
 
 /// Filter used when neither `RUST_LOG` nor `MAGNETAR_LOG` is set.
-pub const DEFAULT_LOG_FILTER: &str = "info";
+/// openraft logs every election and batching decision at info; its warnings are what an
+/// operator needs by default.
+pub const DEFAULT_LOG_FILTER: &str = "info,openraft=warn";
 
 /// Output format of the log lines.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]

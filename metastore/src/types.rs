@@ -1,8 +1,12 @@
 //! The replicated command set and the openraft type configuration.
 //!
-//! A [`Command`] is what goes through the Raft log; applying it on every replica yields the
-//! same [`CommandResult`]. Revisions are Raft log indexes: every mutation applied at index `i`
-//! gives the keys it touches version `i`, so versions only grow and never repeat.
+//! A [`Proposal`] (a batch of [`Command`]s that arrived together) is one Raft log entry;
+//! applying it on every replica yields the same [`CommandResult`]s. Batching is what lets one
+//! fdatasync and one replication round serve many concurrent writes.
+//!
+//! Revisions: command `i` of the entry at log index `n` has revision `n << 16 | i`. Every
+//! mutation gives the keys it touches that revision as their version, so versions only grow
+//! and never repeat, even between writes of one batch.
 
 use std::io::Cursor;
 
@@ -11,8 +15,8 @@ use serde::{Deserialize, Serialize};
 openraft::declare_raft_types!(
     /// openraft type configuration for the metastore.
     pub TypeConfig:
-        D = Command,
-        R = CommandResult,
+        D = Proposal,
+        R = Vec<CommandResult>,
         NodeId = u64,
         Node = openraft::BasicNode,
         Entry = openraft::Entry<TypeConfig>,
@@ -30,6 +34,37 @@ pub type LogId = openraft::LogId<NodeId>;
 pub type Entry = openraft::Entry<TypeConfig>;
 /// The storage error openraft expects.
 pub type StorageError = openraft::StorageError<NodeId>;
+
+/// Bits of a revision that number the commands inside one log entry.
+pub const REVISION_SHIFT: u32 = 16;
+/// Most commands in one proposal (must stay below `1 << REVISION_SHIFT`).
+pub const MAX_BATCH: usize = 4096;
+
+/// The revision of command `pos` of the entry at log index `index`.
+pub fn revision_of(index: u64, pos: usize) -> u64 {
+    (index << REVISION_SHIFT) | pos as u64
+}
+
+/// The highest revision the entry at `index` can hold (0 before any entry).
+pub fn last_revision_of(index: u64) -> u64 {
+    if index == 0 {
+        0
+    } else {
+        (index << REVISION_SHIFT) | ((1 << REVISION_SHIFT) - 1)
+    }
+}
+
+/// The log index a revision belongs to.
+pub fn index_of(revision: u64) -> u64 {
+    revision >> REVISION_SHIFT
+}
+
+/// A batch of commands replicated as one log entry.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Proposal {
+    /// Applied in order; command `i` gets revision `index << 16 | i`.
+    pub commands: Vec<Command>,
+}
 
 /// `(client_id, seq)`: names one logical write so that a retry is applied at most once.
 pub type RequestKey = (u64, u64);
@@ -109,10 +144,10 @@ pub enum TxnOp {
     },
 }
 
-/// What applying a command produced, at `revision` (the log index it was applied at).
+/// What applying a command produced, at `revision`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CommandResult {
-    /// Log index of the command.
+    /// Revision of the command.
     pub revision: u64,
     /// The outcome.
     pub outcome: Outcome,

@@ -5,7 +5,14 @@
 use std::sync::Arc;
 
 use magnetar_metastore::store::sm::{Notify, Retention, SmShared, StateMachine};
-use magnetar_metastore::types::{Command, CommandResult, Entry, Op, Outcome, TxnOp};
+use magnetar_metastore::types::{
+    last_revision_of, revision_of, Command, CommandResult, Entry, Op, Outcome, Proposal, TxnOp,
+};
+
+/// The revision of the (single) command in the entry at `index`.
+fn r(index: u64) -> u64 {
+    revision_of(index, 0)
+}
 use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
 use openraft::{CommittedLeaderId, EntryPayload, LogId};
 
@@ -32,13 +39,13 @@ impl Fixture {
             .map(|c| {
                 let e = Entry {
                     log_id: LogId::new(CommittedLeaderId::new(1, 1), self.next_index),
-                    payload: EntryPayload::Normal(c),
+                    payload: EntryPayload::Normal(Proposal { commands: vec![c] }),
                 };
                 self.next_index += 1;
                 e
             })
             .collect();
-        self.sm.apply(entries).await.expect("apply")
+        self.sm.apply(entries).await.expect("apply").into_iter().map(|mut v| v.remove(0)).collect()
     }
 
     async fn op(&mut self, op: Op) -> CommandResult {
@@ -53,20 +60,20 @@ fn put(key: &str, value: &str, expected: Option<u64>, session: u64) -> Op {
 #[tokio::test]
 async fn versions_are_revisions_and_preconditions_hold() {
     let mut f = fixture();
-    let r = f.op(put("/a", "1", Some(0), 0)).await;
-    assert_eq!(r.outcome, Outcome::Put { version: 1 });
+    let res = f.op(put("/a", "1", Some(0), 0)).await;
+    assert_eq!(res.outcome, Outcome::Put { version: r(1) });
     // Must-not-exist fails once it exists.
-    let r = f.op(put("/a", "2", Some(0), 0)).await;
-    assert_eq!(r.outcome, Outcome::BadVersion { key: "/a".into(), expected: 0, actual: 1 });
+    let res = f.op(put("/a", "2", Some(0), 0)).await;
+    assert_eq!(res.outcome, Outcome::BadVersion { key: "/a".into(), expected: 0, actual: r(1) });
     // CAS on the right version succeeds and bumps the version to the new revision.
-    let r = f.op(put("/a", "3", Some(1), 0)).await;
-    assert_eq!(r.outcome, Outcome::Put { version: 3 });
+    let res = f.op(put("/a", "3", Some(r(1)), 0)).await;
+    assert_eq!(res.outcome, Outcome::Put { version: r(3) });
     let v = f.shared.get("/a").expect("get").expect("present");
-    assert_eq!((v.value.as_slice(), v.version, v.create_revision), (&b"3"[..], 3, 1));
+    assert_eq!((v.value.as_slice(), v.version, v.create_revision), (&b"3"[..], r(3), r(1)));
     // Delete with a stale version fails; with the right one succeeds; then nothing to delete.
-    let r = f.op(Op::Delete { key: "/a".into(), expected: Some(1) }).await;
-    assert!(matches!(r.outcome, Outcome::BadVersion { actual: 3, .. }));
-    assert_eq!(f.op(Op::Delete { key: "/a".into(), expected: Some(3) }).await.outcome, Outcome::Deleted(true));
+    let res = f.op(Op::Delete { key: "/a".into(), expected: Some(r(1)) }).await;
+    assert!(matches!(res.outcome, Outcome::BadVersion { actual, .. } if actual == r(3)));
+    assert_eq!(f.op(Op::Delete { key: "/a".into(), expected: Some(r(3)) }).await.outcome, Outcome::Deleted(true));
     assert_eq!(f.op(Op::Delete { key: "/a".into(), expected: None }).await.outcome, Outcome::Deleted(false));
     assert!(f.shared.get("/a").expect("get").is_none());
 }
@@ -77,7 +84,7 @@ async fn transactions_are_all_or_nothing_within_one_batch() {
     f.op(put("/t/x", "x", None, 0)).await;
     let fail = f
         .op(Op::Txn {
-            compares: vec![("/t/x".into(), 1), ("/t/y".into(), 5)],
+            compares: vec![("/t/x".into(), r(1)), ("/t/y".into(), 5)],
             ops: vec![TxnOp::Put { key: "/t/z".into(), value: b"z".to_vec(), session: 0 }],
         })
         .await;
@@ -89,18 +96,18 @@ async fn transactions_are_all_or_nothing_within_one_batch() {
             Command {
                 request: None,
                 op: Op::Txn {
-                    compares: vec![("/t/x".into(), 1), ("/t/y".into(), 0)],
+                    compares: vec![("/t/x".into(), r(1)), ("/t/y".into(), 0)],
                     ops: vec![
                         TxnOp::Put { key: "/t/y".into(), value: b"y".to_vec(), session: 0 },
                         TxnOp::Delete { key: "/t/x".into() },
                     ],
                 },
             },
-            Command { request: None, op: put("/t/y", "y2", Some(3), 0) },
+            Command { request: None, op: put("/t/y", "y2", Some(r(3)), 0) },
         ])
         .await;
     assert_eq!(results[0].outcome, Outcome::Txn { succeeded: true, failed_compare: 0, actual_version: 0 });
-    assert_eq!(results[1].outcome, Outcome::Put { version: 4 });
+    assert_eq!(results[1].outcome, Outcome::Put { version: r(4) });
     assert!(f.shared.get("/t/x").expect("get").is_none());
     let (kvs, more) = f.shared.range("/t/", "", 10, false).expect("range");
     assert!(!more);
@@ -191,11 +198,11 @@ async fn watch_history_by_revision_and_prefix() {
         ],
     })
     .await; // rev 3
-    let all = f.shared.events_between(1, 3, "/w/").expect("events");
-    assert_eq!(all.iter().map(|b| b.revision).collect::<Vec<_>>(), vec![1, 3]);
+    let all = f.shared.events_between(r(1), last_revision_of(3), "/w/").expect("events");
+    assert_eq!(all.iter().map(|b| b.revision).collect::<Vec<_>>(), vec![r(1), r(3)]);
     assert_eq!(all[1].events.len(), 2, "a transaction's events share one revision");
-    assert_eq!(f.shared.events_between(2, 2, "/w/").expect("events"), vec![]);
-    assert_eq!(f.shared.revision(), 3);
+    assert_eq!(f.shared.events_between(r(2), last_revision_of(2), "/w/").expect("events"), vec![]);
+    assert_eq!(f.shared.revision(), last_revision_of(3));
 }
 
 #[tokio::test]
@@ -207,9 +214,10 @@ async fn old_history_is_pruned_and_the_floor_reported() {
         f.apply_all(chunk.to_vec()).await;
     }
     let floor = f.shared.event_floor();
-    assert!(floor > 0 && floor <= 5000 - 2048, "floor {floor}");
+    let floor_index = magnetar_metastore::types::index_of(floor);
+    assert!(floor_index > 0 && floor_index <= 5000 - 2048, "floor {floor_index}");
     assert!(f.shared.events_between(1, floor - 1, "").expect("events").is_empty());
-    assert!(!f.shared.events_between(floor, 5000, "").expect("events").is_empty());
+    assert!(!f.shared.events_between(floor, last_revision_of(5000), "").expect("events").is_empty());
 }
 
 #[tokio::test]
@@ -231,7 +239,7 @@ async fn snapshot_round_trip_restores_everything() {
     assert!(g.shared.get("/junk").expect("get").is_none(), "install replaces the old state");
     assert_eq!(g.shared.get("/s/p").expect("get").map(|v| v.value), Some(b"p".to_vec()));
     assert_eq!(g.shared.session_ttl(id), Some(5000));
-    assert_eq!(g.shared.revision(), 4);
+    assert_eq!(g.shared.revision(), last_revision_of(4));
     let (applied, _) = g.sm.applied_state().await.expect("applied");
     assert_eq!(applied.map(|l| l.index), Some(4));
     // The session index came along: closing the session deletes its key on the new node.
@@ -241,4 +249,40 @@ async fn snapshot_round_trip_restores_everything() {
     assert_eq!(g.op(Op::NextId { name: "n".into() }).await.outcome, Outcome::Id(1));
     let current = g.sm.get_current_snapshot().await.expect("current").expect("saved");
     assert_eq!(current.meta.last_log_id.map(|l| l.index), Some(4));
+}
+
+#[tokio::test]
+async fn commands_batched_in_one_entry_get_distinct_versions_in_order() {
+    let mut f = fixture();
+    let entry = Entry {
+        log_id: LogId::new(CommittedLeaderId::new(1, 1), 1),
+        payload: EntryPayload::Normal(Proposal {
+            commands: vec![
+                Command { request: None, op: put("/b", "1", Some(0), 0) },
+                Command { request: None, op: put("/b", "2", None, 0) },
+                // Sees the second put's version, not the entry's first.
+                Command { request: None, op: put("/b", "3", Some(revision_of(1, 1)), 0) },
+                Command { request: None, op: put("/b", "x", Some(revision_of(1, 0)), 0) },
+            ],
+        }),
+    };
+    let results = f.sm.apply(vec![entry]).await.expect("apply").remove(0);
+    let outcomes: Vec<Outcome> = results.into_iter().map(|r| r.outcome).collect();
+    assert_eq!(
+        outcomes,
+        vec![
+            Outcome::Put { version: revision_of(1, 0) },
+            Outcome::Put { version: revision_of(1, 1) },
+            Outcome::Put { version: revision_of(1, 2) },
+            Outcome::BadVersion { key: "/b".into(), expected: revision_of(1, 0), actual: revision_of(1, 2) },
+        ]
+    );
+    let v = f.shared.get("/b").expect("get").expect("present");
+    assert_eq!((v.value.as_slice(), v.version, v.create_revision), (&b"3"[..], revision_of(1, 2), revision_of(1, 0)));
+    assert_eq!(f.shared.revision(), last_revision_of(1));
+    let events = f.shared.events_between(revision_of(1, 0), last_revision_of(1), "/b").expect("events");
+    assert_eq!(
+        events.iter().map(|b| b.revision).collect::<Vec<_>>(),
+        (0..3).map(|i| revision_of(1, i)).collect::<Vec<_>>()
+    );
 }

@@ -44,6 +44,9 @@ struct MetaPerf {
     /// Write the results into this markdown file (section between perf-meta markers).
     #[arg(long)]
     record: Option<PathBuf>,
+    /// Measure an already running cluster (host:port,…) instead of starting one.
+    #[arg(long, value_delimiter = ',')]
+    endpoints: Vec<String>,
 }
 
 pub async fn run(a: PerfArgs) -> anyhow::Result<()> {
@@ -144,10 +147,18 @@ async fn meta_in(a: &MetaPerf, bin: &Path, dir: &Path) -> anyhow::Result<()> {
     println!("measuring the disk's fdatasync rate …");
     let fsync_rate = fdatasync_rate(dir)?;
     println!("raw fdatasync rate (4 KiB appends): {fsync_rate:.0}/s");
-    println!("starting a {}-node metastore cluster …", a.nodes);
-    let cluster = LocalCluster::start(bin, dir, a.nodes, &[])?;
-    cluster.wait_for_leader(Duration::from_secs(20)).await.context("no leader elected within 20 s")?;
-    let client = cluster.client();
+    let cluster = if a.endpoints.is_empty() {
+        println!("starting a {}-node metastore cluster …", a.nodes);
+        let cluster = LocalCluster::start(bin, dir, a.nodes, &[])?;
+        cluster.wait_for_leader(Duration::from_secs(20)).await.context("no leader elected within 20 s")?;
+        Some(cluster)
+    } else {
+        None
+    };
+    let client = match &cluster {
+        Some(c) => c.client(),
+        None => MetaClient::connect(&a.endpoints)?,
+    };
     let value = vec![b'x'; a.value_size];
     let keys = a.keys as u64;
     let duration = Duration::from_secs(a.duration);
@@ -180,10 +191,11 @@ async fn meta_in(a: &MetaPerf, bin: &Path, dir: &Path) -> anyhow::Result<()> {
     drop(cluster);
 
     let mut table = String::new();
+    let nodes = if a.endpoints.is_empty() { a.nodes } else { a.endpoints.len() };
     table.push_str(&format!(
         "{}-node cluster of real processes on one machine, {} B values, {} keys, {} requests in flight, {} s per phase.\n\
          Raw fdatasync rate of the same disk, measured in the same run: **{fsync_rate:.0}/s** (4 KiB appends).\n\n",
-        a.nodes, a.value_size, a.keys, a.concurrency, a.duration
+        nodes, a.value_size, a.keys, a.concurrency, a.duration
     ));
     table.push_str("| operation | ops/s | p50 µs | p99 µs | p99.9 µs | errors |\n|---|---|---|---|---|---|\n");
     for p in &phases {

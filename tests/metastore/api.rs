@@ -96,3 +96,21 @@ async fn a_follower_points_to_the_leader_and_the_client_follows() {
     assert_eq!(status.members.len(), 3);
     assert!(status.members.iter().all(|m| m.voter));
 }
+
+#[tokio::test]
+async fn garbage_on_the_raft_port_is_rejected_and_the_node_keeps_serving() {
+    use magnetar_proto::metastore::raft_client::RaftClient;
+    use magnetar_proto::metastore::RaftPayload;
+
+    let t = cluster(1, &[]).await;
+    let c = t.c.client();
+    c.put("/before", "x", PutOptions::default()).await.expect("put");
+    let mut raft = RaftClient::connect(format!("http://{}", t.c.nodes[0].addr)).await.expect("connect");
+    for data in [vec![], vec![0xff; 3], (0..=255u8).cycle().take(10_000).collect::<Vec<u8>>()] {
+        let err = raft.append_entries(RaftPayload { data: data.clone() }).await.expect_err("garbage must be rejected");
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+        let err = raft.vote(RaftPayload { data }).await.expect_err("garbage must be rejected");
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+    }
+    assert!(c.get("/before").await.expect("still serving").is_some());
+}

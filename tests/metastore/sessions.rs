@@ -12,7 +12,7 @@ use crate::support::{cluster, wait_until};
 async fn expiry_deletes_ephemeral_keys_and_emits_watch_events() {
     let t = cluster(3, &[]).await;
     let c = t.c.client();
-    let session = c.session(Duration::from_millis(1000)).await.expect("session");
+    let session = c.session(Duration::from_millis(1500)).await.expect("session");
     let id = session.id();
     c.put("/brokers/b1", "alive", PutOptions { expected_version: None, session: id }).await.expect("ephemeral put");
     c.put("/brokers/persistent", "stays", PutOptions::default()).await.expect("put");

@@ -69,3 +69,17 @@ async fn a_watcher_moved_to_another_node_misses_nothing() {
     assert_eq!(keys, expected, "events missed, repeated or reordered");
     assert!(seen.windows(2).all(|p| p[0].0 < p[1].0), "revisions must increase");
 }
+
+#[tokio::test]
+async fn a_watch_from_pruned_history_fails_with_compacted() {
+    let t = cluster(1, &["--set", "watch_history_revisions=1024"]).await;
+    let c = t.c.client();
+    // One at a time, so each write is its own log entry (concurrent ones would be batched).
+    for i in 0..2200 {
+        c.put(&format!("/c/{i}"), "x", PutOptions::default()).await.expect("put");
+    }
+    let mut w = c.watch("/c/", 1);
+    let err =
+        tokio::time::timeout(Duration::from_secs(10), w.next()).await.expect("answer in time").expect_err("compacted");
+    assert!(matches!(err, magnetar_metastore::client::ClientError::Compacted { .. }), "{err}");
+}

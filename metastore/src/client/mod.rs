@@ -151,6 +151,9 @@ struct Inner {
     rotate: AtomicUsize,
     client_id: u64,
     seq: AtomicU64,
+    /// Highest revision any answer has shown this client: "now" for a new watch, so a watch
+    /// served by a lagging follower never replays what this client already saw happen.
+    seen: AtomicU64,
     opts: ClientOptions,
 }
 
@@ -192,6 +195,7 @@ impl MetaClient {
                 rotate: AtomicUsize::new(0),
                 client_id: rand::random::<u64>() | 1,
                 seq: AtomicU64::new(0),
+                seen: AtomicU64::new(0),
                 opts,
             }),
         };
@@ -248,6 +252,17 @@ impl MetaClient {
 
     pub(crate) fn set_leader(&self, leader: Option<String>) {
         *self.inner.leader.lock().unwrap_or_else(|p| p.into_inner()) = leader;
+    }
+
+    fn observe(&self, header: Option<&pb::ResponseHeader>) {
+        if let Some(h) = header {
+            self.inner.seen.fetch_max(h.revision, Ordering::Relaxed);
+        }
+    }
+
+    /// The highest revision this client has seen in any answer (0: none yet).
+    pub fn seen_revision(&self) -> u64 {
+        self.inner.seen.load(Ordering::Relaxed)
     }
 
     fn request_id(&self) -> Option<pb::RequestId> {
@@ -337,6 +352,7 @@ impl MetaClient {
                 async move { c.get(req).await }
             })
             .await?;
+        self.observe(r.header.as_ref());
         Ok(r.kv.map(Kv::from))
     }
 
@@ -356,6 +372,7 @@ impl MetaClient {
                 async move { c.put(req).await }
             })
             .await?;
+        self.observe(r.header.as_ref());
         Ok(r.version)
     }
 
@@ -368,6 +385,7 @@ impl MetaClient {
                 async move { c.delete(req).await }
             })
             .await?;
+        self.observe(r.header.as_ref());
         Ok(r.deleted)
     }
 
@@ -392,6 +410,7 @@ impl MetaClient {
                 async move { c.range(req).await }
             })
             .await?;
+        self.observe(r.header.as_ref());
         Ok(RangePage {
             kvs: r.kvs.into_iter().map(Kv::from).collect(),
             more: r.more,
@@ -421,6 +440,7 @@ impl MetaClient {
                 async move { c.txn(req).await }
             })
             .await?;
+        self.observe(r.header.as_ref());
         Ok(TxnResult {
             succeeded: r.succeeded,
             failed_compare: r.failed_compare,
@@ -438,10 +458,12 @@ impl MetaClient {
                 async move { c.next_id(req).await }
             })
             .await?;
+        self.observe(r.header.as_ref());
         Ok(r.id)
     }
 
-    /// Watches keys under `prefix` from `start_revision` (0: from now).
+    /// Watches keys under `prefix` from `start_revision` (0: from now, which is never earlier
+    /// than anything this client has already seen).
     pub fn watch(&self, prefix: &str, start_revision: u64) -> Watcher {
         Watcher::new(self.clone(), prefix.to_owned(), start_revision)
     }

@@ -84,6 +84,7 @@ async fn keep_alive(client: MetaClient, id: u64, ttl: Duration, lost: watch::Sen
             return;
         }
         let target = client.pick(Route::Leader);
+        let acked_before = last_ack;
         match stream_once(&client, &target, id, interval, &mut last_ack, &cancel).await {
             StreamEnd::Cancelled => return,
             StreamEnd::Gone => {
@@ -91,10 +92,16 @@ async fn keep_alive(client: MetaClient, id: u64, ttl: Duration, lost: watch::Sen
                 let _ = lost.send(true);
                 return;
             }
+            // Told where the leader is: go there at once.
+            StreamEnd::Redirected => {}
             StreamEnd::Broken => {
+                if last_ack != acked_before {
+                    backoff = Duration::from_millis(20);
+                }
+                // Short pauses: a failover must be found well within the TTL.
                 let left = ttl.saturating_sub(last_ack.elapsed());
                 tokio::time::sleep(backoff.min(left)).await;
-                backoff = (backoff * 2).min(interval);
+                backoff = (backoff * 2).min(Duration::from_millis(200));
             }
         }
     }
@@ -103,6 +110,7 @@ async fn keep_alive(client: MetaClient, id: u64, ttl: Duration, lost: watch::Sen
 enum StreamEnd {
     Cancelled,
     Gone,
+    Redirected,
     Broken,
 }
 
@@ -137,7 +145,7 @@ async fn stream_once(
     loop {
         let reply = tokio::select! {
             _ = cancel.cancelled() => return StreamEnd::Cancelled,
-            r = tokio::time::timeout(interval * 2, inbound.next()) => r,
+            r = tokio::time::timeout(interval, inbound.next()) => r,
         };
         match reply {
             Ok(Some(Ok(_))) => {
@@ -166,7 +174,7 @@ fn on_status(client: &MetaClient, status: tonic::Status, target: &str) -> Stream
         Disposition::Fail(ClientError::NoSuchSession(_)) => StreamEnd::Gone,
         Disposition::Redirect(Some(hint)) if hint != target => {
             client.set_leader(Some(hint));
-            StreamEnd::Broken
+            StreamEnd::Redirected
         }
         _ => {
             client.set_leader(None);

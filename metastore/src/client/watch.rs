@@ -92,7 +92,15 @@ impl Watcher {
     async fn open(&mut self) -> Result<(), ClientError> {
         let target = self.client.pick(Route::Any);
         let mut rpc = self.client.rpc(&target)?;
-        let req = pb::WatchRequest { prefix: self.prefix.clone(), start_revision: self.next };
+        let start_revision = match self.next {
+            // "From now": after everything this client has seen, even on a lagging node.
+            0 => match self.client.seen_revision() {
+                0 => 0,
+                seen => seen + 1,
+            },
+            next => next,
+        };
+        let req = pb::WatchRequest { prefix: self.prefix.clone(), start_revision };
         let attempt = self.client.options().attempt_timeout;
         let unavailable = |last: String| ClientError::Unavailable { attempts: 1, last };
         let mut stream = match tokio::time::timeout(attempt, rpc.watch(req)).await {

@@ -4,7 +4,9 @@
 //! Lifecycle: [`MetastoreNode::start`] binds and serves; [`MetastoreNode::stop`] stops accepting,
 //! shuts Raft down and waits for every task it started.
 
+mod proposer;
 mod raft_service;
+mod read_barrier;
 mod service;
 mod sessions;
 mod watch;

@@ -12,12 +12,14 @@ use std::time::Duration;
 use futures::{Stream, StreamExt};
 use magnetar_proto::metastore as pb;
 use magnetar_proto::metastore::metastore_server::Metastore;
-use openraft::error::{ChangeMembershipError, CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::error::{ChangeMembershipError, ClientWriteError, RaftError};
 use openraft::{BasicNode, ChangeMembers, ServerState};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
+use super::proposer::Proposer;
+use super::read_barrier::ReadBarrier;
 use super::sessions::Leases;
 use crate::config::MetastoreConfig;
 use crate::error::MetaError;
@@ -29,6 +31,8 @@ const CLUSTER_WAIT: Duration = Duration::from_secs(10);
 
 pub(crate) struct Api {
     raft: Raft,
+    proposer: Proposer,
+    reads: ReadBarrier,
     sm: Arc<SmShared>,
     leases: Arc<Leases>,
     cfg: MetastoreConfig,
@@ -59,7 +63,9 @@ impl Api {
         cfg: MetastoreConfig,
         cancel: CancellationToken,
     ) -> Self {
-        Api { raft, sm, leases, cfg, cancel }
+        let reads = ReadBarrier::start(raft.clone(), CLUSTER_WAIT, cancel.clone());
+        let proposer = Proposer::start(raft.clone(), CLUSTER_WAIT, cancel.clone());
+        Api { raft, proposer, reads, sm, leases, cfg, cancel }
     }
 
     fn header(&self, revision: u64) -> Option<pb::ResponseHeader> {
@@ -120,34 +126,14 @@ impl Api {
     }
 
     async fn write(&self, cmd: Command) -> Result<CommandResult, MetaError> {
-        match tokio::time::timeout(CLUSTER_WAIT, self.raft.client_write(cmd)).await {
-            Err(_) => Err(MetaError::Unavailable { reason: "timed out waiting for the write to commit".into() }),
-            Ok(Ok(resp)) => Ok(resp.data),
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
-                Err(MetaError::NotLeader { leader_id: f.leader_id, leader_addr: f.leader_node.map(|n| n.addr) })
-            }
-            Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
-                Err(MetaError::InvalidArgument { field: "membership", reason: e.to_string() })
-            }
-            Ok(Err(RaftError::Fatal(source))) => Err(MetaError::Fatal { source }),
-        }
+        self.proposer.propose(cmd).await
     }
 
     async fn read_barrier(&self, stale: bool) -> Result<(), MetaError> {
         if stale {
             return Ok(());
         }
-        match tokio::time::timeout(CLUSTER_WAIT, self.raft.ensure_linearizable()).await {
-            Err(_) => Err(MetaError::Unavailable { reason: "timed out confirming leadership for a read".into() }),
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => {
-                Err(MetaError::NotLeader { leader_id: f.leader_id, leader_addr: f.leader_node.map(|n| n.addr) })
-            }
-            Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e)))) => {
-                Err(MetaError::Unavailable { reason: e.to_string() })
-            }
-            Ok(Err(RaftError::Fatal(source))) => Err(MetaError::Fatal { source }),
-        }
+        self.reads.wait().await
     }
 
     async fn blocking_read<T, F>(&self, f: F) -> Result<T, MetaError>
@@ -389,8 +375,14 @@ impl Metastore for Api {
         self.ensure_leader()?;
         let mut inbound = req.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel(16);
-        let (raft, sm, leases, me, cancel) =
-            (self.raft.clone(), self.sm.clone(), self.leases.clone(), self.cfg.node_id, self.cancel.clone());
+        let (raft, sm, leases, me, cancel, reads) = (
+            self.raft.clone(),
+            self.sm.clone(),
+            self.leases.clone(),
+            self.cfg.node_id,
+            self.cancel.clone(),
+            self.reads.clone(),
+        );
         tokio::spawn(async move {
             loop {
                 let msg = tokio::select! {
@@ -410,8 +402,7 @@ impl Metastore for Api {
                     if ttl.is_none() {
                         // A new leader may not have applied the session's creation yet: catch
                         // up to the commit point before calling the session gone.
-                        if tokio::time::timeout(CLUSTER_WAIT, raft.ensure_linearizable()).await.is_ok_and(|r| r.is_ok())
-                        {
+                        if reads.wait().await.is_ok() {
                             ttl = leases.touch(&sm, msg.session_id);
                         } else {
                             let e = MetaError::Unavailable { reason: "cannot confirm leadership".into() };

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::store::sm::SmShared;
-use crate::types::{Command, Op, Raft};
+use crate::types::{Command, Op, Proposal, Raft};
 
 /// The leader's view of session deadlines.
 #[derive(Default)]
@@ -92,7 +92,8 @@ pub(crate) async fn expiry_loop(
         };
         for id in leases.sweep(&sm, leading_term) {
             let cmd = Command { request: None, op: Op::CloseSession { id, expired: true } };
-            match tokio::time::timeout(Duration::from_secs(5), raft.client_write(cmd)).await {
+            let proposal = Proposal { commands: vec![cmd] };
+            match tokio::time::timeout(Duration::from_secs(5), raft.client_write(proposal)).await {
                 Ok(Ok(_)) => {
                     tracing::info!(session = id, "session expired; its ephemeral keys were deleted");
                     leases.forget(id);

@@ -12,13 +12,14 @@ use rocksdb::WriteBatch;
 use super::sm::{SmShared, APPLIED, EVENT_FLOOR, MEMBERSHIP};
 use super::{be64, cf, handle, read_be64, sto_read, sto_write};
 use crate::types::{
-    Command, CommandResult, Event, EventBatch, LogId, NodeId, Op, Outcome, RequestKey, StorageError, StoredValue, TxnOp,
+    index_of, last_revision_of, revision_of, Command, CommandResult, Event, EventBatch, LogId, NodeId, Op, Outcome,
+    RequestKey, StorageError, StoredValue, TxnOp,
 };
 
-/// How often (in revisions) old events and dedup answers are pruned.
+/// How often (in log entries) old events and dedup answers are pruned.
 const PRUNE_EVERY: u64 = 1024;
 
-/// For how many revisions a request's answer is returned to its retries. A cluster-wide
+/// For how many log entries a request's answer is returned to its retries. A cluster-wide
 /// constant: whether a retry is a duplicate must not depend on a node's settings or on when it
 /// happened to prune, or replicas would diverge.
 pub const DEDUP_WINDOW: u64 = 100_000;
@@ -50,17 +51,12 @@ impl<'a> Applier<'a> {
         }
     }
 
-    pub(crate) fn set_applied(&mut self, id: LogId) -> Result<(), StorageError> {
+    pub(crate) fn set_applied(&mut self, id: LogId) {
         self.applied = Some(id);
-        Ok(())
     }
 
-    pub(crate) fn set_membership(
-        &mut self,
-        m: StoredMembership<NodeId, openraft::BasicNode>,
-    ) -> Result<(), StorageError> {
+    pub(crate) fn set_membership(&mut self, m: StoredMembership<NodeId, openraft::BasicNode>) {
         self.membership = Some(m);
-        Ok(())
     }
 
     fn db(&self) -> &rocksdb::DB {
@@ -165,7 +161,7 @@ impl<'a> Applier<'a> {
                 },
             };
             // Rows past the window may linger until pruned; they never count.
-            if let Some(r) = remembered.filter(|r| rev - r.revision < DEDUP_WINDOW) {
+            if let Some(r) = remembered.filter(|r| index_of(rev) - index_of(r.revision) < DEDUP_WINDOW) {
                 return Ok(r);
             }
         }
@@ -311,15 +307,15 @@ impl<'a> Applier<'a> {
         if let Some(m) = &self.membership {
             batch.put_cf(meta, MEMBERSHIP, bincode::serialize(m).map_err(sto_write)?);
         }
-        let prev_applied = self.sm.revision();
-        let applied = self.applied.map(|l| l.index).unwrap_or(prev_applied);
+        let prev_index = index_of(self.sm.revision());
+        let applied_index = self.applied.map(|l| l.index).unwrap_or(prev_index);
         if self.applied.is_some() {
             batch.put_cf(meta, APPLIED, bincode::serialize(&self.applied).map_err(sto_write)?);
         }
         let mut floor = self.sm.event_floor();
-        if applied / PRUNE_EVERY != prev_applied / PRUNE_EVERY {
+        if applied_index / PRUNE_EVERY != prev_index / PRUNE_EVERY {
             let ret = self.sm.retention;
-            let new_floor = applied.saturating_sub(ret.event_revisions);
+            let new_floor = revision_of(applied_index.saturating_sub(ret.event_revisions), 0);
             if new_floor > floor {
                 batch.delete_range_cf(handle(db, cf::EVENTS), be64(0), be64(new_floor));
                 batch.put_cf(meta, EVENT_FLOOR, be64(new_floor));
@@ -328,10 +324,10 @@ impl<'a> Applier<'a> {
                 // "no events".
                 self.sm.raise_event_floor(floor);
             }
-            self.prune_dedup(&mut batch, applied.saturating_sub(DEDUP_WINDOW))?;
+            self.prune_dedup(&mut batch, revision_of(applied_index.saturating_sub(DEDUP_WINDOW), 0))?;
         }
         db.write(batch).map_err(sto_write)?;
-        self.sm.publish(applied, floor, &self.sessions, self.events);
+        self.sm.publish(last_revision_of(applied_index), floor, &self.sessions, self.events);
         Ok(())
     }
 

@@ -22,7 +22,8 @@ use super::snapshot::{self, SnapshotBuilder};
 use super::{be64, blocking, cf, handle, read_be64, sto_read};
 use crate::error::MetaError;
 use crate::types::{
-    CommandResult, Entry, Event, EventBatch, KeyValue, LogId, NodeId, StorageError, StoredValue, TypeConfig,
+    last_revision_of, revision_of, CommandResult, Entry, Event, EventBatch, KeyValue, LogId, NodeId, StorageError,
+    StoredValue, TypeConfig,
 };
 
 pub(crate) const APPLIED: &[u8] = b"applied";
@@ -41,7 +42,7 @@ pub enum Notify {
 /// Retention settings of the state machine.
 #[derive(Clone, Copy, Debug)]
 pub struct Retention {
-    /// How many revisions of watch history to keep.
+    /// How many log entries' worth of watch history to keep.
     pub event_revisions: u64,
 }
 
@@ -56,7 +57,7 @@ pub struct SmShared {
 }
 
 impl SmShared {
-    /// The revision of the last applied entry.
+    /// The highest revision of the last applied entry.
     pub fn revision(&self) -> u64 {
         self.applied_rev.load(Ordering::Acquire)
     }
@@ -174,7 +175,7 @@ impl SmShared {
                 sessions.insert(id, ttl);
             }
         }
-        self.applied_rev.store(applied.map(|l| l.index).unwrap_or(0), Ordering::Release);
+        self.applied_rev.store(last_revision_of(applied.map(|l| l.index).unwrap_or(0)), Ordering::Release);
         self.event_floor.store(floor, Ordering::Release);
         if let Ok(mut s) = self.sessions.lock() {
             *s = sessions;
@@ -276,7 +277,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         .await
     }
 
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<CommandResult>, StorageError>
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Vec<CommandResult>>, StorageError>
     where
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
@@ -287,16 +288,21 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let mut applier = Applier::new(&shared);
             let mut results = Vec::with_capacity(entries.len());
             for e in entries {
-                let rev = e.log_id.index;
+                let index = e.log_id.index;
                 let res = match e.payload {
-                    EntryPayload::Blank => CommandResult { revision: rev, ..Default::default() },
+                    EntryPayload::Blank => Vec::new(),
                     EntryPayload::Membership(m) => {
-                        applier.set_membership(StoredMembership::new(Some(e.log_id), m))?;
-                        CommandResult { revision: rev, ..Default::default() }
+                        applier.set_membership(StoredMembership::new(Some(e.log_id), m));
+                        Vec::new()
                     }
-                    EntryPayload::Normal(cmd) => applier.apply(rev, cmd)?,
+                    EntryPayload::Normal(p) => p
+                        .commands
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, cmd)| applier.apply(revision_of(index, i), cmd))
+                        .collect::<Result<Vec<_>, _>>()?,
                 };
-                applier.set_applied(e.log_id)?;
+                applier.set_applied(e.log_id);
                 results.push(res);
             }
             applier.commit()?;
