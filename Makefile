@@ -28,4 +28,6 @@ release: ## Optimized binary
 	cargo build --release
 
 perf-meta: ## Metastore benchmark on a 3-node local cluster, recorded in docs/benchmarks.md
-	cargo run --release -- perf meta --record docs/benchmarks.md
+	cargo build --release
+	$(CARGO_TARGET_DIR)/release/magnetar perf meta --concurrency 1 --record docs/benchmarks.md
+	$(CARGO_TARGET_DIR)/release/magnetar perf meta --concurrency 256 --record docs/benchmarks.md

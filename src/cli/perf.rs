@@ -41,7 +41,8 @@ struct MetaPerf {
     /// Distinct keys.
     #[arg(long, default_value_t = 10_000)]
     keys: usize,
-    /// Write the results into this markdown file (section between perf-meta markers).
+    /// Write the results into this markdown file (the section between the
+    /// `perf-meta-<nodes>x<concurrency>` markers).
     #[arg(long)]
     record: Option<PathBuf>,
     /// Measure an already running cluster (host:port,…) instead of starting one.
@@ -202,15 +203,16 @@ async fn meta_in(a: &MetaPerf, bin: &Path, dir: &Path) -> anyhow::Result<()> {
         table.push_str(&p.line());
         table.push('\n');
     }
-    if let Some(put) = phases.first() {
+    if let Some(put) = phases.first().filter(|_| a.concurrency > 1) {
         table.push_str(&format!(
-            "\nPuts per raw fdatasync: **{:.1}x** (group commit of the Raft log).\n",
+            "\nDurable puts per second over the raw fdatasync rate: **{:.1}x** (writes batched into \
+             Raft entries, WAL syncs group-committed).\n",
             put.ops as f64 / put.secs / fsync_rate
         ));
     }
     println!("\n{table}");
     if let Some(path) = &a.record {
-        record(path, "perf-meta", &table)?;
+        record(path, &format!("perf-meta-{nodes}x{}", a.concurrency), &table)?;
         println!("recorded in {}", path.display());
     }
     Ok(())

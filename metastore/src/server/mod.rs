@@ -20,7 +20,6 @@ use magnetar_proto::metastore::metastore_server::MetastoreServer;
 use magnetar_proto::metastore::raft_server::RaftServer;
 use openraft::BasicNode;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -118,13 +117,16 @@ impl MetastoreNode {
             .max_decoding_message_size(usize::MAX >> 1)
             .max_encoding_message_size(usize::MAX >> 1);
         let serve_cancel = cancel.clone();
+        // The builder's tcp_nodelay only covers listeners tonic binds itself; without it on
+        // accepted sockets, Nagle holds small Raft and API replies for the peer's delayed ACK.
+        let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         tasks.spawn(async move {
             let res = tonic::transport::Server::builder()
                 .tcp_nodelay(true)
                 .http2_keepalive_interval(Some(Duration::from_secs(10)))
                 .add_service(metastore)
                 .add_service(raft_svc)
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), serve_cancel.cancelled())
+                .serve_with_incoming_shutdown(incoming, serve_cancel.cancelled())
                 .await;
             if let Err(e) = res {
                 tracing::error!(error = %e, "metastore gRPC server failed");
