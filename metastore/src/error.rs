@@ -134,9 +134,9 @@ pub enum MetaError {
     /// Raft reported a fatal error (storage failure or shutdown).
     #[error("raft stopped: {source}")]
     Fatal {
-        /// The openraft error.
+        /// The openraft error (boxed: it is large and rare).
         #[source]
-        source: openraft::error::Fatal<u64>,
+        source: Box<openraft::error::Fatal<u64>>,
     },
     /// The node is stopping.
     #[error("the node is shutting down")]
@@ -146,6 +146,10 @@ pub enum MetaError {
 impl MetaError {
     pub(crate) fn storage(context: &'static str) -> impl FnOnce(rocksdb::Error) -> MetaError {
         move |source| MetaError::Storage { context, source }
+    }
+
+    pub(crate) fn fatal(source: openraft::error::Fatal<u64>) -> MetaError {
+        MetaError::Fatal { source: Box::new(source) }
     }
 
     pub(crate) fn codec(context: &'static str) -> impl FnOnce(bincode::Error) -> MetaError {
@@ -162,9 +166,10 @@ impl MetaError {
             MetaError::Compacted { .. } => ErrorCode::Compacted,
             MetaError::Unavailable { .. } => ErrorCode::Unavailable,
             MetaError::Storage { .. } | MetaError::Io { .. } => ErrorCode::Storage,
-            MetaError::Fatal { source: openraft::error::Fatal::Stopped } | MetaError::ShuttingDown => {
+            MetaError::Fatal { source } if matches!(**source, openraft::error::Fatal::Stopped) => {
                 ErrorCode::ShuttingDown
             }
+            MetaError::ShuttingDown => ErrorCode::ShuttingDown,
             MetaError::Codec { .. } | MetaError::Fatal { .. } => ErrorCode::Internal,
         }
     }

@@ -1078,7 +1078,7 @@ mod tests {
             t += 4;
         }
         assert_lin(None, &h);
-        h.last_mut().unwrap().outcome = Outcome::ReadValue(Some(1));
+        h.last_mut().expect("non-empty").outcome = Outcome::ReadValue(Some(1));
         assert_not_lin(None, &h);
     }
 

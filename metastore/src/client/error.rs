@@ -43,9 +43,9 @@ pub enum ClientError {
     Server {
         /// Decoded error code, if any.
         code: Option<ErrorCode>,
-        /// The status.
+        /// The status (boxed: `tonic::Status` is large).
         #[source]
-        status: tonic::Status,
+        status: Box<tonic::Status>,
     },
     /// An endpoint is not a usable address.
     #[error("bad endpoint `{endpoint}`: {reason}")]
@@ -102,7 +102,7 @@ pub(crate) fn classify(status: tonic::Status, key: &str, expected: u64) -> Dispo
         Some(ErrorCode::Compacted) => {
             Disposition::Fail(ClientError::Compacted { message: status.message().to_owned() })
         }
-        Some(code) => Disposition::Fail(ClientError::Server { code: Some(code), status }),
+        Some(code) => Disposition::Fail(ClientError::Server { code: Some(code), status: Box::new(status) }),
         // No Magnetar code: a transport failure (connection refused, reset, deadline).
         None => match status.code() {
             tonic::Code::Unavailable
@@ -113,7 +113,7 @@ pub(crate) fn classify(status: tonic::Status, key: &str, expected: u64) -> Dispo
             tonic::Code::InvalidArgument | tonic::Code::ResourceExhausted | tonic::Code::OutOfRange => {
                 Disposition::Fail(ClientError::InvalidArgument { message: status.message().to_owned() })
             }
-            _ => Disposition::Fail(ClientError::Server { code: None, status }),
+            _ => Disposition::Fail(ClientError::Server { code: None, status: Box::new(status) }),
         },
     }
 }

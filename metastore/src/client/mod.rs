@@ -499,7 +499,7 @@ impl MetaClient {
                     .await
                     .map_err(|_| ClientError::Unavailable { attempts: 1, last: format!("{e} did not answer") })?
                     .map(|r| r.into_inner())
-                    .map_err(|status| ClientError::Server { code: error::code_of(&status), status })
+                    .map_err(|status| ClientError::Server { code: error::code_of(&status), status: Box::new(status) })
             }
             None => {
                 self.call(Route::Any, "", 0, |mut c| async move { c.cluster_status(pb::ClusterStatusRequest {}).await })

@@ -84,12 +84,12 @@ impl MetastoreNode {
         .map_err(|e| MetaError::InvalidArgument { field: "raft", reason: e.to_string() })?;
         let raft = Raft::new(cfg.node_id, Arc::new(raft_config), Network::default(), log_store, sm)
             .await
-            .map_err(|source| MetaError::Fatal { source })?;
+            .map_err(MetaError::fatal)?;
 
         let members = cfg
             .members()
             .map_err(|e| MetaError::InvalidArgument { field: "initial_members", reason: e.to_string() })?;
-        let initialized = raft.is_initialized().await.map_err(|source| MetaError::Fatal { source })?;
+        let initialized = raft.is_initialized().await.map_err(MetaError::fatal)?;
         if !members.is_empty() && !initialized {
             let nodes: BTreeMap<u64, BasicNode> = members
                 .iter()

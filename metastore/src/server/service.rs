@@ -179,7 +179,7 @@ impl Api {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => Err(self.leader_hint()),
             Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => Err(membership_error(e)),
-            Ok(Err(RaftError::Fatal(source))) => Err(MetaError::Fatal { source }),
+            Ok(Err(RaftError::Fatal(source))) => Err(MetaError::fatal(source)),
         }
     }
 }
@@ -470,7 +470,7 @@ impl Metastore for Api {
             Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
                 return Err(membership_error(e).into())
             }
-            Ok(Err(RaftError::Fatal(source))) => return Err(MetaError::Fatal { source }.into()),
+            Ok(Err(RaftError::Fatal(source))) => return Err(MetaError::fatal(source).into()),
         }
         if req.promote {
             self.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([req.id]))).await?;
