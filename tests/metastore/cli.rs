@@ -62,7 +62,7 @@ async fn standalone_serves_and_stops_cleanly_on_sigterm() {
     let port = magnetar_metastore::local_cluster::free_ports(1).expect("port")[0];
     let addr = format!("127.0.0.1:{port}");
     let mut child = standalone(dir.path(), &addr);
-    let client = magnetar_metastore::client::MetaClient::connect(&[addr.clone()]).expect("client");
+    let client = magnetar_metastore::client::MetaClient::connect(std::slice::from_ref(&addr)).expect("client");
     client.put("/standalone", "up", Default::default()).await.expect("put against standalone");
     let pid = child.0.id().to_string();
     assert!(Command::new("kill").args(["-TERM", &pid]).status().expect("kill").success());

@@ -1062,7 +1062,7 @@ mod tests {
         let mut bad = ok.clone();
         // On key "b", a read returns key "a"'s value.
         bad.push(("b".to_string(), r(3, Some(1), 40, 50)));
-        let err = check_by_key(&bad).unwrap_err();
+        let err = check_by_key(&bad).expect_err("the corrupted history must fail");
         assert!(err.contains("key \"b\""), "{err}");
         assert!(err.contains("#5 client 3 Read"), "global event index expected: {err}");
         assert_eq!(check_by_key(&[]), Ok(()));

@@ -20,10 +20,13 @@ use crate::types::{LogId, NodeId, StorageError, TypeConfig};
 
 const FILE: &str = "current.snap";
 
+/// One column family's raw `(key, value)` rows.
+type Rows = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// The raw contents of every state-machine column family.
 #[derive(Serialize, Deserialize)]
 struct Image {
-    families: Vec<(String, Vec<(Vec<u8>, Vec<u8>)>)>,
+    families: Vec<(String, Rows)>,
 }
 
 type Meta = SnapshotMeta<NodeId, openraft::BasicNode>;
