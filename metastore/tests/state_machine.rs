@@ -286,3 +286,23 @@ async fn commands_batched_in_one_entry_get_distinct_versions_in_order() {
         (0..3).map(|i| revision_of(1, i)).collect::<Vec<_>>()
     );
 }
+
+#[tokio::test]
+async fn start_up_finishes_an_install_whose_snapshot_was_saved_but_not_applied() {
+    let mut f = fixture();
+    f.op(put("/k", "v", None, 0)).await;
+    f.op(Op::NextId { name: "n".into() }).await;
+    let mut builder = f.sm.get_snapshot_builder().await;
+    builder.build_snapshot().await.expect("build");
+
+    // A node that crashed after saving the received snapshot file, before installing it.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let snap_dir = dir.path().join("snap");
+    std::fs::create_dir_all(&snap_dir).expect("mkdir");
+    std::fs::copy(f._dir.path().join("snap/current.snap"), snap_dir.join("current.snap")).expect("copy snapshot");
+    let db = magnetar_metastore::store::open_db(dir.path()).expect("open db");
+    let sm = StateMachine::new(db, snap_dir, Retention { event_revisions: 2048 }).expect("start");
+    let shared = sm.shared();
+    assert_eq!(shared.revision(), last_revision_of(2));
+    assert_eq!(shared.get("/k").expect("get").map(|v| v.value), Some(b"v".to_vec()));
+}

@@ -22,8 +22,8 @@ use super::snapshot::{self, SnapshotBuilder};
 use super::{be64, blocking, cf, handle, read_be64, sto_read};
 use crate::error::MetaError;
 use crate::types::{
-    last_revision_of, revision_of, CommandResult, Entry, Event, EventBatch, KeyValue, LogId, NodeId, StorageError,
-    StoredValue, TypeConfig,
+    index_of, last_revision_of, revision_of, CommandResult, Entry, Event, EventBatch, KeyValue, LogId, NodeId,
+    StorageError, StoredValue, TypeConfig,
 };
 
 pub(crate) const APPLIED: &[u8] = b"applied";
@@ -238,13 +238,13 @@ impl StateMachine {
         });
         shared.reload()?;
         // A crash between saving a received snapshot and installing it: finish the install.
-        if let Some(snap) = snapshot::load(&snapshot_dir)? {
-            let applied = shared.revision();
-            if snap.meta.last_log_id.is_some_and(|l| l.index > applied) {
-                tracing::info!(snapshot = ?snap.meta.last_log_id, applied, "installing the saved snapshot left half-done");
-                snapshot::install(&shared.db, &snap.meta, snap.snapshot.get_ref())?;
-                shared.reload()?;
-            }
+        let applied = index_of(shared.revision());
+        let ahead =
+            snapshot::load_meta(&snapshot_dir)?.is_some_and(|m| m.last_log_id.is_some_and(|l| l.index > applied));
+        if let Some(snap) = if ahead { snapshot::load(&snapshot_dir)? } else { None } {
+            tracing::info!(snapshot = ?snap.meta.last_log_id, applied, "installing the saved snapshot left half-done");
+            snapshot::install(&shared.db, &snap.meta, snap.snapshot.get_ref())?;
+            shared.reload()?;
         }
         Ok(StateMachine { shared, snapshot_dir })
     }

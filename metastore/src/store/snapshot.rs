@@ -114,8 +114,8 @@ static SAVE_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// Stores a snapshot durably as the node's current one, unless the one already saved is newer.
 pub(crate) fn save(dir: &Path, meta: &Meta, data: &[u8]) -> Result<(), StorageError> {
     let _guard = SAVE_LOCK.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(existing) = load(dir)? {
-        if existing.meta.last_log_id > meta.last_log_id {
+    if let Some(existing) = load_meta(dir)? {
+        if existing.last_log_id > meta.last_log_id {
             return Ok(());
         }
     }
@@ -126,6 +126,18 @@ pub(crate) fn save(dir: &Path, meta: &Meta, data: &[u8]) -> Result<(), StorageEr
     f.sync_all().map_err(sto_write)?;
     std::fs::rename(&tmp, dir.join(FILE)).map_err(sto_write)?;
     std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(sto_write)
+}
+
+/// Reads only the metadata of the current snapshot (the file's prefix), if one was saved.
+pub(crate) fn load_meta(dir: &Path) -> Result<Option<Meta>, StorageError> {
+    let f = match std::fs::File::open(dir.join(FILE)) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(sto_read(e)),
+    };
+    // The file is bincode of `(meta, data)`: the meta decodes from the front alone.
+    let meta: Meta = bincode::deserialize_from(std::io::BufReader::new(f)).map_err(sto_read)?;
+    Ok(Some(meta))
 }
 
 /// Loads the current snapshot, if one was saved.
