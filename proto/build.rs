@@ -8,6 +8,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
-        .compile_protos(&["proto/metastore.proto"], &["proto"])?;
+        // Entry payloads move between sockets, the journal and caches without copies.
+        .bytes(".magnetar.bookie.v1")
+        .compile_protos(&["proto/metastore.proto", "proto/bookie.proto"], &["proto"])?;
     Ok(())
 }

@@ -1,1 +1,23 @@
-//! Magnetar bookie: journal, entry storage and the ledger client (not built yet; see issue "Bookies and replicated ledgers").
+//! Magnetar's bookie — the storage node that holds replicated ledger entries — and the ledger
+//! client brokers use to write and read them.
+//!
+//! - [`journal`]: the write-ahead journal with group commit; nothing is acknowledged before it
+//!   is on disk.
+//! - [`storage`]: the entry store (RocksDB, WAL off) behind a conformance-tested trait.
+//! - [`server`]: the running bookie: gRPC, HTTP, cookies, registration, checkpoints, GC.
+//! - [`client`]: ledgers over bookies: create, append (ensemble changes), recover, read, close.
+//!
+//! The protocol follows `LEDGER_PROTOCOL.md`; `docs/bookie.md` describes operations.
+
+pub mod checksum;
+pub mod client;
+pub mod config;
+pub mod error;
+pub mod journal;
+pub mod ledgers;
+pub mod server;
+pub mod storage;
+
+pub use config::BookieConfig;
+pub use error::BookieError;
+pub use server::{run, Bookie};

@@ -4,5 +4,6 @@
 
 pub mod config;
 pub mod error;
+pub mod metrics;
 pub mod shutdown;
 pub mod telemetry;

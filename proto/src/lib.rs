@@ -6,3 +6,9 @@ pub mod metastore {
     #![allow(clippy::all, missing_docs)]
     tonic::include_proto!("magnetar.metastore.v1");
 }
+
+/// The bookie's storage API (adds, reads, fencing).
+pub mod bookie {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("magnetar.bookie.v1");
+}

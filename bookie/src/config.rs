@@ -1,0 +1,198 @@
+//! Bookie configuration: TOML, `MAGNETAR_BOOKIE_*` environment, CLI flags (see
+//! `docs/configuration.md`). Names follow BookKeeper's where users know them
+//! (`journalDirectories`, `ledgerDirectories`, `journalMaxGroupWaitMSec` …) as env aliases.
+
+use std::path::PathBuf;
+
+use magnetar_common::config::{ConfigError, Validate};
+use serde::{Deserialize, Serialize};
+
+/// One bookie.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct BookieConfig {
+    /// Stable identity of this bookie in ledger metadata; defaults to the advertised address.
+    pub bookie_id: String,
+    /// gRPC listen address (port 0 picks a free one).
+    pub listen_addr: String,
+    /// Address ledger clients use; defaults to the bound address.
+    pub advertise_addr: String,
+    /// HTTP listen address for `/metrics` and probes (empty: off).
+    pub http_addr: String,
+    /// Journal directories; each runs its own journal (ledgers are spread by id).
+    pub journal_dirs: Vec<PathBuf>,
+    /// Ledger directory holding the RocksDB entry store (exactly one).
+    pub ledger_dirs: Vec<PathBuf>,
+    /// Metastore endpoints (host:port, comma separated in env/CLI).
+    pub metastore: Vec<String>,
+    /// Journal tuning.
+    pub journal: JournalSettings,
+    /// Entry storage tuning.
+    pub storage: StorageSettings,
+    /// Disk usage above which the bookie turns read-only (fraction 0..1).
+    pub disk_usage_threshold: f64,
+    /// Disk usage below which a read-only bookie becomes writable again.
+    pub disk_usage_lwm_threshold: f64,
+    /// How often disk usage is checked.
+    pub disk_check_interval_ms: u64,
+    /// Registration session TTL in the metastore.
+    pub session_ttl_ms: u64,
+    /// How often the garbage collector looks for deleted ledgers (0: never).
+    pub gc_interval_ms: u64,
+    /// Largest entry accepted.
+    pub max_entry_bytes: usize,
+}
+
+impl Default for BookieConfig {
+    fn default() -> Self {
+        BookieConfig {
+            bookie_id: String::new(),
+            listen_addr: "127.0.0.1:3181".into(),
+            advertise_addr: String::new(),
+            http_addr: "127.0.0.1:8000".into(),
+            journal_dirs: vec![PathBuf::from("./data/bookie/journal")],
+            ledger_dirs: vec![PathBuf::from("./data/bookie/ledgers")],
+            metastore: vec!["127.0.0.1:2379".into()],
+            journal: JournalSettings::default(),
+            storage: StorageSettings::default(),
+            disk_usage_threshold: 0.95,
+            disk_usage_lwm_threshold: 0.90,
+            disk_check_interval_ms: 10_000,
+            session_ttl_ms: 10_000,
+            gc_interval_ms: 60_000,
+            max_entry_bytes: 5 << 20,
+        }
+    }
+}
+
+/// Journal group commit and segment files.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct JournalSettings {
+    /// Longest an add waits for others to share its fdatasync (µs).
+    pub max_group_wait_us: u64,
+    /// A group is synced at once when it holds this many bytes.
+    pub group_bytes: usize,
+    /// Sync at once when no more adds are queued, instead of waiting out `max_group_wait_us`
+    /// (BookKeeper's `journalFlushWhenQueueEmpty`). Lowest latency; batching still happens
+    /// whenever adds arrive while a sync runs.
+    pub flush_when_queue_empty: bool,
+    /// Size of each preallocated journal segment file.
+    pub segment_bytes: u64,
+    /// Segment files kept preallocated ahead of need.
+    pub preallocated_segments: usize,
+    /// Turn fdatasync off (tests and benchmarks of the CPU path only: loses data on power loss).
+    pub sync: bool,
+}
+
+impl Default for JournalSettings {
+    fn default() -> Self {
+        JournalSettings {
+            max_group_wait_us: 1000,
+            group_bytes: 512 << 10,
+            flush_when_queue_empty: true,
+            segment_bytes: 256 << 20,
+            preallocated_segments: 1,
+            sync: true,
+        }
+    }
+}
+
+/// RocksDB entry store and read cache.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageSettings {
+    /// How often journal positions are checkpointed (flushing RocksDB) so old segments go.
+    pub checkpoint_interval_ms: u64,
+    /// Bytes of recently written entries kept in memory for tail reads.
+    pub read_cache_bytes: usize,
+    /// Entries of at least this size go to RocksDB blob files (0: off).
+    pub min_blob_bytes: u64,
+    /// RocksDB memtable size.
+    pub write_buffer_bytes: usize,
+}
+
+impl Default for StorageSettings {
+    fn default() -> Self {
+        StorageSettings {
+            checkpoint_interval_ms: 30_000,
+            read_cache_bytes: 64 << 20,
+            min_blob_bytes: 4096,
+            write_buffer_bytes: 64 << 20,
+        }
+    }
+}
+
+impl Validate for BookieConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, reason: &str| Err(ConfigError::Invalid { key: key.into(), reason: reason.into() });
+        if self.journal_dirs.is_empty() {
+            return bad("journal_dirs", "at least one journal directory is needed");
+        }
+        if self.ledger_dirs.len() != 1 {
+            return bad("ledger_dirs", "exactly one ledger directory is supported");
+        }
+        let mut all: Vec<&PathBuf> = self.journal_dirs.iter().chain(self.ledger_dirs.iter()).collect();
+        all.sort();
+        all.dedup();
+        if all.len() != self.journal_dirs.len() + self.ledger_dirs.len() {
+            return bad("journal_dirs", "journal and ledger directories must all be different");
+        }
+        if self.metastore.is_empty() {
+            return bad("metastore", "at least one metastore endpoint is needed");
+        }
+        if !(0.0..=1.0).contains(&self.disk_usage_threshold) || self.disk_usage_lwm_threshold > self.disk_usage_threshold {
+            return bad("disk_usage_threshold", "must be in 0..1 and at least disk_usage_lwm_threshold");
+        }
+        if self.max_entry_bytes == 0 || self.max_entry_bytes > 64 << 20 {
+            return bad("max_entry_bytes", "must be between 1 and 64 MiB");
+        }
+        if self.journal.segment_bytes < 2 * (self.max_entry_bytes as u64 + 1024) {
+            return bad("journal.segment_bytes", "must hold at least two of the largest entries");
+        }
+        if self.journal.group_bytes == 0 {
+            return bad("journal.group_bytes", "must be > 0");
+        }
+        if self.session_ttl_ms < 500 {
+            return bad("session_ttl_ms", "must be at least 500");
+        }
+        if self.storage.checkpoint_interval_ms == 0 {
+            return bad("storage.checkpoint_interval_ms", "must be > 0");
+        }
+        Ok(())
+    }
+}
+
+/// BookKeeper key names accepted as environment variables.
+pub const ENV_ALIASES: &[(&str, &str)] = &[
+    ("journalFlushWhenQueueEmpty", "journal.flush_when_queue_empty"),
+    ("diskUsageThreshold", "disk_usage_threshold"),
+    ("diskUsageLwmThreshold", "disk_usage_lwm_threshold"),
+    ("gcWaitTime", "gc_interval_ms"),
+    ("bookieId", "bookie_id"),
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate() {
+        assert!(BookieConfig::default().validate().is_ok());
+    }
+
+    #[test]
+    fn a_shared_directory_is_rejected() {
+        let c = BookieConfig { ledger_dirs: vec![PathBuf::from("./data/bookie/journal")], ..Default::default() };
+        let e = c.validate().expect_err("must fail").to_string();
+        assert!(e.contains("journal_dirs"), "{e}");
+    }
+
+    #[test]
+    fn segments_must_hold_the_largest_entry() {
+        let mut c = BookieConfig::default();
+        c.journal.segment_bytes = 1 << 20;
+        let e = c.validate().expect_err("must fail").to_string();
+        assert!(e.contains("journal.segment_bytes"), "{e}");
+    }
+}

@@ -1,0 +1,510 @@
+//! The journal: the bookie's write-ahead log, and the only thing between an add and its ack.
+//!
+//! Each journal directory runs two threads:
+//! - the **writer** takes queued operations in order, checks them against the ledger's state
+//!   (master key, fence), appends their records to the current segment (into the page cache),
+//!   applies them to the entry store's memtable and the tail cache, and hands the batch to
+//! - the **syncer**, which takes every batch handed over so far, `fdatasync`s the segment files
+//!   they touched, and only then runs their callbacks (the acks), in order.
+//!
+//! So the writer fills the next group while the syncer flushes the previous one, and every
+//! fdatasync covers as many adds as arrived during the one before. With
+//! `flush_when_queue_empty` off, the syncer also waits up to `max_group_wait_us` (or until
+//! `group_bytes` are pending) to gather a bigger group.
+//!
+//! Invariant: a callback reporting success runs only after the record of its operation (and
+//! of every operation queued before it) is on disk. Entries become readable as soon as the
+//! writer applied them, before their ack: a recovery read may see an entry whose add is not
+//! yet acknowledged, which the protocol allows (recovery then writes it back everywhere).
+
+pub mod record;
+pub mod replay;
+pub mod segment;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use magnetar_common::metrics::{Counter, Gauge, Histogram, Registry, LATENCY_MS_BUCKETS};
+
+use crate::config::JournalSettings;
+use crate::error::{BookieError, Result};
+use crate::ledgers::Ledgers;
+use crate::storage::{EntryWrite, LedgerMeta, StoredEntry};
+use segment::Allocator;
+
+/// A position in a journal: everything before `offset` of segment `segment`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+pub struct Position {
+    /// Segment sequence number.
+    pub segment: u64,
+    /// Byte offset in it.
+    pub offset: u64,
+}
+
+/// An operation the journal makes durable.
+#[derive(Debug)]
+pub enum Op {
+    /// Add an entry.
+    Add {
+        /// Ledger id.
+        ledger: u64,
+        /// Entry id.
+        entry: i64,
+        /// LAC piggybacked by the writer.
+        lac: i64,
+        /// The writer's checksum (already verified by the caller).
+        checksum: u32,
+        /// Payload.
+        payload: Bytes,
+        /// Master key.
+        master_key: Bytes,
+        /// A recovery add (allowed on a fenced ledger).
+        recovery: bool,
+    },
+    /// Fence a ledger; the callback gets its LAC.
+    Fence {
+        /// Ledger id.
+        ledger: u64,
+        /// Master key.
+        master_key: Bytes,
+    },
+}
+
+/// Called once with the outcome: for adds the entry id, for fences the ledger's LAC.
+pub type Callback = Box<dyn FnOnce(Result<i64>) + Send>;
+
+/// Journal metrics, named as BookKeeper names them.
+pub struct JournalMetrics {
+    sync: Arc<Histogram>,
+    add: Arc<Histogram>,
+    queue: Arc<Gauge>,
+    syncs: Arc<Counter>,
+    bytes: Arc<Counter>,
+    adds: Arc<Counter>,
+}
+
+impl JournalMetrics {
+    /// Registers the metrics of journal `index`.
+    pub fn register(reg: &Registry, index: usize) -> Self {
+        let idx = index.to_string();
+        let l: &[(&str, &str)] = &[("journalIndex", &idx)];
+        JournalMetrics {
+            sync: reg.histogram("bookie_journal_JOURNAL_SYNC", "Journal fdatasync latency (ms)", l, LATENCY_MS_BUCKETS),
+            add: reg.histogram(
+                "bookie_journal_JOURNAL_ADD_ENTRY",
+                "Time from queueing an add to its durable ack (ms)",
+                l,
+                LATENCY_MS_BUCKETS,
+            ),
+            queue: reg.gauge("bookie_journal_JOURNAL_QUEUE_SIZE", "Operations waiting for the journal writer", l),
+            syncs: reg.counter("bookie_journal_JOURNAL_SYNC_count_total", "Journal fdatasync calls", l),
+            bytes: reg.counter("bookie_journal_JOURNAL_WRITE_BYTES", "Bytes written to the journal", l),
+            adds: reg.counter("bookie_journal_JOURNAL_ADD_ENTRY_count_total", "Entries journaled", l),
+        }
+    }
+}
+
+struct Queued {
+    op: Op,
+    cb: Callback,
+    at: Instant,
+}
+
+/// A batch written by the writer, waiting for its sync.
+struct Group {
+    files: Vec<Arc<File>>,
+    acks: Vec<(Callback, Result<i64>, Instant)>,
+    born: Instant,
+}
+
+#[derive(Default)]
+struct SyncQueue {
+    groups: Vec<Group>,
+    bytes: usize,
+    closed: bool,
+}
+
+struct Shared {
+    sync_q: Mutex<SyncQueue>,
+    sync_cv: Condvar,
+    queued: AtomicI64,
+    applied: Mutex<Position>,
+    metrics: JournalMetrics,
+}
+
+/// One journal directory's writer and syncer.
+pub struct Journal {
+    dir: PathBuf,
+    tx: Mutex<Option<mpsc::Sender<Queued>>>,
+    shared: Arc<Shared>,
+    alloc: Arc<Allocator>,
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+}
+
+impl Journal {
+    /// Starts a journal in `dir` writing from segment `first_segment` (after replay).
+    pub fn start(
+        dir: &Path,
+        first_segment: u64,
+        settings: &JournalSettings,
+        max_entry: usize,
+        ledgers: Arc<Ledgers>,
+        metrics: JournalMetrics,
+    ) -> Result<Self> {
+        let (alloc, prealloc) = Allocator::start(dir, settings.segment_bytes, settings.preallocated_segments)?;
+        let shared = Arc::new(Shared {
+            sync_q: Mutex::new(SyncQueue::default()),
+            sync_cv: Condvar::new(),
+            queued: AtomicI64::new(0),
+            applied: Mutex::new(Position { segment: first_segment, offset: 0 }),
+            metrics,
+        });
+        let file = alloc.take(first_segment)?;
+        let (tx, rx) = mpsc::channel();
+        let writer = Writer {
+            rx,
+            shared: shared.clone(),
+            alloc: alloc.clone(),
+            ledgers,
+            seg: Segment { seq: first_segment, file: Arc::new(file), offset: 0 },
+            size: settings.segment_bytes,
+            max_batch_bytes: settings.group_bytes.max(max_entry + 1024),
+            buf: Vec::with_capacity(settings.group_bytes + max_entry),
+        };
+        let syncer = Syncer { shared: shared.clone(), settings: settings.clone() };
+        let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new().name(name.into()).spawn(f).map_err(|e| BookieError::io("starting a journal thread", e))
+        };
+        let threads = vec![prealloc, spawn("journal-writer", Box::new(move || writer.run()))?, spawn("journal-sync", Box::new(move || syncer.run()))?];
+        Ok(Journal { dir: dir.to_owned(), tx: Mutex::new(Some(tx)), shared, alloc, threads: Mutex::new(threads) })
+    }
+
+    /// Queues an operation; `cb` runs once it is durable (or refused).
+    pub fn submit(&self, op: Op, cb: Callback) {
+        let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let Some(tx) = tx else {
+            cb(Err(BookieError::ShuttingDown));
+            return;
+        };
+        self.shared.queued.fetch_add(1, Ordering::Relaxed);
+        if let Err(mpsc::SendError(q)) = tx.send(Queued { op, cb, at: Instant::now() }) {
+            self.shared.queued.fetch_sub(1, Ordering::Relaxed);
+            (q.cb)(Err(BookieError::ShuttingDown));
+        }
+    }
+
+    /// The position up to which every record is applied to the entry store.
+    pub fn applied(&self) -> Position {
+        *self.shared.applied.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Recycles segments wholly before `pos` (a checkpoint covers them).
+    pub fn release_before(&self, pos: Position) -> Result<usize> {
+        let mut n = 0;
+        for (seq, path) in segment::list_segments(&self.dir)? {
+            if seq < pos.segment {
+                self.alloc.recycle(&path);
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Operations queued and not yet taken by the writer.
+    pub fn queue_len(&self) -> i64 {
+        self.shared.queued.load(Ordering::Relaxed)
+    }
+
+    /// Stops accepting operations, lets queued ones finish, and joins the threads.
+    pub fn stop(&self) {
+        self.tx.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let threads: Vec<_> = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        // The writer exits when the channel drains and closes the sync queue; the syncer exits
+        // when that queue is empty; the allocator on request.
+        let mut it = threads.into_iter();
+        let prealloc = it.next();
+        for t in it {
+            let _ = t.join();
+        }
+        self.alloc.stop();
+        if let Some(t) = prealloc {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Journal {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+struct Segment {
+    seq: u64,
+    file: Arc<File>,
+    offset: u64,
+}
+
+struct Writer {
+    rx: mpsc::Receiver<Queued>,
+    shared: Arc<Shared>,
+    alloc: Arc<Allocator>,
+    ledgers: Arc<Ledgers>,
+    seg: Segment,
+    size: u64,
+    max_batch_bytes: usize,
+    buf: Vec<u8>,
+}
+
+/// What one writer batch produced.
+#[derive(Default)]
+struct Batch {
+    entries: Vec<EntryWrite>,
+    states: HashMap<u64, LedgerMeta>,
+    acks: Vec<(Callback, Result<i64>, Instant)>,
+    files: Vec<Arc<File>>,
+    bytes: usize,
+}
+
+impl Writer {
+    fn run(mut self) {
+        while let Ok(first) = self.rx.recv() {
+            let mut items = vec![first];
+            let mut bytes = op_bytes(&items[0].op);
+            while bytes < self.max_batch_bytes && items.len() < 8192 {
+                match self.rx.try_recv() {
+                    Ok(q) => {
+                        bytes += op_bytes(&q.op);
+                        items.push(q);
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.shared.queued.fetch_sub(items.len() as i64, Ordering::Relaxed);
+            self.shared.metrics.queue.set(self.shared.queued.load(Ordering::Relaxed));
+            let batch = self.process(items);
+            self.hand_off(batch);
+        }
+        let mut q = self.shared.sync_q.lock().unwrap_or_else(|e| e.into_inner());
+        q.closed = true;
+        self.shared.sync_cv.notify_all();
+    }
+
+    fn process(&mut self, items: Vec<Queued>) -> Batch {
+        let mut b = Batch { files: vec![self.seg.file.clone()], ..Default::default() };
+        for Queued { op, cb, at } in items {
+            match self.apply_op(op, &mut b) {
+                Ok(v) => b.acks.push((cb, Ok(v), at)),
+                // Refusals (fenced, wrong key) need no disk: answer at once.
+                Err(e) => cb(Err(e)),
+            }
+        }
+        if let Err(e) = self.flush_buf(&mut b) {
+            tracing::error!(error = %e, "journal write failed");
+            fail_all(&mut b, &e);
+            return b;
+        }
+        let states: Vec<(u64, LedgerMeta)> = b.states.drain().collect();
+        if let Err(e) = self.ledgers.storage.write(&b.entries, &states) {
+            tracing::error!(error = %e, "entry store write failed");
+            fail_all(&mut b, &e);
+            return b;
+        }
+        self.ledgers.publish(&states);
+        *self.shared.applied.lock().unwrap_or_else(|e| e.into_inner()) =
+            Position { segment: self.seg.seq, offset: self.seg.offset };
+        self.shared.metrics.adds.add(b.entries.len() as u64);
+        b.entries.clear();
+        b
+    }
+
+    fn state(&self, b: &mut Batch, ledger: u64) -> Result<Option<LedgerMeta>> {
+        if let Some(m) = b.states.get(&ledger) {
+            return Ok(Some(m.clone()));
+        }
+        self.ledgers.meta(ledger)
+    }
+
+    fn apply_op(&mut self, op: Op, b: &mut Batch) -> Result<i64> {
+        match op {
+            Op::Add { ledger, entry, lac, checksum, payload, master_key, recovery } => {
+                let (mut meta, new) = match self.state(b, ledger)? {
+                    Some(m) if m.master_key.is_empty() || m.master_key == master_key[..] => (m, false),
+                    Some(_) => return Err(BookieError::Unauthorized(ledger)),
+                    None => (LedgerMeta::new(&master_key), true),
+                };
+                if meta.fenced && !recovery {
+                    return Err(BookieError::Fenced(ledger));
+                }
+                if new || meta.master_key.is_empty() {
+                    meta.master_key = master_key.to_vec();
+                    self.append(b, record::MASTER_KEY, ledger, -1, -1, &[&master_key])?;
+                }
+                self.append(b, record::ENTRY, ledger, entry, lac, &[&checksum.to_le_bytes(), &payload])?;
+                meta.lac = meta.lac.max(lac);
+                b.states.insert(ledger, meta);
+                self.ledgers.cache.insert(ledger, entry, StoredEntry { checksum, payload: payload.clone() });
+                b.entries.push(EntryWrite { ledger, entry, checksum, payload });
+                Ok(entry)
+            }
+            Op::Fence { ledger, master_key } => {
+                let mut meta = match self.state(b, ledger)? {
+                    Some(m) if m.master_key.is_empty() || master_key.is_empty() || m.master_key == master_key[..] => m,
+                    Some(_) => return Err(BookieError::Unauthorized(ledger)),
+                    None => LedgerMeta::new(&master_key),
+                };
+                if !meta.fenced {
+                    if !master_key.is_empty() && meta.master_key.is_empty() {
+                        meta.master_key = master_key.to_vec();
+                    }
+                    if !meta.master_key.is_empty() {
+                        self.append(b, record::MASTER_KEY, ledger, -1, -1, &[&meta.master_key.clone()])?;
+                    }
+                    self.append(b, record::FENCE, ledger, -1, -1, &[])?;
+                    meta.fenced = true;
+                    b.states.insert(ledger, meta.clone());
+                }
+                // Already fenced: the answer still waits for this group's sync, which also
+                // covers the record that fenced it.
+                Ok(meta.lac)
+            }
+        }
+    }
+
+    fn append(&mut self, b: &mut Batch, kind: u8, ledger: u64, entry: i64, lac: i64, data: &[&[u8]]) -> Result<()> {
+        let len = record::encoded_len(data.iter().map(|d| d.len()).sum()) as u64;
+        if self.seg.offset + self.buf.len() as u64 + len > self.size {
+            self.flush_buf(b)?;
+            self.roll(b)?;
+        }
+        record::encode(&mut self.buf, self.seg.seq, kind, ledger, entry, lac, data);
+        Ok(())
+    }
+
+    fn flush_buf(&mut self, b: &mut Batch) -> Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        self.seg
+            .file
+            .write_all_at(&self.buf, self.seg.offset)
+            .map_err(|e| BookieError::io(format!("writing journal segment {}", self.seg.seq), e))?;
+        self.seg.offset += self.buf.len() as u64;
+        b.bytes += self.buf.len();
+        self.shared.metrics.bytes.add(self.buf.len() as u64);
+        self.buf.clear();
+        Ok(())
+    }
+
+    fn roll(&mut self, b: &mut Batch) -> Result<()> {
+        let seq = self.seg.seq + 1;
+        let file = Arc::new(self.alloc.take(seq)?);
+        self.seg = Segment { seq, file: file.clone(), offset: 0 };
+        b.files.push(file);
+        Ok(())
+    }
+
+    fn hand_off(&self, b: Batch) {
+        if b.acks.is_empty() {
+            return;
+        }
+        let mut q = self.shared.sync_q.lock().unwrap_or_else(|e| e.into_inner());
+        q.bytes += b.bytes;
+        q.groups.push(Group { files: b.files, acks: b.acks, born: Instant::now() });
+        self.shared.sync_cv.notify_all();
+    }
+}
+
+fn fail_all(b: &mut Batch, e: &BookieError) {
+    for (_, r, _) in b.acks.iter_mut() {
+        *r = Err(BookieError::io("journal", std::io::Error::other(e.to_string())));
+    }
+    b.entries.clear();
+    b.states.clear();
+}
+
+fn op_bytes(op: &Op) -> usize {
+    match op {
+        Op::Add { payload, .. } => record::encoded_len(payload.len() + 4),
+        Op::Fence { .. } => record::encoded_len(0),
+    }
+}
+
+struct Syncer {
+    shared: Arc<Shared>,
+    settings: JournalSettings,
+}
+
+impl Syncer {
+    fn run(self) {
+        let max_wait = Duration::from_micros(self.settings.max_group_wait_us);
+        // Once an fdatasync fails, the page cache may have dropped the failed pages and a
+        // later fdatasync could "succeed" without them: nothing is acknowledged after that.
+        let mut failure: Option<String> = None;
+        loop {
+            let groups = {
+                let mut q = self.shared.sync_q.lock().unwrap_or_else(|e| e.into_inner());
+                loop {
+                    if q.groups.is_empty() {
+                        if q.closed {
+                            return;
+                        }
+                        q = self.shared.sync_cv.wait(q).unwrap_or_else(|e| e.into_inner());
+                        continue;
+                    }
+                    let age = q.groups[0].born.elapsed();
+                    let writer_busy = self.shared.queued.load(Ordering::Relaxed) > 0;
+                    let full = q.bytes >= self.settings.group_bytes;
+                    let idle_ok = self.settings.flush_when_queue_empty && !writer_busy;
+                    if full || idle_ok || age >= max_wait || q.closed {
+                        break;
+                    }
+                    let (g, _) = self.shared.sync_cv.wait_timeout(q, max_wait - age).unwrap_or_else(|e| e.into_inner());
+                    q = g;
+                }
+                q.bytes = 0;
+                std::mem::take(&mut q.groups)
+            };
+            let started = Instant::now();
+            let mut synced: Vec<*const File> = Vec::new();
+            for g in &groups {
+                for f in &g.files {
+                    let p = Arc::as_ptr(f);
+                    if synced.contains(&p) {
+                        continue;
+                    }
+                    synced.push(p);
+                    if self.settings.sync && failure.is_none() {
+                        if let Err(e) = f.sync_data() {
+                            failure = Some(e.to_string());
+                        }
+                    }
+                }
+            }
+            let m = &self.shared.metrics;
+            m.sync.observe_duration_ms(started.elapsed());
+            m.syncs.inc();
+            if let Some(err) = &failure {
+                // A failed fdatasync leaves the page cache in an unknown state; nothing in
+                // these groups may be acknowledged.
+                tracing::error!(error = %err, "journal fdatasync failed");
+            }
+            for g in groups {
+                for (cb, r, at) in g.acks {
+                    m.add.observe_duration_ms(at.elapsed());
+                    match (&failure, r) {
+                        (Some(err), _) => cb(Err(BookieError::io("journal fdatasync", std::io::Error::other(err.clone())))),
+                        (None, r) => cb(r),
+                    }
+                }
+            }
+        }
+    }
+}

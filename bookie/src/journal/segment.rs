@@ -1,0 +1,199 @@
+//! Journal segment files: naming, listing, preallocation and recycling.
+//!
+//! A journal directory holds `<seq as 16 hex digits>.jseg` segments, written in sequence order,
+//! and `prealloc-<n>.jfree` files waiting to become the next segment. Every segment file has
+//! the same size and is fully written before use (zeros the first time, old records when
+//! recycled): fdatasync'd writes into blocks that already exist only flush data, while writes
+//! that allocate blocks also commit file-system metadata, which on common disks is several
+//! times slower. Records from a file's earlier life never verify (their CRC is seeded with the
+//! old sequence number), so replay stops where new writes stop.
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+
+use crate::error::{BookieError, Result};
+
+const SEGMENT_EXT: &str = "jseg";
+const FREE_EXT: &str = "jfree";
+
+/// Path of segment `seq` in `dir`.
+pub fn segment_path(dir: &Path, seq: u64) -> PathBuf {
+    dir.join(format!("{seq:016x}.{SEGMENT_EXT}"))
+}
+
+/// The segments in `dir`, in sequence order.
+pub fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let mut out = Vec::new();
+    let rd = std::fs::read_dir(dir).map_err(|e| BookieError::io(format!("listing {}", dir.display()), e))?;
+    for ent in rd {
+        let ent = ent.map_err(|e| BookieError::io(format!("listing {}", dir.display()), e))?;
+        let path = ent.path();
+        if path.extension().and_then(|e| e.to_str()) != Some(SEGMENT_EXT) {
+            continue;
+        }
+        if let Some(seq) = path.file_stem().and_then(|s| s.to_str()).and_then(|s| u64::from_str_radix(s, 16).ok()) {
+            out.push((seq, path));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// fsyncs a directory so renames and creations in it are durable.
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|f| f.sync_all()).map_err(|e| BookieError::io(format!("syncing {}", dir.display()), e))
+}
+
+struct Pool {
+    ready: VecDeque<PathBuf>,
+    next_name: u64,
+    stop: bool,
+}
+
+/// Hands out full-size segment files, keeping some ready in the background.
+pub struct Allocator {
+    dir: PathBuf,
+    size: u64,
+    keep: usize,
+    pool: Mutex<Pool>,
+    changed: Condvar,
+}
+
+impl Allocator {
+    /// Adopts any full-size free files already in `dir` and starts the preallocation thread.
+    pub fn start(dir: &Path, size: u64, keep: usize) -> Result<(Arc<Self>, std::thread::JoinHandle<()>)> {
+        let mut ready = VecDeque::new();
+        let mut next_name = 0;
+        let rd = std::fs::read_dir(dir).map_err(|e| BookieError::io(format!("listing {}", dir.display()), e))?;
+        for ent in rd.flatten() {
+            let path = ent.path();
+            if path.extension().and_then(|e| e.to_str()) != Some(FREE_EXT) {
+                continue;
+            }
+            let n = path.file_stem().and_then(|s| s.to_str()).and_then(|s| s.strip_prefix("prealloc-")).and_then(|s| s.parse::<u64>().ok());
+            let full = ent.metadata().map(|m| m.len() == size).unwrap_or(false);
+            match n {
+                Some(n) if full => {
+                    next_name = next_name.max(n + 1);
+                    ready.push_back(path);
+                }
+                // Half-written by a crash, or from a different segment size: start over.
+                _ => {
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+        let alloc = Arc::new(Allocator {
+            dir: dir.to_owned(),
+            size,
+            keep: keep.max(1),
+            pool: Mutex::new(Pool { ready, next_name, stop: false }),
+            changed: Condvar::new(),
+        });
+        let bg = alloc.clone();
+        let handle = std::thread::Builder::new()
+            .name("journal-prealloc".into())
+            .spawn(move || bg.run())
+            .map_err(|e| BookieError::io("starting the preallocation thread", e))?;
+        Ok((alloc, handle))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pool> {
+        self.pool.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn run(&self) {
+        loop {
+            let name = {
+                let mut p = self.lock();
+                while !p.stop && p.ready.len() >= self.keep {
+                    p = self.changed.wait(p).unwrap_or_else(|e| e.into_inner());
+                }
+                if p.stop {
+                    return;
+                }
+                p.next_name += 1;
+                p.next_name - 1
+            };
+            match self.create(name) {
+                Ok(path) => {
+                    self.lock().ready.push_back(path);
+                    self.changed.notify_all();
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "preallocating a journal segment failed; retrying in 1 s");
+                    std::thread::sleep(std::time::Duration::from_secs(1));
+                }
+            }
+        }
+    }
+
+    /// Writes a zero-filled file of the segment size and makes it durable.
+    fn create(&self, name: u64) -> Result<PathBuf> {
+        let tmp = self.dir.join(format!("prealloc-{name}.tmp"));
+        let path = self.dir.join(format!("prealloc-{name}.{FREE_EXT}"));
+        let ctx = |e| BookieError::io(format!("preallocating {}", tmp.display()), e);
+        let mut f = OpenOptions::new().create(true).truncate(true).write(true).open(&tmp).map_err(ctx)?;
+        let zeros = vec![0u8; 1 << 20];
+        let mut left = self.size;
+        while left > 0 {
+            let n = left.min(zeros.len() as u64) as usize;
+            f.write_all(&zeros[..n]).map_err(ctx)?;
+            left -= n as u64;
+        }
+        f.sync_all().map_err(ctx)?;
+        std::fs::rename(&tmp, &path).map_err(ctx)?;
+        Ok(path)
+    }
+
+    /// A full-size file renamed to segment `seq`, opened for reading and writing.
+    pub fn take(&self, seq: u64) -> Result<File> {
+        let free = {
+            let mut p = self.lock();
+            let f = p.ready.pop_front();
+            self.changed.notify_all();
+            match f {
+                Some(f) => f,
+                None => {
+                    // The background thread fell behind: allocate on the writer's time.
+                    p.next_name += 1;
+                    let name = p.next_name - 1;
+                    drop(p);
+                    self.create(name)?
+                }
+            }
+        };
+        let path = segment_path(&self.dir, seq);
+        std::fs::rename(&free, &path).map_err(|e| BookieError::io(format!("renaming {}", free.display()), e))?;
+        sync_dir(&self.dir)?;
+        OpenOptions::new().read(true).write(true).open(&path).map_err(|e| BookieError::io(format!("opening {}", path.display()), e))
+    }
+
+    /// Returns a segment no longer needed to the free pool (or deletes it when the pool is
+    /// full or the file has a different size).
+    pub fn recycle(&self, path: &Path) {
+        let full = std::fs::metadata(path).map(|m| m.len() == self.size).unwrap_or(false);
+        let mut p = self.lock();
+        if full && p.ready.len() < self.keep + 2 {
+            let to = self.dir.join(format!("prealloc-{}.{FREE_EXT}", p.next_name));
+            p.next_name += 1;
+            if std::fs::rename(path, &to).is_ok() {
+                p.ready.push_back(to);
+                return;
+            }
+        }
+        drop(p);
+        if let Err(e) = std::fs::remove_file(path) {
+            tracing::warn!(error = %e, path = %path.display(), "removing an old journal segment failed");
+        }
+    }
+
+    /// Stops the background thread.
+    pub fn stop(&self) {
+        self.lock().stop = true;
+        self.changed.notify_all();
+    }
+}

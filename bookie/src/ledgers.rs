@@ -1,0 +1,71 @@
+//! The bookie's view of its ledgers: entry storage, the tail cache and per-ledger state
+//! (fenced flag, LAC, master key), shared by the journals (which change it) and the request
+//! handlers (which read it).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use crate::error::Result;
+use crate::storage::cache::TailCache;
+use crate::storage::{LedgerMeta, LedgerStorage, StoredEntry};
+
+/// Storage, cache and ledger state.
+pub struct Ledgers {
+    /// The entry store.
+    pub storage: Arc<dyn LedgerStorage>,
+    /// Recently written entries.
+    pub cache: TailCache,
+    metas: Mutex<HashMap<u64, LedgerMeta>>,
+}
+
+impl Ledgers {
+    /// Wraps a store.
+    pub fn new(storage: Arc<dyn LedgerStorage>, cache_bytes: usize) -> Self {
+        Ledgers { storage, cache: TailCache::new(cache_bytes), metas: Mutex::new(HashMap::new()) }
+    }
+
+    /// A ledger's state, if known.
+    pub fn meta(&self, ledger: u64) -> Result<Option<LedgerMeta>> {
+        if let Some(m) = self.metas.lock().unwrap_or_else(|e| e.into_inner()).get(&ledger) {
+            return Ok(Some(m.clone()));
+        }
+        let m = self.storage.ledger_meta(ledger)?;
+        if let Some(m) = &m {
+            self.metas.lock().unwrap_or_else(|e| e.into_inner()).entry(ledger).or_insert_with(|| m.clone());
+        }
+        Ok(m)
+    }
+
+    /// Publishes states the journal has written.
+    pub fn publish(&self, states: &[(u64, LedgerMeta)]) {
+        let mut g = self.metas.lock().unwrap_or_else(|e| e.into_inner());
+        for (l, m) in states {
+            g.insert(*l, m.clone());
+        }
+    }
+
+    /// The LAC the writer last told this bookie (-1 when unknown).
+    pub fn lac(&self, ledger: u64) -> Result<i64> {
+        Ok(self.meta(ledger)?.map(|m| m.lac).unwrap_or(-1))
+    }
+
+    /// One entry: the tail cache first, then storage.
+    pub fn read_entry(&self, ledger: u64, entry: i64) -> Result<Option<StoredEntry>> {
+        if let Some(e) = self.cache.get(ledger, entry) {
+            return Ok(Some(e));
+        }
+        self.storage.get_entry(ledger, entry)
+    }
+
+    /// Deletes a ledger everywhere.
+    pub fn delete(&self, ledger: u64) -> Result<()> {
+        self.metas.lock().unwrap_or_else(|e| e.into_inner()).remove(&ledger);
+        self.cache.remove_ledger(ledger);
+        self.storage.delete_ledger(ledger)
+    }
+
+    /// Ledgers known to this bookie.
+    pub fn ledgers(&self) -> Result<Vec<u64>> {
+        self.storage.ledgers()
+    }
+}

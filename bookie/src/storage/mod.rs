@@ -1,0 +1,126 @@
+//! Entry storage: where entries live once the journal has made them durable.
+//!
+//! [`LedgerStorage`] is the contract every implementation keeps ([`rocks::RocksStorage`] in
+//! production, [`mem::MemStorage`] for tests); [`suite`] checks it against each. The journal is
+//! the write-ahead log, so implementations need not make a write durable until
+//! [`LedgerStorage::flush`]; after `flush` returns, everything written before it survives a
+//! crash. Entries are checked against their checksum on every read: a stored entry that fails
+//! it is [`BookieError::Corrupt`], never "absent".
+
+pub mod cache;
+pub mod mem;
+pub mod rocks;
+#[cfg(test)]
+pub mod suite;
+
+use bytes::Bytes;
+
+use crate::checksum::entry_checksum;
+use crate::error::{BookieError, Result};
+
+/// Per-ledger state a bookie keeps.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LedgerMeta {
+    /// Normal adds are refused once set.
+    pub fenced: bool,
+    /// Highest LAC a writer piggybacked (-1: none).
+    pub lac: i64,
+    /// The ledger's master key (empty until the first add or fence).
+    pub master_key: Vec<u8>,
+}
+
+impl LedgerMeta {
+    /// A ledger this bookie has just heard of.
+    pub fn new(master_key: &[u8]) -> Self {
+        LedgerMeta { fenced: false, lac: -1, master_key: master_key.to_vec() }
+    }
+
+    /// Binary form: `[fenced u8][lac i64 LE][key]`.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(9 + self.master_key.len());
+        v.push(u8::from(self.fenced));
+        v.extend_from_slice(&self.lac.to_le_bytes());
+        v.extend_from_slice(&self.master_key);
+        v
+    }
+
+    /// Parses [`LedgerMeta::encode`]'s output.
+    pub fn decode(b: &[u8]) -> Option<Self> {
+        if b.len() < 9 || b[0] > 1 {
+            return None;
+        }
+        let mut lac = [0u8; 8];
+        lac.copy_from_slice(&b[1..9]);
+        Some(LedgerMeta { fenced: b[0] == 1, lac: i64::from_le_bytes(lac), master_key: b[9..].to_vec() })
+    }
+}
+
+/// An entry to store.
+#[derive(Clone, Debug)]
+pub struct EntryWrite {
+    /// Ledger id.
+    pub ledger: u64,
+    /// Entry id (>= 0).
+    pub entry: i64,
+    /// The writer's checksum (see [`crate::checksum`]).
+    pub checksum: u32,
+    /// Payload.
+    pub payload: Bytes,
+}
+
+/// A stored entry, checksum verified.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredEntry {
+    /// The writer's checksum.
+    pub checksum: u32,
+    /// Payload.
+    pub payload: Bytes,
+}
+
+impl StoredEntry {
+    /// Verifies the checksum; a mismatch is corruption.
+    pub fn verified(ledger: u64, entry: i64, checksum: u32, payload: Bytes) -> Result<Self> {
+        if entry_checksum(ledger, entry, &payload) != checksum {
+            return Err(BookieError::Corrupt { ledger, entry });
+        }
+        Ok(StoredEntry { checksum, payload })
+    }
+}
+
+/// What a bookie's entry store must do.
+pub trait LedgerStorage: Send + Sync + 'static {
+    /// Stores entries and ledger states in one atomic batch (not yet durable).
+    fn write(&self, entries: &[EntryWrite], states: &[(u64, LedgerMeta)]) -> Result<()>;
+    /// One entry, verified; `None` when it was never stored (or its ledger was deleted).
+    fn get_entry(&self, ledger: u64, entry: i64) -> Result<Option<StoredEntry>>;
+    /// A ledger's state, if the bookie knows the ledger.
+    fn ledger_meta(&self, ledger: u64) -> Result<Option<LedgerMeta>>;
+    /// Highest stored entry id of a ledger.
+    fn last_entry(&self, ledger: u64) -> Result<Option<i64>>;
+    /// Removes a ledger's entries and state.
+    fn delete_ledger(&self, ledger: u64) -> Result<()>;
+    /// Every ledger with state or entries here, ascending.
+    fn ledgers(&self) -> Result<Vec<u64>>;
+    /// Makes everything written so far durable.
+    fn flush(&self) -> Result<()>;
+}
+
+/// Storage key of an entry: ledger and entry id big-endian, so keys sort by (ledger, entry).
+pub fn entry_key(ledger: u64, entry: i64) -> [u8; 16] {
+    let mut k = [0u8; 16];
+    k[..8].copy_from_slice(&ledger.to_be_bytes());
+    k[8..].copy_from_slice(&(entry as u64).to_be_bytes());
+    k
+}
+
+/// Splits an entry key.
+pub fn parse_entry_key(k: &[u8]) -> Option<(u64, i64)> {
+    if k.len() != 16 {
+        return None;
+    }
+    let mut l = [0u8; 8];
+    let mut e = [0u8; 8];
+    l.copy_from_slice(&k[..8]);
+    e.copy_from_slice(&k[8..]);
+    Some((u64::from_be_bytes(l), u64::from_be_bytes(e) as i64))
+}
