@@ -2,6 +2,7 @@
 
 mod meta;
 mod perf;
+mod perf_bookie;
 mod server;
 
 use clap::{Parser, Subcommand};
@@ -18,6 +19,8 @@ pub struct Cli {
 enum Command {
     /// Run a metastore node (Raft metadata store).
     Metastore(server::MetastoreArgs),
+    /// Run a bookie (storage node: journal + entry store).
+    Bookie(server::BookieArgs),
     /// Run everything on one machine over one data directory.
     Standalone(server::StandaloneArgs),
     /// Talk to a metastore cluster: get, put, del, ls, watch, cluster …
@@ -29,6 +32,7 @@ enum Command {
 pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Metastore(a) => server::metastore(a).await,
+        Command::Bookie(a) => server::bookie(a).await,
         Command::Standalone(a) => server::standalone(a).await,
         Command::Meta(a) => meta::run(a).await,
         Command::Perf(a) => perf::run(a).await,

@@ -22,6 +22,8 @@ pub struct PerfArgs {
 enum PerfCmd {
     /// Metastore put/get throughput and latency on a local cluster of real processes.
     Meta(MetaPerf),
+    /// Bookie add throughput and latency (fsync on), next to the disk's own limits.
+    Bookie(super::perf_bookie::BookiePerf),
 }
 
 #[derive(Args, Debug)]
@@ -53,6 +55,7 @@ struct MetaPerf {
 pub async fn run(a: PerfArgs) -> anyhow::Result<()> {
     match a.cmd {
         PerfCmd::Meta(m) => meta(m).await,
+        PerfCmd::Bookie(b) => super::perf_bookie::run(b).await,
     }
 }
 
@@ -81,7 +84,7 @@ impl Phase {
 
 /// fdatasync'd 4 KiB appends per second on the disk holding `dir`: one client write per fsync
 /// is the ceiling a system without batching could reach.
-fn fdatasync_rate(dir: &Path) -> anyhow::Result<f64> {
+pub(super) fn fdatasync_rate(dir: &Path) -> anyhow::Result<f64> {
     let path = dir.join("fsync-probe");
     let mut f = std::fs::File::create(&path).context("creating the fsync probe")?;
     let buf = vec![0u8; 4096];
@@ -228,7 +231,7 @@ async fn put(c: MetaClient, i: u64, v: Vec<u8>) -> bool {
 
 /// Replaces the section between `<!-- NAME:start -->` and `<!-- NAME:end -->` in a markdown file
 /// (appending it if absent).
-fn record(path: &Path, name: &str, body: &str) -> anyhow::Result<()> {
+pub(super) fn record(path: &Path, name: &str, body: &str) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let (start, end) = (format!("<!-- {name}:start -->"), format!("<!-- {name}:end -->"));
     let section = format!("{start}\n{body}{end}");

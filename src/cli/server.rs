@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 use magnetar_common::config::ConfigLoader;
+use magnetar_bookie::BookieConfig;
 use magnetar_metastore::MetastoreConfig;
 
 #[derive(Args, Debug)]
@@ -61,6 +62,83 @@ pub async fn metastore(a: MetastoreArgs) -> anyhow::Result<()> {
     let cfg = load_metastore_config(&a)?;
     let shutdown = magnetar_common::shutdown::shutdown_on_signals();
     magnetar_metastore::run(cfg, shutdown).await?;
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct BookieArgs {
+    /// TOML config file.
+    #[arg(long, short = 'c')]
+    config: Option<PathBuf>,
+    /// Bookie id (default: the advertised address).
+    #[arg(long)]
+    bookie_id: Option<String>,
+    /// gRPC listen address (host:port; port 0 picks a free one).
+    #[arg(long)]
+    listen: Option<String>,
+    /// Address ledger clients use to reach this bookie.
+    #[arg(long)]
+    advertise: Option<String>,
+    /// HTTP address for /metrics and probes ("" turns it off).
+    #[arg(long)]
+    http: Option<String>,
+    /// Journal directories (comma separated).
+    #[arg(long, value_delimiter = ',')]
+    journal_dirs: Vec<PathBuf>,
+    /// Ledger directory.
+    #[arg(long)]
+    ledger_dir: Option<PathBuf>,
+    /// Metastore endpoints, host:port,…
+    #[arg(long, value_delimiter = ',', env = "MAGNETAR_METASTORE")]
+    metastore: Vec<String>,
+    /// Any other setting, as dotted.key=value (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+}
+
+fn toml_list<T: std::fmt::Display>(items: &[T]) -> String {
+    let list: Vec<String> = items.iter().map(|m| format!("{:?}", m.to_string())).collect();
+    format!("[{}]", list.join(","))
+}
+
+fn load_bookie_config(a: &BookieArgs) -> anyhow::Result<BookieConfig> {
+    let mut loader = ConfigLoader::new("MAGNETAR_BOOKIE_").file(a.config.as_deref());
+    for (env, key) in magnetar_bookie::config::ENV_ALIASES {
+        loader = loader.env_alias(env, key);
+    }
+    if let Some(v) = &a.bookie_id {
+        loader = loader.set("bookie_id", v);
+    }
+    if let Some(v) = &a.listen {
+        loader = loader.set("listen_addr", v);
+    }
+    if let Some(v) = &a.advertise {
+        loader = loader.set("advertise_addr", v);
+    }
+    if let Some(v) = &a.http {
+        loader = loader.set("http_addr", v);
+    }
+    if !a.journal_dirs.is_empty() {
+        let dirs: Vec<String> = a.journal_dirs.iter().map(|d| d.display().to_string()).collect();
+        loader = loader.set("journal_dirs", &toml_list(&dirs));
+    }
+    if let Some(v) = &a.ledger_dir {
+        loader = loader.set("ledger_dirs", &toml_list(&[v.display().to_string()]));
+    }
+    if !a.metastore.is_empty() {
+        loader = loader.set("metastore", &toml_list(&a.metastore));
+    }
+    for kv in &a.set {
+        let (k, v) = kv.split_once('=').with_context(|| format!("--set {kv}: expected KEY=VALUE"))?;
+        loader = loader.set(k, v);
+    }
+    Ok(loader.load::<BookieConfig>()?)
+}
+
+pub async fn bookie(a: BookieArgs) -> anyhow::Result<()> {
+    let cfg = load_bookie_config(&a)?;
+    let shutdown = magnetar_common::shutdown::shutdown_on_signals();
+    magnetar_bookie::run(cfg, shutdown).await?;
     Ok(())
 }
 

@@ -1,0 +1,464 @@
+//! The ledger writer: one task per open ledger that assigns entry ids, sends each entry to its
+//! write set over per-bookie add streams, confirms entries in order once `Qa` bookies acked,
+//! and replaces failed bookies (ensemble change).
+//!
+//! Rules kept (LEDGER_PROTOCOL.md, "Writing" and "Ensemble change"):
+//! - entry `e` is confirmed when `Qa` bookies of its write set acked it and every lower entry
+//!   is confirmed; confirmations are delivered in entry order;
+//! - on a bookie failure the new fragment starts at LAC + 1, the failed bookie's acks stop
+//!   counting, the metadata is CASed on the version this writer holds, and unconfirmed entries
+//!   are resent to the replacement;
+//! - a FENCED answer, or a CAS conflict after which the ledger is no longer in the state this
+//!   writer expects, fails every outstanding add: another writer owns the ledger now.
+//!
+//! The same task, started in recovery mode, writes recovered entries back during recovery.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use magnetar_metastore::client::{ClientError, PutOptions};
+use magnetar_proto::bookie::{AddBatch, AddRequest, Code};
+use rand::seq::SliceRandom;
+use tokio::sync::{mpsc, oneshot};
+
+use super::metadata::{ledger_key, write_set, Fragment, LedgerMetadata, LedgerState};
+use super::reader::LedgerReader;
+use super::{Ctx, LedgerError};
+use crate::checksum::entry_checksum;
+
+type AddDone = oneshot::Sender<Result<i64, LedgerError>>;
+
+enum Cmd {
+    Append { payload: Bytes, done: AddDone },
+    Close { done: oneshot::Sender<Result<LedgerMetadata, LedgerError>> },
+}
+
+enum Event {
+    Result { bookie: String, gen: u64, entry: i64, code: i32, message: String },
+    Broken { bookie: String, gen: u64, reason: String },
+}
+
+struct Pending {
+    entry: i64,
+    payload: Bytes,
+    checksum: u32,
+    acked: Vec<String>,
+    sent: Vec<(String, Instant)>,
+    done: Option<AddDone>,
+}
+
+struct Stream {
+    tx: mpsc::UnboundedSender<AddRequest>,
+    gen: u64,
+}
+
+/// State visible to the writer's handle.
+pub(crate) struct Shared {
+    pub(crate) lac: AtomicI64,
+    pub(crate) md: Mutex<LedgerMetadata>,
+}
+
+/// Handle to an open ledger's writer.
+pub struct LedgerWriter {
+    id: u64,
+    tx: mpsc::UnboundedSender<Cmd>,
+    shared: Arc<Shared>,
+    ctx: Arc<Ctx>,
+}
+
+impl LedgerWriter {
+    /// Starts the writer task.
+    pub(crate) fn spawn(ctx: Arc<Ctx>, md: LedgerMetadata, version: u64, recovery: bool, first_entry: i64) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared { lac: AtomicI64::new(first_entry - 1), md: Mutex::new(md.clone()) });
+        let id = md.id;
+        let actor = Actor {
+            ctx: ctx.clone(),
+            key: Bytes::from(md.master_key()),
+            expect: if recovery { LedgerState::InRecovery } else { LedgerState::Open },
+            md,
+            version,
+            recovery,
+            pending: VecDeque::new(),
+            next_entry: first_entry,
+            lac: first_entry - 1,
+            shared: shared.clone(),
+            streams: HashMap::new(),
+            next_gen: 0,
+            ev_tx,
+            failed: None,
+        };
+        tokio::spawn(actor.run(rx, ev_rx));
+        LedgerWriter { id, tx, shared, ctx }
+    }
+
+    /// The ledger id.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The last entry confirmed so far (-1: none).
+    pub fn lac(&self) -> i64 {
+        self.shared.lac.load(Ordering::Acquire)
+    }
+
+    /// The metadata as this writer last wrote it.
+    pub fn metadata(&self) -> LedgerMetadata {
+        self.shared.md.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Queues an entry. Entries get ids in call order; the future resolves with the id once
+    /// the entry is confirmed (after every earlier one).
+    pub fn append(&self, payload: impl Into<Bytes>) -> impl std::future::Future<Output = Result<i64, LedgerError>> + Send + 'static {
+        let (done, rx) = oneshot::channel();
+        let sent = self.tx.send(Cmd::Append { payload: payload.into(), done }).is_ok();
+        let id = self.id;
+        async move {
+            if !sent {
+                return Err(LedgerError::WriterStopped(id));
+            }
+            rx.await.unwrap_or(Err(LedgerError::WriterStopped(id)))
+        }
+    }
+
+    /// A reader of the entries this writer has confirmed.
+    pub fn reader(&self) -> LedgerReader {
+        LedgerReader::new(self.ctx.clone(), self.metadata(), self.lac())
+    }
+
+    /// Waits for outstanding adds, then closes the ledger at its LAC.
+    pub async fn close(self) -> Result<LedgerMetadata, LedgerError> {
+        let (done, rx) = oneshot::channel();
+        if self.tx.send(Cmd::Close { done }).is_err() {
+            return Err(LedgerError::WriterStopped(self.id));
+        }
+        rx.await.unwrap_or(Err(LedgerError::WriterStopped(self.id)))
+    }
+}
+
+struct Actor {
+    ctx: Arc<Ctx>,
+    md: LedgerMetadata,
+    version: u64,
+    key: Bytes,
+    expect: LedgerState,
+    recovery: bool,
+    pending: VecDeque<Pending>,
+    next_entry: i64,
+    lac: i64,
+    shared: Arc<Shared>,
+    streams: HashMap<String, Stream>,
+    next_gen: u64,
+    ev_tx: mpsc::UnboundedSender<Event>,
+    failed: Option<LedgerError>,
+}
+
+impl Actor {
+    async fn run(mut self, mut cmds: mpsc::UnboundedReceiver<Cmd>, mut events: mpsc::UnboundedReceiver<Event>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut closing: Option<oneshot::Sender<Result<LedgerMetadata, LedgerError>>> = None;
+        loop {
+            if closing.is_some() && (self.pending.is_empty() || self.failed.is_some()) {
+                let r = self.close().await;
+                if let Some(done) = closing.take() {
+                    let _ = done.send(r);
+                }
+                return;
+            }
+            tokio::select! {
+                cmd = cmds.recv(), if closing.is_none() => match cmd {
+                    Some(Cmd::Append { payload, done }) => self.append(payload, done),
+                    Some(Cmd::Close { done }) => closing = Some(done),
+                    // Every handle is gone: nothing can be confirmed to anyone any more.
+                    None => return,
+                },
+                Some(ev) = events.recv() => self.on_event(ev).await,
+                _ = tick.tick() => self.check_timeouts().await,
+            }
+        }
+    }
+
+    fn append(&mut self, payload: Bytes, done: AddDone) {
+        if let Some(e) = &self.failed {
+            let _ = done.send(Err(e.clone()));
+            return;
+        }
+        let entry = self.next_entry;
+        self.next_entry += 1;
+        let checksum = entry_checksum(self.md.id, entry, &payload);
+        let mut p = Pending { entry, payload, checksum, acked: Vec::new(), sent: Vec::new(), done: Some(done) };
+        let ensemble = self.md.last_fragment().bookies.clone();
+        for b in write_set(&ensemble, self.md.write_quorum, entry) {
+            self.send(&mut p, &b);
+        }
+        self.pending.push_back(p);
+    }
+
+    fn send(&mut self, p: &mut Pending, bookie: &str) {
+        if !self.streams.contains_key(bookie) {
+            let s = self.open_stream(bookie);
+            self.streams.insert(bookie.to_owned(), s);
+        }
+        let Some(stream) = self.streams.get(bookie) else { return };
+        let req = AddRequest {
+            ledger_id: self.md.id,
+            entry_id: p.entry,
+            lac: self.lac,
+            payload: p.payload.clone(),
+            checksum: p.checksum,
+            master_key: self.key.clone(),
+            recovery: self.recovery,
+        };
+        self.ctx.faults.send_add(bookie, req, &stream.tx);
+        p.sent.retain(|(b, _)| b != bookie);
+        p.sent.push((bookie.to_owned(), Instant::now()));
+    }
+
+    fn open_stream(&mut self, bookie: &str) -> Stream {
+        let (tx, rx) = mpsc::unbounded_channel::<AddRequest>();
+        self.next_gen += 1;
+        let gen = self.next_gen;
+        let (ctx, ev_tx, id) = (self.ctx.clone(), self.ev_tx.clone(), bookie.to_owned());
+        tokio::spawn(async move {
+            let broken = |reason: String| {
+                let _ = ev_tx.send(Event::Broken { bookie: id.clone(), gen, reason });
+            };
+            let mut client = match ctx.bookies.client(&id).await {
+                Ok(c) => c,
+                Err(e) => return broken(e.to_string()),
+            };
+            let outbound = futures::stream::unfold(rx, |mut rx| async move {
+                let first = rx.recv().await?;
+                let mut bytes = first.payload.len();
+                let mut adds = vec![first];
+                while adds.len() < 1024 && bytes < (4 << 20) {
+                    match rx.try_recv() {
+                        Ok(a) => {
+                            bytes += a.payload.len();
+                            adds.push(a);
+                        }
+                        Err(_) => break,
+                    }
+                }
+                Some((AddBatch { adds }, rx))
+            });
+            let mut inbound = match client.add(outbound).await {
+                Ok(r) => r.into_inner(),
+                Err(s) => return broken(s.to_string()),
+            };
+            loop {
+                match inbound.message().await {
+                    Ok(Some(batch)) => {
+                        for r in batch.results {
+                            let ev = Event::Result { bookie: id.clone(), gen, entry: r.entry_id, code: r.code, message: r.message };
+                            if ev_tx.send(ev).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Ok(None) => return broken("add stream closed by the bookie".into()),
+                    Err(s) => return broken(s.to_string()),
+                }
+            }
+        });
+        Stream { tx, gen }
+    }
+
+    fn current_gen(&self, bookie: &str) -> Option<u64> {
+        self.streams.get(bookie).map(|s| s.gen)
+    }
+
+    async fn on_event(&mut self, ev: Event) {
+        match ev {
+            Event::Result { bookie, gen, entry, code, message } => {
+                if self.current_gen(&bookie) != Some(gen) || self.failed.is_some() {
+                    return;
+                }
+                match Code::try_from(code) {
+                    Ok(Code::Ok) => {
+                        let Some(front) = self.pending.front().map(|p| p.entry) else { return };
+                        let Ok(idx) = usize::try_from(entry - front) else { return };
+                        let ensemble = &self.md.last_fragment().bookies;
+                        let ws = write_set(ensemble, self.md.write_quorum, entry);
+                        if let Some(p) = self.pending.get_mut(idx) {
+                            if ws.contains(&bookie) && !p.acked.contains(&bookie) {
+                                p.acked.push(bookie);
+                            }
+                        }
+                        self.advance();
+                    }
+                    Ok(Code::Fenced) => self.fail(LedgerError::Fenced(self.md.id)),
+                    Ok(Code::Unauthorized) => self.fail(LedgerError::Bookie { bookie, reason: message }),
+                    _ => {
+                        tracing::warn!(ledger = self.md.id, %bookie, entry, code, %message, "add failed on a bookie");
+                        self.replace(vec![bookie]).await;
+                    }
+                }
+            }
+            Event::Broken { bookie, gen, reason } => {
+                if self.current_gen(&bookie) != Some(gen) {
+                    return;
+                }
+                self.streams.remove(&bookie);
+                let needed = self.pending.iter().any(|p| p.sent.iter().any(|(b, _)| *b == bookie) && !p.acked.contains(&bookie));
+                if needed && self.failed.is_none() {
+                    tracing::warn!(ledger = self.md.id, %bookie, %reason, "add stream to a bookie broke");
+                    self.replace(vec![bookie]).await;
+                }
+            }
+        }
+    }
+
+    fn advance(&mut self) {
+        while self.pending.front().is_some_and(|p| p.acked.len() >= self.md.ack_quorum) {
+            let Some(mut p) = self.pending.pop_front() else { break };
+            self.lac = p.entry;
+            self.shared.lac.store(p.entry, Ordering::Release);
+            if let Some(done) = p.done.take() {
+                let _ = done.send(Ok(p.entry));
+            }
+        }
+    }
+
+    async fn check_timeouts(&mut self) {
+        if self.failed.is_some() {
+            return;
+        }
+        let timeout = self.ctx.opts.add_timeout;
+        let mut slow: Vec<String> = Vec::new();
+        for p in &self.pending {
+            for (b, at) in &p.sent {
+                if !p.acked.contains(b) && at.elapsed() > timeout && !slow.contains(b) {
+                    slow.push(b.clone());
+                }
+            }
+        }
+        if !slow.is_empty() {
+            tracing::warn!(ledger = self.md.id, bookies = ?slow, "adds timed out");
+            self.replace(slow).await;
+        }
+    }
+
+    fn fail(&mut self, e: LedgerError) {
+        if self.failed.is_none() {
+            tracing::warn!(ledger = self.md.id, error = %e, "ledger writer failed");
+        }
+        for mut p in self.pending.drain(..) {
+            if let Some(done) = p.done.take() {
+                let _ = done.send(Err(e.clone()));
+            }
+        }
+        self.streams.clear();
+        self.failed = Some(e);
+    }
+
+    /// Ensemble change: replaces `failed` bookies, CASes the metadata, resends.
+    async fn replace(&mut self, failed: Vec<String>) {
+        let ensemble = self.md.last_fragment().bookies.clone();
+        let failed: Vec<String> = failed.into_iter().filter(|b| ensemble.contains(b)).collect();
+        if failed.is_empty() || self.failed.is_some() {
+            return;
+        }
+        let deadline = Instant::now() + self.ctx.opts.ensemble_change_timeout;
+        let new_md = loop {
+            let writable = match self.ctx.bookies.writable().await {
+                Ok(w) => w,
+                Err(e) => {
+                    tracing::warn!(error = %e, "listing bookies for an ensemble change failed");
+                    Vec::new()
+                }
+            };
+            let mut candidates: Vec<String> =
+                writable.into_iter().filter(|b| !ensemble.contains(b) && !failed.contains(b)).collect();
+            if candidates.len() >= failed.len() {
+                candidates.shuffle(&mut rand::rng());
+                let mut new_ens = ensemble.clone();
+                for (slot, b) in new_ens.iter_mut().filter(|b| failed.contains(b)).zip(candidates) {
+                    *slot = b;
+                }
+                let mut md = self.md.clone();
+                let first = self.lac + 1;
+                match md.fragments.last_mut() {
+                    Some(last) if last.first_entry == first => last.bookies = new_ens,
+                    _ => md.fragments.push(Fragment { first_entry: first, bookies: new_ens }),
+                }
+                match self.cas(&md).await {
+                    Ok(()) => break md,
+                    Err(e) => return self.fail(e),
+                }
+            }
+            if Instant::now() >= deadline {
+                let e = LedgerError::NotEnoughBookies { needed: self.md.ensemble_size, available: ensemble.len() - failed.len() + candidates.len() };
+                return self.fail(e);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        tracing::info!(ledger = self.md.id, from = ?failed, ensemble = ?new_md.last_fragment().bookies,
+            first_entry = new_md.last_fragment().first_entry, "ensemble changed");
+        for b in &failed {
+            self.streams.remove(b);
+            self.ctx.bookies.forget(b);
+        }
+        self.md = new_md;
+        *self.shared.md.lock().unwrap_or_else(|e| e.into_inner()) = self.md.clone();
+        let ensemble = self.md.last_fragment().bookies.clone();
+        let mut pending = std::mem::take(&mut self.pending);
+        for p in pending.iter_mut() {
+            let ws = write_set(&ensemble, self.md.write_quorum, p.entry);
+            p.acked.retain(|b| ws.contains(b));
+            p.sent.retain(|(b, _)| ws.contains(b));
+            for b in ws {
+                if !p.acked.contains(&b) && !p.sent.iter().any(|(s, _)| *s == b) {
+                    self.send(p, &b);
+                }
+            }
+        }
+        self.pending = pending;
+        self.advance();
+    }
+
+    /// CAS on the held version; a conflict re-reads to decide whether someone took over.
+    async fn cas(&mut self, md: &LedgerMetadata) -> Result<(), LedgerError> {
+        let key = ledger_key(md.id);
+        let body = serde_json::to_vec(md).map_err(|e| LedgerError::Invalid(e.to_string()))?;
+        match self.ctx.meta.put(&key, body, PutOptions { expected_version: Some(self.version), session: 0 }).await {
+            Ok(v) => {
+                self.version = v;
+                Ok(())
+            }
+            Err(ClientError::BadVersion { .. }) => {
+                let now = self.ctx.meta.get(&key).await?;
+                let state = now.and_then(|kv| serde_json::from_slice::<LedgerMetadata>(&kv.value).ok()).map(|m| m.state);
+                match state {
+                    Some(s) if s == self.expect => Err(LedgerError::MetadataConflict {
+                        ledger: md.id,
+                        reason: "the metadata changed although the ledger is still in the state this writer expects".into(),
+                    }),
+                    Some(_) => Err(LedgerError::Fenced(md.id)),
+                    None => Err(LedgerError::NoSuchLedger(md.id)),
+                }
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn close(&mut self) -> Result<LedgerMetadata, LedgerError> {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
+        self.streams.clear();
+        let mut md = self.md.clone();
+        md.state = LedgerState::Closed;
+        md.last_entry = self.lac;
+        self.cas(&md).await?;
+        self.md = md.clone();
+        *self.shared.md.lock().unwrap_or_else(|e| e.into_inner()) = md.clone();
+        tracing::debug!(ledger = md.id, last_entry = md.last_entry, "ledger closed");
+        Ok(md)
+    }
+}

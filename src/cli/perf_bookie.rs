@@ -1,0 +1,274 @@
+//! `magnetar perf bookie`: add throughput and latency of a bookie with fsync on, through the
+//! ledger client (E = Qw = Qa = 1), printed next to the raw fdatasync rate and the fdatasync'd
+//! sequential write bandwidth of the same disk, measured in the same run.
+//!
+//! A single-node metastore and a bookie run in this process over `--dir`, which should be on
+//! the disk to measure.
+
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bytes::Bytes;
+use clap::Args;
+use futures::stream::{FuturesUnordered, StreamExt};
+use hdrhistogram::Histogram;
+use magnetar_bookie::client::{LedgerClient, LedgerConfig, LedgerOptions, LedgerWriter};
+use magnetar_bookie::{Bookie, BookieConfig};
+use magnetar_metastore::client::MetaClient;
+use magnetar_metastore::server::MetastoreNode;
+use magnetar_metastore::MetastoreConfig;
+use tokio_util::sync::CancellationToken;
+
+use super::perf::{fdatasync_rate, record};
+
+#[derive(Args, Debug)]
+pub struct BookiePerf {
+    /// Seconds per phase.
+    #[arg(long, default_value_t = 8)]
+    duration: u64,
+    /// Entry sizes in bytes.
+    #[arg(long, value_delimiter = ',', default_value = "100,1024,65536")]
+    sizes: Vec<usize>,
+    /// Adds in flight for the throughput phases (large entries use fewer: 4 MiB in flight).
+    #[arg(long, default_value_t = 2000)]
+    in_flight: usize,
+    /// Directory on the disk to measure (default: the system temp dir).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Write the results into this markdown file (section `perf-bookie`).
+    #[arg(long)]
+    record: Option<PathBuf>,
+}
+
+struct Result1 {
+    size: usize,
+    label: &'static str,
+    adds: u64,
+    secs: f64,
+    hist: Histogram<u64>,
+}
+
+impl Result1 {
+    fn rate(&self) -> f64 {
+        self.adds as f64 / self.secs
+    }
+    fn line(&self) -> String {
+        let us = |q: f64| self.hist.value_at_quantile(q) as f64 / 1000.0;
+        format!(
+            "| {} B | {} | {:.0} | {:.1} | {:.0} | {:.0} | {:.0} |",
+            self.size,
+            self.label,
+            self.rate(),
+            self.rate() * self.size as f64 / 1e6,
+            us(0.5),
+            us(0.99),
+            us(0.999)
+        )
+    }
+}
+
+/// fdatasync'd sequential write bandwidth (MB/s): 1 MiB overwrites of an already written file,
+/// each followed by fdatasync, the way the journal writes its preallocated segments.
+fn sequential_bandwidth(dir: &Path) -> anyhow::Result<f64> {
+    let path = dir.join("seq-probe");
+    let size: u64 = 256 << 20;
+    let chunk = vec![7u8; 1 << 20];
+    {
+        let mut f = std::fs::File::create(&path).context("creating the bandwidth probe")?;
+        for _ in 0..(size >> 20) {
+            f.write_all(&chunk)?;
+        }
+        f.sync_all()?;
+    }
+    let f = std::fs::OpenOptions::new().write(true).open(&path)?;
+    let start = Instant::now();
+    let mut written = 0u64;
+    while start.elapsed() < Duration::from_secs(3) {
+        f.write_all_at(&chunk, written % size)?;
+        f.sync_data()?;
+        written += chunk.len() as u64;
+    }
+    let mbs = written as f64 / 1e6 / start.elapsed().as_secs_f64();
+    std::fs::remove_file(&path).ok();
+    Ok(mbs)
+}
+
+fn new_hist() -> Histogram<u64> {
+    Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("static bounds are valid")
+}
+
+/// As many adds as `window` allows in flight, for `dur`.
+async fn saturate(w: &LedgerWriter, payload: Bytes, window: usize, dur: Duration) -> (u64, f64, Histogram<u64>) {
+    let mut hist = new_hist();
+    let mut inflight = FuturesUnordered::new();
+    let start = Instant::now();
+    let mut done = 0u64;
+    loop {
+        let running = start.elapsed() < dur;
+        while running && inflight.len() < window {
+            let t = Instant::now();
+            let f = w.append(payload.clone());
+            inflight.push(async move { (f.await, t.elapsed()) });
+        }
+        match inflight.next().await {
+            Some((Ok(_), lat)) => {
+                done += 1;
+                let _ = hist.record(lat.as_nanos() as u64);
+            }
+            Some((Err(e), _)) => {
+                eprintln!("add failed: {e}");
+                break;
+            }
+            None => break,
+        }
+    }
+    (done, start.elapsed().as_secs_f64(), hist)
+}
+
+/// Adds at a fixed rate (issued in 1 ms slices), for `dur`.
+async fn paced(w: &LedgerWriter, payload: Bytes, rate: f64, dur: Duration) -> (u64, f64, Histogram<u64>) {
+    let mut hist = new_hist();
+    let mut inflight = FuturesUnordered::new();
+    let start = Instant::now();
+    let mut issued = 0u64;
+    let mut done = 0u64;
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    while start.elapsed() < dur {
+        tokio::select! {
+            _ = tick.tick() => {
+                let due = (start.elapsed().as_secs_f64() * rate) as u64;
+                while issued < due {
+                    let t = Instant::now();
+                    let f = w.append(payload.clone());
+                    inflight.push(async move { (f.await, t.elapsed()) });
+                    issued += 1;
+                }
+            }
+            Some((r, lat)) = inflight.next(), if !inflight.is_empty() => {
+                if r.is_ok() {
+                    done += 1;
+                    let _ = hist.record(lat.as_nanos() as u64);
+                }
+            }
+        }
+    }
+    while let Some((r, lat)) = inflight.next().await {
+        if r.is_ok() {
+            done += 1;
+            let _ = hist.record(lat.as_nanos() as u64);
+        }
+    }
+    (done, start.elapsed().as_secs_f64(), hist)
+}
+
+pub async fn run(a: BookiePerf) -> anyhow::Result<()> {
+    let base = a.dir.clone().unwrap_or_else(std::env::temp_dir);
+    let dir = base.join(format!("magnetar-perf-bookie-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let r = run_in(&a, &dir).await;
+    std::fs::remove_dir_all(&dir).ok();
+    r
+}
+
+async fn run_in(a: &BookiePerf, dir: &Path) -> anyhow::Result<()> {
+    println!("measuring the disk: raw fdatasync rate and fdatasync'd sequential bandwidth …");
+    let fsync_rate = fdatasync_rate(dir)?;
+    let seq_mbs = sequential_bandwidth(dir)?;
+    println!("raw fdatasync rate (4 KiB appends): {fsync_rate:.0}/s; sequential write with fdatasync per MiB: {seq_mbs:.0} MB/s");
+
+    let shutdown = CancellationToken::new();
+    let meta_port = magnetar_metastore::local_cluster::free_ports(1)?[0];
+    let meta_addr = format!("127.0.0.1:{meta_port}");
+    let mcfg = MetastoreConfig {
+        node_id: 1,
+        listen_addr: meta_addr.clone(),
+        data_dir: dir.join("metastore"),
+        initial_members: vec![format!("1={meta_addr}")],
+        ..Default::default()
+    };
+    let node = MetastoreNode::start(mcfg, shutdown.clone()).await?;
+    let bcfg = BookieConfig {
+        listen_addr: "127.0.0.1:0".into(),
+        http_addr: String::new(),
+        journal_dirs: vec![dir.join("journal")],
+        ledger_dirs: vec![dir.join("ledgers")],
+        metastore: vec![meta_addr.clone()],
+        ..Default::default()
+    };
+    let bookie = Bookie::start(bcfg, shutdown.clone()).await?;
+    let meta = MetaClient::connect(&[meta_addr])?;
+    let client = LedgerClient::new(meta, LedgerOptions::default());
+    let dur = Duration::from_secs(a.duration);
+
+    let mut results = Vec::new();
+    for &size in &a.sizes {
+        let payload = Bytes::from((0..size).map(|i| (i * 31 % 251) as u8).collect::<Vec<u8>>());
+        let window = a.in_flight.min(((4usize << 20) / size.max(1)).max(16));
+        let w = client.create(LedgerConfig::new(1, 1, 1)).await?;
+        // Warm up (segment preallocation, connections).
+        let _ = saturate(&w, payload.clone(), window, Duration::from_secs(1)).await;
+        println!("{size} B: {window} adds in flight for {} s …", a.duration);
+        let (adds, secs, hist) = saturate(&w, payload.clone(), window, dur).await;
+        let max = Result1 { size, label: "max", adds, secs, hist };
+        println!("  {}", max.line());
+        let half = max.rate() / 2.0;
+        println!("{size} B: paced at {half:.0}/s …");
+        let (adds, secs, hist) = paced(&w, payload.clone(), half, dur).await;
+        let paced = Result1 { size, label: "half of max", adds, secs, hist };
+        println!("  {}", paced.line());
+        println!("{size} B: one add at a time …");
+        let (adds, secs, hist) = saturate(&w, payload, 1, Duration::from_secs(a.duration.min(3))).await;
+        let one = Result1 { size, label: "1 in flight", adds, secs, hist };
+        println!("  {}", one.line());
+        w.close().await?;
+        results.push(max);
+        results.push(paced);
+        results.push(one);
+    }
+    bookie.stop().await;
+    shutdown.cancel();
+    node.stop().await;
+
+    let mut table = format!(
+        "One bookie (journal and entry store on the same disk, fdatasync on), ledger E=Qw=Qa=1 through the \
+         ledger client, in one process on this machine; {} s per phase.\n\
+         Disk limits measured in the same run: raw fdatasync rate **{fsync_rate:.0}/s** (4 KiB appends), \
+         fdatasync'd sequential write bandwidth **{seq_mbs:.0} MB/s** (1 MiB writes).\n\n\
+         | entry | load | adds/s | MB/s | p50 µs | p99 µs | p99.9 µs |\n|---|---|---|---|---|---|---|\n",
+        a.duration
+    );
+    for r in &results {
+        table.push_str(&r.line());
+        table.push('\n');
+    }
+    let find = |size: usize| results.iter().find(|r| r.size == size && r.label == "max");
+    table.push('\n');
+    if let Some(r) = find(1024) {
+        table.push_str(&format!(
+            "- 1 KiB adds at full load: **{:.1}x** the raw one-fsync-per-write rate (target: 15x).\n",
+            r.rate() / fsync_rate
+        ));
+    }
+    if let Some(r) = find(65536) {
+        table.push_str(&format!(
+            "- 64 KiB adds at full load: **{:.0}%** of the fdatasync'd sequential bandwidth (target: 50%).\n",
+            100.0 * r.rate() * 65536.0 / 1e6 / seq_mbs
+        ));
+    }
+    for r in results.iter().filter(|r| r.label == "half of max") {
+        table.push_str(&format!(
+            "- {} B at half of full load: p99 add latency {:.2} ms (target: under 2 ms).\n",
+            r.size,
+            r.hist.value_at_quantile(0.99) as f64 / 1e6
+        ));
+    }
+    println!("\n{table}");
+    if let Some(path) = &a.record {
+        record(path, "perf-bookie", &table)?;
+        println!("recorded in {}", path.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,141 @@
+//! Replicated ledgers on real bookie processes: ensemble change when a bookie dies, fencing of
+//! an old writer by recovery, and the recovery case where an add reached fewer than Qa bookies.
+//! Invariants checked: no acknowledged entry beyond a closed ledger's last entry; every
+//! acknowledged entry readable with identical bytes; a fenced writer gets nothing more acked.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use futures::stream::{FuturesUnordered, StreamExt};
+use magnetar_bookie::client::{LedgerConfig, LedgerError};
+
+use crate::support::{payload, Cluster};
+
+async fn ensemble_change(qw: usize) {
+    // Three bookies for the ensemble and one spare to replace the one that dies.
+    let mut cluster = Cluster::new(4, &[], true).await;
+    let client = cluster.ledger_client();
+    let w = client.create(LedgerConfig::new(3, qw, 2)).await.expect("create");
+    let id = w.id();
+    let victim = w.metadata().fragments[0].bookies[1].clone();
+    let mut acked: BTreeMap<i64, Vec<u8>> = BTreeMap::new();
+    let mut inflight = FuturesUnordered::new();
+    let mut next = 0i64;
+    let mut killed = false;
+    while acked.len() < 3000 {
+        while inflight.len() < 50 {
+            let p = payload(id, next, 4000);
+            let f = w.append(p.clone());
+            inflight.push(async move { (f.await, p) });
+            next += 1;
+        }
+        let (r, p) = inflight.next().await.expect("in flight");
+        let e = r.unwrap_or_else(|e| panic!("an add failed: {e}\n{}", cluster.logs()));
+        acked.insert(e, p);
+        if !killed && acked.len() == 1000 {
+            let i = cluster.index_of(&victim);
+            cluster.bookies[i].kill();
+            killed = true;
+        }
+    }
+    while let Some((r, p)) = inflight.next().await {
+        acked.insert(r.expect("add"), p);
+    }
+    let md = w.metadata();
+    assert!(md.fragments.len() >= 2, "expected an ensemble change, fragments: {:?}", md.fragments);
+    assert!(!md.last_fragment().bookies.contains(&victim), "the dead bookie is still in the ensemble: {:?}", md.fragments);
+    // Entries are dense and acknowledged in order.
+    assert_eq!(acked.keys().copied().collect::<Vec<_>>(), (0..acked.len() as i64).collect::<Vec<_>>());
+    let closed = w.close().await.expect("close");
+    assert_eq!(closed.last_entry, acked.len() as i64 - 1);
+    // Everything reads back with the dead bookie still down.
+    let reader = client.open_reader(id).await.expect("reader");
+    let entries = reader.read(0, closed.last_entry).await.unwrap_or_else(|e| panic!("read: {e}\n{}", cluster.logs()));
+    for (e, p) in &acked {
+        assert_eq!(&entries[*e as usize][..], &p[..], "entry {e}");
+    }
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bookie_death_changes_the_ensemble_qw2() {
+    ensemble_change(2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bookie_death_changes_the_ensemble_qw3() {
+    ensemble_change(3).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_fences_the_old_writer() {
+    let cluster = Cluster::new(3, &[], true).await;
+    let old = cluster.ledger_client();
+    let w = old.create(LedgerConfig::new(3, 2, 2)).await.expect("create");
+    let id = w.id();
+    let mut acked = Vec::new();
+    for e in 0..200 {
+        acked.push(w.append(payload(id, e, 1000)).await.expect("add"));
+    }
+    // A reader of the open ledger sees at most the LAC the bookies know.
+    let reader = old.open_reader(id).await.expect("reader");
+    assert!(reader.lac() <= 199);
+    assert!(matches!(reader.read(0, 200).await, Err(LedgerError::BeyondLac { .. })));
+
+    let new = cluster.ledger_client();
+    let md = new.recover(id).await.expect("recover");
+    assert_eq!(md.last_entry, 199, "every acknowledged entry is kept, nothing more");
+    match w.append(b"after recovery".to_vec()).await {
+        Err(LedgerError::Fenced(l)) => assert_eq!(l, id),
+        other => panic!("the fenced writer's add must fail with Fenced, got {other:?}"),
+    }
+    assert!(matches!(w.close().await, Err(LedgerError::Fenced(_))));
+    let entries = new.open_reader(id).await.expect("reader").read(0, 199).await.expect("read");
+    for (e, got) in entries.iter().enumerate() {
+        assert_eq!(&got[..], &payload(id, e as i64, 1000)[..]);
+    }
+    // Recovering again is a no-op on a closed ledger.
+    assert_eq!(new.recover(id).await.expect("again").last_entry, 199);
+    cluster.shutdown().await;
+}
+
+/// An add that reached only Qa - 1 bookies when recovery starts. E = Qw = 3, Qa = 2: entry 10
+/// reaches bookie A only (its copies to B and C are held back). Recovery does not get an
+/// answer to its fence from B, and its reads to A go unanswered, so B and C say "no such
+/// entry" for 10 and the ledger closes at 9. Then the held adds are released: B must refuse
+/// (the recovery read fenced it), or entry 10 would be acknowledged to the old writer beyond
+/// the closed end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn add_on_fewer_than_qa_bookies_is_never_acked_beyond_the_end() {
+    let cluster = Cluster::new(3, &[], true).await;
+    let old = cluster.ledger_client();
+    let w = old.create(LedgerConfig::new(3, 3, 2)).await.expect("create");
+    let id = w.id();
+    for e in 0..10 {
+        w.append(payload(id, e, 100)).await.expect("add");
+    }
+    let ens = w.metadata().fragments[0].bookies.clone();
+    let (a, b, c) = (ens[0].clone(), ens[1].clone(), ens[2].clone());
+    old.faults().hold_adds(&b, 10);
+    old.faults().hold_adds(&c, 10);
+    let pending = tokio::spawn(w.append(payload(id, 10, 100)));
+    assert!(
+        crate::support::wait_until(Duration::from_secs(5), || async { old.faults().held_adds() == 2 }).await,
+        "entry 10 should be held for two bookies"
+    );
+
+    let new = cluster.ledger_client();
+    new.faults().skip_fence(&b);
+    new.faults().drop_reads(&a);
+    let md = new.recover(id).await.expect("recover");
+    assert_eq!(md.last_entry, 9, "entry 10 was on one bookie only and is not recoverable here");
+
+    assert_eq!(old.faults().release_adds(), 2);
+    let r = tokio::time::timeout(Duration::from_secs(10), pending).await.expect("the add must finish").expect("join");
+    match r {
+        Err(LedgerError::Fenced(_)) => {}
+        other => panic!("entry 10 must not be acknowledged beyond the closed end (9): {other:?}"),
+    }
+    let _ = c;
+    cluster.shutdown().await;
+}

@@ -1,0 +1,87 @@
+//! Operations: HTTP probes and metrics, ledger deletion and garbage collection, read-only
+//! bookies.
+
+use std::time::Duration;
+
+use magnetar_bookie::client::LedgerConfig;
+use magnetar_proto::bookie::bookie_client::BookieClient;
+use magnetar_proto::bookie::{Code, ReadRequest};
+
+use crate::support::{http_get, payload, wait_until, Cluster};
+
+async fn read_code(addr: &str, ledger: u64, entry: i64) -> i32 {
+    let mut c = BookieClient::connect(format!("http://{addr}")).await.expect("connect");
+    let r = c.read(ReadRequest { ledger_id: ledger, entry_ids: vec![entry], fence: false, master_key: Default::default() }).await;
+    r.expect("read").into_inner().entries[0].code
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_metrics_delete_and_gc() {
+    let cluster = Cluster::new(1, &["gc_interval_ms=300"], true).await;
+    let b = &cluster.bookies[0];
+    let (status, body) = http_get(&b.http, "/api/v1/bookie/state").await.expect("state");
+    assert_eq!(status, 200);
+    let state: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(state["readOnly"], false);
+    assert_eq!(state["running"], true);
+
+    let client = cluster.ledger_client();
+    let w = client.create(LedgerConfig::new(1, 1, 1)).await.expect("create");
+    for e in 0..50 {
+        w.append(payload(w.id(), e, 500)).await.expect("add");
+    }
+    let (status, metrics) = http_get(&b.http, "/metrics").await.expect("metrics");
+    assert_eq!(status, 200);
+    let count = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name) && !l.starts_with('#'))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{metrics}"))
+    };
+    assert!(count("bookie_journal_JOURNAL_SYNC_count") >= 1.0);
+    assert!(count("bookie_ADD_ENTRY{success=\"true\"}") >= 50.0);
+    assert!(count("bookie_WRITE_BYTES") > 0.0);
+    assert!(metrics.contains("bookie_journal_JOURNAL_SYNC_bucket{journalIndex=\"0\",le=\"+Inf\"}"));
+
+    // Deleting through the client removes entries at once.
+    let id = w.id();
+    w.close().await.expect("close");
+    assert_eq!(read_code(&b.addr, id, 0).await, Code::Ok as i32);
+    client.delete(id).await.expect("delete");
+    assert_eq!(read_code(&b.addr, id, 0).await, Code::NoEntry as i32);
+
+    // A ledger whose metadata disappears without the bookie being told is collected.
+    let w = client.create(LedgerConfig::new(1, 1, 1)).await.expect("create");
+    let id2 = w.id();
+    w.append(b"x".to_vec()).await.expect("add");
+    w.close().await.expect("close");
+    cluster.meta().delete(&format!("/ledgers/{id2}"), None).await.expect("delete metadata");
+    let addr = b.addr.clone();
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let addr = addr.clone();
+            async move { read_code(&addr, id2, 0).await == Code::NoEntry as i32 }
+        })
+        .await,
+        "GC did not remove the deleted ledger\n{}",
+        b.log_tail()
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_makes_the_bookie_read_only() {
+    // Any usage counts as "full" here.
+    let cluster = Cluster::new(1, &["disk_usage_threshold=0.0", "disk_usage_lwm_threshold=0.0"], true).await;
+    let b = &cluster.bookies[0];
+    let (_, body) = http_get(&b.http, "/api/v1/bookie/state").await.expect("state");
+    assert!(body.contains("\"readOnly\":true"), "{body}");
+    let kv = cluster.meta().get(&format!("/bookies/available/{}", b.id)).await.expect("get").expect("registered");
+    assert!(String::from_utf8_lossy(&kv.value).contains("\"readOnly\":true"));
+    // Ledger clients do not pick it.
+    let client = cluster.ledger_client();
+    assert!(client.create(LedgerConfig::new(1, 1, 1)).await.is_err());
+    cluster.shutdown().await;
+}

@@ -1,0 +1,238 @@
+//! Harness for bookie and ledger tests: an in-process single-node metastore, bookies as real
+//! `magnetar bookie` processes on free ports (so they can be SIGKILLed), and helpers.
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use magnetar_bookie::client::{LedgerClient, LedgerOptions};
+use magnetar_metastore::client::MetaClient;
+use magnetar_metastore::local_cluster::free_ports;
+use magnetar_metastore::server::MetastoreNode;
+use magnetar_metastore::MetastoreConfig;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_magnetar"))
+}
+
+/// Polls `f` until it returns true or `timeout` passes.
+pub async fn wait_until<F, Fut>(timeout: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if f().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// A GET over HTTP/1.1; returns (status, body).
+pub async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    let mut s = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr)).await.ok()?.ok()?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.ok()?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await.ok()?.ok()?;
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    Some((status, body))
+}
+
+/// One bookie process.
+pub struct BookieProc {
+    pub id: String,
+    pub addr: String,
+    pub http: String,
+    pub journal: PathBuf,
+    pub ledgers: PathBuf,
+    pub log: PathBuf,
+    pub extra: Vec<String>,
+    meta: String,
+    child: Option<Child>,
+}
+
+impl BookieProc {
+    pub fn spawn(&mut self) {
+        let log = File::options().create(true).append(true).open(&self.log).expect("log file");
+        let mut cmd = Command::new(bin());
+        cmd.arg("bookie")
+            .args(["--bookie-id", &self.id, "--listen", &self.addr, "--http", &self.http])
+            .arg("--journal-dirs")
+            .arg(&self.journal)
+            .arg("--ledger-dir")
+            .arg(&self.ledgers)
+            .args(["--metastore", &self.meta])
+            .args(["--set", "session_ttl_ms=2000", "--set", "journal.segment_bytes=8388608", "--set", "max_entry_bytes=1048576"])
+            .args(["--set", "storage.write_buffer_bytes=4194304", "--set", "storage.read_cache_bytes=1048576"])
+            .args(&self.extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log);
+        self.child = Some(cmd.spawn().expect("spawn bookie"));
+    }
+
+    /// Starts and waits until it reports ready.
+    pub async fn start(&mut self) {
+        self.spawn();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let mut ok = false;
+        while std::time::Instant::now() < deadline {
+            if matches!(http_get(&self.http, "/api/v1/bookie/is_ready").await, Some((200, _))) {
+                ok = true;
+                break;
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("bookie {} exited with {status} while starting\n{}", self.id, self.log_tail());
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert!(ok, "bookie {} did not become ready\n{}", self.id, self.log_tail());
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn terminate(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+            let status = c.wait().expect("wait");
+            assert!(status.success(), "bookie {} exited with {status}\n{}", self.id, self.log_tail());
+        }
+    }
+
+    /// Waits for the process to exit on its own (a refused start); returns whether it failed.
+    pub fn wait_exit_failure(&mut self, timeout: Duration) -> bool {
+        let Some(mut c) = self.child.take() else { return false };
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = c.try_wait() {
+                return !status.success();
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+}
+
+impl Drop for BookieProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A metastore and some bookies.
+pub struct Cluster {
+    pub meta_addr: String,
+    pub bookies: Vec<BookieProc>,
+    node: Option<MetastoreNode>,
+    cancel: CancellationToken,
+    pub dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// A metastore and `n` bookies (not started when `start` is false).
+    pub async fn new(n: usize, extra: &[&str], start: bool) -> Cluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_ports(1).expect("port")[0];
+        let meta_addr = format!("127.0.0.1:{port}");
+        let cancel = CancellationToken::new();
+        let cfg = MetastoreConfig {
+            node_id: 1,
+            listen_addr: meta_addr.clone(),
+            data_dir: dir.path().join("metastore"),
+            initial_members: vec![format!("1={meta_addr}")],
+            ..Default::default()
+        };
+        let node = MetastoreNode::start(cfg, cancel.clone()).await.expect("metastore");
+        let mut c = Cluster { meta_addr, bookies: Vec::new(), node: Some(node), cancel, dir };
+        for _ in 0..n {
+            c.add_bookie(extra);
+        }
+        if start {
+            for b in &mut c.bookies {
+                b.start().await;
+            }
+        }
+        c
+    }
+
+    pub fn add_bookie(&mut self, extra: &[&str]) -> usize {
+        let i = self.bookies.len();
+        let ports = free_ports(2).expect("ports");
+        let root = self.dir.path().join(format!("bookie-{i}"));
+        std::fs::create_dir_all(&root).expect("dir");
+        self.bookies.push(BookieProc {
+            id: format!("bookie-{i}"),
+            addr: format!("127.0.0.1:{}", ports[0]),
+            http: format!("127.0.0.1:{}", ports[1]),
+            journal: root.join("journal"),
+            ledgers: root.join("ledgers"),
+            log: root.join("bookie.log"),
+            extra: extra.iter().flat_map(|e| ["--set".to_string(), e.to_string()]).collect(),
+            meta: self.meta_addr.clone(),
+            child: None,
+        });
+        i
+    }
+
+    pub fn meta(&self) -> MetaClient {
+        MetaClient::connect(std::slice::from_ref(&self.meta_addr)).expect("meta client")
+    }
+
+    pub fn ledger_client(&self) -> LedgerClient {
+        let opts = LedgerOptions { add_timeout: Duration::from_secs(3), ..Default::default() };
+        LedgerClient::new(self.meta(), opts)
+    }
+
+    pub fn index_of(&self, id: &str) -> usize {
+        self.bookies.iter().position(|b| b.id == id).expect("known bookie")
+    }
+
+    pub fn logs(&self) -> String {
+        self.bookies.iter().map(|b| format!("--- {} ---\n{}\n", b.id, b.log_tail())).collect()
+    }
+
+    pub async fn shutdown(mut self) {
+        for b in &mut self.bookies {
+            b.kill();
+        }
+        self.cancel.cancel();
+        if let Some(n) = self.node.take() {
+            n.stop().await;
+        }
+    }
+}
+
+/// Deterministic payload of an entry: size and bytes depend on (ledger, entry).
+pub fn payload(ledger: u64, entry: i64, max: usize) -> Vec<u8> {
+    let seed = ledger.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (entry as u64).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    let len = 1 + (seed % max as u64) as usize;
+    (0..len).map(|i| (seed >> (i % 56)) as u8 ^ i as u8).collect()
+}
