@@ -2,7 +2,7 @@
 CARGO_TARGET_DIR ?= $(HOME)/.cache/magnetar-target
 export CARGO_TARGET_DIR
 
-.PHONY: help run test lint fmt build release perf-meta
+.PHONY: help run test lint fmt build release perf-meta perf-bookie
 
 help: ## List targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -31,3 +31,7 @@ perf-meta: ## Metastore benchmark on a 3-node local cluster, recorded in docs/be
 	cargo build --release
 	$(CARGO_TARGET_DIR)/release/magnetar perf meta --concurrency 1 --record docs/benchmarks.md
 	$(CARGO_TARGET_DIR)/release/magnetar perf meta --concurrency 256 --record docs/benchmarks.md
+
+perf-bookie: ## Bookie add throughput/latency (fsync on) vs. the disk's limits, recorded in docs/benchmarks.md
+	cargo build --release
+	$(CARGO_TARGET_DIR)/release/magnetar perf bookie --record docs/benchmarks.md

@@ -91,7 +91,7 @@ impl Default for JournalSettings {
             max_group_wait_us: 1000,
             group_bytes: 512 << 10,
             flush_when_queue_empty: true,
-            segment_bytes: 256 << 20,
+            segment_bytes: 64 << 20,
             preallocated_segments: 1,
             sync: true,
         }
@@ -115,7 +115,7 @@ pub struct StorageSettings {
 impl Default for StorageSettings {
     fn default() -> Self {
         StorageSettings {
-            checkpoint_interval_ms: 30_000,
+            checkpoint_interval_ms: 10_000,
             read_cache_bytes: 64 << 20,
             min_blob_bytes: 4096,
             write_buffer_bytes: 64 << 20,
@@ -141,7 +141,9 @@ impl Validate for BookieConfig {
         if self.metastore.is_empty() {
             return bad("metastore", "at least one metastore endpoint is needed");
         }
-        if !(0.0..=1.0).contains(&self.disk_usage_threshold) || self.disk_usage_lwm_threshold > self.disk_usage_threshold {
+        if !(0.0..=1.0).contains(&self.disk_usage_threshold)
+            || self.disk_usage_lwm_threshold > self.disk_usage_threshold
+        {
             return bad("disk_usage_threshold", "must be in 0..1 and at least disk_usage_lwm_threshold");
         }
         if self.max_entry_bytes == 0 || self.max_entry_bytes > 64 << 20 {

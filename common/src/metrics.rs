@@ -154,7 +154,13 @@ impl Registry {
     }
 
     /// Registers a gauge whose value `f` computes at scrape time.
-    pub fn gauge_fn(&self, name: &str, help: &str, labels: &[(&str, &str)], f: impl Fn() -> f64 + Send + Sync + 'static) {
+    pub fn gauge_fn(
+        &self,
+        name: &str,
+        help: &str,
+        labels: &[(&str, &str)],
+        f: impl Fn() -> f64 + Send + Sync + 'static,
+    ) {
         self.add(name, help, "gauge", labels, Metric::GaugeFn(Box::new(f)));
     }
 

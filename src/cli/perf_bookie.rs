@@ -32,12 +32,15 @@ pub struct BookiePerf {
     /// Entry sizes in bytes.
     #[arg(long, value_delimiter = ',', default_value = "100,1024,65536")]
     sizes: Vec<usize>,
-    /// Adds in flight for the throughput phases (large entries use fewer: 4 MiB in flight).
+    /// Adds in flight for the throughput phases (large entries use fewer: 16 MiB in flight).
     #[arg(long, default_value_t = 2000)]
     in_flight: usize,
     /// Directory on the disk to measure (default: the system temp dir).
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Bookie settings for the run, as dotted.key=value (repeatable), e.g. journal.sync=false.
+    #[arg(long = "bookie-set", value_name = "KEY=VALUE")]
+    bookie_set: Vec<String>,
     /// Write the results into this markdown file (section `perf-bookie`).
     #[arg(long)]
     record: Option<PathBuf>,
@@ -190,14 +193,17 @@ async fn run_in(a: &BookiePerf, dir: &Path) -> anyhow::Result<()> {
         ..Default::default()
     };
     let node = MetastoreNode::start(mcfg, shutdown.clone()).await?;
-    let bcfg = BookieConfig {
-        listen_addr: "127.0.0.1:0".into(),
-        http_addr: String::new(),
-        journal_dirs: vec![dir.join("journal")],
-        ledger_dirs: vec![dir.join("ledgers")],
-        metastore: vec![meta_addr.clone()],
-        ..Default::default()
-    };
+    let mut loader = magnetar_common::config::ConfigLoader::new("MAGNETAR_BOOKIE_")
+        .set("listen_addr", "127.0.0.1:0")
+        .set("http_addr", "")
+        .set("journal_dirs", &format!("[{:?}]", dir.join("journal").display().to_string()))
+        .set("ledger_dirs", &format!("[{:?}]", dir.join("ledgers").display().to_string()))
+        .set("metastore", &format!("[{meta_addr:?}]"));
+    for kv in &a.bookie_set {
+        let (k, v) = kv.split_once('=').with_context(|| format!("--bookie-set {kv}: expected KEY=VALUE"))?;
+        loader = loader.set(k, v);
+    }
+    let bcfg: BookieConfig = loader.load()?;
     let bookie = Bookie::start(bcfg, shutdown.clone()).await?;
     let meta = MetaClient::connect(&[meta_addr])?;
     let client = LedgerClient::new(meta, LedgerOptions::default());
@@ -206,7 +212,7 @@ async fn run_in(a: &BookiePerf, dir: &Path) -> anyhow::Result<()> {
     let mut results = Vec::new();
     for &size in &a.sizes {
         let payload = Bytes::from((0..size).map(|i| (i * 31 % 251) as u8).collect::<Vec<u8>>());
-        let window = a.in_flight.min(((4usize << 20) / size.max(1)).max(16));
+        let window = a.in_flight.min(((16usize << 20) / size.max(1)).max(16));
         let w = client.create(LedgerConfig::new(1, 1, 1)).await?;
         // Warm up (segment preallocation, connections).
         let _ = saturate(&w, payload.clone(), window, Duration::from_secs(1)).await;

@@ -4,8 +4,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
-use magnetar_common::config::ConfigLoader;
 use magnetar_bookie::BookieConfig;
+use magnetar_common::config::ConfigLoader;
 use magnetar_metastore::MetastoreConfig;
 
 #[derive(Args, Debug)]

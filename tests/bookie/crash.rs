@@ -15,7 +15,8 @@ use crate::support::{payload, Cluster};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_during_writes_loses_no_acknowledged_entry() {
-    let mut cluster = Cluster::new(1, &["storage.checkpoint_interval_ms=300", "journal.segment_bytes=2621440"], true).await;
+    let mut cluster =
+        Cluster::new(1, &["storage.checkpoint_interval_ms=300", "journal.segment_bytes=2621440"], true).await;
     let client = cluster.ledger_client();
     for round in 0..3u64 {
         let w = client.create(LedgerConfig::new(1, 1, 1)).await.expect("create");

@@ -49,7 +49,11 @@ async fn torn_tail_is_dropped_and_corrupt_middle_refuses_start() {
         f.write_all_at(&torn, end as u64).expect("write");
     }
     cluster.bookies[0].start().await;
-    assert!(cluster.bookies[0].log_tail().contains("torn tail"), "replay should report the torn tail\n{}", cluster.bookies[0].log_tail());
+    assert!(
+        cluster.bookies[0].log_tail().contains("torn tail"),
+        "replay should report the torn tail\n{}",
+        cluster.bookies[0].log_tail()
+    );
     let md = client.recover(id).await.expect("recover");
     assert_eq!(md.last_entry, 39);
     let entries = client.open_reader(id).await.expect("reader").read(0, 39).await.expect("read");
@@ -72,6 +76,9 @@ async fn torn_tail_is_dropped_and_corrupt_middle_refuses_start() {
     cluster.bookies[0].spawn();
     assert!(cluster.bookies[0].wait_exit_failure(Duration::from_secs(30)), "a corrupt journal must stop start-up");
     let log = cluster.bookies[0].log_tail();
-    assert!(log.contains("corrupt") && log.contains(&path.file_name().expect("name").to_string_lossy().to_string()), "{log}");
+    assert!(
+        log.contains("corrupt") && log.contains(&path.file_name().expect("name").to_string_lossy().to_string()),
+        "{log}"
+    );
     cluster.shutdown().await;
 }

@@ -43,7 +43,11 @@ async fn ensemble_change(qw: usize) {
     }
     let md = w.metadata();
     assert!(md.fragments.len() >= 2, "expected an ensemble change, fragments: {:?}", md.fragments);
-    assert!(!md.last_fragment().bookies.contains(&victim), "the dead bookie is still in the ensemble: {:?}", md.fragments);
+    assert!(
+        !md.last_fragment().bookies.contains(&victim),
+        "the dead bookie is still in the ensemble: {:?}",
+        md.fragments
+    );
     // Entries are dense and acknowledged in order.
     assert_eq!(acked.keys().copied().collect::<Vec<_>>(), (0..acked.len() as i64).collect::<Vec<_>>());
     let closed = w.close().await.expect("close");

@@ -11,7 +11,9 @@ use crate::support::{http_get, payload, wait_until, Cluster};
 
 async fn read_code(addr: &str, ledger: u64, entry: i64) -> i32 {
     let mut c = BookieClient::connect(format!("http://{addr}")).await.expect("connect");
-    let r = c.read(ReadRequest { ledger_id: ledger, entry_ids: vec![entry], fence: false, master_key: Default::default() }).await;
+    let r = c
+        .read(ReadRequest { ledger_id: ledger, entry_ids: vec![entry], fence: false, master_key: Default::default() })
+        .await;
     r.expect("read").into_inner().entries[0].code
 }
 

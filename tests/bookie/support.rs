@@ -73,7 +73,14 @@ impl BookieProc {
             .arg("--ledger-dir")
             .arg(&self.ledgers)
             .args(["--metastore", &self.meta])
-            .args(["--set", "session_ttl_ms=2000", "--set", "journal.segment_bytes=8388608", "--set", "max_entry_bytes=1048576"])
+            .args([
+                "--set",
+                "session_ttl_ms=2000",
+                "--set",
+                "journal.segment_bytes=8388608",
+                "--set",
+                "max_entry_bytes=1048576",
+            ])
             .args(["--set", "storage.write_buffer_bytes=4194304", "--set", "storage.read_cache_bytes=1048576"])
             .args(&self.extra)
             .env("RUST_LOG", "info")
@@ -207,7 +214,11 @@ impl Cluster {
     }
 
     pub fn ledger_client(&self) -> LedgerClient {
-        let opts = LedgerOptions { add_timeout: Duration::from_secs(3), ..Default::default() };
+        let opts = LedgerOptions {
+            add_timeout: Duration::from_secs(3),
+            ensemble_change_timeout: Duration::from_secs(1),
+            ..Default::default()
+        };
         LedgerClient::new(self.meta(), opts)
     }
 

@@ -70,7 +70,9 @@ impl Bookies {
         let addr = match addr {
             Some(a) => a,
             None => match self.meta.get(&meta_key(id)).await? {
-                Some(kv) => serde_json::from_slice::<Cookie>(&kv.value).ok().map(|c| c.address).filter(|a| !a.is_empty()),
+                Some(kv) => {
+                    serde_json::from_slice::<Cookie>(&kv.value).ok().map(|c| c.address).filter(|a| !a.is_empty())
+                }
                 None => None,
             }
             // Ids default to the address.
@@ -89,7 +91,10 @@ impl Bookies {
                 Some(c) => c.clone(),
                 None => {
                     let ep = Endpoint::from_shared(format!("http://{addr}"))
-                        .map_err(|e| LedgerError::Bookie { bookie: id.to_owned(), reason: format!("bad address {addr}: {e}") })?
+                        .map_err(|e| LedgerError::Bookie {
+                            bookie: id.to_owned(),
+                            reason: format!("bad address {addr}: {e}"),
+                        })?
                         .connect_timeout(self.connect_timeout)
                         .tcp_nodelay(true)
                         .http2_keep_alive_interval(Duration::from_secs(10))

@@ -142,8 +142,11 @@ impl LedgerClient {
             custom: cfg.custom,
         };
         let body = serde_json::to_vec(&md).map_err(|e| LedgerError::Invalid(e.to_string()))?;
-        let version =
-            self.ctx.meta.put(&metadata::ledger_key(id), body, PutOptions { expected_version: Some(0), session: 0 }).await?;
+        let version = self
+            .ctx
+            .meta
+            .put(&metadata::ledger_key(id), body, PutOptions { expected_version: Some(0), session: 0 })
+            .await?;
         tracing::debug!(ledger = id, ensemble = ?md.fragments[0].bookies, "ledger created");
         Ok(LedgerWriter::spawn(self.ctx.clone(), md, version, false, 0))
     }
@@ -151,7 +154,8 @@ impl LedgerClient {
     /// A ledger's metadata and its version.
     pub async fn metadata(&self, id: u64) -> Result<(LedgerMetadata, u64), LedgerError> {
         let kv = self.ctx.meta.get(&metadata::ledger_key(id)).await?.ok_or(LedgerError::NoSuchLedger(id))?;
-        let md = serde_json::from_slice(&kv.value).map_err(|e| LedgerError::Invalid(format!("ledger {id} metadata: {e}")))?;
+        let md = serde_json::from_slice(&kv.value)
+            .map_err(|e| LedgerError::Invalid(format!("ledger {id} metadata: {e}")))?;
         Ok((md, kv.version))
     }
 
@@ -182,7 +186,10 @@ impl LedgerClient {
         for b in bookies {
             let ok = async {
                 let mut c = self.ctx.bookies.client(&b).await.ok()?;
-                tokio::time::timeout(self.ctx.opts.read_timeout, c.delete_ledger(DeleteLedgerRequest { ledger_id: id })).await.ok()?.ok()
+                tokio::time::timeout(self.ctx.opts.read_timeout, c.delete_ledger(DeleteLedgerRequest { ledger_id: id }))
+                    .await
+                    .ok()?
+                    .ok()
             }
             .await;
             if ok.is_none() {

@@ -55,7 +55,8 @@ impl LedgerReader {
                 let (ctx, b, id) = (self.ctx.clone(), b.clone(), self.md.id);
                 async move {
                     let mut c = ctx.bookies.client(&b).await?;
-                    let r = tokio::time::timeout(ctx.opts.read_timeout, c.read_lac(ReadLacRequest { ledger_id: id })).await;
+                    let r =
+                        tokio::time::timeout(ctx.opts.read_timeout, c.read_lac(ReadLacRequest { ledger_id: id })).await;
                     match r {
                         Ok(Ok(resp)) if resp.get_ref().code == Code::Ok as i32 => Ok(resp.into_inner().lac),
                         _ => Err(LedgerError::Bookie { bookie: b, reason: "read LAC failed".into() }),
@@ -85,7 +86,12 @@ impl LedgerReader {
 }
 
 /// Reads `first..=last` of a ledger from its replicas, without a LAC check.
-pub(crate) async fn read_entries(ctx: &Arc<Ctx>, md: &LedgerMetadata, first: i64, last: i64) -> Result<Vec<Bytes>, LedgerError> {
+pub(crate) async fn read_entries(
+    ctx: &Arc<Ctx>,
+    md: &LedgerMetadata,
+    first: i64,
+    last: i64,
+) -> Result<Vec<Bytes>, LedgerError> {
     let n = (last - first + 1) as usize;
     let mut out: Vec<Option<Bytes>> = vec![None; n];
     let mut errors: Vec<String> = vec![String::new(); n];
@@ -110,10 +116,17 @@ pub(crate) async fn read_entries(ctx: &Arc<Ctx>, md: &LedgerMetadata, first: i64
                 futs.push(async move {
                     let r = async {
                         let mut c = ctx.bookies.client(&b).await?;
-                        let req = ReadRequest { ledger_id: id, entry_ids: chunk.clone(), fence: false, master_key: Bytes::new() };
+                        let req = ReadRequest {
+                            ledger_id: id,
+                            entry_ids: chunk.clone(),
+                            fence: false,
+                            master_key: Bytes::new(),
+                        };
                         match tokio::time::timeout(ctx.opts.read_timeout, c.read(req)).await {
                             Ok(Ok(r)) => Ok(r.into_inner()),
-                            Ok(Err(s)) => Err(LedgerError::Bookie { bookie: b.clone(), reason: s.message().to_owned() }),
+                            Ok(Err(s)) => {
+                                Err(LedgerError::Bookie { bookie: b.clone(), reason: s.message().to_owned() })
+                            }
                             Err(_) => Err(LedgerError::Bookie { bookie: b.clone(), reason: "read timed out".into() }),
                         }
                     }
@@ -130,10 +143,15 @@ pub(crate) async fn read_entries(ctx: &Arc<Ctx>, md: &LedgerMetadata, first: i64
                         if i >= n || out[i].is_some() {
                             continue;
                         }
-                        if er.code == Code::Ok as i32 && entry_checksum(md.id, er.entry_id, &er.payload) == er.checksum {
+                        if er.code == Code::Ok as i32 && entry_checksum(md.id, er.entry_id, &er.payload) == er.checksum
+                        {
                             out[i] = Some(er.payload);
                         } else {
-                            let what = if er.code == Code::Ok as i32 { "checksum mismatch".to_owned() } else { format!("code {} {}", er.code, er.message) };
+                            let what = if er.code == Code::Ok as i32 {
+                                "checksum mismatch".to_owned()
+                            } else {
+                                format!("code {} {}", er.code, er.message)
+                            };
                             errors[i].push_str(&format!("{b}: {what}; "));
                         }
                     }
@@ -152,7 +170,11 @@ pub(crate) async fn read_entries(ctx: &Arc<Ctx>, md: &LedgerMetadata, first: i64
     out.into_iter()
         .enumerate()
         .map(|(i, e)| {
-            e.ok_or_else(|| LedgerError::Unreadable { ledger: md.id, entry: first + i as i64, reason: errors[i].clone() })
+            e.ok_or_else(|| LedgerError::Unreadable {
+                ledger: md.id,
+                entry: first + i as i64,
+                reason: errors[i].clone(),
+            })
         })
         .collect()
 }

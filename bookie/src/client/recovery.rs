@@ -48,7 +48,8 @@ fn undecided(ledger: u64, reason: impl Into<String>) -> LedgerError {
 async fn try_recover(ctx: &Arc<Ctx>, id: u64) -> Result<LedgerMetadata, LedgerError> {
     let key = ledger_key(id);
     let kv = ctx.meta.get(&key).await?.ok_or(LedgerError::NoSuchLedger(id))?;
-    let mut md: LedgerMetadata = serde_json::from_slice(&kv.value).map_err(|e| LedgerError::Invalid(format!("ledger {id} metadata: {e}")))?;
+    let mut md: LedgerMetadata =
+        serde_json::from_slice(&kv.value).map_err(|e| LedgerError::Invalid(format!("ledger {id} metadata: {e}")))?;
     if md.state == LedgerState::Closed {
         return Ok(md);
     }
@@ -119,7 +120,13 @@ async fn try_recover(ctx: &Arc<Ctx>, id: u64) -> Result<LedgerMetadata, LedgerEr
         }
         entry += 1;
     }
-    tracing::info!(ledger = id, lac = max_lac, first_read = start, recovered = recovered.len(), "ledger recovery read done");
+    tracing::info!(
+        ledger = id,
+        lac = max_lac,
+        first_read = start,
+        recovered = recovered.len(),
+        "ledger recovery read done"
+    );
 
     // Steps 6 and 7.
     if recovered.is_empty() {
@@ -146,7 +153,14 @@ enum ReadOutcome {
     Unknown(String),
 }
 
-async fn recovery_read(ctx: &Arc<Ctx>, id: u64, entry: i64, ws: &[String], key: &Bytes, absent_needed: usize) -> ReadOutcome {
+async fn recovery_read(
+    ctx: &Arc<Ctx>,
+    id: u64,
+    entry: i64,
+    ws: &[String],
+    key: &Bytes,
+    absent_needed: usize,
+) -> ReadOutcome {
     let mut futs: FuturesUnordered<_> = ws
         .iter()
         .filter(|b| !ctx.faults.drops_reads(b))

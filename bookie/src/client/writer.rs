@@ -113,7 +113,10 @@ impl LedgerWriter {
 
     /// Queues an entry. Entries get ids in call order; the future resolves with the id once
     /// the entry is confirmed (after every earlier one).
-    pub fn append(&self, payload: impl Into<Bytes>) -> impl std::future::Future<Output = Result<i64, LedgerError>> + Send + 'static {
+    pub fn append(
+        &self,
+        payload: impl Into<Bytes>,
+    ) -> impl std::future::Future<Output = Result<i64, LedgerError>> + Send + 'static {
         let (done, rx) = oneshot::channel();
         let sent = self.tx.send(Cmd::Append { payload: payload.into(), done }).is_ok();
         let id = self.id;
@@ -255,7 +258,13 @@ impl Actor {
                 match inbound.message().await {
                     Ok(Some(batch)) => {
                         for r in batch.results {
-                            let ev = Event::Result { bookie: id.clone(), gen, entry: r.entry_id, code: r.code, message: r.message };
+                            let ev = Event::Result {
+                                bookie: id.clone(),
+                                gen,
+                                entry: r.entry_id,
+                                code: r.code,
+                                message: r.message,
+                            };
                             if ev_tx.send(ev).is_err() {
                                 return;
                             }
@@ -305,7 +314,8 @@ impl Actor {
                     return;
                 }
                 self.streams.remove(&bookie);
-                let needed = self.pending.iter().any(|p| p.sent.iter().any(|(b, _)| *b == bookie) && !p.acked.contains(&bookie));
+                let needed =
+                    self.pending.iter().any(|p| p.sent.iter().any(|(b, _)| *b == bookie) && !p.acked.contains(&bookie));
                 if needed && self.failed.is_none() {
                     tracing::warn!(ledger = self.md.id, %bookie, %reason, "add stream to a bookie broke");
                     self.replace(vec![bookie]).await;
@@ -393,7 +403,10 @@ impl Actor {
                 }
             }
             if Instant::now() >= deadline {
-                let e = LedgerError::NotEnoughBookies { needed: self.md.ensemble_size, available: ensemble.len() - failed.len() + candidates.len() };
+                let e = LedgerError::NotEnoughBookies {
+                    needed: self.md.ensemble_size,
+                    available: ensemble.len() - failed.len() + candidates.len(),
+                };
                 return self.fail(e);
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -433,11 +446,13 @@ impl Actor {
             }
             Err(ClientError::BadVersion { .. }) => {
                 let now = self.ctx.meta.get(&key).await?;
-                let state = now.and_then(|kv| serde_json::from_slice::<LedgerMetadata>(&kv.value).ok()).map(|m| m.state);
+                let state =
+                    now.and_then(|kv| serde_json::from_slice::<LedgerMetadata>(&kv.value).ok()).map(|m| m.state);
                 match state {
                     Some(s) if s == self.expect => Err(LedgerError::MetadataConflict {
                         ledger: md.id,
-                        reason: "the metadata changed although the ledger is still in the state this writer expects".into(),
+                        reason: "the metadata changed although the ledger is still in the state this writer expects"
+                            .into(),
                     }),
                     Some(_) => Err(LedgerError::Fenced(md.id)),
                     None => Err(LedgerError::NoSuchLedger(md.id)),

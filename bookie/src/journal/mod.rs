@@ -180,9 +180,16 @@ impl Journal {
         };
         let syncer = Syncer { shared: shared.clone(), settings: settings.clone() };
         let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
-            std::thread::Builder::new().name(name.into()).spawn(f).map_err(|e| BookieError::io("starting a journal thread", e))
+            std::thread::Builder::new()
+                .name(name.into())
+                .spawn(f)
+                .map_err(|e| BookieError::io("starting a journal thread", e))
         };
-        let threads = vec![prealloc, spawn("journal-writer", Box::new(move || writer.run()))?, spawn("journal-sync", Box::new(move || syncer.run()))?];
+        let threads = vec![
+            prealloc,
+            spawn("journal-writer", Box::new(move || writer.run()))?,
+            spawn("journal-sync", Box::new(move || syncer.run()))?,
+        ];
         Ok(Journal { dir: dir.to_owned(), tx: Mutex::new(Some(tx)), shared, alloc, threads: Mutex::new(threads) })
     }
 
@@ -500,7 +507,9 @@ impl Syncer {
                 for (cb, r, at) in g.acks {
                     m.add.observe_duration_ms(at.elapsed());
                     match (&failure, r) {
-                        (Some(err), _) => cb(Err(BookieError::io("journal fdatasync", std::io::Error::other(err.clone())))),
+                        (Some(err), _) => {
+                            cb(Err(BookieError::io("journal fdatasync", std::io::Error::other(err.clone()))))
+                        }
                         (None, r) => cb(r),
                     }
                 }

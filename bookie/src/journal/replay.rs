@@ -100,7 +100,9 @@ fn apply(
 ) -> Result<()> {
     let meta = match metas.entry(r.ledger) {
         std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
-        std::collections::hash_map::Entry::Vacant(v) => v.insert(storage.ledger_meta(r.ledger)?.unwrap_or_else(|| LedgerMeta::new(&[]))),
+        std::collections::hash_map::Entry::Vacant(v) => {
+            v.insert(storage.ledger_meta(r.ledger)?.unwrap_or_else(|| LedgerMeta::new(&[])))
+        }
     };
     match r.kind {
         record::ENTRY => {
@@ -109,7 +111,12 @@ fn apply(
             }
             let checksum = u32::from_le_bytes([r.data[0], r.data[1], r.data[2], r.data[3]]);
             meta.lac = meta.lac.max(r.lac);
-            entries.push(EntryWrite { ledger: r.ledger, entry: r.entry, checksum, payload: Bytes::copy_from_slice(&r.data[4..]) });
+            entries.push(EntryWrite {
+                ledger: r.ledger,
+                entry: r.entry,
+                checksum,
+                payload: Bytes::copy_from_slice(&r.data[4..]),
+            });
         }
         record::FENCE => meta.fenced = true,
         record::MASTER_KEY => {

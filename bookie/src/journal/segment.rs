@@ -18,6 +18,8 @@ use crate::error::{BookieError, Result};
 
 const SEGMENT_EXT: &str = "jseg";
 const FREE_EXT: &str = "jfree";
+/// Free segments kept beyond the preallocation target.
+const MAX_RECYCLED: usize = 32;
 
 /// Path of segment `seq` in `dir`.
 pub fn segment_path(dir: &Path, seq: u64) -> PathBuf {
@@ -73,7 +75,11 @@ impl Allocator {
             if path.extension().and_then(|e| e.to_str()) != Some(FREE_EXT) {
                 continue;
             }
-            let n = path.file_stem().and_then(|s| s.to_str()).and_then(|s| s.strip_prefix("prealloc-")).and_then(|s| s.parse::<u64>().ok());
+            let n = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .and_then(|s| s.strip_prefix("prealloc-"))
+                .and_then(|s| s.parse::<u64>().ok());
             let full = ent.metadata().map(|m| m.len() == size).unwrap_or(false);
             match n {
                 Some(n) if full => {
@@ -139,10 +145,18 @@ impl Allocator {
         let mut f = OpenOptions::new().create(true).truncate(true).write(true).open(&tmp).map_err(ctx)?;
         let zeros = vec![0u8; 1 << 20];
         let mut left = self.size;
+        let mut unsynced = 0usize;
         while left > 0 {
             let n = left.min(zeros.len() as u64) as usize;
             f.write_all(&zeros[..n]).map_err(ctx)?;
             left -= n as u64;
+            unsynced += n;
+            // Flush as we go: a pile of dirty pages here would be written out inside the
+            // journal's next fdatasync (ordered-mode file systems commit them together).
+            if unsynced >= 4 << 20 {
+                f.sync_data().map_err(ctx)?;
+                unsynced = 0;
+            }
         }
         f.sync_all().map_err(ctx)?;
         std::fs::rename(&tmp, &path).map_err(ctx)?;
@@ -169,15 +183,20 @@ impl Allocator {
         let path = segment_path(&self.dir, seq);
         std::fs::rename(&free, &path).map_err(|e| BookieError::io(format!("renaming {}", free.display()), e))?;
         sync_dir(&self.dir)?;
-        OpenOptions::new().read(true).write(true).open(&path).map_err(|e| BookieError::io(format!("opening {}", path.display()), e))
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| BookieError::io(format!("opening {}", path.display()), e))
     }
 
     /// Returns a segment no longer needed to the free pool (or deletes it when the pool is
-    /// full or the file has a different size).
+    /// full or the file has a different size). The pool may grow to what the journal needed
+    /// between two checkpoints, so a steady load reuses segments and allocates none.
     pub fn recycle(&self, path: &Path) {
         let full = std::fs::metadata(path).map(|m| m.len() == self.size).unwrap_or(false);
         let mut p = self.lock();
-        if full && p.ready.len() < self.keep + 2 {
+        if full && p.ready.len() < self.keep + MAX_RECYCLED {
             let to = self.dir.join(format!("prealloc-{}.{FREE_EXT}", p.next_name));
             p.next_name += 1;
             if std::fs::rename(path, &to).is_ok() {

@@ -42,7 +42,8 @@ pub fn load(ledger_dir: &Path, journals: usize) -> Result<Checkpoint> {
 pub fn store(ledger_dir: &Path, cp: &Checkpoint) -> Result<()> {
     let p = path(ledger_dir);
     let tmp = ledger_dir.join("checkpoint.json.tmp");
-    let body = serde_json::to_vec(cp).map_err(|e| BookieError::io("encoding the checkpoint", std::io::Error::other(e)))?;
+    let body =
+        serde_json::to_vec(cp).map_err(|e| BookieError::io("encoding the checkpoint", std::io::Error::other(e)))?;
     let ctx = |e| BookieError::io(format!("writing {}", tmp.display()), e);
     {
         use std::io::Write;

@@ -46,9 +46,9 @@ pub fn meta_key(bookie_id: &str) -> String {
 fn read_local(dir: &Path) -> Result<Option<Cookie>> {
     let p = dir.join(COOKIE_FILE);
     match std::fs::read(&p) {
-        Ok(b) => serde_json::from_slice(&b).map(Some).map_err(|e| {
-            BookieError::Cookie(format!("{} is not a valid cookie: {e}", p.display()))
-        }),
+        Ok(b) => serde_json::from_slice(&b)
+            .map(Some)
+            .map_err(|e| BookieError::Cookie(format!("{} is not a valid cookie: {e}", p.display()))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(BookieError::io(format!("reading {}", p.display()), e)),
     }
@@ -56,7 +56,8 @@ fn read_local(dir: &Path) -> Result<Option<Cookie>> {
 
 fn write_local(dir: &Path, c: &Cookie) -> Result<()> {
     let p = dir.join(COOKIE_FILE);
-    let body = serde_json::to_vec_pretty(c).map_err(|e| BookieError::io("encoding a cookie", std::io::Error::other(e)))?;
+    let body =
+        serde_json::to_vec_pretty(c).map_err(|e| BookieError::io("encoding a cookie", std::io::Error::other(e)))?;
     let ctx = |e| BookieError::io(format!("writing {}", p.display()), e);
     let tmp = dir.join("COOKIE.tmp");
     std::fs::write(&tmp, body).map_err(ctx)?;
@@ -114,7 +115,8 @@ pub async fn verify_or_format(
             for d in &dirs {
                 write_local(d, &cookie)?;
             }
-            let body = serde_json::to_vec(&cookie).map_err(|e| BookieError::io("encoding a cookie", std::io::Error::other(e)))?;
+            let body = serde_json::to_vec(&cookie)
+                .map_err(|e| BookieError::io("encoding a cookie", std::io::Error::other(e)))?;
             meta.put(&key, body, PutOptions { expected_version: Some(0), session: 0 }).await?;
             tracing::info!(bookie_id, instance = %cookie.instance_id, "formatted new bookie directories");
             Ok(cookie)
@@ -153,8 +155,8 @@ pub async fn verify_or_format(
             }
             if cookie.address != address {
                 let updated = Cookie { address: address.to_owned(), ..cookie.clone() };
-                let body =
-                    serde_json::to_vec(&updated).map_err(|e| BookieError::io("encoding a cookie", std::io::Error::other(e)))?;
+                let body = serde_json::to_vec(&updated)
+                    .map_err(|e| BookieError::io("encoding a cookie", std::io::Error::other(e)))?;
                 meta.put(&key, body, PutOptions { expected_version: Some(version), session: 0 }).await?;
             }
             Ok(cookie)

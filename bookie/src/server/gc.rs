@@ -18,7 +18,13 @@ use super::Core;
 /// Metastore prefix of ledger metadata.
 pub const LEDGERS_PREFIX: &str = "/ledgers/";
 
-pub(crate) fn start(tasks: &TaskTracker, cancel: CancellationToken, meta: MetaClient, core: Arc<Core>, every: Duration) {
+pub(crate) fn start(
+    tasks: &TaskTracker,
+    cancel: CancellationToken,
+    meta: MetaClient,
+    core: Arc<Core>,
+    every: Duration,
+) {
     tasks.spawn(async move {
         loop {
             tokio::select! {
@@ -40,8 +46,12 @@ async fn collect(meta: &MetaClient, core: &Arc<Core>) -> Result<usize, Box<dyn s
     if local.is_empty() {
         return Ok(0);
     }
-    let live: HashSet<u64> =
-        meta.list(LEDGERS_PREFIX).await?.iter().filter_map(|kv| kv.key.strip_prefix(LEDGERS_PREFIX)?.parse().ok()).collect();
+    let live: HashSet<u64> = meta
+        .list(LEDGERS_PREFIX)
+        .await?
+        .iter()
+        .filter_map(|kv| kv.key.strip_prefix(LEDGERS_PREFIX)?.parse().ok())
+        .collect();
     let dead: Vec<u64> = local.into_iter().filter(|l| !live.contains(l)).collect();
     let n = dead.len();
     let c = core.clone();

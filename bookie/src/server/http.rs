@@ -40,8 +40,14 @@ async fn is_ready(State(core): State<Arc<Core>>) -> impl IntoResponse {
 }
 
 /// Binds `addr` and serves until `cancel`.
-pub(crate) async fn serve(addr: &str, core: Arc<Core>, cancel: CancellationToken, tasks: &TaskTracker) -> Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| BookieError::io(format!("binding HTTP {addr}"), e))?;
+pub(crate) async fn serve(
+    addr: &str,
+    core: Arc<Core>,
+    cancel: CancellationToken,
+    tasks: &TaskTracker,
+) -> Result<SocketAddr> {
+    let listener =
+        tokio::net::TcpListener::bind(addr).await.map_err(|e| BookieError::io(format!("binding HTTP {addr}"), e))?;
     let bound = listener.local_addr().map_err(|e| BookieError::io("reading the HTTP address", e))?;
     let app = Router::new()
         .route("/metrics", get(metrics))

@@ -62,7 +62,12 @@ impl ServerMetrics {
             write_bytes: r.counter("bookie_WRITE_BYTES", "Entry bytes received for adds", &[]),
             read_entries: r.counter("bookie_READ_ENTRY", "Entries read", &[]),
             read_bytes: r.counter("bookie_READ_BYTES", "Entry bytes read", &[]),
-            read_latency: r.histogram("bookkeeper_server_READ_ENTRY_REQUEST", "Read request latency (ms)", &[], LATENCY_MS_BUCKETS),
+            read_latency: r.histogram(
+                "bookkeeper_server_READ_ENTRY_REQUEST",
+                "Read request latency (ms)",
+                &[],
+                LATENCY_MS_BUCKETS,
+            ),
         }
     }
 }
@@ -152,8 +157,9 @@ impl Bookie {
         // Entry store and replay.
         let settings = cfg.storage.clone();
         let ldir = ledger_dir.join("store");
-        let storage: Arc<dyn LedgerStorage> =
-            Arc::new(tokio::task::spawn_blocking(move || RocksStorage::open(&ldir, &settings)).await.map_err(join_err)??);
+        let storage: Arc<dyn LedgerStorage> = Arc::new(
+            tokio::task::spawn_blocking(move || RocksStorage::open(&ldir, &settings)).await.map_err(join_err)??,
+        );
         let cp = checkpoint::load(&ledger_dir, journal_dirs.len())?;
         let max_record = cfg.max_entry_bytes + 4096;
         let mut next_segments = Vec::new();
@@ -173,7 +179,14 @@ impl Bookie {
         let mut journals = Vec::new();
         for (i, dir) in journal_dirs.iter().enumerate() {
             let m = JournalMetrics::register(&registry, i);
-            journals.push(Journal::start(dir, next_segments[i], &cfg.journal, cfg.max_entry_bytes, ledgers.clone(), m)?);
+            journals.push(Journal::start(
+                dir,
+                next_segments[i],
+                &cfg.journal,
+                cfg.max_entry_bytes,
+                ledgers.clone(),
+                m,
+            )?);
         }
         let core = Arc::new(Core {
             bookie_id: bookie_id.clone(),
@@ -193,9 +206,17 @@ impl Bookie {
         }
         {
             let c = core.clone();
-            registry.gauge_fn("bookie_read_cache_size", "Bytes in the tail read cache", &[], move || c.ledgers.cache.bytes() as f64);
+            registry.gauge_fn("bookie_read_cache_size", "Bytes in the tail read cache", &[], move || {
+                c.ledgers.cache.bytes() as f64
+            });
             let c = core.clone();
-            registry.gauge_fn("bookie_SERVER_STATUS", "1 writable, 0 read-only", &[], move || if c.is_read_only() { 0.0 } else { 1.0 });
+            registry.gauge_fn("bookie_SERVER_STATUS", "1 writable, 0 read-only", &[], move || {
+                if c.is_read_only() {
+                    0.0
+                } else {
+                    1.0
+                }
+            });
         }
 
         let cancel = shutdown.child_token();

@@ -52,7 +52,8 @@ fn disk_usage(dirs: &[PathBuf]) -> f64 {
 }
 
 async fn register(meta: &MetaClient, session: &Session, key: &str, info: &BookieInfo) -> Result<()> {
-    let body = serde_json::to_vec(info).map_err(|e| crate::error::BookieError::io("encoding registration", std::io::Error::other(e)))?;
+    let body = serde_json::to_vec(info)
+        .map_err(|e| crate::error::BookieError::io("encoding registration", std::io::Error::other(e)))?;
     meta.put(key, body, PutOptions { expected_version: None, session: session.id() }).await?;
     Ok(())
 }

@@ -155,7 +155,12 @@ impl BookieRpc for Service {
                 let entries = req
                     .entry_ids
                     .iter()
-                    .map(|id| pb::EntryResult { entry_id: *id, code: e.code() as i32, message: e.to_string(), ..Default::default() })
+                    .map(|id| pb::EntryResult {
+                        entry_id: *id,
+                        code: e.code() as i32,
+                        message: e.to_string(),
+                        ..Default::default()
+                    })
                     .collect();
                 return Ok(Response::new(pb::ReadResponse { entries, lac: -1 }));
             }
@@ -168,17 +173,33 @@ impl BookieRpc for Service {
             for id in ids {
                 let r = if budget == 0 {
                     // The rest would make the answer too large: the client asks again.
-                    pb::EntryResult { entry_id: id, code: Code::Invalid as i32, message: "response size limit".into(), ..Default::default() }
+                    pb::EntryResult {
+                        entry_id: id,
+                        code: Code::Invalid as i32,
+                        message: "response size limit".into(),
+                        ..Default::default()
+                    }
                 } else {
                     match core2.ledgers.read_entry(ledger, id) {
                         Ok(Some(e)) => {
                             budget = budget.saturating_sub(e.payload.len());
-                            pb::EntryResult { entry_id: id, code: Code::Ok as i32, payload: e.payload, checksum: e.checksum, message: String::new() }
+                            pb::EntryResult {
+                                entry_id: id,
+                                code: Code::Ok as i32,
+                                payload: e.payload,
+                                checksum: e.checksum,
+                                message: String::new(),
+                            }
                         }
                         Ok(None) => pb::EntryResult { entry_id: id, code: Code::NoEntry as i32, ..Default::default() },
                         Err(e) => {
                             tracing::error!(ledger, entry = id, error = %e, "reading an entry failed");
-                            pb::EntryResult { entry_id: id, code: e.code() as i32, message: e.to_string(), ..Default::default() }
+                            pb::EntryResult {
+                                entry_id: id,
+                                code: e.code() as i32,
+                                message: e.to_string(),
+                                ..Default::default()
+                            }
                         }
                     }
                 };

@@ -11,7 +11,12 @@ use crate::checksum::entry_checksum;
 use crate::error::BookieError;
 
 fn entry(ledger: u64, e: i64, payload: &[u8]) -> EntryWrite {
-    EntryWrite { ledger, entry: e, checksum: entry_checksum(ledger, e, payload), payload: Bytes::copy_from_slice(payload) }
+    EntryWrite {
+        ledger,
+        entry: e,
+        checksum: entry_checksum(ledger, e, payload),
+        payload: Bytes::copy_from_slice(payload),
+    }
 }
 
 /// Runs every check. `open(dir)` opens a store rooted in `dir`; `persistent` says whether a
@@ -116,8 +121,11 @@ pub fn run_all<S: LedgerStorage>(open: impl Fn(&Path) -> S, persistent: bool) {
         let dir = tempfile::tempdir().unwrap();
         {
             let s = open(dir.path());
-            s.write(&[entry(1, 0, b"durable"), entry(1, 1, &[1u8; 10_000])], &[(1, LedgerMeta { fenced: true, lac: 0, master_key: b"k".to_vec() })])
-                .unwrap();
+            s.write(
+                &[entry(1, 0, b"durable"), entry(1, 1, &[1u8; 10_000])],
+                &[(1, LedgerMeta { fenced: true, lac: 0, master_key: b"k".to_vec() })],
+            )
+            .unwrap();
             s.flush().unwrap();
         }
         let s = open(dir.path());
