@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use futures::stream::{FuturesUnordered, StreamExt};
-use magnetar_bookie::client::{LedgerConfig, LedgerError};
+use magnetar_bookie::client::{LedgerClient, LedgerConfig, LedgerError, LedgerOptions};
 
 use crate::support::{payload, Cluster};
 
@@ -106,13 +106,18 @@ async fn recovery_fences_the_old_writer() {
 /// An add that reached only Qa - 1 bookies when recovery starts. E = Qw = 3, Qa = 2: entry 10
 /// reaches bookie A only (its copies to B and C are held back). Recovery does not get an
 /// answer to its fence from B, and its reads to A go unanswered, so B and C say "no such
-/// entry" for 10 and the ledger closes at 9. Then the held adds are released: B must refuse
-/// (the recovery read fenced it), or entry 10 would be acknowledged to the old writer beyond
-/// the closed end.
+/// entry" for 10 and the ledger closes at 9. Then B's held copy is released (C's stays held,
+/// so no other bookie's answer can stop the old writer first): B must refuse it (the
+/// recovery read fenced B), or entry 10 would be acknowledged to the old writer beyond the
+/// closed end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn add_on_fewer_than_qa_bookies_is_never_acked_beyond_the_end() {
     let cluster = Cluster::new(3, &[], true).await;
-    let old = cluster.ledger_client();
+    // No add timeout during the test: only the bookies' answers may end the old writer.
+    let old = LedgerClient::new(
+        cluster.meta(),
+        LedgerOptions { add_timeout: Duration::from_secs(120), ..Default::default() },
+    );
     let w = old.create(LedgerConfig::new(3, 3, 2)).await.expect("create");
     let id = w.id();
     for e in 0..10 {
@@ -134,12 +139,13 @@ async fn add_on_fewer_than_qa_bookies_is_never_acked_beyond_the_end() {
     let md = new.recover(id).await.expect("recover");
     assert_eq!(md.last_entry, 9, "entry 10 was on one bookie only and is not recoverable here");
 
-    assert_eq!(old.faults().release_adds(), 2);
+    assert_eq!(old.faults().release_adds_to(&b), 1);
     let r = tokio::time::timeout(Duration::from_secs(10), pending).await.expect("the add must finish").expect("join");
     match r {
         Err(LedgerError::Fenced(_)) => {}
         other => panic!("entry 10 must not be acknowledged beyond the closed end (9): {other:?}"),
     }
+    assert_eq!(old.faults().held_adds(), 1, "C's copy is still held");
     let _ = c;
     cluster.shutdown().await;
 }

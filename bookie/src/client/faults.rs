@@ -12,7 +12,7 @@ use tokio::sync::mpsc::UnboundedSender;
 struct Rules {
     /// (bookie, first entry): adds of these entries to this bookie are held.
     hold_adds: Vec<(String, i64)>,
-    held: Vec<(AddRequest, UnboundedSender<AddRequest>)>,
+    held: Vec<(String, AddRequest, UnboundedSender<AddRequest>)>,
     skip_fence: HashSet<String>,
     drop_reads: HashSet<String>,
     active: bool,
@@ -44,7 +44,24 @@ impl Faults {
             std::mem::take(&mut r.held)
         };
         let n = held.len();
-        for (req, tx) in held {
+        for (_, req, tx) in held {
+            let _ = tx.send(req);
+        }
+        n
+    }
+
+    /// Sends the adds held for `bookie` on and stops holding them; others stay held.
+    pub fn release_adds_to(&self, bookie: &str) -> usize {
+        let mine = {
+            let mut r = self.lock();
+            r.hold_adds.retain(|(b, _)| b != bookie);
+            let (mine, rest): (Vec<_>, Vec<_>) =
+                std::mem::take(&mut r.held).into_iter().partition(|(b, _, _)| b == bookie);
+            r.held = rest;
+            mine
+        };
+        let n = mine.len();
+        for (_, req, tx) in mine {
             let _ = tx.send(req);
         }
         n
@@ -74,7 +91,7 @@ impl Faults {
         {
             let mut r = self.lock();
             if r.active && r.hold_adds.iter().any(|(b, from)| b == bookie && req.entry_id >= *from) {
-                r.held.push((req, tx.clone()));
+                r.held.push((bookie.to_owned(), req, tx.clone()));
                 return true;
             }
         }
