@@ -23,7 +23,8 @@ fn entry(ledger: u64, e: i64, payload: &[u8]) -> EntryWrite {
 /// reopened store must still hold flushed data.
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 pub fn run_all<S: LedgerStorage>(open: impl Fn(&Path) -> S, persistent: bool) {
-    let checks: [(&str, fn(&dyn Fn(&Path) -> S, bool)); 7] = [
+    type Check<S> = fn(&dyn Fn(&Path) -> S, bool);
+    let checks: [(&str, Check<S>); 7] = [
         ("absent_entries_and_ledgers", absent),
         ("round_trip_and_isolation", round_trip),
         ("ordering_is_numeric", ordering),
