@@ -149,3 +149,37 @@ async fn add_on_fewer_than_qa_bookies_is_never_acked_beyond_the_end() {
     let _ = c;
     cluster.shutdown().await;
 }
+
+/// Recovery while a bookie of the last fragment is dead: the fence still reaches quorum
+/// coverage without it, and writing the recovered tail back replaces it (an ensemble change
+/// made by the recovering writer, on the IN_RECOVERY metadata).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_with_a_dead_bookie_replaces_it_while_writing_back() {
+    let mut cluster = Cluster::new(4, &[], true).await;
+    let old = cluster.ledger_client();
+    let w = old.create(LedgerConfig::new(3, 2, 2)).await.expect("create");
+    let id = w.id();
+    for e in 0..100 {
+        w.append(payload(id, e, 1000)).await.expect("add");
+    }
+    // Entry 99's write set is the first two bookies of the ensemble; kill the first.
+    let ensemble = w.metadata().fragments[0].bookies.clone();
+    assert_eq!(w.metadata().write_set(99), vec![ensemble[0].clone(), ensemble[1].clone()]);
+    let victim = ensemble[0].clone();
+    let i = cluster.index_of(&victim);
+    cluster.bookies[i].kill();
+    drop(w);
+
+    let new = cluster.ledger_client();
+    let md = new.recover(id).await.unwrap_or_else(|e| panic!("recover: {e}\n{}", cluster.logs()));
+    assert_eq!(md.last_entry, 99);
+    // The bookies knew LAC 98 (piggybacked on entry 99's add), so entry 99 was recovered and
+    // written back, which needed a replacement for the dead bookie.
+    assert!(md.fragments.len() >= 2, "expected an ensemble change during recovery: {:?}", md.fragments);
+    assert!(!md.last_fragment().bookies.contains(&victim));
+    let entries = new.open_reader(id).await.expect("reader").read(0, 99).await.expect("read");
+    for (e, got) in entries.iter().enumerate() {
+        assert_eq!(&got[..], &payload(id, e as i64, 1000)[..], "entry {e}");
+    }
+    cluster.shutdown().await;
+}
