@@ -35,6 +35,9 @@ pub struct BookiePerf {
     /// Adds in flight for the throughput phases (large entries use fewer: 16 MiB in flight).
     #[arg(long, default_value_t = 2000)]
     in_flight: usize,
+    /// The paced phase runs at this fraction of the measured maximum.
+    #[arg(long, default_value_t = 0.5)]
+    paced_fraction: f64,
     /// Directory on the disk to measure (default: the system temp dir).
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -211,7 +214,18 @@ async fn run_in(a: &BookiePerf, dir: &Path) -> anyhow::Result<()> {
 
     let mut results = Vec::new();
     for &size in &a.sizes {
-        let payload = Bytes::from((0..size).map(|i| (i * 31 % 251) as u8).collect::<Vec<u8>>());
+        // Incompressible bytes: compressible ones would flatter the entry store's LZ4.
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15 ^ size as u64;
+        let payload = Bytes::from(
+            (0..size)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect::<Vec<u8>>(),
+        );
         let window = a.in_flight.min(((16usize << 20) / size.max(1)).max(16));
         let w = client.create(LedgerConfig::new(1, 1, 1)).await?;
         // Warm up (segment preallocation, connections).
@@ -220,7 +234,7 @@ async fn run_in(a: &BookiePerf, dir: &Path) -> anyhow::Result<()> {
         let (adds, secs, hist) = saturate(&w, payload.clone(), window, dur).await;
         let max = Result1 { size, label: "max", adds, secs, hist };
         println!("  {}", max.line());
-        let half = max.rate() / 2.0;
+        let half = max.rate() * a.paced_fraction;
         println!("{size} B: paced at {half:.0}/s …");
         let (adds, secs, hist) = paced(&w, payload.clone(), half, dur).await;
         let paced = Result1 { size, label: "half of max", adds, secs, hist };

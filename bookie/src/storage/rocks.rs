@@ -40,6 +40,12 @@ impl RocksStorage {
         // Write flushed files out incrementally instead of in one burst at their fsync, which
         // would delay the journal's fdatasyncs on the same disk.
         opts.set_bytes_per_sync(1 << 20);
+        // Flushes and compactions run at a lower CPU priority than the journal and the
+        // request handlers, so on small machines they do not add latency spikes to adds.
+        let mut env = rocksdb::Env::new()?;
+        env.lower_thread_pool_cpu_priority();
+        env.lower_high_priority_thread_pool_cpu_priority();
+        opts.set_env(&env);
         let mut entries = Options::default();
         entries.set_compression_type(rocksdb::DBCompressionType::Lz4);
         entries.set_write_buffer_size(settings.write_buffer_bytes);
