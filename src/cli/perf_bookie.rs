@@ -2,8 +2,8 @@
 //! ledger client (E = Qw = Qa = 1), printed next to the raw fdatasync rate and the fdatasync'd
 //! sequential write bandwidth of the same disk, measured in the same run.
 //!
-//! A single-node metastore and a bookie run in this process over `--dir`, which should be on
-//! the disk to measure.
+//! A single-node metastore runs in this process and a bookie (`magnetar bookie`) in a child
+//! process, both over `--dir`, which should be on the disk to measure.
 
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -16,7 +16,6 @@ use clap::Args;
 use futures::stream::{FuturesUnordered, StreamExt};
 use hdrhistogram::Histogram;
 use magnetar_bookie::client::{LedgerClient, LedgerConfig, LedgerOptions, LedgerWriter};
-use magnetar_bookie::{Bookie, BookieConfig};
 use magnetar_metastore::client::MetaClient;
 use magnetar_metastore::server::MetastoreNode;
 use magnetar_metastore::MetastoreConfig;
@@ -196,18 +195,35 @@ async fn run_in(a: &BookiePerf, dir: &Path) -> anyhow::Result<()> {
         ..Default::default()
     };
     let node = MetastoreNode::start(mcfg, shutdown.clone()).await?;
-    let mut loader = magnetar_common::config::ConfigLoader::new("MAGNETAR_BOOKIE_")
-        .set("listen_addr", "127.0.0.1:0")
-        .set("http_addr", "")
-        .set("journal_dirs", &format!("[{:?}]", dir.join("journal").display().to_string()))
-        .set("ledger_dirs", &format!("[{:?}]", dir.join("ledgers").display().to_string()))
-        .set("metastore", &format!("[{meta_addr:?}]"));
+    // The bookie runs as its own process, as in a deployment.
+    let bport = magnetar_metastore::local_cluster::free_ports(1)?[0];
+    let log = std::fs::File::create(dir.join("bookie.log"))?;
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.arg("bookie")
+        .args(["--bookie-id", "perf-bookie", "--listen", &format!("127.0.0.1:{bport}"), "--http", ""])
+        .arg("--journal-dirs")
+        .arg(dir.join("journal"))
+        .arg("--ledger-dir")
+        .arg(dir.join("ledgers"))
+        .args(["--metastore", &meta_addr])
+        .stdout(log.try_clone()?)
+        .stderr(log);
     for kv in &a.bookie_set {
-        let (k, v) = kv.split_once('=').with_context(|| format!("--bookie-set {kv}: expected KEY=VALUE"))?;
-        loader = loader.set(k, v);
+        cmd.args(["--set", kv]);
     }
-    let bcfg: BookieConfig = loader.load()?;
-    let bookie = Bookie::start(bcfg, shutdown.clone()).await?;
+    let mut child = cmd.spawn().context("starting the bookie process")?;
+    let probe = MetaClient::connect(std::slice::from_ref(&meta_addr))?;
+    let ready = Instant::now();
+    while probe.get("/bookies/available/perf-bookie").await?.is_none() {
+        if let Some(status) = child.try_wait()? {
+            anyhow::bail!("the bookie exited with {status}; see {}", dir.join("bookie.log").display());
+        }
+        if ready.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            anyhow::bail!("the bookie did not register within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let meta = MetaClient::connect(&[meta_addr])?;
     let client = LedgerClient::new(meta, LedgerOptions::default());
     let dur = Duration::from_secs(a.duration);
@@ -248,13 +264,14 @@ async fn run_in(a: &BookiePerf, dir: &Path) -> anyhow::Result<()> {
         results.push(paced);
         results.push(one);
     }
-    bookie.stop().await;
+    let _ = std::process::Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+    let _ = child.wait();
     shutdown.cancel();
     node.stop().await;
 
     let mut table = format!(
-        "One bookie (journal and entry store on the same disk, fdatasync on), ledger E=Qw=Qa=1 through the \
-         ledger client, in one process on this machine; {} s per phase.\n\
+        "One bookie process (journal and entry store on the same disk, fdatasync on), ledger E=Qw=Qa=1 \
+         through the ledger client from another process on the same machine; {} s per phase.\n\
          Disk limits measured in the same run: raw fdatasync rate **{fsync_rate:.0}/s** (4 KiB appends), \
          fdatasync'd sequential write bandwidth **{seq_mbs:.0} MB/s** (1 MiB writes).\n\n\
          | entry | load | adds/s | MB/s | p50 µs | p99 µs | p99.9 µs |\n|---|---|---|---|---|---|---|\n",
