@@ -10,6 +10,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         // Entry payloads move between sockets, the journal and caches without copies.
         .bytes(".magnetar.bookie.v1")
-        .compile_protos(&["proto/metastore.proto", "proto/bookie.proto"], &["proto"])?;
+        .compile_protos(&["proto/metastore.proto", "proto/bookie.proto", "proto/pulsar_api.proto"], &["proto"])?;
     Ok(())
 }

@@ -1,1 +1,4 @@
-//! Magnetar broker: Pulsar protocol server, managed ledgers, subscriptions (not built yet; see the broker issue).
+//! Magnetar broker: the Pulsar binary protocol server, managed ledgers, topics and
+//! subscriptions. Built so far: the protocol codec ([`protocol`]).
+
+pub mod protocol;

@@ -12,3 +12,9 @@ pub mod bookie {
     #![allow(clippy::all, missing_docs)]
     tonic::include_proto!("magnetar.bookie.v1");
 }
+
+/// The Pulsar binary protocol messages (Magnetar's own definition, same field numbers).
+pub mod pulsar {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("pulsar.proto");
+}
