@@ -196,11 +196,12 @@ async fn run_in(a: &BookiePerf, dir: &Path) -> anyhow::Result<()> {
     };
     let node = MetastoreNode::start(mcfg, shutdown.clone()).await?;
     // The bookie runs as its own process, as in a deployment.
-    let bport = magnetar_metastore::local_cluster::free_ports(1)?[0];
+    let ports = magnetar_metastore::local_cluster::free_ports(2)?;
+    let (bport, http) = (ports[0], format!("127.0.0.1:{}", ports[1]));
     let log = std::fs::File::create(dir.join("bookie.log"))?;
     let mut cmd = std::process::Command::new(std::env::current_exe()?);
     cmd.arg("bookie")
-        .args(["--bookie-id", "perf-bookie", "--listen", &format!("127.0.0.1:{bport}"), "--http", ""])
+        .args(["--bookie-id", "perf-bookie", "--listen", &format!("127.0.0.1:{bport}"), "--http", &http])
         .arg("--journal-dirs")
         .arg(dir.join("journal"))
         .arg("--ledger-dir")
@@ -229,6 +230,7 @@ async fn run_in(a: &BookiePerf, dir: &Path) -> anyhow::Result<()> {
     let dur = Duration::from_secs(a.duration);
 
     let mut results = Vec::new();
+    let mut server_p99: Vec<(usize, f64)> = Vec::new();
     for &size in &a.sizes {
         // Incompressible bytes: compressible ones would flatter the entry store's LZ4.
         let mut x: u64 = 0x9e37_79b9_7f4a_7c15 ^ size as u64;
@@ -252,7 +254,14 @@ async fn run_in(a: &BookiePerf, dir: &Path) -> anyhow::Result<()> {
         println!("  {}", max.line());
         let half = max.rate() * a.paced_fraction;
         println!("{size} B: paced at {half:.0}/s …");
+        let before = server_latency_buckets(&http).await;
         let (adds, secs, hist) = paced(&w, payload.clone(), half, dur).await;
+        if let (Some(b), Some(a2)) = (before, server_latency_buckets(&http).await) {
+            if let Some(ms) = bucket_quantile(&b, &a2, 0.99) {
+                println!("  bookie-side p99 (receipt to durable ack): <= {ms} ms");
+                server_p99.push((size, ms));
+            }
+        }
         let paced = Result1 { size, label: "half of max", adds, secs, hist };
         println!("  {}", paced.line());
         println!("{size} B: one add at a time …");
@@ -302,10 +311,46 @@ async fn run_in(a: &BookiePerf, dir: &Path) -> anyhow::Result<()> {
             r.hist.value_at_quantile(0.99) as f64 / 1e6
         ));
     }
+    for (size, ms) in &server_p99 {
+        table.push_str(&format!(
+            "- {size} B at half of full load, bookie side only (`bookkeeper_server_ADD_ENTRY_REQUEST`, receipt to \
+             durable ack): p99 within the {ms} ms bucket.\n"
+        ));
+    }
     println!("\n{table}");
     if let Some(path) = &a.record {
         record(path, "perf-bookie", &table)?;
         println!("recorded in {}", path.display());
     }
     Ok(())
+}
+
+/// The bookie's add-latency histogram buckets (`le` in ms → cumulative count) from `/metrics`.
+async fn server_latency_buckets(http: &str) -> Option<Vec<(f64, f64)>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(http).await.ok()?;
+    s.write_all(format!("GET /metrics HTTP/1.1\r\nHost: {http}\r\nConnection: close\r\n\r\n").as_bytes()).await.ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.ok()?;
+    let prefix = "bookkeeper_server_ADD_ENTRY_REQUEST_bucket{le=\"";
+    let buckets = body
+        .lines()
+        .filter_map(|l| l.strip_prefix(prefix))
+        .filter_map(|l| {
+            let (le, rest) = l.split_once("\"} ")?;
+            let le = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
+            Some((le, rest.trim().parse().ok()?))
+        })
+        .collect::<Vec<(f64, f64)>>();
+    (!buckets.is_empty()).then_some(buckets)
+}
+
+/// Upper bound of the bucket holding quantile `q` of the observations between two scrapes.
+fn bucket_quantile(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> Option<f64> {
+    let deltas: Vec<(f64, f64)> = after.iter().zip(before).map(|((le, a), (_, b))| (*le, a - b)).collect();
+    let total = deltas.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    deltas.iter().find(|(_, c)| *c >= q * total).map(|(le, _)| *le)
 }

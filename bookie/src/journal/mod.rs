@@ -357,7 +357,13 @@ impl Writer {
                 self.append(b, record::ENTRY, ledger, entry, lac, &[&checksum.to_le_bytes(), &payload])?;
                 meta.lac = meta.lac.max(lac);
                 b.states.insert(ledger, meta);
-                self.ledgers.cache.insert(ledger, entry, StoredEntry { checksum, payload: payload.clone() });
+                // A copy: the payload may be a slice of a large request buffer, which the
+                // cache must not keep alive.
+                self.ledgers.cache.insert(
+                    ledger,
+                    entry,
+                    StoredEntry { checksum, payload: Bytes::copy_from_slice(&payload) },
+                );
                 b.entries.push(EntryWrite { ledger, entry, checksum, payload });
                 Ok(entry)
             }
