@@ -79,8 +79,15 @@ pub fn replay(dir: &Path, from: Position, storage: &dyn LedgerStorage, max_recor
                             reason: format!("{reason}, followed by valid records"),
                         });
                     }
-                    tracing::warn!(file = %path.display(), offset = off, reason, "dropping the torn tail of a journal segment");
-                    stats.torn_tails += 1;
+                    if off == 0 {
+                        // Nothing of this segment's own: a recycled file prepared for the
+                        // next roll (old records do not verify under the new number), or a
+                        // first write torn by a crash. Neither was acknowledged.
+                        tracing::debug!(file = %path.display(), "journal segment holds no records");
+                    } else {
+                        tracing::warn!(file = %path.display(), offset = off, reason, "dropping the torn tail of a journal segment");
+                        stats.torn_tails += 1;
+                    }
                     break;
                 }
             }
@@ -198,6 +205,18 @@ mod tests {
             Err(BookieError::CorruptJournal { offset, .. }) => assert_eq!(offset, offs[1] as u64),
             other => panic!("expected CorruptJournal, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_prepared_segment_with_old_records_is_not_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        write_segment(dir.path(), 1, &[(0, b"a")], 0);
+        // Segment 2 is a recycled file still holding records written as segment 1.
+        let stale = std::fs::read(segment_path(dir.path(), 1)).unwrap();
+        std::fs::write(segment_path(dir.path(), 2), &stale).unwrap();
+        let s = MemStorage::new();
+        let stats = replay(dir.path(), Position::default(), &s, 1 << 20).unwrap();
+        assert_eq!((stats.records, stats.torn_tails, stats.last_segment), (2, 0, 2));
     }
 
     #[test]

@@ -53,6 +53,12 @@ struct Pool {
     ready: VecDeque<PathBuf>,
     next_name: u64,
     stop: bool,
+    /// The segment the writer will roll to next, once known.
+    next_seq: Option<u64>,
+    /// A file already renamed to `next_seq` with the rename made durable, so a roll costs the
+    /// writer neither a rename nor a directory fsync (which waits for the file system's
+    /// journal commit, and with it for other files' pending writes).
+    named: Option<(u64, PathBuf)>,
 }
 
 /// Hands out full-size segment files, keeping some ready in the background.
@@ -96,7 +102,7 @@ impl Allocator {
             dir: dir.to_owned(),
             size,
             keep: keep.max(1),
-            pool: Mutex::new(Pool { ready, next_name, stop: false }),
+            pool: Mutex::new(Pool { ready, next_name, stop: false, next_seq: None, named: None }),
             changed: Condvar::new(),
         });
         let bg = alloc.clone();
@@ -113,26 +119,50 @@ impl Allocator {
 
     fn run(&self) {
         loop {
-            let name = {
+            enum Job {
+                Create(u64),
+                Name(u64, PathBuf),
+            }
+            let job = {
                 let mut p = self.lock();
-                while !p.stop && p.ready.len() >= self.keep {
+                loop {
+                    if p.stop {
+                        return;
+                    }
+                    if let (None, Some(seq), Some(_)) = (&p.named, p.next_seq, p.ready.front()) {
+                        if let Some(free) = p.ready.pop_front() {
+                            break Job::Name(seq, free);
+                        }
+                    }
+                    if p.ready.len() < self.keep {
+                        p.next_name += 1;
+                        break Job::Create(p.next_name - 1);
+                    }
                     p = self.changed.wait(p).unwrap_or_else(|e| e.into_inner());
                 }
-                if p.stop {
-                    return;
-                }
-                p.next_name += 1;
-                p.next_name - 1
             };
-            match self.create(name) {
-                Ok(path) => {
-                    self.lock().ready.push_back(path);
-                    self.changed.notify_all();
+            let r = match job {
+                Job::Create(name) => self.create(name).map(|path| self.lock().ready.push_back(path)),
+                Job::Name(seq, free) => {
+                    let path = segment_path(&self.dir, seq);
+                    let r = std::fs::rename(&free, &path)
+                        .map_err(|e| BookieError::io(format!("renaming {}", free.display()), e))
+                        .and_then(|()| sync_dir(&self.dir));
+                    let mut p = self.lock();
+                    match &r {
+                        Ok(()) if p.next_seq == Some(seq) => p.named = Some((seq, path)),
+                        // The writer went past it meanwhile: an unused segment is harmless
+                        // (replay finds no records in it) and is recycled with the rest.
+                        Ok(()) => {}
+                        Err(_) => p.ready.push_front(free),
+                    }
+                    r
                 }
-                Err(e) => {
-                    tracing::error!(error = %e, "preallocating a journal segment failed; retrying in 1 s");
-                    std::thread::sleep(std::time::Duration::from_secs(1));
-                }
+            };
+            self.changed.notify_all();
+            if let Err(e) = r {
+                tracing::error!(error = %e, "preparing a journal segment failed; retrying in 1 s");
+                std::thread::sleep(std::time::Duration::from_secs(1));
             }
         }
     }
@@ -163,31 +193,45 @@ impl Allocator {
         Ok(path)
     }
 
-    /// A full-size file renamed to segment `seq`, opened for reading and writing.
+    /// A full-size file renamed to segment `seq`, opened for reading and writing. Usually the
+    /// background thread has it ready under that name already.
     pub fn take(&self, seq: u64) -> Result<File> {
-        let free = {
-            let mut p = self.lock();
-            let f = p.ready.pop_front();
-            self.changed.notify_all();
-            match f {
-                Some(f) => f,
-                None => {
-                    // The background thread fell behind: allocate on the writer's time.
+        let open = |path: &Path| {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path)
+                .map_err(|e| BookieError::io(format!("opening {}", path.display()), e))
+        };
+        let mut p = self.lock();
+        p.next_seq = Some(seq + 1);
+        if let Some((named_seq, path)) = p.named.take() {
+            if named_seq == seq {
+                drop(p);
+                self.changed.notify_all();
+                return open(&path);
+            }
+            p.named = Some((named_seq, path));
+        }
+        let f = p.ready.pop_front();
+        drop(p);
+        self.changed.notify_all();
+        let free = match f {
+            Some(f) => f,
+            None => {
+                // The background thread fell behind: allocate on the writer's time.
+                let name = {
+                    let mut p = self.lock();
                     p.next_name += 1;
-                    let name = p.next_name - 1;
-                    drop(p);
-                    self.create(name)?
-                }
+                    p.next_name - 1
+                };
+                self.create(name)?
             }
         };
         let path = segment_path(&self.dir, seq);
         std::fs::rename(&free, &path).map_err(|e| BookieError::io(format!("renaming {}", free.display()), e))?;
         sync_dir(&self.dir)?;
-        OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(|e| BookieError::io(format!("opening {}", path.display()), e))
+        open(&path)
     }
 
     /// Returns a segment no longer needed to the free pool (or deletes it when the pool is
