@@ -150,10 +150,19 @@ pub struct StandaloneArgs {
     /// Metastore gRPC address.
     #[arg(long, default_value = "127.0.0.1:2379")]
     metastore_listen: String,
+    /// Bookie gRPC address.
+    #[arg(long, default_value = "127.0.0.1:3181")]
+    bookie_listen: String,
+    /// Bookie HTTP address (metrics, probes; "" turns it off).
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    bookie_http: String,
+    /// Pulsar protocol address (brokerServicePort).
+    #[arg(long, default_value = "127.0.0.1:6650")]
+    broker_listen: String,
 }
 
-/// Today standalone runs the single-node metastore; the bookie and the broker join it as
-/// they are built.
+/// A single-node metastore, one bookie and a broker in one process over one data directory.
+/// Stops in order on SIGINT/SIGTERM: broker, bookie, metastore.
 pub async fn standalone(a: StandaloneArgs) -> anyhow::Result<()> {
     let cfg = MetastoreConfig {
         node_id: 1,
@@ -164,8 +173,39 @@ pub async fn standalone(a: StandaloneArgs) -> anyhow::Result<()> {
     };
     magnetar_common::config::Validate::validate(&cfg)?;
     let shutdown = magnetar_common::shutdown::shutdown_on_signals();
-    tracing::info!(data_dir = %a.data_dir.display(), "starting standalone: metastore on {}", a.metastore_listen);
-    tracing::warn!("standalone currently runs the metastore only; the bookie and the Pulsar broker are not built yet");
-    magnetar_metastore::run(cfg, shutdown).await?;
+    tracing::info!(data_dir = %a.data_dir.display(), "starting standalone");
+    let meta_node = magnetar_metastore::server::MetastoreNode::start(cfg, shutdown.clone()).await?;
+    let endpoints = vec![a.metastore_listen.clone()];
+    let bookie_cfg = BookieConfig {
+        bookie_id: "standalone-bookie".into(),
+        listen_addr: a.bookie_listen.clone(),
+        http_addr: a.bookie_http.clone(),
+        journal_dirs: vec![a.data_dir.join("bookie").join("journal")],
+        ledger_dirs: vec![a.data_dir.join("bookie").join("ledgers")],
+        metastore: endpoints.clone(),
+        ..Default::default()
+    };
+    let bookie = match magnetar_bookie::Bookie::start(bookie_cfg, shutdown.clone()).await {
+        Ok(b) => b,
+        Err(e) => {
+            meta_node.stop().await;
+            return Err(e.into());
+        }
+    };
+    let meta = magnetar_metastore::client::MetaClient::connect(&endpoints)?;
+    let broker_cfg = magnetar_broker::BrokerConfig { listen_addr: a.broker_listen.clone(), ..Default::default() };
+    let broker = match magnetar_broker::Broker::start(broker_cfg, meta, shutdown.clone()).await {
+        Ok(b) => b,
+        Err(e) => {
+            bookie.stop().await;
+            meta_node.stop().await;
+            return Err(e.into());
+        }
+    };
+    tracing::info!(broker = %broker.addr(), bookie = %bookie.addr(), metastore = %a.metastore_listen, "standalone ready");
+    shutdown.cancelled().await;
+    broker.stop().await;
+    bookie.stop().await;
+    meta_node.stop().await;
     Ok(())
 }

@@ -82,12 +82,16 @@ async fn standalone_serves_and_stops_cleanly_on_sigterm() {
 }
 
 fn standalone(data: &std::path::Path, addr: &str) -> ChildGuard {
+    let ports = magnetar_metastore::local_cluster::free_ports(3).expect("ports");
     let child = Command::new(bin())
         .arg("standalone")
         .arg("--data-dir")
         .arg(data)
         .arg("--metastore-listen")
         .arg(addr)
+        .args(["--bookie-listen", &format!("127.0.0.1:{}", ports[0])])
+        .args(["--bookie-http", &format!("127.0.0.1:{}", ports[1])])
+        .args(["--broker-listen", &format!("127.0.0.1:{}", ports[2])])
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("start standalone");

@@ -29,7 +29,7 @@ pub const FRAME_HEADROOM: usize = 64 * 1024;
 
 /// A decoding failure. Each is answered by closing the connection, except
 /// [`CodecError::ChecksumMismatch`] on SEND, which the broker answers with `ChecksumError`.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum CodecError {
     /// The frame declares more bytes than allowed.
     #[error("frame of {size} bytes exceeds the limit of {limit}")]
@@ -45,9 +45,15 @@ pub enum CodecError {
     /// The command does not decode.
     #[error("undecodable command: {0}")]
     BadCommand(String),
-    /// The payload's checksum does not match.
+    /// The payload's checksum does not match. The frame itself is intact: `consumed` bytes
+    /// are skipped and the command (a SEND) is answered with `ChecksumError`.
     #[error("payload checksum mismatch")]
-    ChecksumMismatch,
+    ChecksumMismatch {
+        /// Length of the whole frame.
+        consumed: usize,
+        /// The frame's command (`None` when decoding a payload on its own).
+        command: Option<Box<pb::BaseCommand>>,
+    },
 }
 
 /// The payload part of a SEND or MESSAGE frame.
@@ -103,7 +109,17 @@ pub fn decode(buf: &[u8], max_frame: usize) -> Result<Option<(Frame, usize)>, Co
     let command =
         pb::BaseCommand::decode(&frame[4..4 + cmd_size]).map_err(|e| CodecError::BadCommand(e.to_string()))?;
     let rest = &frame[4 + cmd_size..];
-    let payload = if rest.is_empty() { None } else { Some(decode_payload(rest)?) };
+    let payload = if rest.is_empty() {
+        None
+    } else {
+        match decode_payload(rest) {
+            Ok(p) => Some(p),
+            Err(CodecError::ChecksumMismatch { .. }) => {
+                return Err(CodecError::ChecksumMismatch { consumed: 4 + total, command: Some(Box::new(command)) })
+            }
+            Err(e) => return Err(e),
+        }
+    };
     Ok(Some((Frame { command, payload }, 4 + total)))
 }
 
@@ -137,7 +153,7 @@ pub fn decode_payload(mut rest: &[u8]) -> Result<Payload, CodecError> {
         take(&mut rest, 2, "truncated checksum magic")?;
         let crc = be_u32(take(&mut rest, 4, "truncated checksum")?) as u32;
         if crc32c::crc32c(rest) != crc {
-            return Err(CodecError::ChecksumMismatch);
+            return Err(CodecError::ChecksumMismatch { consumed: 0, command: None });
         }
     }
     let entry = Bytes::copy_from_slice(rest);
@@ -148,6 +164,16 @@ pub fn decode_payload(mut rest: &[u8]) -> Result<Payload, CodecError> {
         pb::MessageMetadata::decode(meta).map_err(|e| CodecError::BadCommand(format!("message metadata: {e}")))?;
     let data = entry.slice(4 + meta_size..);
     Ok(Payload { broker_entry_metadata, metadata, data, entry, had_checksum })
+}
+
+/// Splits a stored entry (`[metadataSize][MessageMetadata][payload]`) into metadata and payload.
+pub fn decode_entry(entry: &Bytes) -> Result<(pb::MessageMetadata, Bytes), CodecError> {
+    let mut r: &[u8] = entry;
+    let meta_size = be_u32(take(&mut r, 4, "truncated metadata size")?);
+    let meta = take(&mut r, meta_size, "metadata larger than the entry")?;
+    let metadata =
+        pb::MessageMetadata::decode(meta).map_err(|e| CodecError::BadCommand(format!("message metadata: {e}")))?;
+    Ok((metadata, entry.slice(4 + meta_size..)))
 }
 
 /// Appends a frame without payload.
@@ -274,7 +300,13 @@ mod tests {
         let mut bad = b.clone();
         let last = bad.len() - 1;
         bad[last] ^= 1;
-        assert_eq!(decode(&bad, MAX), Err(CodecError::ChecksumMismatch));
+        match decode(&bad, MAX) {
+            Err(CodecError::ChecksumMismatch { consumed, command }) => {
+                assert_eq!(consumed, bad.len());
+                assert_eq!(command.and_then(|c| c.send).map(|s| s.sequence_id), Some(7));
+            }
+            other => panic!("expected a checksum mismatch, got {other:?}"),
+        }
     }
 
     #[test]

@@ -49,9 +49,18 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// The next frame; `Ok(None)` when the peer closed cleanly between frames.
     pub async fn next(&mut self) -> Result<Option<Frame>, ConnError> {
         loop {
-            if let Some((frame, used)) = codec::decode(&self.buf, self.max_frame)? {
-                let _ = self.buf.split_to(used);
-                return Ok(Some(frame));
+            match codec::decode(&self.buf, self.max_frame) {
+                Ok(Some((frame, used))) => {
+                    let _ = self.buf.split_to(used);
+                    return Ok(Some(frame));
+                }
+                Ok(None) => {}
+                Err(CodecError::ChecksumMismatch { consumed, command }) => {
+                    // Skip the damaged frame so the connection can go on.
+                    let _ = self.buf.split_to(consumed);
+                    return Err(ConnError::Codec(CodecError::ChecksumMismatch { consumed, command }));
+                }
+                Err(e) => return Err(e.into()),
             }
             // Room for the rest of the frame being read (its size is already checked against
             // the limit by `decode`), or for a header.
@@ -238,6 +247,22 @@ mod tests {
         assert_eq!(reader.next().await.unwrap().unwrap().command.r#type, Type::Pong as i32);
         assert!(matches!(reader.next().await, Err(ConnError::Codec(CodecError::FrameTooLarge { .. }))));
         drop(writer.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_frame_with_a_bad_checksum_is_skipped() {
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let mut reader = FrameReader::new(server, MAX);
+        let mut w = FrameWriter::new(client);
+        let entry = codec::encode_entry(&pb::MessageMetadata::default(), b"x");
+        let mut bad = BytesMut::new();
+        codec::encode_with_entry(&codec::base(Type::Send), &entry, &mut bad);
+        let n = bad.len();
+        bad[n - 1] ^= 1;
+        w.io.write_all(&bad).await.unwrap();
+        w.send(&codec::base(Type::Ping)).await.unwrap();
+        assert!(matches!(reader.next().await, Err(ConnError::Codec(CodecError::ChecksumMismatch { .. }))));
+        assert_eq!(reader.next().await.unwrap().unwrap().command.r#type, Type::Ping as i32);
     }
 
     #[tokio::test]

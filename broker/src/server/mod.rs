@@ -1,0 +1,142 @@
+//! The broker's Pulsar protocol server: accepts connections on the broker service port, runs
+//! the handshake and serves each connection in its own task ([`connection`]).
+
+mod connection;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use magnetar_bookie::client::{LedgerClient, LedgerOptions};
+use magnetar_metastore::client::MetaClient;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::protocol::codec::{DEFAULT_MAX_MESSAGE_SIZE, FRAME_HEADROOM};
+use crate::topic::Topics;
+
+/// Broker settings.
+#[derive(Clone, Debug)]
+pub struct BrokerConfig {
+    /// Pulsar protocol listen address (`brokerServicePort`).
+    pub listen_addr: String,
+    /// Address clients are sent to by lookups; defaults to the bound address.
+    pub advertise_addr: String,
+    /// E, Qw, Qa of new ledgers (`managedLedgerDefaultEnsembleSize`, `…WriteQuorum`,
+    /// `…AckQuorum`).
+    pub ensemble: (usize, usize, usize),
+    /// Largest message accepted (`maxMessageSize`).
+    pub max_message_size: usize,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            listen_addr: "127.0.0.1:6650".into(),
+            advertise_addr: String::new(),
+            ensemble: (1, 1, 1),
+            max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+        }
+    }
+}
+
+pub(crate) struct Shared {
+    pub(crate) topics: Topics,
+    pub(crate) service_url: String,
+    pub(crate) max_message_size: usize,
+}
+
+/// A running broker.
+pub struct Broker {
+    addr: SocketAddr,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+}
+
+/// Why the broker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// Binding or reading the address failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Invalid settings.
+    #[error("invalid broker configuration: {0}")]
+    Config(String),
+}
+
+impl Broker {
+    /// Binds and serves until `shutdown`.
+    pub async fn start(cfg: BrokerConfig, meta: MetaClient, shutdown: CancellationToken) -> Result<Self, BrokerError> {
+        let (e, qw, qa) = cfg.ensemble;
+        if !(e >= qw && qw >= qa && qa >= 1) {
+            return Err(BrokerError::Config(format!("need E >= Qw >= Qa >= 1, got {e}/{qw}/{qa}")));
+        }
+        let listener = TcpListener::bind(&cfg.listen_addr)
+            .await
+            .map_err(|source| BrokerError::Io { context: format!("binding {}", cfg.listen_addr), source })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| BrokerError::Io { context: "reading the bound address".into(), source })?;
+        let advertise = if cfg.advertise_addr.is_empty() { addr.to_string() } else { cfg.advertise_addr.clone() };
+        let ledgers =
+            LedgerClient::new(meta, LedgerOptions { created_by: format!("broker {advertise}"), ..Default::default() });
+        let shared = Arc::new(Shared {
+            topics: Topics::new(ledgers, cfg.ensemble),
+            service_url: format!("pulsar://{advertise}"),
+            max_message_size: cfg.max_message_size,
+        });
+        let cancel = shutdown.child_token();
+        let tasks = TaskTracker::new();
+        let (accept_cancel, accept_tasks) = (cancel.clone(), tasks.clone());
+        tasks.spawn(async move {
+            loop {
+                let (stream, peer) = tokio::select! {
+                    _ = accept_cancel.cancelled() => return,
+                    r = listener.accept() => match r {
+                        Ok(x) => x,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "accept failed");
+                            continue;
+                        }
+                    },
+                };
+                let _ = stream.set_nodelay(true);
+                let (shared, cancel) = (shared.clone(), accept_cancel.clone());
+                accept_tasks.spawn(async move {
+                    tokio::select! {
+                        _ = cancel.cancelled() => {}
+                        r = connection::serve(stream, shared) => {
+                            if let Err(e) = r {
+                                tracing::debug!(%peer, error = %e, "connection closed");
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        tracing::info!(%addr, "broker serving the Pulsar protocol");
+        Ok(Broker { addr, cancel, tasks })
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting, closes connections and waits for their tasks.
+    pub async fn stop(self) {
+        self.cancel.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+}
+
+pub(crate) fn max_frame(max_message_size: usize) -> usize {
+    max_message_size + FRAME_HEADROOM
+}

@@ -1,0 +1,212 @@
+//! Client conformance with the official Pulsar Python client (`pulsar-client` from PyPI)
+//! against `magnetar standalone`. The interpreter is `$MAGNETAR_PYTHON`, or the virtualenv
+//! `.ci/run` creates at `~/.cache/magnetar-venv`. Built so far: producing, with batching off
+//! and on; every acknowledged message is read back from the topic's ledger.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use magnetar_bookie::client::{LedgerClient, LedgerOptions};
+use magnetar_broker::protocol::codec::{decode_entry, split_batch};
+use magnetar_metastore::client::MetaClient;
+use magnetar_metastore::local_cluster::free_ports;
+
+struct Standalone {
+    child: Child,
+    broker: String,
+    metastore: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Standalone {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn standalone() -> Standalone {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = free_ports(4).expect("ports");
+    let addr = |i: usize| format!("127.0.0.1:{}", p[i]);
+    let log = std::fs::File::create(dir.path().join("standalone.log")).expect("log");
+    let child = Command::new(env!("CARGO_BIN_EXE_magnetar"))
+        .arg("standalone")
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .args([
+            "--metastore-listen",
+            &addr(0),
+            "--bookie-listen",
+            &addr(1),
+            "--bookie-http",
+            &addr(2),
+            "--broker-listen",
+            &addr(3),
+        ])
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("start standalone");
+    let s = Standalone { child, broker: addr(3), metastore: addr(0), _dir: dir };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while tokio::net::TcpStream::connect(&s.broker).await.is_err() {
+        assert!(std::time::Instant::now() < deadline, "standalone did not open the broker port");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    s
+}
+
+fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("MAGNETAR_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+    home.join(".cache/magnetar-venv/bin/python")
+}
+
+fn produce(url: &str, topic: &str, n: usize, batching: bool) -> Vec<(u64, u64, i64)> {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/conformance/produce.py");
+    let py = python();
+    let out = Command::new(&py)
+        .arg(&script)
+        .args([url, topic, &n.to_string(), if batching { "1" } else { "0" }])
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap_or_else(|e| panic!("running {} (the Pulsar Python client; `.ci/run` installs it): {e}", py.display()));
+    assert!(out.status.success(), "producer failed: {}", String::from_utf8_lossy(&out.stderr));
+    // The client logs to stdout too; the ids are the last line.
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line =
+        stdout.lines().rev().find(|l| l.starts_with('[')).unwrap_or_else(|| panic!("no ids in the output:\n{stdout}"));
+    let ids: Vec<(u64, u64, i64)> = serde_json::from_str(line).expect("JSON message ids");
+    assert_eq!(ids.len(), n);
+    ids
+}
+
+/// Every message id points at an entry of the topic's ledger holding that message.
+async fn check_stored(metastore: &str, ids: &[(u64, u64, i64)]) {
+    let meta = MetaClient::connect(&[metastore.to_owned()]).expect("meta");
+    let ledgers = LedgerClient::new(meta, LedgerOptions::default());
+    let ledger = ids[0].0;
+    assert!(ids.iter().all(|(l, _, _)| *l == ledger), "one ledger per topic so far");
+    let last = ids.iter().map(|(_, e, _)| *e).max().expect("ids") as i64;
+    // Take the ledger over as a new writer would: this fences the broker's writer (the test
+    // is done with the topic) and closes the ledger at an end that covers every acked entry.
+    let md = ledgers.recover(ledger).await.expect("recover");
+    assert!(md.last_entry >= last, "closed at {} below acknowledged entry {last}", md.last_entry);
+    let entries = ledgers.open_reader(ledger).await.expect("reader").read(0, md.last_entry).await.expect("read");
+    for (i, (_, entry, batch_index)) in ids.iter().enumerate() {
+        let (md, payload) = decode_entry(&entries[*entry as usize]).expect("entry");
+        let body = if *batch_index >= 0 {
+            let items = split_batch(&payload, md.num_messages_in_batch.unwrap_or(1) as usize).expect("batch");
+            items[*batch_index as usize].payload.clone()
+        } else {
+            payload
+        };
+        assert_eq!(&body[..], format!("msg-{i}").as_bytes(), "message {i} at {entry}/{batch_index}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_client_produces_with_and_without_batching() {
+    let s = standalone().await;
+    let url = format!("pulsar://{}", s.broker);
+    let ids = produce(&url, "conformance-plain", 50, false);
+    for (i, (_, entry, batch)) in ids.iter().enumerate() {
+        assert_eq!((*entry, *batch), (i as u64, -1), "unbatched sends are one entry each, in order");
+    }
+    check_stored(&s.metastore, &ids).await;
+    let ids = produce(&url, "persistent://public/default/conformance-batched", 500, true);
+    assert!(ids.iter().any(|(_, _, b)| *b > 0), "batching should put several messages in one entry");
+    assert!(ids.windows(2).all(|w| (w[0].1, w[0].2) < (w[1].1, w[1].2)), "ids increase in send order");
+    check_stored(&s.metastore, &ids).await;
+}
+
+/// Garbage on the broker port: random bytes, truncated frames, oversized lengths, wrong
+/// checksums. Each bad connection gets an error or is closed; the broker keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_frames_close_only_their_connection() {
+    use bytes::{BufMut, BytesMut};
+    use magnetar_broker::protocol::codec::{self, base};
+    use magnetar_broker::protocol::pb;
+    use rand::{Rng, SeedableRng};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let s = standalone().await;
+    let connect = pb::BaseCommand {
+        connect: Some(pb::CommandConnect {
+            client_version: "raw".into(),
+            protocol_version: Some(20),
+            ..Default::default()
+        }),
+        ..base(pb::base_command::Type::Connect)
+    };
+    let mut hello = BytesMut::new();
+    codec::encode_command(&connect, &mut hello);
+
+    // A well-formed handshake, then whatever `tail` holds; returns what the broker answered
+    // before closing (or going quiet).
+    async fn exchange(addr: &str, first: &[u8]) -> Vec<u8> {
+        let mut c = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let _ = c.write_all(first).await;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match tokio::time::timeout(Duration::from_millis(300), c.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return got,
+                Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    }
+
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let mut cases: Vec<Vec<u8>> = Vec::new();
+    // Oversized declared length, before and after a handshake.
+    cases.push(u32::MAX.to_be_bytes().to_vec());
+    let mut v = hello.to_vec();
+    v.extend_from_slice(&(64u32 << 20).to_be_bytes());
+    cases.push(v);
+    // A SEND whose payload checksum is wrong, after a handshake.
+    let mut v = hello.to_vec();
+    let entry =
+        codec::encode_entry(&pb::MessageMetadata { producer_name: "x".into(), ..Default::default() }, b"payload");
+    let mut send = BytesMut::new();
+    let cmd = pb::BaseCommand {
+        send: Some(pb::CommandSend { producer_id: 1, sequence_id: 0, ..Default::default() }),
+        ..base(pb::base_command::Type::Send)
+    };
+    codec::encode_with_entry(&cmd, &entry, &mut send);
+    let n = send.len();
+    send[n - 1] ^= 0xff;
+    v.extend_from_slice(&send);
+    cases.push(v);
+    // Command size larger than the frame; truncated frames; random bytes.
+    let mut v = BytesMut::new();
+    v.put_u32(8);
+    v.put_u32(1000);
+    v.put_u32(0);
+    cases.push(v.to_vec());
+    cases.push(hello[..hello.len() / 2].to_vec());
+    for _ in 0..30 {
+        let len = rng.random_range(1..200);
+        cases.push((0..len).map(|_| rng.random()).collect());
+        let mut m = hello.to_vec();
+        let i = rng.random_range(0..m.len());
+        m[i] = rng.random();
+        cases.push(m);
+    }
+    for case in &cases {
+        let _ = exchange(&s.broker, case).await;
+    }
+    // Still serving: a clean handshake gets CONNECTED, and the real client produces.
+    let reply = exchange(&s.broker, &hello).await;
+    let log = std::fs::read_to_string(s._dir.path().join("standalone.log")).unwrap_or_default();
+    let (frame, _) = codec::decode(&reply, 1 << 20)
+        .expect("decodes")
+        .unwrap_or_else(|| panic!("no CONNECTED ({} bytes)\n{log}", reply.len()));
+    assert_eq!(frame.command.r#type, pb::base_command::Type::Connected as i32);
+    let ids = produce(&format!("pulsar://{}", s.broker), "after-garbage", 5, false);
+    assert_eq!(ids.len(), 5);
+}
