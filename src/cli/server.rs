@@ -7,6 +7,7 @@ use clap::Args;
 use magnetar_bookie::BookieConfig;
 use magnetar_common::config::ConfigLoader;
 use magnetar_metastore::MetastoreConfig;
+use tokio_util::sync::CancellationToken;
 
 #[derive(Args, Debug)]
 pub struct MetastoreArgs {
@@ -174,7 +175,8 @@ pub async fn standalone(a: StandaloneArgs) -> anyhow::Result<()> {
     magnetar_common::config::Validate::validate(&cfg)?;
     let shutdown = magnetar_common::shutdown::shutdown_on_signals();
     tracing::info!(data_dir = %a.data_dir.display(), "starting standalone");
-    let meta_node = magnetar_metastore::server::MetastoreNode::start(cfg, shutdown.clone()).await?;
+    // The metastore outlives the others: the bookie unregisters through it while stopping.
+    let meta_node = magnetar_metastore::server::MetastoreNode::start(cfg, CancellationToken::new()).await?;
     let endpoints = vec![a.metastore_listen.clone()];
     let bookie_cfg = BookieConfig {
         bookie_id: "standalone-bookie".into(),
