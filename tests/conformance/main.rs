@@ -27,10 +27,13 @@ impl Drop for Standalone {
 }
 
 async fn standalone() -> Standalone {
-    let dir = tempfile::tempdir().expect("tempdir");
+    start_in(tempfile::tempdir().expect("tempdir")).await
+}
+
+async fn start_in(dir: tempfile::TempDir) -> Standalone {
     let p = free_ports(4).expect("ports");
     let addr = |i: usize| format!("127.0.0.1:{}", p[i]);
-    let log = std::fs::File::create(dir.path().join("standalone.log")).expect("log");
+    let log = std::fs::File::options().create(true).append(true).open(dir.path().join("standalone.log")).expect("log");
     let child = Command::new(env!("CARGO_BIN_EXE_magnetar"))
         .arg("standalone")
         .arg("--data-dir")
@@ -56,6 +59,20 @@ async fn standalone() -> Standalone {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     s
+}
+
+impl Standalone {
+    /// SIGTERM, wait for a clean exit, start again over the same data directory.
+    async fn restart(mut self) -> Standalone {
+        let pid = self.child.id().to_string();
+        assert!(Command::new("kill").args(["-TERM", &pid]).status().expect("kill").success());
+        let status = self.child.wait().expect("wait");
+        assert!(status.success(), "standalone exited with {status}");
+        let dir = tempfile::tempdir().expect("placeholder");
+        let data = std::mem::replace(&mut self._dir, dir);
+        drop(self);
+        start_in(data).await
+    }
 }
 
 fn python() -> PathBuf {
@@ -209,4 +226,33 @@ async fn bad_frames_close_only_their_connection() {
     assert_eq!(frame.command.r#type, pb::base_command::Type::Connected as i32);
     let ids = produce(&format!("pulsar://{}", s.broker), "after-garbage", 5, false);
     assert_eq!(ids.len(), 5);
+}
+
+/// A restarted standalone keeps every acknowledged message: loading the topic again recovers
+/// (fences and closes) the ledger the previous run was writing, lists it, and writes a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_keeps_acknowledged_messages_in_the_topic_ledgers() {
+    use magnetar_broker::protocol::names::TopicName;
+    use magnetar_broker::topic::{topic_key, ManagedLedgerInfo};
+
+    let s = standalone().await;
+    let first = produce(&format!("pulsar://{}", s.broker), "restart-me", 20, false);
+    let s = s.restart().await;
+    let second = produce(&format!("pulsar://{}", s.broker), "restart-me", 10, false);
+    assert_ne!(first[0].0, second[0].0, "a new ledger after the restart");
+
+    let meta = MetaClient::connect(std::slice::from_ref(&s.metastore)).expect("meta");
+    let key = topic_key(&TopicName::parse("restart-me").expect("name"));
+    let kv = meta.get(&key).await.expect("get").expect("topic metadata");
+    let info: ManagedLedgerInfo = serde_json::from_slice(&kv.value).expect("json");
+    let ids: Vec<u64> = info.ledgers.iter().map(|l| l.ledger_id).collect();
+    assert_eq!(ids, vec![first[0].0, second[0].0]);
+    assert_eq!(info.ledgers[0].last_entry, Some(19), "the first ledger closed after every acked entry");
+
+    let ledgers = LedgerClient::new(meta, LedgerOptions::default());
+    let entries = ledgers.open_reader(first[0].0).await.expect("reader").read(0, 19).await.expect("read");
+    for (i, e) in entries.iter().enumerate() {
+        let (_, payload) = decode_entry(e).expect("entry");
+        assert_eq!(&payload[..], format!("msg-{i}").as_bytes());
+    }
 }

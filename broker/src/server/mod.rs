@@ -84,10 +84,12 @@ impl Broker {
             .local_addr()
             .map_err(|source| BrokerError::Io { context: "reading the bound address".into(), source })?;
         let advertise = if cfg.advertise_addr.is_empty() { addr.to_string() } else { cfg.advertise_addr.clone() };
-        let ledgers =
-            LedgerClient::new(meta, LedgerOptions { created_by: format!("broker {advertise}"), ..Default::default() });
+        let ledgers = LedgerClient::new(
+            meta.clone(),
+            LedgerOptions { created_by: format!("broker {advertise}"), ..Default::default() },
+        );
         let shared = Arc::new(Shared {
-            topics: Topics::new(ledgers, cfg.ensemble),
+            topics: Topics::new(meta, ledgers, cfg.ensemble),
             service_url: format!("pulsar://{advertise}"),
             max_message_size: cfg.max_message_size,
         });
