@@ -6,8 +6,10 @@
 //! replicated ledger ([`topic`]). Consumers, subscriptions, ledger rollover and topic
 //! recovery across restarts are not built yet.
 
+pub mod config;
 pub mod protocol;
 pub mod server;
 pub mod topic;
 
-pub use server::{Broker, BrokerConfig};
+pub use config::BrokerConfig;
+pub use server::Broker;

@@ -21,6 +21,8 @@ enum Command {
     Metastore(server::MetastoreArgs),
     /// Run a bookie (storage node: journal + entry store).
     Bookie(server::BookieArgs),
+    /// Run a broker (Pulsar protocol) against a metastore and bookies.
+    Broker(server::BrokerArgs),
     /// Run everything on one machine over one data directory.
     Standalone(server::StandaloneArgs),
     /// Talk to a metastore cluster: get, put, del, ls, watch, cluster …
@@ -33,6 +35,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Metastore(a) => server::metastore(a).await,
         Command::Bookie(a) => server::bookie(a).await,
+        Command::Broker(a) => server::broker(a).await,
         Command::Standalone(a) => server::standalone(a).await,
         Command::Meta(a) => meta::run(a).await,
         Command::Perf(a) => perf::run(a).await,

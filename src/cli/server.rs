@@ -103,43 +103,85 @@ fn toml_list<T: std::fmt::Display>(items: &[T]) -> String {
 }
 
 fn load_bookie_config(a: &BookieArgs) -> anyhow::Result<BookieConfig> {
-    let mut loader = ConfigLoader::new("MAGNETAR_BOOKIE_").file(a.config.as_deref());
-    for (env, key) in magnetar_bookie::config::ENV_ALIASES {
+    let dirs: Vec<String> = a.journal_dirs.iter().map(|d| d.display().to_string()).collect();
+    let flags = vec![
+        ("bookie_id", a.bookie_id.clone()),
+        ("listen_addr", a.listen.clone()),
+        ("advertise_addr", a.advertise.clone()),
+        ("http_addr", a.http.clone()),
+        ("journal_dirs", (!dirs.is_empty()).then(|| toml_list(&dirs))),
+        ("ledger_dirs", a.ledger_dir.as_ref().map(|v| toml_list(&[v.display().to_string()]))),
+        ("metastore", (!a.metastore.is_empty()).then(|| toml_list(&a.metastore))),
+    ];
+    let loader = layered("MAGNETAR_BOOKIE_", a.config.as_deref(), magnetar_bookie::config::ENV_ALIASES, flags, &a.set)?;
+    Ok(loader.load::<BookieConfig>()?)
+}
+
+/// The layers every server command shares: file, prefixed environment, the Pulsar/BookKeeper
+/// names as aliases, flags that were given, then `--set` pairs.
+fn layered<'a>(
+    prefix: &'a str,
+    file: Option<&'a std::path::Path>,
+    aliases: &'a [(&'a str, &'a str)],
+    flags: Vec<(&str, Option<String>)>,
+    sets: &[String],
+) -> anyhow::Result<ConfigLoader<'a>> {
+    let mut loader = ConfigLoader::new(prefix).file(file);
+    for (env, key) in aliases {
         loader = loader.env_alias(env, key);
     }
-    if let Some(v) = &a.bookie_id {
-        loader = loader.set("bookie_id", v);
+    for (key, value) in flags {
+        if let Some(v) = value {
+            loader = loader.set(key, &v);
+        }
     }
-    if let Some(v) = &a.listen {
-        loader = loader.set("listen_addr", v);
-    }
-    if let Some(v) = &a.advertise {
-        loader = loader.set("advertise_addr", v);
-    }
-    if let Some(v) = &a.http {
-        loader = loader.set("http_addr", v);
-    }
-    if !a.journal_dirs.is_empty() {
-        let dirs: Vec<String> = a.journal_dirs.iter().map(|d| d.display().to_string()).collect();
-        loader = loader.set("journal_dirs", &toml_list(&dirs));
-    }
-    if let Some(v) = &a.ledger_dir {
-        loader = loader.set("ledger_dirs", &toml_list(&[v.display().to_string()]));
-    }
-    if !a.metastore.is_empty() {
-        loader = loader.set("metastore", &toml_list(&a.metastore));
-    }
-    for kv in &a.set {
+    for kv in sets {
         let (k, v) = kv.split_once('=').with_context(|| format!("--set {kv}: expected KEY=VALUE"))?;
         loader = loader.set(k, v);
     }
-    Ok(loader.load::<BookieConfig>()?)
+    Ok(loader)
 }
 
 pub async fn bookie(a: BookieArgs) -> anyhow::Result<()> {
     let cfg = load_bookie_config(&a)?;
     let shutdown = magnetar_common::shutdown::shutdown_on_signals();
     magnetar_bookie::run(cfg, shutdown).await?;
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct BrokerArgs {
+    /// TOML config file.
+    #[arg(long, short = 'c')]
+    config: Option<PathBuf>,
+    /// Pulsar protocol listen address.
+    #[arg(long)]
+    listen: Option<String>,
+    /// Address lookups send clients to.
+    #[arg(long)]
+    advertise: Option<String>,
+    /// Metastore endpoints, host:port,…
+    #[arg(long, value_delimiter = ',', env = "MAGNETAR_METASTORE")]
+    metastore: Vec<String>,
+    /// Any other setting, as key=value (repeatable), e.g. ensemble_size=3.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+}
+
+/// A broker against a metastore and bookies (cluster mode).
+pub async fn broker(a: BrokerArgs) -> anyhow::Result<()> {
+    let flags = vec![
+        ("listen_addr", a.listen.clone()),
+        ("advertise_addr", a.advertise.clone()),
+        ("metastore", (!a.metastore.is_empty()).then(|| toml_list(&a.metastore))),
+    ];
+    let loader = layered("MAGNETAR_BROKER_", a.config.as_deref(), magnetar_broker::config::ENV_ALIASES, flags, &a.set)?;
+    let cfg: magnetar_broker::BrokerConfig = loader.load()?;
+    let shutdown = magnetar_common::shutdown::shutdown_on_signals();
+    let meta = magnetar_metastore::client::MetaClient::connect(&cfg.metastore)?;
+    let broker = magnetar_broker::Broker::start(cfg, meta, shutdown.clone()).await?;
+    shutdown.cancelled().await;
+    broker.stop().await;
     Ok(())
 }
 
@@ -195,7 +237,11 @@ pub async fn standalone(a: StandaloneArgs) -> anyhow::Result<()> {
         }
     };
     let meta = magnetar_metastore::client::MetaClient::connect(&endpoints)?;
-    let broker_cfg = magnetar_broker::BrokerConfig { listen_addr: a.broker_listen.clone(), ..Default::default() };
+    let broker_cfg = magnetar_broker::BrokerConfig {
+        listen_addr: a.broker_listen.clone(),
+        metastore: endpoints.clone(),
+        ..Default::default()
+    };
     let broker = match magnetar_broker::Broker::start(broker_cfg, meta, shutdown.clone()).await {
         Ok(b) => b,
         Err(e) => {

@@ -1,8 +1,11 @@
 //! Bookie and ledger integration tests with real bookie processes.
 
+mod broker;
 mod cookies;
 mod crash;
 mod journal;
 mod ledger;
 mod ops;
+#[path = "../support/pulsar_python.rs"]
+mod pulsar_python;
 mod support;

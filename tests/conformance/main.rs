@@ -3,8 +3,7 @@
 //! `.ci/run` creates at `~/.cache/magnetar-venv`. Built so far: producing, with batching off
 //! and on; every acknowledged message is read back from the topic's ledger.
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use magnetar_bookie::client::{LedgerClient, LedgerOptions};
@@ -75,33 +74,6 @@ impl Standalone {
     }
 }
 
-fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("MAGNETAR_PYTHON") {
-        return PathBuf::from(p);
-    }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
-    home.join(".cache/magnetar-venv/bin/python")
-}
-
-fn produce(url: &str, topic: &str, n: usize, batching: bool) -> Vec<(u64, u64, i64)> {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/conformance/produce.py");
-    let py = python();
-    let out = Command::new(&py)
-        .arg(&script)
-        .args([url, topic, &n.to_string(), if batching { "1" } else { "0" }])
-        .stderr(Stdio::piped())
-        .output()
-        .unwrap_or_else(|e| panic!("running {} (the Pulsar Python client; `.ci/run` installs it): {e}", py.display()));
-    assert!(out.status.success(), "producer failed: {}", String::from_utf8_lossy(&out.stderr));
-    // The client logs to stdout too; the ids are the last line.
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line =
-        stdout.lines().rev().find(|l| l.starts_with('[')).unwrap_or_else(|| panic!("no ids in the output:\n{stdout}"));
-    let ids: Vec<(u64, u64, i64)> = serde_json::from_str(line).expect("JSON message ids");
-    assert_eq!(ids.len(), n);
-    ids
-}
-
 /// Every message id points at an entry of the topic's ledger holding that message.
 async fn check_stored(metastore: &str, ids: &[(u64, u64, i64)]) {
     let meta = MetaClient::connect(&[metastore.to_owned()]).expect("meta");
@@ -125,6 +97,10 @@ async fn check_stored(metastore: &str, ids: &[(u64, u64, i64)]) {
         assert_eq!(&body[..], format!("msg-{i}").as_bytes(), "message {i} at {entry}/{batch_index}");
     }
 }
+
+#[path = "../support/pulsar_python.rs"]
+mod pulsar_python;
+use pulsar_python::produce;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_client_produces_with_and_without_batching() {

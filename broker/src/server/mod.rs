@@ -12,33 +12,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::protocol::codec::{DEFAULT_MAX_MESSAGE_SIZE, FRAME_HEADROOM};
+use crate::config::BrokerConfig;
+use crate::protocol::codec::FRAME_HEADROOM;
 use crate::topic::Topics;
-
-/// Broker settings.
-#[derive(Clone, Debug)]
-pub struct BrokerConfig {
-    /// Pulsar protocol listen address (`brokerServicePort`).
-    pub listen_addr: String,
-    /// Address clients are sent to by lookups; defaults to the bound address.
-    pub advertise_addr: String,
-    /// E, Qw, Qa of new ledgers (`managedLedgerDefaultEnsembleSize`, `…WriteQuorum`,
-    /// `…AckQuorum`).
-    pub ensemble: (usize, usize, usize),
-    /// Largest message accepted (`maxMessageSize`).
-    pub max_message_size: usize,
-}
-
-impl Default for BrokerConfig {
-    fn default() -> Self {
-        BrokerConfig {
-            listen_addr: "127.0.0.1:6650".into(),
-            advertise_addr: String::new(),
-            ensemble: (1, 1, 1),
-            max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
-        }
-    }
-}
 
 pub(crate) struct Shared {
     pub(crate) topics: Topics,
@@ -73,10 +49,7 @@ pub enum BrokerError {
 impl Broker {
     /// Binds and serves until `shutdown`.
     pub async fn start(cfg: BrokerConfig, meta: MetaClient, shutdown: CancellationToken) -> Result<Self, BrokerError> {
-        let (e, qw, qa) = cfg.ensemble;
-        if !(e >= qw && qw >= qa && qa >= 1) {
-            return Err(BrokerError::Config(format!("need E >= Qw >= Qa >= 1, got {e}/{qw}/{qa}")));
-        }
+        magnetar_common::config::Validate::validate(&cfg).map_err(|e| BrokerError::Config(e.to_string()))?;
         let listener = TcpListener::bind(&cfg.listen_addr)
             .await
             .map_err(|source| BrokerError::Io { context: format!("binding {}", cfg.listen_addr), source })?;
@@ -89,7 +62,7 @@ impl Broker {
             LedgerOptions { created_by: format!("broker {advertise}"), ..Default::default() },
         );
         let shared = Arc::new(Shared {
-            topics: Topics::new(meta, ledgers, cfg.ensemble),
+            topics: Topics::new(meta, ledgers, (cfg.ensemble_size, cfg.write_quorum, cfg.ack_quorum)),
             service_url: format!("pulsar://{advertise}"),
             max_message_size: cfg.max_message_size,
         });
