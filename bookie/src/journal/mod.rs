@@ -394,6 +394,10 @@ impl Writer {
     fn append(&mut self, b: &mut Batch, kind: u8, ledger: u64, entry: i64, lac: i64, data: &[&[u8]]) -> Result<()> {
         let len = record::encoded_len(data.iter().map(|d| d.len()).sum()) as u64;
         if self.seg.offset + self.buf.len() as u64 + len > self.size {
+            // Mark the end, so replay can tell the unused rest of the segment from damage.
+            if self.seg.offset + (self.buf.len() + record::encoded_len(0)) as u64 <= self.size {
+                record::encode(&mut self.buf, self.seg.seq, record::SEGMENT_END, 0, -1, -1, &[]);
+            }
             self.flush_buf(b)?;
             self.roll(b)?;
         }
@@ -405,10 +409,11 @@ impl Writer {
         if self.buf.is_empty() {
             return Ok(());
         }
-        self.seg
-            .file
-            .write_all_at(&self.buf, self.seg.offset)
-            .map_err(|e| BookieError::io(format!("writing journal segment {}", self.seg.seq), e))?;
+        if let Err(e) = self.seg.file.write_all_at(&self.buf, self.seg.offset) {
+            // These records' adds fail; they must not reappear with a later batch.
+            self.buf.clear();
+            return Err(BookieError::io(format!("writing journal segment {}", self.seg.seq), e));
+        }
         self.seg.offset += self.buf.len() as u64;
         b.bytes += self.buf.len();
         self.shared.metrics.bytes.add(self.buf.len() as u64);
@@ -417,6 +422,12 @@ impl Writer {
     }
 
     fn roll(&mut self, b: &mut Batch) -> Result<()> {
+        // The old segment is durable before anything lands in the new one, so after a crash
+        // only the last segment holding records can end in a torn write (replay relies on it).
+        self.seg
+            .file
+            .sync_data()
+            .map_err(|e| BookieError::io(format!("syncing journal segment {}", self.seg.seq), e))?;
         let seq = self.seg.seq + 1;
         let file = Arc::new(self.alloc.take(seq)?);
         self.seg = Segment { seq, file: file.clone(), offset: 0 };
@@ -445,7 +456,7 @@ fn fail_all(b: &mut Batch, e: &BookieError) {
 
 fn op_bytes(op: &Op) -> usize {
     match op {
-        Op::Add { payload, .. } => record::encoded_len(payload.len() + 4),
+        Op::Add { payload, master_key, .. } => record::encoded_len(payload.len() + 4) + master_key.len(),
         Op::Fence { .. } => record::encoded_len(0),
     }
 }

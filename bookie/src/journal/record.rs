@@ -8,7 +8,8 @@
 //! use never verify. Record types:
 //! - `ENTRY`: `data` = `[entry checksum u32 LE][payload]`;
 //! - `FENCE`: no data;
-//! - `MASTER_KEY`: `data` = the ledger's master key (written before its first entry).
+//! - `MASTER_KEY`: `data` = the ledger's master key (written before its first entry);
+//! - `SEGMENT_END`: no data; the writer moved to the next segment (written when it fits).
 
 /// Bytes before the record body.
 pub const HEADER: usize = 8;
@@ -21,6 +22,8 @@ pub const ENTRY: u8 = 1;
 pub const FENCE: u8 = 2;
 /// Record type of a master key.
 pub const MASTER_KEY: u8 = 3;
+/// Record type that ends a segment the writer rolled away from (what follows is unused).
+pub const SEGMENT_END: u8 = 4;
 
 /// A decoded record, borrowing its data from the segment.
 #[derive(Debug, PartialEq, Eq, Clone, Copy)]

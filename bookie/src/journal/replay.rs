@@ -40,6 +40,9 @@ pub fn replay(dir: &Path, from: Position, storage: &dyn LedgerStorage, max_recor
     let mut metas: HashMap<u64, LedgerMeta> = HashMap::new();
     let mut entries: Vec<EntryWrite> = Vec::new();
     let mut pending_bytes = 0usize;
+    // A torn tail is legitimate only in the last segment that holds records: the journal syncs
+    // a segment before writing to the next one.
+    let mut torn: Option<(String, u64, &'static str)> = None;
     for (seq, path) in list_segments(dir)? {
         stats.last_segment = stats.last_segment.max(seq);
         if seq < from.segment {
@@ -53,12 +56,27 @@ pub fn replay(dir: &Path, from: Position, storage: &dyn LedgerStorage, max_recor
         }
         let map = map_file(&file).map_err(|e| BookieError::io(format!("mapping {}", path.display()), e))?;
         let mut off = if seq == from.segment { from.offset as usize } else { 0 };
+        let mut records_here = 0u64;
+        let corrupt = |offset: usize, reason: String| BookieError::CorruptJournal {
+            file: path.display().to_string(),
+            offset: offset as u64,
+            reason,
+        };
         while off < map.len() {
             match record::decode(&map[off..], seq, max_record) {
+                Decoded::Record(r, _) if r.kind == record::SEGMENT_END => break,
                 Decoded::Record(r, n) => {
+                    if let Some((file, offset, reason)) = torn.take() {
+                        return Err(BookieError::CorruptJournal {
+                            file,
+                            offset,
+                            reason: format!("{reason}, and a later segment holds records"),
+                        });
+                    }
                     apply(&r, storage, &mut metas, &mut entries)?;
                     pending_bytes += n;
                     stats.records += 1;
+                    records_here += 1;
                     off += n;
                     if pending_bytes > 64 << 20 {
                         storage.write(&entries, &[])?;
@@ -66,20 +84,23 @@ pub fn replay(dir: &Path, from: Position, storage: &dyn LedgerStorage, max_recor
                         pending_bytes = 0;
                     }
                 }
-                Decoded::End => break,
+                Decoded::End => {
+                    if valid_record_within(&map, off + 1, seq, max_record) {
+                        return Err(corrupt(off, "zeroed record header followed by valid records".into()));
+                    }
+                    break;
+                }
+                // Too little room left for any record: the writer rolled without a marker.
+                Decoded::Bad { .. } if map.len() - off < record::encoded_len(0) => break,
                 Decoded::Bad { reason, next } => {
                     let followed = next
                         .map(|n| off + n)
                         .filter(|n| *n < map.len())
                         .is_some_and(|n| matches!(record::decode(&map[n..], seq, max_record), Decoded::Record(..)));
-                    if followed {
-                        return Err(BookieError::CorruptJournal {
-                            file: path.display().to_string(),
-                            offset: off as u64,
-                            reason: format!("{reason}, followed by valid records"),
-                        });
+                    if followed || valid_record_within(&map, off + 1, seq, max_record) {
+                        return Err(corrupt(off, format!("{reason}, followed by valid records")));
                     }
-                    if off == 0 {
+                    if off == 0 || records_here == 0 && seq != from.segment {
                         // Nothing of this segment's own: a recycled file prepared for the
                         // next roll (old records do not verify under the new number), or a
                         // first write torn by a crash. Neither was acknowledged.
@@ -87,6 +108,7 @@ pub fn replay(dir: &Path, from: Position, storage: &dyn LedgerStorage, max_recor
                     } else {
                         tracing::warn!(file = %path.display(), offset = off, reason, "dropping the torn tail of a journal segment");
                         stats.torn_tails += 1;
+                        torn = Some((path.display().to_string(), off as u64, reason));
                     }
                     break;
                 }
@@ -134,6 +156,28 @@ fn apply(
         _ => return Err(BookieError::Invalid("unknown journal record type")),
     }
     Ok(())
+}
+
+/// How far past a damaged record replay looks for records that still verify.
+const SCAN_WINDOW: usize = 1 << 20;
+
+/// Whether a record of segment `seq` verifies anywhere in `map[from..from + SCAN_WINDOW]`:
+/// damage that hides the next record's position (a bad length, a zeroed header, two damaged
+/// records in a row) is still told apart from the end of the journal.
+fn valid_record_within(map: &[u8], from: usize, seq: u64, max_record: usize) -> bool {
+    let end = map.len().min(from.saturating_add(SCAN_WINDOW));
+    (from..end).any(|pos| {
+        let b = &map[pos..];
+        if b.len() < record::HEADER + record::BODY_FIXED {
+            return false;
+        }
+        let len = u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize;
+        // Cheap plausibility first; the CRC only for headers that could be records.
+        len >= record::BODY_FIXED
+            && len <= max_record
+            && record::HEADER + len <= b.len()
+            && matches!(record::decode(b, seq, max_record), Decoded::Record(..))
+    })
 }
 
 /// Maps a segment for reading.
@@ -205,6 +249,60 @@ mod tests {
             Err(BookieError::CorruptJournal { offset, .. }) => assert_eq!(offset, offs[1] as u64),
             other => panic!("expected CorruptJournal, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_damaged_length_or_zeroed_header_in_the_middle_stops_replay() {
+        for damage in [0usize, 1] {
+            let dir = tempfile::tempdir().unwrap();
+            let offs = write_segment(dir.path(), 1, &[(0, b"aaaa"), (1, b"bbbb"), (2, b"cccc")], 64);
+            let path = segment_path(dir.path(), 1);
+            let mut bytes = std::fs::read(&path).unwrap();
+            match damage {
+                // A length field claiming far more than the segment holds.
+                0 => bytes[offs[1]..offs[1] + 4].copy_from_slice(&u32::MAX.to_le_bytes()),
+                // A whole header zeroed.
+                _ => bytes[offs[1]..offs[1] + 8].fill(0),
+            }
+            std::fs::write(&path, &bytes).unwrap();
+            let s = MemStorage::new();
+            assert!(
+                matches!(replay(dir.path(), Position::default(), &s, 1 << 20), Err(BookieError::CorruptJournal { .. })),
+                "damage {damage} must be reported"
+            );
+        }
+    }
+
+    #[test]
+    fn a_torn_tail_before_a_segment_with_records_is_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        write_segment(dir.path(), 1, &[(0, b"a"), (1, &[5u8; 300])], 0);
+        write_segment(dir.path(), 2, &[(2, b"c")], 0);
+        let path = segment_path(dir.path(), 1);
+        let len = std::fs::metadata(&path).unwrap().len();
+        std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(len - 10).unwrap();
+        let s = MemStorage::new();
+        assert!(matches!(
+            replay(dir.path(), Position::default(), &s, 1 << 20),
+            Err(BookieError::CorruptJournal { .. })
+        ));
+    }
+
+    #[test]
+    fn a_segment_end_marker_hides_the_unused_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        write_segment(dir.path(), 1, &[(0, b"a")], 0);
+        let path = segment_path(dir.path(), 1);
+        let mut bytes = std::fs::read(&path).unwrap();
+        record::encode(&mut bytes, 1, record::SEGMENT_END, 0, -1, -1, &[]);
+        bytes.extend_from_slice(&[0xab; 200]);
+        std::fs::write(&path, &bytes).unwrap();
+        write_segment(dir.path(), 2, &[(1, b"b")], 0);
+        let s = MemStorage::new();
+        let stats = replay(dir.path(), Position::default(), &s, 1 << 20).unwrap();
+        // Master key + entry in each segment; the marker is not a record to apply.
+        assert_eq!((stats.records, stats.torn_tails), (4, 0));
+        assert!(s.get_entry(1, 1).unwrap().is_some());
     }
 
     #[test]

@@ -59,6 +59,8 @@ struct Pool {
     /// writer neither a rename nor a directory fsync (which waits for the file system's
     /// journal commit, and with it for other files' pending writes).
     named: Option<(u64, PathBuf)>,
+    /// A rename to this segment is in progress in the background.
+    naming: Option<u64>,
 }
 
 /// Hands out full-size segment files, keeping some ready in the background.
@@ -102,7 +104,7 @@ impl Allocator {
             dir: dir.to_owned(),
             size,
             keep: keep.max(1),
-            pool: Mutex::new(Pool { ready, next_name, stop: false, next_seq: None, named: None }),
+            pool: Mutex::new(Pool { ready, next_name, stop: false, next_seq: None, named: None, naming: None }),
             changed: Condvar::new(),
         });
         let bg = alloc.clone();
@@ -131,6 +133,7 @@ impl Allocator {
                     }
                     if let (None, Some(seq), Some(_)) = (&p.named, p.next_seq, p.ready.front()) {
                         if let Some(free) = p.ready.pop_front() {
+                            p.naming = Some(seq);
                             break Job::Name(seq, free);
                         }
                     }
@@ -149,6 +152,7 @@ impl Allocator {
                         .map_err(|e| BookieError::io(format!("renaming {}", free.display()), e))
                         .and_then(|()| sync_dir(&self.dir));
                     let mut p = self.lock();
+                    p.naming = None;
                     match &r {
                         Ok(()) if p.next_seq == Some(seq) => p.named = Some((seq, path)),
                         // The writer went past it meanwhile: an unused segment is harmless
@@ -204,6 +208,10 @@ impl Allocator {
                 .map_err(|e| BookieError::io(format!("opening {}", path.display()), e))
         };
         let mut p = self.lock();
+        // Never race the background rename onto the same name: wait for it to finish.
+        while p.naming == Some(seq) {
+            p = self.changed.wait(p).unwrap_or_else(|e| e.into_inner());
+        }
         p.next_seq = Some(seq + 1);
         if let Some((named_seq, path)) = p.named.take() {
             if named_seq == seq {

@@ -161,7 +161,7 @@ impl Bookie {
             tokio::task::spawn_blocking(move || RocksStorage::open(&ldir, &settings)).await.map_err(join_err)??,
         );
         let cp = checkpoint::load(&ledger_dir, journal_dirs.len())?;
-        let max_record = cfg.max_entry_bytes + 4096;
+        let max_record = cfg.max_entry_bytes + service::MAX_MASTER_KEY + 4096;
         let mut next_segments = Vec::new();
         for (i, dir) in journal_dirs.iter().enumerate() {
             let (dir2, from, st) = (dir.clone(), cp.journals[i], storage.clone());
@@ -221,7 +221,7 @@ impl Bookie {
 
         let cancel = shutdown.child_token();
         let tasks = TaskTracker::new();
-        let svc = BookieServer::new(service::Service { core: core.clone() })
+        let svc = BookieServer::new(service::Service { core: core.clone(), cancel: cancel.clone() })
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20);
         let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
@@ -307,7 +307,11 @@ impl Bookie {
         self.core.shutting_down.store(true, Ordering::Relaxed);
         self.cancel.cancel();
         self.tasks.close();
-        self.tasks.wait().await;
+        // Add streams end on cancel; a peer that keeps a connection open must not keep the
+        // bookie from reaching its final checkpoint.
+        if tokio::time::timeout(Duration::from_secs(10), self.tasks.wait()).await.is_err() {
+            tracing::warn!("some connections did not close within 10 s; stopping anyway");
+        }
         let core = self.core.clone();
         let dir = self.ledger_dir.clone();
         let r = tokio::task::spawn_blocking(move || {

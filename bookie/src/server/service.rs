@@ -18,9 +18,14 @@ use crate::checksum::entry_checksum;
 use crate::error::BookieError;
 use crate::journal::Op;
 
+/// Longest master key accepted (ledger clients use 16 bytes).
+pub const MAX_MASTER_KEY: usize = 1024;
+
 /// The gRPC handler.
 pub struct Service {
     pub(crate) core: Arc<Core>,
+    /// Ends open add streams when the bookie stops.
+    pub(crate) cancel: tokio_util::sync::CancellationToken,
 }
 
 type AddStream = Pin<Box<dyn Stream<Item = Result<pb::AddResults, Status>> + Send>>;
@@ -47,8 +52,8 @@ impl Core {
         if add.payload.len() > self.max_entry {
             return refuse(BookieError::Invalid("entry larger than max_entry_bytes"));
         }
-        if add.master_key.is_empty() {
-            return refuse(BookieError::Invalid("an add needs the ledger's master key"));
+        if add.master_key.is_empty() || add.master_key.len() > MAX_MASTER_KEY {
+            return refuse(BookieError::Invalid("an add needs the ledger's master key (at most 1 KiB)"));
         }
         if entry_checksum(ledger, entry, &add.payload) != add.checksum {
             return refuse(BookieError::Corrupt { ledger, entry });
@@ -87,6 +92,9 @@ impl Core {
         if self.is_shutting_down() {
             return Err(BookieError::ShuttingDown);
         }
+        if master_key.len() > MAX_MASTER_KEY {
+            return Err(BookieError::Invalid("master key longer than 1 KiB"));
+        }
         let (tx, rx) = oneshot::channel();
         self.journal_for(ledger).submit(
             Op::Fence { ledger, master_key },
@@ -110,9 +118,14 @@ impl BookieRpc for Service {
         let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::unbounded_channel::<pb::AddResult>();
         let core = self.core.clone();
+        let cancel = self.cancel.clone();
         tokio::spawn(async move {
             loop {
-                match inbound.message().await {
+                let next = tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    m = inbound.message() => m,
+                };
+                match next {
                     Ok(Some(batch)) => {
                         for add in batch.adds {
                             core.submit_add(add, &tx);
