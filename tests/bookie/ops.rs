@@ -87,3 +87,18 @@ async fn a_full_disk_makes_the_bookie_read_only() {
     assert!(client.create(LedgerConfig::new(1, 1, 1)).await.is_err());
     cluster.shutdown().await;
 }
+
+/// A bookie stops promptly and cleanly while a writer keeps an add stream open on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stops_cleanly_with_an_idle_writer_connected() {
+    let mut cluster = Cluster::new(1, &[], true).await;
+    let client = cluster.ledger_client();
+    let w = client.create(LedgerConfig::new(1, 1, 1)).await.expect("create");
+    w.append(b"keeps the stream open".to_vec()).await.expect("add");
+    let started = std::time::Instant::now();
+    cluster.bookies[0].terminate();
+    assert!(started.elapsed() < Duration::from_secs(5), "stopping took {:?}", started.elapsed());
+    assert!(cluster.bookies[0].log_tail().contains("bookie stopped"), "{}", cluster.bookies[0].log_tail());
+    drop(w);
+    cluster.shutdown().await;
+}
