@@ -35,27 +35,14 @@ pub struct MetastoreArgs {
 }
 
 fn load_metastore_config(a: &MetastoreArgs) -> anyhow::Result<MetastoreConfig> {
-    let mut loader = ConfigLoader::new("MAGNETAR_METASTORE_").file(a.config.as_deref());
-    if let Some(v) = a.node_id {
-        loader = loader.set("node_id", &v.to_string());
-    }
-    if let Some(v) = &a.listen {
-        loader = loader.set("listen_addr", v);
-    }
-    if let Some(v) = &a.advertise {
-        loader = loader.set("advertise_addr", v);
-    }
-    if let Some(v) = &a.data_dir {
-        loader = loader.set("data_dir", &v.display().to_string());
-    }
-    if !a.initial_members.is_empty() {
-        let list: Vec<String> = a.initial_members.iter().map(|m| format!("\"{m}\"")).collect();
-        loader = loader.set("initial_members", &format!("[{}]", list.join(",")));
-    }
-    for kv in &a.set {
-        let (k, v) = kv.split_once('=').with_context(|| format!("--set {kv}: expected KEY=VALUE"))?;
-        loader = loader.set(k, v);
-    }
+    let flags = vec![
+        ("node_id", a.node_id.map(|v| v.to_string())),
+        ("listen_addr", a.listen.clone()),
+        ("advertise_addr", a.advertise.clone()),
+        ("data_dir", a.data_dir.as_ref().map(|v| v.display().to_string())),
+        ("initial_members", (!a.initial_members.is_empty()).then(|| toml_list(&a.initial_members))),
+    ];
+    let loader = layered("MAGNETAR_METASTORE_", a.config.as_deref(), &[], flags, &a.set)?;
     Ok(loader.load::<MetastoreConfig>()?)
 }
 

@@ -18,23 +18,9 @@ pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_magnetar"))
 }
 
-/// Polls `f` until it returns true or `timeout` passes.
-pub async fn wait_until<F, Fut>(timeout: Duration, mut f: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if f().await {
-            return true;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
+#[path = "../support/wait.rs"]
+mod wait;
+pub use wait::wait_until;
 
 /// A GET over HTTP/1.1; returns (status, body).
 pub async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {

@@ -1,6 +1,5 @@
 //! Shared harness: start clusters, wait on conditions with deadlines.
 
-use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -39,23 +38,9 @@ pub async fn cluster(n: usize, extra: &[&str]) -> TestCluster {
     t
 }
 
-/// Polls `f` until it returns true or `timeout` passes.
-pub async fn wait_until<F, Fut>(timeout: Duration, mut f: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if f().await {
-            return true;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
+#[path = "../support/wait.rs"]
+mod wait;
+pub use wait::wait_until;
 
 /// Kills the process when dropped, so a failing test leaves nothing running.
 pub struct ChildGuard(pub std::process::Child);
