@@ -25,6 +25,25 @@ pub struct BrokerConfig {
     pub ack_quorum: usize,
     /// Largest message accepted, advertised in CONNECTED.
     pub max_message_size: usize,
+    /// Create topics on first use.
+    pub allow_auto_topic_creation: bool,
+    /// What auto-creation creates: `non-partitioned` or `partitioned`.
+    pub allow_auto_topic_creation_type: String,
+    /// Partitions of auto-created partitioned topics.
+    pub default_num_partitions: u32,
+    /// Roll a topic's ledger after this many entries.
+    pub managed_ledger_max_entries_per_ledger: u64,
+    /// Roll a topic's ledger after this many MiB.
+    pub managed_ledger_max_size_per_ledger_mb: u64,
+    /// Roll a topic's ledger (with entries) after this many minutes.
+    pub managed_ledger_max_ledger_rollover_time_minutes: u64,
+    /// Tail cache per topic, MiB: consumers that keep up read from it, never from bookies.
+    pub managed_ledger_cache_size_mb: u64,
+    /// How often changed cursors (acknowledgements) are stored, ms. A broker that dies
+    /// redelivers at most what was acknowledged in this window.
+    pub cursor_persist_interval_ms: u64,
+    /// Entries per catch-up read from the bookies.
+    pub dispatcher_max_read_batch_size: usize,
 }
 
 impl Default for BrokerConfig {
@@ -37,6 +56,15 @@ impl Default for BrokerConfig {
             write_quorum: 1,
             ack_quorum: 1,
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            allow_auto_topic_creation: true,
+            allow_auto_topic_creation_type: "non-partitioned".into(),
+            default_num_partitions: 1,
+            managed_ledger_max_entries_per_ledger: 50_000,
+            managed_ledger_max_size_per_ledger_mb: 2048,
+            managed_ledger_max_ledger_rollover_time_minutes: 240,
+            managed_ledger_cache_size_mb: 32,
+            cursor_persist_interval_ms: 200,
+            dispatcher_max_read_batch_size: 100,
         }
     }
 }
@@ -47,7 +75,35 @@ pub const ENV_ALIASES: &[(&str, &str)] = &[
     ("managedLedgerDefaultWriteQuorum", "write_quorum"),
     ("managedLedgerDefaultAckQuorum", "ack_quorum"),
     ("maxMessageSize", "max_message_size"),
+    ("allowAutoTopicCreation", "allow_auto_topic_creation"),
+    ("allowAutoTopicCreationType", "allow_auto_topic_creation_type"),
+    ("defaultNumPartitions", "default_num_partitions"),
+    ("managedLedgerMaxEntriesPerLedger", "managed_ledger_max_entries_per_ledger"),
+    ("managedLedgerMaxSizePerLedgerMbytes", "managed_ledger_max_size_per_ledger_mb"),
+    ("managedLedgerMaxLedgerRolloverTimeMinutes", "managed_ledger_max_ledger_rollover_time_minutes"),
+    ("dispatcherMaxReadBatchSize", "dispatcher_max_read_batch_size"),
 ];
+
+impl BrokerConfig {
+    /// The per-topic settings.
+    pub fn topic_settings(&self) -> crate::topic::TopicSettings {
+        crate::topic::TopicSettings {
+            ensemble: (self.ensemble_size, self.write_quorum, self.ack_quorum),
+            auto_create: self.allow_auto_topic_creation,
+            auto_partitions: if self.allow_auto_topic_creation_type == "partitioned" {
+                self.default_num_partitions
+            } else {
+                0
+            },
+            max_entries_per_ledger: self.managed_ledger_max_entries_per_ledger,
+            max_bytes_per_ledger: self.managed_ledger_max_size_per_ledger_mb << 20,
+            max_ledger_age: std::time::Duration::from_secs(self.managed_ledger_max_ledger_rollover_time_minutes * 60),
+            cache_bytes: (self.managed_ledger_cache_size_mb << 20) as usize,
+            cursor_persist_interval: std::time::Duration::from_millis(self.cursor_persist_interval_ms),
+            read_batch: self.dispatcher_max_read_batch_size,
+        }
+    }
+}
 
 impl Validate for BrokerConfig {
     fn validate(&self) -> Result<(), ConfigError> {
@@ -57,6 +113,18 @@ impl Validate for BrokerConfig {
         }
         if self.max_message_size < 1024 || self.max_message_size > 64 << 20 {
             return bad("max_message_size", "must be between 1 KiB and 64 MiB");
+        }
+        if !["non-partitioned", "partitioned"].contains(&self.allow_auto_topic_creation_type.as_str()) {
+            return bad("allow_auto_topic_creation_type", "must be non-partitioned or partitioned");
+        }
+        if self.default_num_partitions == 0 {
+            return bad("default_num_partitions", "must be at least 1");
+        }
+        if self.managed_ledger_max_entries_per_ledger == 0 || self.managed_ledger_max_size_per_ledger_mb == 0 {
+            return bad("managed_ledger_max_entries_per_ledger", "ledger rollover limits must be at least 1");
+        }
+        if self.cursor_persist_interval_ms == 0 || self.dispatcher_max_read_batch_size == 0 {
+            return bad("cursor_persist_interval_ms", "cursor_persist_interval_ms and dispatcher_max_read_batch_size must be at least 1");
         }
         if self.metastore.is_empty() {
             return bad("metastore", "at least one metastore endpoint is needed");

@@ -1,11 +1,16 @@
 //! Magnetar broker: the Pulsar binary protocol server, managed ledgers, topics and
 //! subscriptions.
 //!
-//! Built so far: the protocol codec and handshake ([`protocol`]), and a server ([`server`])
-//! that serves lookups and producers, storing every client batch as one entry of the topic's
-//! replicated ledger ([`topic`]). Consumers, subscriptions, ledger rollover and topic
-//! recovery across restarts are not built yet.
+//! - [`protocol`]: the pure frame codec, the handshake and topic names.
+//! - [`server`]: accepts connections and serves producers, consumers, lookups and the other
+//!   commands clients use.
+//! - [`topic`]: one task per topic owning its managed ledger (replicated ledgers listed in
+//!   the metastore, rollover, tail cache, catch-up reads), producers, and subscriptions with
+//!   cursors persisted in the metastore and Exclusive/Shared/Failover/Key_Shared dispatch.
+//! - [`bootstrap`]: the metadata a standalone cluster starts with.
 
+pub mod bootstrap;
+pub mod client;
 pub mod config;
 pub mod protocol;
 pub mod server;

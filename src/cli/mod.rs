@@ -3,6 +3,7 @@
 mod meta;
 mod perf;
 mod perf_bookie;
+mod perf_broker;
 mod server;
 
 use clap::{Parser, Subcommand};

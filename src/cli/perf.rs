@@ -24,6 +24,11 @@ enum PerfCmd {
     Meta(MetaPerf),
     /// Bookie add throughput and latency (fsync on), next to the disk's own limits.
     Bookie(super::perf_bookie::BookiePerf),
+    /// Publish to a broker (like pulsar-perf produce): rate, size, producers, batching,
+    /// optional consumers for end-to-end latency.
+    Produce(super::perf_broker::ProducePerf),
+    /// Consume from a broker and report rates and end-to-end latency.
+    Consume(super::perf_broker::ConsumePerf),
 }
 
 #[derive(Args, Debug)]
@@ -56,6 +61,8 @@ pub async fn run(a: PerfArgs) -> anyhow::Result<()> {
     match a.cmd {
         PerfCmd::Meta(m) => meta(m).await,
         PerfCmd::Bookie(b) => super::perf_bookie::run(b).await,
+        PerfCmd::Produce(p) => super::perf_broker::run_produce(p).await,
+        PerfCmd::Consume(c) => super::perf_broker::run_consume(c).await,
     }
 }
 

@@ -189,6 +189,10 @@ pub struct StandaloneArgs {
     /// Pulsar protocol address (brokerServicePort).
     #[arg(long, default_value = "127.0.0.1:6650")]
     broker_listen: String,
+    /// A broker setting, as key=value (repeatable), e.g. managed_ledger_max_entries_per_ledger=1000.
+    /// `MAGNETAR_BROKER_*` and the Pulsar names (`managedLedgerMaxEntriesPerLedger`, …) apply too.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
 }
 
 /// A single-node metastore, one bookie and a broker in one process over one data directory.
@@ -224,17 +228,22 @@ pub async fn standalone(a: StandaloneArgs) -> anyhow::Result<()> {
         }
     };
     let meta = magnetar_metastore::client::MetaClient::connect(&endpoints)?;
-    let broker_cfg = magnetar_broker::BrokerConfig {
-        listen_addr: a.broker_listen.clone(),
-        metastore: endpoints.clone(),
-        ..Default::default()
+    let flags = vec![("listen_addr", Some(a.broker_listen.clone())), ("metastore", Some(toml_list(&endpoints)))];
+    let broker_cfg: anyhow::Result<magnetar_broker::BrokerConfig> =
+        layered("MAGNETAR_BROKER_", None, magnetar_broker::config::ENV_ALIASES, flags, &a.set).and_then(|l| Ok(l.load()?));
+    let started = match broker_cfg {
+        Ok(cfg) => match magnetar_broker::bootstrap::standalone_metadata(&meta, &format!("pulsar://{}", a.broker_listen)).await {
+            Ok(()) => magnetar_broker::Broker::start(cfg, meta, shutdown.clone()).await.map_err(anyhow::Error::from),
+            Err(e) => Err(e.into()),
+        },
+        Err(e) => Err(e),
     };
-    let broker = match magnetar_broker::Broker::start(broker_cfg, meta, shutdown.clone()).await {
+    let broker = match started {
         Ok(b) => b,
         Err(e) => {
             bookie.stop().await;
             meta_node.stop().await;
-            return Err(e.into());
+            return Err(e);
         }
     };
     tracing::info!(broker = %broker.addr(), bookie = %bookie.addr(), metastore = %a.metastore_listen, "standalone ready");

@@ -8,7 +8,7 @@ use std::time::Duration;
 use magnetar_broker::protocol::codec::decode_entry;
 use magnetar_metastore::local_cluster::free_ports;
 
-use crate::pulsar_python::produce;
+use crate::pulsar_python::{produce, scenario};
 use crate::support::{wait_until, Cluster};
 
 struct Proc(std::process::Child);
@@ -60,6 +60,10 @@ async fn broker_writes_replicated_ledgers_through_a_bookie_failure() {
     assert_eq!(second.last().map(|x| x.1), Some(59));
     let (md, _) = client.metadata(ledger).await.expect("metadata");
     assert!(md.fragments.len() >= 2 && !md.last_fragment().bookies.contains(&victim), "{:?}", md.fragments);
+
+    // Consumers of every type, and a restart-free redelivery round, on the replicated ledgers.
+    scenario(&url, "sub_types", "cluster");
+    scenario(&url, "redelivery", "cluster");
 
     let closed = client.recover(ledger).await.expect("recover");
     assert!(closed.last_entry >= 59);

@@ -33,3 +33,25 @@ pub fn produce(url: &str, topic: &str, n: usize, batching: bool) -> Vec<(u64, u6
     assert_eq!(ids.len(), n);
     ids
 }
+
+/// Runs one scenario of `tests/support/scenarios.py` (the official Python client) against
+/// the broker at `url`, with topic names starting with `prefix`; panics with its output when
+/// the scenario fails.
+pub fn scenario(url: &str, name: &str, prefix: &str) {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/support/scenarios.py");
+    let py = python();
+    let out = Command::new(&py)
+        .arg(&script)
+        .args([url, name, prefix])
+        .output()
+        .unwrap_or_else(|e| panic!("running {} (the Pulsar Python client; `.ci/run` installs it): {e}", py.display()));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.lines().any(|l| l == format!("ok {name}")),
+        "scenario {name} failed ({}):\n{}\n--- client log (tail) ---\n{}",
+        out.status,
+        stderr.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n"),
+        stdout.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n"),
+    );
+}

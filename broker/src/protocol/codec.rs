@@ -229,22 +229,32 @@ pub fn split_batch(data: &Bytes, count: usize) -> Result<Vec<BatchItem>, CodecEr
     let mut out = Vec::with_capacity(count.min(data.len() / 4 + 1));
     let mut off = 0usize;
     for _ in 0..count {
-        let mut r = &data[off..];
-        let size = be_u32(take(&mut r, 4, "truncated batch item size")?);
-        let meta = take(&mut r, size, "batch item metadata larger than the batch")?;
-        let metadata =
-            pb::SingleMessageMetadata::decode(meta).map_err(|e| CodecError::BadCommand(format!("batch item: {e}")))?;
-        let len =
-            usize::try_from(metadata.payload_size).map_err(|_| CodecError::Malformed("negative batch item size"))?;
-        take(&mut r, len, "batch item payload larger than the batch")?;
-        let start = off + 4 + size;
-        out.push(BatchItem { metadata, payload: data.slice(start..start + len) });
-        off = start + len;
+        let (item, next) = batch_item_at(data, off)?;
+        out.push(item);
+        off = next;
     }
     if off != data.len() {
         return Err(CodecError::Malformed("bytes left after the last batch item"));
     }
     Ok(out)
+}
+
+/// The first message of a batch payload.
+pub fn first_batch_item(data: &Bytes) -> Result<BatchItem, CodecError> {
+    batch_item_at(data, 0).map(|(item, _)| item)
+}
+
+/// The batch item at `off` and the offset after it.
+fn batch_item_at(data: &Bytes, off: usize) -> Result<(BatchItem, usize), CodecError> {
+    let mut r = &data[off..];
+    let size = be_u32(take(&mut r, 4, "truncated batch item size")?);
+    let meta = take(&mut r, size, "batch item metadata larger than the batch")?;
+    let metadata =
+        pb::SingleMessageMetadata::decode(meta).map_err(|e| CodecError::BadCommand(format!("batch item: {e}")))?;
+    let len = usize::try_from(metadata.payload_size).map_err(|_| CodecError::Malformed("negative batch item size"))?;
+    take(&mut r, len, "batch item payload larger than the batch")?;
+    let start = off + 4 + size;
+    Ok((BatchItem { metadata, payload: data.slice(start..start + len) }, start + len))
 }
 
 /// Appends one batch item (`[size][SingleMessageMetadata][payload]`).

@@ -99,6 +99,11 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         codec::encode_with_entry(cmd, entry, &mut self.buf);
     }
 
+    /// Bytes queued and not yet written.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
     /// Writes what is queued.
     pub async fn flush(&mut self) -> Result<(), ConnError> {
         if !self.buf.is_empty() {

@@ -1,9 +1,10 @@
-//! One client connection: handshake, then commands in order. Replies go through a writer task
-//! so that slow appends never block reading. Implemented: PING/PONG, LOOKUP,
-//! PARTITIONED_METADATA, PRODUCER, SEND (one client batch = one ledger entry, receipts in
-//! order per producer), CLOSE_PRODUCER. Other commands are answered with an ERROR naming them.
+//! One client connection: handshake, then commands in order. Replies and messages go through
+//! one outgoing queue drained by a writer task, so slow appends never block reading and a
+//! reply is never overtaken by a later one. Producers append through their topic's task;
+//! consumers are registered with it, and it sends their messages into this queue.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tokio::net::TcpStream;
@@ -14,19 +15,30 @@ use crate::protocol::codec::{base, CodecError};
 use crate::protocol::connection::{accept, error_command, ConnError, FrameReader, FrameWriter};
 use crate::protocol::names::TopicName;
 use crate::protocol::pb;
-use crate::topic::Topic;
+use crate::topic::{Cmd, ConsumerSpec, EntryInfo, Out, OutTx, SeekTarget, Topic};
 use pb::base_command::Type;
 
 /// How long a new connection may take to send CONNECT.
 const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Flush the outgoing buffer once it holds this much.
+const FLUSH_AT: usize = 256 * 1024;
 
 /// A send waiting for its append: sequence id, highest sequence id, the append.
-type PendingSend = (u64, u64, futures::future::BoxFuture<'static, Result<i64, String>>);
+type PendingSend = (u64, u64, futures::future::BoxFuture<'static, Result<crate::topic::position::Pos, String>>);
 
 struct Producer {
-    topic: Arc<Topic>,
+    topic: Topic,
+    name: String,
     /// Sends, in arrival order, to the task that awaits their appends and answers.
     queue: mpsc::UnboundedSender<PendingSend>,
+}
+
+fn reply(out: &OutTx, cmd: pb::BaseCommand) {
+    let _ = out.send(Out::Cmd(cmd));
+}
+
+fn success(request_id: u64) -> pb::BaseCommand {
+    pb::BaseCommand { success: Some(pb::CommandSuccess { request_id, schema: None }), ..base(Type::Success) }
 }
 
 pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>) -> Result<(), ConnError> {
@@ -40,13 +52,21 @@ pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>) -> Result<(), 
         .await
         .map_err(|_| ConnError::Protocol("no CONNECT within the handshake timeout".into()))??;
     tracing::debug!(client = %session.client_version, version = session.protocol_version, "client connected");
+    let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
 
-    let (out, mut out_rx) = mpsc::unbounded_channel::<pb::BaseCommand>();
+    let (out, mut out_rx) = mpsc::unbounded_channel::<Out>();
     let write_task = tokio::spawn(async move {
-        while let Some(cmd) = out_rx.recv().await {
-            writer.queue(&cmd);
-            while let Ok(more) = out_rx.try_recv() {
-                writer.queue(&more);
+        while let Some(first) = out_rx.recv().await {
+            let mut next = Some(first);
+            while let Some(o) = next {
+                match &o {
+                    Out::Cmd(c) => writer.queue(c),
+                    Out::Msg(c, entry) => writer.queue_with_entry(c, entry),
+                }
+                if writer.buffered() >= FLUSH_AT && writer.flush().await.is_err() {
+                    return;
+                }
+                next = out_rx.try_recv().ok();
             }
             if writer.flush().await.is_err() {
                 return;
@@ -54,7 +74,7 @@ pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>) -> Result<(), 
         }
     });
 
-    let mut producers: HashMap<u64, Producer> = HashMap::new();
+    let mut conn_state = Conn { shared: shared.clone(), conn, out: out.clone(), session_version: session.protocol_version, producers: HashMap::new(), consumers: HashMap::new() };
     let result = loop {
         let frame = match reader.next().await {
             Ok(Some(f)) => f,
@@ -63,34 +83,95 @@ pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>) -> Result<(), 
                 // The frame is intact but its payload is not: only that send fails.
                 tracing::warn!("payload checksum mismatch");
                 if let Some(s) = command.and_then(|c| c.send) {
-                    let _ = out.send(pb::BaseCommand {
-                        send_error: Some(pb::CommandSendError {
-                            producer_id: s.producer_id,
-                            sequence_id: s.sequence_id,
-                            error: pb::ServerError::ChecksumError as i32,
-                            message: "payload checksum mismatch".into(),
-                        }),
-                        ..base(Type::SendError)
-                    });
+                    reply(
+                        &out,
+                        pb::BaseCommand {
+                            send_error: Some(pb::CommandSendError {
+                                producer_id: s.producer_id,
+                                sequence_id: s.sequence_id,
+                                error: pb::ServerError::ChecksumError as i32,
+                                message: "payload checksum mismatch".into(),
+                            }),
+                            ..base(Type::SendError)
+                        },
+                    );
                 }
                 continue;
             }
             Err(e) => break Err(e),
         };
-        let cmd = frame.command;
-        let kind = Type::try_from(cmd.r#type);
-        match kind {
-            Ok(Type::Ping) => {
-                let _ = out.send(base(Type::Pong));
+        if let Err(e) = conn_state.command(frame).await {
+            break Err(e);
+        }
+    };
+    conn_state.close();
+    drop(conn_state);
+    drop(out);
+    let _ = write_task.await;
+    result
+}
+
+struct Conn {
+    shared: Arc<Shared>,
+    conn: u64,
+    out: OutTx,
+    session_version: i32,
+    producers: HashMap<u64, Producer>,
+    consumers: HashMap<u64, Topic>,
+}
+
+fn missing(what: &str) -> ConnError {
+    ConnError::Protocol(format!("{what} without its body"))
+}
+
+impl Conn {
+    /// Leaves every topic this connection produced or consumed on.
+    fn close(&mut self) {
+        for (id, p) in self.producers.drain() {
+            let _ = p.topic.send(Cmd::RemoveProducer { conn: self.conn, producer_id: id });
+        }
+        for (id, t) in self.consumers.drain() {
+            let _ = t.send(Cmd::CloseConsumer { key: (self.conn, id) });
+        }
+    }
+
+    async fn topic(&self, request_id: u64, name: &str) -> Option<Topic> {
+        let name = match TopicName::parse(name) {
+            Ok(n) => n,
+            Err(e) => {
+                reply(&self.out, error_command(request_id, pb::ServerError::InvalidTopicName, e.to_string()));
+                return None;
             }
+        };
+        match self.shared.topics.get_or_load(&name).await {
+            Ok(t) => Some(t),
+            Err(e) => {
+                reply(&self.out, error_command(request_id, e.server_error(), e.to_string()));
+                None
+            }
+        }
+    }
+
+    /// The topic of a consumer, or an ERROR for the request.
+    fn consumer(&self, consumer_id: u64, request_id: u64) -> Option<&Topic> {
+        let t = self.consumers.get(&consumer_id);
+        if t.is_none() {
+            reply(&self.out, error_command(request_id, pb::ServerError::ConsumerNotFound, format!("no consumer {consumer_id}")));
+        }
+        t
+    }
+
+    async fn command(&mut self, frame: crate::protocol::codec::Frame) -> Result<(), ConnError> {
+        let cmd = frame.command;
+        let out = self.out.clone();
+        match Type::try_from(cmd.r#type) {
+            Ok(Type::Ping) => reply(&out, base(Type::Pong)),
             Ok(Type::Pong) => {}
             Ok(Type::Lookup) => {
-                let Some(l) = cmd.lookup_topic else {
-                    break Err(ConnError::Protocol("LOOKUP without its body".into()));
-                };
-                let reply = match TopicName::parse(&l.topic) {
+                let l = cmd.lookup_topic.ok_or_else(|| missing("LOOKUP"))?;
+                let r = match TopicName::parse(&l.topic) {
                     Ok(_) => pb::CommandLookupTopicResponse {
-                        broker_service_url: Some(shared.service_url.clone()),
+                        broker_service_url: Some(self.shared.service_url.clone()),
                         response: Some(pb::command_lookup_topic_response::LookupType::Connect as i32),
                         request_id: l.request_id,
                         authoritative: Some(true),
@@ -104,141 +185,278 @@ pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>) -> Result<(), 
                         ..Default::default()
                     },
                 };
-                let _ = out.send(pb::BaseCommand { lookup_topic_response: Some(reply), ..base(Type::LookupResponse) });
+                reply(&out, pb::BaseCommand { lookup_topic_response: Some(r), ..base(Type::LookupResponse) });
             }
             Ok(Type::PartitionedMetadata) => {
-                let Some(p) = cmd.partition_metadata else {
-                    break Err(ConnError::Protocol("PARTITIONED_METADATA without its body".into()));
+                let p = cmd.partition_metadata.ok_or_else(|| missing("PARTITIONED_METADATA"))?;
+                use pb::command_partitioned_topic_metadata_response::LookupType;
+                let r = match TopicName::parse(&p.topic) {
+                    Err(e) => Err((pb::ServerError::InvalidTopicName, e.to_string())),
+                    Ok(name) => self.shared.topics.partitions(&name).await.map_err(|e| (e.server_error(), e.to_string())),
                 };
-                let reply = pb::CommandPartitionedTopicMetadataResponse {
-                    partitions: Some(0),
-                    request_id: p.request_id,
-                    response: Some(pb::command_partitioned_topic_metadata_response::LookupType::Success as i32),
-                    ..Default::default()
+                let r = match r {
+                    Ok(n) => pb::CommandPartitionedTopicMetadataResponse {
+                        partitions: Some(n),
+                        request_id: p.request_id,
+                        response: Some(LookupType::Success as i32),
+                        ..Default::default()
+                    },
+                    Err((code, message)) => pb::CommandPartitionedTopicMetadataResponse {
+                        request_id: p.request_id,
+                        response: Some(LookupType::Failed as i32),
+                        error: Some(code as i32),
+                        message: Some(message),
+                        ..Default::default()
+                    },
                 };
-                let _ = out.send(pb::BaseCommand {
-                    partition_metadata_response: Some(reply),
-                    ..base(Type::PartitionedMetadataResponse)
-                });
+                reply(&out, pb::BaseCommand { partition_metadata_response: Some(r), ..base(Type::PartitionedMetadataResponse) });
             }
             Ok(Type::Producer) => {
-                let Some(p) = cmd.producer else { break Err(ConnError::Protocol("PRODUCER without its body".into())) };
-                let name = match TopicName::parse(&p.topic) {
-                    Ok(n) => n,
-                    Err(e) => {
-                        let _ = out.send(error_command(p.request_id, pb::ServerError::InvalidTopicName, e.to_string()));
-                        continue;
-                    }
-                };
-                let topic = match shared.topics.get_or_load(&name).await {
-                    Ok(t) => t,
-                    Err(e) => {
-                        let _ = out.send(error_command(p.request_id, pb::ServerError::PersistenceError, e.to_string()));
-                        continue;
-                    }
-                };
-                let producer_name = p
-                    .producer_name
-                    .clone()
-                    .filter(|n| !n.is_empty())
-                    .unwrap_or_else(|| format!("magnetar-{}-{}", topic.writer.id(), p.producer_id));
-                let (queue, mut rx) =
-                    mpsc::unbounded_channel::<(u64, u64, futures::future::BoxFuture<'static, Result<i64, String>>)>();
-                let (out2, producer_id, ledger) = (out.clone(), p.producer_id, topic.writer.id());
-                tokio::spawn(async move {
-                    while let Some((sequence_id, highest, fut)) = rx.recv().await {
-                        let reply = match fut.await {
-                            Ok(entry) => pb::BaseCommand {
-                                send_receipt: Some(pb::CommandSendReceipt {
-                                    producer_id,
-                                    sequence_id,
-                                    message_id: Some(pb::MessageIdData {
-                                        ledger_id: ledger,
-                                        entry_id: entry as u64,
-                                        ..Default::default()
-                                    }),
-                                    highest_sequence_id: Some(highest),
-                                }),
-                                ..base(Type::SendReceipt)
-                            },
-                            Err(message) => pb::BaseCommand {
-                                send_error: Some(pb::CommandSendError {
-                                    producer_id,
-                                    sequence_id,
-                                    error: pb::ServerError::PersistenceError as i32,
-                                    message,
-                                }),
-                                ..base(Type::SendError)
-                            },
-                        };
-                        if out2.send(reply).is_err() {
-                            return;
-                        }
-                    }
-                });
-                producers.insert(p.producer_id, Producer { topic, queue });
-                let reply = pb::CommandProducerSuccess {
-                    request_id: p.request_id,
-                    producer_name,
-                    last_sequence_id: Some(-1),
-                    ..Default::default()
-                };
-                let _ = out.send(pb::BaseCommand { producer_success: Some(reply), ..base(Type::ProducerSuccess) });
+                let p = cmd.producer.ok_or_else(|| missing("PRODUCER"))?;
+                self.add_producer(p).await;
             }
             Ok(Type::Send) => {
-                let Some(s) = cmd.send else { break Err(ConnError::Protocol("SEND without its body".into())) };
-                let Some(producer) = producers.get(&s.producer_id) else {
+                let s = cmd.send.ok_or_else(|| missing("SEND"))?;
+                let Some(producer) = self.producers.get(&s.producer_id) else {
                     tracing::debug!(producer = s.producer_id, "SEND for an unknown producer");
-                    continue;
+                    return Ok(());
                 };
-                let Some(payload) = frame.payload else {
-                    break Err(ConnError::Protocol("SEND without a payload".into()));
-                };
-                let fut = producer.topic.writer.append(payload.entry);
-                let fut: futures::future::BoxFuture<'static, Result<i64, String>> =
-                    Box::pin(async move { fut.await.map_err(|e| e.to_string()) });
+                let payload = frame.payload.ok_or_else(|| ConnError::Protocol("SEND without a payload".into()))?;
                 let highest = s.highest_sequence_id.unwrap_or(s.sequence_id);
-                let _ = producer.queue.send((s.sequence_id, highest, fut));
+                let info = EntryInfo::from_entry(&payload.metadata, &payload.data);
+                let fut = producer.topic.append(payload.entry, info, Some((producer.name.clone(), highest)));
+                let _ = producer.queue.send((s.sequence_id, highest, Box::pin(fut)));
             }
             Ok(Type::CloseProducer) => {
-                let Some(c) = cmd.close_producer else {
-                    break Err(ConnError::Protocol("CLOSE_PRODUCER without its body".into()));
+                let c = cmd.close_producer.ok_or_else(|| missing("CLOSE_PRODUCER"))?;
+                if let Some(p) = self.producers.remove(&c.producer_id) {
+                    let _ = p.topic.send(Cmd::RemoveProducer { conn: self.conn, producer_id: c.producer_id });
+                }
+                reply(&out, success(c.request_id));
+            }
+            Ok(Type::Subscribe) => {
+                let s = cmd.subscribe.ok_or_else(|| missing("SUBSCRIBE"))?;
+                self.subscribe(s).await;
+            }
+            Ok(Type::Flow) => {
+                let f = cmd.flow.ok_or_else(|| missing("FLOW"))?;
+                if let Some(t) = self.consumers.get(&f.consumer_id) {
+                    let _ = t.send(Cmd::Flow { key: (self.conn, f.consumer_id), permits: f.message_permits });
+                }
+            }
+            Ok(Type::Ack) => {
+                let a = cmd.ack.ok_or_else(|| missing("ACK"))?;
+                if let Some(t) = self.consumers.get(&a.consumer_id) {
+                    let _ = t.send(Cmd::Ack { key: (self.conn, a.consumer_id), ack: a });
+                }
+            }
+            Ok(Type::RedeliverUnacknowledgedMessages) => {
+                let r = cmd.redeliver_unacknowledged_messages.ok_or_else(|| missing("REDELIVER_UNACKNOWLEDGED_MESSAGES"))?;
+                if let Some(t) = self.consumers.get(&r.consumer_id) {
+                    let _ = t.send(Cmd::Redeliver { key: (self.conn, r.consumer_id), ids: r.message_ids });
+                }
+            }
+            Ok(Type::CloseConsumer) => {
+                let c = cmd.close_consumer.ok_or_else(|| missing("CLOSE_CONSUMER"))?;
+                if let Some(t) = self.consumers.remove(&c.consumer_id) {
+                    let _ = t.send(Cmd::CloseConsumer { key: (self.conn, c.consumer_id) });
+                }
+                reply(&out, success(c.request_id));
+            }
+            Ok(Type::Unsubscribe) => {
+                let u = cmd.unsubscribe.ok_or_else(|| missing("UNSUBSCRIBE"))?;
+                if let Some(t) = self.consumer(u.consumer_id, u.request_id) {
+                    let key = (self.conn, u.consumer_id);
+                    let _ = t.send(Cmd::Unsubscribe { key, request_id: u.request_id, force: u.force.unwrap_or(false) });
+                }
+            }
+            Ok(Type::Seek) => {
+                let s = cmd.seek.ok_or_else(|| missing("SEEK"))?;
+                let target = match (s.message_id, s.message_publish_time) {
+                    (Some(id), _) => SeekTarget::Id(id),
+                    (None, Some(t)) => SeekTarget::PublishTime(t),
+                    (None, None) => {
+                        reply(&out, error_command(s.request_id, pb::ServerError::MetadataError, "SEEK needs a message id or a publish time"));
+                        return Ok(());
+                    }
                 };
-                producers.remove(&c.producer_id);
-                let _ = out.send(pb::BaseCommand {
-                    success: Some(pb::CommandSuccess { request_id: c.request_id, schema: None }),
-                    ..base(Type::Success)
-                });
+                if let Some(t) = self.consumer(s.consumer_id, s.request_id) {
+                    let _ = t.send(Cmd::Seek { key: (self.conn, s.consumer_id), request_id: s.request_id, target });
+                }
+            }
+            Ok(Type::GetLastMessageId) => {
+                let g = cmd.get_last_message_id.ok_or_else(|| missing("GET_LAST_MESSAGE_ID"))?;
+                if let Some(t) = self.consumer(g.consumer_id, g.request_id) {
+                    let _ = t.send(Cmd::LastMessageId { key: (self.conn, g.consumer_id), request_id: g.request_id });
+                }
+            }
+            Ok(Type::ConsumerStats) => {
+                let c = cmd.consumer_stats.ok_or_else(|| missing("CONSUMER_STATS"))?;
+                if let Some(t) = self.consumer(c.consumer_id, c.request_id) {
+                    let _ = t.send(Cmd::ConsumerStats { key: (self.conn, c.consumer_id), request_id: c.request_id });
+                }
+            }
+            Ok(Type::GetTopicsOfNamespace) => {
+                let g = cmd.get_topics_of_namespace.ok_or_else(|| missing("GET_TOPICS_OF_NAMESPACE"))?;
+                let r = match self.shared.topics.list_namespace(&g.namespace).await {
+                    Ok(topics) => pb::BaseCommand {
+                        get_topics_of_namespace_response: Some(pb::CommandGetTopicsOfNamespaceResponse {
+                            request_id: g.request_id,
+                            topics,
+                            filtered: Some(false),
+                            ..Default::default()
+                        }),
+                        ..base(Type::GetTopicsOfNamespaceResponse)
+                    },
+                    Err(e) => error_command(g.request_id, e.server_error(), e.to_string()),
+                };
+                reply(&out, r);
+            }
+            Ok(Type::GetSchema) => {
+                let g = cmd.get_schema.ok_or_else(|| missing("GET_SCHEMA"))?;
+                // Schemas are not stored yet: every topic reads as having none.
+                reply(
+                    &out,
+                    pb::BaseCommand {
+                        get_schema_response: Some(pb::CommandGetSchemaResponse {
+                            request_id: g.request_id,
+                            error_code: Some(pb::ServerError::TopicNotFound as i32),
+                            error_message: Some(format!("no schema for {}", g.topic)),
+                            ..Default::default()
+                        }),
+                        ..base(Type::GetSchemaResponse)
+                    },
+                );
             }
             other => {
-                tracing::debug!(command = ?other, "command not supported yet");
-                let request_id = request_id_of(&cmd);
-                let _ = out.send(error_command(
-                    request_id,
-                    pb::ServerError::NotAllowedError,
-                    format!("{other:?} is not supported yet"),
-                ));
+                tracing::debug!(command = ?other, "command not supported");
+                reply(
+                    &out,
+                    error_command(request_id_of(&cmd), pb::ServerError::NotAllowedError, format!("{other:?} is not supported")),
+                );
             }
         }
-    };
-    drop(producers);
-    drop(out);
-    let _ = write_task.await;
-    result
+        Ok(())
+    }
+
+    async fn add_producer(&mut self, p: pb::CommandProducer) {
+        let out = self.out.clone();
+        if self.producers.get(&p.producer_id).is_some_and(|x| x.topic.is_closed()) {
+            // Its topic stopped and told the client to reconnect the producer.
+            self.producers.remove(&p.producer_id);
+        }
+        if self.producers.contains_key(&p.producer_id) {
+            // A retry of a PRODUCER this connection already served.
+            let name = self.producers.get(&p.producer_id).map(|x| x.name.clone()).unwrap_or_default();
+            reply(&out, producer_success(p.request_id, name, -1));
+            return;
+        }
+        let Some(topic) = self.topic(p.request_id, &p.topic).await else { return };
+        let answer = topic
+            .ask(|done| Cmd::AddProducer {
+                conn: self.conn,
+                producer_id: p.producer_id,
+                name: p.producer_name.clone(),
+                out: out.clone(),
+                done,
+            })
+            .await;
+        let (name, last) = match answer {
+            Ok(Ok(x)) => x,
+            Ok(Err((code, message))) => return reply(&out, error_command(p.request_id, code, message)),
+            Err(e) => return reply(&out, error_command(p.request_id, e.server_error(), e.to_string())),
+        };
+        let (queue, mut rx) = mpsc::unbounded_channel::<PendingSend>();
+        let (out2, producer_id) = (out.clone(), p.producer_id);
+        tokio::spawn(async move {
+            while let Some((sequence_id, highest, fut)) = rx.recv().await {
+                let r = match fut.await {
+                    Ok(pos) => pb::BaseCommand {
+                        send_receipt: Some(pb::CommandSendReceipt {
+                            producer_id,
+                            sequence_id,
+                            message_id: Some(pb::MessageIdData {
+                                ledger_id: pos.ledger_id,
+                                entry_id: pos.entry_id as u64,
+                                ..Default::default()
+                            }),
+                            highest_sequence_id: Some(highest),
+                        }),
+                        ..base(Type::SendReceipt)
+                    },
+                    Err(message) => pb::BaseCommand {
+                        send_error: Some(pb::CommandSendError {
+                            producer_id,
+                            sequence_id,
+                            error: pb::ServerError::PersistenceError as i32,
+                            message,
+                        }),
+                        ..base(Type::SendError)
+                    },
+                };
+                if out2.send(Out::Cmd(r)).is_err() {
+                    return;
+                }
+            }
+        });
+        self.producers.insert(p.producer_id, Producer { topic, name: name.clone(), queue });
+        reply(&out, producer_success(p.request_id, name, last));
+    }
+
+    async fn subscribe(&mut self, s: pb::CommandSubscribe) {
+        use pb::command_subscribe::{InitialPosition, SubType};
+        let out = self.out.clone();
+        let Some(topic) = self.topic(s.request_id, &s.topic).await else { return };
+        if let Some(old) = self.consumers.get(&s.consumer_id).filter(|old| old.name != topic.name) {
+            // The id is reused for another topic: leave the old one.
+            let _ = old.send(Cmd::CloseConsumer { key: (self.conn, s.consumer_id) });
+        }
+        let sub_type = SubType::try_from(s.sub_type).unwrap_or(SubType::Exclusive);
+        let ranges = s
+            .key_shared_meta
+            .as_ref()
+            .filter(|m| m.key_shared_mode == pb::KeySharedMode::Sticky as i32)
+            .map(|m| m.hash_ranges.iter().map(|r| (r.start.max(0) as u32, r.end.max(0) as u32)).collect())
+            .unwrap_or_default();
+        let properties: BTreeMap<String, String> =
+            s.subscription_properties.iter().map(|kv| (kv.key.clone(), kv.value.clone())).collect();
+        let spec = ConsumerSpec {
+            conn: self.conn,
+            consumer_id: s.consumer_id,
+            request_id: s.request_id,
+            subscription: s.subscription.clone(),
+            sub_type,
+            name: s.consumer_name.clone().filter(|n| !n.is_empty()).unwrap_or_else(|| format!("consumer-{}-{}", self.conn, s.consumer_id)),
+            priority: s.priority_level.unwrap_or(0),
+            durable: s.durable.unwrap_or(true),
+            earliest: s.initial_position == Some(InitialPosition::Earliest as i32),
+            start: s.start_message_id,
+            ranges,
+            properties,
+            protocol_version: self.session_version,
+            out: out.clone(),
+        };
+        if topic.send(Cmd::Subscribe(Box::new(spec))).is_err() {
+            reply(&out, error_command(s.request_id, pb::ServerError::ServiceNotReady, "topic is not available"));
+            return;
+        }
+        self.consumers.insert(s.consumer_id, topic);
+    }
+}
+
+fn producer_success(request_id: u64, producer_name: String, last_sequence_id: i64) -> pb::BaseCommand {
+    pb::BaseCommand {
+        producer_success: Some(pb::CommandProducerSuccess {
+            request_id,
+            producer_name,
+            last_sequence_id: Some(last_sequence_id),
+            ..Default::default()
+        }),
+        ..base(Type::ProducerSuccess)
+    }
 }
 
 /// The request id of a command that expects an answer (0 when it carries none).
 fn request_id_of(cmd: &pb::BaseCommand) -> u64 {
-    cmd.subscribe
-        .as_ref()
-        .map(|c| c.request_id)
-        .or(cmd.unsubscribe.as_ref().map(|c| c.request_id))
-        .or(cmd.close_consumer.as_ref().map(|c| c.request_id))
-        .or(cmd.seek.as_ref().map(|c| c.request_id))
-        .or(cmd.get_last_message_id.as_ref().map(|c| c.request_id))
-        .or(cmd.consumer_stats.as_ref().map(|c| c.request_id))
-        .or(cmd.get_topics_of_namespace.as_ref().map(|c| c.request_id))
-        .or(cmd.get_schema.as_ref().map(|c| c.request_id))
-        .or(cmd.get_or_create_schema.as_ref().map(|c| c.request_id))
-        .unwrap_or(0)
+    cmd.get_or_create_schema.as_ref().map(|c| c.request_id).unwrap_or(0)
 }

@@ -18,6 +18,7 @@ use crate::topic::Topics;
 
 pub(crate) struct Shared {
     pub(crate) topics: Topics,
+    pub(crate) next_conn: std::sync::atomic::AtomicU64,
     pub(crate) service_url: String,
     pub(crate) max_message_size: usize,
 }
@@ -27,6 +28,7 @@ pub struct Broker {
     addr: SocketAddr,
     cancel: CancellationToken,
     tasks: TaskTracker,
+    shared: Arc<Shared>,
 }
 
 /// Why the broker could not start.
@@ -62,13 +64,14 @@ impl Broker {
             LedgerOptions { created_by: format!("broker {advertise}"), ..Default::default() },
         );
         let shared = Arc::new(Shared {
-            topics: Topics::new(meta, ledgers, (cfg.ensemble_size, cfg.write_quorum, cfg.ack_quorum)),
+            topics: Topics::new(meta, ledgers, cfg.topic_settings()),
+            next_conn: std::sync::atomic::AtomicU64::new(1),
             service_url: format!("pulsar://{advertise}"),
             max_message_size: cfg.max_message_size,
         });
         let cancel = shutdown.child_token();
         let tasks = TaskTracker::new();
-        let (accept_cancel, accept_tasks) = (cancel.clone(), tasks.clone());
+        let (accept_cancel, accept_tasks, kept) = (cancel.clone(), tasks.clone(), shared.clone());
         tasks.spawn(async move {
             loop {
                 let (stream, peer) = tokio::select! {
@@ -96,7 +99,7 @@ impl Broker {
             }
         });
         tracing::info!(%addr, "broker serving the Pulsar protocol");
-        Ok(Broker { addr, cancel, tasks })
+        Ok(Broker { addr, cancel, tasks, shared: kept })
     }
 
     /// The bound address.
@@ -104,11 +107,13 @@ impl Broker {
         self.addr
     }
 
-    /// Stops accepting, closes connections and waits for their tasks.
+    /// Stops accepting, closes connections and waits for their tasks, then closes every
+    /// topic (cursors stored, ledgers closed).
     pub async fn stop(self) {
         self.cancel.cancel();
         self.tasks.close();
         self.tasks.wait().await;
+        self.shared.topics.close_all().await;
     }
 }
 

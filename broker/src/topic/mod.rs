@@ -1,26 +1,53 @@
 //! Topics. Every topic is loaded through [`Topics::get_or_load`], the one place a future
-//! ownership (lease) check will guard.
+//! ownership (lease) check will guard, and is then owned by one task ([`actor`]) that holds
+//! its managed ledger, tail cache, producers and subscriptions.
 //!
 //! A topic's ledgers are listed at `/topics/<domain>/<tenant>/<namespace>/<topic>` and the list
-//! changes only by compare-and-swap. Loading a topic first recovers the last listed ledger —
-//! which fences any earlier writer, such as a broker that lost the topic but is still running
-//! — and then appends a new ledger to the list and writes to it. So a restarted broker never
-//! writes behind an older writer, and every acknowledged entry stays in a closed ledger of the
-//! list. Rollover, the tail cache and consumers are not built yet.
+//! changes only by compare-and-swap. Loading a topic first recovers every listed ledger that
+//! was not closed — which fences any earlier writer, such as a broker that lost the topic but
+//! is still running — and then appends a new ledger to the list and writes to it. So a
+//! restarted broker never writes behind an older writer, and every acknowledged entry stays
+//! in a closed ledger of the list. Cursors live at `<topic key>/cursors/<subscription>`;
+//! partition counts at `/partitioned/<domain>/<tenant>/<namespace>/<topic>`.
+
+mod actor;
+pub mod cursor;
+pub mod keys;
+pub mod position;
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
-use magnetar_bookie::client::{LedgerClient, LedgerConfig, LedgerError, LedgerWriter};
+use bytes::Bytes;
+use magnetar_bookie::client::{LedgerClient, LedgerConfig, LedgerError};
 use magnetar_metastore::client::{ClientError, MetaClient, PutOptions};
 use serde::{Deserialize, Serialize};
-use tokio::sync::Mutex;
+use tokio::sync::{mpsc, oneshot, Mutex, OnceCell};
 
 use crate::protocol::names::TopicName;
+use crate::protocol::pb;
+pub use actor::{Cmd, ConsumerSpec, EntryInfo, Out, OutTx, SeekTarget};
+use position::{LedgerSpan, Pos};
 
 /// The metastore key of a topic's managed-ledger metadata.
 pub fn topic_key(name: &TopicName) -> String {
     format!("/topics/{}/{}/{}/{}", name.domain, name.tenant, name.namespace, name.local)
+}
+
+/// The metastore key of a subscription's cursor.
+pub fn cursor_key(name: &TopicName, subscription: &str) -> String {
+    format!("{}/cursors/{}", topic_key(name), encode_segment(subscription))
+}
+
+/// The metastore key of a partitioned topic's partition count.
+pub fn partitioned_key(name: &TopicName) -> String {
+    format!("/partitioned/{}/{}/{}/{}", name.domain, name.tenant, name.namespace, name.local)
+}
+
+/// Escapes `%` and `/` so any subscription name is one key segment.
+pub fn encode_segment(s: &str) -> String {
+    s.replace('%', "%25").replace('/', "%2F")
 }
 
 /// One ledger of a topic.
@@ -42,15 +69,14 @@ pub struct ManagedLedgerInfo {
     pub ledgers: Vec<LedgerInfo>,
 }
 
-/// A loaded topic.
-pub struct Topic {
-    /// Its name.
-    pub name: TopicName,
-    /// The ledger currently written.
-    pub writer: LedgerWriter,
+/// A partitioned topic's metadata.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionedMetadata {
+    /// Number of partitions.
+    pub partitions: u32,
 }
 
-/// Why a topic could not be loaded.
+/// Why a topic operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum TopicError {
     /// A ledger operation failed.
@@ -59,8 +85,8 @@ pub enum TopicError {
     /// A metastore call failed.
     #[error("metastore: {0}")]
     Meta(#[from] ClientError),
-    /// Someone else changed the topic's metadata while it was being loaded.
-    #[error("topic {0} was changed concurrently while loading")]
+    /// Someone else changed the topic's metadata meanwhile.
+    #[error("topic {0} was changed concurrently")]
     Conflict(String),
     /// The stored metadata does not parse.
     #[error("topic {topic} metadata is unreadable: {reason}")]
@@ -70,31 +96,198 @@ pub enum TopicError {
         /// Why.
         reason: String,
     },
+    /// The topic does not exist and auto-creation is off.
+    #[error("topic {0} does not exist")]
+    NotFound(String),
+    /// The topic's task has stopped (failed or closed).
+    #[error("topic {0} is not available")]
+    Unavailable(String),
+}
+
+impl TopicError {
+    /// The Pulsar error code for this failure.
+    pub fn server_error(&self) -> pb::ServerError {
+        match self {
+            TopicError::NotFound(_) => pb::ServerError::TopicNotFound,
+            TopicError::Meta(_) | TopicError::BadMetadata { .. } | TopicError::Conflict(_) => {
+                pb::ServerError::MetadataError
+            }
+            TopicError::Ledger(_) => pb::ServerError::PersistenceError,
+            TopicError::Unavailable(_) => pb::ServerError::ServiceNotReady,
+        }
+    }
+}
+
+/// Per-topic settings from the broker configuration.
+#[derive(Clone, Debug)]
+pub struct TopicSettings {
+    /// (E, Qw, Qa) of new ledgers.
+    pub ensemble: (usize, usize, usize),
+    /// Create topics on first use.
+    pub auto_create: bool,
+    /// Partitions of auto-created topics (0: non-partitioned).
+    pub auto_partitions: u32,
+    /// Roll the ledger after this many entries.
+    pub max_entries_per_ledger: u64,
+    /// Roll the ledger after this many bytes.
+    pub max_bytes_per_ledger: u64,
+    /// Roll a ledger with entries after this long.
+    pub max_ledger_age: Duration,
+    /// Tail cache bytes per topic.
+    pub cache_bytes: usize,
+    /// How often changed cursors are stored.
+    pub cursor_persist_interval: Duration,
+    /// Entries per catch-up read.
+    pub read_batch: usize,
+}
+
+impl Default for TopicSettings {
+    fn default() -> Self {
+        TopicSettings {
+            ensemble: (1, 1, 1),
+            auto_create: true,
+            auto_partitions: 0,
+            max_entries_per_ledger: 50_000,
+            max_bytes_per_ledger: 2 << 30,
+            max_ledger_age: Duration::from_secs(240 * 60),
+            cache_bytes: 32 << 20,
+            cursor_persist_interval: Duration::from_millis(200),
+            read_batch: 100,
+        }
+    }
+}
+
+/// A loaded topic: its name and the channel to its task.
+#[derive(Clone)]
+pub struct Topic {
+    /// Its name.
+    pub name: TopicName,
+    tx: mpsc::UnboundedSender<Cmd>,
+}
+
+impl Topic {
+    /// Sends a command to the topic's task.
+    pub fn send(&self, cmd: Cmd) -> Result<(), TopicError> {
+        self.tx.send(cmd).map_err(|_| TopicError::Unavailable(self.name.to_string()))
+    }
+
+    /// Whether the topic's task has stopped.
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+
+    /// Appends an entry; resolves with its position once stored.
+    pub fn append(
+        &self,
+        entry: Bytes,
+        info: EntryInfo,
+        producer: Option<(String, u64)>,
+    ) -> impl std::future::Future<Output = Result<Pos, String>> + Send + 'static {
+        let (done, rx) = oneshot::channel();
+        let sent = self.tx.send(Cmd::Append { entry, info, producer, done }).is_ok();
+        let name = self.name.to_string();
+        async move {
+            if !sent {
+                return Err(format!("topic {name} is not available"));
+            }
+            rx.await.unwrap_or_else(|_| Err(format!("topic {name} is not available")))
+        }
+    }
+
+    /// Asks for an answer through `make`.
+    pub async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Cmd) -> Result<T, TopicError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(make(tx))?;
+        rx.await.map_err(|_| TopicError::Unavailable(self.name.to_string()))
+    }
 }
 
 /// The topics this broker has loaded.
 pub struct Topics {
     meta: MetaClient,
     ledgers: LedgerClient,
-    ensemble: (usize, usize, usize),
-    loaded: Mutex<HashMap<TopicName, Arc<Topic>>>,
+    settings: Arc<TopicSettings>,
+    loaded: Mutex<HashMap<TopicName, Arc<OnceCell<Topic>>>>,
 }
 
 impl Topics {
-    /// Topics whose ledgers use `ensemble` = (E, Qw, Qa).
-    pub fn new(meta: MetaClient, ledgers: LedgerClient, ensemble: (usize, usize, usize)) -> Self {
-        Topics { meta, ledgers, ensemble, loaded: Mutex::new(HashMap::new()) }
+    /// Topics with `settings`.
+    pub fn new(meta: MetaClient, ledgers: LedgerClient, settings: TopicSettings) -> Self {
+        Topics { meta, ledgers, settings: Arc::new(settings), loaded: Mutex::new(HashMap::new()) }
     }
 
-    /// The loaded topic, loading it if needed.
-    pub async fn get_or_load(&self, name: &TopicName) -> Result<Arc<Topic>, TopicError> {
-        let mut loaded = self.loaded.lock().await;
-        if let Some(t) = loaded.get(name) {
-            return Ok(t.clone());
+    /// The metastore client.
+    pub fn meta(&self) -> &MetaClient {
+        &self.meta
+    }
+
+    /// The loaded topic, loading it if needed. Concurrent callers share one load; a topic
+    /// whose task stopped is loaded again.
+    pub async fn get_or_load(&self, name: &TopicName) -> Result<Topic, TopicError> {
+        for _ in 0..3 {
+            let cell = {
+                let mut loaded = self.loaded.lock().await;
+                let cell = loaded.entry(name.clone()).or_default().clone();
+                if cell.get().is_some_and(|t| t.is_closed()) {
+                    let fresh = Arc::new(OnceCell::new());
+                    loaded.insert(name.clone(), fresh.clone());
+                    fresh
+                } else {
+                    cell
+                }
+            };
+            let r = cell.get_or_try_init(|| self.load(name)).await;
+            match r {
+                Ok(t) if !t.is_closed() => return Ok(t.clone()),
+                Ok(_) => continue,
+                Err(e) => {
+                    let mut loaded = self.loaded.lock().await;
+                    if loaded.get(name).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+                        loaded.remove(name);
+                    }
+                    return Err(e);
+                }
+            }
         }
-        let t = Arc::new(self.load(name).await?);
-        loaded.insert(name.clone(), t.clone());
-        Ok(t)
+        Err(TopicError::Unavailable(name.to_string()))
+    }
+
+    /// The partition count of `name` (0: not partitioned). With auto-creation of partitioned
+    /// topics on, a topic that does not exist yet is created partitioned.
+    pub async fn partitions(&self, name: &TopicName) -> Result<u32, TopicError> {
+        if name.partition().is_some() {
+            return Ok(0);
+        }
+        let key = partitioned_key(name);
+        if let Some(kv) = self.meta.get(&key).await? {
+            let md: PartitionedMetadata = serde_json::from_slice(&kv.value)
+                .map_err(|e| TopicError::BadMetadata { topic: name.to_string(), reason: e.to_string() })?;
+            return Ok(md.partitions);
+        }
+        if !self.settings.auto_create || self.settings.auto_partitions == 0 {
+            return Ok(0);
+        }
+        // Only a topic that does not exist non-partitioned becomes partitioned.
+        if self.meta.get(&topic_key(name)).await?.is_some() {
+            return Ok(0);
+        }
+        let md = PartitionedMetadata { partitions: self.settings.auto_partitions };
+        let body = serde_json::to_vec(&md).unwrap_or_default();
+        match self.meta.put(&key, body, PutOptions { expected_version: Some(0), session: 0 }).await {
+            Ok(_) | Err(ClientError::BadVersion { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        Box::pin(self.partitions(name)).await
+    }
+
+    /// Closes every loaded topic: stores cursors and closes ledgers.
+    pub async fn close_all(&self) {
+        let topics: Vec<Topic> = {
+            let mut loaded = self.loaded.lock().await;
+            loaded.drain().filter_map(|(_, c)| c.get().cloned()).collect()
+        };
+        let closes = topics.iter().map(|t| t.ask(|done| Cmd::Close { done }));
+        futures::future::join_all(closes).await;
     }
 
     async fn load(&self, name: &TopicName) -> Result<Topic, TopicError> {
@@ -105,33 +298,87 @@ impl Topics {
                     .map_err(|e| TopicError::BadMetadata { topic: name.to_string(), reason: e.to_string() })?;
                 (info, kv.version)
             }
-            None => (ManagedLedgerInfo::default(), 0),
+            None if self.settings.auto_create || name.partition().is_some() => (ManagedLedgerInfo::default(), 0),
+            None => return Err(TopicError::NotFound(name.to_string())),
         };
-        // Fence and close whatever the previous owner was writing.
-        if let Some(last) = info.ledgers.last_mut() {
-            if last.last_entry.is_none() {
-                let md = self.ledgers.recover(last.ledger_id).await?;
-                last.last_entry = Some(md.last_entry);
-                tracing::info!(topic = %name, ledger = md.id, last_entry = md.last_entry, "recovered the previous ledger");
-            }
+        // Fence and close whatever a previous owner was writing.
+        for l in info.ledgers.iter_mut().filter(|l| l.last_entry.is_none()) {
+            let md = self.ledgers.recover(l.ledger_id).await?;
+            l.last_entry = Some(md.last_entry);
+            tracing::info!(topic = %name, ledger = md.id, last_entry = md.last_entry, "recovered a ledger");
         }
-        let (e, qw, qa) = self.ensemble;
-        let mut cfg = LedgerConfig::new(e, qw, qa);
-        cfg.custom.insert("topic".into(), name.to_string());
-        let writer = self.ledgers.create(cfg).await?;
+        let writer = create_ledger(&self.ledgers, &self.settings, name).await?;
         info.ledgers.push(LedgerInfo { ledger_id: writer.id(), last_entry: None });
-        let body = serde_json::to_vec(&info)
-            .map_err(|e| TopicError::BadMetadata { topic: name.to_string(), reason: e.to_string() })?;
-        match self.meta.put(&key, body, PutOptions { expected_version: Some(version), session: 0 }).await {
-            Ok(_) => {}
-            Err(ClientError::BadVersion { .. }) => {
+        let version = match put_info(&self.meta, &key, &info, version).await {
+            Ok(v) => v,
+            Err(e) => {
                 // Not ours: leave the new (empty) ledger to the garbage collector.
                 let _ = self.ledgers.delete(writer.id()).await;
-                return Err(TopicError::Conflict(name.to_string()));
+                return Err(match e {
+                    TopicError::Meta(ClientError::BadVersion { .. }) => TopicError::Conflict(name.to_string()),
+                    e => e,
+                });
             }
-            Err(e) => return Err(e.into()),
-        }
+        };
+        let span = LedgerSpan::new(
+            info.ledgers.iter().map(|l| (l.ledger_id, l.last_entry.unwrap_or(-1))).collect::<Vec<_>>(),
+        );
         tracing::info!(topic = %name, ledger = writer.id(), ledgers = info.ledgers.len(), "topic loaded");
-        Ok(Topic { name: name.clone(), writer })
+        let tx = actor::spawn(actor::Init {
+            name: name.clone(),
+            key,
+            meta: self.meta.clone(),
+            ledgers: self.ledgers.clone(),
+            settings: self.settings.clone(),
+            info,
+            version,
+            span,
+            writer,
+        });
+        Ok(Topic { name: name.clone(), tx })
+    }
+}
+
+async fn create_ledger(
+    ledgers: &LedgerClient,
+    settings: &TopicSettings,
+    name: &TopicName,
+) -> Result<magnetar_bookie::client::LedgerWriter, TopicError> {
+    let (e, qw, qa) = settings.ensemble;
+    let mut cfg = LedgerConfig::new(e, qw, qa);
+    cfg.custom.insert("topic".into(), name.to_string());
+    Ok(ledgers.create(cfg).await?)
+}
+
+async fn put_info(meta: &MetaClient, key: &str, info: &ManagedLedgerInfo, version: u64) -> Result<u64, TopicError> {
+    let body = serde_json::to_vec(info).map_err(|e| TopicError::BadMetadata { topic: key.into(), reason: e.to_string() })?;
+    Ok(meta.put(key, body, PutOptions { expected_version: Some(version), session: 0 }).await?)
+}
+
+impl Topics {
+    /// The persistent topics of `namespace` (`tenant/namespace`), partitions included and
+    /// partitioned topics listed by their partitions, as clients expect.
+    pub async fn list_namespace(&self, namespace: &str) -> Result<Vec<String>, TopicError> {
+        let Some((tenant, ns)) = namespace.split_once('/') else {
+            return Err(TopicError::BadMetadata { topic: namespace.into(), reason: "expected tenant/namespace".into() });
+        };
+        let mut out = std::collections::BTreeSet::new();
+        let prefix = format!("/topics/persistent/{tenant}/{ns}/");
+        for kv in self.meta.list(&prefix).await? {
+            let local = &kv.key[prefix.len()..];
+            if !local.contains('/') {
+                out.insert(format!("persistent://{tenant}/{ns}/{local}"));
+            }
+        }
+        let prefix = format!("/partitioned/persistent/{tenant}/{ns}/");
+        for kv in self.meta.list(&prefix).await? {
+            let local = &kv.key[prefix.len()..];
+            if let Ok(md) = serde_json::from_slice::<PartitionedMetadata>(&kv.value) {
+                for i in 0..md.partitions {
+                    out.insert(format!("persistent://{tenant}/{ns}/{local}{}{i}", crate::protocol::names::PARTITION_SUFFIX));
+                }
+            }
+        }
+        Ok(out.into_iter().collect())
     }
 }

@@ -1,0 +1,355 @@
+//! A small Pulsar-protocol client over one connection, for Magnetar's own tools
+//! (`magnetar perf produce|consume`) and tests. It speaks the same frames as the official
+//! clients: CONNECT, PRODUCER/SEND (single messages and batches), SUBSCRIBE/FLOW/ACK.
+//! Applications should use an official Pulsar client.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::{Bytes, BytesMut};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::protocol::codec::{base, encode_batch_item, encode_entry, Payload, DEFAULT_MAX_MESSAGE_SIZE, FRAME_HEADROOM};
+use crate::protocol::connection::{ConnError, FrameReader, FrameWriter};
+use crate::protocol::pb;
+use pb::base_command::Type;
+
+/// A client failure.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The connection failed or closed.
+    #[error("connection: {0}")]
+    Conn(#[from] ConnError),
+    /// The broker answered with an error.
+    #[error("broker error {code:?}: {message}")]
+    Server {
+        /// Code.
+        code: pb::ServerError,
+        /// Message.
+        message: String,
+    },
+    /// The connection closed before the answer.
+    #[error("the connection closed")]
+    Closed,
+}
+
+enum Frame {
+    Cmd(pb::BaseCommand),
+    Send(pb::BaseCommand, Bytes),
+}
+
+#[derive(Default)]
+struct Routes {
+    requests: HashMap<u64, oneshot::Sender<pb::BaseCommand>>,
+    producers: HashMap<u64, mpsc::UnboundedSender<Receipt>>,
+    consumers: HashMap<u64, mpsc::UnboundedSender<Message>>,
+}
+
+/// The answer to one SEND: its sequence id and message id (or the error).
+pub type Receipt = (u64, Result<pb::MessageIdData, ClientError>);
+
+/// A received message (a whole entry: a batch arrives as one).
+#[derive(Debug)]
+pub struct Message {
+    /// The MESSAGE command.
+    pub command: pb::CommandMessage,
+    /// Metadata and payload.
+    pub payload: Payload,
+}
+
+/// One connection to a broker.
+#[derive(Clone)]
+pub struct Client {
+    out: mpsc::UnboundedSender<Frame>,
+    routes: Arc<Mutex<Routes>>,
+    next: Arc<AtomicU64>,
+}
+
+fn lock(r: &Mutex<Routes>) -> std::sync::MutexGuard<'_, Routes> {
+    r.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn request_id(cmd: &pb::BaseCommand) -> Option<u64> {
+    cmd.success
+        .as_ref()
+        .map(|c| c.request_id)
+        .or(cmd.error.as_ref().map(|c| c.request_id))
+        .or(cmd.producer_success.as_ref().map(|c| c.request_id))
+        .or(cmd.lookup_topic_response.as_ref().map(|c| c.request_id))
+        .or(cmd.partition_metadata_response.as_ref().map(|c| c.request_id))
+        .or(cmd.get_last_message_id_response.as_ref().map(|c| c.request_id))
+}
+
+impl Client {
+    /// Connects and completes the handshake.
+    pub async fn connect(addr: &str) -> Result<Client, ClientError> {
+        let stream = TcpStream::connect(addr).await.map_err(|e| ClientError::Conn(e.into()))?;
+        let _ = stream.set_nodelay(true);
+        let (r, w) = stream.into_split();
+        let mut reader = FrameReader::new(r, DEFAULT_MAX_MESSAGE_SIZE + FRAME_HEADROOM);
+        let mut writer = FrameWriter::new(w);
+        let connect = pb::BaseCommand {
+            connect: Some(pb::CommandConnect {
+                client_version: concat!("magnetar-tools-", env!("CARGO_PKG_VERSION")).into(),
+                protocol_version: Some(20),
+                ..Default::default()
+            }),
+            ..base(Type::Connect)
+        };
+        writer.send(&connect).await?;
+        match reader.next().await? {
+            Some(f) if f.command.r#type == Type::Connected as i32 => {}
+            Some(f) => {
+                let e = f.command.error.unwrap_or_default();
+                return Err(ClientError::Server {
+                    code: pb::ServerError::try_from(e.error).unwrap_or(pb::ServerError::UnknownError),
+                    message: e.message,
+                });
+            }
+            None => return Err(ClientError::Closed),
+        }
+        let (out, mut out_rx) = mpsc::unbounded_channel::<Frame>();
+        tokio::spawn(async move {
+            while let Some(first) = out_rx.recv().await {
+                let mut next = Some(first);
+                while let Some(f) = next {
+                    match &f {
+                        Frame::Cmd(c) => writer.queue(c),
+                        Frame::Send(c, entry) => writer.queue_with_entry(c, entry),
+                    }
+                    if writer.buffered() >= 256 * 1024 && writer.flush().await.is_err() {
+                        return;
+                    }
+                    next = out_rx.try_recv().ok();
+                }
+                if writer.flush().await.is_err() {
+                    return;
+                }
+            }
+        });
+        let routes = Arc::new(Mutex::new(Routes::default()));
+        let (routes2, out2) = (routes.clone(), out.clone());
+        tokio::spawn(async move {
+            while let Ok(Some(f)) = reader.next().await {
+                let cmd = f.command;
+                match Type::try_from(cmd.r#type) {
+                    Ok(Type::Ping) => {
+                        let _ = out2.send(Frame::Cmd(base(Type::Pong)));
+                    }
+                    Ok(Type::SendReceipt) => {
+                        let r = cmd.send_receipt.unwrap_or_default();
+                        if let Some(tx) = lock(&routes2).producers.get(&r.producer_id) {
+                            let _ = tx.send((r.sequence_id, Ok(r.message_id.unwrap_or_default())));
+                        }
+                    }
+                    Ok(Type::SendError) => {
+                        let r = cmd.send_error.unwrap_or_default();
+                        let code = pb::ServerError::try_from(r.error).unwrap_or(pb::ServerError::UnknownError);
+                        if let Some(tx) = lock(&routes2).producers.get(&r.producer_id) {
+                            let _ = tx.send((r.sequence_id, Err(ClientError::Server { code, message: r.message })));
+                        }
+                    }
+                    Ok(Type::Message) => {
+                        let (Some(m), Some(payload)) = (cmd.message, f.payload) else { continue };
+                        if let Some(tx) = lock(&routes2).consumers.get(&m.consumer_id) {
+                            let _ = tx.send(Message { command: m, payload });
+                        }
+                    }
+                    _ => {
+                        if let Some(id) = request_id(&cmd) {
+                            if let Some(tx) = lock(&routes2).requests.remove(&id) {
+                                let _ = tx.send(cmd);
+                            }
+                        }
+                    }
+                }
+            }
+            // Closed: wake everyone waiting.
+            let mut r = lock(&routes2);
+            r.requests.clear();
+            r.producers.clear();
+            r.consumers.clear();
+        });
+        Ok(Client { out, routes, next: Arc::new(AtomicU64::new(1)) })
+    }
+
+    fn id(&self) -> u64 {
+        self.next.fetch_add(1, Ordering::Relaxed)
+    }
+
+    async fn request(&self, id: u64, cmd: pb::BaseCommand) -> Result<pb::BaseCommand, ClientError> {
+        let (tx, rx) = oneshot::channel();
+        lock(&self.routes).requests.insert(id, tx);
+        self.out.send(Frame::Cmd(cmd)).map_err(|_| ClientError::Closed)?;
+        let reply = rx.await.map_err(|_| ClientError::Closed)?;
+        if let Some(e) = reply.error {
+            return Err(ClientError::Server {
+                code: pb::ServerError::try_from(e.error).unwrap_or(pb::ServerError::UnknownError),
+                message: e.message,
+            });
+        }
+        Ok(reply)
+    }
+
+    /// The partition count of a topic (0: not partitioned).
+    pub async fn partitions(&self, topic: &str) -> Result<u32, ClientError> {
+        let id = self.id();
+        let cmd = pb::BaseCommand {
+            partition_metadata: Some(pb::CommandPartitionedTopicMetadata {
+                topic: topic.into(),
+                request_id: id,
+                ..Default::default()
+            }),
+            ..base(Type::PartitionedMetadata)
+        };
+        let r = self.request(id, cmd).await?;
+        Ok(r.partition_metadata_response.and_then(|p| p.partitions).unwrap_or(0))
+    }
+
+    /// Creates a producer on `topic`.
+    pub async fn producer(&self, topic: &str) -> Result<Producer, ClientError> {
+        let (producer_id, request_id) = (self.id(), self.id());
+        let (tx, rx) = mpsc::unbounded_channel();
+        lock(&self.routes).producers.insert(producer_id, tx);
+        let cmd = pb::BaseCommand {
+            producer: Some(pb::CommandProducer { topic: topic.into(), producer_id, request_id, ..Default::default() }),
+            ..base(Type::Producer)
+        };
+        let r = self.request(request_id, cmd).await?;
+        let name = r.producer_success.map(|p| p.producer_name).unwrap_or_default();
+        Ok(Producer { out: self.out.clone(), producer_id, name, next_seq: 0, receipts: rx })
+    }
+
+    /// Subscribes to `topic`.
+    pub async fn subscribe(
+        &self,
+        topic: &str,
+        subscription: &str,
+        sub_type: pb::command_subscribe::SubType,
+        earliest: bool,
+    ) -> Result<Consumer, ClientError> {
+        let (consumer_id, request_id) = (self.id(), self.id());
+        let (tx, rx) = mpsc::unbounded_channel();
+        lock(&self.routes).consumers.insert(consumer_id, tx);
+        let initial = if earliest {
+            pb::command_subscribe::InitialPosition::Earliest
+        } else {
+            pb::command_subscribe::InitialPosition::Latest
+        };
+        let cmd = pb::BaseCommand {
+            subscribe: Some(pb::CommandSubscribe {
+                topic: topic.into(),
+                subscription: subscription.into(),
+                sub_type: sub_type as i32,
+                consumer_id,
+                request_id,
+                initial_position: Some(initial as i32),
+                ..Default::default()
+            }),
+            ..base(Type::Subscribe)
+        };
+        self.request(request_id, cmd).await?;
+        Ok(Consumer { out: self.out.clone(), consumer_id, messages: rx })
+    }
+}
+
+/// A producer.
+pub struct Producer {
+    out: mpsc::UnboundedSender<Frame>,
+    producer_id: u64,
+    name: String,
+    next_seq: u64,
+    receipts: mpsc::UnboundedReceiver<Receipt>,
+}
+
+impl Producer {
+    /// Sends one message; returns its sequence id (the receipt comes through
+    /// [`Producer::receipt`]).
+    pub fn send(&mut self, payload: &[u8], publish_time: u64) -> Result<u64, ClientError> {
+        let md = pb::MessageMetadata {
+            producer_name: self.name.clone(),
+            sequence_id: self.next_seq,
+            publish_time,
+            ..Default::default()
+        };
+        self.send_entry(encode_entry(&md, payload), 1)
+    }
+
+    /// Sends messages as one batch (one entry); returns the batch's sequence id.
+    pub fn send_batch(&mut self, payloads: &[Bytes], publish_time: u64) -> Result<u64, ClientError> {
+        let mut data = BytesMut::new();
+        for p in payloads {
+            let single = pb::SingleMessageMetadata { payload_size: p.len() as i32, ..Default::default() };
+            encode_batch_item(&single, p, &mut data);
+        }
+        let md = pb::MessageMetadata {
+            producer_name: self.name.clone(),
+            sequence_id: self.next_seq,
+            publish_time,
+            num_messages_in_batch: Some(payloads.len() as i32),
+            ..Default::default()
+        };
+        self.send_entry(encode_entry(&md, &data), payloads.len() as u64)
+    }
+
+    fn send_entry(&mut self, entry: Bytes, n: u64) -> Result<u64, ClientError> {
+        let seq = self.next_seq;
+        self.next_seq += n;
+        let cmd = pb::BaseCommand {
+            send: Some(pb::CommandSend {
+                producer_id: self.producer_id,
+                sequence_id: seq,
+                num_messages: Some(n as i32),
+                highest_sequence_id: Some(seq + n - 1),
+                ..Default::default()
+            }),
+            ..base(Type::Send)
+        };
+        self.out.send(Frame::Send(cmd, entry)).map_err(|_| ClientError::Closed)?;
+        Ok(seq)
+    }
+
+    /// The next receipt, in send order; `None` once the connection closed.
+    pub async fn receipt(&mut self) -> Option<Receipt> {
+        self.receipts.recv().await
+    }
+}
+
+/// A consumer.
+pub struct Consumer {
+    out: mpsc::UnboundedSender<Frame>,
+    consumer_id: u64,
+    messages: mpsc::UnboundedReceiver<Message>,
+}
+
+impl Consumer {
+    /// Grants `n` more messages.
+    pub fn flow(&self, n: u32) -> Result<(), ClientError> {
+        let cmd = pb::BaseCommand {
+            flow: Some(pb::CommandFlow { consumer_id: self.consumer_id, message_permits: n }),
+            ..base(Type::Flow)
+        };
+        self.out.send(Frame::Cmd(cmd)).map_err(|_| ClientError::Closed)
+    }
+
+    /// The next message; `None` once the connection closed.
+    pub async fn next(&mut self) -> Option<Message> {
+        self.messages.recv().await
+    }
+
+    /// Acknowledges entries individually.
+    pub fn ack(&self, ids: Vec<pb::MessageIdData>) -> Result<(), ClientError> {
+        let cmd = pb::BaseCommand {
+            ack: Some(pb::CommandAck {
+                consumer_id: self.consumer_id,
+                ack_type: pb::command_ack::AckType::Individual as i32,
+                message_id: ids,
+                ..Default::default()
+            }),
+            ..base(Type::Ack)
+        };
+        self.out.send(Frame::Cmd(cmd)).map_err(|_| ClientError::Closed)
+    }
+}

@@ -1,0 +1,1340 @@
+//! The task that owns one topic: its managed ledger (appends, rollover, tail cache, catch-up
+//! reads), producers, subscriptions with their cursors and dispatchers.
+//!
+//! Everything about the topic happens in this task, in order; slow work (ledger reads, cursor
+//! writes) runs in spawned tasks that report back with a command. Consumers get their replies
+//! and messages through their connection's outgoing queue, so a SUBSCRIBE's SUCCESS always
+//! precedes its first MESSAGE.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::stream::{FuturesOrdered, StreamExt};
+use magnetar_bookie::client::{LedgerClient, LedgerError, LedgerReader, LedgerWriter};
+use magnetar_metastore::client::{ClientError, MetaClient, PutOptions};
+use tokio::sync::{mpsc, oneshot};
+
+use super::cursor::{Cursor, CursorInfo};
+use super::keys::{self, KeySelector};
+use super::position::{LedgerSpan, Pos};
+use super::{create_ledger, cursor_key, put_info, ManagedLedgerInfo, TopicSettings};
+use crate::protocol::codec::{base, decode_entry, first_batch_item};
+use crate::protocol::connection::error_command;
+use crate::protocol::names::TopicName;
+use crate::protocol::pb;
+use pb::base_command::Type;
+use pb::command_subscribe::SubType;
+
+/// What a connection writes: a command, or a MESSAGE with its stored entry.
+#[derive(Debug)]
+pub enum Out {
+    /// A command without payload.
+    Cmd(pb::BaseCommand),
+    /// A command followed by a stored entry (`[metadataSize][MessageMetadata][payload]`).
+    Msg(pb::BaseCommand, Bytes),
+}
+
+/// A connection's outgoing queue.
+pub type OutTx = mpsc::UnboundedSender<Out>;
+
+/// What dispatch needs to know about an entry, taken from its metadata once.
+#[derive(Clone, Copy, Debug)]
+pub struct EntryInfo {
+    /// Messages in the entry (a batch counts each).
+    pub num_messages: u32,
+    /// Publish time (ms since the epoch).
+    pub publish_time: u64,
+    /// Key_Shared slot of its sticky key.
+    pub slot: u32,
+    /// Whether the entry is a batch.
+    pub batched: bool,
+}
+
+impl EntryInfo {
+    /// From an entry's metadata and payload. A batch whose metadata has no key is keyed by
+    /// its first message (key-based batching puts one key in each batch).
+    pub fn from_entry(md: &pb::MessageMetadata, data: &Bytes) -> Self {
+        let batched = md.num_messages_in_batch.is_some();
+        let mut key = keys::sticky_key(md);
+        if key == keys::NONE_KEY && batched && md.compression.unwrap_or(0) == 0 {
+            if let Ok(first) = first_batch_item(data) {
+                let m = &first.metadata;
+                if let Some(k) = m.ordering_key.as_ref().filter(|k| !k.is_empty()) {
+                    key = k.to_vec();
+                } else if let Some(k) = m.partition_key.as_ref().filter(|k| !k.is_empty()) {
+                    key = k.as_bytes().to_vec();
+                }
+            }
+        }
+        EntryInfo {
+            num_messages: md.num_messages_in_batch.unwrap_or(1).max(1) as u32,
+            publish_time: md.publish_time,
+            slot: keys::slot(&key),
+            batched,
+        }
+    }
+}
+
+/// Where a seek goes.
+#[derive(Clone, Debug)]
+pub enum SeekTarget {
+    /// To a message id (the entry holding it is delivered again).
+    Id(pb::MessageIdData),
+    /// To the first message published at or after this time (ms).
+    PublishTime(u64),
+}
+
+/// A consumer joining a subscription.
+pub struct ConsumerSpec {
+    /// The connection's id.
+    pub conn: u64,
+    /// The client's consumer id.
+    pub consumer_id: u64,
+    /// The SUBSCRIBE request id.
+    pub request_id: u64,
+    /// Subscription name.
+    pub subscription: String,
+    /// Subscription type.
+    pub sub_type: SubType,
+    /// Consumer name.
+    pub name: String,
+    /// Priority level (lower is preferred by failover).
+    pub priority: i32,
+    /// Durable (a named subscription) or not (a reader).
+    pub durable: bool,
+    /// Where a new subscription starts: `true` = earliest.
+    pub earliest: bool,
+    /// A reader's start message id.
+    pub start: Option<pb::MessageIdData>,
+    /// Sticky hash ranges (Key_Shared sticky mode).
+    pub ranges: Vec<(u32, u32)>,
+    /// Subscription properties.
+    pub properties: BTreeMap<String, String>,
+    /// The negotiated protocol version.
+    pub protocol_version: i32,
+    /// The connection's outgoing queue.
+    pub out: OutTx,
+}
+
+/// Commands to a topic's task.
+pub enum Cmd {
+    /// Append an entry.
+    Append {
+        /// `[metadataSize][MessageMetadata][payload]`.
+        entry: Bytes,
+        /// Its dispatch facts.
+        info: EntryInfo,
+        /// The producer's name and the entry's highest sequence id.
+        producer: Option<(String, u64)>,
+        /// The position once stored.
+        done: oneshot::Sender<Result<Pos, String>>,
+    },
+    /// Register a producer: the answer is its name and last sequence id.
+    AddProducer {
+        /// Connection id.
+        conn: u64,
+        /// Producer id.
+        producer_id: u64,
+        /// Requested name.
+        name: Option<String>,
+        /// Its connection's queue (to close it when the topic fails).
+        out: OutTx,
+        /// Answer.
+        done: oneshot::Sender<Result<(String, i64), (pb::ServerError, String)>>,
+    },
+    /// Unregister a producer.
+    RemoveProducer {
+        /// Connection id.
+        conn: u64,
+        /// Producer id.
+        producer_id: u64,
+    },
+    /// A consumer joins (answered through its queue).
+    Subscribe(Box<ConsumerSpec>),
+    /// Permits.
+    Flow {
+        /// (connection, consumer id).
+        key: (u64, u64),
+        /// More messages it may receive.
+        permits: u32,
+    },
+    /// Acknowledgements.
+    Ack {
+        /// (connection, consumer id).
+        key: (u64, u64),
+        /// The ACK.
+        ack: pb::CommandAck,
+    },
+    /// Redeliver some (or all, when empty) unacknowledged messages of a consumer.
+    Redeliver {
+        /// (connection, consumer id).
+        key: (u64, u64),
+        /// Which.
+        ids: Vec<pb::MessageIdData>,
+    },
+    /// A consumer leaves; its unacknowledged messages go to others.
+    CloseConsumer {
+        /// (connection, consumer id).
+        key: (u64, u64),
+    },
+    /// Delete the subscription (answered through the queue).
+    Unsubscribe {
+        /// (connection, consumer id).
+        key: (u64, u64),
+        /// Request id.
+        request_id: u64,
+        /// Even with other consumers connected.
+        force: bool,
+    },
+    /// Reset the subscription (answered through the queue; its consumers are then closed).
+    Seek {
+        /// (connection, consumer id).
+        key: (u64, u64),
+        /// Request id.
+        request_id: u64,
+        /// Where.
+        target: SeekTarget,
+    },
+    /// Last message id (answered through the queue).
+    LastMessageId {
+        /// (connection, consumer id).
+        key: (u64, u64),
+        /// Request id.
+        request_id: u64,
+    },
+    /// Consumer statistics (answered through the queue).
+    ConsumerStats {
+        /// (connection, consumer id).
+        key: (u64, u64),
+        /// Request id.
+        request_id: u64,
+    },
+    /// Store cursors and close the ledger, then stop.
+    Close {
+        /// Done.
+        done: oneshot::Sender<()>,
+    },
+    /// A catch-up read finished.
+    ReadDone {
+        /// Subscription.
+        sub: String,
+        /// The read generation it was started in.
+        generation: u64,
+        /// Entries read.
+        result: Result<Vec<(Pos, Bytes)>, String>,
+    },
+    /// A cursor write finished.
+    Persisted {
+        /// Subscription.
+        sub: String,
+        /// New version, or why not.
+        result: Result<u64, String>,
+    },
+}
+
+pub(super) struct Init {
+    pub name: TopicName,
+    pub key: String,
+    pub meta: MetaClient,
+    pub ledgers: LedgerClient,
+    pub settings: Arc<TopicSettings>,
+    pub info: ManagedLedgerInfo,
+    pub version: u64,
+    pub span: LedgerSpan,
+    pub writer: LedgerWriter,
+}
+
+/// Starts the task; returns its command channel.
+pub(super) fn spawn(init: Init) -> mpsc::UnboundedSender<Cmd> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let actor = Actor {
+        ml: Ml {
+            name: init.name,
+            key: init.key,
+            meta: init.meta,
+            ledgers: init.ledgers,
+            settings: init.settings,
+            info: init.info,
+            version: init.version,
+            span: init.span,
+            writer: Some(init.writer),
+            ledger_entries: 0,
+            ledger_bytes: 0,
+            ledger_since: Instant::now(),
+            cache: BTreeMap::new(),
+            cache_bytes: 0,
+            last_info: None,
+            tx: tx.clone(),
+        },
+        inflight: FuturesOrdered::new(),
+        inflight_meta: VecDeque::new(),
+        held: VecDeque::new(),
+        rolling: false,
+        producers: HashMap::new(),
+        last_sequence: HashMap::new(),
+        subs: HashMap::new(),
+        index: HashMap::new(),
+        next_cid: 1,
+    };
+    tokio::spawn(actor.run(rx));
+    tx
+}
+
+type Done = oneshot::Sender<Result<Pos, String>>;
+
+/// An entry and its facts.
+#[derive(Clone)]
+struct Cached {
+    entry: Bytes,
+    info: EntryInfo,
+}
+
+/// The managed ledger.
+struct Ml {
+    name: TopicName,
+    key: String,
+    meta: MetaClient,
+    ledgers: LedgerClient,
+    settings: Arc<TopicSettings>,
+    info: ManagedLedgerInfo,
+    version: u64,
+    span: LedgerSpan,
+    writer: Option<LedgerWriter>,
+    ledger_entries: u64,
+    ledger_bytes: u64,
+    ledger_since: Instant,
+    cache: BTreeMap<Pos, Cached>,
+    cache_bytes: usize,
+    last_info: Option<(Pos, EntryInfo)>,
+    tx: mpsc::UnboundedSender<Cmd>,
+}
+
+struct Consumer {
+    cid: u64,
+    key: (u64, u64),
+    name: String,
+    priority: i32,
+    permits: i64,
+    protocol_version: i32,
+    out: OutTx,
+}
+
+struct Sub {
+    name: String,
+    durable: bool,
+    sub_type: SubType,
+    cursor: Cursor,
+    /// The last position handed to the stream side of dispatch.
+    read_pos: Pos,
+    /// Positions to deliver (again) before new ones.
+    replay: BTreeSet<Pos>,
+    /// Delivered and unacknowledged: position → consumer.
+    pending: HashMap<Pos, u64>,
+    redeliveries: HashMap<Pos, u32>,
+    consumers: Vec<Consumer>,
+    rr: usize,
+    active: Option<u64>,
+    selector: KeySelector,
+    fetched: HashMap<Pos, Cached>,
+    reading: bool,
+    generation: u64,
+    dirty: bool,
+    persisting: bool,
+    version: u64,
+    properties: BTreeMap<String, String>,
+}
+
+/// At most this many stream entries wait in a Key_Shared replay set for busy consumers.
+const MAX_STASHED: usize = 1000;
+
+struct Actor {
+    ml: Ml,
+    inflight: FuturesOrdered<BoxFuture<'static, Result<i64, LedgerError>>>,
+    inflight_meta: VecDeque<(Cached, Option<(String, u64)>, Done)>,
+    held: VecDeque<(Cached, Option<(String, u64)>, Done)>,
+    rolling: bool,
+    producers: HashMap<(u64, u64), (String, OutTx)>,
+    last_sequence: HashMap<String, i64>,
+    subs: HashMap<String, Sub>,
+    index: HashMap<(u64, u64), String>,
+    next_cid: u64,
+}
+
+fn id_data(p: Pos) -> pb::MessageIdData {
+    pb::MessageIdData { ledger_id: p.ledger_id, entry_id: p.entry_id as u64, ..Default::default() }
+}
+
+/// A message id as MESSAGE carries it: with the partition index (-1: not a partition).
+fn message_id(p: Pos, partition: i32) -> pb::MessageIdData {
+    pb::MessageIdData { partition: Some(partition), ..id_data(p) }
+}
+
+fn success(request_id: u64) -> Out {
+    Out::Cmd(pb::BaseCommand { success: Some(pb::CommandSuccess { request_id, schema: None }), ..base(Type::Success) })
+}
+
+fn close_consumer(consumer_id: u64) -> Out {
+    Out::Cmd(pb::BaseCommand {
+        close_consumer: Some(pb::CommandCloseConsumer { consumer_id, request_id: u64::MAX, ..Default::default() }),
+        ..base(Type::CloseConsumer)
+    })
+}
+
+/// Wire ids the clients use for "earliest" (-1:-1) and "latest" (i64::MAX:i64::MAX).
+fn special(id: &pb::MessageIdData) -> Option<bool> {
+    if id.ledger_id == u64::MAX || id.ledger_id as i64 == -1 {
+        Some(true)
+    } else if id.ledger_id == i64::MAX as u64 {
+        Some(false)
+    } else {
+        None
+    }
+}
+
+impl Actor {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Cmd>) {
+        let mut tick = tokio::time::interval(self.ml.settings.cursor_persist_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                cmd = rx.recv() => {
+                    let Some(cmd) = cmd else { break };
+                    if let Cmd::Close { done } = cmd {
+                        self.close().await;
+                        let _ = done.send(());
+                        return;
+                    }
+                    if !self.handle(cmd).await {
+                        break;
+                    }
+                }
+                Some(r) = self.inflight.next(), if !self.inflight.is_empty() => {
+                    if !self.appended(r).await {
+                        break;
+                    }
+                }
+                _ = tick.tick() => {
+                    self.persist_cursors();
+                    if self.ml.ledger_entries > 0 && self.ml.ledger_since.elapsed() >= self.ml.settings.max_ledger_age {
+                        self.rolling = true;
+                        if self.inflight.is_empty() && !self.roll().await {
+                            break;
+                        }
+                    }
+                    self.dispatch_all();
+                }
+            }
+        }
+        // Failed: stop taking work; clients reconnect and load the topic afresh.
+        self.fail("the topic stopped").await;
+    }
+
+    /// Handles one command; `false` stops the topic.
+    async fn handle(&mut self, cmd: Cmd) -> bool {
+        match cmd {
+            Cmd::Append { entry, info, producer, done } => {
+                let c = Cached { entry, info };
+                if self.rolling {
+                    self.held.push_back((c, producer, done));
+                } else {
+                    self.submit(c, producer, done);
+                }
+            }
+            Cmd::AddProducer { conn, producer_id, name, out, done } => {
+                let name = name.filter(|n| !n.is_empty()).unwrap_or_else(|| {
+                    format!("magnetar-{}-{}-{}", self.ml.writer.as_ref().map(|w| w.id()).unwrap_or(0), conn, producer_id)
+                });
+                if self.producers.values().any(|(n, _)| *n == name) {
+                    let _ = done.send(Err((
+                        pb::ServerError::ProducerBusy,
+                        format!("producer {name} is already connected to {}", self.ml.name),
+                    )));
+                } else {
+                    let last = self.last_sequence.get(&name).copied().unwrap_or(-1);
+                    self.producers.insert((conn, producer_id), (name.clone(), out));
+                    let _ = done.send(Ok((name, last)));
+                }
+            }
+            Cmd::RemoveProducer { conn, producer_id } => {
+                self.producers.remove(&(conn, producer_id));
+            }
+            Cmd::Subscribe(spec) => self.subscribe(*spec).await,
+            Cmd::Flow { key, permits } => {
+                tracing::trace!(topic = %self.ml.name, ?key, permits, "flow");
+                if let Some(sub) = sub_of(&self.index, &mut self.subs, key) {
+                    if let Some(c) = sub.consumers.iter_mut().find(|c| c.key == key) {
+                        c.permits += permits as i64;
+                    }
+                    dispatch(sub, &mut self.ml);
+                }
+            }
+            Cmd::Ack { key, ack } => self.ack(key, ack),
+            Cmd::Redeliver { key, ids } => {
+                if let Some(sub) = sub_of(&self.index, &mut self.subs, key) {
+                    let Some(cid) = sub.consumers.iter().find(|c| c.key == key).map(|c| c.cid) else { return true };
+                    let positions: Vec<Pos> = if ids.is_empty() {
+                        sub.pending.iter().filter(|(_, c)| **c == cid).map(|(p, _)| *p).collect()
+                    } else {
+                        ids.iter()
+                            .map(|i| Pos::new(i.ledger_id, i.entry_id as i64))
+                            .filter(|p| sub.pending.get(p) == Some(&cid))
+                            .collect()
+                    };
+                    redeliver(sub, positions, true);
+                    dispatch(sub, &mut self.ml);
+                }
+            }
+            Cmd::CloseConsumer { key } => self.remove_consumer(key),
+            Cmd::Unsubscribe { key, request_id, force } => self.unsubscribe(key, request_id, force).await,
+            Cmd::Seek { key, request_id, target } => self.seek(key, request_id, target).await,
+            Cmd::LastMessageId { key, request_id } => self.last_message_id(key, request_id).await,
+            Cmd::ConsumerStats { key, request_id } => self.consumer_stats(key, request_id),
+            Cmd::ReadDone { sub, generation, result } => {
+                if let Some(s) = self.subs.get_mut(&sub) {
+                    if s.generation == generation {
+                        s.reading = false;
+                        match result {
+                            Ok(entries) => {
+                                for (p, entry) in entries {
+                                    match decode_entry(&entry) {
+                                        Ok((md, data)) => {
+                                            let info = EntryInfo::from_entry(&md, &data);
+                                            s.fetched.insert(p, Cached { entry, info });
+                                        }
+                                        Err(e) => tracing::error!(topic = %self.ml.name, position = %p, error = %e, "stored entry does not decode; skipping it"),
+                                    }
+                                }
+                                dispatch(s, &mut self.ml);
+                            }
+                            // Retried on the next tick.
+                            Err(e) => tracing::warn!(topic = %self.ml.name, sub, error = %e, "catch-up read failed"),
+                        }
+                    }
+                }
+            }
+            Cmd::Persisted { sub, result } => {
+                if let Some(s) = self.subs.get_mut(&sub) {
+                    s.persisting = false;
+                    match result {
+                        Ok(v) => s.version = v,
+                        Err(e) => {
+                            s.dirty = true;
+                            tracing::warn!(topic = %self.ml.name, sub, error = %e, "storing the cursor failed");
+                        }
+                    }
+                }
+            }
+            Cmd::Close { .. } => unreachable!("handled in run"),
+        }
+        true
+    }
+
+    fn submit(&mut self, c: Cached, producer: Option<(String, u64)>, done: Done) {
+        let Some(w) = self.ml.writer.as_ref() else {
+            let _ = done.send(Err(format!("topic {} has no ledger", self.ml.name)));
+            return;
+        };
+        self.inflight.push_back(Box::pin(w.append(c.entry.clone())));
+        self.ml.ledger_entries += 1;
+        self.ml.ledger_bytes += c.entry.len() as u64;
+        let s = &self.ml.settings;
+        if self.ml.ledger_entries >= s.max_entries_per_ledger || self.ml.ledger_bytes >= s.max_bytes_per_ledger {
+            self.rolling = true;
+        }
+        self.inflight_meta.push_back((c, producer, done));
+    }
+
+    /// An append finished (in order); `false` stops the topic.
+    async fn appended(&mut self, r: Result<i64, LedgerError>) -> bool {
+        let Some((c, producer, done)) = self.inflight_meta.pop_front() else { return true };
+        let ledger = self.ml.writer.as_ref().map(|w| w.id()).unwrap_or(0);
+        match r {
+            Ok(e) => {
+                let p = Pos::new(ledger, e);
+                self.ml.span.set_last(ledger, e);
+                self.ml.last_info = Some((p, c.info));
+                self.ml.insert_cache(p, c);
+                if let Some((name, seq)) = producer {
+                    self.last_sequence.insert(name, seq as i64);
+                }
+                let _ = done.send(Ok(p));
+                // More confirmations ready now go out in the same dispatch round.
+                while let Some(Some(r)) = futures::FutureExt::now_or_never(self.inflight.next()) {
+                    let Some((c, producer, done)) = self.inflight_meta.pop_front() else { break };
+                    match r {
+                        Ok(e) => {
+                            let p = Pos::new(ledger, e);
+                            self.ml.span.set_last(ledger, e);
+                            self.ml.last_info = Some((p, c.info));
+                            self.ml.insert_cache(p, c);
+                            if let Some((name, seq)) = producer {
+                                self.last_sequence.insert(name, seq as i64);
+                            }
+                            let _ = done.send(Ok(p));
+                        }
+                        Err(err) => {
+                            let _ = done.send(Err(err.to_string()));
+                            tracing::error!(topic = %self.ml.name, error = %err, "append failed; unloading the topic");
+                            return false;
+                        }
+                    }
+                }
+                self.dispatch_all();
+                if self.rolling && self.inflight.is_empty() {
+                    return self.roll().await;
+                }
+                true
+            }
+            Err(err) => {
+                let _ = done.send(Err(err.to_string()));
+                tracing::error!(topic = %self.ml.name, error = %err, "append failed; unloading the topic");
+                false
+            }
+        }
+    }
+
+    /// Closes the current ledger and starts a new one (nothing in flight).
+    async fn roll(&mut self) -> bool {
+        match self.ml.roll().await {
+            Ok(()) => {
+                self.rolling = false;
+                while let Some((c, producer, done)) = self.held.pop_front() {
+                    self.submit(c, producer, done);
+                    if self.rolling {
+                        break;
+                    }
+                }
+                true
+            }
+            Err(e) => {
+                tracing::error!(topic = %self.ml.name, error = %e, "ledger rollover failed; unloading the topic");
+                false
+            }
+        }
+    }
+
+    /// Fails everything waiting and closes the topic's producers and consumers, so their
+    /// clients reconnect and load the topic again.
+    async fn fail(&mut self, why: &str) {
+        for (_, _, done) in self.inflight_meta.drain(..).chain(self.held.drain(..)) {
+            let _ = done.send(Err(format!("topic {}: {why}", self.ml.name)));
+        }
+        for ((_, producer_id), (_, out)) in self.producers.drain() {
+            let _ = out.send(Out::Cmd(pb::BaseCommand {
+                close_producer: Some(pb::CommandCloseProducer { producer_id, request_id: u64::MAX, ..Default::default() }),
+                ..base(Type::CloseProducer)
+            }));
+        }
+        for sub in self.subs.values() {
+            for c in &sub.consumers {
+                let _ = c.out.send(close_consumer(c.key.1));
+            }
+        }
+        self.store_cursors().await;
+    }
+
+    async fn close(&mut self) {
+        while let Some(r) = self.inflight.next().await {
+            if !self.appended(r).await {
+                break;
+            }
+        }
+        self.store_cursors().await;
+        if let Some(w) = self.ml.writer.take() {
+            let id = w.id();
+            match w.close().await {
+                Ok(md) => {
+                    self.ml.span.set_last(id, md.last_entry);
+                    if let Some(l) = self.ml.info.ledgers.iter_mut().find(|l| l.ledger_id == id) {
+                        l.last_entry = Some(md.last_entry);
+                    }
+                    if let Err(e) = put_info(&self.ml.meta, &self.ml.key, &self.ml.info, self.ml.version).await {
+                        tracing::warn!(topic = %self.ml.name, error = %e, "recording the closed ledger failed");
+                    }
+                }
+                Err(e) => tracing::warn!(topic = %self.ml.name, error = %e, "closing the ledger failed"),
+            }
+        }
+        for (_, _, done) in self.held.drain(..) {
+            let _ = done.send(Err(format!("topic {} is closing", self.ml.name)));
+        }
+        tracing::info!(topic = %self.ml.name, "topic closed");
+    }
+
+    fn dispatch_all(&mut self) {
+        for sub in self.subs.values_mut() {
+            dispatch(sub, &mut self.ml);
+        }
+    }
+
+    /// Starts writes of changed cursors (one at a time per subscription).
+    fn persist_cursors(&mut self) {
+        for sub in self.subs.values_mut().filter(|s| s.durable && s.dirty && !s.persisting) {
+            sub.dirty = false;
+            sub.persisting = true;
+            let body = cursor_body(sub);
+            let (meta, key, version, tx, name) =
+                (self.ml.meta.clone(), cursor_key(&self.ml.name, &sub.name), sub.version, self.ml.tx.clone(), sub.name.clone());
+            tokio::spawn(async move {
+                let result = meta
+                    .put(&key, body, PutOptions { expected_version: Some(version), session: 0 })
+                    .await
+                    .map_err(|e| e.to_string());
+                let _ = tx.send(Cmd::Persisted { sub: name, result });
+            });
+        }
+    }
+
+    /// Writes every changed cursor now (closing).
+    async fn store_cursors(&mut self) {
+        for sub in self.subs.values_mut().filter(|s| s.durable && (s.dirty || s.persisting)) {
+            let key = cursor_key(&self.ml.name, &sub.name);
+            // A write still in flight may have moved the version.
+            let version = match self.ml.meta.get(&key).await {
+                Ok(kv) => kv.map(|k| k.version).unwrap_or(0),
+                Err(_) => sub.version,
+            };
+            match self.ml.meta.put(&key, cursor_body(sub), PutOptions { expected_version: Some(version), session: 0 }).await {
+                Ok(v) => {
+                    sub.version = v;
+                    sub.dirty = false;
+                }
+                Err(e) => tracing::warn!(topic = %self.ml.name, sub = sub.name, error = %e, "storing the cursor failed"),
+            }
+        }
+    }
+
+    async fn subscribe(&mut self, spec: ConsumerSpec) {
+        let fail = |code: pb::ServerError, msg: String| {
+            let _ = spec.out.send(Out::Cmd(error_command(spec.request_id, code, msg)));
+        };
+        let key = (spec.conn, spec.consumer_id);
+        if let Some(existing) = self.index.get(&key) {
+            if *existing == spec.subscription {
+                // A retry of a SUBSCRIBE already served.
+                let _ = spec.out.send(success(spec.request_id));
+                return;
+            }
+            self.remove_consumer(key);
+        }
+        if !self.subs.contains_key(&spec.subscription) {
+            match self.open_sub(&spec).await {
+                Ok(sub) => {
+                    self.subs.insert(spec.subscription.clone(), sub);
+                }
+                Err(e) => return fail(pb::ServerError::MetadataError, e),
+            }
+        }
+        let cid = self.next_cid;
+        let Some(sub) = self.subs.get_mut(&spec.subscription) else { return };
+        if !sub.consumers.is_empty() {
+            if sub.sub_type != spec.sub_type {
+                return fail(
+                    pb::ServerError::ConsumerBusy,
+                    format!("subscription {} is of type {:?}, not {:?}", sub.name, sub.sub_type, spec.sub_type),
+                );
+            }
+            if spec.sub_type == SubType::Exclusive {
+                return fail(
+                    pb::ServerError::ConsumerBusy,
+                    format!("exclusive consumer is already connected to subscription {}", sub.name),
+                );
+            }
+        }
+        sub.sub_type = spec.sub_type;
+        if spec.sub_type == SubType::KeyShared {
+            if let Err(e) = sub.selector.add(cid, &spec.name, &spec.ranges) {
+                return fail(pb::ServerError::ConsumerAssignError, e.to_string());
+            }
+        }
+        self.next_cid += 1;
+        sub.consumers.push(Consumer {
+            cid,
+            key,
+            name: spec.name.clone(),
+            priority: spec.priority,
+            permits: 0,
+            protocol_version: spec.protocol_version,
+            out: spec.out.clone(),
+        });
+        self.index.insert(key, spec.subscription.clone());
+        let _ = spec.out.send(success(spec.request_id));
+        update_active(sub, self.ml.name.partition(), true);
+        tracing::debug!(topic = %self.ml.name, sub = sub.name, consumer = spec.name, "consumer subscribed");
+        dispatch(sub, &mut self.ml);
+    }
+
+    async fn open_sub(&mut self, spec: &ConsumerSpec) -> Result<Sub, String> {
+        let initial = if spec.earliest { self.ml.span.before_first() } else { self.ml.span.last() };
+        let (cursor, version, properties) = if spec.durable {
+            let key = cursor_key(&self.ml.name, &spec.subscription);
+            match self.ml.meta.get(&key).await.map_err(|e| e.to_string())? {
+                Some(kv) => {
+                    let info: CursorInfo = serde_json::from_slice(&kv.value)
+                        .map_err(|e| format!("cursor {key} is unreadable: {e}"))?;
+                    (Cursor::from_info(&info, initial), kv.version, info.properties)
+                }
+                None => {
+                    let c = Cursor::new(initial);
+                    let body = serde_json::to_vec(&c.to_info(sub_type_name(spec.sub_type), &spec.properties))
+                        .map_err(|e| e.to_string())?;
+                    let v = self
+                        .ml
+                        .meta
+                        .put(&key, body, PutOptions { expected_version: Some(0), session: 0 })
+                        .await
+                        .map_err(|e| match e {
+                            ClientError::BadVersion { .. } => format!("subscription {} was created concurrently", spec.subscription),
+                            e => e.to_string(),
+                        })?;
+                    (c, v, spec.properties.clone())
+                }
+            }
+        } else {
+            let md = match &spec.start {
+                Some(id) => match special(id) {
+                    Some(true) => self.ml.span.before_first(),
+                    Some(false) => self.ml.span.last(),
+                    // Deliver the entry holding the start id; the client skips what it must.
+                    None => Pos::new(id.ledger_id, id.entry_id as i64 - 1),
+                },
+                None => initial,
+            };
+            (Cursor::new(md), 0, spec.properties.clone())
+        };
+        let md = cursor.mark_delete();
+        Ok(Sub {
+            name: spec.subscription.clone(),
+            durable: spec.durable,
+            sub_type: spec.sub_type,
+            cursor,
+            read_pos: md,
+            replay: BTreeSet::new(),
+            pending: HashMap::new(),
+            redeliveries: HashMap::new(),
+            consumers: Vec::new(),
+            rr: 0,
+            active: None,
+            selector: KeySelector::default(),
+            fetched: HashMap::new(),
+            reading: false,
+            generation: 0,
+            dirty: false,
+            persisting: false,
+            version,
+            properties,
+        })
+    }
+
+    fn ack(&mut self, key: (u64, u64), ack: pb::CommandAck) {
+        tracing::trace!(topic = %self.ml.name, ?key, ?ack, "ack");
+        let Some(name) = self.index.get(&key).cloned() else { return };
+        let Some(sub) = self.subs.get_mut(&name) else { return };
+        let cumulative = ack.ack_type == pb::command_ack::AckType::Cumulative as i32;
+        for id in &ack.message_id {
+            let p = Pos::new(id.ledger_id, id.entry_id as i64);
+            let set = (!id.ack_set.is_empty()).then_some(id.ack_set.as_slice());
+            if cumulative {
+                sub.cursor.ack_cumulative(p, set, &self.ml.span);
+                let md = sub.cursor.mark_delete();
+                sub.pending.retain(|q, _| *q > md);
+                sub.redeliveries.retain(|q, _| *q > md);
+                sub.replay = sub.replay.split_off(&Pos::new(md.ledger_id, md.entry_id + 1));
+            } else if sub.cursor.ack(p, set, &self.ml.span) {
+                sub.pending.remove(&p);
+                sub.redeliveries.remove(&p);
+                sub.replay.remove(&p);
+            }
+        }
+        sub.dirty = true;
+        if let Some(request_id) = ack.request_id {
+            if let Some(c) = sub.consumers.iter().find(|c| c.key == key) {
+                let _ = c.out.send(Out::Cmd(pb::BaseCommand {
+                    ack_response: Some(pb::CommandAckResponse {
+                        consumer_id: key.1,
+                        request_id: Some(request_id),
+                        ..Default::default()
+                    }),
+                    ..base(Type::AckResponse)
+                }));
+            }
+        }
+    }
+
+    fn remove_consumer(&mut self, key: (u64, u64)) {
+        let Some(name) = self.index.remove(&key) else { return };
+        let Some(sub) = self.subs.get_mut(&name) else { return };
+        let Some(i) = sub.consumers.iter().position(|c| c.key == key) else { return };
+        let c = sub.consumers.remove(i);
+        sub.selector.remove(c.cid);
+        let theirs: Vec<Pos> = sub.pending.iter().filter(|(_, x)| **x == c.cid).map(|(p, _)| *p).collect();
+        redeliver(sub, theirs, true);
+        if sub.consumers.is_empty() && !sub.durable {
+            self.subs.remove(&name);
+            return;
+        }
+        update_active(sub, self.ml.name.partition(), false);
+        dispatch(sub, &mut self.ml);
+    }
+
+    async fn unsubscribe(&mut self, key: (u64, u64), request_id: u64, force: bool) {
+        let Some(name) = self.index.get(&key).cloned() else { return };
+        let Some(sub) = self.subs.get(&name) else { return };
+        let Some(me) = sub.consumers.iter().find(|c| c.key == key).map(|c| c.out.clone()) else { return };
+        if sub.consumers.len() > 1 && !force {
+            let _ = me.send(Out::Cmd(error_command(
+                request_id,
+                pb::ServerError::MetadataError,
+                format!("subscription {name} has other connected consumers"),
+            )));
+            return;
+        }
+        if sub.durable {
+            if let Err(e) = self.ml.meta.delete(&cursor_key(&self.ml.name, &name), None).await {
+                let _ = me.send(Out::Cmd(error_command(request_id, pb::ServerError::MetadataError, e.to_string())));
+                return;
+            }
+        }
+        let Some(sub) = self.subs.remove(&name) else { return };
+        for c in &sub.consumers {
+            self.index.remove(&c.key);
+            if c.key != key {
+                let _ = c.out.send(close_consumer(c.key.1));
+            }
+        }
+        let _ = me.send(success(request_id));
+        tracing::info!(topic = %self.ml.name, sub = name, "subscription deleted");
+    }
+
+    async fn seek(&mut self, key: (u64, u64), request_id: u64, target: SeekTarget) {
+        let Some(name) = self.index.get(&key).cloned() else { return };
+        let md = match target {
+            SeekTarget::Id(id) => match special(&id) {
+                Some(true) => self.ml.span.before_first(),
+                Some(false) => self.ml.span.last(),
+                None => Pos::new(id.ledger_id, id.entry_id as i64 - 1),
+            },
+            SeekTarget::PublishTime(t) => match self.find_by_time(t).await {
+                Ok(p) => p,
+                Err(e) => {
+                    if let Some(c) = self.subs.get(&name).and_then(|s| s.consumers.iter().find(|c| c.key == key)) {
+                        let _ = c.out.send(Out::Cmd(error_command(request_id, pb::ServerError::PersistenceError, e)));
+                    }
+                    return;
+                }
+            },
+        };
+        let Some(sub) = self.subs.get_mut(&name) else { return };
+        sub.cursor.reset(md);
+        sub.read_pos = md;
+        sub.replay.clear();
+        sub.pending.clear();
+        sub.redeliveries.clear();
+        sub.fetched.clear();
+        sub.reading = false;
+        sub.generation += 1;
+        sub.dirty = true;
+        // Answer, then close the subscription's consumers: clients reconnect and receive from
+        // the new position.
+        let consumers = std::mem::take(&mut sub.consumers);
+        sub.selector = KeySelector::default();
+        sub.active = None;
+        for c in &consumers {
+            if c.key == key {
+                let _ = c.out.send(success(request_id));
+            }
+            let _ = c.out.send(close_consumer(c.key.1));
+            self.index.remove(&c.key);
+        }
+        tracing::info!(topic = %self.ml.name, sub = name, position = %md, "subscription reset");
+        if !sub.durable {
+            self.subs.remove(&name);
+        }
+    }
+
+    /// The position before the first entry published at or after `t` (binary search over
+    /// publish times, which grow with the log).
+    async fn find_by_time(&mut self, t: u64) -> Result<Pos, String> {
+        let (mut lo, mut hi) = (0u64, self.ml.span.total_entries());
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let Some(p) = self.ml.span.nth(mid) else { break };
+            let info = self.ml.entry_info(p).await?;
+            if info.publish_time >= t {
+                hi = mid;
+            } else {
+                lo = mid + 1;
+            }
+        }
+        Ok(match lo.checked_sub(1).and_then(|i| self.ml.span.nth(i)) {
+            Some(p) => p,
+            None => self.ml.span.before_first(),
+        })
+    }
+
+    async fn last_message_id(&mut self, key: (u64, u64), request_id: u64) {
+        let last = self.ml.span.last();
+        let mut id = id_data(last);
+        if last.entry_id >= 0 {
+            match self.ml.entry_info(last).await {
+                Ok(info) if info.batched => id.batch_index = Some(info.num_messages as i32 - 1),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(topic = %self.ml.name, error = %e, "reading the last entry failed"),
+            }
+        }
+        let Some(sub) = sub_of(&self.index, &mut self.subs, key) else { return };
+        let md = sub.cursor.mark_delete();
+        let Some(c) = sub.consumers.iter().find(|c| c.key == key) else { return };
+        let _ = c.out.send(Out::Cmd(pb::BaseCommand {
+            get_last_message_id_response: Some(pb::CommandGetLastMessageIdResponse {
+                last_message_id: id,
+                request_id,
+                consumer_mark_delete_position: Some(id_data(md)),
+            }),
+            ..base(Type::GetLastMessageIdResponse)
+        }));
+    }
+
+    fn consumer_stats(&mut self, key: (u64, u64), request_id: u64) {
+        let span = self.ml.span.clone();
+        let Some(sub) = sub_of(&self.index, &mut self.subs, key) else { return };
+        let backlog = span.entries_after(sub.cursor.mark_delete()).saturating_sub(sub.cursor.acked_count());
+        let Some(c) = sub.consumers.iter().find(|c| c.key == key) else { return };
+        let unacked = sub.pending.values().filter(|x| **x == c.cid).count() as u64;
+        let _ = c.out.send(Out::Cmd(pb::BaseCommand {
+            consumer_stats_response: Some(pb::CommandConsumerStatsResponse {
+                request_id,
+                consumer_name: Some(c.name.clone()),
+                available_permits: Some(c.permits.max(0) as u64),
+                unacked_messages: Some(unacked),
+                r#type: Some(sub_type_name(sub.sub_type).into()),
+                msg_backlog: Some(backlog),
+                ..Default::default()
+            }),
+            ..base(Type::ConsumerStatsResponse)
+        }));
+    }
+}
+
+fn sub_of<'a>(index: &HashMap<(u64, u64), String>, subs: &'a mut HashMap<String, Sub>, key: (u64, u64)) -> Option<&'a mut Sub> {
+    subs.get_mut(index.get(&key)?)
+}
+
+fn sub_type_name(t: SubType) -> &'static str {
+    match t {
+        SubType::Exclusive => "Exclusive",
+        SubType::Shared => "Shared",
+        SubType::Failover => "Failover",
+        SubType::KeyShared => "Key_Shared",
+    }
+}
+
+fn cursor_body(sub: &Sub) -> Vec<u8> {
+    serde_json::to_vec(&sub.cursor.to_info(sub_type_name(sub.sub_type), &sub.properties)).unwrap_or_default()
+}
+
+/// Puts `positions` back for delivery; `count` raises their redelivery counts.
+fn redeliver(sub: &mut Sub, positions: Vec<Pos>, count: bool) {
+    for p in positions {
+        sub.pending.remove(&p);
+        if !sub.cursor.is_acked(p) {
+            sub.replay.insert(p);
+            if count {
+                *sub.redeliveries.entry(p).or_default() += 1;
+            }
+        }
+    }
+}
+
+/// Picks the active consumer of an Exclusive or Failover subscription (lowest priority level,
+/// then name; a partition picks by its index) and tells consumers when it changes.
+fn update_active(sub: &mut Sub, partition: Option<u32>, joined: bool) {
+    if !matches!(sub.sub_type, SubType::Exclusive | SubType::Failover) || sub.consumers.is_empty() {
+        sub.active = None;
+        return;
+    }
+    let mut order: Vec<&Consumer> = sub.consumers.iter().collect();
+    order.sort_by(|a, b| (a.priority, &a.name, a.cid).cmp(&(b.priority, &b.name, b.cid)));
+    let top = order[0].priority;
+    let candidates: Vec<&Consumer> = order.into_iter().filter(|c| c.priority == top).collect();
+    let pick = candidates[partition.unwrap_or(0) as usize % candidates.len()].cid;
+    let changed = sub.active != Some(pick);
+    if changed {
+        // Whatever the previous active consumer held goes to the new one.
+        if let Some(old) = sub.active {
+            let theirs: Vec<Pos> = sub.pending.iter().filter(|(_, c)| **c == old).map(|(p, _)| *p).collect();
+            redeliver(sub, theirs, false);
+        }
+        sub.active = Some(pick);
+    }
+    if sub.sub_type == SubType::Failover && (changed || joined) {
+        for c in &sub.consumers {
+            if c.protocol_version >= 12 && (changed || joined && Some(c.cid) != sub.active || c.cid == pick) {
+                let _ = c.out.send(Out::Cmd(pb::BaseCommand {
+                    active_consumer_change: Some(pb::CommandActiveConsumerChange {
+                        consumer_id: c.key.1,
+                        is_active: Some(c.cid == pick),
+                    }),
+                    ..base(Type::ActiveConsumerChange)
+                }));
+            }
+        }
+    }
+}
+
+/// Sends what the subscription's consumers have permits for: first positions to deliver
+/// again, then new entries. Entries not in the tail cache are read from the bookies.
+fn dispatch(sub: &mut Sub, ml: &mut Ml) {
+    if sub.consumers.iter().all(|c| c.permits <= 0) {
+        return;
+    }
+    let partition = ml.name.partition().map(|p| p as i32).unwrap_or(-1);
+    let mut need: Vec<Pos> = Vec::new();
+    let mut blocked: HashSet<u64> = HashSet::new();
+    // Deliver again.
+    let replay: Vec<Pos> = sub.replay.iter().take(4 * ml.settings.read_batch).copied().collect();
+    for p in replay {
+        if sub.cursor.is_acked(p) || !ml.span.contains(p) {
+            sub.replay.remove(&p);
+            continue;
+        }
+        if sub.consumers.iter().all(|c| c.permits <= 0) {
+            break;
+        }
+        let Some(c) = ml.cache.get(&p).or_else(|| sub.fetched.get(&p)).cloned() else {
+            if need.len() < ml.settings.read_batch {
+                need.push(p);
+            }
+            continue;
+        };
+        match pick(sub, &c.info, &blocked) {
+            Some(i) => {
+                sub.replay.remove(&p);
+                send(sub, i, p, &c, partition);
+            }
+            None => {
+                if let Some(cid) = owner(sub, &c.info) {
+                    blocked.insert(cid);
+                }
+                if !matches!(sub.sub_type, SubType::KeyShared) {
+                    break;
+                }
+            }
+        }
+    }
+    // New entries.
+    while need.is_empty() && sub.replay.len() < MAX_STASHED {
+        let Some(p) = ml.span.next(sub.read_pos) else { break };
+        if sub.cursor.is_acked(p) {
+            sub.read_pos = p;
+            continue;
+        }
+        if sub.consumers.iter().all(|c| c.permits <= 0) {
+            break;
+        }
+        let Some(c) = ml.cache.get(&p).or_else(|| sub.fetched.get(&p)).cloned() else {
+            let mut q = p;
+            need.push(q);
+            while need.len() < ml.settings.read_batch {
+                match ml.span.next(q) {
+                    Some(n) if n.ledger_id == p.ledger_id && !ml.cache.contains_key(&n) => {
+                        need.push(n);
+                        q = n;
+                    }
+                    _ => break,
+                }
+            }
+            break;
+        };
+        match pick(sub, &c.info, &blocked) {
+            Some(i) => {
+                sub.read_pos = p;
+                send(sub, i, p, &c, partition);
+            }
+            None if sub.sub_type == SubType::KeyShared && owner(sub, &c.info).is_some() => {
+                // Its consumer is busy: keep it for later, in order, and go on with others.
+                sub.read_pos = p;
+                sub.replay.insert(p);
+                if let Some(cid) = owner(sub, &c.info) {
+                    blocked.insert(cid);
+                }
+                if !c.entry.is_empty() && !ml.cache.contains_key(&p) {
+                    sub.fetched.insert(p, c);
+                }
+            }
+            None => break,
+        }
+    }
+    if !need.is_empty() && !sub.reading {
+        need.retain(|p| !sub.fetched.contains_key(p));
+        if !need.is_empty() {
+            ml.start_read(sub, need);
+        }
+    }
+}
+
+/// The consumer a Key_Shared entry belongs to.
+fn owner(sub: &Sub, info: &EntryInfo) -> Option<u64> {
+    (sub.sub_type == SubType::KeyShared).then(|| sub.selector.select(info.slot)).flatten()
+}
+
+/// Index of the consumer to get an entry, if one can take it now.
+fn pick(sub: &mut Sub, info: &EntryInfo, blocked: &HashSet<u64>) -> Option<usize> {
+    match sub.sub_type {
+        SubType::Exclusive | SubType::Failover => {
+            let active = sub.active?;
+            sub.consumers.iter().position(|c| c.cid == active && c.permits > 0)
+        }
+        SubType::Shared => {
+            let n = sub.consumers.len();
+            for k in 0..n {
+                let i = (sub.rr + k) % n;
+                if sub.consumers[i].permits > 0 {
+                    sub.rr = (i + 1) % n;
+                    return Some(i);
+                }
+            }
+            None
+        }
+        SubType::KeyShared => {
+            let cid = sub.selector.select(info.slot)?;
+            if blocked.contains(&cid) {
+                return None;
+            }
+            sub.consumers.iter().position(|c| c.cid == cid && c.permits > 0)
+        }
+    }
+}
+
+fn send(sub: &mut Sub, i: usize, p: Pos, c: &Cached, partition: i32) {
+    let redelivery_count = sub.redeliveries.get(&p).copied().unwrap_or(0);
+    let ack_set = sub.cursor.partial(p).map(|s| s.to_vec()).unwrap_or_default();
+    let consumer = &mut sub.consumers[i];
+    tracing::trace!(sub = sub.name, consumer = consumer.name, position = %p, redelivery_count, "dispatch");
+    consumer.permits -= c.info.num_messages as i64;
+    sub.fetched.remove(&p);
+    sub.pending.insert(p, consumer.cid);
+    let cmd = pb::BaseCommand {
+        message: Some(pb::CommandMessage {
+            consumer_id: consumer.key.1,
+            message_id: message_id(p, partition),
+            redelivery_count: (redelivery_count > 0).then_some(redelivery_count),
+            ack_set,
+            consumer_epoch: None,
+        }),
+        ..base(Type::Message)
+    };
+    let _ = consumer.out.send(Out::Msg(cmd, c.entry.clone()));
+}
+
+impl Ml {
+    fn insert_cache(&mut self, p: Pos, c: Cached) {
+        self.cache_bytes += c.entry.len();
+        self.cache.insert(p, c);
+        while self.cache_bytes > self.settings.cache_bytes {
+            let Some((_, old)) = self.cache.pop_first() else { break };
+            self.cache_bytes -= old.entry.len();
+        }
+    }
+
+    /// The facts of one entry (from the cache or the bookies).
+    async fn entry_info(&mut self, p: Pos) -> Result<EntryInfo, String> {
+        if let Some(c) = self.cache.get(&p) {
+            return Ok(c.info);
+        }
+        if let Some((q, info)) = self.last_info {
+            if q == p {
+                return Ok(info);
+            }
+        }
+        let current = self.current_reader(p.ledger_id);
+        let entries = read_positions(self.ledgers.clone(), current, vec![p]).await?;
+        let (_, entry) = entries.into_iter().next().ok_or_else(|| format!("entry {p} not found"))?;
+        let (md, data) = decode_entry(&entry).map_err(|e| e.to_string())?;
+        Ok(EntryInfo::from_entry(&md, &data))
+    }
+
+    fn current_reader(&self, ledger: u64) -> Option<(u64, LedgerReader)> {
+        self.writer.as_ref().filter(|w| w.id() == ledger).map(|w| (w.id(), w.reader()))
+    }
+
+    fn start_read(&mut self, sub: &mut Sub, positions: Vec<Pos>) {
+        sub.reading = true;
+        let (generation, name, tx, ledgers) = (sub.generation, sub.name.clone(), self.tx.clone(), self.ledgers.clone());
+        let current = self.writer.as_ref().map(|w| (w.id(), w.reader()));
+        tokio::spawn(async move {
+            let result = read_positions(ledgers, current, positions).await;
+            let _ = tx.send(Cmd::ReadDone { sub: name, generation, result });
+        });
+    }
+
+    /// Closes the current ledger, creates the next and records both in one CAS.
+    async fn roll(&mut self) -> Result<(), super::TopicError> {
+        if let Some(w) = self.writer.take() {
+            let id = w.id();
+            let md = w.close().await?;
+            self.span.set_last(id, md.last_entry);
+            if let Some(l) = self.info.ledgers.iter_mut().find(|l| l.ledger_id == id) {
+                l.last_entry = Some(md.last_entry);
+            }
+        }
+        let writer = create_ledger(&self.ledgers, &self.settings, &self.name).await?;
+        let mut info = self.info.clone();
+        info.ledgers.push(super::LedgerInfo { ledger_id: writer.id(), last_entry: None });
+        match put_info(&self.meta, &self.key, &info, self.version).await {
+            Ok(v) => {
+                self.version = v;
+                self.info = info;
+                self.span.push(writer.id(), -1);
+                tracing::info!(topic = %self.name, ledger = writer.id(), entries = self.ledger_entries, "rolled over to a new ledger");
+                self.writer = Some(writer);
+                self.ledger_entries = 0;
+                self.ledger_bytes = 0;
+                self.ledger_since = Instant::now();
+                Ok(())
+            }
+            Err(e) => {
+                let _ = self.ledgers.delete(writer.id()).await;
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Reads positions (grouped into runs per ledger); the ledger being written is read through
+/// its writer's reader.
+async fn read_positions(
+    ledgers: LedgerClient,
+    current: Option<(u64, LedgerReader)>,
+    positions: Vec<Pos>,
+) -> Result<Vec<(Pos, Bytes)>, String> {
+    let mut out = Vec::with_capacity(positions.len());
+    let mut i = 0;
+    while i < positions.len() {
+        let first = positions[i];
+        let mut j = i + 1;
+        while j < positions.len()
+            && positions[j].ledger_id == first.ledger_id
+            && positions[j].entry_id == positions[j - 1].entry_id + 1
+        {
+            j += 1;
+        }
+        let last = positions[j - 1];
+        let entries = match &current {
+            Some((id, r)) if *id == first.ledger_id => r.read(first.entry_id, last.entry_id).await,
+            _ => match ledgers.open_reader(first.ledger_id).await {
+                Ok(r) => r.read(first.entry_id, last.entry_id).await,
+                Err(e) => Err(e),
+            },
+        }
+        .map_err(|e| e.to_string())?;
+        for (k, entry) in entries.into_iter().enumerate() {
+            out.push((Pos::new(first.ledger_id, first.entry_id + k as i64), entry));
+        }
+        i = j;
+    }
+    Ok(out)
+}

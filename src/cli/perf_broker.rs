@@ -1,0 +1,406 @@
+//! `magnetar perf produce` and `magnetar perf consume`: like pulsar-perf. Producers publish at
+//! a rate (or as fast as the window allows), optionally batching; consumers measure
+//! end-to-end latency from a timestamp the producer writes into each payload. Live progress
+//! every second; latency percentiles from HDR histograms.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use clap::Args;
+use hdrhistogram::Histogram;
+use magnetar_broker::client::{Client, Consumer};
+use magnetar_broker::protocol::codec::split_batch;
+use magnetar_broker::protocol::pb;
+use tokio::sync::mpsc;
+
+/// Producer settings.
+#[derive(Args, Debug, Clone)]
+pub struct ProducePerf {
+    /// Broker address (host:port or pulsar://host:port).
+    #[arg(long, default_value = "127.0.0.1:6650")]
+    pub url: String,
+    /// Topic.
+    #[arg(long, default_value = "perf")]
+    pub topic: String,
+    /// Message size in bytes (at least 8: the payload carries its send time).
+    #[arg(long, default_value_t = 1024)]
+    pub size: usize,
+    /// Messages per second over all producers (0: as fast as the window allows).
+    #[arg(long, default_value_t = 0.0)]
+    pub rate: f64,
+    /// Producers (each on its own connection).
+    #[arg(long, default_value_t = 1)]
+    pub producers: usize,
+    /// Messages per batch (1: batching off).
+    #[arg(long, default_value_t = 1000)]
+    pub batch_max_messages: usize,
+    /// Bytes per batch.
+    #[arg(long, default_value_t = 128 * 1024)]
+    pub batch_max_bytes: usize,
+    /// Longest a message waits for its batch to fill, µs.
+    #[arg(long, default_value_t = 1000)]
+    pub batch_delay_us: u64,
+    /// Messages in flight per producer (1: one-at-a-time synchronous sends).
+    #[arg(long, default_value_t = 10_000)]
+    pub max_pending: usize,
+    /// Seconds to run.
+    #[arg(long, default_value_t = 10)]
+    pub duration: u64,
+    /// Consumers measuring end-to-end latency on the same topic (0: none).
+    #[arg(long, default_value_t = 0)]
+    pub consumers: usize,
+    /// No live progress lines.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// Consumer settings.
+#[derive(Args, Debug, Clone)]
+pub struct ConsumePerf {
+    /// Broker address.
+    #[arg(long, default_value = "127.0.0.1:6650")]
+    pub url: String,
+    /// Topic.
+    #[arg(long, default_value = "perf")]
+    pub topic: String,
+    /// Subscription.
+    #[arg(long, default_value = "perf-sub")]
+    pub subscription: String,
+    /// Seconds to run.
+    #[arg(long, default_value_t = 10)]
+    pub duration: u64,
+}
+
+/// What a run measured.
+pub struct Report {
+    /// Messages acknowledged by the broker.
+    pub published: u64,
+    /// Payload bytes acknowledged.
+    pub bytes: u64,
+    /// Seconds.
+    pub secs: f64,
+    /// Publish latency (µs).
+    pub publish: Histogram<u64>,
+    /// End-to-end latency (µs), when consumers ran.
+    pub e2e: Option<Histogram<u64>>,
+    /// Messages consumed.
+    pub consumed: u64,
+    /// Send errors.
+    pub errors: u64,
+}
+
+impl Report {
+    /// Messages per second.
+    pub fn rate(&self) -> f64 {
+        self.published as f64 / self.secs
+    }
+    /// MB per second (10^6).
+    pub fn mbps(&self) -> f64 {
+        self.bytes as f64 / self.secs / 1e6
+    }
+}
+
+fn hist() -> Histogram<u64> {
+    Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("static bounds are valid")
+}
+
+fn addr(url: &str) -> String {
+    url.trim_start_matches("pulsar://").trim_end_matches('/').to_owned()
+}
+
+fn now_us() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
+}
+
+fn pct(h: &Histogram<u64>, q: f64) -> f64 {
+    h.value_at_quantile(q) as f64 / 1000.0
+}
+
+enum Event {
+    Published { n: u64, bytes: u64, lat: Vec<u64> },
+    Error,
+    Consumed { lat: Vec<u64> },
+}
+
+/// Runs producers (and consumers), printing progress; returns the totals.
+pub async fn produce(a: &ProducePerf) -> anyhow::Result<Report> {
+    anyhow::ensure!(a.size >= 8, "--size must be at least 8 bytes");
+    anyhow::ensure!(a.producers >= 1 && a.max_pending >= 1 && a.batch_max_messages >= 1, "counts must be at least 1");
+    let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
+    let stop = Instant::now() + Duration::from_secs(a.duration);
+    let mut consumer_tasks = Vec::new();
+    for i in 0..a.consumers {
+        let c = Client::connect(&addr(&a.url)).await?;
+        let sub = format!("perf-e2e-{}-{i}", std::process::id());
+        let consumer = c.subscribe(&a.topic, &sub, pb::command_subscribe::SubType::Exclusive, false).await?;
+        let tx = tx.clone();
+        consumer_tasks.push(tokio::spawn(consume_loop(consumer, tx, stop + Duration::from_secs(2))));
+    }
+    let mut producer_tasks = Vec::new();
+    for _ in 0..a.producers {
+        let c = Client::connect(&addr(&a.url)).await?;
+        let p = c.producer(&a.topic).await?;
+        let (a, tx) = (a.clone(), tx.clone());
+        producer_tasks.push(tokio::spawn(async move {
+            let r = produce_loop(p, &a, tx, stop).await;
+            drop(c);
+            r
+        }));
+    }
+    drop(tx);
+    let start = Instant::now();
+    let (mut publish, mut e2e) = (hist(), hist());
+    let (mut published, mut bytes, mut consumed, mut errors) = (0u64, 0u64, 0u64, 0u64);
+    let mut window = (hist(), 0u64, 0u64, Instant::now());
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    ticker.tick().await;
+    loop {
+        tokio::select! {
+            ev = rx.recv() => match ev {
+                Some(Event::Published { n, bytes: b, lat }) => {
+                    published += n;
+                    bytes += b;
+                    window.1 += n;
+                    window.2 += b;
+                    for l in lat {
+                        let _ = publish.record(l.max(1));
+                        let _ = window.0.record(l.max(1));
+                    }
+                }
+                Some(Event::Consumed { lat }) => {
+                    consumed += lat.len() as u64;
+                    for l in lat {
+                        let _ = e2e.record(l.max(1));
+                    }
+                }
+                Some(Event::Error) => errors += 1,
+                None => break,
+            },
+            _ = ticker.tick() => {
+                if !a.quiet {
+                    let secs = window.3.elapsed().as_secs_f64();
+                    println!(
+                        "  {:>5.1}s  {:>10.0} msg/s  {:>8.1} MB/s  publish p50 {:.2} ms  p99 {:.2} ms  consumed {}",
+                        start.elapsed().as_secs_f64(), window.1 as f64 / secs, window.2 as f64 / secs / 1e6,
+                        pct(&window.0, 0.5), pct(&window.0, 0.99), consumed
+                    );
+                }
+                window = (hist(), 0, 0, Instant::now());
+            }
+        }
+    }
+    let secs = start.elapsed().as_secs_f64().min(a.duration as f64).max(0.001);
+    for t in producer_tasks {
+        t.await??;
+    }
+    for t in consumer_tasks {
+        t.abort();
+    }
+    Ok(Report {
+        published,
+        bytes,
+        secs,
+        publish,
+        e2e: (a.consumers > 0).then_some(e2e),
+        consumed,
+        errors,
+    })
+}
+
+async fn produce_loop(
+    mut p: magnetar_broker::client::Producer,
+    a: &ProducePerf,
+    tx: mpsc::UnboundedSender<Event>,
+    stop: Instant,
+) -> anyhow::Result<()> {
+    let per_producer_rate = a.rate / a.producers as f64;
+    let batching = a.batch_max_messages > 1;
+    let start = Instant::now();
+    let mut sent_msgs = 0u64;
+    let mut inflight: std::collections::VecDeque<(Vec<Instant>, u64)> = std::collections::VecDeque::new();
+    let mut pending_msgs = 0usize;
+    let mut batch: Vec<Bytes> = Vec::new();
+    let mut batch_times: Vec<Instant> = Vec::new();
+    let mut batch_bytes = 0usize;
+    let filler = vec![0xa5u8; a.size];
+    loop {
+        let now = Instant::now();
+        let done = now >= stop;
+        // Flush a batch that is full, old enough, or the last one.
+        let flush = !batch.is_empty()
+            && (batch.len() >= a.batch_max_messages
+                || batch_bytes >= a.batch_max_bytes
+                || done
+                || batch_times.first().is_some_and(|t| now.duration_since(*t) >= Duration::from_micros(a.batch_delay_us)));
+        if flush && pending_msgs < a.max_pending {
+            let ts = now_us() / 1000;
+            if batching {
+                p.send_batch(&batch, ts)?;
+            } else {
+                p.send(&batch[0], ts)?;
+            }
+            pending_msgs += batch.len();
+            inflight.push_back((std::mem::take(&mut batch_times), batch_bytes as u64));
+            batch.clear();
+            batch_bytes = 0;
+            continue;
+        }
+        if done && batch.is_empty() && inflight.is_empty() {
+            return Ok(());
+        }
+        // Next message due?
+        let due = if done {
+            None
+        } else if per_producer_rate > 0.0 {
+            Some(start + Duration::from_secs_f64(sent_msgs as f64 / per_producer_rate))
+        } else {
+            Some(now)
+        };
+        let room = pending_msgs + batch.len() < a.max_pending && batch.len() < a.batch_max_messages;
+        if due.is_some_and(|d| d <= now) && room {
+            let mut m = filler.clone();
+            m[..8].copy_from_slice(&now_us().to_le_bytes());
+            batch_bytes += m.len();
+            batch.push(Bytes::from(m));
+            batch_times.push(Instant::now());
+            sent_msgs += 1;
+            continue;
+        }
+        // Wait for a receipt, the next due message, or the batch delay.
+        let mut wake = stop;
+        if let Some(d) = due.filter(|_| room) {
+            wake = wake.min(d);
+        }
+        if let Some(t) = batch_times.first() {
+            wake = wake.min(*t + Duration::from_micros(a.batch_delay_us));
+        }
+        if inflight.is_empty() && wake <= Instant::now() {
+            tokio::task::yield_now().await;
+            continue;
+        }
+        tokio::select! {
+            r = p.receipt(), if !inflight.is_empty() => {
+                let Some((_, r)) = r else { anyhow::bail!("the producer's connection closed") };
+                let Some((times, b)) = inflight.pop_front() else { continue };
+                pending_msgs -= times.len();
+                if r.is_err() {
+                    let _ = tx.send(Event::Error);
+                    continue;
+                }
+                let at = Instant::now();
+                let lat = times.iter().map(|t| at.duration_since(*t).as_micros() as u64).collect::<Vec<_>>();
+                let _ = tx.send(Event::Published { n: times.len() as u64, bytes: b, lat });
+            }
+            _ = tokio::time::sleep_until(wake.into()) => {}
+        }
+    }
+}
+
+async fn consume_loop(mut c: Consumer, tx: mpsc::UnboundedSender<Event>, stop: Instant) -> anyhow::Result<()> {
+    const PERMITS: u32 = 5000;
+    c.flow(PERMITS)?;
+    let mut since_flow = 0u32;
+    let mut acks = Vec::new();
+    loop {
+        let m = tokio::select! {
+            m = c.next() => m,
+            _ = tokio::time::sleep_until(stop.into()) => return Ok(()),
+        };
+        let Some(m) = m else { return Ok(()) };
+        let now = now_us();
+        let md = &m.payload.metadata;
+        let mut lat = Vec::new();
+        let n = md.num_messages_in_batch.unwrap_or(1).max(1) as usize;
+        if md.num_messages_in_batch.is_some() {
+            for item in split_batch(&m.payload.data, n).unwrap_or_default() {
+                if item.payload.len() >= 8 {
+                    let sent = u64::from_le_bytes(item.payload[..8].try_into().unwrap_or([0; 8]));
+                    lat.push(now.saturating_sub(sent));
+                }
+            }
+        } else if m.payload.data.len() >= 8 {
+            let sent = u64::from_le_bytes(m.payload.data[..8].try_into().unwrap_or([0; 8]));
+            lat.push(now.saturating_sub(sent));
+        }
+        since_flow += n as u32;
+        acks.push(m.command.message_id);
+        if acks.len() >= 100 {
+            c.ack(std::mem::take(&mut acks))?;
+        }
+        if since_flow >= PERMITS / 2 {
+            c.flow(since_flow)?;
+            since_flow = 0;
+        }
+        let _ = tx.send(Event::Consumed { lat });
+    }
+}
+
+/// `magnetar perf produce`.
+pub async fn run_produce(a: ProducePerf) -> anyhow::Result<()> {
+    println!(
+        "producing to {} for {} s: {} B messages, {} producer(s), rate {}, batch {} msgs / {} B / {} µs, window {}",
+        a.topic,
+        a.duration,
+        a.size,
+        a.producers,
+        if a.rate > 0.0 { format!("{} msg/s", a.rate) } else { "max".into() },
+        a.batch_max_messages,
+        a.batch_max_bytes,
+        a.batch_delay_us,
+        a.max_pending
+    );
+    let r = produce(&a).await?;
+    println!("{}", summary(&r));
+    Ok(())
+}
+
+/// One line with a report's figures.
+pub fn summary(r: &Report) -> String {
+    let mut s = format!(
+        "published {} msgs in {:.1} s: {:.0} msg/s, {:.1} MB/s; publish latency p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms; errors {}",
+        r.published,
+        r.secs,
+        r.rate(),
+        r.mbps(),
+        pct(&r.publish, 0.5),
+        pct(&r.publish, 0.99),
+        pct(&r.publish, 0.999),
+        r.errors
+    );
+    if let Some(e) = &r.e2e {
+        s.push_str(&format!(
+            "; consumed {}; end-to-end p50 {:.3} ms, p99 {:.3} ms",
+            r.consumed,
+            pct(e, 0.5),
+            pct(e, 0.99)
+        ));
+    }
+    s
+}
+
+/// `magnetar perf consume`: consumes from a subscription and prints rates and end-to-end
+/// latency of messages that carry a send time (as `perf produce` writes them).
+pub async fn run_consume(a: ConsumePerf) -> anyhow::Result<()> {
+    let c = Client::connect(&addr(&a.url)).await?;
+    let consumer = c.subscribe(&a.topic, &a.subscription, pb::command_subscribe::SubType::Shared, false).await?;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let stop = Instant::now() + Duration::from_secs(a.duration);
+    let task = tokio::spawn(consume_loop(consumer, tx, stop));
+    let (mut total, mut h, mut window, mut last) = (0u64, hist(), 0u64, Instant::now());
+    while let Some(ev) = rx.recv().await {
+        if let Event::Consumed { lat } = ev {
+            total += lat.len() as u64;
+            window += lat.len() as u64;
+            for l in lat {
+                let _ = h.record(l.max(1));
+            }
+        }
+        if last.elapsed() >= Duration::from_secs(1) {
+            println!("  {:>10.0} msg/s  end-to-end p50 {:.2} ms  p99 {:.2} ms", window as f64 / last.elapsed().as_secs_f64(), pct(&h, 0.5), pct(&h, 0.99));
+            (window, last) = (0, Instant::now());
+        }
+    }
+    task.await??;
+    println!("consumed {total} msgs; end-to-end p50 {:.3} ms, p99 {:.3} ms", pct(&h, 0.5), pct(&h, 0.99));
+    Ok(())
+}

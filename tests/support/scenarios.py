@@ -1,0 +1,329 @@
+"""Client conformance scenarios run with the official Pulsar Python client against a Magnetar
+broker. Usage: scenarios.py URL SCENARIO TOPIC_PREFIX. Each scenario asserts what it checks and
+prints `ok <scenario>` on success; any failure exits non-zero with the reason."""
+import sys
+import time
+
+import pulsar
+
+URL, SCENARIO, PREFIX = sys.argv[1], sys.argv[2], sys.argv[3]
+WAIT_MS = 15000
+client = pulsar.Client(URL, operation_timeout_seconds=20)
+
+
+def receive_n(consumer, n, ack=True, timeout_ms=WAIT_MS):
+    got = []
+    for _ in range(n):
+        m = consumer.receive(timeout_millis=timeout_ms)
+        got.append(m)
+        if ack:
+            consumer.acknowledge(m)
+    return got
+
+
+def nothing_more(consumer, ms=700):
+    try:
+        m = consumer.receive(timeout_millis=ms)
+    except pulsar.Timeout:
+        return
+    raise AssertionError(f"unexpected extra message {m.data()!r} id={m.message_id()}")
+
+
+def produce(topic, n, batching=False, compression=pulsar.CompressionType.NONE, keys=None, prefix="m"):
+    # With keys, batches hold one key each (what Key_Shared needs).
+    kind = pulsar.BatchingType.KeyBased if keys else pulsar.BatchingType.Default
+    p = client.create_producer(topic, batching_enabled=batching, batching_max_publish_delay_ms=5,
+                               compression_type=compression, batching_type=kind)
+    ids = []
+    if batching:
+        errors = []
+
+        def cb(res, _mid):
+            if res != pulsar.Result.Ok:
+                errors.append(res)
+        for i in range(n):
+            kw = {"partition_key": keys[i]} if keys else {}
+            p.send_async(f"{prefix}-{i}".encode(), cb, **kw)
+        p.flush()
+        assert not errors, errors
+    else:
+        for i in range(n):
+            kw = {"partition_key": keys[i]} if keys else {}
+            ids.append(p.send(f"{prefix}-{i}".encode(), **kw))
+    p.close()
+    return ids
+
+
+def bodies(msgs):
+    return [m.data().decode() for m in msgs]
+
+
+def sub_types():
+    """Every subscription type, batching off and on: everything produced is received once."""
+    n = 120
+    for batching in (False, True):
+        for name, kind in [("exclusive", pulsar.ConsumerType.Exclusive), ("shared", pulsar.ConsumerType.Shared),
+                           ("failover", pulsar.ConsumerType.Failover), ("keyshared", pulsar.ConsumerType.KeyShared)]:
+            topic = f"{PREFIX}-{name}-{int(batching)}"
+            keys = [f"k{i % 7}" for i in range(n)]
+            consumers = [client.subscribe(topic, "s", consumer_type=kind, consumer_name=f"c{j}",
+                                          initial_position=pulsar.InitialPosition.Earliest,
+                                          receiver_queue_size=10)
+                         for j in range(1 if kind == pulsar.ConsumerType.Exclusive else 2)]
+            if kind == pulsar.ConsumerType.Exclusive:
+                try:
+                    client.subscribe(topic, "s", consumer_type=kind)
+                    raise AssertionError("a second exclusive consumer was accepted")
+                except pulsar.ConsumerBusy:
+                    pass
+            produce(topic, n, batching=batching, keys=keys)
+            seen = {}
+            deadline = time.time() + 30
+            while len(seen) < n and time.time() < deadline:
+                for j, c in enumerate(consumers):
+                    try:
+                        m = c.receive(timeout_millis=50)
+                    except pulsar.Timeout:
+                        continue
+                    body = m.data().decode()
+                    assert body not in seen, f"{name}: {body} delivered twice"
+                    seen[body] = (j, m.partition_key())
+                    c.acknowledge(m)
+            assert len(seen) == n, f"{name} batching={batching}: got {len(seen)} of {n}"
+            by_consumer = [sum(1 for v in seen.values() if v[0] == j) for j in range(len(consumers))]
+            if kind == pulsar.ConsumerType.Shared and not batching:
+                assert all(x > 0 for x in by_consumer), f"shared: one consumer got nothing {by_consumer}"
+            if kind == pulsar.ConsumerType.Failover:
+                assert sorted(by_consumer) == [0, n], f"failover: both consumers got messages {by_consumer}"
+            if kind == pulsar.ConsumerType.KeyShared:
+                owner = {}
+                for j, key in seen.values():
+                    assert owner.setdefault(key, j) == j, f"key {key} went to two consumers"
+                assert len(set(owner.values())) == 2, f"key_shared: one consumer got no keys {owner}"
+            for c in consumers:
+                nothing_more(c, 300)
+                c.close()
+    # Exclusive delivery keeps the order.
+    topic = f"{PREFIX}-order"
+    c = client.subscribe(topic, "s", initial_position=pulsar.InitialPosition.Earliest)
+    produce(topic, 50, batching=True)
+    assert bodies(receive_n(c, 50)) == [f"m-{i}" for i in range(50)]
+    c.close()
+
+
+def compression():
+    """Every compression codec the client offers, batched and not."""
+    codecs = [pulsar.CompressionType.NONE, pulsar.CompressionType.LZ4, pulsar.CompressionType.ZLib,
+              pulsar.CompressionType.ZSTD, pulsar.CompressionType.SNAPPY]
+    for codec in codecs:
+        for batching in (False, True):
+            topic = f"{PREFIX}-{str(codec).split('.')[-1]}-{int(batching)}"
+            c = client.subscribe(topic, "s", initial_position=pulsar.InitialPosition.Earliest)
+            p = client.create_producer(topic, batching_enabled=batching, compression_type=codec,
+                                       batching_max_publish_delay_ms=5)
+            payloads = [(f"payload-{i}-" + "x" * (i * 37 % 900)).encode() for i in range(60)]
+            for d in payloads:
+                p.send_async(d, lambda r, _m: None)
+            p.flush()
+            p.close()
+            got = [m.data() for m in receive_n(c, len(payloads))]
+            assert got == payloads, f"{codec} batching={batching}: payloads differ"
+            c.close()
+
+
+def redelivery():
+    """Unacked messages go to another consumer when one closes; a nack comes back with its
+    redelivery count; REDELIVER of everything unacked; acked messages never return."""
+    topic = f"{PREFIX}-redeliver"
+    a = client.subscribe(topic, "s", consumer_type=pulsar.ConsumerType.Shared, receiver_queue_size=5,
+                         initial_position=pulsar.InitialPosition.Earliest)
+    produce(topic, 10)
+    held = receive_n(a, 5, ack=False)
+    b = client.subscribe(topic, "s", consumer_type=pulsar.ConsumerType.Shared)
+    a.close()
+    got = receive_n(b, 10)
+    assert sorted(bodies(got)) == sorted(f"m-{i}" for i in range(10)), bodies(got)
+    redelivered = {m.data().decode(): m.redelivery_count() for m in got}
+    for m in held:
+        assert redelivered[m.data().decode()] >= 1, f"{m.data()} came back with count 0"
+    nothing_more(b)
+    b.close()
+
+    topic = f"{PREFIX}-nack"
+    c = client.subscribe(topic, "s", consumer_type=pulsar.ConsumerType.Shared,
+                         negative_ack_redelivery_delay_ms=100, initial_position=pulsar.InitialPosition.Earliest)
+    produce(topic, 3)
+    first = receive_n(c, 3, ack=False)
+    c.acknowledge(first[0])
+    c.acknowledge(first[2])
+    c.negative_acknowledge(first[1])
+    again = c.receive(timeout_millis=WAIT_MS)
+    assert again.data() == b"m-1" and again.redelivery_count() == 1, (again.data(), again.redelivery_count())
+    c.negative_acknowledge(again)
+    third = c.receive(timeout_millis=WAIT_MS)
+    assert third.data() == b"m-1" and third.redelivery_count() == 2, (third.data(), third.redelivery_count())
+    c.acknowledge(third)
+    nothing_more(c)
+    # Redeliver everything unacknowledged.
+    produce(topic, 4, prefix="r")
+    receive_n(c, 4, ack=False)
+    c.redeliver_unacknowledged_messages()
+    back = receive_n(c, 4)
+    assert sorted(bodies(back)) == [f"r-{i}" for i in range(4)], bodies(back)
+    nothing_more(c)
+    c.close()
+
+
+def dead_letter():
+    """After max_redeliver_count nacks a message goes to the dead-letter topic."""
+    topic = f"{PREFIX}-dlq"
+    dlq = f"{topic}-s-DLQ"
+    c = client.subscribe(topic, "s", consumer_type=pulsar.ConsumerType.Shared,
+                         negative_ack_redelivery_delay_ms=100, initial_position=pulsar.InitialPosition.Earliest,
+                         dead_letter_policy=pulsar.ConsumerDeadLetterPolicy(max_redeliver_count=2,
+                                                                          dead_letter_topic=dlq,
+                                                                          initial_subscription_name="dlq-sub"))
+    produce(topic, 2)
+    counts = []
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            m = c.receive(timeout_millis=1500)
+        except pulsar.Timeout:
+            break
+        if m.data() == b"m-0":
+            c.acknowledge(m)
+        else:
+            counts.append(m.redelivery_count())
+            c.negative_acknowledge(m)
+    assert counts == [0, 1, 2], f"redelivery counts of the poisoned message: {counts}"
+    d = client.subscribe(dlq, "dlq-sub", initial_position=pulsar.InitialPosition.Earliest)
+    m = d.receive(timeout_millis=WAIT_MS)
+    assert m.data() == b"m-1", m.data()
+    d.acknowledge(m)
+    d.close()
+    c.close()
+
+
+def cumulative():
+    """A cumulative ack covers everything before it, across a reconnect; inside a batch it
+    covers part of the batch (batch-index acknowledgement)."""
+    topic = f"{PREFIX}-cumulative"
+    for batching in (False, True):
+        t = f"{topic}-{int(batching)}"
+        c = client.subscribe(t, "s", initial_position=pulsar.InitialPosition.Earliest,
+                             batch_index_ack_enabled=batching)
+        produce(t, 40, batching=batching)
+        got = receive_n(c, 40, ack=False)
+        c.acknowledge_cumulative(got[24])
+        c.close()
+        time.sleep(0.3)
+        c = client.subscribe(t, "s", batch_index_ack_enabled=batching)
+        rest = receive_n(c, 15)
+        assert bodies(rest) == [f"m-{i}" for i in range(25, 40)], bodies(rest)
+        nothing_more(c)
+        c.close()
+
+
+def seek():
+    """Seek by message id and by publish time."""
+    topic = f"{PREFIX}-seek"
+    c = client.subscribe(topic, "s", initial_position=pulsar.InitialPosition.Earliest)
+    ids = produce(topic, 10)
+    time.sleep(0.05)
+    t_mid = int(time.time() * 1000)
+    time.sleep(0.05)
+    produce(topic, 10, prefix="late")
+    receive_n(c, 20)
+    # The broker delivers again from the entry of the id; this client then skips the id
+    # itself (its seek by id is exclusive).
+    c.seek(ids[4])
+    back = receive_n(c, 15)
+    assert bodies(back)[:5] == [f"m-{i}" for i in range(5, 10)], bodies(back)
+    c.seek(t_mid)
+    late = receive_n(c, 10)
+    assert bodies(late) == [f"late-{i}" for i in range(10)], bodies(late)
+    c.seek(pulsar.MessageId.earliest)
+    assert bodies(receive_n(c, 20))[0] == "m-0"
+    nothing_more(c)
+    c.close()
+
+
+def readers():
+    """Readers from earliest, latest and a given id; has_message_available."""
+    topic = f"{PREFIX}-reader"
+    ids = produce(topic, 10)
+    r = client.create_reader(topic, pulsar.MessageId.earliest)
+    assert bodies([r.read_next(WAIT_MS) for _ in range(10)]) == [f"m-{i}" for i in range(10)]
+    assert not r.has_message_available()
+    r.close()
+    r = client.create_reader(topic, ids[3])
+    assert r.read_next(WAIT_MS).data() == b"m-4"
+    r.close()
+    r = client.create_reader(topic, ids[3], start_message_id_inclusive=True)
+    assert r.read_next(WAIT_MS).data() == b"m-3"
+    r.close()
+    latest = client.create_reader(topic, pulsar.MessageId.latest)
+    assert not latest.has_message_available()
+    produce(topic, 2, prefix="new")
+    assert latest.has_message_available()
+    assert latest.read_next(WAIT_MS).data() == b"new-0"
+    latest.close()
+    # Batched: a reader from a message inside a batch.
+    bt = f"{topic}-batched"
+    produce(bt, 20, batching=True)
+    r = client.create_reader(bt, pulsar.MessageId.earliest)
+    got = [r.read_next(WAIT_MS) for _ in range(20)]
+    assert bodies(got) == [f"m-{i}" for i in range(20)]
+    assert not r.has_message_available()
+    r.close()
+
+
+def partitioned():
+    """A partitioned topic (created beforehand with 3 partitions): keys spread over partitions,
+    everything comes back, message ids name their partition."""
+    topic = f"{PREFIX}"
+    n = 90
+    c = client.subscribe(topic, "s", consumer_type=pulsar.ConsumerType.Shared,
+                         initial_position=pulsar.InitialPosition.Earliest)
+    produce(topic, n, keys=[f"key-{i}" for i in range(n)])
+    got = receive_n(c, n)
+    assert sorted(bodies(got)) == sorted(f"m-{i}" for i in range(n))
+    parts = {m.message_id().partition() for m in got}
+    assert parts == {0, 1, 2}, parts
+    nothing_more(c)
+    c.close()
+
+
+def restart_before():
+    """Before a broker restart: produce 100, acknowledge the first 40."""
+    topic = f"{PREFIX}-restart"
+    c = client.subscribe(topic, "s", initial_position=pulsar.InitialPosition.Earliest)
+    produce(topic, 100)
+    receive_n(c, 40)
+    c.close()
+
+
+def restart_after():
+    """After the restart: exactly the 60 unacknowledged messages come back."""
+    topic = f"{PREFIX}-restart"
+    c = client.subscribe(topic, "s")
+    got = receive_n(c, 60)
+    assert bodies(got) == [f"m-{i}" for i in range(40, 100)], bodies(got)[:5]
+    nothing_more(c)
+    c.close()
+
+
+def last_message_id():
+    """GetLastMessageId through the client (consumer.get_last_message_id)."""
+    topic = f"{PREFIX}-last"
+    c = client.subscribe(topic, "s", initial_position=pulsar.InitialPosition.Earliest)
+    ids = produce(topic, 5)
+    last = c.get_last_message_id()
+    assert (last.ledger_id(), last.entry_id()) == (ids[-1].ledger_id(), ids[-1].entry_id()), (last, ids[-1])
+    c.close()
+
+
+globals()[SCENARIO]()
+client.close()
+print(f"ok {SCENARIO}")
