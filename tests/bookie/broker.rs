@@ -24,18 +24,25 @@ impl Drop for Proc {
 async fn broker_writes_replicated_ledgers_through_a_bookie_failure() {
     let mut cluster = Cluster::new(4, &[], true).await;
     let addr = format!("127.0.0.1:{}", free_ports(1).expect("port")[0]);
-    let log = std::fs::File::create(cluster.dir.path().join("broker.log")).expect("log");
-    let _broker = Proc(
-        Command::new(crate::support::bin())
-            .args(["broker", "--listen", &addr, "--metastore", &cluster.meta_addr])
-            .env("managedLedgerDefaultEnsembleSize", "3")
-            .env("managedLedgerDefaultWriteQuorum", "2")
-            .env("managedLedgerDefaultAckQuorum", "2")
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("start broker"),
-    );
+    let start_broker = |cluster: &Cluster| {
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(cluster.dir.path().join("broker.log"))
+            .expect("log");
+        Proc(
+            Command::new(crate::support::bin())
+                .args(["broker", "--listen", &addr, "--metastore", &cluster.meta_addr])
+                .env("managedLedgerDefaultEnsembleSize", "3")
+                .env("managedLedgerDefaultWriteQuorum", "2")
+                .env("managedLedgerDefaultAckQuorum", "2")
+                .stdout(log.try_clone().expect("log"))
+                .stderr(log)
+                .spawn()
+                .expect("start broker"),
+        )
+    };
+    let mut broker = start_broker(&cluster);
     let a = addr.clone();
     assert!(
         wait_until(Duration::from_secs(30), || {
@@ -61,9 +68,20 @@ async fn broker_writes_replicated_ledgers_through_a_bookie_failure() {
     let (md, _) = client.metadata(ledger).await.expect("metadata");
     assert!(md.fragments.len() >= 2 && !md.last_fragment().bookies.contains(&victim), "{:?}", md.fragments);
 
-    // Consumers of every type, and a restart-free redelivery round, on the replicated ledgers.
+    // Consumers of every type and redelivery on the replicated ledgers.
     scenario(&url, "sub_types", "cluster");
     scenario(&url, "redelivery", "cluster");
+
+    // A client keeps sending while the broker is SIGKILLed and restarted on the same port:
+    // it reconnects, every send is acknowledged, and every acknowledged message is there.
+    let u = url.clone();
+    let live = std::thread::spawn(move || scenario(&u, "produce_through_restart", "cluster"));
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    drop(broker);
+    broker = start_broker(&cluster);
+    live.join().expect("the producer went on through the restart");
+    scenario(&url, "consume_through_restart", "cluster");
+    drop(broker);
 
     let closed = client.recover(ledger).await.expect("recover");
     assert!(closed.last_entry >= 59);
