@@ -119,6 +119,8 @@ async fn check_stored(metastore: &str, ids: &[(u64, u64, i64)]) {
     }
 }
 
+mod rust_client;
+
 #[path = "../support/pulsar_python.rs"]
 mod pulsar_python;
 use pulsar_python::{produce, scenario};
