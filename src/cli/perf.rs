@@ -29,6 +29,8 @@ enum PerfCmd {
     Produce(super::perf_broker::ProducePerf),
     /// Consume from a broker and report rates and end-to-end latency.
     Consume(super::perf_broker::ConsumePerf),
+    /// The standard broker benchmark on a standalone started for it.
+    Broker(super::perf_broker::BrokerPerf),
 }
 
 #[derive(Args, Debug)]
@@ -63,6 +65,7 @@ pub async fn run(a: PerfArgs) -> anyhow::Result<()> {
         PerfCmd::Bookie(b) => super::perf_bookie::run(b).await,
         PerfCmd::Produce(p) => super::perf_broker::run_produce(p).await,
         PerfCmd::Consume(c) => super::perf_broker::run_consume(c).await,
+        PerfCmd::Broker(b) => super::perf_broker::run_suite(b).await,
     }
 }
 

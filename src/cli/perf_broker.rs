@@ -404,3 +404,172 @@ pub async fn run_consume(a: ConsumePerf) -> anyhow::Result<()> {
     println!("consumed {total} msgs; end-to-end p50 {:.3} ms, p99 {:.3} ms", pct(&h, 0.5), pct(&h, 0.99));
     Ok(())
 }
+
+/// The standard broker benchmark.
+#[derive(Args, Debug)]
+pub struct BrokerPerf {
+    /// Seconds per case.
+    #[arg(long, default_value_t = 8)]
+    pub duration: u64,
+    /// Directory for the data (a temporary directory under it is used and removed).
+    #[arg(long)]
+    pub dir: Option<std::path::PathBuf>,
+    /// Write the results into this markdown file (section `perf-broker`).
+    #[arg(long)]
+    pub record: Option<std::path::PathBuf>,
+}
+
+/// Loopback TCP bandwidth (MB/s): one connection, 64 KiB writes, for a second.
+async fn loopback_bandwidth() -> anyhow::Result<f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    let reader = tokio::spawn(async move {
+        let (mut s, _) = l.accept().await?;
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut n = 0u64;
+        loop {
+            let k = s.read(&mut buf).await?;
+            if k == 0 {
+                return Ok::<u64, std::io::Error>(n);
+            }
+            n += k as u64;
+        }
+    });
+    let mut c = tokio::net::TcpStream::connect(addr).await?;
+    let chunk = vec![0x5au8; 64 * 1024];
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(1) {
+        c.write_all(&chunk).await?;
+    }
+    drop(c);
+    let n = reader.await??;
+    Ok(n as f64 / start.elapsed().as_secs_f64() / 1e6)
+}
+
+struct Standalone {
+    child: std::process::Child,
+    broker: String,
+}
+
+impl Drop for Standalone {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = self.child.wait();
+    }
+}
+
+async fn start_standalone(dir: &std::path::Path) -> anyhow::Result<Standalone> {
+    let p = magnetar_metastore::local_cluster::free_ports(4)?;
+    let addr = |i: usize| format!("127.0.0.1:{}", p[i]);
+    let log = std::fs::File::create(dir.join("standalone.log"))?;
+    let child = std::process::Command::new(std::env::current_exe()?)
+        .arg("standalone")
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .args(["--metastore-listen", &addr(0), "--bookie-listen", &addr(1), "--bookie-http", &addr(2)])
+        .args(["--broker-listen", &addr(3)])
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?;
+    let s = Standalone { child, broker: addr(3) };
+    let start = Instant::now();
+    while tokio::net::TcpStream::connect(&s.broker).await.is_err() {
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(60), "standalone did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(s)
+}
+
+/// `magnetar perf broker`: a standalone (fsync on) as its own process, then publish cases at
+/// 100 B and 1 KiB (unbatched, batched, one at a time) and end-to-end latency at half the
+/// batched peak, next to the disk's fdatasync rate and loopback bandwidth of this machine.
+pub async fn run_suite(a: BrokerPerf) -> anyhow::Result<()> {
+    let base = a.dir.clone().unwrap_or_else(std::env::temp_dir);
+    let dir = base.join(format!("magnetar-perf-broker-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let r = suite_in(&a, &dir).await;
+    std::fs::remove_dir_all(&dir).ok();
+    r
+}
+
+async fn suite_in(a: &BrokerPerf, dir: &std::path::Path) -> anyhow::Result<()> {
+    let fsync = super::perf::fdatasync_rate(dir)?;
+    let loopback = loopback_bandwidth().await?;
+    println!("raw fdatasync rate: {fsync:.0}/s; loopback TCP: {loopback:.0} MB/s");
+    let s = start_standalone(dir).await?;
+    let base = ProducePerf {
+        url: s.broker.clone(),
+        topic: String::new(),
+        size: 1024,
+        rate: 0.0,
+        producers: 1,
+        batch_max_messages: 1,
+        batch_max_bytes: 128 * 1024,
+        batch_delay_us: 1000,
+        max_pending: 1000,
+        duration: a.duration,
+        consumers: 0,
+        quiet: true,
+    };
+    let cases: Vec<(&str, ProducePerf)> = vec![
+        ("100 B, unbatched, 1000 in flight", ProducePerf { size: 100, ..base.clone() }),
+        ("1 KiB, unbatched, 1000 in flight", base.clone()),
+        ("100 B, batched", ProducePerf { size: 100, batch_max_messages: 1000, max_pending: 20_000, ..base.clone() }),
+        ("1 KiB, batched", ProducePerf { batch_max_messages: 1000, max_pending: 20_000, ..base.clone() }),
+        ("1 KiB, one at a time", ProducePerf { max_pending: 1, ..base.clone() }),
+    ];
+    let mut rows = Vec::new();
+    let mut batched_peak = 0.0;
+    for (i, (name, mut p)) in cases.into_iter().enumerate() {
+        p.topic = format!("perf-{i}");
+        println!("{name} …");
+        let r = produce(&p).await?;
+        println!("  {}", summary(&r));
+        if name == "1 KiB, batched" {
+            batched_peak = r.rate();
+        }
+        rows.push(row(name, &r));
+    }
+    // End-to-end at half the batched peak, with a consumer that keeps up.
+    let p = ProducePerf {
+        topic: "perf-e2e".into(),
+        rate: (batched_peak / 2.0).max(1000.0),
+        batch_max_messages: 1000,
+        max_pending: 20_000,
+        consumers: 1,
+        ..base.clone()
+    };
+    println!("1 KiB, batched, at half the peak ({:.0} msg/s) with a consumer …", p.rate);
+    let r = produce(&p).await?;
+    println!("  {}", summary(&r));
+    rows.push(row("1 KiB, batched, half the peak rate + consumer", &r));
+    drop(s);
+    let table = format!(
+        "Standalone (metastore, bookie and broker in one process, fsync on), clients in another \
+         process on the same 2 cores. Raw fdatasync rate {fsync:.0}/s; loopback TCP {loopback:.0} MB/s.\n\n\
+         | case | msg/s | MB/s | publish p50 ms | publish p99 ms | end-to-end p50 ms | end-to-end p99 ms |\n\
+         |---|---|---|---|---|---|---|\n{}\n",
+        rows.join("\n")
+    );
+    println!("{table}");
+    if let Some(path) = &a.record {
+        super::perf::record(path, "perf-broker", &table)?;
+        println!("recorded in {}", path.display());
+    }
+    Ok(())
+}
+
+fn row(name: &str, r: &Report) -> String {
+    let (e50, e99) = match &r.e2e {
+        Some(h) => (format!("{:.2}", pct(h, 0.5)), format!("{:.2}", pct(h, 0.99))),
+        None => ("–".into(), "–".into()),
+    };
+    format!(
+        "| {name} | {:.0} | {:.1} | {:.2} | {:.2} | {e50} | {e99} |",
+        r.rate(),
+        r.mbps(),
+        pct(&r.publish, 0.5),
+        pct(&r.publish, 0.99)
+    )
+}
