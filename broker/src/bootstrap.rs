@@ -10,7 +10,10 @@ pub async fn standalone_metadata(meta: &MetaClient, service_url: &str) -> Result
     let entries = [
         ("/cluster/standalone", json!({ "serviceUrl": "", "brokerServiceUrl": service_url })),
         ("/tenants/public", json!({ "adminRoles": [], "allowedClusters": ["standalone"] })),
-        ("/namespaces/public/default", json!({ "replicationClusters": ["standalone"], "bundles": { "numBundles": 4 } })),
+        (
+            "/namespaces/public/default",
+            json!({ "replicationClusters": ["standalone"], "bundles": { "numBundles": 4 } }),
+        ),
     ];
     for (key, value) in entries {
         let body = serde_json::to_vec(&value).unwrap_or_default();

@@ -11,7 +11,9 @@ use bytes::{Bytes, BytesMut};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::protocol::codec::{base, encode_batch_item, encode_entry, Payload, DEFAULT_MAX_MESSAGE_SIZE, FRAME_HEADROOM};
+use crate::protocol::codec::{
+    base, encode_batch_item, encode_entry, Payload, DEFAULT_MAX_MESSAGE_SIZE, FRAME_HEADROOM,
+};
 use crate::protocol::connection::{ConnError, FrameReader, FrameWriter};
 use crate::protocol::pb;
 use pb::base_command::Type;

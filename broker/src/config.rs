@@ -124,7 +124,10 @@ impl Validate for BrokerConfig {
             return bad("managed_ledger_max_entries_per_ledger", "ledger rollover limits must be at least 1");
         }
         if self.cursor_persist_interval_ms == 0 || self.dispatcher_max_read_batch_size == 0 {
-            return bad("cursor_persist_interval_ms", "cursor_persist_interval_ms and dispatcher_max_read_batch_size must be at least 1");
+            return bad(
+                "cursor_persist_interval_ms",
+                "cursor_persist_interval_ms and dispatcher_max_read_batch_size must be at least 1",
+            );
         }
         if self.metastore.is_empty() {
             return bad("metastore", "at least one metastore endpoint is needed");

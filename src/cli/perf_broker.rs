@@ -196,15 +196,7 @@ pub async fn produce(a: &ProducePerf) -> anyhow::Result<Report> {
     for t in consumer_tasks {
         t.abort();
     }
-    Ok(Report {
-        published,
-        bytes,
-        secs,
-        publish,
-        e2e: (a.consumers > 0).then_some(e2e),
-        consumed,
-        errors,
-    })
+    Ok(Report { published, bytes, secs, publish, e2e: (a.consumers > 0).then_some(e2e), consumed, errors })
 }
 
 async fn produce_loop(
@@ -231,7 +223,9 @@ async fn produce_loop(
             && (batch.len() >= a.batch_max_messages
                 || batch_bytes >= a.batch_max_bytes
                 || done
-                || batch_times.first().is_some_and(|t| now.duration_since(*t) >= Duration::from_micros(a.batch_delay_us)));
+                || batch_times
+                    .first()
+                    .is_some_and(|t| now.duration_since(*t) >= Duration::from_micros(a.batch_delay_us)));
         if flush && pending_msgs < a.max_pending {
             let ts = now_us() / 1000;
             if batching {
@@ -396,7 +390,12 @@ pub async fn run_consume(a: ConsumePerf) -> anyhow::Result<()> {
             }
         }
         if last.elapsed() >= Duration::from_secs(1) {
-            println!("  {:>10.0} msg/s  end-to-end p50 {:.2} ms  p99 {:.2} ms", window as f64 / last.elapsed().as_secs_f64(), pct(&h, 0.5), pct(&h, 0.99));
+            println!(
+                "  {:>10.0} msg/s  end-to-end p50 {:.2} ms  p99 {:.2} ms",
+                window as f64 / last.elapsed().as_secs_f64(),
+                pct(&h, 0.5),
+                pct(&h, 0.99)
+            );
             (window, last) = (0, Instant::now());
         }
     }
@@ -414,9 +413,14 @@ pub struct BrokerPerf {
     /// Directory for the data (a temporary directory under it is used and removed).
     #[arg(long)]
     pub dir: Option<std::path::PathBuf>,
-    /// Write the results into this markdown file (section `perf-broker`).
+    /// Write the results into this markdown file (section `perf-broker`, or
+    /// `perf-broker-cluster` with `--cluster`).
     #[arg(long)]
     pub record: Option<std::path::PathBuf>,
+    /// Instead of a standalone: a 3-node metastore, 3 bookies and a broker, each its own
+    /// process, ledgers with E=3, Qw=2, Qa=2.
+    #[arg(long)]
+    pub cluster: bool,
 }
 
 /// Loopback TCP bandwidth (MB/s): one connection, 64 KiB writes, for a second.
@@ -447,38 +451,115 @@ async fn loopback_bandwidth() -> anyhow::Result<f64> {
     Ok(n as f64 / start.elapsed().as_secs_f64() / 1e6)
 }
 
-struct Standalone {
-    child: std::process::Child,
+/// The processes under test, stopped with SIGTERM (then waited for) in reverse start order.
+struct Procs {
+    children: Vec<std::process::Child>,
     broker: String,
+    _metastore: Option<magnetar_metastore::local_cluster::LocalCluster>,
 }
 
-impl Drop for Standalone {
+impl Drop for Procs {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
-        let _ = self.child.wait();
+        for child in self.children.iter_mut().rev() {
+            let _ = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+            let _ = child.wait();
+        }
     }
 }
 
-async fn start_standalone(dir: &std::path::Path) -> anyhow::Result<Standalone> {
-    let p = magnetar_metastore::local_cluster::free_ports(4)?;
-    let addr = |i: usize| format!("127.0.0.1:{}", p[i]);
-    let log = std::fs::File::create(dir.join("standalone.log"))?;
-    let child = std::process::Command::new(std::env::current_exe()?)
-        .arg("standalone")
-        .arg("--data-dir")
-        .arg(dir.join("data"))
-        .args(["--metastore-listen", &addr(0), "--bookie-listen", &addr(1), "--bookie-http", &addr(2)])
-        .args(["--broker-listen", &addr(3)])
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .spawn()?;
-    let s = Standalone { child, broker: addr(3) };
+fn spawn(
+    dir: &std::path::Path,
+    log: &str,
+    args: &[String],
+    env: &[(&str, &str)],
+) -> anyhow::Result<std::process::Child> {
+    let log = std::fs::File::create(dir.join(log))?;
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.args(args).stdout(log.try_clone()?).stderr(log);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    Ok(cmd.spawn()?)
+}
+
+async fn wait_port(addr: &str) -> anyhow::Result<()> {
     let start = Instant::now();
-    while tokio::net::TcpStream::connect(&s.broker).await.is_err() {
-        anyhow::ensure!(start.elapsed() < Duration::from_secs(60), "standalone did not start");
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(60), "{addr} did not open within 60 s");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    Ok(())
+}
+
+async fn start_standalone(dir: &std::path::Path) -> anyhow::Result<Procs> {
+    let p = magnetar_metastore::local_cluster::free_ports(4)?;
+    let addr = |i: usize| format!("127.0.0.1:{}", p[i]);
+    let args: Vec<String> = vec![
+        "standalone".into(),
+        "--data-dir".into(),
+        dir.join("data").display().to_string(),
+        "--metastore-listen".into(),
+        addr(0),
+        "--bookie-listen".into(),
+        addr(1),
+        "--bookie-http".into(),
+        addr(2),
+        "--broker-listen".into(),
+        addr(3),
+    ];
+    let s = Procs { children: vec![spawn(dir, "standalone.log", &args, &[])?], broker: addr(3), _metastore: None };
+    wait_port(&s.broker).await?;
     Ok(s)
+}
+
+/// A 3-node metastore, 3 bookies and a broker writing E=3, Qw=2, Qa=2.
+async fn start_cluster(dir: &std::path::Path) -> anyhow::Result<Procs> {
+    std::fs::create_dir_all(dir.join("meta"))?;
+    let meta =
+        magnetar_metastore::local_cluster::LocalCluster::start(&std::env::current_exe()?, &dir.join("meta"), 3, &[])?;
+    meta.wait_for_leader(Duration::from_secs(30))
+        .await
+        .ok_or_else(|| anyhow::anyhow!("no metastore leader within 30 s"))?;
+    let endpoints = meta.endpoints().join(",");
+    let mut procs = Procs { children: Vec::new(), broker: String::new(), _metastore: None };
+    let ports = magnetar_metastore::local_cluster::free_ports(7)?;
+    for i in 0..3 {
+        let d = dir.join(format!("bookie-{i}"));
+        let args: Vec<String> = vec![
+            "bookie".into(),
+            "--bookie-id".into(),
+            format!("bookie-{i}"),
+            "--listen".into(),
+            format!("127.0.0.1:{}", ports[2 * i]),
+            "--http".into(),
+            format!("127.0.0.1:{}", ports[2 * i + 1]),
+            "--journal-dirs".into(),
+            d.join("journal").display().to_string(),
+            "--ledger-dir".into(),
+            d.join("ledgers").display().to_string(),
+            "--metastore".into(),
+            endpoints.clone(),
+        ];
+        procs.children.push(spawn(dir, &format!("bookie-{i}.log"), &args, &[])?);
+    }
+    let probe = meta.client();
+    let start = Instant::now();
+    while probe.list("/bookies/available/").await.map(|v| v.len()).unwrap_or(0) < 3 {
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(60), "the bookies did not register within 60 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    procs.broker = format!("127.0.0.1:{}", ports[6]);
+    let args: Vec<String> =
+        vec!["broker".into(), "--listen".into(), procs.broker.clone(), "--metastore".into(), endpoints];
+    let env = [
+        ("managedLedgerDefaultEnsembleSize", "3"),
+        ("managedLedgerDefaultWriteQuorum", "2"),
+        ("managedLedgerDefaultAckQuorum", "2"),
+    ];
+    procs.children.push(spawn(dir, "broker.log", &args, &env)?);
+    procs._metastore = Some(meta);
+    wait_port(&procs.broker).await?;
+    Ok(procs)
 }
 
 /// `magnetar perf broker`: a standalone (fsync on) as its own process, then publish cases at
@@ -497,7 +578,7 @@ async fn suite_in(a: &BrokerPerf, dir: &std::path::Path) -> anyhow::Result<()> {
     let fsync = super::perf::fdatasync_rate(dir)?;
     let loopback = loopback_bandwidth().await?;
     println!("raw fdatasync rate: {fsync:.0}/s; loopback TCP: {loopback:.0} MB/s");
-    let s = start_standalone(dir).await?;
+    let s = if a.cluster { start_cluster(dir).await? } else { start_standalone(dir).await? };
     let base = ProducePerf {
         url: s.broker.clone(),
         topic: String::new(),
@@ -545,16 +626,22 @@ async fn suite_in(a: &BrokerPerf, dir: &std::path::Path) -> anyhow::Result<()> {
     println!("  {}", summary(&r));
     rows.push(row("1 KiB, batched, half the peak rate + consumer", &r));
     drop(s);
-    let table = format!(
+    let setup = if a.cluster {
+        "Local cluster: 3 metastore nodes, 3 bookies and a broker, each its own process, ledgers \
+         with E=3, Qw=2, Qa=2, all on one disk and the same 2 cores as the clients (fsync on)"
+    } else {
         "Standalone (metastore, bookie and broker in one process, fsync on), clients in another \
-         process on the same 2 cores. Raw fdatasync rate {fsync:.0}/s; loopback TCP {loopback:.0} MB/s.\n\n\
+         process on the same 2 cores"
+    };
+    let table = format!(
+        "{setup}. Raw fdatasync rate {fsync:.0}/s; loopback TCP {loopback:.0} MB/s.\n\n\
          | case | msg/s | MB/s | publish p50 ms | publish p99 ms | end-to-end p50 ms | end-to-end p99 ms |\n\
          |---|---|---|---|---|---|---|\n{}\n",
         rows.join("\n")
     );
     println!("{table}");
     if let Some(path) = &a.record {
-        super::perf::record(path, "perf-broker", &table)?;
+        super::perf::record(path, if a.cluster { "perf-broker-cluster" } else { "perf-broker" }, &table)?;
         println!("recorded in {}", path.display());
     }
     Ok(())

@@ -230,12 +230,18 @@ pub async fn standalone(a: StandaloneArgs) -> anyhow::Result<()> {
     let meta = magnetar_metastore::client::MetaClient::connect(&endpoints)?;
     let flags = vec![("listen_addr", Some(a.broker_listen.clone())), ("metastore", Some(toml_list(&endpoints)))];
     let broker_cfg: anyhow::Result<magnetar_broker::BrokerConfig> =
-        layered("MAGNETAR_BROKER_", None, magnetar_broker::config::ENV_ALIASES, flags, &a.set).and_then(|l| Ok(l.load()?));
+        layered("MAGNETAR_BROKER_", None, magnetar_broker::config::ENV_ALIASES, flags, &a.set)
+            .and_then(|l| Ok(l.load()?));
     let started = match broker_cfg {
-        Ok(cfg) => match magnetar_broker::bootstrap::standalone_metadata(&meta, &format!("pulsar://{}", a.broker_listen)).await {
-            Ok(()) => magnetar_broker::Broker::start(cfg, meta, shutdown.clone()).await.map_err(anyhow::Error::from),
-            Err(e) => Err(e.into()),
-        },
+        Ok(cfg) => {
+            match magnetar_broker::bootstrap::standalone_metadata(&meta, &format!("pulsar://{}", a.broker_listen)).await
+            {
+                Ok(()) => {
+                    magnetar_broker::Broker::start(cfg, meta, shutdown.clone()).await.map_err(anyhow::Error::from)
+                }
+                Err(e) => Err(e.into()),
+            }
+        }
         Err(e) => Err(e),
     };
     let broker = match started {

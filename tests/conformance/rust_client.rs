@@ -9,7 +9,12 @@ use pulsar::{Consumer, Pulsar, TokioExecutor};
 
 use super::standalone;
 
-async fn consumer(p: &Pulsar<TokioExecutor>, topic: &str, sub: &str, kind: SubType) -> Consumer<Vec<u8>, TokioExecutor> {
+async fn consumer(
+    p: &Pulsar<TokioExecutor>,
+    topic: &str,
+    sub: &str,
+    kind: SubType,
+) -> Consumer<Vec<u8>, TokioExecutor> {
     p.consumer()
         .with_topic(topic)
         .with_subscription(sub)
@@ -40,12 +45,8 @@ async fn rust_client_produces_and_consumes() {
     let mut producer = p.producer().with_topic(topic).with_name("rust-producer").build().await.expect("producer");
     let mut ids = Vec::new();
     for i in 0..50 {
-        let receipt = producer
-            .send_non_blocking(format!("r-{i}").into_bytes())
-            .await
-            .expect("send")
-            .await
-            .expect("receipt");
+        let receipt =
+            producer.send_non_blocking(format!("r-{i}").into_bytes()).await.expect("send").await.expect("receipt");
         let id = receipt.message_id.expect("message id");
         ids.push((id.ledger_id, id.entry_id));
     }

@@ -40,11 +40,10 @@ pub fn produce(url: &str, topic: &str, n: usize, batching: bool) -> Vec<(u64, u6
 pub fn scenario(url: &str, name: &str, prefix: &str) {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/support/scenarios.py");
     let py = python();
-    let out = Command::new(&py)
-        .arg(&script)
-        .args([url, name, prefix])
-        .output()
-        .unwrap_or_else(|e| panic!("running {} (the Pulsar Python client; `.ci/run` installs it): {e}", py.display()));
+    let out =
+        Command::new(&py).arg(&script).args([url, name, prefix]).output().unwrap_or_else(|e| {
+            panic!("running {} (the Pulsar Python client; `.ci/run` installs it): {e}", py.display())
+        });
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(

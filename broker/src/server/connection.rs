@@ -20,6 +20,8 @@ use pb::base_command::Type;
 
 /// How long a new connection may take to send CONNECT.
 const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Quiet time after which the broker pings a client (Pulsar's keepAliveIntervalSeconds).
+const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(30);
 /// Flush the outgoing buffer once it holds this much.
 const FLUSH_AT: usize = 256 * 1024;
 
@@ -74,9 +76,32 @@ pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>) -> Result<(), 
         }
     });
 
-    let mut conn_state = Conn { shared: shared.clone(), conn, out: out.clone(), session_version: session.protocol_version, producers: HashMap::new(), consumers: HashMap::new() };
+    let mut conn_state = Conn {
+        shared: shared.clone(),
+        conn,
+        out: out.clone(),
+        session_version: session.protocol_version,
+        producers: HashMap::new(),
+        consumers: HashMap::new(),
+    };
+    let mut silent = 0u32;
     let result = loop {
-        let frame = match reader.next().await {
+        // Keep-alive: a PING after a quiet interval; a client silent for two is gone.
+        let next = match tokio::time::timeout(KEEPALIVE, reader.next()).await {
+            Ok(r) => {
+                silent = 0;
+                r
+            }
+            Err(_) => {
+                silent += 1;
+                if silent >= 2 {
+                    break Err(ConnError::Protocol("no traffic from the client for two keep-alive intervals".into()));
+                }
+                reply(&out, base(Type::Ping));
+                continue;
+            }
+        };
+        let frame = match next {
             Ok(Some(f)) => f,
             Ok(None) => break Ok(()),
             Err(ConnError::Codec(CodecError::ChecksumMismatch { command, .. })) => {
@@ -156,7 +181,10 @@ impl Conn {
     fn consumer(&self, consumer_id: u64, request_id: u64) -> Option<&Topic> {
         let t = self.consumers.get(&consumer_id);
         if t.is_none() {
-            reply(&self.out, error_command(request_id, pb::ServerError::ConsumerNotFound, format!("no consumer {consumer_id}")));
+            reply(
+                &self.out,
+                error_command(request_id, pb::ServerError::ConsumerNotFound, format!("no consumer {consumer_id}")),
+            );
         }
         t
     }
@@ -192,7 +220,9 @@ impl Conn {
                 use pb::command_partitioned_topic_metadata_response::LookupType;
                 let r = match TopicName::parse(&p.topic) {
                     Err(e) => Err((pb::ServerError::InvalidTopicName, e.to_string())),
-                    Ok(name) => self.shared.topics.partitions(&name).await.map_err(|e| (e.server_error(), e.to_string())),
+                    Ok(name) => {
+                        self.shared.topics.partitions(&name).await.map_err(|e| (e.server_error(), e.to_string()))
+                    }
                 };
                 let r = match r {
                     Ok(n) => pb::CommandPartitionedTopicMetadataResponse {
@@ -209,7 +239,10 @@ impl Conn {
                         ..Default::default()
                     },
                 };
-                reply(&out, pb::BaseCommand { partition_metadata_response: Some(r), ..base(Type::PartitionedMetadataResponse) });
+                reply(
+                    &out,
+                    pb::BaseCommand { partition_metadata_response: Some(r), ..base(Type::PartitionedMetadataResponse) },
+                );
             }
             Ok(Type::Producer) => {
                 let p = cmd.producer.ok_or_else(|| missing("PRODUCER"))?;
@@ -251,7 +284,9 @@ impl Conn {
                 }
             }
             Ok(Type::RedeliverUnacknowledgedMessages) => {
-                let r = cmd.redeliver_unacknowledged_messages.ok_or_else(|| missing("REDELIVER_UNACKNOWLEDGED_MESSAGES"))?;
+                let r = cmd
+                    .redeliver_unacknowledged_messages
+                    .ok_or_else(|| missing("REDELIVER_UNACKNOWLEDGED_MESSAGES"))?;
                 if let Some(t) = self.consumers.get(&r.consumer_id) {
                     let _ = t.send(Cmd::Redeliver { key: (self.conn, r.consumer_id), ids: r.message_ids });
                 }
@@ -276,7 +311,14 @@ impl Conn {
                     (Some(id), _) => SeekTarget::Id(id),
                     (None, Some(t)) => SeekTarget::PublishTime(t),
                     (None, None) => {
-                        reply(&out, error_command(s.request_id, pb::ServerError::MetadataError, "SEEK needs a message id or a publish time"));
+                        reply(
+                            &out,
+                            error_command(
+                                s.request_id,
+                                pb::ServerError::MetadataError,
+                                "SEEK needs a message id or a publish time",
+                            ),
+                        );
                         return Ok(());
                     }
                 };
@@ -332,7 +374,11 @@ impl Conn {
                 tracing::debug!(command = ?other, "command not supported");
                 reply(
                     &out,
-                    error_command(request_id_of(&cmd), pb::ServerError::NotAllowedError, format!("{other:?} is not supported")),
+                    error_command(
+                        request_id_of(&cmd),
+                        pb::ServerError::NotAllowedError,
+                        format!("{other:?} is not supported"),
+                    ),
                 );
             }
         }
@@ -426,7 +472,11 @@ impl Conn {
             request_id: s.request_id,
             subscription: s.subscription.clone(),
             sub_type,
-            name: s.consumer_name.clone().filter(|n| !n.is_empty()).unwrap_or_else(|| format!("consumer-{}-{}", self.conn, s.consumer_id)),
+            name: s
+                .consumer_name
+                .clone()
+                .filter(|n| !n.is_empty())
+                .unwrap_or_else(|| format!("consumer-{}-{}", self.conn, s.consumer_id)),
             priority: s.priority_level.unwrap_or(0),
             durable: s.durable.unwrap_or(true),
             earliest: s.initial_position == Some(InitialPosition::Earliest as i32),

@@ -445,7 +445,12 @@ impl Actor {
             }
             Cmd::AddProducer { conn, producer_id, name, out, done } => {
                 let name = name.filter(|n| !n.is_empty()).unwrap_or_else(|| {
-                    format!("magnetar-{}-{}-{}", self.ml.writer.as_ref().map(|w| w.id()).unwrap_or(0), conn, producer_id)
+                    format!(
+                        "magnetar-{}-{}-{}",
+                        self.ml.writer.as_ref().map(|w| w.id()).unwrap_or(0),
+                        conn,
+                        producer_id
+                    )
                 });
                 if self.producers.values().any(|(n, _)| *n == name) {
                     let _ = done.send(Err((
@@ -504,7 +509,9 @@ impl Actor {
                                             let info = EntryInfo::from_entry(&md, &data);
                                             s.fetched.insert(p, Cached { entry, info });
                                         }
-                                        Err(e) => tracing::error!(topic = %self.ml.name, position = %p, error = %e, "stored entry does not decode; skipping it"),
+                                        Err(e) => {
+                                            tracing::error!(topic = %self.ml.name, position = %p, error = %e, "stored entry does not decode; skipping it")
+                                        }
                                     }
                                 }
                                 dispatch(s, &mut self.ml);
@@ -624,7 +631,11 @@ impl Actor {
         }
         for ((_, producer_id), (_, out)) in self.producers.drain() {
             let _ = out.send(Out::Cmd(pb::BaseCommand {
-                close_producer: Some(pb::CommandCloseProducer { producer_id, request_id: u64::MAX, ..Default::default() }),
+                close_producer: Some(pb::CommandCloseProducer {
+                    producer_id,
+                    request_id: u64::MAX,
+                    ..Default::default()
+                }),
                 ..base(Type::CloseProducer)
             }));
         }
@@ -676,8 +687,13 @@ impl Actor {
             sub.dirty = false;
             sub.persisting = true;
             let body = cursor_body(sub);
-            let (meta, key, version, tx, name) =
-                (self.ml.meta.clone(), cursor_key(&self.ml.name, &sub.name), sub.version, self.ml.tx.clone(), sub.name.clone());
+            let (meta, key, version, tx, name) = (
+                self.ml.meta.clone(),
+                cursor_key(&self.ml.name, &sub.name),
+                sub.version,
+                self.ml.tx.clone(),
+                sub.name.clone(),
+            );
             tokio::spawn(async move {
                 let result = meta
                     .put(&key, body, PutOptions { expected_version: Some(version), session: 0 })
@@ -697,12 +713,19 @@ impl Actor {
                 Ok(kv) => kv.map(|k| k.version).unwrap_or(0),
                 Err(_) => sub.version,
             };
-            match self.ml.meta.put(&key, cursor_body(sub), PutOptions { expected_version: Some(version), session: 0 }).await {
+            match self
+                .ml
+                .meta
+                .put(&key, cursor_body(sub), PutOptions { expected_version: Some(version), session: 0 })
+                .await
+            {
                 Ok(v) => {
                     sub.version = v;
                     sub.dirty = false;
                 }
-                Err(e) => tracing::warn!(topic = %self.ml.name, sub = sub.name, error = %e, "storing the cursor failed"),
+                Err(e) => {
+                    tracing::warn!(topic = %self.ml.name, sub = sub.name, error = %e, "storing the cursor failed")
+                }
             }
         }
     }
@@ -773,8 +796,8 @@ impl Actor {
             let key = cursor_key(&self.ml.name, &spec.subscription);
             match self.ml.meta.get(&key).await.map_err(|e| e.to_string())? {
                 Some(kv) => {
-                    let info: CursorInfo = serde_json::from_slice(&kv.value)
-                        .map_err(|e| format!("cursor {key} is unreadable: {e}"))?;
+                    let info: CursorInfo =
+                        serde_json::from_slice(&kv.value).map_err(|e| format!("cursor {key} is unreadable: {e}"))?;
                     (Cursor::from_info(&info, initial), kv.version, info.properties)
                 }
                 None => {
@@ -787,7 +810,9 @@ impl Actor {
                         .put(&key, body, PutOptions { expected_version: Some(0), session: 0 })
                         .await
                         .map_err(|e| match e {
-                            ClientError::BadVersion { .. } => format!("subscription {} was created concurrently", spec.subscription),
+                            ClientError::BadVersion { .. } => {
+                                format!("subscription {} was created concurrently", spec.subscription)
+                            }
                             e => e.to_string(),
                         })?;
                     (c, v, spec.properties.clone())
@@ -1019,7 +1044,11 @@ impl Actor {
     }
 }
 
-fn sub_of<'a>(index: &HashMap<(u64, u64), String>, subs: &'a mut HashMap<String, Sub>, key: (u64, u64)) -> Option<&'a mut Sub> {
+fn sub_of<'a>(
+    index: &HashMap<(u64, u64), String>,
+    subs: &'a mut HashMap<String, Sub>,
+    key: (u64, u64),
+) -> Option<&'a mut Sub> {
     subs.get_mut(index.get(&key)?)
 }
 

@@ -320,9 +320,8 @@ impl Topics {
                 });
             }
         };
-        let span = LedgerSpan::new(
-            info.ledgers.iter().map(|l| (l.ledger_id, l.last_entry.unwrap_or(-1))).collect::<Vec<_>>(),
-        );
+        let span =
+            LedgerSpan::new(info.ledgers.iter().map(|l| (l.ledger_id, l.last_entry.unwrap_or(-1))).collect::<Vec<_>>());
         tracing::info!(topic = %name, ledger = writer.id(), ledgers = info.ledgers.len(), "topic loaded");
         let tx = actor::spawn(actor::Init {
             name: name.clone(),
@@ -351,7 +350,8 @@ async fn create_ledger(
 }
 
 async fn put_info(meta: &MetaClient, key: &str, info: &ManagedLedgerInfo, version: u64) -> Result<u64, TopicError> {
-    let body = serde_json::to_vec(info).map_err(|e| TopicError::BadMetadata { topic: key.into(), reason: e.to_string() })?;
+    let body =
+        serde_json::to_vec(info).map_err(|e| TopicError::BadMetadata { topic: key.into(), reason: e.to_string() })?;
     Ok(meta.put(key, body, PutOptions { expected_version: Some(version), session: 0 }).await?)
 }
 
@@ -360,7 +360,10 @@ impl Topics {
     /// partitioned topics listed by their partitions, as clients expect.
     pub async fn list_namespace(&self, namespace: &str) -> Result<Vec<String>, TopicError> {
         let Some((tenant, ns)) = namespace.split_once('/') else {
-            return Err(TopicError::BadMetadata { topic: namespace.into(), reason: "expected tenant/namespace".into() });
+            return Err(TopicError::BadMetadata {
+                topic: namespace.into(),
+                reason: "expected tenant/namespace".into(),
+            });
         };
         let mut out = std::collections::BTreeSet::new();
         let prefix = format!("/topics/persistent/{tenant}/{ns}/");
@@ -375,7 +378,10 @@ impl Topics {
             let local = &kv.key[prefix.len()..];
             if let Ok(md) = serde_json::from_slice::<PartitionedMetadata>(&kv.value) {
                 for i in 0..md.partitions {
-                    out.insert(format!("persistent://{tenant}/{ns}/{local}{}{i}", crate::protocol::names::PARTITION_SUFFIX));
+                    out.insert(format!(
+                        "persistent://{tenant}/{ns}/{local}{}{i}",
+                        crate::protocol::names::PARTITION_SUFFIX
+                    ));
                 }
             }
         }
