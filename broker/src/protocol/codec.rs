@@ -85,9 +85,9 @@ fn be_u32(b: &[u8]) -> usize {
     u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize
 }
 
-/// Decodes one frame from the front of `buf`. `Ok(None)`: more bytes are needed; otherwise
-/// the frame and the bytes it used. `max_frame` bounds `totalSize`.
-pub fn decode(buf: &[u8], max_frame: usize) -> Result<Option<(Frame, usize)>, CodecError> {
+/// The length of the frame at the front of `buf` once all of it is there (`Ok(None)`: more
+/// bytes are needed). Its declared size is checked against `max_frame` first.
+pub fn frame_len(buf: &[u8], max_frame: usize) -> Result<Option<usize>, CodecError> {
     if buf.len() < 4 {
         return Ok(None);
     }
@@ -98,29 +98,42 @@ pub fn decode(buf: &[u8], max_frame: usize) -> Result<Option<(Frame, usize)>, Co
     if total < 4 {
         return Err(CodecError::Malformed("total size smaller than the command size field"));
     }
-    if buf.len() < 4 + total {
-        return Ok(None);
-    }
-    let frame = &buf[4..4 + total];
-    let cmd_size = be_u32(frame);
-    if cmd_size > total - 4 {
+    Ok((buf.len() >= 4 + total).then_some(4 + total))
+}
+
+/// Decodes one whole frame (as measured by [`frame_len`]). The payload is sliced out of
+/// `frame`, not copied.
+pub fn decode_frame(frame: Bytes) -> Result<Frame, CodecError> {
+    let len = frame.len();
+    let body = frame.slice(4..);
+    let cmd_size = be_u32(&body);
+    if cmd_size > body.len() - 4 {
         return Err(CodecError::Malformed("command size larger than the frame"));
     }
     let command =
-        pb::BaseCommand::decode(&frame[4..4 + cmd_size]).map_err(|e| CodecError::BadCommand(e.to_string()))?;
-    let rest = &frame[4 + cmd_size..];
+        pb::BaseCommand::decode(&body[4..4 + cmd_size]).map_err(|e| CodecError::BadCommand(e.to_string()))?;
+    let rest = body.slice(4 + cmd_size..);
     let payload = if rest.is_empty() {
         None
     } else {
         match decode_payload(rest) {
             Ok(p) => Some(p),
             Err(CodecError::ChecksumMismatch { .. }) => {
-                return Err(CodecError::ChecksumMismatch { consumed: 4 + total, command: Some(Box::new(command)) })
+                return Err(CodecError::ChecksumMismatch { consumed: len, command: Some(Box::new(command)) })
             }
             Err(e) => return Err(e),
         }
     };
-    Ok(Some((Frame { command, payload }, 4 + total)))
+    Ok(Frame { command, payload })
+}
+
+/// Decodes one frame from the front of `buf`. `Ok(None)`: more bytes are needed; otherwise
+/// the frame and the bytes it used. `max_frame` bounds `totalSize`.
+pub fn decode(buf: &[u8], max_frame: usize) -> Result<Option<(Frame, usize)>, CodecError> {
+    match frame_len(buf, max_frame)? {
+        None => Ok(None),
+        Some(n) => decode_frame(Bytes::copy_from_slice(&buf[..n])).map(|f| Some((f, n))),
+    }
 }
 
 fn take<'a>(b: &mut &'a [u8], n: usize, what: &'static str) -> Result<&'a [u8], CodecError> {
@@ -137,27 +150,27 @@ fn peek_magic(b: &[u8]) -> Option<u16> {
 }
 
 /// Decodes the part of a payload frame after the command.
-pub fn decode_payload(mut rest: &[u8]) -> Result<Payload, CodecError> {
+pub fn decode_payload(rest: Bytes) -> Result<Payload, CodecError> {
+    let mut r: &[u8] = &rest;
     let mut broker_entry_metadata = None;
-    if peek_magic(rest) == Some(MAGIC_BROKER_ENTRY_METADATA) {
-        take(&mut rest, 2, "truncated broker entry metadata magic")?;
-        let size = be_u32(take(&mut rest, 4, "truncated broker entry metadata size")?);
-        let bytes = take(&mut rest, size, "broker entry metadata larger than the frame")?;
+    if peek_magic(r) == Some(MAGIC_BROKER_ENTRY_METADATA) {
+        take(&mut r, 2, "truncated broker entry metadata magic")?;
+        let size = be_u32(take(&mut r, 4, "truncated broker entry metadata size")?);
+        let bytes = take(&mut r, size, "broker entry metadata larger than the frame")?;
         broker_entry_metadata = Some(
             pb::BrokerEntryMetadata::decode(bytes)
                 .map_err(|e| CodecError::BadCommand(format!("broker entry metadata: {e}")))?,
         );
     }
-    let had_checksum = peek_magic(rest) == Some(MAGIC_CRC32C);
+    let had_checksum = peek_magic(r) == Some(MAGIC_CRC32C);
     if had_checksum {
-        take(&mut rest, 2, "truncated checksum magic")?;
-        let crc = be_u32(take(&mut rest, 4, "truncated checksum")?) as u32;
-        if crc32c::crc32c(rest) != crc {
+        take(&mut r, 2, "truncated checksum magic")?;
+        let crc = be_u32(take(&mut r, 4, "truncated checksum")?) as u32;
+        if crc32c::crc32c(r) != crc {
             return Err(CodecError::ChecksumMismatch { consumed: 0, command: None });
         }
     }
-    let entry = Bytes::copy_from_slice(rest);
-    let mut r: &[u8] = rest;
+    let entry = rest.slice(rest.len() - r.len()..);
     let meta_size = be_u32(take(&mut r, 4, "truncated metadata size")?);
     let meta = take(&mut r, meta_size, "metadata larger than the frame")?;
     let metadata =

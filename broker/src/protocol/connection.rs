@@ -49,18 +49,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// The next frame; `Ok(None)` when the peer closed cleanly between frames.
     pub async fn next(&mut self) -> Result<Option<Frame>, ConnError> {
         loop {
-            match codec::decode(&self.buf, self.max_frame) {
-                Ok(Some((frame, used))) => {
-                    let _ = self.buf.split_to(used);
-                    return Ok(Some(frame));
-                }
-                Ok(None) => {}
-                Err(CodecError::ChecksumMismatch { consumed, command }) => {
-                    // Skip the damaged frame so the connection can go on.
-                    let _ = self.buf.split_to(consumed);
-                    return Err(ConnError::Codec(CodecError::ChecksumMismatch { consumed, command }));
-                }
-                Err(e) => return Err(e.into()),
+            if let Some(n) = codec::frame_len(&self.buf, self.max_frame)? {
+                // The frame's bytes move out of the buffer without a copy; a damaged payload
+                // leaves the connection usable (the frame is already consumed).
+                let frame = self.buf.split_to(n).freeze();
+                return codec::decode_frame(frame).map(Some).map_err(ConnError::from);
             }
             // Room for the rest of the frame being read (its size is already checked against
             // the limit by `decode`), or for a header.
