@@ -138,6 +138,7 @@ async fn python_client_consumes_with_every_subscription_type_and_codec() {
     let s = standalone().await;
     scenario(&s.url(), "sub_types", "types");
     scenario(&s.url(), "failover", "types");
+    scenario(&s.url(), "key_shared_sticky", "types");
     scenario(&s.url(), "compression", "codec");
 }
 

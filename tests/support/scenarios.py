@@ -324,6 +324,37 @@ def last_message_id():
     c.close()
 
 
+def key_shared_sticky():
+    """Key_Shared in sticky mode: each consumer owns the hash ranges it declares; keys stay
+    with their owner; an overlapping range is refused."""
+    topic = f"{PREFIX}-sticky"
+
+    def policy(ranges):
+        return pulsar.ConsumerKeySharedPolicy(key_shared_mode=pulsar.KeySharedMode.Sticky, sticky_ranges=ranges)
+    a = client.subscribe(topic, "s", consumer_type=pulsar.ConsumerType.KeyShared, consumer_name="a",
+                         initial_position=pulsar.InitialPosition.Earliest, key_shared_policy=policy([(0, 32767)]))
+    b = client.subscribe(topic, "s", consumer_type=pulsar.ConsumerType.KeyShared, consumer_name="b",
+                         key_shared_policy=policy([(32768, 65535)]))
+    try:
+        client.subscribe(topic, "s", consumer_type=pulsar.ConsumerType.KeyShared, consumer_name="c",
+                         key_shared_policy=policy([(100, 200)]))
+        raise AssertionError("an overlapping sticky range was accepted")
+    except pulsar.PulsarException:
+        pass
+    n = 100
+    produce(topic, n, keys=[f"key-{i % 10}" for i in range(n)])
+    owner = {}
+    total = 0
+    for name, c in (("a", a), ("b", b)):
+        for m in receive_all(c, 1000):
+            total += 1
+            assert owner.setdefault(m.partition_key(), name) == name, f"{m.partition_key()} went to both"
+    assert total == n, f"received {total} of {n}"
+    assert set(owner.values()) == {"a", "b"}, owner
+    a.close()
+    b.close()
+
+
 def failover():
     """Failover: one active consumer (by name); when it closes, the other takes over with
     what the first left unacknowledged, in order."""

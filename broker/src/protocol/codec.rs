@@ -110,8 +110,7 @@ pub fn decode_frame(frame: Bytes) -> Result<Frame, CodecError> {
     if cmd_size > body.len() - 4 {
         return Err(CodecError::Malformed("command size larger than the frame"));
     }
-    let command =
-        pb::BaseCommand::decode(&body[4..4 + cmd_size]).map_err(|e| CodecError::BadCommand(e.to_string()))?;
+    let command = pb::BaseCommand::decode(&body[4..4 + cmd_size]).map_err(|e| CodecError::BadCommand(e.to_string()))?;
     let rest = body.slice(4 + cmd_size..);
     let payload = if rest.is_empty() {
         None

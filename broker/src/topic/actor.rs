@@ -284,6 +284,8 @@ pub(super) fn spawn(init: Init) -> mpsc::UnboundedSender<Cmd> {
 }
 
 type Done = oneshot::Sender<Result<Pos, String>>;
+/// An append: the entry, its producer's name and sequence id, and who waits for it.
+type Waiting = (Cached, Option<(String, u64)>, Done);
 
 /// An entry and its facts.
 #[derive(Clone)]
@@ -353,8 +355,8 @@ const MAX_STASHED: usize = 1000;
 struct Actor {
     ml: Ml,
     inflight: FuturesOrdered<BoxFuture<'static, Result<i64, LedgerError>>>,
-    inflight_meta: VecDeque<(Cached, Option<(String, u64)>, Done)>,
-    held: VecDeque<(Cached, Option<(String, u64)>, Done)>,
+    inflight_meta: VecDeque<Waiting>,
+    held: VecDeque<Waiting>,
     rolling: bool,
     producers: HashMap<(u64, u64), (String, OutTx)>,
     last_sequence: HashMap<String, i64>,
