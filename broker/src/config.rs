@@ -13,6 +13,10 @@ use crate::protocol::codec::DEFAULT_MAX_MESSAGE_SIZE;
 pub struct BrokerConfig {
     /// Pulsar protocol listen address.
     pub listen_addr: String,
+    /// HTTP address: admin REST API, `/metrics`, `/status.html` ("" turns it off).
+    pub web_listen_addr: String,
+    /// The cluster this broker belongs to (`cluster` label of metrics, admin API).
+    pub cluster_name: String,
     /// Address lookups send clients to; defaults to the bound address.
     pub advertise_addr: String,
     /// Metastore endpoints.
@@ -50,6 +54,8 @@ impl Default for BrokerConfig {
     fn default() -> Self {
         BrokerConfig {
             listen_addr: "127.0.0.1:6650".into(),
+            web_listen_addr: "127.0.0.1:8080".into(),
+            cluster_name: "standalone".into(),
             advertise_addr: String::new(),
             metastore: vec!["127.0.0.1:2379".into()],
             ensemble_size: 1,
@@ -75,6 +81,7 @@ pub const ENV_ALIASES: &[(&str, &str)] = &[
     ("managedLedgerDefaultWriteQuorum", "write_quorum"),
     ("managedLedgerDefaultAckQuorum", "ack_quorum"),
     ("maxMessageSize", "max_message_size"),
+    ("clusterName", "cluster_name"),
     ("allowAutoTopicCreation", "allow_auto_topic_creation"),
     ("allowAutoTopicCreationType", "allow_auto_topic_creation_type"),
     ("defaultNumPartitions", "default_num_partitions"),

@@ -9,6 +9,7 @@
 //!   cursors persisted in the metastore and Exclusive/Shared/Failover/Key_Shared dispatch.
 //! - [`bootstrap`]: the metadata a standalone cluster starts with.
 
+pub mod admin;
 pub mod bootstrap;
 pub mod client;
 pub mod config;

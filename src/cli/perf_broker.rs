@@ -492,7 +492,7 @@ async fn wait_port(addr: &str) -> anyhow::Result<()> {
 }
 
 async fn start_standalone(dir: &std::path::Path) -> anyhow::Result<Procs> {
-    let p = magnetar_metastore::local_cluster::free_ports(4)?;
+    let p = magnetar_metastore::local_cluster::free_ports(5)?;
     let addr = |i: usize| format!("127.0.0.1:{}", p[i]);
     let args: Vec<String> = vec![
         "standalone".into(),
@@ -506,6 +506,8 @@ async fn start_standalone(dir: &std::path::Path) -> anyhow::Result<Procs> {
         addr(2),
         "--broker-listen".into(),
         addr(3),
+        "--web-listen".into(),
+        addr(4),
     ];
     let s = Procs { children: vec![spawn(dir, "standalone.log", &args, &[])?], broker: addr(3), _metastore: None };
     wait_port(&s.broker).await?;
@@ -549,8 +551,15 @@ async fn start_cluster(dir: &std::path::Path) -> anyhow::Result<Procs> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     procs.broker = format!("127.0.0.1:{}", ports[6]);
-    let args: Vec<String> =
-        vec!["broker".into(), "--listen".into(), procs.broker.clone(), "--metastore".into(), endpoints];
+    let args: Vec<String> = vec![
+        "broker".into(),
+        "--listen".into(),
+        procs.broker.clone(),
+        "--metastore".into(),
+        endpoints,
+        "--web-listen".into(),
+        "127.0.0.1:0".into(),
+    ];
     let env = [
         ("managedLedgerDefaultEnsembleSize", "3"),
         ("managedLedgerDefaultWriteQuorum", "2"),

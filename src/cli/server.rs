@@ -147,6 +147,9 @@ pub struct BrokerArgs {
     /// Address lookups send clients to.
     #[arg(long)]
     advertise: Option<String>,
+    /// HTTP address (admin API, metrics; "" turns it off).
+    #[arg(long)]
+    web_listen: Option<String>,
     /// Metastore endpoints, host:port,…
     #[arg(long, value_delimiter = ',', env = "MAGNETAR_METASTORE")]
     metastore: Vec<String>,
@@ -160,6 +163,7 @@ pub async fn broker(a: BrokerArgs) -> anyhow::Result<()> {
     let flags = vec![
         ("listen_addr", a.listen.clone()),
         ("advertise_addr", a.advertise.clone()),
+        ("web_listen_addr", a.web_listen.clone()),
         ("metastore", (!a.metastore.is_empty()).then(|| toml_list(&a.metastore))),
     ];
     let loader = layered("MAGNETAR_BROKER_", a.config.as_deref(), magnetar_broker::config::ENV_ALIASES, flags, &a.set)?;
@@ -189,6 +193,9 @@ pub struct StandaloneArgs {
     /// Pulsar protocol address (brokerServicePort).
     #[arg(long, default_value = "127.0.0.1:6650")]
     broker_listen: String,
+    /// Broker HTTP address: admin API, /metrics, /status.html (webServicePort; "" turns it off).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    web_listen: String,
     /// A broker setting, as key=value (repeatable), e.g. managed_ledger_max_entries_per_ledger=1000.
     /// `MAGNETAR_BROKER_*` and the Pulsar names (`managedLedgerMaxEntriesPerLedger`, …) apply too.
     #[arg(long = "set", value_name = "KEY=VALUE")]
@@ -228,7 +235,11 @@ pub async fn standalone(a: StandaloneArgs) -> anyhow::Result<()> {
         }
     };
     let meta = magnetar_metastore::client::MetaClient::connect(&endpoints)?;
-    let flags = vec![("listen_addr", Some(a.broker_listen.clone())), ("metastore", Some(toml_list(&endpoints)))];
+    let flags = vec![
+        ("listen_addr", Some(a.broker_listen.clone())),
+        ("web_listen_addr", Some(a.web_listen.clone())),
+        ("metastore", Some(toml_list(&endpoints))),
+    ];
     let broker_cfg: anyhow::Result<magnetar_broker::BrokerConfig> =
         layered("MAGNETAR_BROKER_", None, magnetar_broker::config::ENV_ALIASES, flags, &a.set)
             .and_then(|l| Ok(l.load()?));

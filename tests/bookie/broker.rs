@@ -32,7 +32,7 @@ async fn broker_writes_replicated_ledgers_through_a_bookie_failure() {
             .expect("log");
         Proc(
             Command::new(crate::support::bin())
-                .args(["broker", "--listen", &addr, "--metastore", &cluster.meta_addr])
+                .args(["broker", "--listen", &addr, "--metastore", &cluster.meta_addr, "--web-listen", "127.0.0.1:0"])
                 .env("managedLedgerDefaultEnsembleSize", "3")
                 .env("managedLedgerDefaultWriteQuorum", "2")
                 .env("managedLedgerDefaultAckQuorum", "2")

@@ -14,6 +14,7 @@ use magnetar_metastore::local_cluster::free_ports;
 struct Standalone {
     child: Child,
     broker: String,
+    web: String,
     metastore: String,
     _dir: tempfile::TempDir,
     settings: Vec<String>,
@@ -36,7 +37,7 @@ async fn standalone_with(settings: &[&str]) -> Standalone {
 }
 
 async fn start_in(dir: tempfile::TempDir, settings: &[&str]) -> Standalone {
-    let p = free_ports(4).expect("ports");
+    let p = free_ports(5).expect("ports");
     let addr = |i: usize| format!("127.0.0.1:{}", p[i]);
     let log = std::fs::File::options().create(true).append(true).open(dir.path().join("standalone.log")).expect("log");
     let child = Command::new(env!("CARGO_BIN_EXE_magnetar"))
@@ -52,6 +53,8 @@ async fn start_in(dir: tempfile::TempDir, settings: &[&str]) -> Standalone {
             &addr(2),
             "--broker-listen",
             &addr(3),
+            "--web-listen",
+            &addr(4),
         ])
         .args(settings.iter().flat_map(|s| ["--set", s]))
         .stdout(log.try_clone().expect("log"))
@@ -61,6 +64,7 @@ async fn start_in(dir: tempfile::TempDir, settings: &[&str]) -> Standalone {
     let s = Standalone {
         child,
         broker: addr(3),
+        web: addr(4),
         metastore: addr(0),
         _dir: dir,
         settings: settings.iter().map(|s| s.to_string()).collect(),
@@ -119,6 +123,7 @@ async fn check_stored(metastore: &str, ids: &[(u64, u64, i64)]) {
     }
 }
 
+mod admin;
 mod rust_client;
 
 #[path = "../support/pulsar_python.rs"]

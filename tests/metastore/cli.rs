@@ -92,6 +92,7 @@ fn standalone(data: &std::path::Path, addr: &str) -> ChildGuard {
         .args(["--bookie-listen", &format!("127.0.0.1:{}", ports[0])])
         .args(["--bookie-http", &format!("127.0.0.1:{}", ports[1])])
         .args(["--broker-listen", &format!("127.0.0.1:{}", ports[2])])
+        .args(["--web-listen", "127.0.0.1:0"])
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("start standalone");

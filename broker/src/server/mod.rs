@@ -17,7 +17,7 @@ use crate::protocol::codec::FRAME_HEADROOM;
 use crate::topic::Topics;
 
 pub(crate) struct Shared {
-    pub(crate) topics: Topics,
+    pub(crate) topics: Arc<Topics>,
     pub(crate) next_conn: std::sync::atomic::AtomicU64,
     pub(crate) service_url: String,
     pub(crate) max_message_size: usize,
@@ -26,6 +26,7 @@ pub(crate) struct Shared {
 /// A running broker.
 pub struct Broker {
     addr: SocketAddr,
+    web_addr: Option<SocketAddr>,
     cancel: CancellationToken,
     tasks: TaskTracker,
     shared: Arc<Shared>,
@@ -64,7 +65,7 @@ impl Broker {
             LedgerOptions { created_by: format!("broker {advertise}"), ..Default::default() },
         );
         let shared = Arc::new(Shared {
-            topics: Topics::new(meta, ledgers, cfg.topic_settings()),
+            topics: Arc::new(Topics::new(meta.clone(), ledgers, cfg.topic_settings())),
             next_conn: std::sync::atomic::AtomicU64::new(1),
             service_url: format!("pulsar://{advertise}"),
             max_message_size: cfg.max_message_size,
@@ -99,12 +100,33 @@ impl Broker {
             }
         });
         tracing::info!(%addr, "broker serving the Pulsar protocol");
-        Ok(Broker { addr, cancel, tasks, shared: kept })
+        let web_addr = if cfg.web_listen_addr.is_empty() {
+            None
+        } else {
+            let admin = Arc::new(crate::admin::Admin {
+                meta,
+                topics: kept.topics.clone(),
+                cluster: cfg.cluster_name.clone(),
+                web_addr: cfg.web_listen_addr.clone(),
+            });
+            let bound =
+                crate::admin::serve(&cfg.web_listen_addr, admin, cancel.clone(), &tasks).await.map_err(|source| {
+                    BrokerError::Io { context: format!("binding HTTP {}", cfg.web_listen_addr), source }
+                })?;
+            tracing::info!(addr = %bound, "broker HTTP (admin API, metrics) serving");
+            Some(bound)
+        };
+        Ok(Broker { addr, web_addr, cancel, tasks, shared: kept })
     }
 
     /// The bound address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The bound HTTP address, when serving HTTP.
+    pub fn web_addr(&self) -> Option<SocketAddr> {
+        self.web_addr
     }
 
     /// Stops accepting, closes connections and waits for their tasks, then closes every

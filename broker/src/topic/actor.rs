@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::cursor::{Cursor, CursorInfo};
 use super::keys::{self, KeySelector};
 use super::position::{LedgerSpan, Pos};
+use super::stats::{self, Rate, TopicStats};
 use super::{create_ledger, cursor_key, put_info, ManagedLedgerInfo, TopicSettings};
 use crate::protocol::codec::{base, decode_entry, first_batch_item};
 use crate::protocol::connection::error_command;
@@ -212,6 +213,11 @@ pub enum Cmd {
         /// Request id.
         request_id: u64,
     },
+    /// Statistics.
+    Stats {
+        /// The answer.
+        done: oneshot::Sender<TopicStats>,
+    },
     /// Store cursors and close the ledger, then stop.
     Close {
         /// Done.
@@ -278,6 +284,9 @@ pub(super) fn spawn(init: Init) -> mpsc::UnboundedSender<Cmd> {
         subs: HashMap::new(),
         index: HashMap::new(),
         next_cid: 1,
+        msg_in: Rate::default(),
+        bytes_in: Rate::default(),
+        producer_rates: HashMap::new(),
     };
     tokio::spawn(actor.run(rx));
     tx
@@ -322,6 +331,8 @@ struct Consumer {
     permits: i64,
     protocol_version: i32,
     out: OutTx,
+    msg_out: Rate,
+    bytes_out: Rate,
 }
 
 struct Sub {
@@ -347,6 +358,8 @@ struct Sub {
     persisting: bool,
     version: u64,
     properties: BTreeMap<String, String>,
+    msg_out: Rate,
+    bytes_out: Rate,
 }
 
 /// At most this many stream entries wait in a Key_Shared replay set for busy consumers.
@@ -363,6 +376,10 @@ struct Actor {
     subs: HashMap<String, Sub>,
     index: HashMap<(u64, u64), String>,
     next_cid: u64,
+    msg_in: Rate,
+    bytes_in: Rate,
+    /// Per producer name: messages and bytes.
+    producer_rates: HashMap<String, (Rate, Rate)>,
 }
 
 fn id_data(p: Pos) -> pb::MessageIdData {
@@ -420,6 +437,7 @@ impl Actor {
                 }
                 _ = tick.tick() => {
                     self.persist_cursors();
+                    self.tick_rates();
                     if self.ml.ledger_entries > 0 && self.ml.ledger_since.elapsed() >= self.ml.settings.max_ledger_age {
                         self.rolling = true;
                         if self.inflight.is_empty() && !self.roll().await {
@@ -499,6 +517,9 @@ impl Actor {
             Cmd::Seek { key, request_id, target } => self.seek(key, request_id, target).await,
             Cmd::LastMessageId { key, request_id } => self.last_message_id(key, request_id).await,
             Cmd::ConsumerStats { key, request_id } => self.consumer_stats(key, request_id),
+            Cmd::Stats { done } => {
+                let _ = done.send(self.stats());
+            }
             Cmd::ReadDone { sub, generation, result } => {
                 if let Some(s) = self.subs.get_mut(&sub) {
                     if s.generation == generation {
@@ -541,6 +562,96 @@ impl Actor {
         true
     }
 
+    fn count_in(&mut self, c: &Cached, producer: Option<(String, u64)>) {
+        let (n, b) = (c.info.num_messages as u64, c.entry.len() as u64);
+        self.msg_in.add(n);
+        self.bytes_in.add(b);
+        if let Some((name, seq)) = producer {
+            let r = self.producer_rates.entry(name.clone()).or_default();
+            r.0.add(n);
+            r.1.add(b);
+            self.last_sequence.insert(name, seq as i64);
+        }
+    }
+
+    fn tick_rates(&mut self) {
+        self.msg_in.tick(1.0);
+        self.bytes_in.tick(1.0);
+        for r in self.producer_rates.values_mut() {
+            r.0.tick(1.0);
+            r.1.tick(1.0);
+        }
+        for sub in self.subs.values_mut() {
+            sub.msg_out.tick(1.0);
+            sub.bytes_out.tick(1.0);
+            for c in &mut sub.consumers {
+                c.msg_out.tick(1.0);
+                c.bytes_out.tick(1.0);
+            }
+        }
+    }
+
+    fn stats(&self) -> TopicStats {
+        let stored: u64 = self.ml.info.ledgers.iter().filter_map(|l| l.size).sum::<u64>()
+            + if self.ml.writer.is_some() { self.ml.ledger_bytes } else { 0 };
+        let entries = self.ml.span.total_entries();
+        let avg_entry = if entries > 0 { stored as f64 / entries as f64 } else { 0.0 };
+        let mut st = TopicStats {
+            msg_rate_in: self.msg_in.rate,
+            msg_throughput_in: self.bytes_in.rate,
+            msg_in_counter: self.msg_in.total,
+            bytes_in_counter: self.bytes_in.total,
+            average_msg_size: if self.msg_in.total > 0 {
+                self.bytes_in.total as f64 / self.msg_in.total as f64
+            } else {
+                0.0
+            },
+            storage_size: stored,
+            entries,
+            ..Default::default()
+        };
+        for (name, _) in self.producers.values() {
+            let (m, b) = self.producer_rates.get(name).map(|(m, b)| (m.rate, b.rate)).unwrap_or_default();
+            st.publishers.push(stats::PublisherStats {
+                producer_name: name.clone(),
+                producer_id: self.producers.iter().find(|(_, (n, _))| n == name).map(|(k, _)| k.1).unwrap_or(0),
+                msg_rate_in: m,
+                msg_throughput_in: b,
+            });
+        }
+        for sub in self.subs.values() {
+            let backlog = self.ml.span.entries_after(sub.cursor.mark_delete()).saturating_sub(sub.cursor.acked_count());
+            let consumers = sub
+                .consumers
+                .iter()
+                .map(|c| stats::ConsumerStats {
+                    consumer_name: c.name.clone(),
+                    available_permits: c.permits,
+                    unacked_messages: sub.pending.values().filter(|x| **x == c.cid).count() as u64,
+                    msg_rate_out: c.msg_out.rate,
+                    msg_throughput_out: c.bytes_out.rate,
+                })
+                .collect();
+            let s = stats::SubscriptionStats {
+                msg_rate_out: sub.msg_out.rate,
+                msg_throughput_out: sub.bytes_out.rate,
+                msg_out_counter: sub.msg_out.total,
+                msg_backlog: backlog,
+                backlog_size: (backlog as f64 * avg_entry) as u64,
+                unacked_messages: sub.pending.len() as u64,
+                sub_type: sub_type_name(sub.sub_type).into(),
+                is_durable: sub.durable,
+                consumers,
+            };
+            st.msg_rate_out += s.msg_rate_out;
+            st.msg_throughput_out += s.msg_throughput_out;
+            st.msg_out_counter += s.msg_out_counter;
+            st.backlog_size = st.backlog_size.max(s.backlog_size);
+            st.subscriptions.insert(sub.name.clone(), s);
+        }
+        st
+    }
+
     fn submit(&mut self, c: Cached, producer: Option<(String, u64)>, done: Done) {
         let Some(w) = self.ml.writer.as_ref() else {
             let _ = done.send(Err(format!("topic {} has no ledger", self.ml.name)));
@@ -565,10 +676,8 @@ impl Actor {
                 let p = Pos::new(ledger, e);
                 self.ml.span.set_last(ledger, e);
                 self.ml.last_info = Some((p, c.info));
+                self.count_in(&c, producer);
                 self.ml.insert_cache(p, c);
-                if let Some((name, seq)) = producer {
-                    self.last_sequence.insert(name, seq as i64);
-                }
                 let _ = done.send(Ok(p));
                 // More confirmations ready now go out in the same dispatch round.
                 while let Some(Some(r)) = futures::FutureExt::now_or_never(self.inflight.next()) {
@@ -578,10 +687,8 @@ impl Actor {
                             let p = Pos::new(ledger, e);
                             self.ml.span.set_last(ledger, e);
                             self.ml.last_info = Some((p, c.info));
+                            self.count_in(&c, producer);
                             self.ml.insert_cache(p, c);
-                            if let Some((name, seq)) = producer {
-                                self.last_sequence.insert(name, seq as i64);
-                            }
                             let _ = done.send(Ok(p));
                         }
                         Err(err) => {
@@ -663,6 +770,7 @@ impl Actor {
                     self.ml.span.set_last(id, md.last_entry);
                     if let Some(l) = self.ml.info.ledgers.iter_mut().find(|l| l.ledger_id == id) {
                         l.last_entry = Some(md.last_entry);
+                        l.size = Some(self.ml.ledger_bytes);
                     }
                     if let Err(e) = put_info(&self.ml.meta, &self.ml.key, &self.ml.info, self.ml.version).await {
                         tracing::warn!(topic = %self.ml.name, error = %e, "recording the closed ledger failed");
@@ -784,6 +892,8 @@ impl Actor {
             permits: 0,
             protocol_version: spec.protocol_version,
             out: spec.out.clone(),
+            msg_out: Rate::default(),
+            bytes_out: Rate::default(),
         });
         self.index.insert(key, spec.subscription.clone());
         let _ = spec.out.send(success(spec.request_id));
@@ -853,6 +963,8 @@ impl Actor {
             persisting: false,
             version,
             properties,
+            msg_out: Rate::default(),
+            bytes_out: Rate::default(),
         })
     }
 
@@ -1246,6 +1358,10 @@ fn send(sub: &mut Sub, i: usize, p: Pos, c: &Cached, partition: i32) {
     let consumer = &mut sub.consumers[i];
     tracing::trace!(sub = sub.name, consumer = consumer.name, position = %p, redelivery_count, "dispatch");
     consumer.permits -= c.info.num_messages as i64;
+    consumer.msg_out.add(c.info.num_messages as u64);
+    consumer.bytes_out.add(c.entry.len() as u64);
+    sub.msg_out.add(c.info.num_messages as u64);
+    sub.bytes_out.add(c.entry.len() as u64);
     sub.fetched.remove(&p);
     sub.pending.insert(p, consumer.cid);
     let cmd = pb::BaseCommand {
@@ -1310,11 +1426,12 @@ impl Ml {
             self.span.set_last(id, md.last_entry);
             if let Some(l) = self.info.ledgers.iter_mut().find(|l| l.ledger_id == id) {
                 l.last_entry = Some(md.last_entry);
+                l.size = Some(self.ledger_bytes);
             }
         }
         let writer = create_ledger(&self.ledgers, &self.settings, &self.name).await?;
         let mut info = self.info.clone();
-        info.ledgers.push(super::LedgerInfo { ledger_id: writer.id(), last_entry: None });
+        info.ledgers.push(super::LedgerInfo { ledger_id: writer.id(), last_entry: None, size: None });
         match put_info(&self.meta, &self.key, &info, self.version).await {
             Ok(v) => {
                 self.version = v;

@@ -14,6 +14,7 @@ mod actor;
 pub mod cursor;
 pub mod keys;
 pub mod position;
+pub mod stats;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -59,6 +60,9 @@ pub struct LedgerInfo {
     /// Last entry once known closed (-1: empty; absent while written).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_entry: Option<i64>,
+    /// Bytes written, once closed by its writer (absent for a ledger closed by recovery).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
 }
 
 /// A topic's managed-ledger metadata.
@@ -280,6 +284,12 @@ impl Topics {
         Box::pin(self.partitions(name)).await
     }
 
+    /// The topics loaded now.
+    pub async fn loaded(&self) -> Vec<Topic> {
+        let loaded = self.loaded.lock().await;
+        loaded.values().filter_map(|c| c.get().cloned()).filter(|t| !t.is_closed()).collect()
+    }
+
     /// Closes every loaded topic: stores cursors and closes ledgers.
     pub async fn close_all(&self) {
         let topics: Vec<Topic> = {
@@ -308,7 +318,7 @@ impl Topics {
             tracing::info!(topic = %name, ledger = md.id, last_entry = md.last_entry, "recovered a ledger");
         }
         let writer = create_ledger(&self.ledgers, &self.settings, name).await?;
-        info.ledgers.push(LedgerInfo { ledger_id: writer.id(), last_entry: None });
+        info.ledgers.push(LedgerInfo { ledger_id: writer.id(), last_entry: None, size: None });
         let version = match put_info(&self.meta, &key, &info, version).await {
             Ok(v) => v,
             Err(e) => {

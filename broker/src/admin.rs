@@ -1,0 +1,538 @@
+//! The broker's HTTP service (port 8080): the parts of Pulsar's admin REST API v2 built so far,
+//! `/status.html`, and `/metrics` with Pulsar's topic metric names. Errors are Pulsar's:
+//! `{"reason": "..."}` with 404 for unknown tenants, namespaces and topics, 409 on conflicts,
+//! 412 on failed preconditions.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use magnetar_metastore::client::{ClientError, MetaClient, PutOptions};
+use serde::Serialize;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::protocol::names::TopicName;
+use crate::topic::{partitioned_key, topic_key, Cmd, PartitionedMetadata, TopicError, Topics};
+
+pub(crate) struct Admin {
+    pub(crate) meta: MetaClient,
+    pub(crate) topics: Arc<Topics>,
+    pub(crate) cluster: String,
+    pub(crate) web_addr: String,
+}
+
+type S = State<Arc<Admin>>;
+
+fn json<T: Serialize>(status: StatusCode, body: &T) -> Response {
+    let text = serde_json::to_string(body).unwrap_or_else(|_| "null".into());
+    (status, [(header::CONTENT_TYPE, "application/json")], text).into_response()
+}
+
+fn fail(status: StatusCode, reason: impl Into<String>) -> Response {
+    json(status, &serde_json::json!({ "reason": reason.into() }))
+}
+
+fn meta_error(e: ClientError) -> Response {
+    fail(StatusCode::SERVICE_UNAVAILABLE, format!("metastore: {e}"))
+}
+
+fn topic_error(e: TopicError) -> Response {
+    match e {
+        TopicError::NotFound(t) => fail(StatusCode::NOT_FOUND, format!("Topic {t} not found")),
+        TopicError::Conflict(t) => fail(StatusCode::CONFLICT, format!("Topic {t} was changed concurrently")),
+        e => fail(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// Children names one level under `prefix` (which ends in `/`).
+async fn children(meta: &MetaClient, prefix: &str) -> Result<Vec<String>, ClientError> {
+    let mut out: Vec<String> = meta
+        .list(prefix)
+        .await?
+        .into_iter()
+        .filter_map(|kv| kv.key[prefix.len()..].split('/').next().map(String::from))
+        .collect();
+    out.dedup();
+    Ok(out)
+}
+
+async fn exists(meta: &MetaClient, key: &str) -> Result<bool, ClientError> {
+    Ok(meta.get(key).await?.is_some())
+}
+
+/// Creates `key` with `body` unless it exists (409).
+async fn create(meta: &MetaClient, key: &str, body: Vec<u8>, what: &str) -> Response {
+    match meta.put(key, body, PutOptions { expected_version: Some(0), session: 0 }).await {
+        Ok(_) => StatusCode::NO_CONTENT.into_response(),
+        Err(ClientError::BadVersion { .. }) => fail(StatusCode::CONFLICT, format!("{what} already exists")),
+        Err(e) => meta_error(e),
+    }
+}
+
+async fn get_json(meta: &MetaClient, key: &str, what: &str) -> Response {
+    match meta.get(key).await {
+        Ok(Some(kv)) => {
+            let v: Value = serde_json::from_slice(&kv.value).unwrap_or(Value::Null);
+            json(StatusCode::OK, &v)
+        }
+        Ok(None) => fail(StatusCode::NOT_FOUND, format!("{what} does not exist")),
+        Err(e) => meta_error(e),
+    }
+}
+
+fn parse_object(body: &Bytes) -> Result<Value, Response> {
+    if body.is_empty() {
+        return Ok(serde_json::json!({}));
+    }
+    match serde_json::from_slice::<Value>(body) {
+        Ok(v @ Value::Object(_)) => Ok(v),
+        Ok(_) => Err(fail(StatusCode::BAD_REQUEST, "expected a JSON object")),
+        Err(e) => Err(fail(StatusCode::BAD_REQUEST, format!("invalid JSON: {e}"))),
+    }
+}
+
+async fn status() -> &'static str {
+    "OK"
+}
+
+async fn health() -> &'static str {
+    "ok"
+}
+
+async fn clusters(State(a): S) -> Response {
+    match children(&a.meta, "/cluster/").await {
+        Ok(c) => json(StatusCode::OK, &c),
+        Err(e) => meta_error(e),
+    }
+}
+
+async fn cluster(State(a): S, Path(c): Path<String>) -> Response {
+    get_json(&a.meta, &format!("/cluster/{c}"), &format!("Cluster {c}")).await
+}
+
+async fn brokers(State(a): S, Path(c): Path<String>) -> Response {
+    if c != a.cluster {
+        return fail(StatusCode::NOT_FOUND, format!("Cluster {c} does not exist"));
+    }
+    json(StatusCode::OK, &[a.web_addr.clone()])
+}
+
+async fn tenants(State(a): S) -> Response {
+    match children(&a.meta, "/tenants/").await {
+        Ok(t) => json(StatusCode::OK, &t),
+        Err(e) => meta_error(e),
+    }
+}
+
+async fn tenant_get(State(a): S, Path(t): Path<String>) -> Response {
+    get_json(&a.meta, &format!("/tenants/{t}"), &format!("Tenant {t}")).await
+}
+
+fn tenant_body(body: &Bytes) -> Result<Vec<u8>, Response> {
+    let mut v = parse_object(body)?;
+    let o = v.as_object_mut().ok_or_else(|| fail(StatusCode::BAD_REQUEST, "expected a JSON object"))?;
+    o.entry("adminRoles").or_insert_with(|| serde_json::json!([]));
+    o.entry("allowedClusters").or_insert_with(|| serde_json::json!([]));
+    Ok(serde_json::to_vec(&v).unwrap_or_default())
+}
+
+async fn tenant_create(State(a): S, Path(t): Path<String>, body: Bytes) -> Response {
+    if TopicName::parse(&format!("{t}/ns/x")).is_err() {
+        return fail(StatusCode::PRECONDITION_FAILED, format!("Tenant name {t} is not valid"));
+    }
+    match tenant_body(&body) {
+        Ok(b) => create(&a.meta, &format!("/tenants/{t}"), b, &format!("Tenant {t}")).await,
+        Err(r) => r,
+    }
+}
+
+async fn tenant_update(State(a): S, Path(t): Path<String>, body: Bytes) -> Response {
+    let key = format!("/tenants/{t}");
+    let kv = match a.meta.get(&key).await {
+        Ok(Some(kv)) => kv,
+        Ok(None) => return fail(StatusCode::NOT_FOUND, format!("Tenant {t} does not exist")),
+        Err(e) => return meta_error(e),
+    };
+    let b = match tenant_body(&body) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    match a.meta.put(&key, b, PutOptions { expected_version: Some(kv.version), session: 0 }).await {
+        Ok(_) => StatusCode::NO_CONTENT.into_response(),
+        Err(ClientError::BadVersion { .. }) => {
+            fail(StatusCode::CONFLICT, format!("Tenant {t} was changed concurrently"))
+        }
+        Err(e) => meta_error(e),
+    }
+}
+
+async fn tenant_delete(State(a): S, Path(t): Path<String>) -> Response {
+    match exists(&a.meta, &format!("/tenants/{t}")).await {
+        Ok(true) => {}
+        Ok(false) => return fail(StatusCode::NOT_FOUND, format!("Tenant {t} does not exist")),
+        Err(e) => return meta_error(e),
+    }
+    match children(&a.meta, &format!("/namespaces/{t}/")).await {
+        Ok(ns) if !ns.is_empty() => {
+            return fail(StatusCode::CONFLICT, format!("Tenant {t} still has namespaces: {ns:?}"))
+        }
+        Ok(_) => {}
+        Err(e) => return meta_error(e),
+    }
+    match a.meta.delete(&format!("/tenants/{t}"), None).await {
+        Ok(_) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => meta_error(e),
+    }
+}
+
+async fn namespaces(State(a): S, Path(t): Path<String>) -> Response {
+    match exists(&a.meta, &format!("/tenants/{t}")).await {
+        Ok(true) => {}
+        Ok(false) => return fail(StatusCode::NOT_FOUND, format!("Tenant {t} does not exist")),
+        Err(e) => return meta_error(e),
+    }
+    match children(&a.meta, &format!("/namespaces/{t}/")).await {
+        Ok(ns) => json(StatusCode::OK, &ns.iter().map(|n| format!("{t}/{n}")).collect::<Vec<_>>()),
+        Err(e) => meta_error(e),
+    }
+}
+
+async fn namespace_get(State(a): S, Path((t, ns)): Path<(String, String)>) -> Response {
+    get_json(&a.meta, &format!("/namespaces/{t}/{ns}"), &format!("Namespace {t}/{ns}")).await
+}
+
+async fn namespace_create(State(a): S, Path((t, ns)): Path<(String, String)>, body: Bytes) -> Response {
+    match exists(&a.meta, &format!("/tenants/{t}")).await {
+        Ok(true) => {}
+        Ok(false) => return fail(StatusCode::NOT_FOUND, format!("Tenant {t} does not exist")),
+        Err(e) => return meta_error(e),
+    }
+    if TopicName::parse(&format!("{t}/{ns}/x")).is_err() {
+        return fail(StatusCode::PRECONDITION_FAILED, format!("Namespace name {t}/{ns} is not valid"));
+    }
+    let mut policies = match parse_object(&body) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    if let Some(o) = policies.as_object_mut() {
+        o.entry("bundles").or_insert_with(|| serde_json::json!({ "numBundles": 4 }));
+        o.entry("replication_clusters").or_insert_with(|| serde_json::json!([a.cluster.clone()]));
+    }
+    let body = serde_json::to_vec(&policies).unwrap_or_default();
+    create(&a.meta, &format!("/namespaces/{t}/{ns}"), body, &format!("Namespace {t}/{ns}")).await
+}
+
+async fn namespace_delete(State(a): S, Path((t, ns)): Path<(String, String)>) -> Response {
+    match exists(&a.meta, &format!("/namespaces/{t}/{ns}")).await {
+        Ok(true) => {}
+        Ok(false) => return fail(StatusCode::NOT_FOUND, format!("Namespace {t}/{ns} does not exist")),
+        Err(e) => return meta_error(e),
+    }
+    match a.topics.list_namespace(&format!("{t}/{ns}")).await {
+        Ok(topics) if !topics.is_empty() => {
+            return fail(StatusCode::CONFLICT, format!("Namespace {t}/{ns} still has {} topic(s)", topics.len()))
+        }
+        Ok(_) => {}
+        Err(e) => return topic_error(e),
+    }
+    match a.meta.delete(&format!("/namespaces/{t}/{ns}"), None).await {
+        Ok(_) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => meta_error(e),
+    }
+}
+
+/// 404 unless the namespace exists.
+async fn check_namespace(a: &Admin, t: &str, ns: &str) -> Option<Response> {
+    match exists(&a.meta, &format!("/namespaces/{t}/{ns}")).await {
+        Ok(true) => None,
+        Ok(false) => Some(fail(StatusCode::NOT_FOUND, format!("Namespace {t}/{ns} does not exist"))),
+        Err(e) => Some(meta_error(e)),
+    }
+}
+
+fn name(t: &str, ns: &str, topic: &str) -> Result<TopicName, Response> {
+    TopicName::parse(&format!("persistent://{t}/{ns}/{topic}"))
+        .map_err(|e| fail(StatusCode::PRECONDITION_FAILED, e.to_string()))
+}
+
+async fn topics_list(State(a): S, Path((t, ns)): Path<(String, String)>) -> Response {
+    if let Some(r) = check_namespace(&a, &t, &ns).await {
+        return r;
+    }
+    match a.topics.list_namespace(&format!("{t}/{ns}")).await {
+        Ok(list) => json(StatusCode::OK, &list),
+        Err(e) => topic_error(e),
+    }
+}
+
+async fn partitioned_list(State(a): S, Path((t, ns)): Path<(String, String)>) -> Response {
+    if let Some(r) = check_namespace(&a, &t, &ns).await {
+        return r;
+    }
+    match children(&a.meta, &format!("/partitioned/persistent/{t}/{ns}/")).await {
+        Ok(list) => {
+            json(StatusCode::OK, &list.iter().map(|x| format!("persistent://{t}/{ns}/{x}")).collect::<Vec<_>>())
+        }
+        Err(e) => meta_error(e),
+    }
+}
+
+async fn topic_create(State(a): S, Path((t, ns, topic)): Path<(String, String, String)>) -> Response {
+    if let Some(r) = check_namespace(&a, &t, &ns).await {
+        return r;
+    }
+    let n = match name(&t, &ns, &topic) {
+        Ok(n) => n,
+        Err(r) => return r,
+    };
+    match (exists(&a.meta, &topic_key(&n)).await, exists(&a.meta, &partitioned_key(&n)).await) {
+        (Ok(false), Ok(false)) => {}
+        (Ok(_), Ok(_)) => return fail(StatusCode::CONFLICT, format!("Topic {n} already exists")),
+        (Err(e), _) | (_, Err(e)) => return meta_error(e),
+    }
+    match a.topics.get_or_load(&n).await {
+        Ok(_) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => topic_error(e),
+    }
+}
+
+fn partition_count(body: &Bytes) -> Result<u32, Response> {
+    let text = String::from_utf8_lossy(body);
+    match text.trim().parse::<u32>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(fail(StatusCode::PRECONDITION_FAILED, "the number of partitions must be a positive integer")),
+    }
+}
+
+async fn partitions_create(State(a): S, Path((t, ns, topic)): Path<(String, String, String)>, body: Bytes) -> Response {
+    if let Some(r) = check_namespace(&a, &t, &ns).await {
+        return r;
+    }
+    let (n, count) = match (name(&t, &ns, &topic), partition_count(&body)) {
+        (Ok(n), Ok(c)) => (n, c),
+        (Err(r), _) | (_, Err(r)) => return r,
+    };
+    match exists(&a.meta, &topic_key(&n)).await {
+        Ok(true) => return fail(StatusCode::CONFLICT, format!("Topic {n} already exists as a non-partitioned topic")),
+        Ok(false) => {}
+        Err(e) => return meta_error(e),
+    }
+    let body = serde_json::to_vec(&PartitionedMetadata { partitions: count }).unwrap_or_default();
+    create(&a.meta, &partitioned_key(&n), body, &format!("Partitioned topic {n}")).await
+}
+
+async fn partitions_update(State(a): S, Path((t, ns, topic)): Path<(String, String, String)>, body: Bytes) -> Response {
+    let (n, count) = match (name(&t, &ns, &topic), partition_count(&body)) {
+        (Ok(n), Ok(c)) => (n, c),
+        (Err(r), _) | (_, Err(r)) => return r,
+    };
+    let key = partitioned_key(&n);
+    let kv = match a.meta.get(&key).await {
+        Ok(Some(kv)) => kv,
+        Ok(None) => return fail(StatusCode::NOT_FOUND, format!("Partitioned topic {n} does not exist")),
+        Err(e) => return meta_error(e),
+    };
+    let old: PartitionedMetadata = serde_json::from_slice(&kv.value).unwrap_or(PartitionedMetadata { partitions: 0 });
+    if count <= old.partitions {
+        return fail(
+            StatusCode::CONFLICT,
+            format!("the number of partitions can only grow: {} now, {count} asked", old.partitions),
+        );
+    }
+    let body = serde_json::to_vec(&PartitionedMetadata { partitions: count }).unwrap_or_default();
+    match a.meta.put(&key, body, PutOptions { expected_version: Some(kv.version), session: 0 }).await {
+        Ok(_) => StatusCode::NO_CONTENT.into_response(),
+        Err(ClientError::BadVersion { .. }) => {
+            fail(StatusCode::CONFLICT, format!("Topic {n} was changed concurrently"))
+        }
+        Err(e) => meta_error(e),
+    }
+}
+
+async fn partitions_get(State(a): S, Path((t, ns, topic)): Path<(String, String, String)>) -> Response {
+    let n = match name(&t, &ns, &topic) {
+        Ok(n) => n,
+        Err(r) => return r,
+    };
+    match a.topics.partitions(&n).await {
+        Ok(p) => json(StatusCode::OK, &serde_json::json!({ "partitions": p })),
+        Err(e) => topic_error(e),
+    }
+}
+
+async fn topic_stats(a: &Admin, n: &TopicName) -> Result<crate::topic::stats::TopicStats, Response> {
+    match exists(&a.meta, &topic_key(n)).await {
+        Ok(true) => {}
+        Ok(false) => return Err(fail(StatusCode::NOT_FOUND, format!("Topic {n} not found"))),
+        Err(e) => return Err(meta_error(e)),
+    }
+    let topic = a.topics.get_or_load(n).await.map_err(topic_error)?;
+    topic.ask(|done| Cmd::Stats { done }).await.map_err(topic_error)
+}
+
+async fn stats(State(a): S, Path((t, ns, topic)): Path<(String, String, String)>) -> Response {
+    let n = match name(&t, &ns, &topic) {
+        Ok(n) => n,
+        Err(r) => return r,
+    };
+    match topic_stats(&a, &n).await {
+        Ok(s) => json(StatusCode::OK, &s),
+        Err(r) => r,
+    }
+}
+
+async fn partitioned_stats(State(a): S, Path((t, ns, topic)): Path<(String, String, String)>) -> Response {
+    let n = match name(&t, &ns, &topic) {
+        Ok(n) => n,
+        Err(r) => return r,
+    };
+    let count = match a.topics.partitions(&n).await {
+        Ok(0) => return fail(StatusCode::NOT_FOUND, format!("Partitioned topic {n} does not exist")),
+        Ok(c) => c,
+        Err(e) => return topic_error(e),
+    };
+    let mut total = crate::topic::stats::TopicStats::default();
+    let mut partitions = serde_json::Map::new();
+    for i in 0..count {
+        let p = n.partition_name(i);
+        let s = match topic_stats(&a, &p).await {
+            Ok(s) => s,
+            // A partition nobody used yet has no ledger: it counts as empty.
+            Err(_) => crate::topic::stats::TopicStats::default(),
+        };
+        total.msg_rate_in += s.msg_rate_in;
+        total.msg_throughput_in += s.msg_throughput_in;
+        total.msg_rate_out += s.msg_rate_out;
+        total.msg_throughput_out += s.msg_throughput_out;
+        total.msg_in_counter += s.msg_in_counter;
+        total.bytes_in_counter += s.bytes_in_counter;
+        total.msg_out_counter += s.msg_out_counter;
+        total.storage_size += s.storage_size;
+        total.entries += s.entries;
+        total.backlog_size += s.backlog_size;
+        total.publishers.extend(s.publishers.iter().cloned());
+        for (name, sub) in &s.subscriptions {
+            let e = total.subscriptions.entry(name.clone()).or_default();
+            e.msg_backlog += sub.msg_backlog;
+            e.backlog_size += sub.backlog_size;
+            e.unacked_messages += sub.unacked_messages;
+            e.msg_out_counter += sub.msg_out_counter;
+            e.msg_rate_out += sub.msg_rate_out;
+            e.msg_throughput_out += sub.msg_throughput_out;
+            e.sub_type = sub.sub_type.clone();
+            e.is_durable = sub.is_durable;
+            e.consumers.extend(sub.consumers.iter().cloned());
+        }
+        partitions.insert(p.to_string(), serde_json::to_value(&s).unwrap_or(Value::Null));
+    }
+    let mut v = serde_json::to_value(&total).unwrap_or(Value::Null);
+    if let Some(o) = v.as_object_mut() {
+        o.insert("metadata".into(), serde_json::json!({ "partitions": count }));
+        o.insert("partitions".into(), Value::Object(partitions));
+    }
+    json(StatusCode::OK, &v)
+}
+
+/// Prometheus text: per-topic and per-subscription series with Pulsar's names and labels.
+async fn metrics(State(a): S) -> Response {
+    let mut out = String::new();
+    let loaded = a.topics.loaded().await;
+    let mut rows: Vec<(TopicName, crate::topic::stats::TopicStats)> = Vec::new();
+    for t in loaded {
+        if let Ok(s) = t.ask(|done| Cmd::Stats { done }).await {
+            rows.push((t.name.clone(), s));
+        }
+    }
+    let topic_series: [(&str, &str, fn(&crate::topic::stats::TopicStats) -> f64); 9] = [
+        ("pulsar_rate_in", "Messages per second published", |s| s.msg_rate_in),
+        ("pulsar_rate_out", "Messages per second delivered", |s| s.msg_rate_out),
+        ("pulsar_throughput_in", "Bytes per second published", |s| s.msg_throughput_in),
+        ("pulsar_throughput_out", "Bytes per second delivered", |s| s.msg_throughput_out),
+        ("pulsar_storage_size", "Bytes stored in the topic's ledgers", |s| s.storage_size as f64),
+        ("pulsar_msg_backlog", "Entries not acknowledged, summed over subscriptions", |s| {
+            s.subscriptions.values().map(|x| x.msg_backlog).sum::<u64>() as f64
+        }),
+        ("pulsar_producers_count", "Connected producers", |s| s.publishers.len() as f64),
+        ("pulsar_consumers_count", "Connected consumers", |s| {
+            s.subscriptions.values().map(|x| x.consumers.len()).sum::<usize>() as f64
+        }),
+        ("pulsar_subscriptions_count", "Subscriptions", |s| s.subscriptions.len() as f64),
+    ];
+    let labels =
+        |n: &TopicName| format!("cluster=\"{}\",namespace=\"{}/{}\",topic=\"{}\"", a.cluster, n.tenant, n.namespace, n);
+    for (metric, help, f) in topic_series {
+        out.push_str(&format!("# HELP {metric} {help}\n# TYPE {metric} gauge\n"));
+        for (n, s) in &rows {
+            out.push_str(&format!("{metric}{{{}}} {}\n", labels(n), f(s)));
+        }
+    }
+    out.push_str("# HELP pulsar_in_messages_total Messages published since the topic was loaded\n# TYPE pulsar_in_messages_total counter\n");
+    for (n, s) in &rows {
+        out.push_str(&format!("pulsar_in_messages_total{{{}}} {}\n", labels(n), s.msg_in_counter));
+    }
+    let sub_series: [(&str, &str, fn(&crate::topic::stats::SubscriptionStats) -> f64); 4] = [
+        ("pulsar_subscription_back_log", "Entries not acknowledged", |s| s.msg_backlog as f64),
+        ("pulsar_subscription_unacked_messages", "Delivered and not acknowledged", |s| s.unacked_messages as f64),
+        ("pulsar_subscription_msg_rate_out", "Messages per second delivered", |s| s.msg_rate_out),
+        ("pulsar_subscription_msg_throughput_out", "Bytes per second delivered", |s| s.msg_throughput_out),
+    ];
+    for (metric, help, f) in sub_series {
+        out.push_str(&format!("# HELP {metric} {help}\n# TYPE {metric} gauge\n"));
+        for (n, s) in &rows {
+            for (sub, st) in &s.subscriptions {
+                out.push_str(&format!("{metric}{{{},subscription=\"{sub}\"}} {}\n", labels(n), f(st)));
+            }
+        }
+    }
+    out.push_str(&format!("# HELP pulsar_topics_count Loaded topics\n# TYPE pulsar_topics_count gauge\npulsar_topics_count{{cluster=\"{}\"}} {}\n", a.cluster, rows.len()));
+    ([(header::CONTENT_TYPE, magnetar_common::metrics::TEXT_CONTENT_TYPE)], out).into_response()
+}
+
+/// Binds `addr` and serves until `cancel`.
+pub(crate) async fn serve(
+    addr: &str,
+    admin: Arc<Admin>,
+    cancel: CancellationToken,
+    tasks: &TaskTracker,
+) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let topic = "/admin/v2/persistent/{tenant}/{namespace}/{topic}";
+    let app = Router::new()
+        .route("/status.html", get(status))
+        .route("/metrics", get(metrics))
+        .route("/admin/v2/brokers/health", get(health))
+        .route("/admin/v2/brokers/{cluster}", get(brokers))
+        .route("/admin/v2/clusters", get(clusters))
+        .route("/admin/v2/clusters/{cluster}", get(cluster))
+        .route("/admin/v2/tenants", get(tenants))
+        .route(
+            "/admin/v2/tenants/{tenant}",
+            get(tenant_get).put(tenant_create).post(tenant_update).delete(tenant_delete),
+        )
+        .route("/admin/v2/namespaces/{tenant}", get(namespaces))
+        .route(
+            "/admin/v2/namespaces/{tenant}/{namespace}",
+            get(namespace_get).put(namespace_create).delete(namespace_delete),
+        )
+        .route("/admin/v2/persistent/{tenant}/{namespace}", get(topics_list))
+        .route("/admin/v2/persistent/{tenant}/{namespace}/partitioned", get(partitioned_list))
+        .route(topic, axum::routing::put(topic_create))
+        .route(&format!("{topic}/partitions"), get(partitions_get).put(partitions_create).post(partitions_update))
+        .route(&format!("{topic}/stats"), get(stats))
+        .route(&format!("{topic}/partitioned-stats"), get(partitioned_stats))
+        .with_state(admin);
+    tasks.spawn(async move {
+        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(cancel.cancelled_owned()).await {
+            tracing::error!(error = %e, "broker HTTP server failed");
+        }
+    });
+    Ok(bound)
+}

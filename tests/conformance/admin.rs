@@ -1,0 +1,176 @@
+//! The broker's HTTP service over real HTTP against a standalone: status codes, JSON shapes and
+//! effects of the admin API endpoints built so far, and `/metrics` parsed as Prometheus text.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use magnetar_broker::client::Client;
+use magnetar_broker::protocol::pb::command_subscribe::SubType;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::{produce, standalone};
+
+/// One HTTP/1.1 request; returns (status, body).
+async fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
+        .await
+        .expect("answer in time")
+        .expect("read");
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let status = text.split_whitespace().nth(1).and_then(|x| x.parse().ok()).expect("status");
+    let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    // Chunked bodies (axum streams some): join the chunks.
+    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        let mut out = String::new();
+        let mut r = rest;
+        while let Some((size, tail)) = r.split_once("\r\n") {
+            let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            out.push_str(&tail[..n]);
+            r = &tail[n + 2..];
+        }
+        out
+    } else {
+        rest.to_owned()
+    };
+    (status, body)
+}
+
+fn parse(body: &str) -> Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
+}
+
+/// Prometheus text → (series with labels) → value.
+fn scrape(text: &str) -> HashMap<String, f64> {
+    let mut out = HashMap::new();
+    for line in text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
+        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("bad line {line}"));
+        let v: f64 = value.parse().unwrap_or_else(|_| panic!("bad value in {line}"));
+        out.insert(series.to_owned(), v);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_api_and_metrics() {
+    let s = standalone().await;
+    let w = s.web.as_str();
+    assert_eq!(http(w, "GET", "/status.html", "").await, (200, "OK".into()));
+    assert_eq!(http(w, "GET", "/admin/v2/brokers/health", "").await, (200, "ok".into()));
+    let (st, b) = http(w, "GET", "/admin/v2/clusters", "").await;
+    assert_eq!((st, parse(&b)), (200, serde_json::json!(["standalone"])));
+    assert_eq!(http(w, "GET", "/admin/v2/clusters/standalone", "").await.0, 200);
+    let (st, b) = http(w, "GET", "/admin/v2/clusters/nowhere", "").await;
+    assert_eq!(st, 404);
+    assert!(parse(&b)["reason"].as_str().is_some_and(|r| r.contains("nowhere")), "{b}");
+    assert_eq!(parse(&http(w, "GET", "/admin/v2/brokers/standalone", "").await.1).as_array().map(|a| a.len()), Some(1));
+
+    // Tenants.
+    assert!(parse(&http(w, "GET", "/admin/v2/tenants", "").await.1)
+        .as_array()
+        .is_some_and(|a| a.contains(&"public".into())));
+    let acme = r#"{"adminRoles":["ops"],"allowedClusters":["standalone"]}"#;
+    assert_eq!(http(w, "PUT", "/admin/v2/tenants/acme", acme).await.0, 204);
+    assert_eq!(http(w, "PUT", "/admin/v2/tenants/acme", acme).await.0, 409);
+    assert_eq!(parse(&http(w, "GET", "/admin/v2/tenants/acme", "").await.1)["adminRoles"], serde_json::json!(["ops"]));
+    assert_eq!(http(w, "POST", "/admin/v2/tenants/acme", r#"{"adminRoles":["ops","dev"]}"#).await.0, 204);
+    assert_eq!(
+        parse(&http(w, "GET", "/admin/v2/tenants/acme", "").await.1)["adminRoles"],
+        serde_json::json!(["ops", "dev"])
+    );
+    assert_eq!(http(w, "GET", "/admin/v2/tenants/nobody", "").await.0, 404);
+    assert_eq!(http(w, "PUT", "/admin/v2/tenants/bad", "[1]").await.0, 400);
+
+    // Namespaces.
+    assert_eq!(http(w, "PUT", "/admin/v2/namespaces/acme/orders", "").await.0, 204);
+    assert_eq!(http(w, "PUT", "/admin/v2/namespaces/acme/orders", "").await.0, 409);
+    assert_eq!(http(w, "PUT", "/admin/v2/namespaces/nobody/x", "").await.0, 404);
+    assert_eq!(parse(&http(w, "GET", "/admin/v2/namespaces/acme", "").await.1), serde_json::json!(["acme/orders"]));
+    assert_eq!(parse(&http(w, "GET", "/admin/v2/namespaces/acme/orders", "").await.1)["bundles"]["numBundles"], 4);
+    assert_eq!(http(w, "DELETE", "/admin/v2/tenants/acme", "").await.0, 409, "a tenant with namespaces stays");
+
+    // Topics.
+    let base = "/admin/v2/persistent/acme/orders";
+    assert_eq!(http(w, "PUT", &format!("{base}/t1/partitions"), "3").await.0, 204);
+    assert_eq!(http(w, "PUT", &format!("{base}/t1/partitions"), "3").await.0, 409);
+    assert_eq!(http(w, "PUT", &format!("{base}/t2/partitions"), "zero").await.0, 412);
+    assert_eq!(parse(&http(w, "GET", &format!("{base}/t1/partitions"), "").await.1)["partitions"], 3);
+    assert_eq!(http(w, "POST", &format!("{base}/t1/partitions"), "2").await.0, 409, "partitions only grow");
+    assert_eq!(http(w, "POST", &format!("{base}/t1/partitions"), "4").await.0, 204);
+    assert_eq!(
+        parse(&http(w, "GET", &format!("{base}/partitioned"), "").await.1),
+        serde_json::json!(["persistent://acme/orders/t1"])
+    );
+    assert_eq!(http(w, "PUT", &format!("{base}/plain"), "").await.0, 204);
+    assert_eq!(http(w, "PUT", &format!("{base}/plain"), "").await.0, 409);
+    assert_eq!(http(w, "PUT", "/admin/v2/persistent/acme/nope/x", "").await.0, 404);
+    let list = parse(&http(w, "GET", base, "").await.1);
+    for t in ["plain", "t1-partition-0", "t1-partition-3"] {
+        assert!(
+            list.as_array().is_some_and(|a| a.contains(&format!("persistent://acme/orders/{t}").into())),
+            "{t} in {list}"
+        );
+    }
+    assert_eq!(http(w, "GET", &format!("{base}/missing/stats"), "").await.0, 404);
+
+    // Stats move with traffic: a durable subscription, 20 messages, then consumed.
+    let topic = "persistent://acme/orders/plain";
+    let client = Client::connect(&s.broker).await.expect("connect");
+    let mut consumer = client.subscribe(topic, "s", SubType::Exclusive, true).await.expect("subscribe");
+    produce(&s.url(), topic, 20, false);
+    let stats = parse(&http(w, "GET", &format!("{base}/plain/stats"), "").await.1);
+    assert_eq!(stats["msgInCounter"], 20, "{stats}");
+    assert!(stats["storageSize"].as_u64().is_some_and(|x| x > 0), "{stats}");
+    assert_eq!(stats["subscriptions"]["s"]["msgBacklog"], 20, "{stats}");
+    assert_eq!(stats["subscriptions"]["s"]["type"], "Exclusive");
+    assert_eq!(stats["subscriptions"]["s"]["consumers"].as_array().map(|a| a.len()), Some(1));
+    consumer.flow(100).expect("flow");
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        let m = tokio::time::timeout(Duration::from_secs(10), consumer.next()).await.expect("message").expect("open");
+        ids.push(m.command.message_id);
+    }
+    consumer.ack(ids).expect("ack");
+    let mut backlog = Value::Null;
+    for _ in 0..50 {
+        let stats = parse(&http(w, "GET", &format!("{base}/plain/stats"), "").await.1);
+        backlog = stats["subscriptions"]["s"]["msgBacklog"].clone();
+        if backlog == 0 {
+            assert_eq!(stats["subscriptions"]["s"]["msgOutCounter"], 20, "{stats}");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(backlog, 0, "the backlog drops after consuming");
+
+    // Metrics, parsed as Prometheus text.
+    let (st, text) = http(w, "GET", "/metrics", "").await;
+    assert_eq!(st, 200);
+    let m = scrape(&text);
+    let labels = r#"cluster="standalone",namespace="acme/orders",topic="persistent://acme/orders/plain""#;
+    assert_eq!(m.get(&format!("pulsar_in_messages_total{{{labels}}}")), Some(&20.0), "{text}");
+    assert!(m.get(&format!("pulsar_storage_size{{{labels}}}")).is_some_and(|v| *v > 0.0), "{text}");
+    assert_eq!(m.get(&format!("pulsar_msg_backlog{{{labels}}}")), Some(&0.0));
+    assert_eq!(m.get(&format!("pulsar_subscription_back_log{{{labels},subscription=\"s\"}}")), Some(&0.0));
+    assert_eq!(m.get(&format!("pulsar_consumers_count{{{labels}}}")), Some(&1.0));
+    for metric in ["pulsar_rate_in", "pulsar_throughput_in", "pulsar_rate_out", "pulsar_producers_count"] {
+        assert!(m.contains_key(&format!("{metric}{{{labels}}}")), "{metric} missing:\n{text}");
+    }
+    // Partitioned stats add up the partitions.
+    let ps = parse(&http(w, "GET", &format!("{base}/t1/partitioned-stats"), "").await.1);
+    assert_eq!(ps["metadata"]["partitions"], 4, "{ps}");
+    assert_eq!(http(w, "DELETE", "/admin/v2/namespaces/acme/orders", "").await.0, 409, "a namespace with topics stays");
+    assert_eq!(http(w, "PUT", "/admin/v2/namespaces/acme/empty", "").await.0, 204);
+    assert_eq!(http(w, "DELETE", "/admin/v2/namespaces/acme/empty", "").await.0, 204);
+    assert_eq!(http(w, "DELETE", "/admin/v2/namespaces/acme/empty", "").await.0, 404);
+}
