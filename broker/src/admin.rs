@@ -47,6 +47,7 @@ fn topic_error(e: TopicError) -> Response {
     match e {
         TopicError::NotFound(t) => fail(StatusCode::NOT_FOUND, format!("Topic {t} not found")),
         TopicError::Conflict(t) => fail(StatusCode::CONFLICT, format!("Topic {t} was changed concurrently")),
+        TopicError::Refused(why) => fail(StatusCode::PRECONDITION_FAILED, why),
         e => fail(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
@@ -303,6 +304,53 @@ async fn topic_create(State(a): S, Path((t, ns, topic)): Path<(String, String, S
     }
 }
 
+async fn topic_delete(
+    State(a): S,
+    Path((t, ns, topic)): Path<(String, String, String)>,
+    axum::extract::RawQuery(q): axum::extract::RawQuery,
+) -> Response {
+    let n = match name(&t, &ns, &topic) {
+        Ok(n) => n,
+        Err(r) => return r,
+    };
+    match a.topics.delete(&n, parse_force(q.as_deref())).await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => topic_error(e),
+    }
+}
+
+/// `?force` or `?force=true`.
+fn parse_force(q: Option<&str>) -> bool {
+    q.unwrap_or("").split('&').any(|kv| kv == "force" || kv == "force=true")
+}
+
+async fn partitions_delete(
+    State(a): S,
+    Path((t, ns, topic)): Path<(String, String, String)>,
+    axum::extract::RawQuery(q): axum::extract::RawQuery,
+) -> Response {
+    let n = match name(&t, &ns, &topic) {
+        Ok(n) => n,
+        Err(r) => return r,
+    };
+    let force = parse_force(q.as_deref());
+    let count = match a.topics.partitions(&n).await {
+        Ok(0) => return fail(StatusCode::NOT_FOUND, format!("Partitioned topic {n} does not exist")),
+        Ok(c) => c,
+        Err(e) => return topic_error(e),
+    };
+    for i in 0..count {
+        match a.topics.delete(&n.partition_name(i), force).await {
+            Ok(()) | Err(TopicError::NotFound(_)) => {}
+            Err(e) => return topic_error(e),
+        }
+    }
+    match a.meta.delete(&partitioned_key(&n), None).await {
+        Ok(_) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => meta_error(e),
+    }
+}
+
 fn partition_count(body: &Bytes) -> Result<u32, Response> {
     let text = String::from_utf8_lossy(body);
     match text.trim().parse::<u32>() {
@@ -524,8 +572,11 @@ pub(crate) async fn serve(
         )
         .route("/admin/v2/persistent/{tenant}/{namespace}", get(topics_list))
         .route("/admin/v2/persistent/{tenant}/{namespace}/partitioned", get(partitioned_list))
-        .route(topic, axum::routing::put(topic_create))
-        .route(&format!("{topic}/partitions"), get(partitions_get).put(partitions_create).post(partitions_update))
+        .route(topic, axum::routing::put(topic_create).delete(topic_delete))
+        .route(
+            &format!("{topic}/partitions"),
+            get(partitions_get).put(partitions_create).post(partitions_update).delete(partitions_delete),
+        )
         .route(&format!("{topic}/stats"), get(stats))
         .route(&format!("{topic}/partitioned-stats"), get(partitioned_stats))
         .with_state(admin);

@@ -1,5 +1,6 @@
 //! Command-line definitions and dispatch.
 
+mod admin;
 mod meta;
 mod perf;
 mod perf_bookie;
@@ -30,6 +31,8 @@ enum Command {
     Meta(meta::MetaArgs),
     /// Benchmarks.
     Perf(perf::PerfArgs),
+    /// The broker's admin REST API with pulsar-admin's verbs: tenants, namespaces, topics …
+    Admin(admin::AdminArgs),
 }
 
 pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
@@ -40,5 +43,6 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Standalone(a) => server::standalone(a).await,
         Command::Meta(a) => meta::run(a).await,
         Command::Perf(a) => perf::run(a).await,
+        Command::Admin(a) => admin::run(a).await,
     }
 }

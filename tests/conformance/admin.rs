@@ -166,6 +166,27 @@ async fn admin_api_and_metrics() {
     for metric in ["pulsar_rate_in", "pulsar_throughput_in", "pulsar_rate_out", "pulsar_producers_count"] {
         assert!(m.contains_key(&format!("{metric}{{{labels}}}")), "{metric} missing:\n{text}");
     }
+    // Delete: refused while a consumer is connected, then forced; the ledgers are gone.
+    let meta = magnetar_metastore::client::MetaClient::connect(std::slice::from_ref(&s.metastore)).expect("meta");
+    let key =
+        magnetar_broker::topic::topic_key(&magnetar_broker::protocol::names::TopicName::parse(topic).expect("name"));
+    let info: magnetar_broker::topic::ManagedLedgerInfo =
+        serde_json::from_slice(&meta.get(&key).await.expect("get").expect("topic").value).expect("json");
+    assert_eq!(http(w, "DELETE", &format!("{base}/plain"), "").await.0, 412);
+    assert_eq!(http(w, "DELETE", &format!("{base}/plain?force=true"), "").await.0, 204);
+    assert!(meta.get(&key).await.expect("get").is_none());
+    assert!(meta.list(&format!("{key}/cursors/")).await.expect("list").is_empty());
+    for l in &info.ledgers {
+        assert!(
+            meta.get(&format!("/ledgers/{}", l.ledger_id)).await.expect("get").is_none(),
+            "ledger {} remains",
+            l.ledger_id
+        );
+    }
+    assert_eq!(http(w, "GET", &format!("{base}/plain/stats"), "").await.0, 404);
+    assert_eq!(http(w, "DELETE", &format!("{base}/plain"), "").await.0, 404);
+    drop(client);
+
     // Partitioned stats add up the partitions.
     let ps = parse(&http(w, "GET", &format!("{base}/t1/partitioned-stats"), "").await.1);
     assert_eq!(ps["metadata"]["partitions"], 4, "{ps}");
@@ -173,4 +194,50 @@ async fn admin_api_and_metrics() {
     assert_eq!(http(w, "PUT", "/admin/v2/namespaces/acme/empty", "").await.0, 204);
     assert_eq!(http(w, "DELETE", "/admin/v2/namespaces/acme/empty", "").await.0, 204);
     assert_eq!(http(w, "DELETE", "/admin/v2/namespaces/acme/empty", "").await.0, 404);
+}
+
+/// `magnetar admin`: tenant → namespace → partitioned topic → stats → delete, human and JSON
+/// output, and the API's reason on failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_cli_round_trip() {
+    let s = standalone().await;
+    let url = format!("http://{}", s.web);
+    let admin = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_magnetar"))
+            .args(["admin", "--url", &url])
+            .args(args)
+            .output()
+            .expect("run magnetar admin");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let ok = |r: (bool, String, String)| {
+        assert!(r.0, "failed: {}", r.2);
+        r.1
+    };
+    ok(admin(&["tenants", "create", "shop", "--admin-roles", "ops", "--allowed-clusters", "standalone"]));
+    assert!(ok(admin(&["tenants", "list"])).lines().any(|l| l == "shop"));
+    let (fine, _, err) = admin(&["tenants", "create", "shop"]);
+    assert!(!fine && err.contains("409") && err.contains("already exists"), "{err}");
+    ok(admin(&["namespaces", "create", "shop/orders"]));
+    assert_eq!(ok(admin(&["namespaces", "list", "shop"])).trim(), "shop/orders");
+    ok(admin(&["topics", "create-partitioned-topic", "persistent://shop/orders/o", "-p", "2"]));
+    let meta = ok(admin(&["--json", "topics", "get-partitioned-topic-metadata", "shop/orders/o"]));
+    assert_eq!(parse(&meta)["partitions"], 2);
+    produce(&s.url(), "persistent://shop/orders/o", 10, false);
+    let stats = parse(&ok(admin(&["--json", "topics", "partitioned-stats", "shop/orders/o"])));
+    assert_eq!(stats["msgInCounter"], 10, "{stats}");
+    let listed = ok(admin(&["topics", "list", "shop/orders"]));
+    assert!(listed.contains("persistent://shop/orders/o-partition-1"), "{listed}");
+    let (fine, _, err) = admin(&["namespaces", "delete", "shop/orders"]);
+    assert!(!fine && err.contains("409"), "a namespace with topics stays: {err}");
+    ok(admin(&["topics", "delete-partitioned-topic", "shop/orders/o"]));
+    assert_eq!(ok(admin(&["topics", "list", "shop/orders"])).trim(), "");
+    ok(admin(&["namespaces", "delete", "shop/orders"]));
+    ok(admin(&["tenants", "delete", "shop"]));
+    assert!(!ok(admin(&["tenants", "list"])).lines().any(|l| l == "shop"));
+    assert_eq!(ok(admin(&["brokers", "healthcheck"])).trim(), "ok");
 }

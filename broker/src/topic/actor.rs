@@ -213,6 +213,14 @@ pub enum Cmd {
         /// Request id.
         request_id: u64,
     },
+    /// Delete the topic: cursors, ledger list and ledgers. Without `force`, refused while
+    /// producers or consumers are connected.
+    Delete {
+        /// Even with clients connected (they are disconnected).
+        force: bool,
+        /// Done, or why not.
+        done: oneshot::Sender<Result<(), String>>,
+    },
     /// Statistics.
     Stats {
         /// The answer.
@@ -426,6 +434,20 @@ impl Actor {
                         let _ = done.send(());
                         return;
                     }
+                    if let Cmd::Delete { force, done } = cmd {
+                        let busy = !self.producers.is_empty() || self.subs.values().any(|s| !s.consumers.is_empty());
+                        if busy && !force {
+                            let _ = done.send(Err("Topic has active producers/subscriptions".into()));
+                            continue;
+                        }
+                        let r = self.delete().await;
+                        let failed = r.is_err();
+                        let _ = done.send(r);
+                        if failed {
+                            break;
+                        }
+                        return;
+                    }
                     if !self.handle(cmd).await {
                         break;
                     }
@@ -557,7 +579,7 @@ impl Actor {
                     }
                 }
             }
-            Cmd::Close { .. } => unreachable!("handled in run"),
+            Cmd::Close { .. } | Cmd::Delete { .. } => unreachable!("handled in run"),
         }
         true
     }
@@ -754,6 +776,49 @@ impl Actor {
             }
         }
         self.store_cursors().await;
+    }
+
+    /// Disconnects clients, then removes cursors, the ledger list and the ledgers.
+    async fn delete(&mut self) -> Result<(), String> {
+        while let Some(r) = self.inflight.next().await {
+            if !self.appended(r).await {
+                break;
+            }
+        }
+        for (_, _, done) in self.held.drain(..) {
+            let _ = done.send(Err(format!("topic {} was deleted", self.ml.name)));
+        }
+        for ((_, producer_id), (_, out)) in self.producers.drain() {
+            let _ = out.send(Out::Cmd(pb::BaseCommand {
+                close_producer: Some(pb::CommandCloseProducer {
+                    producer_id,
+                    request_id: u64::MAX,
+                    ..Default::default()
+                }),
+                ..base(Type::CloseProducer)
+            }));
+        }
+        for sub in self.subs.values() {
+            for c in &sub.consumers {
+                let _ = c.out.send(close_consumer(c.key.1));
+            }
+        }
+        self.subs.clear();
+        self.index.clear();
+        let meta = self.ml.meta.clone();
+        let prefix = format!("{}/cursors/", self.ml.key);
+        for kv in meta.list(&prefix).await.map_err(|e| e.to_string())? {
+            meta.delete(&kv.key, None).await.map_err(|e| e.to_string())?;
+        }
+        meta.delete(&self.ml.key, Some(self.ml.version)).await.map_err(|e| e.to_string())?;
+        drop(self.ml.writer.take());
+        for l in &self.ml.info.ledgers {
+            if let Err(e) = self.ml.ledgers.delete(l.ledger_id).await {
+                tracing::warn!(topic = %self.ml.name, ledger = l.ledger_id, error = %e, "deleting a ledger failed; the bookies' GC will");
+            }
+        }
+        tracing::info!(topic = %self.ml.name, ledgers = self.ml.info.ledgers.len(), "topic deleted");
+        Ok(())
     }
 
     async fn close(&mut self) {

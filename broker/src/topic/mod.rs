@@ -103,6 +103,9 @@ pub enum TopicError {
     /// The topic does not exist and auto-creation is off.
     #[error("topic {0} does not exist")]
     NotFound(String),
+    /// The operation is refused in the topic's state.
+    #[error("{0}")]
+    Refused(String),
     /// The topic's task has stopped (failed or closed).
     #[error("topic {0} is not available")]
     Unavailable(String),
@@ -118,6 +121,7 @@ impl TopicError {
             }
             TopicError::Ledger(_) => pb::ServerError::PersistenceError,
             TopicError::Unavailable(_) => pb::ServerError::ServiceNotReady,
+            TopicError::Refused(_) => pb::ServerError::NotAllowedError,
         }
     }
 }
@@ -282,6 +286,20 @@ impl Topics {
             Err(e) => return Err(e.into()),
         }
         Box::pin(self.partitions(name)).await
+    }
+
+    /// Deletes a topic (see [`Cmd::Delete`]).
+    pub async fn delete(&self, name: &TopicName, force: bool) -> Result<(), TopicError> {
+        if self.meta.get(&topic_key(name)).await?.is_none() {
+            return Err(TopicError::NotFound(name.to_string()));
+        }
+        let topic = self.get_or_load(name).await?;
+        topic.ask(|done| Cmd::Delete { force, done }).await?.map_err(TopicError::Refused)?;
+        let mut loaded = self.loaded.lock().await;
+        if loaded.get(name).and_then(|c| c.get()).is_some_and(|t| t.is_closed()) {
+            loaded.remove(name);
+        }
+        Ok(())
     }
 
     /// The topics loaded now.

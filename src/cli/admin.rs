@@ -1,0 +1,309 @@
+//! `magnetar admin …`: the broker's admin REST API with pulsar-admin's verbs. Human output by
+//! default, the API's JSON with `--json`.
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[derive(Args, Debug)]
+pub struct AdminArgs {
+    /// The broker's HTTP address.
+    #[arg(long, default_value = "http://127.0.0.1:8080", env = "MAGNETAR_ADMIN_URL")]
+    url: String,
+    /// Print the API's JSON as is.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Group,
+}
+
+#[derive(Subcommand, Debug)]
+enum Group {
+    /// Clusters.
+    Clusters {
+        #[command(subcommand)]
+        cmd: ClustersCmd,
+    },
+    /// Brokers.
+    Brokers {
+        #[command(subcommand)]
+        cmd: BrokersCmd,
+    },
+    /// Tenants.
+    Tenants {
+        #[command(subcommand)]
+        cmd: TenantsCmd,
+    },
+    /// Namespaces.
+    Namespaces {
+        #[command(subcommand)]
+        cmd: NamespacesCmd,
+    },
+    /// Topics.
+    Topics {
+        #[command(subcommand)]
+        cmd: TopicsCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ClustersCmd {
+    /// List clusters.
+    List,
+    /// Show a cluster.
+    Get { cluster: String },
+}
+
+#[derive(Subcommand, Debug)]
+enum BrokersCmd {
+    /// Check the broker answers.
+    Healthcheck,
+    /// Brokers of a cluster.
+    List { cluster: String },
+}
+
+#[derive(Subcommand, Debug)]
+enum TenantsCmd {
+    /// List tenants.
+    List,
+    /// Create a tenant.
+    Create {
+        tenant: String,
+        /// Admin roles, comma-separated.
+        #[arg(long = "admin-roles", short = 'r', value_delimiter = ',')]
+        admin_roles: Vec<String>,
+        /// Allowed clusters, comma-separated.
+        #[arg(long = "allowed-clusters", short = 'c', value_delimiter = ',')]
+        allowed_clusters: Vec<String>,
+    },
+    /// Show a tenant.
+    Get { tenant: String },
+    /// Delete an empty tenant.
+    Delete { tenant: String },
+}
+
+#[derive(Subcommand, Debug)]
+enum NamespacesCmd {
+    /// Namespaces of a tenant.
+    List { tenant: String },
+    /// Create `tenant/namespace`.
+    Create { namespace: String },
+    /// Policies of a namespace.
+    Policies { namespace: String },
+    /// Delete an empty namespace.
+    Delete { namespace: String },
+}
+
+#[derive(Subcommand, Debug)]
+enum TopicsCmd {
+    /// Topics of `tenant/namespace` (partitions included).
+    List { namespace: String },
+    /// Partitioned topics of `tenant/namespace`.
+    ListPartitionedTopics { namespace: String },
+    /// Create a non-partitioned topic.
+    Create { topic: String },
+    /// Create a partitioned topic.
+    CreatePartitionedTopic {
+        topic: String,
+        #[arg(long, short = 'p')]
+        partitions: u32,
+    },
+    /// Raise a partitioned topic's partition count.
+    UpdatePartitionedTopic {
+        topic: String,
+        #[arg(long, short = 'p')]
+        partitions: u32,
+    },
+    /// Partition count.
+    GetPartitionedTopicMetadata { topic: String },
+    /// Statistics of a topic.
+    Stats { topic: String },
+    /// Delete a topic with its cursors and ledgers.
+    Delete {
+        topic: String,
+        /// Even with producers or consumers connected.
+        #[arg(long, short = 'f')]
+        force: bool,
+    },
+    /// Delete a partitioned topic and its partitions.
+    DeletePartitionedTopic {
+        topic: String,
+        /// Even with producers or consumers connected.
+        #[arg(long, short = 'f')]
+        force: bool,
+    },
+    /// Statistics of a partitioned topic.
+    PartitionedStats { topic: String },
+}
+
+/// `persistent://t/ns/x`, `t/ns/x` or `x` → `t/ns/x`.
+fn topic_path(topic: &str) -> anyhow::Result<String> {
+    let n = magnetar_broker::protocol::names::TopicName::parse(topic).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if n.domain != "persistent" {
+        bail!("only persistent topics are served");
+    }
+    Ok(format!("{}/{}/{}", n.tenant, n.namespace, n.local))
+}
+
+fn namespace_path(ns: &str) -> anyhow::Result<&str> {
+    match ns.split('/').collect::<Vec<_>>().as_slice() {
+        [t, n] if !t.is_empty() && !n.is_empty() => Ok(ns),
+        _ => bail!("expected tenant/namespace, got {ns}"),
+    }
+}
+
+/// One HTTP/1.1 request to `base` (http://host:port); returns (status, body).
+async fn request(base: &str, method: &str, path: &str, body: &str) -> anyhow::Result<(u16, String)> {
+    let addr = base.trim_start_matches("http://").trim_end_matches('/');
+    if base.starts_with("https://") {
+        bail!("https is not supported yet; use http://");
+    }
+    let mut s = tokio::net::TcpStream::connect(addr).await.with_context(|| format!("connecting to {addr}"))?;
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await?;
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let status: u16 = text.split_whitespace().nth(1).and_then(|x| x.parse().ok()).context("malformed HTTP answer")?;
+    let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        let mut out = String::new();
+        let mut r = rest;
+        while let Some((size, tail)) = r.split_once("\r\n") {
+            let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+            if n == 0 || tail.len() < n {
+                break;
+            }
+            out.push_str(&tail[..n]);
+            r = tail.get(n + 2..).unwrap_or("");
+        }
+        out
+    } else {
+        rest.to_owned()
+    };
+    Ok((status, body))
+}
+
+/// Calls the API; an error status becomes an error with the API's reason.
+async fn call(base: &str, method: &str, path: &str, body: &str) -> anyhow::Result<String> {
+    let (status, text) = request(base, method, path, body).await?;
+    if !(200..300).contains(&status) {
+        let reason = serde_json::from_str::<Value>(&text)
+            .ok()
+            .and_then(|v| v["reason"].as_str().map(String::from))
+            .unwrap_or(text);
+        bail!("{status}: {reason}");
+    }
+    Ok(text)
+}
+
+fn print(json: bool, text: &str) {
+    let v: Value = match serde_json::from_str(text) {
+        Ok(v) => v,
+        Err(_) => {
+            println!("{text}");
+            return;
+        }
+    };
+    if json {
+        println!("{text}");
+        return;
+    }
+    match &v {
+        Value::Array(items) => {
+            for i in items {
+                println!("{}", i.as_str().map(String::from).unwrap_or_else(|| i.to_string()));
+            }
+        }
+        _ => println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default()),
+    }
+}
+
+pub async fn run(a: AdminArgs) -> anyhow::Result<()> {
+    let u = a.url.as_str();
+    let (method, path, body): (&str, String, String) = match &a.cmd {
+        Group::Clusters { cmd: ClustersCmd::List } => ("GET", "/admin/v2/clusters".into(), String::new()),
+        Group::Clusters { cmd: ClustersCmd::Get { cluster } } => {
+            ("GET", format!("/admin/v2/clusters/{cluster}"), String::new())
+        }
+        Group::Brokers { cmd: BrokersCmd::Healthcheck } => ("GET", "/admin/v2/brokers/health".into(), String::new()),
+        Group::Brokers { cmd: BrokersCmd::List { cluster } } => {
+            ("GET", format!("/admin/v2/brokers/{cluster}"), String::new())
+        }
+        Group::Tenants { cmd: TenantsCmd::List } => ("GET", "/admin/v2/tenants".into(), String::new()),
+        Group::Tenants { cmd: TenantsCmd::Create { tenant, admin_roles, allowed_clusters } } => (
+            "PUT",
+            format!("/admin/v2/tenants/{tenant}"),
+            serde_json::json!({ "adminRoles": admin_roles, "allowedClusters": allowed_clusters }).to_string(),
+        ),
+        Group::Tenants { cmd: TenantsCmd::Get { tenant } } => {
+            ("GET", format!("/admin/v2/tenants/{tenant}"), String::new())
+        }
+        Group::Tenants { cmd: TenantsCmd::Delete { tenant } } => {
+            ("DELETE", format!("/admin/v2/tenants/{tenant}"), String::new())
+        }
+        Group::Namespaces { cmd: NamespacesCmd::List { tenant } } => {
+            ("GET", format!("/admin/v2/namespaces/{tenant}"), String::new())
+        }
+        Group::Namespaces { cmd: NamespacesCmd::Create { namespace } } => {
+            ("PUT", format!("/admin/v2/namespaces/{}", namespace_path(namespace)?), String::new())
+        }
+        Group::Namespaces { cmd: NamespacesCmd::Policies { namespace } } => {
+            ("GET", format!("/admin/v2/namespaces/{}", namespace_path(namespace)?), String::new())
+        }
+        Group::Namespaces { cmd: NamespacesCmd::Delete { namespace } } => {
+            ("DELETE", format!("/admin/v2/namespaces/{}", namespace_path(namespace)?), String::new())
+        }
+        Group::Topics { cmd: TopicsCmd::List { namespace } } => {
+            ("GET", format!("/admin/v2/persistent/{}", namespace_path(namespace)?), String::new())
+        }
+        Group::Topics { cmd: TopicsCmd::ListPartitionedTopics { namespace } } => {
+            ("GET", format!("/admin/v2/persistent/{}/partitioned", namespace_path(namespace)?), String::new())
+        }
+        Group::Topics { cmd: TopicsCmd::Create { topic } } => {
+            ("PUT", format!("/admin/v2/persistent/{}", topic_path(topic)?), String::new())
+        }
+        Group::Topics { cmd: TopicsCmd::CreatePartitionedTopic { topic, partitions } } => {
+            ("PUT", format!("/admin/v2/persistent/{}/partitions", topic_path(topic)?), partitions.to_string())
+        }
+        Group::Topics { cmd: TopicsCmd::UpdatePartitionedTopic { topic, partitions } } => {
+            ("POST", format!("/admin/v2/persistent/{}/partitions", topic_path(topic)?), partitions.to_string())
+        }
+        Group::Topics { cmd: TopicsCmd::GetPartitionedTopicMetadata { topic } } => {
+            ("GET", format!("/admin/v2/persistent/{}/partitions", topic_path(topic)?), String::new())
+        }
+        Group::Topics { cmd: TopicsCmd::Delete { topic, force } } => (
+            "DELETE",
+            format!("/admin/v2/persistent/{}{}", topic_path(topic)?, if *force { "?force=true" } else { "" }),
+            String::new(),
+        ),
+        Group::Topics { cmd: TopicsCmd::DeletePartitionedTopic { topic, force } } => (
+            "DELETE",
+            format!(
+                "/admin/v2/persistent/{}/partitions{}",
+                topic_path(topic)?,
+                if *force { "?force=true" } else { "" }
+            ),
+            String::new(),
+        ),
+        Group::Topics { cmd: TopicsCmd::Stats { topic } } => {
+            ("GET", format!("/admin/v2/persistent/{}/stats", topic_path(topic)?), String::new())
+        }
+        Group::Topics { cmd: TopicsCmd::PartitionedStats { topic } } => {
+            ("GET", format!("/admin/v2/persistent/{}/partitioned-stats", topic_path(topic)?), String::new())
+        }
+    };
+    let text = call(u, method, &path, &body).await?;
+    if text.is_empty() {
+        if !a.json {
+            println!("done");
+        }
+    } else {
+        print(a.json, &text);
+    }
+    Ok(())
+}
