@@ -19,13 +19,17 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::protocol::names::TopicName;
-use crate::topic::{partitioned_key, topic_key, Cmd, PartitionedMetadata, TopicError, Topics};
+use crate::topic::{
+    partitioned_key, topic_key, Cmd, CreateAt, PartitionedMetadata, SubAnswer, SubError, SubOp, Topic, TopicError,
+    Topics,
+};
 
 pub(crate) struct Admin {
     pub(crate) meta: MetaClient,
     pub(crate) topics: Arc<Topics>,
     pub(crate) cluster: String,
     pub(crate) web_addr: String,
+    pub(crate) service_url: String,
 }
 
 type S = State<Arc<Admin>>;
@@ -351,6 +355,191 @@ async fn partitions_delete(
     }
 }
 
+/// The topic, loaded; 404 when it does not exist.
+async fn existing(a: &Admin, n: &TopicName) -> Result<Topic, Response> {
+    match exists(&a.meta, &topic_key(n)).await {
+        Ok(true) => {}
+        Ok(false) => return Err(fail(StatusCode::NOT_FOUND, format!("Topic {n} not found"))),
+        Err(e) => return Err(meta_error(e)),
+    }
+    a.topics.get_or_load(n).await.map_err(topic_error)
+}
+
+type TopicPath = Path<(String, String, String)>;
+type SubPath = Path<(String, String, String, String)>;
+
+async fn subscriptions(State(a): S, Path((t, ns, topic)): TopicPath) -> Response {
+    let n = match name(&t, &ns, &topic) {
+        Ok(n) => n,
+        Err(r) => return r,
+    };
+    if let Err(r) = existing(&a, &n).await {
+        return r;
+    }
+    match children(&a.meta, &format!("{}/cursors/", topic_key(&n))).await {
+        Ok(subs) => {
+            json(StatusCode::OK, &subs.iter().map(|s| s.replace("%2F", "/").replace("%25", "%")).collect::<Vec<_>>())
+        }
+        Err(e) => meta_error(e),
+    }
+}
+
+async fn sub_op(a: &Admin, t: &str, ns: &str, topic: &str, sub: &str, op: SubOp) -> Response {
+    let n = match name(t, ns, topic) {
+        Ok(n) => n,
+        Err(r) => return r,
+    };
+    let topic = match existing(a, &n).await {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    let answer = match topic.ask(|done| Cmd::SubAdmin { sub: sub.to_owned(), op, done }).await {
+        Ok(x) => x,
+        Err(e) => return topic_error(e),
+    };
+    match answer {
+        Ok(SubAnswer::Done) => StatusCode::NO_CONTENT.into_response(),
+        Ok(SubAnswer::Peeked { position, entry }) => match crate::protocol::codec::decode_entry(&entry) {
+            Ok((md, payload)) => (
+                StatusCode::OK,
+                [
+                    (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+                    (header::HeaderName::from_static("x-pulsar-message-id"), position.to_string()),
+                    (header::HeaderName::from_static("x-pulsar-publish-time"), md.publish_time.to_string()),
+                    (
+                        header::HeaderName::from_static("x-pulsar-num-batch-message"),
+                        md.num_messages_in_batch.unwrap_or(1).to_string(),
+                    ),
+                ],
+                payload,
+            )
+                .into_response(),
+            Err(e) => fail(StatusCode::INTERNAL_SERVER_ERROR, format!("stored entry does not decode: {e}")),
+        },
+        Err(SubError::NotFound(m)) => fail(StatusCode::NOT_FOUND, m),
+        Err(SubError::Conflict(m)) => fail(StatusCode::CONFLICT, m),
+        Err(SubError::Precondition(m)) => fail(StatusCode::PRECONDITION_FAILED, m),
+        Err(SubError::Failed(m)) => fail(StatusCode::INTERNAL_SERVER_ERROR, m),
+    }
+}
+
+async fn sub_create(State(a): S, Path((t, ns, topic, sub)): SubPath, body: Bytes) -> Response {
+    let at = if body.iter().all(|b| b.is_ascii_whitespace()) {
+        CreateAt::Latest
+    } else {
+        match serde_json::from_slice::<Value>(&body) {
+            Ok(v) => match (v["ledgerId"].as_i64(), v["entryId"].as_i64()) {
+                (Some(-1), _) => CreateAt::Earliest,
+                (Some(i64::MAX), _) => CreateAt::Latest,
+                (Some(l), Some(e)) if l >= 0 && e >= 0 => CreateAt::Id(l as u64, e),
+                _ => return fail(StatusCode::PRECONDITION_FAILED, "expected {\"ledgerId\": …, \"entryId\": …}"),
+            },
+            Err(e) => return fail(StatusCode::BAD_REQUEST, format!("invalid JSON: {e}")),
+        }
+    };
+    sub_op(&a, &t, &ns, &topic, &sub, SubOp::Create(at)).await
+}
+
+async fn sub_delete(
+    State(a): S,
+    Path((t, ns, topic, sub)): SubPath,
+    axum::extract::RawQuery(q): axum::extract::RawQuery,
+) -> Response {
+    sub_op(&a, &t, &ns, &topic, &sub, SubOp::Delete { force: parse_force(q.as_deref()) }).await
+}
+
+async fn sub_skip(State(a): S, Path((t, ns, topic, sub, n)): Path<(String, String, String, String, u64)>) -> Response {
+    sub_op(&a, &t, &ns, &topic, &sub, SubOp::Skip(n)).await
+}
+
+async fn sub_skip_all(State(a): S, Path((t, ns, topic, sub)): SubPath) -> Response {
+    sub_op(&a, &t, &ns, &topic, &sub, SubOp::SkipAll).await
+}
+
+async fn sub_expire(
+    State(a): S,
+    Path((t, ns, topic, sub, secs)): Path<(String, String, String, String, u64)>,
+) -> Response {
+    sub_op(&a, &t, &ns, &topic, &sub, SubOp::Expire(secs)).await
+}
+
+async fn sub_reset(
+    State(a): S,
+    Path((t, ns, topic, sub, ts)): Path<(String, String, String, String, u64)>,
+) -> Response {
+    sub_op(&a, &t, &ns, &topic, &sub, SubOp::ResetToTime(ts)).await
+}
+
+async fn sub_peek(State(a): S, Path((t, ns, topic, sub, n)): Path<(String, String, String, String, u64)>) -> Response {
+    sub_op(&a, &t, &ns, &topic, &sub, SubOp::Peek(n)).await
+}
+
+async fn internal_stats(State(a): S, Path((t, ns, topic)): TopicPath) -> Response {
+    let n = match name(&t, &ns, &topic) {
+        Ok(n) => n,
+        Err(r) => return r,
+    };
+    match existing(&a, &n).await {
+        Ok(topic) => match topic.ask(|done| Cmd::Internal { done }).await {
+            Ok(v) => json(StatusCode::OK, &v),
+            Err(e) => topic_error(e),
+        },
+        Err(r) => r,
+    }
+}
+
+async fn last_message_id(State(a): S, Path((t, ns, topic)): TopicPath) -> Response {
+    let n = match name(&t, &ns, &topic) {
+        Ok(n) => n,
+        Err(r) => return r,
+    };
+    match existing(&a, &n).await {
+        Ok(topic) => match topic.ask(|done| Cmd::LastId { done }).await {
+            Ok(id) => json(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "ledgerId": id.ledger_id,
+                    "entryId": id.entry_id as i64,
+                    "partitionIndex": n.partition().map(|p| p as i64).unwrap_or(-1),
+                    "batchIndex": id.batch_index.unwrap_or(-1),
+                }),
+            ),
+            Err(e) => topic_error(e),
+        },
+        Err(r) => r,
+    }
+}
+
+async fn unload(State(a): S, Path((t, ns, topic)): TopicPath) -> Response {
+    let n = match name(&t, &ns, &topic) {
+        Ok(n) => n,
+        Err(r) => return r,
+    };
+    match exists(&a.meta, &topic_key(&n)).await {
+        Ok(true) => {
+            a.topics.unload(&n).await;
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Ok(false) => fail(StatusCode::NOT_FOUND, format!("Topic {n} not found")),
+        Err(e) => meta_error(e),
+    }
+}
+
+/// `/lookup/v2/topic/persistent/{t}/{ns}/{topic}`: this broker serves every topic.
+async fn lookup(State(a): S, Path((t, ns, topic)): TopicPath) -> Response {
+    match name(&t, &ns, &topic) {
+        Ok(_) => json(
+            StatusCode::OK,
+            &serde_json::json!({
+                "brokerUrl": a.service_url,
+                "httpUrl": format!("http://{}", a.web_addr),
+                "nativeUrl": a.service_url,
+            }),
+        ),
+        Err(r) => r,
+    }
+}
+
 fn partition_count(body: &Bytes) -> Result<u32, Response> {
     let text = String::from_utf8_lossy(body);
     match text.trim().parse::<u32>() {
@@ -546,12 +735,14 @@ async fn metrics(State(a): S) -> Response {
 /// Binds `addr` and serves until `cancel`.
 pub(crate) async fn serve(
     addr: &str,
-    admin: Arc<Admin>,
+    mut admin: Admin,
     cancel: CancellationToken,
     tasks: &TaskTracker,
 ) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
+    admin.web_addr = bound.to_string();
+    let admin = Arc::new(admin);
     let topic = "/admin/v2/persistent/{tenant}/{namespace}/{topic}";
     let app = Router::new()
         .route("/status.html", get(status))
@@ -578,6 +769,23 @@ pub(crate) async fn serve(
             get(partitions_get).put(partitions_create).post(partitions_update).delete(partitions_delete),
         )
         .route(&format!("{topic}/stats"), get(stats))
+        .route(&format!("{topic}/internalStats"), get(internal_stats))
+        .route(&format!("{topic}/lastMessageId"), get(last_message_id))
+        .route(&format!("{topic}/unload"), axum::routing::put(unload))
+        .route(&format!("{topic}/subscriptions"), get(subscriptions))
+        .route(&format!("{topic}/subscription/{{subscription}}"), axum::routing::put(sub_create).delete(sub_delete))
+        .route(&format!("{topic}/subscription/{{subscription}}/skip/{{n}}"), axum::routing::post(sub_skip))
+        .route(&format!("{topic}/subscription/{{subscription}}/skip_all"), axum::routing::post(sub_skip_all))
+        .route(
+            &format!("{topic}/subscription/{{subscription}}/expireMessages/{{seconds}}"),
+            axum::routing::post(sub_expire),
+        )
+        .route(
+            &format!("{topic}/subscription/{{subscription}}/resetcursor/{{timestamp}}"),
+            axum::routing::post(sub_reset),
+        )
+        .route(&format!("{topic}/subscription/{{subscription}}/position/{{n}}"), get(sub_peek))
+        .route("/lookup/v2/topic/persistent/{tenant}/{namespace}/{topic}", get(lookup))
         .route(&format!("{topic}/partitioned-stats"), get(partitioned_stats))
         .with_state(admin);
     tasks.spawn(async move {

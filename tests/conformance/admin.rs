@@ -241,3 +241,64 @@ async fn admin_cli_round_trip() {
     assert!(!ok(admin(&["tenants", "list"])).lines().any(|l| l == "shop"));
     assert_eq!(ok(admin(&["brokers", "healthcheck"])).trim(), "ok");
 }
+
+/// Subscription operations, internal stats, last message id, unload and lookup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_subscription_operations() {
+    let s = standalone().await;
+    let w = s.web.as_str();
+    let base = "/admin/v2/persistent/public/default/subs";
+    let backlog = |sub: &'static str| async move {
+        let st = parse(&http(w, "GET", &format!("{base}/stats"), "").await.1);
+        st["subscriptions"][sub]["msgBacklog"].as_u64().unwrap_or_else(|| panic!("no {sub} in {st}"))
+    };
+    assert_eq!(http(w, "GET", &format!("{base}/subscriptions"), "").await.0, 404, "no topic yet");
+    assert_eq!(http(w, "PUT", base, "").await.0, 204);
+    produce(&s.url(), "subs", 30, false);
+    assert_eq!(http(w, "PUT", &format!("{base}/subscription/s1"), r#"{"ledgerId":-1,"entryId":-1}"#).await.0, 204);
+    assert_eq!(http(w, "PUT", &format!("{base}/subscription/s1"), "").await.0, 409);
+    assert_eq!(http(w, "PUT", &format!("{base}/subscription/s2"), "").await.0, 204);
+    assert_eq!(parse(&http(w, "GET", &format!("{base}/subscriptions"), "").await.1), serde_json::json!(["s1", "s2"]));
+    assert_eq!(backlog("s1").await, 30);
+    assert_eq!(backlog("s2").await, 0, "created at the latest position");
+
+    assert_eq!(http(w, "POST", &format!("{base}/subscription/s1/skip/5"), "").await.0, 204);
+    assert_eq!(backlog("s1").await, 25);
+    let (st, body) = http(w, "GET", &format!("{base}/subscription/s1/position/1"), "").await;
+    assert_eq!((st, body.as_str()), (200, "msg-5"), "peek shows the first unacknowledged message");
+    assert_eq!(http(w, "GET", &format!("{base}/subscription/s1/position/26"), "").await.0, 404);
+    assert_eq!(http(w, "POST", &format!("{base}/subscription/s1/skip_all"), "").await.0, 204);
+    assert_eq!(backlog("s1").await, 0, "skip_all empties the backlog");
+    assert_eq!(http(w, "POST", &format!("{base}/subscription/s1/resetcursor/0"), "").await.0, 204);
+    assert_eq!(backlog("s1").await, 30, "reset to before the first message");
+    let future =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() + 60_000;
+    assert_eq!(http(w, "POST", &format!("{base}/subscription/s1/resetcursor/{future}"), "").await.0, 204);
+    assert_eq!(backlog("s1").await, 0, "reset past the last message");
+    assert_eq!(http(w, "POST", &format!("{base}/subscription/s1/resetcursor/0"), "").await.0, 204);
+    assert_eq!(http(w, "POST", &format!("{base}/subscription/s1/expireMessages/3600"), "").await.0, 204);
+    assert_eq!(backlog("s1").await, 30, "nothing is an hour old");
+    assert_eq!(http(w, "POST", &format!("{base}/subscription/s1/expireMessages/0"), "").await.0, 204);
+    assert_eq!(backlog("s1").await, 0, "everything is older than now");
+    assert_eq!(http(w, "POST", &format!("{base}/subscription/nope/skip_all"), "").await.0, 404);
+
+    let internal = parse(&http(w, "GET", &format!("{base}/internalStats"), "").await.1);
+    assert_eq!(internal["numberOfEntries"], 30, "{internal}");
+    assert!(internal["ledgers"].as_array().is_some_and(|l| !l.is_empty()), "{internal}");
+    assert!(internal["cursors"]["s1"]["markDeletePosition"].as_str().is_some_and(|p| p.ends_with(":29")), "{internal}");
+    let last = parse(&http(w, "GET", &format!("{base}/lastMessageId"), "").await.1);
+    assert_eq!((last["entryId"].clone(), last["batchIndex"].clone()), (29.into(), (-1).into()), "{last}");
+
+    assert_eq!(http(w, "DELETE", &format!("{base}/subscription/s2"), "").await.0, 204);
+    assert_eq!(http(w, "DELETE", &format!("{base}/subscription/s2"), "").await.0, 404);
+    assert_eq!(parse(&http(w, "GET", &format!("{base}/subscriptions"), "").await.1), serde_json::json!(["s1"]));
+
+    // Unload: the topic is closed and loaded again on next use; the cursor is kept.
+    assert_eq!(http(w, "PUT", &format!("{base}/unload"), "").await.0, 204);
+    assert_eq!(backlog("s1").await, 0);
+    let internal = parse(&http(w, "GET", &format!("{base}/internalStats"), "").await.1);
+    assert!(internal["ledgers"].as_array().is_some_and(|l| l.len() >= 2), "a new ledger after unloading: {internal}");
+
+    let lookup = parse(&http(w, "GET", "/lookup/v2/topic/persistent/public/default/subs", "").await.1);
+    assert_eq!(lookup["brokerUrl"], format!("pulsar://{}", s.broker));
+}

@@ -103,12 +103,13 @@ impl Broker {
         let web_addr = if cfg.web_listen_addr.is_empty() {
             None
         } else {
-            let admin = Arc::new(crate::admin::Admin {
+            let admin = crate::admin::Admin {
                 meta,
                 topics: kept.topics.clone(),
                 cluster: cfg.cluster_name.clone(),
                 web_addr: cfg.web_listen_addr.clone(),
-            });
+                service_url: kept.service_url.clone(),
+            };
             let bound =
                 crate::admin::serve(&cfg.web_listen_addr, admin, cancel.clone(), &tasks).await.map_err(|source| {
                     BrokerError::Io { context: format!("binding HTTP {}", cfg.web_listen_addr), source }

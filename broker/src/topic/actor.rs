@@ -29,6 +29,9 @@ use crate::protocol::pb;
 use pb::base_command::Type;
 use pb::command_subscribe::SubType;
 
+mod ops;
+pub use ops::{CreateAt, SubAnswer, SubError, SubOp};
+
 /// What a connection writes: a command, or a MESSAGE with its stored entry.
 #[derive(Debug)]
 pub enum Out {
@@ -220,6 +223,25 @@ pub enum Cmd {
         force: bool,
         /// Done, or why not.
         done: oneshot::Sender<Result<(), String>>,
+    },
+    /// An admin operation on a subscription.
+    SubAdmin {
+        /// Subscription.
+        sub: String,
+        /// What to do.
+        op: SubOp,
+        /// The answer.
+        done: oneshot::Sender<Result<SubAnswer, SubError>>,
+    },
+    /// Internal state: ledgers and cursors (JSON as Pulsar's `internalStats`).
+    Internal {
+        /// The answer.
+        done: oneshot::Sender<serde_json::Value>,
+    },
+    /// The last message id.
+    LastId {
+        /// The answer.
+        done: oneshot::Sender<pb::MessageIdData>,
     },
     /// Statistics.
     Stats {
@@ -423,6 +445,7 @@ fn special(id: &pb::MessageIdData) -> Option<bool> {
 
 impl Actor {
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Cmd>) {
+        self.load_cursors().await;
         let mut tick = tokio::time::interval(self.ml.settings.cursor_persist_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -472,6 +495,41 @@ impl Actor {
         }
         // Failed: stop taking work; clients reconnect and load the topic afresh.
         self.fail("the topic stopped").await;
+    }
+
+    /// Loads the topic's stored subscriptions, so their backlog counts (and stats show them)
+    /// before any consumer connects.
+    async fn load_cursors(&mut self) {
+        let prefix = format!("{}/cursors/", self.ml.key);
+        let stored = match self.ml.meta.list(&prefix).await {
+            Ok(kvs) => kvs,
+            Err(e) => {
+                tracing::warn!(topic = %self.ml.name, error = %e, "listing the subscriptions failed; they load on use");
+                return;
+            }
+        };
+        let first = self.ml.span.before_first();
+        for kv in stored {
+            let name = kv.key[prefix.len()..].replace("%2F", "/").replace("%25", "%");
+            let sub_type = serde_json::from_slice::<CursorInfo>(&kv.value)
+                .ok()
+                .and_then(|i| match i.sub_type.as_str() {
+                    "Shared" => Some(SubType::Shared),
+                    "Failover" => Some(SubType::Failover),
+                    "Key_Shared" => Some(SubType::KeyShared),
+                    _ => None,
+                })
+                .unwrap_or(SubType::Exclusive);
+            match self.open_sub_with(&name, true, sub_type, first, &BTreeMap::new(), false).await {
+                Ok(Some(sub)) => {
+                    self.subs.insert(name, sub);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(topic = %self.ml.name, sub = name, error = %e, "loading a subscription failed")
+                }
+            }
+        }
     }
 
     /// Handles one command; `false` stops the topic.
@@ -541,6 +599,17 @@ impl Actor {
             Cmd::ConsumerStats { key, request_id } => self.consumer_stats(key, request_id),
             Cmd::Stats { done } => {
                 let _ = done.send(self.stats());
+            }
+            Cmd::SubAdmin { sub, op, done } => {
+                let r = self.sub_admin(sub, op).await;
+                let _ = done.send(r);
+            }
+            Cmd::Internal { done } => {
+                let _ = done.send(self.internal_stats());
+            }
+            Cmd::LastId { done } => {
+                let id = self.last_id().await;
+                let _ = done.send(id);
             }
             Cmd::ReadDone { sub, generation, result } => {
                 if let Some(s) = self.subs.get_mut(&sub) {
@@ -969,17 +1038,43 @@ impl Actor {
 
     async fn open_sub(&mut self, spec: &ConsumerSpec) -> Result<Sub, String> {
         let initial = if spec.earliest { self.ml.span.before_first() } else { self.ml.span.last() };
-        let (cursor, version, properties) = if spec.durable {
-            let key = cursor_key(&self.ml.name, &spec.subscription);
+        let start = match &spec.start {
+            Some(id) if !spec.durable => match special(id) {
+                Some(true) => self.ml.span.before_first(),
+                Some(false) => self.ml.span.last(),
+                // Deliver the entry holding the start id; the client skips what it must.
+                None => Pos::new(id.ledger_id, id.entry_id as i64 - 1),
+            },
+            _ => initial,
+        };
+        self.open_sub_with(&spec.subscription, spec.durable, spec.sub_type, start, &spec.properties, true)
+            .await?
+            .ok_or_else(|| format!("subscription {} does not exist", spec.subscription))
+    }
+
+    /// A subscription's state: a durable one from its stored cursor (created at `initial`
+    /// when missing and `create`), a reader's at `initial`.
+    pub(super) async fn open_sub_with(
+        &mut self,
+        name: &str,
+        durable: bool,
+        sub_type: SubType,
+        initial: Pos,
+        properties: &BTreeMap<String, String>,
+        create: bool,
+    ) -> Result<Option<Sub>, String> {
+        let (cursor, version, properties) = if durable {
+            let key = cursor_key(&self.ml.name, name);
             match self.ml.meta.get(&key).await.map_err(|e| e.to_string())? {
                 Some(kv) => {
                     let info: CursorInfo =
                         serde_json::from_slice(&kv.value).map_err(|e| format!("cursor {key} is unreadable: {e}"))?;
                     (Cursor::from_info(&info, initial), kv.version, info.properties)
                 }
+                None if !create => return Ok(None),
                 None => {
                     let c = Cursor::new(initial);
-                    let body = serde_json::to_vec(&c.to_info(sub_type_name(spec.sub_type), &spec.properties))
+                    let body = serde_json::to_vec(&c.to_info(sub_type_name(sub_type), properties))
                         .map_err(|e| e.to_string())?;
                     let v = self
                         .ml
@@ -987,31 +1082,20 @@ impl Actor {
                         .put(&key, body, PutOptions { expected_version: Some(0), session: 0 })
                         .await
                         .map_err(|e| match e {
-                            ClientError::BadVersion { .. } => {
-                                format!("subscription {} was created concurrently", spec.subscription)
-                            }
+                            ClientError::BadVersion { .. } => format!("subscription {name} was created concurrently"),
                             e => e.to_string(),
                         })?;
-                    (c, v, spec.properties.clone())
+                    (c, v, properties.clone())
                 }
             }
         } else {
-            let md = match &spec.start {
-                Some(id) => match special(id) {
-                    Some(true) => self.ml.span.before_first(),
-                    Some(false) => self.ml.span.last(),
-                    // Deliver the entry holding the start id; the client skips what it must.
-                    None => Pos::new(id.ledger_id, id.entry_id as i64 - 1),
-                },
-                None => initial,
-            };
-            (Cursor::new(md), 0, spec.properties.clone())
+            (Cursor::new(initial), 0, properties.clone())
         };
         let md = cursor.mark_delete();
-        Ok(Sub {
-            name: spec.subscription.clone(),
-            durable: spec.durable,
-            sub_type: spec.sub_type,
+        Ok(Some(Sub {
+            name: name.to_owned(),
+            durable,
+            sub_type,
             cursor,
             read_pos: md,
             replay: BTreeSet::new(),
@@ -1030,7 +1114,7 @@ impl Actor {
             properties,
             msg_out: Rate::default(),
             bytes_out: Rate::default(),
-        })
+        }))
     }
 
     fn ack(&mut self, key: (u64, u64), ack: pb::CommandAck) {
@@ -1131,7 +1215,13 @@ impl Actor {
                 }
             },
         };
-        let Some(sub) = self.subs.get_mut(&name) else { return };
+        self.reset_sub(&name, md, Some((key, request_id)));
+    }
+
+    /// Resets a subscription to `md` and closes its consumers so their clients reconnect
+    /// from there; `answer` is the SEEK to answer first.
+    pub(super) fn reset_sub(&mut self, name: &str, md: Pos, answer: Option<((u64, u64), u64)>) {
+        let Some(sub) = self.subs.get_mut(name) else { return };
         sub.cursor.reset(md);
         sub.read_pos = md;
         sub.replay.clear();
@@ -1141,13 +1231,11 @@ impl Actor {
         sub.reading = false;
         sub.generation += 1;
         sub.dirty = true;
-        // Answer, then close the subscription's consumers: clients reconnect and receive from
-        // the new position.
         let consumers = std::mem::take(&mut sub.consumers);
         sub.selector = KeySelector::default();
         sub.active = None;
         for c in &consumers {
-            if c.key == key {
+            if let Some((_, request_id)) = answer.filter(|(k, _)| *k == c.key) {
                 let _ = c.out.send(success(request_id));
             }
             let _ = c.out.send(close_consumer(c.key.1));
@@ -1155,7 +1243,7 @@ impl Actor {
         }
         tracing::info!(topic = %self.ml.name, sub = name, position = %md, "subscription reset");
         if !sub.durable {
-            self.subs.remove(&name);
+            self.subs.remove(name);
         }
     }
 
@@ -1179,7 +1267,8 @@ impl Actor {
         })
     }
 
-    async fn last_message_id(&mut self, key: (u64, u64), request_id: u64) {
+    /// The last message id (with the batch index of a batched last entry).
+    pub(super) async fn last_id(&mut self) -> pb::MessageIdData {
         let last = self.ml.span.last();
         let mut id = id_data(last);
         if last.entry_id >= 0 {
@@ -1189,6 +1278,11 @@ impl Actor {
                 Err(e) => tracing::warn!(topic = %self.ml.name, error = %e, "reading the last entry failed"),
             }
         }
+        id
+    }
+
+    async fn last_message_id(&mut self, key: (u64, u64), request_id: u64) {
+        let id = self.last_id().await;
         let Some(sub) = sub_of(&self.index, &mut self.subs, key) else { return };
         let md = sub.cursor.mark_delete();
         let Some(c) = sub.consumers.iter().find(|c| c.key == key) else { return };

@@ -28,7 +28,7 @@ use tokio::sync::{mpsc, oneshot, Mutex, OnceCell};
 
 use crate::protocol::names::TopicName;
 use crate::protocol::pb;
-pub use actor::{Cmd, ConsumerSpec, EntryInfo, Out, OutTx, SeekTarget};
+pub use actor::{Cmd, ConsumerSpec, CreateAt, EntryInfo, Out, OutTx, SeekTarget, SubAnswer, SubError, SubOp};
 use position::{LedgerSpan, Pos};
 
 /// The metastore key of a topic's managed-ledger metadata.
@@ -300,6 +300,15 @@ impl Topics {
             loaded.remove(name);
         }
         Ok(())
+    }
+
+    /// Closes a loaded topic (cursors stored, ledger closed); the next use loads it again.
+    pub async fn unload(&self, name: &TopicName) -> bool {
+        let cell = self.loaded.lock().await.remove(name);
+        match cell.and_then(|c| c.get().cloned()) {
+            Some(t) => t.ask(|done| Cmd::Close { done }).await.is_ok(),
+            None => false,
+        }
     }
 
     /// The topics loaded now.

@@ -1,0 +1,272 @@
+//! Admin operations on a topic's subscriptions (create at a position, delete, skip, skip all,
+//! expire, reset by time, peek) and its internal state, run inside the topic's task.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use serde_json::json;
+
+use super::{close_consumer, cursor_key, read_positions, Actor, Pos, Sub, SubType};
+
+/// Where a subscription created through the admin API starts.
+#[derive(Clone, Copy, Debug)]
+pub enum CreateAt {
+    /// Before the first entry.
+    Earliest,
+    /// After the last entry.
+    Latest,
+    /// At this entry (it is delivered).
+    Id(u64, i64),
+}
+
+/// An admin operation on a subscription.
+#[derive(Clone, Copy, Debug)]
+pub enum SubOp {
+    /// Create a durable subscription.
+    Create(CreateAt),
+    /// Delete it (`force`: even with consumers connected, which are closed).
+    Delete {
+        /// Even with consumers.
+        force: bool,
+    },
+    /// Acknowledge the next `n` unacknowledged entries.
+    Skip(u64),
+    /// Acknowledge everything.
+    SkipAll,
+    /// Acknowledge what was published more than this many seconds ago.
+    Expire(u64),
+    /// Move to the first entry published at or after this time (ms) and reconnect consumers.
+    ResetToTime(u64),
+    /// The `n`-th (1-based) unacknowledged entry.
+    Peek(u64),
+}
+
+/// The answer to a [`SubOp`].
+#[derive(Debug)]
+pub enum SubAnswer {
+    /// Done.
+    Done,
+    /// A peeked entry.
+    Peeked {
+        /// Its position.
+        position: Pos,
+        /// `[metadataSize][MessageMetadata][payload]`.
+        entry: Bytes,
+    },
+}
+
+/// Why a [`SubOp`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SubError {
+    /// No such subscription (or message).
+    #[error("{0}")]
+    NotFound(String),
+    /// It already exists.
+    #[error("{0}")]
+    Conflict(String),
+    /// Refused in the current state.
+    #[error("{0}")]
+    Precondition(String),
+    /// Storage failed.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Forgets delivery state of entries the cursor now covers.
+fn forget_acked(sub: &mut Sub) {
+    let cursor = &sub.cursor;
+    sub.pending.retain(|p, _| !cursor.is_acked(*p));
+    sub.redeliveries.retain(|p, _| !cursor.is_acked(*p));
+    sub.replay.retain(|p| !cursor.is_acked(*p));
+    if sub.read_pos < cursor.mark_delete() {
+        sub.read_pos = cursor.mark_delete();
+    }
+    sub.dirty = true;
+}
+
+impl Actor {
+    pub(super) async fn sub_admin(&mut self, name: String, op: SubOp) -> Result<SubAnswer, SubError> {
+        let none = BTreeMap::new();
+        if let SubOp::Create(at) = op {
+            let exists = self.subs.contains_key(&name)
+                || self
+                    .ml
+                    .meta
+                    .get(&cursor_key(&self.ml.name, &name))
+                    .await
+                    .map_err(|e| SubError::Failed(e.to_string()))?
+                    .is_some();
+            if exists {
+                return Err(SubError::Conflict(format!("Subscription {name} already exists")));
+            }
+            let initial = match at {
+                CreateAt::Earliest => self.ml.span.before_first(),
+                CreateAt::Latest => self.ml.span.last(),
+                CreateAt::Id(l, e) => Pos::new(l, e - 1),
+            };
+            let sub = self
+                .open_sub_with(&name, true, SubType::Exclusive, initial, &none, true)
+                .await
+                .map_err(SubError::Failed)?
+                .ok_or_else(|| SubError::Failed("the subscription was not created".into()))?;
+            self.subs.insert(name, sub);
+            return Ok(SubAnswer::Done);
+        }
+        if !self.subs.contains_key(&name) {
+            let first = self.ml.span.before_first();
+            match self.open_sub_with(&name, true, SubType::Exclusive, first, &none, false).await {
+                Ok(Some(sub)) => {
+                    self.subs.insert(name.clone(), sub);
+                }
+                Ok(None) => return Err(SubError::NotFound(format!("Subscription {name} not found"))),
+                Err(e) => return Err(SubError::Failed(e)),
+            }
+        }
+        // Positions that need reading go first (reads borrow the whole task).
+        let cutoff = match op {
+            SubOp::Expire(secs) => {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis() as u64)
+                    .unwrap_or(0);
+                Some(self.find_by_time(now.saturating_sub(secs * 1000)).await.map_err(SubError::Failed)?)
+            }
+            SubOp::ResetToTime(t) => Some(self.find_by_time(t).await.map_err(SubError::Failed)?),
+            _ => None,
+        };
+        let span = self.ml.span.clone();
+        let Some(sub) = self.subs.get_mut(&name) else {
+            return Err(SubError::NotFound(format!("Subscription {name} not found")));
+        };
+        match op {
+            SubOp::Create(_) => unreachable!("handled above"),
+            SubOp::Delete { force } => {
+                if !sub.consumers.is_empty() && !force {
+                    return Err(SubError::Precondition(format!("Subscription {name} has active connected consumers")));
+                }
+                if sub.durable {
+                    self.ml
+                        .meta
+                        .delete(&cursor_key(&self.ml.name, &name), None)
+                        .await
+                        .map_err(|e| SubError::Failed(e.to_string()))?;
+                }
+                if let Some(sub) = self.subs.remove(&name) {
+                    for c in &sub.consumers {
+                        let _ = c.out.send(close_consumer(c.key.1));
+                        self.index.remove(&c.key);
+                    }
+                }
+                tracing::info!(topic = %self.ml.name, sub = name, "subscription deleted");
+            }
+            SubOp::Skip(n) => {
+                let (mut p, mut k) = (sub.cursor.mark_delete(), 0);
+                while k < n {
+                    let Some(q) = span.next(p) else { break };
+                    p = q;
+                    if !sub.cursor.is_acked(q) {
+                        sub.cursor.ack(q, None, &span);
+                        k += 1;
+                    }
+                }
+                forget_acked(sub);
+            }
+            SubOp::SkipAll => {
+                sub.cursor.ack_cumulative(span.last(), None, &span);
+                forget_acked(sub);
+            }
+            SubOp::Expire(_) => {
+                if let Some(p) = cutoff.filter(|p| *p > sub.cursor.mark_delete()) {
+                    sub.cursor.ack_cumulative(p, None, &span);
+                    forget_acked(sub);
+                }
+            }
+            SubOp::ResetToTime(_) => {
+                if let Some(p) = cutoff {
+                    self.reset_sub(&name, p, None);
+                }
+            }
+            SubOp::Peek(n) => {
+                let (mut p, mut k) = (sub.cursor.mark_delete(), 0);
+                let target = loop {
+                    let Some(q) = span.next(p) else {
+                        return Err(SubError::NotFound(format!("no message at position {n} of {name}")));
+                    };
+                    p = q;
+                    if !sub.cursor.is_acked(q) {
+                        k += 1;
+                        if k >= n.max(1) {
+                            break q;
+                        }
+                    }
+                };
+                let entry = match self.ml.cache.get(&target) {
+                    Some(c) => c.entry.clone(),
+                    None => {
+                        let current = self.ml.writer.as_ref().map(|w| (w.id(), w.reader()));
+                        let mut got = read_positions(self.ml.ledgers.clone(), current, vec![target])
+                            .await
+                            .map_err(SubError::Failed)?;
+                        got.pop().map(|(_, e)| e).ok_or_else(|| SubError::Failed(format!("entry {target} not read")))?
+                    }
+                };
+                return Ok(SubAnswer::Peeked { position: target, entry });
+            }
+        }
+        Ok(SubAnswer::Done)
+    }
+
+    /// Ledgers and cursors, with the field names of Pulsar's `internalStats`.
+    pub(super) fn internal_stats(&self) -> serde_json::Value {
+        let current = self.ml.writer.as_ref().map(|w| w.id());
+        let ledgers: Vec<_> = self
+            .ml
+            .info
+            .ledgers
+            .iter()
+            .map(|l| {
+                let entries = self.ml.span.ledgers().iter().find(|x| x.0 == l.ledger_id).map(|x| x.1 + 1).unwrap_or(0);
+                json!({
+                    "ledgerId": l.ledger_id,
+                    "entries": entries.max(0),
+                    "size": if Some(l.ledger_id) == current { self.ml.ledger_bytes } else { l.size.unwrap_or(0) },
+                    "offloaded": false,
+                })
+            })
+            .collect();
+        let cursors: serde_json::Map<String, serde_json::Value> = self
+            .subs
+            .values()
+            .map(|s| {
+                let md = s.cursor.mark_delete();
+                let read =
+                    self.ml.span.next(s.read_pos).unwrap_or(Pos::new(s.read_pos.ledger_id, s.read_pos.entry_id + 1));
+                (
+                    s.name.clone(),
+                    json!({
+                        "markDeletePosition": md.to_string(),
+                        "readPosition": read.to_string(),
+                        "individuallyAckedEntries": s.cursor.acked_count(),
+                        "messagesConsumedCounter": s.msg_out.total,
+                        "cursorLedger": -1,
+                        "state": if s.consumers.is_empty() { "NoLedger" } else { "Open" },
+                        "active": !s.consumers.is_empty(),
+                        "durable": s.durable,
+                    }),
+                )
+            })
+            .collect();
+        let last = self.ml.span.last();
+        json!({
+            "entriesAddedCounter": self.msg_in.total,
+            "numberOfEntries": self.ml.span.total_entries(),
+            "totalSize": self.ml.info.ledgers.iter().filter_map(|l| l.size).sum::<u64>() + self.ml.ledger_bytes,
+            "currentLedgerEntries": self.ml.ledger_entries,
+            "currentLedgerSize": self.ml.ledger_bytes,
+            "lastConfirmedEntry": last.to_string(),
+            "state": if current.is_some() { "LedgerOpened" } else { "Closed" },
+            "ledgers": ledgers,
+            "cursors": cursors,
+        })
+    }
+}
