@@ -253,6 +253,113 @@ async fn namespace_delete(State(a): S, Path((t, ns)): Path<(String, String)>) ->
     }
 }
 
+/// Namespace policies: (URL segment, stored field, what the body must be).
+const POLICIES: &[(&str, &str, Kind)] = &[
+    ("retention", "retention_policies", Kind::Object),
+    ("messageTTL", "message_ttl_in_seconds", Kind::Number),
+    ("deduplication", "deduplicationEnabled", Kind::Bool),
+    ("backlogQuota", "backlog_quota_map", Kind::Object),
+    ("bundles", "bundles", Kind::Object),
+];
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Object,
+    Number,
+    Bool,
+}
+
+fn policy(segment: &str) -> Option<(&'static str, Kind)> {
+    POLICIES.iter().find(|p| p.0 == segment).map(|p| (p.1, p.2))
+}
+
+async fn policy_get(State(a): S, Path((t, ns, segment)): Path<(String, String, String)>) -> Response {
+    let Some((field, _)) = policy(&segment) else {
+        return fail(StatusCode::NOT_FOUND, format!("unknown namespace policy {segment}"));
+    };
+    match a.meta.get(&format!("/namespaces/{t}/{ns}")).await {
+        Ok(Some(kv)) => {
+            let v: Value = serde_json::from_slice(&kv.value).unwrap_or(Value::Null);
+            json(StatusCode::OK, &v.get(field).cloned().unwrap_or(Value::Null))
+        }
+        Ok(None) => fail(StatusCode::NOT_FOUND, format!("Namespace {t}/{ns} does not exist")),
+        Err(e) => meta_error(e),
+    }
+}
+
+/// Stores one policy (CAS on the namespace's version). Enforcement comes with retention,
+/// TTL, deduplication and quotas; the values are kept so tools and later versions see them.
+async fn policy_set(State(a): S, Path((t, ns, segment)): Path<(String, String, String)>, body: Bytes) -> Response {
+    let Some((field, kind)) = policy(&segment) else {
+        return fail(StatusCode::NOT_FOUND, format!("unknown namespace policy {segment}"));
+    };
+    let value: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return fail(StatusCode::BAD_REQUEST, format!("invalid JSON: {e}")),
+    };
+    let fits = match kind {
+        Kind::Object => value.is_object(),
+        Kind::Number => value.as_i64().is_some_and(|n| n >= 0),
+        Kind::Bool => value.is_boolean(),
+    };
+    if !fits {
+        return fail(StatusCode::PRECONDITION_FAILED, format!("invalid value for {segment}: {value}"));
+    }
+    let key = format!("/namespaces/{t}/{ns}");
+    let kv = match a.meta.get(&key).await {
+        Ok(Some(kv)) => kv,
+        Ok(None) => return fail(StatusCode::NOT_FOUND, format!("Namespace {t}/{ns} does not exist")),
+        Err(e) => return meta_error(e),
+    };
+    let mut policies: Value = serde_json::from_slice(&kv.value).unwrap_or_else(|_| serde_json::json!({}));
+    if let Some(o) = policies.as_object_mut() {
+        o.insert(field.into(), value);
+    }
+    let body = serde_json::to_vec(&policies).unwrap_or_default();
+    match a.meta.put(&key, body, PutOptions { expected_version: Some(kv.version), session: 0 }).await {
+        Ok(_) => StatusCode::NO_CONTENT.into_response(),
+        Err(ClientError::BadVersion { .. }) => fail(StatusCode::CONFLICT, format!("Namespace {t}/{ns} was changed concurrently")),
+        Err(e) => meta_error(e),
+    }
+}
+
+/// Grants `role` actions on a namespace (stored in `auth_policies`; enforced once
+/// authorization exists).
+async fn permission_grant(State(a): S, Path((t, ns, role)): Path<(String, String, String)>, body: Bytes) -> Response {
+    let actions: Vec<String> = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return fail(StatusCode::BAD_REQUEST, format!("expected a list of actions: {e}")),
+    };
+    if let Some(bad) = actions.iter().find(|x| !["produce", "consume", "functions", "sources", "sinks", "packages"].contains(&x.as_str())) {
+        return fail(StatusCode::PRECONDITION_FAILED, format!("unknown action {bad}"));
+    }
+    let key = format!("/namespaces/{t}/{ns}");
+    let kv = match a.meta.get(&key).await {
+        Ok(Some(kv)) => kv,
+        Ok(None) => return fail(StatusCode::NOT_FOUND, format!("Namespace {t}/{ns} does not exist")),
+        Err(e) => return meta_error(e),
+    };
+    let mut policies: Value = serde_json::from_slice(&kv.value).unwrap_or_else(|_| serde_json::json!({}));
+    policies["auth_policies"]["namespace_auth"][role.as_str()] = serde_json::json!(actions);
+    let body = serde_json::to_vec(&policies).unwrap_or_default();
+    match a.meta.put(&key, body, PutOptions { expected_version: Some(kv.version), session: 0 }).await {
+        Ok(_) => StatusCode::NO_CONTENT.into_response(),
+        Err(ClientError::BadVersion { .. }) => fail(StatusCode::CONFLICT, format!("Namespace {t}/{ns} was changed concurrently")),
+        Err(e) => meta_error(e),
+    }
+}
+
+async fn permissions_get(State(a): S, Path((t, ns)): Path<(String, String)>) -> Response {
+    match a.meta.get(&format!("/namespaces/{t}/{ns}")).await {
+        Ok(Some(kv)) => {
+            let v: Value = serde_json::from_slice(&kv.value).unwrap_or(Value::Null);
+            json(StatusCode::OK, &v["auth_policies"]["namespace_auth"].as_object().cloned().unwrap_or_default())
+        }
+        Ok(None) => fail(StatusCode::NOT_FOUND, format!("Namespace {t}/{ns} does not exist")),
+        Err(e) => meta_error(e),
+    }
+}
+
 /// 404 unless the namespace exists.
 async fn check_namespace(a: &Admin, t: &str, ns: &str) -> Option<Response> {
     match exists(&a.meta, &format!("/namespaces/{t}/{ns}")).await {
@@ -761,6 +868,9 @@ pub(crate) async fn serve(
             "/admin/v2/namespaces/{tenant}/{namespace}",
             get(namespace_get).put(namespace_create).delete(namespace_delete),
         )
+        .route("/admin/v2/namespaces/{tenant}/{namespace}/permissions", get(permissions_get))
+        .route("/admin/v2/namespaces/{tenant}/{namespace}/permissions/{role}", axum::routing::post(permission_grant))
+        .route("/admin/v2/namespaces/{tenant}/{namespace}/{policy}", get(policy_get).post(policy_set))
         .route("/admin/v2/persistent/{tenant}/{namespace}", get(topics_list))
         .route("/admin/v2/persistent/{tenant}/{namespace}/partitioned", get(partitioned_list))
         .route(topic, axum::routing::put(topic_create).delete(topic_delete))

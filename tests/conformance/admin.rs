@@ -98,6 +98,24 @@ async fn admin_api_and_metrics() {
     assert_eq!(parse(&http(w, "GET", "/admin/v2/namespaces/acme", "").await.1), serde_json::json!(["acme/orders"]));
     assert_eq!(parse(&http(w, "GET", "/admin/v2/namespaces/acme/orders", "").await.1)["bundles"]["numBundles"], 4);
     assert_eq!(http(w, "DELETE", "/admin/v2/tenants/acme", "").await.0, 409, "a tenant with namespaces stays");
+    // Policies are stored and read back.
+    let ns = "/admin/v2/namespaces/acme/orders";
+    let retention = r#"{"retentionTimeInMinutes":60,"retentionSizeInMB":100}"#;
+    assert_eq!(http(w, "POST", &format!("{ns}/retention"), retention).await.0, 204);
+    assert_eq!(parse(&http(w, "GET", &format!("{ns}/retention"), "").await.1)["retentionTimeInMinutes"], 60);
+    assert_eq!(http(w, "POST", &format!("{ns}/messageTTL"), "3600").await.0, 204);
+    assert_eq!(parse(&http(w, "GET", &format!("{ns}/messageTTL"), "").await.1), 3600);
+    assert_eq!(http(w, "POST", &format!("{ns}/messageTTL"), "\"soon\"").await.0, 412);
+    assert_eq!(http(w, "POST", &format!("{ns}/deduplication"), "true").await.0, 204);
+    assert_eq!(parse(&http(w, "GET", &format!("{ns}/deduplication"), "").await.1), true);
+    let quota = r#"{"destination_storage":{"limitSize":1073741824,"policy":"producer_request_hold"}}"#;
+    assert_eq!(http(w, "POST", &format!("{ns}/backlogQuota"), quota).await.0, 204);
+    assert_eq!(parse(&http(w, "GET", &format!("{ns}/bundles"), "").await.1)["numBundles"], 4);
+    assert_eq!(http(w, "POST", &format!("{ns}/permissions/app"), r#"["produce","consume"]"#).await.0, 204);
+    assert_eq!(parse(&http(w, "GET", &format!("{ns}/permissions"), "").await.1)["app"], serde_json::json!(["produce", "consume"]));
+    assert_eq!(http(w, "POST", "/admin/v2/namespaces/acme/none/messageTTL", "5").await.0, 404);
+    let policies = parse(&http(w, "GET", ns, "").await.1);
+    assert_eq!(policies["message_ttl_in_seconds"], 3600, "{policies}");
 
     // Topics.
     let base = "/admin/v2/persistent/acme/orders";
