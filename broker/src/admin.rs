@@ -318,7 +318,9 @@ async fn policy_set(State(a): S, Path((t, ns, segment)): Path<(String, String, S
     let body = serde_json::to_vec(&policies).unwrap_or_default();
     match a.meta.put(&key, body, PutOptions { expected_version: Some(kv.version), session: 0 }).await {
         Ok(_) => StatusCode::NO_CONTENT.into_response(),
-        Err(ClientError::BadVersion { .. }) => fail(StatusCode::CONFLICT, format!("Namespace {t}/{ns} was changed concurrently")),
+        Err(ClientError::BadVersion { .. }) => {
+            fail(StatusCode::CONFLICT, format!("Namespace {t}/{ns} was changed concurrently"))
+        }
         Err(e) => meta_error(e),
     }
 }
@@ -330,7 +332,10 @@ async fn permission_grant(State(a): S, Path((t, ns, role)): Path<(String, String
         Ok(v) => v,
         Err(e) => return fail(StatusCode::BAD_REQUEST, format!("expected a list of actions: {e}")),
     };
-    if let Some(bad) = actions.iter().find(|x| !["produce", "consume", "functions", "sources", "sinks", "packages"].contains(&x.as_str())) {
+    if let Some(bad) = actions
+        .iter()
+        .find(|x| !["produce", "consume", "functions", "sources", "sinks", "packages"].contains(&x.as_str()))
+    {
         return fail(StatusCode::PRECONDITION_FAILED, format!("unknown action {bad}"));
     }
     let key = format!("/namespaces/{t}/{ns}");
@@ -344,7 +349,9 @@ async fn permission_grant(State(a): S, Path((t, ns, role)): Path<(String, String
     let body = serde_json::to_vec(&policies).unwrap_or_default();
     match a.meta.put(&key, body, PutOptions { expected_version: Some(kv.version), session: 0 }).await {
         Ok(_) => StatusCode::NO_CONTENT.into_response(),
-        Err(ClientError::BadVersion { .. }) => fail(StatusCode::CONFLICT, format!("Namespace {t}/{ns} was changed concurrently")),
+        Err(ClientError::BadVersion { .. }) => {
+            fail(StatusCode::CONFLICT, format!("Namespace {t}/{ns} was changed concurrently"))
+        }
         Err(e) => meta_error(e),
     }
 }

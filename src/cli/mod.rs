@@ -1,6 +1,7 @@
 //! Command-line definitions and dispatch.
 
 mod admin;
+mod client;
 mod meta;
 mod perf;
 mod perf_bookie;
@@ -33,6 +34,10 @@ enum Command {
     Perf(perf::PerfArgs),
     /// The broker's admin REST API with pulsar-admin's verbs: tenants, namespaces, topics …
     Admin(admin::AdminArgs),
+    /// Send messages to a topic.
+    Produce(client::ProduceArgs),
+    /// Receive (and acknowledge) messages from a subscription.
+    Consume(client::ConsumeArgs),
 }
 
 pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
@@ -44,5 +49,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Meta(a) => meta::run(a).await,
         Command::Perf(a) => perf::run(a).await,
         Command::Admin(a) => admin::run(a).await,
+        Command::Produce(a) => client::produce(a).await,
+        Command::Consume(a) => client::consume(a).await,
     }
 }

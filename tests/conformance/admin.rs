@@ -112,7 +112,10 @@ async fn admin_api_and_metrics() {
     assert_eq!(http(w, "POST", &format!("{ns}/backlogQuota"), quota).await.0, 204);
     assert_eq!(parse(&http(w, "GET", &format!("{ns}/bundles"), "").await.1)["numBundles"], 4);
     assert_eq!(http(w, "POST", &format!("{ns}/permissions/app"), r#"["produce","consume"]"#).await.0, 204);
-    assert_eq!(parse(&http(w, "GET", &format!("{ns}/permissions"), "").await.1)["app"], serde_json::json!(["produce", "consume"]));
+    assert_eq!(
+        parse(&http(w, "GET", &format!("{ns}/permissions"), "").await.1)["app"],
+        serde_json::json!(["produce", "consume"])
+    );
     assert_eq!(http(w, "POST", "/admin/v2/namespaces/acme/none/messageTTL", "5").await.0, 404);
     let policies = parse(&http(w, "GET", ns, "").await.1);
     assert_eq!(policies["message_ttl_in_seconds"], 3600, "{policies}");
@@ -319,4 +322,28 @@ async fn admin_subscription_operations() {
 
     let lookup = parse(&http(w, "GET", "/lookup/v2/topic/persistent/public/default/subs", "").await.1);
     assert_eq!(lookup["brokerUrl"], format!("pulsar://{}", s.broker));
+}
+
+/// `magnetar produce` and `magnetar consume`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn produce_and_consume_clis() {
+    let s = standalone().await;
+    let url = s.url();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_magnetar"))
+            .args(args)
+            .args(["--url", &url])
+            .output()
+            .expect("run");
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let ids = run(&["produce", "cli-topic", "-m", "hello", "-m", "world", "-n", "2"]);
+    assert_eq!(ids.lines().count(), 4, "{ids}");
+    let got = run(&["consume", "cli-topic", "-s", "cli", "-n", "4", "--earliest", "--timeout", "10"]);
+    assert_eq!(got.lines().collect::<Vec<_>>(), ["hello", "world", "hello", "world"]);
+    // Batched messages from the official client are split into their messages.
+    produce(&url, "cli-topic", 5, true);
+    let got = run(&["consume", "cli-topic", "-s", "cli", "-n", "5", "--timeout", "10"]);
+    assert_eq!(got.lines().collect::<Vec<_>>(), (0..5).map(|i| format!("msg-{i}")).collect::<Vec<_>>());
 }
