@@ -30,6 +30,7 @@ pub(crate) struct Admin {
     pub(crate) cluster: String,
     pub(crate) web_addr: String,
     pub(crate) service_url: String,
+    pub(crate) topic_level_metrics: bool,
 }
 
 type S = State<Arc<Admin>>;
@@ -795,10 +796,26 @@ async fn partitioned_stats(State(a): S, Path((t, ns, topic)): Path<(String, Stri
 async fn metrics(State(a): S) -> Response {
     let mut out = String::new();
     let loaded = a.topics.loaded().await;
-    let mut rows: Vec<(TopicName, crate::topic::stats::TopicStats)> = Vec::new();
+    // Series are per topic, or per namespace when topic-level series are turned off.
+    let mut rows: Vec<(String, crate::topic::stats::TopicStats)> = Vec::new();
     for t in loaded {
-        if let Ok(s) = t.ask(|done| Cmd::Stats { done }).await {
-            rows.push((t.name.clone(), s));
+        let Ok(s) = t.ask(|done| Cmd::Stats { done }).await else { continue };
+        let n = &t.name;
+        if a.topic_level_metrics {
+            rows.push((
+                format!("cluster=\"{}\",namespace=\"{}/{}\",topic=\"{}\"", a.cluster, n.tenant, n.namespace, n),
+                s,
+            ));
+            continue;
+        }
+        let label = format!("cluster=\"{}\",namespace=\"{}/{}\"", a.cluster, n.tenant, n.namespace);
+        match rows.iter_mut().find(|(l, _)| *l == label) {
+            Some((_, agg)) => merge(agg, &s),
+            None => {
+                let mut agg = crate::topic::stats::TopicStats::default();
+                merge(&mut agg, &s);
+                rows.push((label, agg));
+            }
         }
     }
     let topic_series: [(&str, &str, fn(&crate::topic::stats::TopicStats) -> f64); 9] = [
@@ -816,8 +833,7 @@ async fn metrics(State(a): S) -> Response {
         }),
         ("pulsar_subscriptions_count", "Subscriptions", |s| s.subscriptions.len() as f64),
     ];
-    let labels =
-        |n: &TopicName| format!("cluster=\"{}\",namespace=\"{}/{}\",topic=\"{}\"", a.cluster, n.tenant, n.namespace, n);
+    let labels = |l: &String| l.clone();
     for (metric, help, f) in topic_series {
         out.push_str(&format!("# HELP {metric} {help}\n# TYPE {metric} gauge\n"));
         for (n, s) in &rows {
@@ -834,7 +850,7 @@ async fn metrics(State(a): S) -> Response {
         ("pulsar_subscription_msg_rate_out", "Messages per second delivered", |s| s.msg_rate_out),
         ("pulsar_subscription_msg_throughput_out", "Bytes per second delivered", |s| s.msg_throughput_out),
     ];
-    for (metric, help, f) in sub_series {
+    for (metric, help, f) in sub_series.iter().filter(|_| a.topic_level_metrics) {
         out.push_str(&format!("# HELP {metric} {help}\n# TYPE {metric} gauge\n"));
         for (n, s) in &rows {
             for (sub, st) in &s.subscriptions {
@@ -842,8 +858,49 @@ async fn metrics(State(a): S) -> Response {
             }
         }
     }
+    // Publish latency buckets (cumulative since each topic was loaded).
+    let bucket_names = ["0_5", "1", "5", "10", "20", "50", "100", "200", "1000", "overflow"];
+    for (i, b) in bucket_names.iter().enumerate() {
+        let metric = format!("pulsar_storage_write_latency_le_{b}");
+        out.push_str(&format!(
+            "# HELP {metric} Entry writes that took at most {b} ms (overflow: longer)\n# TYPE {metric} gauge\n"
+        ));
+        for (n, s) in &rows {
+            out.push_str(&format!("{metric}{{{}}} {}\n", labels(n), s.write_latency.buckets[i]));
+        }
+    }
+    out.push_str("# TYPE pulsar_storage_write_latency_count gauge\n");
+    for (n, s) in &rows {
+        out.push_str(&format!("pulsar_storage_write_latency_count{{{}}} {}\n", labels(n), s.write_latency.count));
+    }
+    out.push_str("# TYPE pulsar_storage_write_latency_sum gauge\n");
+    for (n, s) in &rows {
+        out.push_str(&format!("pulsar_storage_write_latency_sum{{{}}} {}\n", labels(n), s.write_latency.sum_ms));
+    }
     out.push_str(&format!("# HELP pulsar_topics_count Loaded topics\n# TYPE pulsar_topics_count gauge\npulsar_topics_count{{cluster=\"{}\"}} {}\n", a.cluster, rows.len()));
+    out.push_str(&magnetar_common::metrics::process_text());
     ([(header::CONTENT_TYPE, magnetar_common::metrics::TEXT_CONTENT_TYPE)], out).into_response()
+}
+
+/// Adds `s` into a namespace-level aggregate (subscriptions are kept under distinct keys so
+/// their backlogs and consumers add up; subscription series are not exported there).
+fn merge(agg: &mut crate::topic::stats::TopicStats, s: &crate::topic::stats::TopicStats) {
+    agg.msg_rate_in += s.msg_rate_in;
+    agg.msg_throughput_in += s.msg_throughput_in;
+    agg.msg_rate_out += s.msg_rate_out;
+    agg.msg_throughput_out += s.msg_throughput_out;
+    agg.msg_in_counter += s.msg_in_counter;
+    agg.storage_size += s.storage_size;
+    agg.publishers.extend(s.publishers.iter().cloned());
+    for (name, sub) in &s.subscriptions {
+        let key = format!("{}#{name}", agg.subscriptions.len());
+        agg.subscriptions.insert(key, sub.clone());
+    }
+    for i in 0..10 {
+        agg.write_latency.buckets[i] += s.write_latency.buckets[i];
+    }
+    agg.write_latency.sum_ms += s.write_latency.sum_ms;
+    agg.write_latency.count += s.write_latency.count;
 }
 
 /// Binds `addr` and serves until `cancel`.

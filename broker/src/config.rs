@@ -48,6 +48,9 @@ pub struct BrokerConfig {
     pub cursor_persist_interval_ms: u64,
     /// Entries per catch-up read from the bookies.
     pub dispatcher_max_read_batch_size: usize,
+    /// Per-topic (and per-subscription) series in `/metrics`; off, series are per namespace
+    /// (for clusters with very many topics).
+    pub expose_topic_level_metrics_in_prometheus: bool,
 }
 
 impl Default for BrokerConfig {
@@ -71,6 +74,7 @@ impl Default for BrokerConfig {
             managed_ledger_cache_size_mb: 32,
             cursor_persist_interval_ms: 200,
             dispatcher_max_read_batch_size: 100,
+            expose_topic_level_metrics_in_prometheus: true,
         }
     }
 }
@@ -89,6 +93,7 @@ pub const ENV_ALIASES: &[(&str, &str)] = &[
     ("managedLedgerMaxSizePerLedgerMbytes", "managed_ledger_max_size_per_ledger_mb"),
     ("managedLedgerMaxLedgerRolloverTimeMinutes", "managed_ledger_max_ledger_rollover_time_minutes"),
     ("dispatcherMaxReadBatchSize", "dispatcher_max_read_batch_size"),
+    ("exposeTopicLevelMetricsInPrometheus", "expose_topic_level_metrics_in_prometheus"),
 ];
 
 impl BrokerConfig {

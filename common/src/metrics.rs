@@ -280,3 +280,72 @@ mod tests {
         assert!(text.contains("m{a=\"1\"} 1\nm{a=\"2\"} 2\n"));
     }
 }
+
+/// Standard `process_*` series (Prometheus' process collector names) for this process, read
+/// from `/proc` (Linux; elsewhere nothing). CPU times are in USER_HZ, which Linux fixes at 100
+/// for user space.
+pub fn process_text() -> String {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return String::new() };
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let Some((_, rest)) = stat.rsplit_once(')') else { return String::new() };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let num = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
+    // `rest` starts at field 3 (state): field n is f[n - 3].
+    let cpu = (num(14 - 3) + num(15 - 3)) / 100.0;
+    let threads = num(20 - 3);
+    let start_ticks = num(22 - 3);
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kb = |key: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|x| x.parse::<f64>().ok())
+            .unwrap_or(0.0)
+            * 1024.0
+    };
+    let boot = std::fs::read_to_string("/proc/stat")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("btime"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|x| x.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    let fds = std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0);
+    let mut out = String::new();
+    let mut put = |name: &str, kind: &str, help: &str, v: f64| {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"));
+    };
+    put("process_cpu_seconds_total", "counter", "User and system CPU time spent, seconds", cpu);
+    put("process_resident_memory_bytes", "gauge", "Resident memory size, bytes", kb("VmRSS:"));
+    put("process_virtual_memory_bytes", "gauge", "Virtual memory size, bytes", kb("VmSize:"));
+    put("process_open_fds", "gauge", "Open file descriptors", fds as f64);
+    put("process_threads", "gauge", "Threads", threads);
+    put("process_start_time_seconds", "gauge", "Start time since the epoch, seconds", boot + start_ticks / 100.0);
+    out
+}
+
+#[cfg(test)]
+mod process_tests {
+    #[test]
+    fn process_series_are_there_and_plausible() {
+        let text = super::process_text();
+        if !std::path::Path::new("/proc/self/stat").exists() {
+            return;
+        }
+        let value = |name: &str| {
+            text.lines()
+                .find(|l| l.starts_with(&format!("{name} ")))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or_else(|| panic!("{name} missing:\n{text}"))
+        };
+        assert!(value("process_resident_memory_bytes") > 1e5);
+        assert!(value("process_open_fds") >= 3.0);
+        assert!(value("process_threads") >= 1.0);
+        let now =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+        let start = value("process_start_time_seconds");
+        assert!(start > now - 3600.0 && start <= now + 5.0, "start {start}, now {now}");
+    }
+}

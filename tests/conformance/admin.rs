@@ -9,7 +9,7 @@ use magnetar_broker::protocol::pb::command_subscribe::SubType;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::{produce, standalone};
+use super::{produce, standalone, standalone_with};
 
 /// One HTTP/1.1 request; returns (status, body).
 async fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
@@ -184,6 +184,14 @@ async fn admin_api_and_metrics() {
     assert_eq!(m.get(&format!("pulsar_msg_backlog{{{labels}}}")), Some(&0.0));
     assert_eq!(m.get(&format!("pulsar_subscription_back_log{{{labels},subscription=\"s\"}}")), Some(&0.0));
     assert_eq!(m.get(&format!("pulsar_consumers_count{{{labels}}}")), Some(&1.0));
+    assert_eq!(m.get(&format!("pulsar_storage_write_latency_count{{{labels}}}")), Some(&20.0), "{text}");
+    let buckets: f64 = ["0_5", "1", "5", "10", "20", "50", "100", "200", "1000", "overflow"]
+        .iter()
+        .map(|b| m.get(&format!("pulsar_storage_write_latency_le_{b}{{{labels}}}")).copied().unwrap_or(-1.0))
+        .sum();
+    assert_eq!(buckets, 20.0, "every write in one latency bucket");
+    assert!(m.get("process_resident_memory_bytes").is_some_and(|v| *v > 0.0), "{text}");
+    assert!(m.contains_key("process_cpu_seconds_total"));
     for metric in ["pulsar_rate_in", "pulsar_throughput_in", "pulsar_rate_out", "pulsar_producers_count"] {
         assert!(m.contains_key(&format!("{metric}{{{labels}}}")), "{metric} missing:\n{text}");
     }
@@ -346,4 +354,18 @@ async fn produce_and_consume_clis() {
     produce(&url, "cli-topic", 5, true);
     let got = run(&["consume", "cli-topic", "-s", "cli", "-n", "5", "--timeout", "10"]);
     assert_eq!(got.lines().collect::<Vec<_>>(), (0..5).map(|i| format!("msg-{i}")).collect::<Vec<_>>());
+}
+
+/// With topic-level series off, `/metrics` has one series per namespace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn namespace_level_metrics() {
+    let s = standalone_with(&["expose_topic_level_metrics_in_prometheus=false"]).await;
+    produce(&s.url(), "m-one", 3, false);
+    produce(&s.url(), "m-two", 4, false);
+    let (st, text) = http(&s.web, "GET", "/metrics", "").await;
+    assert_eq!(st, 200);
+    let m = scrape(&text);
+    let ns = r#"cluster="standalone",namespace="public/default""#;
+    assert_eq!(m.get(&format!("pulsar_in_messages_total{{{ns}}}")), Some(&7.0), "{text}");
+    assert!(!text.contains("topic=\""), "no topic labels:\n{text}");
 }

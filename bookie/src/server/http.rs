@@ -18,7 +18,9 @@ use super::Core;
 use crate::error::{BookieError, Result};
 
 async fn metrics(State(core): State<Arc<Core>>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, TEXT_CONTENT_TYPE)], core.registry.render())
+    let mut text = core.registry.render();
+    text.push_str(&magnetar_common::metrics::process_text());
+    ([(header::CONTENT_TYPE, TEXT_CONTENT_TYPE)], text)
 }
 
 async fn state(State(core): State<Arc<Core>>) -> impl IntoResponse {

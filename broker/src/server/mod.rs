@@ -109,6 +109,7 @@ impl Broker {
                 cluster: cfg.cluster_name.clone(),
                 web_addr: cfg.web_listen_addr.clone(),
                 service_url: kept.service_url.clone(),
+                topic_level_metrics: cfg.expose_topic_level_metrics_in_prometheus,
             };
             let bound =
                 crate::admin::serve(&cfg.web_listen_addr, admin, cancel.clone(), &tasks).await.map_err(|source| {

@@ -307,6 +307,8 @@ pub(super) fn spawn(init: Init) -> mpsc::UnboundedSender<Cmd> {
         },
         inflight: FuturesOrdered::new(),
         inflight_meta: VecDeque::new(),
+        inflight_started: VecDeque::new(),
+        write_latency: stats::WriteLatency::default(),
         held: VecDeque::new(),
         rolling: false,
         producers: HashMap::new(),
@@ -399,6 +401,8 @@ struct Actor {
     ml: Ml,
     inflight: FuturesOrdered<BoxFuture<'static, Result<i64, LedgerError>>>,
     inflight_meta: VecDeque<Waiting>,
+    inflight_started: VecDeque<Instant>,
+    write_latency: stats::WriteLatency,
     held: VecDeque<Waiting>,
     rolling: bool,
     producers: HashMap<(u64, u64), (String, OutTx)>,
@@ -665,6 +669,12 @@ impl Actor {
         }
     }
 
+    fn record_latency(&mut self) {
+        if let Some(t) = self.inflight_started.pop_front() {
+            self.write_latency.record(t.elapsed().as_secs_f64() * 1000.0);
+        }
+    }
+
     fn tick_rates(&mut self) {
         self.msg_in.tick(1.0);
         self.bytes_in.tick(1.0);
@@ -699,6 +709,7 @@ impl Actor {
             },
             storage_size: stored,
             entries,
+            write_latency: self.write_latency.clone(),
             ..Default::default()
         };
         for (name, _) in self.producers.values() {
@@ -756,11 +767,13 @@ impl Actor {
             self.rolling = true;
         }
         self.inflight_meta.push_back((c, producer, done));
+        self.inflight_started.push_back(Instant::now());
     }
 
     /// An append finished (in order); `false` stops the topic.
     async fn appended(&mut self, r: Result<i64, LedgerError>) -> bool {
         let Some((c, producer, done)) = self.inflight_meta.pop_front() else { return true };
+        self.record_latency();
         let ledger = self.ml.writer.as_ref().map(|w| w.id()).unwrap_or(0);
         match r {
             Ok(e) => {
@@ -773,6 +786,7 @@ impl Actor {
                 // More confirmations ready now go out in the same dispatch round.
                 while let Some(Some(r)) = futures::FutureExt::now_or_never(self.inflight.next()) {
                     let Some((c, producer, done)) = self.inflight_meta.pop_front() else { break };
+                    self.record_latency();
                     match r {
                         Ok(e) => {
                             let p = Pos::new(ledger, e);
@@ -826,6 +840,7 @@ impl Actor {
     /// Fails everything waiting and closes the topic's producers and consumers, so their
     /// clients reconnect and load the topic again.
     async fn fail(&mut self, why: &str) {
+        self.inflight_started.clear();
         for (_, _, done) in self.inflight_meta.drain(..).chain(self.held.drain(..)) {
             let _ = done.send(Err(format!("topic {}: {why}", self.ml.name)));
         }

@@ -125,4 +125,32 @@ pub struct TopicStats {
     pub publishers: Vec<PublisherStats>,
     /// Subscriptions by name.
     pub subscriptions: BTreeMap<String, SubscriptionStats>,
+    /// Publish (storage write) latency since the topic was loaded (metrics only).
+    #[serde(skip)]
+    pub write_latency: WriteLatency,
+}
+
+/// Upper bounds (ms) of Pulsar's `pulsar_storage_write_latency_le_*` buckets; the last
+/// bucket (`le_overflow`) takes the rest.
+pub const WRITE_LATENCY_BOUNDS_MS: [f64; 9] = [0.5, 1.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 1000.0];
+
+/// Counts of writes per latency bucket.
+#[derive(Clone, Debug, Default)]
+pub struct WriteLatency {
+    /// Per bucket (not cumulative), the overflow last.
+    pub buckets: [u64; 10],
+    /// Sum of latencies, ms.
+    pub sum_ms: f64,
+    /// Writes.
+    pub count: u64,
+}
+
+impl WriteLatency {
+    /// Records one write.
+    pub fn record(&mut self, ms: f64) {
+        let i = WRITE_LATENCY_BOUNDS_MS.iter().position(|b| ms <= *b).unwrap_or(9);
+        self.buckets[i] += 1;
+        self.sum_ms += ms;
+        self.count += 1;
+    }
 }
