@@ -28,6 +28,8 @@ pub struct MetastoreConfig {
     pub sessions: SessionSettings,
     /// Revisions of watch history kept for watchers that resume.
     pub watch_history_revisions: u64,
+    /// HTTP address for `/metrics` (Raft and process series); "" turns it off.
+    pub http_addr: String,
 }
 
 impl Default for MetastoreConfig {
@@ -42,6 +44,7 @@ impl Default for MetastoreConfig {
             limits: Limits::default(),
             sessions: SessionSettings::default(),
             watch_history_revisions: 100_000,
+            http_addr: String::new(),
         }
     }
 }

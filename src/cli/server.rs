@@ -23,6 +23,9 @@ pub struct MetastoreArgs {
     /// Address peers and clients use to reach this node.
     #[arg(long)]
     advertise: Option<String>,
+    /// HTTP address for /metrics ("" or absent: off).
+    #[arg(long)]
+    http: Option<String>,
     /// Data directory.
     #[arg(long)]
     data_dir: Option<PathBuf>,
@@ -39,6 +42,7 @@ fn load_metastore_config(a: &MetastoreArgs) -> anyhow::Result<MetastoreConfig> {
         ("node_id", a.node_id.map(|v| v.to_string())),
         ("listen_addr", a.listen.clone()),
         ("advertise_addr", a.advertise.clone()),
+        ("http_addr", a.http.clone()),
         ("data_dir", a.data_dir.as_ref().map(|v| v.display().to_string())),
         ("initial_members", (!a.initial_members.is_empty()).then(|| toml_list(&a.initial_members))),
     ];

@@ -98,3 +98,44 @@ fn standalone(data: &std::path::Path, addr: &str) -> ChildGuard {
         .expect("start standalone");
     ChildGuard(child)
 }
+
+/// A node with `http_addr` serves Raft and process series at `/metrics`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metastore_serves_raft_metrics() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = magnetar_metastore::local_cluster::free_ports(1).expect("port")[0];
+    let addr = format!("127.0.0.1:{port}");
+    let cfg = magnetar_metastore::config::MetastoreConfig {
+        listen_addr: addr.clone(),
+        data_dir: dir.path().join("m"),
+        initial_members: vec![format!("1={addr}")],
+        http_addr: "127.0.0.1:0".into(),
+        ..Default::default()
+    };
+    let node = magnetar_metastore::server::MetastoreNode::start(cfg, tokio_util::sync::CancellationToken::new())
+        .await
+        .expect("start");
+    let client = magnetar_metastore::client::MetaClient::connect(std::slice::from_ref(&addr)).expect("client");
+    client.put("/m", b"x".to_vec(), Default::default()).await.expect("put");
+    let http = node.http_addr().expect("http address").to_string();
+    let mut s = tokio::net::TcpStream::connect(&http).await.expect("connect");
+    s.write_all(format!("GET /metrics HTTP/1.1\r\nHost: {http}\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.expect("read");
+    let value = |name: &str| {
+        buf.lines()
+            .find(|l| l.starts_with(&format!("{name}{{")))
+            .and_then(|l| l.rsplit_once(' '))
+            .and_then(|(_, v)| v.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("{name} missing:\n{buf}"))
+    };
+    assert_eq!(value("metastore_raft_is_leader"), 1.0);
+    assert!(value("metastore_raft_term") >= 1.0);
+    assert!(value("metastore_raft_last_applied_index") >= 1.0);
+    assert_eq!(value("metastore_raft_voters"), 1.0);
+    assert!(buf.contains("process_resident_memory_bytes "), "{buf}");
+    node.stop().await;
+}

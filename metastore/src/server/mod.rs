@@ -4,6 +4,7 @@
 //! Lifecycle: [`MetastoreNode::start`] binds and serves; [`MetastoreNode::stop`] stops accepting,
 //! shuts Raft down and waits for every task it started.
 
+mod http;
 mod proposer;
 mod raft_service;
 mod read_barrier;
@@ -37,6 +38,7 @@ pub struct MetastoreNode {
     raft: Raft,
     sm: Arc<SmShared>,
     addr: SocketAddr,
+    http_addr: Option<SocketAddr>,
     cancel: CancellationToken,
     tasks: TaskTracker,
 }
@@ -133,13 +135,27 @@ impl MetastoreNode {
             }
         });
         tasks.spawn(sessions::expiry_loop(raft.clone(), shared.clone(), leases, cfg.node_id, cancel.clone()));
+        let http_addr = if cfg.http_addr.is_empty() {
+            None
+        } else {
+            Some(
+                http::serve(&cfg.http_addr, raft.clone(), cfg.node_id, cancel.clone(), &tasks)
+                    .await
+                    .map_err(|source| MetaError::Io { context: "binding the metastore HTTP address", source })?,
+            )
+        };
         tracing::info!(node_id = cfg.node_id, %addr, %advertise, data_dir = %cfg.data_dir.display(), "metastore node started");
-        Ok(MetastoreNode { raft, sm: shared, addr, cancel, tasks })
+        Ok(MetastoreNode { raft, sm: shared, addr, http_addr, cancel, tasks })
     }
 
     /// The bound gRPC address.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The bound HTTP (`/metrics`) address, when serving HTTP.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
     }
 
     /// The Raft handle (metrics, membership).
