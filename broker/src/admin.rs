@@ -123,6 +123,63 @@ async fn cluster(State(a): S, Path(c): Path<String>) -> Response {
     get_json(&a.meta, &format!("/cluster/{c}"), &format!("Cluster {c}")).await
 }
 
+async fn cluster_create(State(a): S, Path(c): Path<String>, body: Bytes) -> Response {
+    if TopicName::parse(&format!("{c}/ns/x")).is_err() {
+        return fail(StatusCode::PRECONDITION_FAILED, format!("Cluster name {c} is not valid"));
+    }
+    match parse_object(&body) {
+        Ok(v) => {
+            create(
+                &a.meta,
+                &format!("/cluster/{c}"),
+                serde_json::to_vec(&v).unwrap_or_default(),
+                &format!("Cluster {c}"),
+            )
+            .await
+        }
+        Err(r) => r,
+    }
+}
+
+async fn cluster_update(State(a): S, Path(c): Path<String>, body: Bytes) -> Response {
+    let key = format!("/cluster/{c}");
+    let kv = match a.meta.get(&key).await {
+        Ok(Some(kv)) => kv,
+        Ok(None) => return fail(StatusCode::NOT_FOUND, format!("Cluster {c} does not exist")),
+        Err(e) => return meta_error(e),
+    };
+    let v = match parse_object(&body) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    match a
+        .meta
+        .put(
+            &key,
+            serde_json::to_vec(&v).unwrap_or_default(),
+            PutOptions { expected_version: Some(kv.version), session: 0 },
+        )
+        .await
+    {
+        Ok(_) => StatusCode::NO_CONTENT.into_response(),
+        Err(ClientError::BadVersion { .. }) => {
+            fail(StatusCode::CONFLICT, format!("Cluster {c} was changed concurrently"))
+        }
+        Err(e) => meta_error(e),
+    }
+}
+
+async fn cluster_delete(State(a): S, Path(c): Path<String>) -> Response {
+    if c == a.cluster {
+        return fail(StatusCode::PRECONDITION_FAILED, format!("Cluster {c} is this broker's own cluster"));
+    }
+    match a.meta.delete(&format!("/cluster/{c}"), None).await {
+        Ok(true) => StatusCode::NO_CONTENT.into_response(),
+        Ok(false) => fail(StatusCode::NOT_FOUND, format!("Cluster {c} does not exist")),
+        Err(e) => meta_error(e),
+    }
+}
+
 async fn brokers(State(a): S, Path(c): Path<String>) -> Response {
     if c != a.cluster {
         return fail(StatusCode::NOT_FOUND, format!("Cluster {c} does not exist"));
@@ -921,7 +978,10 @@ pub(crate) async fn serve(
         .route("/admin/v2/brokers/health", get(health))
         .route("/admin/v2/brokers/{cluster}", get(brokers))
         .route("/admin/v2/clusters", get(clusters))
-        .route("/admin/v2/clusters/{cluster}", get(cluster))
+        .route(
+            "/admin/v2/clusters/{cluster}",
+            get(cluster).put(cluster_create).post(cluster_update).delete(cluster_delete),
+        )
         .route("/admin/v2/tenants", get(tenants))
         .route(
             "/admin/v2/tenants/{tenant}",

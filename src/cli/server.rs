@@ -174,6 +174,9 @@ pub async fn broker(a: BrokerArgs) -> anyhow::Result<()> {
     let cfg: magnetar_broker::BrokerConfig = loader.load()?;
     let shutdown = magnetar_common::shutdown::shutdown_on_signals();
     let meta = magnetar_metastore::client::MetaClient::connect(&cfg.metastore)?;
+    let url =
+        format!("pulsar://{}", if cfg.advertise_addr.is_empty() { &cfg.listen_addr } else { &cfg.advertise_addr });
+    magnetar_broker::bootstrap::initial_metadata(&meta, &cfg.cluster_name, &url).await?;
     let broker = magnetar_broker::Broker::start(cfg, meta, shutdown.clone()).await?;
     shutdown.cancelled().await;
     broker.stop().await;
@@ -249,7 +252,12 @@ pub async fn standalone(a: StandaloneArgs) -> anyhow::Result<()> {
             .and_then(|l| Ok(l.load()?));
     let started = match broker_cfg {
         Ok(cfg) => {
-            match magnetar_broker::bootstrap::standalone_metadata(&meta, &format!("pulsar://{}", a.broker_listen)).await
+            match magnetar_broker::bootstrap::initial_metadata(
+                &meta,
+                &cfg.cluster_name,
+                &format!("pulsar://{}", a.broker_listen),
+            )
+            .await
             {
                 Ok(()) => {
                     magnetar_broker::Broker::start(cfg, meta, shutdown.clone()).await.map_err(anyhow::Error::from)

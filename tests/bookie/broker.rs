@@ -23,7 +23,8 @@ impl Drop for Proc {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_writes_replicated_ledgers_through_a_bookie_failure() {
     let mut cluster = Cluster::new(4, &[], true).await;
-    let addr = format!("127.0.0.1:{}", free_ports(1).expect("port")[0]);
+    let ports = free_ports(2).expect("ports");
+    let (addr, web) = (format!("127.0.0.1:{}", ports[0]), format!("127.0.0.1:{}", ports[1]));
     let start_broker = |cluster: &Cluster| {
         let log = std::fs::File::options()
             .create(true)
@@ -32,7 +33,8 @@ async fn broker_writes_replicated_ledgers_through_a_bookie_failure() {
             .expect("log");
         Proc(
             Command::new(crate::support::bin())
-                .args(["broker", "--listen", &addr, "--metastore", &cluster.meta_addr, "--web-listen", "127.0.0.1:0"])
+                .args(["broker", "--listen", &addr, "--metastore", &cluster.meta_addr, "--web-listen", &web])
+                .env("clusterName", "local")
                 .env("managedLedgerDefaultEnsembleSize", "3")
                 .env("managedLedgerDefaultWriteQuorum", "2")
                 .env("managedLedgerDefaultAckQuorum", "2")
@@ -81,6 +83,21 @@ async fn broker_writes_replicated_ledgers_through_a_bookie_failure() {
     broker = start_broker(&cluster);
     live.join().expect("the producer went on through the restart");
     scenario(&url, "consume_through_restart", "cluster");
+
+    // The admin API and metrics of a broker in cluster mode (it created cluster `local`,
+    // tenant `public` and namespace `public/default` on first start).
+    let (st, body) = crate::support::http_get(&web, "/admin/v2/namespaces/public").await.expect("admin answers");
+    assert_eq!((st, body.as_str()), (200, r#"["public/default"]"#));
+    let (st, body) =
+        crate::support::http_get(&web, "/admin/v2/persistent/public/default/cluster-live/stats").await.expect("stats");
+    assert_eq!(st, 200, "{body}");
+    let stats: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(stats["subscriptions"]["check"]["msgBacklog"], 0, "{stats}");
+    let (_, metrics) = crate::support::http_get(&web, "/metrics").await.expect("metrics");
+    assert!(
+        metrics.lines().any(|l| l.starts_with("pulsar_storage_size{cluster=\"local\"") && l.contains("cluster-live")),
+        "{metrics}"
+    );
     drop(broker);
 
     let closed = client.recover(ledger).await.expect("recover");

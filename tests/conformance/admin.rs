@@ -75,6 +75,14 @@ async fn admin_api_and_metrics() {
     assert!(parse(&b)["reason"].as_str().is_some_and(|r| r.contains("nowhere")), "{b}");
     assert_eq!(parse(&http(w, "GET", "/admin/v2/brokers/standalone", "").await.1).as_array().map(|a| a.len()), Some(1));
 
+    assert_eq!(http(w, "PUT", "/admin/v2/clusters/east", r#"{"serviceUrl":"http://east:8080"}"#).await.0, 204);
+    assert_eq!(http(w, "PUT", "/admin/v2/clusters/east", "{}").await.0, 409);
+    assert_eq!(http(w, "POST", "/admin/v2/clusters/east", r#"{"serviceUrl":"http://east:9090"}"#).await.0, 204);
+    assert_eq!(parse(&http(w, "GET", "/admin/v2/clusters/east", "").await.1)["serviceUrl"], "http://east:9090");
+    assert_eq!(http(w, "DELETE", "/admin/v2/clusters/standalone", "").await.0, 412);
+    assert_eq!(http(w, "DELETE", "/admin/v2/clusters/east", "").await.0, 204);
+    assert_eq!(http(w, "DELETE", "/admin/v2/clusters/east", "").await.0, 404);
+
     // Tenants.
     assert!(parse(&http(w, "GET", "/admin/v2/tenants", "").await.1)
         .as_array()
