@@ -682,6 +682,29 @@ async fn last_message_id(State(a): S, Path((t, ns, topic)): TopicPath) -> Respon
     }
 }
 
+async fn terminate(State(a): S, Path((t, ns, topic)): TopicPath) -> Response {
+    let n = match name(&t, &ns, &topic) {
+        Ok(n) => n,
+        Err(r) => return r,
+    };
+    let topic = match existing(&a, &n).await {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    match topic.ask(|done| Cmd::Terminate { done }).await {
+        Ok(Ok(id)) => json(
+            StatusCode::OK,
+            &serde_json::json!({
+                "ledgerId": id.ledger_id,
+                "entryId": id.entry_id as i64,
+                "partitionIndex": n.partition().map(|p| p as i64).unwrap_or(-1),
+            }),
+        ),
+        Ok(Err(e)) => fail(StatusCode::INTERNAL_SERVER_ERROR, e),
+        Err(e) => topic_error(e),
+    }
+}
+
 async fn unload(State(a): S, Path((t, ns, topic)): TopicPath) -> Response {
     let n = match name(&t, &ns, &topic) {
         Ok(n) => n,
@@ -1006,6 +1029,7 @@ pub(crate) async fn serve(
         .route(&format!("{topic}/internalStats"), get(internal_stats))
         .route(&format!("{topic}/lastMessageId"), get(last_message_id))
         .route(&format!("{topic}/unload"), axum::routing::put(unload))
+        .route(&format!("{topic}/terminate"), axum::routing::post(terminate))
         .route(&format!("{topic}/subscriptions"), get(subscriptions))
         .route(&format!("{topic}/subscription/{{subscription}}"), axum::routing::put(sub_create).delete(sub_delete))
         .route(&format!("{topic}/subscription/{{subscription}}/skip/{{n}}"), axum::routing::post(sub_skip))

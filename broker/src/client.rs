@@ -47,6 +47,7 @@ struct Routes {
     requests: HashMap<u64, oneshot::Sender<pb::BaseCommand>>,
     producers: HashMap<u64, mpsc::UnboundedSender<Receipt>>,
     consumers: HashMap<u64, mpsc::UnboundedSender<Message>>,
+    ended: HashMap<u64, Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// The answer to one SEND: its sequence id and message id (or the error).
@@ -153,6 +154,12 @@ impl Client {
                             let _ = tx.send((r.sequence_id, Err(ClientError::Server { code, message: r.message })));
                         }
                     }
+                    Ok(Type::ReachedEndOfTopic) => {
+                        let id = cmd.reached_end_of_topic.map(|r| r.consumer_id).unwrap_or(u64::MAX);
+                        if let Some(flag) = lock(&routes2).ended.get(&id) {
+                            flag.store(true, Ordering::Release);
+                        }
+                    }
                     Ok(Type::Message) => {
                         let (Some(m), Some(payload)) = (cmd.message, f.payload) else { continue };
                         if let Some(tx) = lock(&routes2).consumers.get(&m.consumer_id) {
@@ -234,7 +241,12 @@ impl Client {
     ) -> Result<Consumer, ClientError> {
         let (consumer_id, request_id) = (self.id(), self.id());
         let (tx, rx) = mpsc::unbounded_channel();
-        lock(&self.routes).consumers.insert(consumer_id, tx);
+        let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        {
+            let mut r = lock(&self.routes);
+            r.consumers.insert(consumer_id, tx);
+            r.ended.insert(consumer_id, ended.clone());
+        }
         let initial = if earliest {
             pb::command_subscribe::InitialPosition::Earliest
         } else {
@@ -253,7 +265,7 @@ impl Client {
             ..base(Type::Subscribe)
         };
         self.request(request_id, cmd).await?;
-        Ok(Consumer { out: self.out.clone(), consumer_id, messages: rx })
+        Ok(Consumer { out: self.out.clone(), consumer_id, messages: rx, ended })
     }
 }
 
@@ -324,6 +336,7 @@ pub struct Consumer {
     out: mpsc::UnboundedSender<Frame>,
     consumer_id: u64,
     messages: mpsc::UnboundedReceiver<Message>,
+    ended: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Consumer {
@@ -334,6 +347,11 @@ impl Consumer {
             ..base(Type::Flow)
         };
         self.out.send(Frame::Cmd(cmd)).map_err(|_| ClientError::Closed)
+    }
+
+    /// Whether the broker said the (terminated) topic has nothing more for this consumer.
+    pub fn reached_end_of_topic(&self) -> bool {
+        self.ended.load(Ordering::Acquire)
     }
 
     /// The next message; `None` once the connection closed.

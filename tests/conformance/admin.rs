@@ -377,3 +377,37 @@ async fn namespace_level_metrics() {
     assert_eq!(m.get(&format!("pulsar_in_messages_total{{{ns}}}")), Some(&7.0), "{text}");
     assert!(!text.contains("topic=\""), "no topic labels:\n{text}");
 }
+
+/// Terminate: the last id comes back, producers are refused (`TopicTerminated` in the
+/// official client), consumers get everything and then REACHED_END_OF_TOPIC; it survives a
+/// restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminate_topic() {
+    let s = standalone().await;
+    let w = s.web.clone();
+    let topic = "persistent://public/default/ending";
+    let ids = produce(&s.url(), topic, 5, false);
+    let (st, body) = http(&w, "POST", "/admin/v2/persistent/public/default/ending/terminate", "").await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(
+        (parse(&body)["ledgerId"].clone(), parse(&body)["entryId"].clone()),
+        (ids[4].0.into(), (ids[4].1 as i64).into())
+    );
+    super::pulsar_python::scenario(&s.url(), "terminated", "ending");
+    let client = Client::connect(&s.broker).await.expect("connect");
+    let mut c = client.subscribe(topic, "t", SubType::Exclusive, true).await.expect("subscribe");
+    c.flow(10).expect("flow");
+    for _ in 0..5 {
+        tokio::time::timeout(Duration::from_secs(10), c.next()).await.expect("message").expect("open");
+    }
+    for _ in 0..100 {
+        if c.reached_end_of_topic() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(c.reached_end_of_topic(), "REACHED_END_OF_TOPIC after the last message");
+    drop(client);
+    let s = s.restart().await;
+    super::pulsar_python::scenario(&s.url(), "terminated", "ending");
+}

@@ -416,6 +416,16 @@ def consume_through_restart():
     c.close()
 
 
+def terminated():
+    """A terminated topic refuses new producers."""
+    try:
+        p = client.create_producer(PREFIX)
+        p.send(b"late")
+        raise AssertionError("a terminated topic accepted a message")
+    except pulsar.TopicTerminated:
+        pass
+
+
 globals()[SCENARIO]()
 client.close()
 print(f"ok {SCENARIO}")

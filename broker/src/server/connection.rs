@@ -26,7 +26,8 @@ const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(30);
 const FLUSH_AT: usize = 256 * 1024;
 
 /// A send waiting for its append: sequence id, highest sequence id, the append.
-type PendingSend = (u64, u64, futures::future::BoxFuture<'static, Result<crate::topic::position::Pos, String>>);
+type PendingSend =
+    (u64, u64, futures::future::BoxFuture<'static, Result<crate::topic::position::Pos, crate::topic::AppendError>>);
 
 struct Producer {
     topic: Topic,
@@ -430,12 +431,12 @@ impl Conn {
                         }),
                         ..base(Type::SendReceipt)
                     },
-                    Err(message) => pb::BaseCommand {
+                    Err(e) => pb::BaseCommand {
                         send_error: Some(pb::CommandSendError {
                             producer_id,
                             sequence_id,
-                            error: pb::ServerError::PersistenceError as i32,
-                            message,
+                            error: e.code as i32,
+                            message: e.message,
                         }),
                         ..base(Type::SendError)
                     },

@@ -82,6 +82,27 @@ impl EntryInfo {
     }
 }
 
+/// Why an append failed, with the code the producer gets in SEND_ERROR.
+#[derive(Debug, Clone)]
+pub struct AppendError {
+    /// The Pulsar error code.
+    pub code: pb::ServerError,
+    /// Why.
+    pub message: String,
+}
+
+impl From<String> for AppendError {
+    fn from(message: String) -> Self {
+        AppendError { code: pb::ServerError::PersistenceError, message }
+    }
+}
+
+impl std::fmt::Display for AppendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
 /// Where a seek goes.
 #[derive(Clone, Debug)]
 pub enum SeekTarget {
@@ -134,7 +155,7 @@ pub enum Cmd {
         /// The producer's name and the entry's highest sequence id.
         producer: Option<(String, u64)>,
         /// The position once stored.
-        done: oneshot::Sender<Result<Pos, String>>,
+        done: oneshot::Sender<Result<Pos, AppendError>>,
     },
     /// Register a producer: the answer is its name and last sequence id.
     AddProducer {
@@ -243,6 +264,12 @@ pub enum Cmd {
         /// The answer.
         done: oneshot::Sender<pb::MessageIdData>,
     },
+    /// Terminate the topic: appends in flight finish, the ledger is closed, nothing more is
+    /// accepted. The answer is the last message id.
+    Terminate {
+        /// The answer.
+        done: oneshot::Sender<Result<pb::MessageIdData, String>>,
+    },
     /// Statistics.
     Stats {
         /// The answer.
@@ -280,7 +307,7 @@ pub(super) struct Init {
     pub info: ManagedLedgerInfo,
     pub version: u64,
     pub span: LedgerSpan,
-    pub writer: LedgerWriter,
+    pub writer: Option<LedgerWriter>,
 }
 
 /// Starts the task; returns its command channel.
@@ -296,7 +323,7 @@ pub(super) fn spawn(init: Init) -> mpsc::UnboundedSender<Cmd> {
             info: init.info,
             version: init.version,
             span: init.span,
-            writer: Some(init.writer),
+            writer: init.writer,
             ledger_entries: 0,
             ledger_bytes: 0,
             ledger_since: Instant::now(),
@@ -324,7 +351,7 @@ pub(super) fn spawn(init: Init) -> mpsc::UnboundedSender<Cmd> {
     tx
 }
 
-type Done = oneshot::Sender<Result<Pos, String>>;
+type Done = oneshot::Sender<Result<Pos, AppendError>>;
 /// An append: the entry, its producer's name and sequence id, and who waits for it.
 type Waiting = (Cached, Option<(String, u64)>, Done);
 
@@ -363,6 +390,8 @@ struct Consumer {
     permits: i64,
     protocol_version: i32,
     out: OutTx,
+    /// REACHED_END_OF_TOPIC was sent.
+    told_end: bool,
     msg_out: Rate,
     bytes_out: Rate,
 }
@@ -487,7 +516,10 @@ impl Actor {
                 _ = tick.tick() => {
                     self.persist_cursors();
                     self.tick_rates();
-                    if self.ml.ledger_entries > 0 && self.ml.ledger_since.elapsed() >= self.ml.settings.max_ledger_age {
+                    if self.ml.ledger_entries > 0
+                        && !self.ml.info.terminated
+                        && self.ml.ledger_since.elapsed() >= self.ml.settings.max_ledger_age
+                    {
                         self.rolling = true;
                         if self.inflight.is_empty() && !self.roll().await {
                             break;
@@ -541,7 +573,12 @@ impl Actor {
         match cmd {
             Cmd::Append { entry, info, producer, done } => {
                 let c = Cached { entry, info };
-                if self.rolling {
+                if self.ml.info.terminated {
+                    let _ = done.send(Err(AppendError {
+                        code: pb::ServerError::TopicTerminatedError,
+                        message: format!("topic {} is terminated", self.ml.name),
+                    }));
+                } else if self.rolling {
                     self.held.push_back((c, producer, done));
                 } else {
                     self.submit(c, producer, done);
@@ -556,7 +593,12 @@ impl Actor {
                         producer_id
                     )
                 });
-                if self.producers.values().any(|(n, _)| *n == name) {
+                if self.ml.info.terminated {
+                    let _ = done.send(Err((
+                        pb::ServerError::TopicTerminatedError,
+                        format!("topic {} is terminated", self.ml.name),
+                    )));
+                } else if self.producers.values().any(|(n, _)| *n == name) {
                     let _ = done.send(Err((
                         pb::ServerError::ProducerBusy,
                         format!("producer {name} is already connected to {}", self.ml.name),
@@ -603,6 +645,11 @@ impl Actor {
             Cmd::ConsumerStats { key, request_id } => self.consumer_stats(key, request_id),
             Cmd::Stats { done } => {
                 let _ = done.send(self.stats());
+            }
+            Cmd::Terminate { done } => {
+                let r = self.terminate().await;
+                let _ = done.send(r);
+                self.dispatch_all();
             }
             Cmd::SubAdmin { sub, op, done } => {
                 let r = self.sub_admin(sub, op).await;
@@ -756,7 +803,7 @@ impl Actor {
 
     fn submit(&mut self, c: Cached, producer: Option<(String, u64)>, done: Done) {
         let Some(w) = self.ml.writer.as_ref() else {
-            let _ = done.send(Err(format!("topic {} has no ledger", self.ml.name)));
+            let _ = done.send(Err(AppendError::from(format!("topic {} has no ledger", self.ml.name))));
             return;
         };
         self.inflight.push_back(Box::pin(w.append(c.entry.clone())));
@@ -797,7 +844,7 @@ impl Actor {
                             let _ = done.send(Ok(p));
                         }
                         Err(err) => {
-                            let _ = done.send(Err(err.to_string()));
+                            let _ = done.send(Err(AppendError::from(err.to_string())));
                             tracing::error!(topic = %self.ml.name, error = %err, "append failed; unloading the topic");
                             return false;
                         }
@@ -810,7 +857,7 @@ impl Actor {
                 true
             }
             Err(err) => {
-                let _ = done.send(Err(err.to_string()));
+                let _ = done.send(Err(AppendError::from(err.to_string())));
                 tracing::error!(topic = %self.ml.name, error = %err, "append failed; unloading the topic");
                 false
             }
@@ -842,7 +889,7 @@ impl Actor {
     async fn fail(&mut self, why: &str) {
         self.inflight_started.clear();
         for (_, _, done) in self.inflight_meta.drain(..).chain(self.held.drain(..)) {
-            let _ = done.send(Err(format!("topic {}: {why}", self.ml.name)));
+            let _ = done.send(Err(AppendError::from(format!("topic {}: {why}", self.ml.name))));
         }
         for ((_, producer_id), (_, out)) in self.producers.drain() {
             let _ = out.send(Out::Cmd(pb::BaseCommand {
@@ -870,7 +917,7 @@ impl Actor {
             }
         }
         for (_, _, done) in self.held.drain(..) {
-            let _ = done.send(Err(format!("topic {} was deleted", self.ml.name)));
+            let _ = done.send(Err(AppendError::from(format!("topic {} was deleted", self.ml.name))));
         }
         for ((_, producer_id), (_, out)) in self.producers.drain() {
             let _ = out.send(Out::Cmd(pb::BaseCommand {
@@ -905,6 +952,42 @@ impl Actor {
         Ok(())
     }
 
+    /// Finishes appends in flight, closes the ledger and records the topic as terminated.
+    async fn terminate(&mut self) -> Result<pb::MessageIdData, String> {
+        if !self.ml.info.terminated {
+            while let Some(r) = self.inflight.next().await {
+                if !self.appended(r).await {
+                    return Err(format!("topic {} failed while terminating", self.ml.name));
+                }
+            }
+            if let Some(w) = self.ml.writer.take() {
+                let id = w.id();
+                let md = w.close().await.map_err(|e| e.to_string())?;
+                self.ml.span.set_last(id, md.last_entry);
+                if let Some(l) = self.ml.info.ledgers.iter_mut().find(|l| l.ledger_id == id) {
+                    l.last_entry = Some(md.last_entry);
+                    l.size = Some(self.ml.ledger_bytes);
+                }
+            }
+            self.ml.ledger_entries = 0;
+            self.ml.ledger_bytes = 0;
+            let mut info = self.ml.info.clone();
+            info.terminated = true;
+            self.ml.version =
+                put_info(&self.ml.meta, &self.ml.key, &info, self.ml.version).await.map_err(|e| e.to_string())?;
+            self.ml.info = info;
+            for (_, _, done) in self.held.drain(..) {
+                let _ = done.send(Err(AppendError {
+                    code: pb::ServerError::TopicTerminatedError,
+                    message: format!("topic {} is terminated", self.ml.name),
+                }));
+            }
+            self.rolling = false;
+            tracing::info!(topic = %self.ml.name, last = %self.ml.span.last(), "topic terminated");
+        }
+        Ok(self.last_id().await)
+    }
+
     async fn close(&mut self) {
         while let Some(r) = self.inflight.next().await {
             if !self.appended(r).await {
@@ -929,7 +1012,7 @@ impl Actor {
             }
         }
         for (_, _, done) in self.held.drain(..) {
-            let _ = done.send(Err(format!("topic {} is closing", self.ml.name)));
+            let _ = done.send(Err(AppendError::from(format!("topic {} is closing", self.ml.name))));
         }
         tracing::info!(topic = %self.ml.name, "topic closed");
     }
@@ -1041,6 +1124,7 @@ impl Actor {
             permits: 0,
             protocol_version: spec.protocol_version,
             out: spec.out.clone(),
+            told_end: false,
             msg_out: Rate::default(),
             bytes_out: Rate::default(),
         });
@@ -1405,6 +1489,16 @@ fn update_active(sub: &mut Sub, partition: Option<u32>, joined: bool) {
 /// Sends what the subscription's consumers have permits for: first positions to deliver
 /// again, then new entries. Entries not in the tail cache are read from the bookies.
 fn dispatch(sub: &mut Sub, ml: &mut Ml) {
+    // A terminated topic whose every entry this subscription has read: consumers hear it.
+    if ml.info.terminated && sub.replay.is_empty() && ml.span.next(sub.read_pos).is_none() {
+        for c in sub.consumers.iter_mut().filter(|c| !c.told_end) {
+            c.told_end = true;
+            let _ = c.out.send(Out::Cmd(pb::BaseCommand {
+                reached_end_of_topic: Some(pb::CommandReachedEndOfTopic { consumer_id: c.key.1 }),
+                ..base(Type::ReachedEndOfTopic)
+            }));
+        }
+    }
     if sub.consumers.iter().all(|c| c.permits <= 0) {
         return;
     }

@@ -28,7 +28,9 @@ use tokio::sync::{mpsc, oneshot, Mutex, OnceCell};
 
 use crate::protocol::names::TopicName;
 use crate::protocol::pb;
-pub use actor::{Cmd, ConsumerSpec, CreateAt, EntryInfo, Out, OutTx, SeekTarget, SubAnswer, SubError, SubOp};
+pub use actor::{
+    AppendError, Cmd, ConsumerSpec, CreateAt, EntryInfo, Out, OutTx, SeekTarget, SubAnswer, SubError, SubOp,
+};
 use position::{LedgerSpan, Pos};
 
 /// The metastore key of a topic's managed-ledger metadata.
@@ -71,6 +73,10 @@ pub struct LedgerInfo {
 pub struct ManagedLedgerInfo {
     /// Ledgers, oldest first.
     pub ledgers: Vec<LedgerInfo>,
+    /// Terminated: no more messages are accepted, consumers hear REACHED_END_OF_TOPIC once
+    /// they have everything.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub terminated: bool,
 }
 
 /// A partitioned topic's metadata.
@@ -190,15 +196,15 @@ impl Topic {
         entry: Bytes,
         info: EntryInfo,
         producer: Option<(String, u64)>,
-    ) -> impl std::future::Future<Output = Result<Pos, String>> + Send + 'static {
+    ) -> impl std::future::Future<Output = Result<Pos, AppendError>> + Send + 'static {
         let (done, rx) = oneshot::channel();
         let sent = self.tx.send(Cmd::Append { entry, info, producer, done }).is_ok();
         let name = self.name.to_string();
         async move {
             if !sent {
-                return Err(format!("topic {name} is not available"));
+                return Err(format!("topic {name} is not available").into());
             }
-            rx.await.unwrap_or_else(|_| Err(format!("topic {name} is not available")))
+            rx.await.unwrap_or_else(|_| Err(format!("topic {name} is not available").into()))
         }
     }
 
@@ -344,13 +350,21 @@ impl Topics {
             l.last_entry = Some(md.last_entry);
             tracing::info!(topic = %name, ledger = md.id, last_entry = md.last_entry, "recovered a ledger");
         }
-        let writer = create_ledger(&self.ledgers, &self.settings, name).await?;
-        info.ledgers.push(LedgerInfo { ledger_id: writer.id(), last_entry: None, size: None });
+        // A terminated topic gets no new ledger.
+        let writer = if info.terminated {
+            None
+        } else {
+            let w = create_ledger(&self.ledgers, &self.settings, name).await?;
+            info.ledgers.push(LedgerInfo { ledger_id: w.id(), last_entry: None, size: None });
+            Some(w)
+        };
         let version = match put_info(&self.meta, &key, &info, version).await {
             Ok(v) => v,
             Err(e) => {
                 // Not ours: leave the new (empty) ledger to the garbage collector.
-                let _ = self.ledgers.delete(writer.id()).await;
+                if let Some(w) = &writer {
+                    let _ = self.ledgers.delete(w.id()).await;
+                }
                 return Err(match e {
                     TopicError::Meta(ClientError::BadVersion { .. }) => TopicError::Conflict(name.to_string()),
                     e => e,
@@ -359,7 +373,7 @@ impl Topics {
         };
         let span =
             LedgerSpan::new(info.ledgers.iter().map(|l| (l.ledger_id, l.last_entry.unwrap_or(-1))).collect::<Vec<_>>());
-        tracing::info!(topic = %name, ledger = writer.id(), ledgers = info.ledgers.len(), "topic loaded");
+        tracing::info!(topic = %name, ledger = ?writer.as_ref().map(|w| w.id()), ledgers = info.ledgers.len(), "topic loaded");
         let tx = actor::spawn(actor::Init {
             name: name.clone(),
             key,
