@@ -93,6 +93,44 @@ enum NamespacesCmd {
     Policies { namespace: String },
     /// Delete an empty namespace.
     Delete { namespace: String },
+    /// Set the retention policy.
+    SetRetention {
+        namespace: String,
+        /// Minutes (-1: forever).
+        #[arg(long)]
+        time: i64,
+        /// MiB (-1: unlimited).
+        #[arg(long)]
+        size: i64,
+    },
+    /// Show the retention policy.
+    GetRetention { namespace: String },
+    /// Set the message TTL.
+    SetMessageTtl {
+        namespace: String,
+        /// Seconds.
+        #[arg(long)]
+        ttl: u64,
+    },
+    /// Show the message TTL.
+    GetMessageTtl { namespace: String },
+    /// Turn deduplication on or off.
+    SetDeduplication {
+        namespace: String,
+        #[arg(long)]
+        enable: bool,
+    },
+    /// Grant a role actions on the namespace.
+    GrantPermission {
+        namespace: String,
+        #[arg(long)]
+        role: String,
+        /// produce, consume, … (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        actions: Vec<String>,
+    },
+    /// Roles and their actions.
+    Permissions { namespace: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -135,6 +173,72 @@ enum TopicsCmd {
     },
     /// Statistics of a partitioned topic.
     PartitionedStats { topic: String },
+    /// Ledgers and cursors of a topic.
+    InternalStats { topic: String },
+    /// The last message id.
+    LastMessageId { topic: String },
+    /// Close the topic here; it loads again on next use.
+    Unload { topic: String },
+    /// Accept no more messages.
+    Terminate { topic: String },
+    /// Subscriptions of a topic.
+    Subscriptions { topic: String },
+    /// Create a subscription.
+    CreateSubscription {
+        topic: String,
+        #[arg(long, short = 's')]
+        subscription: String,
+        /// earliest or latest.
+        #[arg(long = "messageId", short = 'm', default_value = "latest")]
+        position: String,
+    },
+    /// Delete a subscription.
+    Unsubscribe {
+        topic: String,
+        #[arg(long, short = 's')]
+        subscription: String,
+        /// Even with consumers connected.
+        #[arg(long, short = 'f')]
+        force: bool,
+    },
+    /// Acknowledge the next N messages.
+    Skip {
+        topic: String,
+        #[arg(long, short = 's')]
+        subscription: String,
+        #[arg(long, short = 'n')]
+        count: u64,
+    },
+    /// Acknowledge everything.
+    SkipAll {
+        topic: String,
+        #[arg(long, short = 's')]
+        subscription: String,
+    },
+    /// Acknowledge messages older than the given seconds.
+    ExpireMessages {
+        topic: String,
+        #[arg(long, short = 's')]
+        subscription: String,
+        #[arg(long = "expireTime", short = 't')]
+        seconds: u64,
+    },
+    /// Move a subscription to a publish time (ms since the epoch).
+    ResetCursor {
+        topic: String,
+        #[arg(long, short = 's')]
+        subscription: String,
+        #[arg(long, short = 't')]
+        time: u64,
+    },
+    /// Show the next unacknowledged messages.
+    PeekMessages {
+        topic: String,
+        #[arg(long, short = 's')]
+        subscription: String,
+        #[arg(long = "count", short = 'n', default_value_t = 1)]
+        count: u64,
+    },
 }
 
 /// `persistent://t/ns/x`, `t/ns/x` or `x` → `t/ns/x`.
@@ -225,6 +329,17 @@ fn print(json: bool, text: &str) {
 
 pub async fn run(a: AdminArgs) -> anyhow::Result<()> {
     let u = a.url.as_str();
+    if let Group::Topics { cmd: TopicsCmd::PeekMessages { topic, subscription, count } } = &a.cmd {
+        for i in 1..=*count {
+            let path = format!("/admin/v2/persistent/{}/subscription/{subscription}/position/{i}", topic_path(topic)?);
+            match call(u, "GET", &path, "").await {
+                Ok(text) => println!("{text}"),
+                Err(e) if i > 1 && e.to_string().starts_with("404") => break,
+                Err(e) => return Err(e),
+            }
+        }
+        return Ok(());
+    }
     let (method, path, body): (&str, String, String) = match &a.cmd {
         Group::Clusters { cmd: ClustersCmd::List } => ("GET", "/admin/v2/clusters".into(), String::new()),
         Group::Clusters { cmd: ClustersCmd::Get { cluster } } => {
@@ -290,6 +405,84 @@ pub async fn run(a: AdminArgs) -> anyhow::Result<()> {
             ),
             String::new(),
         ),
+        Group::Namespaces { cmd: NamespacesCmd::SetRetention { namespace, time, size } } => (
+            "POST",
+            format!("/admin/v2/namespaces/{}/retention", namespace_path(namespace)?),
+            serde_json::json!({ "retentionTimeInMinutes": time, "retentionSizeInMB": size }).to_string(),
+        ),
+        Group::Namespaces { cmd: NamespacesCmd::GetRetention { namespace } } => {
+            ("GET", format!("/admin/v2/namespaces/{}/retention", namespace_path(namespace)?), String::new())
+        }
+        Group::Namespaces { cmd: NamespacesCmd::SetMessageTtl { namespace, ttl } } => {
+            ("POST", format!("/admin/v2/namespaces/{}/messageTTL", namespace_path(namespace)?), ttl.to_string())
+        }
+        Group::Namespaces { cmd: NamespacesCmd::GetMessageTtl { namespace } } => {
+            ("GET", format!("/admin/v2/namespaces/{}/messageTTL", namespace_path(namespace)?), String::new())
+        }
+        Group::Namespaces { cmd: NamespacesCmd::SetDeduplication { namespace, enable } } => {
+            ("POST", format!("/admin/v2/namespaces/{}/deduplication", namespace_path(namespace)?), enable.to_string())
+        }
+        Group::Namespaces { cmd: NamespacesCmd::GrantPermission { namespace, role, actions } } => (
+            "POST",
+            format!("/admin/v2/namespaces/{}/permissions/{role}", namespace_path(namespace)?),
+            serde_json::to_string(actions)?,
+        ),
+        Group::Namespaces { cmd: NamespacesCmd::Permissions { namespace } } => {
+            ("GET", format!("/admin/v2/namespaces/{}/permissions", namespace_path(namespace)?), String::new())
+        }
+        Group::Topics { cmd: TopicsCmd::InternalStats { topic } } => {
+            ("GET", format!("/admin/v2/persistent/{}/internalStats", topic_path(topic)?), String::new())
+        }
+        Group::Topics { cmd: TopicsCmd::LastMessageId { topic } } => {
+            ("GET", format!("/admin/v2/persistent/{}/lastMessageId", topic_path(topic)?), String::new())
+        }
+        Group::Topics { cmd: TopicsCmd::Unload { topic } } => {
+            ("PUT", format!("/admin/v2/persistent/{}/unload", topic_path(topic)?), String::new())
+        }
+        Group::Topics { cmd: TopicsCmd::Terminate { topic } } => {
+            ("POST", format!("/admin/v2/persistent/{}/terminate", topic_path(topic)?), String::new())
+        }
+        Group::Topics { cmd: TopicsCmd::Subscriptions { topic } } => {
+            ("GET", format!("/admin/v2/persistent/{}/subscriptions", topic_path(topic)?), String::new())
+        }
+        Group::Topics { cmd: TopicsCmd::CreateSubscription { topic, subscription, position } } => {
+            let body = match position.as_str() {
+                "earliest" => r#"{"ledgerId":-1,"entryId":-1}"#.to_string(),
+                "latest" => String::new(),
+                other => bail!("--messageId must be earliest or latest, not {other}"),
+            };
+            ("PUT", format!("/admin/v2/persistent/{}/subscription/{subscription}", topic_path(topic)?), body)
+        }
+        Group::Topics { cmd: TopicsCmd::Unsubscribe { topic, subscription, force } } => (
+            "DELETE",
+            format!(
+                "/admin/v2/persistent/{}/subscription/{subscription}{}",
+                topic_path(topic)?,
+                if *force { "?force=true" } else { "" }
+            ),
+            String::new(),
+        ),
+        Group::Topics { cmd: TopicsCmd::Skip { topic, subscription, count } } => (
+            "POST",
+            format!("/admin/v2/persistent/{}/subscription/{subscription}/skip/{count}", topic_path(topic)?),
+            String::new(),
+        ),
+        Group::Topics { cmd: TopicsCmd::SkipAll { topic, subscription } } => (
+            "POST",
+            format!("/admin/v2/persistent/{}/subscription/{subscription}/skip_all", topic_path(topic)?),
+            String::new(),
+        ),
+        Group::Topics { cmd: TopicsCmd::ExpireMessages { topic, subscription, seconds } } => (
+            "POST",
+            format!("/admin/v2/persistent/{}/subscription/{subscription}/expireMessages/{seconds}", topic_path(topic)?),
+            String::new(),
+        ),
+        Group::Topics { cmd: TopicsCmd::ResetCursor { topic, subscription, time } } => (
+            "POST",
+            format!("/admin/v2/persistent/{}/subscription/{subscription}/resetcursor/{time}", topic_path(topic)?),
+            String::new(),
+        ),
+        Group::Topics { cmd: TopicsCmd::PeekMessages { .. } } => unreachable!("handled above"),
         Group::Topics { cmd: TopicsCmd::Stats { topic } } => {
             ("GET", format!("/admin/v2/persistent/{}/stats", topic_path(topic)?), String::new())
         }

@@ -271,6 +271,28 @@ async fn admin_cli_round_trip() {
     assert!(listed.contains("persistent://shop/orders/o-partition-1"), "{listed}");
     let (fine, _, err) = admin(&["namespaces", "delete", "shop/orders"]);
     assert!(!fine && err.contains("409"), "a namespace with topics stays: {err}");
+    // Subscriptions and policies through the CLI.
+    ok(admin(&["topics", "create", "shop/orders/flat"]));
+    produce(&s.url(), "persistent://shop/orders/flat", 6, false);
+    ok(admin(&["topics", "create-subscription", "shop/orders/flat", "-s", "audit", "-m", "earliest"]));
+    assert_eq!(ok(admin(&["topics", "subscriptions", "shop/orders/flat"])).trim(), "audit");
+    ok(admin(&["topics", "skip", "shop/orders/flat", "-s", "audit", "-n", "2"]));
+    assert_eq!(
+        ok(admin(&["topics", "peek-messages", "shop/orders/flat", "-s", "audit", "-n", "2"]))
+            .lines()
+            .collect::<Vec<_>>(),
+        ["msg-2", "msg-3"]
+    );
+    ok(admin(&["topics", "skip-all", "shop/orders/flat", "-s", "audit"]));
+    let flat = parse(&ok(admin(&["--json", "topics", "stats", "shop/orders/flat"])));
+    assert_eq!(flat["subscriptions"]["audit"]["msgBacklog"], 0, "{flat}");
+    ok(admin(&["topics", "unsubscribe", "shop/orders/flat", "-s", "audit"]));
+    ok(admin(&["namespaces", "set-message-ttl", "shop/orders", "--ttl", "120"]));
+    assert_eq!(ok(admin(&["namespaces", "get-message-ttl", "shop/orders"])).trim(), "120");
+    ok(admin(&["namespaces", "grant-permission", "shop/orders", "--role", "app", "--actions", "produce,consume"]));
+    assert!(ok(admin(&["namespaces", "permissions", "shop/orders"])).contains("\"app\""));
+    ok(admin(&["topics", "terminate", "shop/orders/flat"]));
+    ok(admin(&["topics", "delete", "shop/orders/flat"]));
     ok(admin(&["topics", "delete-partitioned-topic", "shop/orders/o"]));
     assert_eq!(ok(admin(&["topics", "list", "shop/orders"])).trim(), "");
     ok(admin(&["namespaces", "delete", "shop/orders"]));
