@@ -97,6 +97,32 @@ async fn get_json(meta: &MetaClient, key: &str, what: &str) -> Response {
     }
 }
 
+/// Read-modify-write of a JSON document at `key` with a CAS on the version read: 404 when it
+/// is missing, 409 when it changed meanwhile, 204 when stored.
+async fn update_json(
+    meta: &MetaClient,
+    key: &str,
+    what: &str,
+    change: impl FnOnce(Value) -> Result<Value, Response>,
+) -> Response {
+    let kv = match meta.get(key).await {
+        Ok(Some(kv)) => kv,
+        Ok(None) => return fail(StatusCode::NOT_FOUND, format!("{what} does not exist")),
+        Err(e) => return meta_error(e),
+    };
+    let old: Value = serde_json::from_slice(&kv.value).unwrap_or_else(|_| serde_json::json!({}));
+    let new = match change(old) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let body = serde_json::to_vec(&new).unwrap_or_default();
+    match meta.put(key, body, PutOptions { expected_version: Some(kv.version), session: 0 }).await {
+        Ok(_) => StatusCode::NO_CONTENT.into_response(),
+        Err(ClientError::BadVersion { .. }) => fail(StatusCode::CONFLICT, format!("{what} was changed concurrently")),
+        Err(e) => meta_error(e),
+    }
+}
+
 fn parse_object(body: &Bytes) -> Result<Value, Response> {
     if body.is_empty() {
         return Ok(serde_json::json!({}));
@@ -146,31 +172,7 @@ async fn cluster_create(State(a): S, Path(c): Path<String>, body: Bytes) -> Resp
 }
 
 async fn cluster_update(State(a): S, Path(c): Path<String>, body: Bytes) -> Response {
-    let key = format!("/cluster/{c}");
-    let kv = match a.meta.get(&key).await {
-        Ok(Some(kv)) => kv,
-        Ok(None) => return fail(StatusCode::NOT_FOUND, format!("Cluster {c} does not exist")),
-        Err(e) => return meta_error(e),
-    };
-    let v = match parse_object(&body) {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
-    match a
-        .meta
-        .put(
-            &key,
-            serde_json::to_vec(&v).unwrap_or_default(),
-            PutOptions { expected_version: Some(kv.version), session: 0 },
-        )
-        .await
-    {
-        Ok(_) => StatusCode::NO_CONTENT.into_response(),
-        Err(ClientError::BadVersion { .. }) => {
-            fail(StatusCode::CONFLICT, format!("Cluster {c} was changed concurrently"))
-        }
-        Err(e) => meta_error(e),
-    }
+    update_json(&a.meta, &format!("/cluster/{c}"), &format!("Cluster {c}"), |_| parse_object(&body)).await
 }
 
 async fn cluster_delete(State(a): S, Path(c): Path<String>) -> Response {
@@ -202,12 +204,12 @@ async fn tenant_get(State(a): S, Path(t): Path<String>) -> Response {
     get_json(&a.meta, &format!("/tenants/{t}"), &format!("Tenant {t}")).await
 }
 
-fn tenant_body(body: &Bytes) -> Result<Vec<u8>, Response> {
+fn tenant_body(body: &Bytes) -> Result<Value, Response> {
     let mut v = parse_object(body)?;
     let o = v.as_object_mut().ok_or_else(|| fail(StatusCode::BAD_REQUEST, "expected a JSON object"))?;
     o.entry("adminRoles").or_insert_with(|| serde_json::json!([]));
     o.entry("allowedClusters").or_insert_with(|| serde_json::json!([]));
-    Ok(serde_json::to_vec(&v).unwrap_or_default())
+    Ok(v)
 }
 
 async fn tenant_create(State(a): S, Path(t): Path<String>, body: Bytes) -> Response {
@@ -215,29 +217,16 @@ async fn tenant_create(State(a): S, Path(t): Path<String>, body: Bytes) -> Respo
         return fail(StatusCode::PRECONDITION_FAILED, format!("Tenant name {t} is not valid"));
     }
     match tenant_body(&body) {
-        Ok(b) => create(&a.meta, &format!("/tenants/{t}"), b, &format!("Tenant {t}")).await,
+        Ok(v) => {
+            let b = serde_json::to_vec(&v).unwrap_or_default();
+            create(&a.meta, &format!("/tenants/{t}"), b, &format!("Tenant {t}")).await
+        }
         Err(r) => r,
     }
 }
 
 async fn tenant_update(State(a): S, Path(t): Path<String>, body: Bytes) -> Response {
-    let key = format!("/tenants/{t}");
-    let kv = match a.meta.get(&key).await {
-        Ok(Some(kv)) => kv,
-        Ok(None) => return fail(StatusCode::NOT_FOUND, format!("Tenant {t} does not exist")),
-        Err(e) => return meta_error(e),
-    };
-    let b = match tenant_body(&body) {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
-    match a.meta.put(&key, b, PutOptions { expected_version: Some(kv.version), session: 0 }).await {
-        Ok(_) => StatusCode::NO_CONTENT.into_response(),
-        Err(ClientError::BadVersion { .. }) => {
-            fail(StatusCode::CONFLICT, format!("Tenant {t} was changed concurrently"))
-        }
-        Err(e) => meta_error(e),
-    }
+    update_json(&a.meta, &format!("/tenants/{t}"), &format!("Tenant {t}"), |_| tenant_body(&body)).await
 }
 
 async fn tenant_delete(State(a): S, Path(t): Path<String>) -> Response {
@@ -367,24 +356,13 @@ async fn policy_set(State(a): S, Path((t, ns, segment)): Path<(String, String, S
     if !fits {
         return fail(StatusCode::PRECONDITION_FAILED, format!("invalid value for {segment}: {value}"));
     }
-    let key = format!("/namespaces/{t}/{ns}");
-    let kv = match a.meta.get(&key).await {
-        Ok(Some(kv)) => kv,
-        Ok(None) => return fail(StatusCode::NOT_FOUND, format!("Namespace {t}/{ns} does not exist")),
-        Err(e) => return meta_error(e),
-    };
-    let mut policies: Value = serde_json::from_slice(&kv.value).unwrap_or_else(|_| serde_json::json!({}));
-    if let Some(o) = policies.as_object_mut() {
-        o.insert(field.into(), value);
-    }
-    let body = serde_json::to_vec(&policies).unwrap_or_default();
-    match a.meta.put(&key, body, PutOptions { expected_version: Some(kv.version), session: 0 }).await {
-        Ok(_) => StatusCode::NO_CONTENT.into_response(),
-        Err(ClientError::BadVersion { .. }) => {
-            fail(StatusCode::CONFLICT, format!("Namespace {t}/{ns} was changed concurrently"))
+    update_json(&a.meta, &format!("/namespaces/{t}/{ns}"), &format!("Namespace {t}/{ns}"), |mut policies| {
+        if let Some(o) = policies.as_object_mut() {
+            o.insert(field.into(), value);
         }
-        Err(e) => meta_error(e),
-    }
+        Ok(policies)
+    })
+    .await
 }
 
 /// Grants `role` actions on a namespace (stored in `auth_policies`; enforced once
@@ -400,22 +378,11 @@ async fn permission_grant(State(a): S, Path((t, ns, role)): Path<(String, String
     {
         return fail(StatusCode::PRECONDITION_FAILED, format!("unknown action {bad}"));
     }
-    let key = format!("/namespaces/{t}/{ns}");
-    let kv = match a.meta.get(&key).await {
-        Ok(Some(kv)) => kv,
-        Ok(None) => return fail(StatusCode::NOT_FOUND, format!("Namespace {t}/{ns} does not exist")),
-        Err(e) => return meta_error(e),
-    };
-    let mut policies: Value = serde_json::from_slice(&kv.value).unwrap_or_else(|_| serde_json::json!({}));
-    policies["auth_policies"]["namespace_auth"][role.as_str()] = serde_json::json!(actions);
-    let body = serde_json::to_vec(&policies).unwrap_or_default();
-    match a.meta.put(&key, body, PutOptions { expected_version: Some(kv.version), session: 0 }).await {
-        Ok(_) => StatusCode::NO_CONTENT.into_response(),
-        Err(ClientError::BadVersion { .. }) => {
-            fail(StatusCode::CONFLICT, format!("Namespace {t}/{ns} was changed concurrently"))
-        }
-        Err(e) => meta_error(e),
-    }
+    update_json(&a.meta, &format!("/namespaces/{t}/{ns}"), &format!("Namespace {t}/{ns}"), |mut policies| {
+        policies["auth_policies"]["namespace_auth"][role.as_str()] = serde_json::json!(actions);
+        Ok(policies)
+    })
+    .await
 }
 
 async fn permissions_get(State(a): S, Path((t, ns)): Path<(String, String)>) -> Response {
@@ -804,12 +771,7 @@ async fn partitions_get(State(a): S, Path((t, ns, topic)): Path<(String, String,
 }
 
 async fn topic_stats(a: &Admin, n: &TopicName) -> Result<crate::topic::stats::TopicStats, Response> {
-    match exists(&a.meta, &topic_key(n)).await {
-        Ok(true) => {}
-        Ok(false) => return Err(fail(StatusCode::NOT_FOUND, format!("Topic {n} not found"))),
-        Err(e) => return Err(meta_error(e)),
-    }
-    let topic = a.topics.get_or_load(n).await.map_err(topic_error)?;
+    let topic = existing(a, n).await?;
     topic.ask(|done| Cmd::Stats { done }).await.map_err(topic_error)
 }
 

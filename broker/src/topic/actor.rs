@@ -759,11 +759,11 @@ impl Actor {
             write_latency: self.write_latency.clone(),
             ..Default::default()
         };
-        for (name, _) in self.producers.values() {
+        for (&(_, producer_id), (name, _)) in &self.producers {
             let (m, b) = self.producer_rates.get(name).map(|(m, b)| (m.rate, b.rate)).unwrap_or_default();
             st.publishers.push(stats::PublisherStats {
                 producer_name: name.clone(),
-                producer_id: self.producers.iter().find(|(_, (n, _))| n == name).map(|(k, _)| k.1).unwrap_or(0),
+                producer_id,
                 msg_rate_in: m,
                 msg_throughput_in: b,
             });
@@ -884,13 +884,9 @@ impl Actor {
         }
     }
 
-    /// Fails everything waiting and closes the topic's producers and consumers, so their
-    /// clients reconnect and load the topic again.
-    async fn fail(&mut self, why: &str) {
-        self.inflight_started.clear();
-        for (_, _, done) in self.inflight_meta.drain(..).chain(self.held.drain(..)) {
-            let _ = done.send(Err(AppendError::from(format!("topic {}: {why}", self.ml.name))));
-        }
+    /// Tells every producer and consumer to reconnect (CLOSE_PRODUCER / CLOSE_CONSUMER) and
+    /// forgets the producers.
+    fn disconnect_clients(&mut self) {
         for ((_, producer_id), (_, out)) in self.producers.drain() {
             let _ = out.send(Out::Cmd(pb::BaseCommand {
                 close_producer: Some(pb::CommandCloseProducer {
@@ -906,6 +902,16 @@ impl Actor {
                 let _ = c.out.send(close_consumer(c.key.1));
             }
         }
+    }
+
+    /// Fails everything waiting and closes the topic's producers and consumers, so their
+    /// clients reconnect and load the topic again.
+    async fn fail(&mut self, why: &str) {
+        self.inflight_started.clear();
+        for (_, _, done) in self.inflight_meta.drain(..).chain(self.held.drain(..)) {
+            let _ = done.send(Err(AppendError::from(format!("topic {}: {why}", self.ml.name))));
+        }
+        self.disconnect_clients();
         self.store_cursors().await;
     }
 
@@ -919,21 +925,7 @@ impl Actor {
         for (_, _, done) in self.held.drain(..) {
             let _ = done.send(Err(AppendError::from(format!("topic {} was deleted", self.ml.name))));
         }
-        for ((_, producer_id), (_, out)) in self.producers.drain() {
-            let _ = out.send(Out::Cmd(pb::BaseCommand {
-                close_producer: Some(pb::CommandCloseProducer {
-                    producer_id,
-                    request_id: u64::MAX,
-                    ..Default::default()
-                }),
-                ..base(Type::CloseProducer)
-            }));
-        }
-        for sub in self.subs.values() {
-            for c in &sub.consumers {
-                let _ = c.out.send(close_consumer(c.key.1));
-            }
-        }
+        self.disconnect_clients();
         self.subs.clear();
         self.index.clear();
         let meta = self.ml.meta.clone();
