@@ -7,7 +7,6 @@
 //! as is; the large error variant is deliberate.
 #![allow(clippy::result_large_err)]
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -22,6 +21,7 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::ownership::{BrokerInfo, Owner, Ownership};
 use crate::protocol::names::TopicName;
 use crate::topic::{
     partitioned_key, topic_key, Cmd, CreateAt, PartitionedMetadata, SubAnswer, SubError, SubOp, Topic, TopicError,
@@ -32,8 +32,7 @@ pub(crate) struct Admin {
     pub(crate) meta: MetaClient,
     pub(crate) topics: Arc<Topics>,
     pub(crate) cluster: String,
-    pub(crate) web_addr: String,
-    pub(crate) service_url: String,
+    pub(crate) ownership: Arc<Ownership>,
     pub(crate) topic_level_metrics: bool,
 }
 
@@ -57,6 +56,7 @@ fn topic_error(e: TopicError) -> Response {
         TopicError::NotFound(t) => fail(StatusCode::NOT_FOUND, format!("Topic {t} not found")),
         TopicError::Conflict(t) => fail(StatusCode::CONFLICT, format!("Topic {t} was changed concurrently")),
         TopicError::Refused(why) => fail(StatusCode::PRECONDITION_FAILED, why),
+        e @ TopicError::NotOwned { .. } => fail(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
         e => fail(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
@@ -190,7 +190,13 @@ async fn brokers(State(a): S, Path(c): Path<String>) -> Response {
     if c != a.cluster {
         return fail(StatusCode::NOT_FOUND, format!("Cluster {c} does not exist"));
     }
-    json(StatusCode::OK, std::slice::from_ref(&a.web_addr))
+    match a.ownership.brokers().await {
+        Ok(list) => json(
+            StatusCode::OK,
+            &list.iter().map(|b| b.http_url.trim_start_matches("http://").to_owned()).collect::<Vec<_>>(),
+        ),
+        Err(e) => meta_error(e),
+    }
 }
 
 async fn tenants(State(a): S) -> Response {
@@ -344,6 +350,10 @@ async fn policy_set(State(a): S, Path((t, ns, segment)): Path<(String, String, S
     let Some((field, kind)) = policy(&segment) else {
         return fail(StatusCode::NOT_FOUND, format!("unknown namespace policy {segment}"));
     };
+    if segment == "bundles" {
+        // Topics' owners are found by bundle: the count is fixed when the namespace is made.
+        return fail(StatusCode::PRECONDITION_FAILED, "bundles are set when the namespace is created");
+    }
     let value: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
         Err(e) => return fail(StatusCode::BAD_REQUEST, format!("invalid JSON: {e}")),
@@ -487,7 +497,18 @@ async fn partitions_delete(
         Err(e) => return topic_error(e),
     };
     for i in 0..count {
-        match a.topics.delete(&n.partition_name(i), force).await {
+        let p = n.partition_name(i);
+        let q = if force { "?force=true" } else { "" };
+        match at_owner(&a, &p, "DELETE", &format!("{}{q}", admin_path(&p))).await {
+            Ok(Some((204 | 404, _))) => continue,
+            Ok(Some((status, body))) => {
+                let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+                return (status, [(header::CONTENT_TYPE, "application/json")], body).into_response();
+            }
+            Ok(None) => {}
+            Err(r) => return r,
+        }
+        match a.topics.delete(&p, force).await {
             Ok(()) | Err(TopicError::NotFound(_)) => {}
             Err(e) => return topic_error(e),
         }
@@ -691,19 +712,94 @@ async fn unload(State(a): S, Path((t, ns, topic)): TopicPath) -> Response {
     }
 }
 
-/// `/lookup/v2/topic/persistent/{t}/{ns}/{topic}`: this broker serves every topic.
-async fn lookup(State(a): S, Path((t, ns, topic)): TopicPath) -> Response {
-    match name(&t, &ns, &topic) {
-        Ok(_) => json(
-            StatusCode::OK,
-            &serde_json::json!({
-                "brokerUrl": a.service_url,
-                "httpUrl": format!("http://{}", a.web_addr),
-                "nativeUrl": a.service_url,
-            }),
-        ),
-        Err(r) => r,
+/// `/lookup/v2/topic/persistent/{t}/{ns}/{topic}`: the owner's URLs, or a redirect to the
+/// broker a free bundle is assigned to.
+async fn lookup(
+    State(a): S,
+    Path((t, ns, topic)): TopicPath,
+    uri: axum::http::Uri,
+) -> Response {
+    let n = match name(&t, &ns, &topic) {
+        Ok(n) => n,
+        Err(r) => return r,
+    };
+    let owner = match a.ownership.resolve(&n, authoritative(uri.query())).await {
+        Ok(Owner::Me) => a.ownership.me().clone(),
+        Ok(Owner::Other(b)) => b,
+        Ok(Owner::Candidate(b)) => return redirect(&b, &uri, true),
+        Err(e) => return fail(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    };
+    json(
+        StatusCode::OK,
+        &serde_json::json!({
+            "brokerUrl": owner.broker_url,
+            "httpUrl": owner.http_url,
+            "nativeUrl": owner.broker_url,
+        }),
+    )
+}
+
+/// `authoritative=true` in a query.
+fn authoritative(q: Option<&str>) -> bool {
+    q.unwrap_or("").split('&').any(|kv| kv == "authoritative=true")
+}
+
+/// 307 to the same path and query at broker `b` (marked authoritative when `b` is to take
+/// the bundle).
+fn redirect(b: &BrokerInfo, uri: &axum::http::Uri, authoritative: bool) -> Response {
+    if b.http_url.is_empty() {
+        return fail(StatusCode::SERVICE_UNAVAILABLE, format!("served by {}, which has no HTTP service", b.broker_id));
     }
+    let mut query = uri.query().unwrap_or("").to_owned();
+    if authoritative && !self::authoritative(Some(&query)) {
+        query = if query.is_empty() { "authoritative=true".into() } else { format!("{query}&authoritative=true") };
+    }
+    let sep = if query.is_empty() { "" } else { "?" };
+    let location = format!("{}{}{sep}{query}", b.http_url, uri.path());
+    (StatusCode::TEMPORARY_REDIRECT, [(header::LOCATION, location)]).into_response()
+}
+
+/// Topic routes are served by the topic's owner: requests for topics owned elsewhere (or
+/// assigned elsewhere) are redirected there, as Pulsar's brokers do.
+async fn to_owner(
+    State(a): S,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let uri = req.uri().clone();
+    let rest = uri.path().strip_prefix("/admin/v2/persistent/").unwrap_or("");
+    let parts: Vec<&str> = rest.splitn(4, '/').collect();
+    let Some(n) = parts.get(..3).and_then(|p| TopicName::parse(&format!("persistent://{}", p.join("/"))).ok())
+    else {
+        return next.run(req).await;
+    };
+    match a.ownership.resolve(&n, authoritative(uri.query())).await {
+        Ok(Owner::Me) => next.run(req).await,
+        Ok(Owner::Other(b)) => redirect(&b, &uri, false),
+        Ok(Owner::Candidate(b)) => redirect(&b, &uri, true),
+        Err(e) => fail(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+/// Runs `method path` at the broker serving topic `n` when that is another broker
+/// (`Ok(None)`: this broker serves it).
+async fn at_owner(a: &Admin, n: &TopicName, method: &str, path: &str) -> Result<Option<(u16, String)>, Response> {
+    let (b, auth) = match a.ownership.resolve(n, false).await {
+        Ok(Owner::Me) => return Ok(None),
+        Ok(Owner::Other(b)) => (b, false),
+        Ok(Owner::Candidate(b)) => (b, true),
+        Err(e) => return Err(fail(StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
+    };
+    let path = if auth { format!("{path}{}authoritative=true", if path.contains('?') { '&' } else { '?' }) } else { path.into() };
+    match crate::http::request_following(&b.http_url, method, &path, "").await {
+        Ok(r) => Ok(Some((r.status, r.body))),
+        Err(e) => Err(fail(StatusCode::SERVICE_UNAVAILABLE, format!("{n} is served by {}: {e}", b.broker_id))),
+    }
+}
+
+/// The admin path of topic `n` (`/admin/v2/persistent/t/ns/x`).
+fn admin_path(n: &TopicName) -> String {
+    format!("/admin/v2/persistent/{}/{}/{}", n.tenant, n.namespace, n.local)
 }
 
 fn partition_count(body: &Bytes) -> Result<u32, Response> {
@@ -801,7 +897,12 @@ async fn partitioned_stats(State(a): S, Path((t, ns, topic)): Path<(String, Stri
     for i in 0..count {
         let p = n.partition_name(i);
         // A partition nobody used yet has no ledger: it counts as empty.
-        let s = topic_stats(&a, &p).await.unwrap_or_default();
+        let s = match at_owner(&a, &p, "GET", &format!("{}/stats", admin_path(&p))).await {
+            Ok(Some((200, body))) => serde_json::from_str(&body).unwrap_or_default(),
+            Ok(Some(_)) => Default::default(),
+            Ok(None) => topic_stats(&a, &p).await.unwrap_or_default(),
+            Err(r) => return r,
+        };
         total.msg_rate_in += s.msg_rate_in;
         total.msg_throughput_in += s.msg_throughput_in;
         total.msg_rate_out += s.msg_rate_out;
@@ -948,18 +1049,32 @@ fn merge(agg: &mut crate::topic::stats::TopicStats, s: &crate::topic::stats::Top
     agg.write_latency.count += s.write_latency.count;
 }
 
-/// Binds `addr` and serves until `cancel`.
-pub(crate) async fn serve(
-    addr: &str,
-    mut admin: Admin,
-    cancel: CancellationToken,
-    tasks: &TaskTracker,
-) -> std::io::Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    let bound = listener.local_addr()?;
-    admin.web_addr = bound.to_string();
+/// Serves on `listener` until `cancel`.
+pub(crate) fn serve(listener: tokio::net::TcpListener, admin: Admin, cancel: CancellationToken, tasks: &TaskTracker) {
     let admin = Arc::new(admin);
     let topic = "/admin/v2/persistent/{tenant}/{namespace}/{topic}";
+    // Served by the topic's owner.
+    let owned = Router::new()
+        .route(topic, axum::routing::put(topic_create).delete(topic_delete))
+        .route(&format!("{topic}/stats"), get(stats))
+        .route(&format!("{topic}/internalStats"), get(internal_stats))
+        .route(&format!("{topic}/lastMessageId"), get(last_message_id))
+        .route(&format!("{topic}/unload"), axum::routing::put(unload))
+        .route(&format!("{topic}/terminate"), axum::routing::post(terminate))
+        .route(&format!("{topic}/subscriptions"), get(subscriptions))
+        .route(&format!("{topic}/subscription/{{subscription}}"), axum::routing::put(sub_create).delete(sub_delete))
+        .route(&format!("{topic}/subscription/{{subscription}}/skip/{{n}}"), axum::routing::post(sub_skip))
+        .route(&format!("{topic}/subscription/{{subscription}}/skip_all"), axum::routing::post(sub_skip_all))
+        .route(
+            &format!("{topic}/subscription/{{subscription}}/expireMessages/{{seconds}}"),
+            axum::routing::post(sub_expire),
+        )
+        .route(
+            &format!("{topic}/subscription/{{subscription}}/resetcursor/{{timestamp}}"),
+            axum::routing::post(sub_reset),
+        )
+        .route(&format!("{topic}/subscription/{{subscription}}/position/{{n}}"), get(sub_peek))
+        .route_layer(axum::middleware::from_fn_with_state(admin.clone(), to_owner));
     let app = Router::new()
         .route("/status.html", get(status))
         .route("/metrics", get(metrics))
@@ -985,36 +1100,17 @@ pub(crate) async fn serve(
         .route("/admin/v2/namespaces/{tenant}/{namespace}/{policy}", get(policy_get).post(policy_set))
         .route("/admin/v2/persistent/{tenant}/{namespace}", get(topics_list))
         .route("/admin/v2/persistent/{tenant}/{namespace}/partitioned", get(partitioned_list))
-        .route(topic, axum::routing::put(topic_create).delete(topic_delete))
         .route(
             &format!("{topic}/partitions"),
             get(partitions_get).put(partitions_create).post(partitions_update).delete(partitions_delete),
         )
-        .route(&format!("{topic}/stats"), get(stats))
-        .route(&format!("{topic}/internalStats"), get(internal_stats))
-        .route(&format!("{topic}/lastMessageId"), get(last_message_id))
-        .route(&format!("{topic}/unload"), axum::routing::put(unload))
-        .route(&format!("{topic}/terminate"), axum::routing::post(terminate))
-        .route(&format!("{topic}/subscriptions"), get(subscriptions))
-        .route(&format!("{topic}/subscription/{{subscription}}"), axum::routing::put(sub_create).delete(sub_delete))
-        .route(&format!("{topic}/subscription/{{subscription}}/skip/{{n}}"), axum::routing::post(sub_skip))
-        .route(&format!("{topic}/subscription/{{subscription}}/skip_all"), axum::routing::post(sub_skip_all))
-        .route(
-            &format!("{topic}/subscription/{{subscription}}/expireMessages/{{seconds}}"),
-            axum::routing::post(sub_expire),
-        )
-        .route(
-            &format!("{topic}/subscription/{{subscription}}/resetcursor/{{timestamp}}"),
-            axum::routing::post(sub_reset),
-        )
-        .route(&format!("{topic}/subscription/{{subscription}}/position/{{n}}"), get(sub_peek))
         .route("/lookup/v2/topic/persistent/{tenant}/{namespace}/{topic}", get(lookup))
         .route(&format!("{topic}/partitioned-stats"), get(partitioned_stats))
+        .merge(owned)
         .with_state(admin);
     tasks.spawn(async move {
         if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(cancel.cancelled_owned()).await {
             tracing::error!(error = %e, "broker HTTP server failed");
         }
     });
-    Ok(bound)
 }

@@ -21,6 +21,12 @@ pub struct BrokerConfig {
     pub advertise_addr: String,
     /// Metastore endpoints.
     pub metastore: Vec<String>,
+    /// Stable broker id in `/brokers/` and in bundle ownership ("": the advertised address).
+    /// A broker restarted under the same id takes its bundles back at once.
+    pub broker_id: String,
+    /// TTL of the broker's metastore session, ms: how long a broker that died keeps its
+    /// bundles before another broker may take them.
+    pub metadata_store_session_timeout_ms: u64,
     /// E of new ledgers.
     pub ensemble_size: usize,
     /// Qw of new ledgers.
@@ -61,6 +67,8 @@ impl Default for BrokerConfig {
             cluster_name: "standalone".into(),
             advertise_addr: String::new(),
             metastore: vec!["127.0.0.1:2379".into()],
+            broker_id: String::new(),
+            metadata_store_session_timeout_ms: 30_000,
             ensemble_size: 1,
             write_quorum: 1,
             ack_quorum: 1,
@@ -86,6 +94,7 @@ pub const ENV_ALIASES: &[(&str, &str)] = &[
     ("managedLedgerDefaultAckQuorum", "ack_quorum"),
     ("maxMessageSize", "max_message_size"),
     ("clusterName", "cluster_name"),
+    ("metadataStoreSessionTimeoutMillis", "metadata_store_session_timeout_ms"),
     ("allowAutoTopicCreation", "allow_auto_topic_creation"),
     ("allowAutoTopicCreationType", "allow_auto_topic_creation_type"),
     ("defaultNumPartitions", "default_num_partitions"),
@@ -140,6 +149,9 @@ impl Validate for BrokerConfig {
                 "cursor_persist_interval_ms",
                 "cursor_persist_interval_ms and dispatcher_max_read_batch_size must be at least 1",
             );
+        }
+        if self.metadata_store_session_timeout_ms < 1000 {
+            return bad("metadata_store_session_timeout_ms", "must be at least 1000");
         }
         if self.metastore.is_empty() {
             return bad("metastore", "at least one metastore endpoint is needed");

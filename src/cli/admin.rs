@@ -4,7 +4,6 @@
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[derive(Args, Debug)]
 pub struct AdminArgs {
@@ -257,44 +256,12 @@ fn namespace_path(ns: &str) -> anyhow::Result<&str> {
     }
 }
 
-/// One HTTP/1.1 request to `base` (http://host:port); returns (status, body).
-async fn request(base: &str, method: &str, path: &str, body: &str) -> anyhow::Result<(u16, String)> {
-    let addr = base.trim_start_matches("http://").trim_end_matches('/');
-    if base.starts_with("https://") {
-        bail!("https is not supported yet; use http://");
-    }
-    let mut s = tokio::net::TcpStream::connect(addr).await.with_context(|| format!("connecting to {addr}"))?;
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).await?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await?;
-    let text = String::from_utf8_lossy(&buf).to_string();
-    let status: u16 = text.split_whitespace().nth(1).and_then(|x| x.parse().ok()).context("malformed HTTP answer")?;
-    let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
-        let mut out = String::new();
-        let mut r = rest;
-        while let Some((size, tail)) = r.split_once("\r\n") {
-            let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-            if n == 0 || tail.len() < n {
-                break;
-            }
-            out.push_str(&tail[..n]);
-            r = tail.get(n + 2..).unwrap_or("");
-        }
-        out
-    } else {
-        rest.to_owned()
-    };
-    Ok((status, body))
-}
-
 /// Calls the API; an error status becomes an error with the API's reason.
 async fn call(base: &str, method: &str, path: &str, body: &str) -> anyhow::Result<String> {
-    let (status, text) = request(base, method, path, body).await?;
+    let r = magnetar_broker::http::request_following(base, method, path, body)
+        .await
+        .with_context(|| format!("{method} {path} at {base}"))?;
+    let (status, text) = (r.status, r.body);
     if !(200..300).contains(&status) {
         let reason = serde_json::from_str::<Value>(&text)
             .ok()

@@ -246,6 +246,8 @@ pub async fn standalone(a: StandaloneArgs) -> anyhow::Result<()> {
         ("listen_addr", Some(a.broker_listen.clone())),
         ("web_listen_addr", Some(a.web_listen.clone())),
         ("metastore", Some(toml_list(&endpoints))),
+        // One broker per data directory: a restart (on any port) takes its bundles back.
+        ("broker_id", Some("standalone".to_owned())),
     ];
     let broker_cfg: anyhow::Result<magnetar_broker::BrokerConfig> =
         layered("MAGNETAR_BROKER_", None, magnetar_broker::config::ENV_ALIASES, flags, &a.set)

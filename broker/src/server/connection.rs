@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 use super::{max_frame, Shared};
 use crate::protocol::codec::{base, CodecError};
 use crate::protocol::connection::{accept, error_command, ConnError, FrameReader, FrameWriter};
+use crate::ownership::Owner;
 use crate::protocol::names::TopicName;
 use crate::protocol::pb;
 use crate::topic::{Cmd, ConsumerSpec, EntryInfo, Out, OutTx, SeekTarget, Topic};
@@ -190,6 +191,36 @@ impl Conn {
         t
     }
 
+    /// Answers a LOOKUP: connect here, connect to the owner, or go ask the assigned broker
+    /// authoritatively.
+    async fn lookup(&self, l: &pb::CommandLookupTopic) -> pb::CommandLookupTopicResponse {
+        use pb::command_lookup_topic_response::LookupType;
+        let failed = |code: pb::ServerError, message: String| pb::CommandLookupTopicResponse {
+            response: Some(LookupType::Failed as i32),
+            request_id: l.request_id,
+            error: Some(code as i32),
+            message: Some(message),
+            ..Default::default()
+        };
+        let name = match TopicName::parse(&l.topic) {
+            Ok(n) => n,
+            Err(e) => return failed(pb::ServerError::InvalidTopicName, e.to_string()),
+        };
+        let (url, kind) = match self.shared.topics.ownership().resolve(&name, l.authoritative.unwrap_or(false)).await {
+            Ok(Owner::Me) => (self.shared.service_url.clone(), LookupType::Connect),
+            Ok(Owner::Other(b)) => (b.broker_url, LookupType::Connect),
+            Ok(Owner::Candidate(b)) => (b.broker_url, LookupType::Redirect),
+            Err(e) => return failed(pb::ServerError::ServiceNotReady, e.to_string()),
+        };
+        pb::CommandLookupTopicResponse {
+            broker_service_url: Some(url),
+            response: Some(kind as i32),
+            request_id: l.request_id,
+            authoritative: Some(true),
+            ..Default::default()
+        }
+    }
+
     async fn command(&mut self, frame: crate::protocol::codec::Frame) -> Result<(), ConnError> {
         let cmd = frame.command;
         let out = self.out.clone();
@@ -198,22 +229,7 @@ impl Conn {
             Ok(Type::Pong) => {}
             Ok(Type::Lookup) => {
                 let l = cmd.lookup_topic.ok_or_else(|| missing("LOOKUP"))?;
-                let r = match TopicName::parse(&l.topic) {
-                    Ok(_) => pb::CommandLookupTopicResponse {
-                        broker_service_url: Some(self.shared.service_url.clone()),
-                        response: Some(pb::command_lookup_topic_response::LookupType::Connect as i32),
-                        request_id: l.request_id,
-                        authoritative: Some(true),
-                        ..Default::default()
-                    },
-                    Err(e) => pb::CommandLookupTopicResponse {
-                        response: Some(pb::command_lookup_topic_response::LookupType::Failed as i32),
-                        request_id: l.request_id,
-                        error: Some(pb::ServerError::InvalidTopicName as i32),
-                        message: Some(e.to_string()),
-                        ..Default::default()
-                    },
-                };
+                let r = self.lookup(&l).await;
                 reply(&out, pb::BaseCommand { lookup_topic_response: Some(r), ..base(Type::LookupResponse) });
             }
             Ok(Type::PartitionedMetadata) => {

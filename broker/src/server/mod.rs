@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::BrokerConfig;
+use crate::ownership::{BrokerInfo, Ownership};
 use crate::protocol::codec::FRAME_HEADROOM;
 use crate::topic::Topics;
 
@@ -30,6 +31,7 @@ pub struct Broker {
     cancel: CancellationToken,
     tasks: TaskTracker,
     shared: Arc<Shared>,
+    ownership: Arc<Ownership>,
 }
 
 /// Why the broker could not start.
@@ -47,31 +49,62 @@ pub enum BrokerError {
     /// Invalid settings.
     #[error("invalid broker configuration: {0}")]
     Config(String),
+    /// Registering with the metastore failed.
+    #[error("registering with the metastore: {0}")]
+    Metastore(String),
 }
 
 impl Broker {
-    /// Binds and serves until `shutdown`.
+    /// Binds, registers with the metastore and serves until `shutdown`.
     pub async fn start(cfg: BrokerConfig, meta: MetaClient, shutdown: CancellationToken) -> Result<Self, BrokerError> {
         magnetar_common::config::Validate::validate(&cfg).map_err(|e| BrokerError::Config(e.to_string()))?;
-        let listener = TcpListener::bind(&cfg.listen_addr)
-            .await
-            .map_err(|source| BrokerError::Io { context: format!("binding {}", cfg.listen_addr), source })?;
-        let addr = listener
-            .local_addr()
-            .map_err(|source| BrokerError::Io { context: "reading the bound address".into(), source })?;
+        let io = |context: String| move |source| BrokerError::Io { context, source };
+        let listener = TcpListener::bind(&cfg.listen_addr).await.map_err(io(format!("binding {}", cfg.listen_addr)))?;
+        let addr = listener.local_addr().map_err(io("reading the bound address".into()))?;
         let advertise = if cfg.advertise_addr.is_empty() { addr.to_string() } else { cfg.advertise_addr.clone() };
+        let web = if cfg.web_listen_addr.is_empty() {
+            None
+        } else {
+            let l = TcpListener::bind(&cfg.web_listen_addr)
+                .await
+                .map_err(io(format!("binding HTTP {}", cfg.web_listen_addr)))?;
+            let bound = l.local_addr().map_err(io("reading the bound HTTP address".into()))?;
+            Some((l, bound))
+        };
+        let me = BrokerInfo {
+            broker_id: if cfg.broker_id.is_empty() { advertise.clone() } else { cfg.broker_id.clone() },
+            broker_url: format!("pulsar://{advertise}"),
+            http_url: web.as_ref().map(|(_, b)| format!("http://{}", advertised_web(&advertise, *b))).unwrap_or_default(),
+        };
+        let cancel = shutdown.child_token();
+        let ttl = std::time::Duration::from_millis(cfg.metadata_store_session_timeout_ms);
+        let ownership = Ownership::start(meta.clone(), me, ttl, cancel.child_token())
+            .await
+            .map_err(|e| BrokerError::Metastore(e.to_string()))?;
         let ledgers = LedgerClient::new(
             meta.clone(),
             LedgerOptions { created_by: format!("broker {advertise}"), ..Default::default() },
         );
         let shared = Arc::new(Shared {
-            topics: Arc::new(Topics::new(meta.clone(), ledgers, cfg.topic_settings())),
+            topics: Arc::new(Topics::new(meta.clone(), ledgers, cfg.topic_settings(), ownership.clone())),
             next_conn: std::sync::atomic::AtomicU64::new(1),
             service_url: format!("pulsar://{advertise}"),
             max_message_size: cfg.max_message_size,
         });
-        let cancel = shutdown.child_token();
         let tasks = TaskTracker::new();
+        // A lost session means the bundles may have new owners: unload everything, so
+        // clients reconnect and look their topics up again.
+        let (mut losses, topics, lost_cancel) = (ownership.losses(), shared.topics.clone(), cancel.clone());
+        tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = lost_cancel.cancelled() => return,
+                    r = losses.changed() => if r.is_err() { return },
+                }
+                tracing::warn!("unloading every topic after the metastore session was lost");
+                topics.close_all().await;
+            }
+        });
         let (accept_cancel, accept_tasks, kept) = (cancel.clone(), tasks.clone(), shared.clone());
         tasks.spawn(async move {
             loop {
@@ -99,26 +132,23 @@ impl Broker {
                 });
             }
         });
-        tracing::info!(%addr, "broker serving the Pulsar protocol");
-        let web_addr = if cfg.web_listen_addr.is_empty() {
-            None
-        } else {
-            let admin = crate::admin::Admin {
-                meta,
-                topics: kept.topics.clone(),
-                cluster: cfg.cluster_name.clone(),
-                web_addr: cfg.web_listen_addr.clone(),
-                service_url: kept.service_url.clone(),
-                topic_level_metrics: cfg.expose_topic_level_metrics_in_prometheus,
-            };
-            let bound =
-                crate::admin::serve(&cfg.web_listen_addr, admin, cancel.clone(), &tasks).await.map_err(|source| {
-                    BrokerError::Io { context: format!("binding HTTP {}", cfg.web_listen_addr), source }
-                })?;
-            tracing::info!(addr = %bound, "broker HTTP (admin API, metrics) serving");
-            Some(bound)
+        tracing::info!(%addr, broker = %ownership.me().broker_id, "broker serving the Pulsar protocol");
+        let web_addr = match web {
+            None => None,
+            Some((listener, bound)) => {
+                let admin = crate::admin::Admin {
+                    meta,
+                    topics: kept.topics.clone(),
+                    ownership: ownership.clone(),
+                    cluster: cfg.cluster_name.clone(),
+                    topic_level_metrics: cfg.expose_topic_level_metrics_in_prometheus,
+                };
+                crate::admin::serve(listener, admin, cancel.clone(), &tasks);
+                tracing::info!(addr = %bound, "broker HTTP (admin API, metrics) serving");
+                Some(bound)
+            }
         };
-        Ok(Broker { addr, web_addr, cancel, tasks, shared: kept })
+        Ok(Broker { addr, web_addr, cancel, tasks, shared: kept, ownership })
     }
 
     /// The bound address.
@@ -131,13 +161,25 @@ impl Broker {
         self.web_addr
     }
 
-    /// Stops accepting, closes connections and waits for their tasks, then closes every
-    /// topic (cursors stored, ledgers closed).
+    /// Stops accepting, closes connections and waits for their tasks, closes every topic
+    /// (cursors stored, ledgers closed), then gives up its bundles.
     pub async fn stop(self) {
         self.cancel.cancel();
         self.tasks.close();
         self.tasks.wait().await;
         self.shared.topics.close_all().await;
+        self.ownership.release().await;
+    }
+}
+
+/// The HTTP address to advertise: the bound one, with the advertised host when bound to all
+/// interfaces.
+fn advertised_web(advertise: &str, bound: SocketAddr) -> String {
+    if bound.ip().is_unspecified() {
+        let host = advertise.rsplit_once(':').map(|(h, _)| h).unwrap_or(advertise);
+        format!("{host}:{}", bound.port())
+    } else {
+        bound.to_string()
     }
 }
 

@@ -1,6 +1,6 @@
-//! Topics. Every topic is loaded through [`Topics::get_or_load`], the one place a future
-//! ownership (lease) check will guard, and is then owned by one task ([`actor`]) that holds
-//! its managed ledger, tail cache, producers and subscriptions.
+//! Topics. Every topic is loaded through [`Topics::get_or_load`], which first makes sure this
+//! broker owns the topic's bundle ([`crate::ownership`]), and is then owned by one task
+//! ([`actor`]) that holds its managed ledger, tail cache, producers and subscriptions.
 //!
 //! A topic's ledgers are listed at `/topics/<domain>/<tenant>/<namespace>/<topic>` and the list
 //! changes only by compare-and-swap. Loading a topic first recovers every listed ledger that
@@ -26,6 +26,7 @@ use magnetar_metastore::client::{ClientError, MetaClient, PutOptions};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, Mutex, OnceCell};
 
+use crate::ownership::{Owner, Ownership};
 use crate::protocol::names::TopicName;
 use crate::protocol::pb;
 pub use actor::{
@@ -115,6 +116,14 @@ pub enum TopicError {
     /// The topic's task has stopped (failed or closed).
     #[error("topic {0} is not available")]
     Unavailable(String),
+    /// Another broker serves the topic (or ownership could not be decided): look it up again.
+    #[error("topic {topic} is not served by this broker: {why}")]
+    NotOwned {
+        /// Topic.
+        topic: String,
+        /// Who serves it, or why it is unknown.
+        why: String,
+    },
 }
 
 impl TopicError {
@@ -126,7 +135,7 @@ impl TopicError {
                 pb::ServerError::MetadataError
             }
             TopicError::Ledger(_) => pb::ServerError::PersistenceError,
-            TopicError::Unavailable(_) => pb::ServerError::ServiceNotReady,
+            TopicError::Unavailable(_) | TopicError::NotOwned { .. } => pb::ServerError::ServiceNotReady,
             TopicError::Refused(_) => pb::ServerError::NotAllowedError,
         }
     }
@@ -220,14 +229,20 @@ impl Topic {
 pub struct Topics {
     meta: MetaClient,
     ledgers: LedgerClient,
+    ownership: Arc<Ownership>,
     settings: Arc<TopicSettings>,
     loaded: Mutex<HashMap<TopicName, Arc<OnceCell<Topic>>>>,
 }
 
 impl Topics {
-    /// Topics with `settings`.
-    pub fn new(meta: MetaClient, ledgers: LedgerClient, settings: TopicSettings) -> Self {
-        Topics { meta, ledgers, settings: Arc::new(settings), loaded: Mutex::new(HashMap::new()) }
+    /// Topics with `settings`, served while `ownership` holds their bundles.
+    pub fn new(meta: MetaClient, ledgers: LedgerClient, settings: TopicSettings, ownership: Arc<Ownership>) -> Self {
+        Topics { meta, ledgers, ownership, settings: Arc::new(settings), loaded: Mutex::new(HashMap::new()) }
+    }
+
+    /// This broker's bundle ownership.
+    pub fn ownership(&self) -> &Arc<Ownership> {
+        &self.ownership
     }
 
     /// The metastore client.
@@ -334,6 +349,12 @@ impl Topics {
     }
 
     async fn load(&self, name: &TopicName) -> Result<Topic, TopicError> {
+        let not_owned = |why: String| TopicError::NotOwned { topic: name.to_string(), why };
+        match self.ownership.resolve(name, true).await {
+            Ok(Owner::Me) => {}
+            Ok(Owner::Other(b) | Owner::Candidate(b)) => return Err(not_owned(format!("served by {}", b.broker_url))),
+            Err(e) => return Err(not_owned(e.to_string())),
+        }
         let key = topic_key(name);
         let (mut info, version) = match self.meta.get(&key).await? {
             Some(kv) => {
