@@ -1,6 +1,7 @@
-//! Cluster mode: `magnetar broker` against the metastore and four bookie processes, ledgers
-//! with E=3, Qw=2, Qa=2 (set with the Pulsar names), the official Python client producing,
-//! and a bookie of the ensemble killed between two rounds of sends.
+//! Cluster mode: `magnetar broker` processes against the metastore and bookie processes.
+//! One broker with ledgers at E=3, Qw=2, Qa=2, the official Python client producing, and a
+//! bookie of the ensemble killed between two rounds of sends; two brokers sharing a
+//! namespace's bundles, one of them killed.
 
 use std::process::Command;
 use std::time::Duration;
@@ -11,49 +12,71 @@ use magnetar_metastore::local_cluster::free_ports;
 use crate::pulsar_python::{produce, scenario};
 use crate::support::{wait_until, Cluster};
 
-struct Proc(std::process::Child);
+/// A `magnetar broker` process of the test cluster; killed (SIGKILL) when dropped.
+struct BrokerProc {
+    child: std::process::Child,
+    addr: String,
+    web: String,
+}
 
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+impl BrokerProc {
+    /// Starts a broker on `addr`/`web` (fresh ports when `None`) with extra `--set`s and
+    /// waits for its port.
+    async fn start(cluster: &Cluster, name: &str, ports: Option<(&str, &str)>, sets: &[&str]) -> BrokerProc {
+        let (addr, web) = match ports {
+            Some((a, w)) => (a.to_owned(), w.to_owned()),
+            None => {
+                let p = free_ports(2).expect("ports");
+                (format!("127.0.0.1:{}", p[0]), format!("127.0.0.1:{}", p[1]))
+            }
+        };
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(cluster.dir.path().join(format!("{name}.log")))
+            .expect("log");
+        let mut cmd = Command::new(crate::support::bin());
+        cmd.args(["broker", "--listen", &addr, "--metastore", &cluster.meta_addr, "--web-listen", &web]);
+        for s in sets {
+            cmd.args(["--set", s]);
+        }
+        let child = cmd
+            .env("clusterName", "local")
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start broker");
+        let a = addr.clone();
+        assert!(
+            wait_until(Duration::from_secs(30), || {
+                let a = a.clone();
+                async move { tokio::net::TcpStream::connect(&a).await.is_ok() }
+            })
+            .await,
+            "broker {name} port never opened"
+        );
+        BrokerProc { child, addr, web }
+    }
+
+    fn url(&self) -> String {
+        format!("pulsar://{}", self.addr)
     }
 }
+
+impl Drop for BrokerProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const QUORUMS: [&str; 3] = ["ensemble_size=3", "write_quorum=2", "ack_quorum=2"];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_writes_replicated_ledgers_through_a_bookie_failure() {
     let mut cluster = Cluster::new(4, &[], true).await;
-    let ports = free_ports(2).expect("ports");
-    let (addr, web) = (format!("127.0.0.1:{}", ports[0]), format!("127.0.0.1:{}", ports[1]));
-    let start_broker = |cluster: &Cluster| {
-        let log = std::fs::File::options()
-            .create(true)
-            .append(true)
-            .open(cluster.dir.path().join("broker.log"))
-            .expect("log");
-        Proc(
-            Command::new(crate::support::bin())
-                .args(["broker", "--listen", &addr, "--metastore", &cluster.meta_addr, "--web-listen", &web])
-                .env("clusterName", "local")
-                .env("managedLedgerDefaultEnsembleSize", "3")
-                .env("managedLedgerDefaultWriteQuorum", "2")
-                .env("managedLedgerDefaultAckQuorum", "2")
-                .stdout(log.try_clone().expect("log"))
-                .stderr(log)
-                .spawn()
-                .expect("start broker"),
-        )
-    };
-    let mut broker = start_broker(&cluster);
-    let a = addr.clone();
-    assert!(
-        wait_until(Duration::from_secs(30), || {
-            let a = a.clone();
-            async move { tokio::net::TcpStream::connect(&a).await.is_ok() }
-        })
-        .await,
-        "broker port never opened"
-    );
+    let mut broker = BrokerProc::start(&cluster, "broker", None, &QUORUMS).await;
+    let (addr, web) = (broker.addr.clone(), broker.web.clone());
     let url = format!("pulsar://{addr}");
     let first = produce(&url, "replicated", 30, false);
     let ledger = first[0].0;
@@ -80,7 +103,7 @@ async fn broker_writes_replicated_ledgers_through_a_bookie_failure() {
     let live = std::thread::spawn(move || scenario(&u, "produce_through_restart", "cluster"));
     tokio::time::sleep(Duration::from_millis(1200)).await;
     drop(broker);
-    broker = start_broker(&cluster);
+    broker = BrokerProc::start(&cluster, "broker", Some((&addr, &web)), &QUORUMS).await;
     live.join().expect("the producer went on through the restart");
     scenario(&url, "consume_through_restart", "cluster");
 
@@ -107,5 +130,126 @@ async fn broker_writes_replicated_ledgers_through_a_bookie_failure() {
         let (_, payload) = decode_entry(e).expect("entry");
         assert_eq!(&payload[..], format!("msg-{}", i % 30).as_bytes(), "entry {i}");
     }
+    cluster.shutdown().await;
+}
+
+/// `http://host:port/path…` → (`host:port`, `/path…`).
+fn split_location(loc: &str) -> (String, String) {
+    let rest = loc.strip_prefix("http://").expect("http location");
+    let i = rest.find('/').expect("path");
+    (rest[..i].to_owned(), rest[i..].to_owned())
+}
+
+/// GET following redirects; returns the final status, body and the hosts visited.
+async fn get_following(web: &str, path: &str) -> (u16, String, Vec<String>) {
+    let (mut host, mut path, mut visited) = (web.to_owned(), path.to_owned(), vec![web.to_owned()]);
+    for _ in 0..4 {
+        let r = magnetar_broker::http::request(&host, "GET", &path, "").await.expect("HTTP");
+        match (r.status, r.location) {
+            (307, Some(loc)) => {
+                (host, path) = split_location(&loc);
+                visited.push(host.clone());
+            }
+            (status, _) => return (status, r.body, visited),
+        }
+    }
+    panic!("redirect loop for {path}: {visited:?}");
+}
+
+/// Two brokers share the topics of a namespace by bundle: lookups and admin calls on either
+/// broker reach the owner (redirects), partitioned stats add up across brokers, and when a
+/// broker is SIGKILLed the other takes its bundles once its session expires, with no
+/// acknowledged message lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn brokers_share_bundles_and_take_over_a_dead_broker() {
+    let cluster = Cluster::new(2, &[], true).await;
+    let sets = ["ensemble_size=2", "write_quorum=2", "ack_quorum=2", "metadata_store_session_timeout_ms=3000"];
+    let a = BrokerProc::start(&cluster, "broker-a", None, &[&sets[..], &["broker_id=broker-a"]].concat()).await;
+    let b = BrokerProc::start(&cluster, "broker-b", None, &[&sets[..], &["broker_id=broker-b"]].concat()).await;
+    let http = |web: &str, method: &'static str, path: &str, body: &'static str| {
+        let (web, path) = (format!("http://{web}"), path.to_owned());
+        async move { magnetar_broker::http::request(&web, method, &path, body).await.expect("HTTP") }
+    };
+
+    // Both brokers are registered and listed.
+    let (st, body, _) = get_following(&a.web, "/admin/v2/brokers/local").await;
+    let listed: Vec<String> = serde_json::from_str(&body).expect("json");
+    assert_eq!((st, listed.len()), (200, 2), "{body}");
+    assert!(listed.contains(&b.web) && listed.contains(&a.web), "{listed:?}");
+
+    // A namespace with 16 bundles and a topic with 16 partitions, made through broker A.
+    let ns = "/admin/v2/namespaces/public/spread";
+    assert_eq!(http(&a.web, "PUT", ns, r#"{"bundles":{"numBundles":16}}"#).await.status, 204);
+    let topic = "/admin/v2/persistent/public/spread/orders";
+    assert_eq!(http(&a.web, "PUT", &format!("{topic}/partitions"), "16").await.status, 204);
+    // Bundles are fixed once the namespace exists.
+    assert_eq!(http(&a.web, "POST", &format!("{ns}/bundles"), r#"{"numBundles":2}"#).await.status, 412);
+
+    // Lookups through either broker agree on each partition's owner, and both own some.
+    let mut owners = Vec::new();
+    for i in 0..16 {
+        let path = format!("/lookup/v2/topic/persistent/public/spread/orders-partition-{i}");
+        let (st, body, _) = get_following(&a.web, &path).await;
+        assert_eq!(st, 200, "{body}");
+        let via_a: serde_json::Value = serde_json::from_str(&body).expect("json");
+        let (_, body, _) = get_following(&b.web, &path).await;
+        let via_b: serde_json::Value = serde_json::from_str(&body).expect("json");
+        assert_eq!(via_a["brokerUrl"], via_b["brokerUrl"], "partition {i}");
+        owners.push(via_a["brokerUrl"].as_str().unwrap_or_default().to_owned());
+    }
+    let on_b: Vec<usize> = (0..16).filter(|i| owners[*i] == b.url()).collect();
+    assert!(!on_b.is_empty() && on_b.len() < 16, "bundles spread over both brokers: {owners:?}");
+    assert!(owners.iter().all(|o| *o == a.url() || *o == b.url()), "{owners:?}");
+
+    // The official client, given broker A only, produces to every partition (the binary
+    // lookup sends it to B for B's partitions).
+    let prefix = "persistent://public/spread/orders";
+    scenario(&a.url(), "spread_produce", prefix);
+
+    // Admin calls about B's partitions made at A are redirected to B (and served there).
+    let p = format!("{topic}-partition-{}/stats", on_b[0]);
+    let r = http(&a.web, "GET", &p, "").await;
+    assert_eq!(r.status, 307, "{}", r.body);
+    let loc = r.location.unwrap_or_default();
+    assert_eq!(split_location(&loc), (b.web.clone(), p.clone()));
+    let (st, body, visited) = get_following(&a.web, &p).await;
+    assert_eq!((st, visited.len()), (200, 2), "{body}");
+    let stats: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert!(stats["msgInCounter"].as_u64().unwrap_or(0) > 0, "{stats}");
+    // Partitioned stats at A add up the partitions on both brokers.
+    let (st, body, visited) = get_following(&a.web, &format!("{topic}/partitioned-stats")).await;
+    assert_eq!((st, visited.len()), (200, 1), "{body}");
+    let stats: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(stats["msgInCounter"], 200, "{stats}");
+    assert_eq!(stats["partitions"].as_object().map(|m| m.len()), Some(16));
+    // Each broker's metrics show only the partitions it serves.
+    let (_, metrics) = crate::support::http_get(&b.web, "/metrics").await.expect("metrics");
+    let served = |i: usize| metrics.contains(&format!("topic=\"{prefix}-partition-{i}\""));
+    assert!((0..16).all(|i| served(i) == on_b.contains(&i)), "{on_b:?}\n{metrics}");
+
+    // B dies. Once its session expires, A takes its bundles: lookups at A answer A, and the
+    // client finds every message.
+    drop(b);
+    let (a_web, a_url, victim) = (a.web.clone(), a.url(), on_b[0]);
+    let moved = wait_until(Duration::from_secs(30), || {
+        let (web, url) = (a_web.clone(), a_url.clone());
+        async move {
+            let path = format!("/lookup/v2/topic/persistent/public/spread/orders-partition-{victim}");
+            let r = magnetar_broker::http::request(&format!("http://{web}"), "GET", &path, "").await;
+            r.is_ok_and(|r| r.body.contains(&url))
+        }
+    })
+    .await;
+    assert!(moved, "broker A never took over B's bundles");
+    scenario(&a.url(), "spread_consume", prefix);
+    let (_, body, _) = get_following(&a.web, "/admin/v2/brokers/local").await;
+    assert_eq!(serde_json::from_str::<Vec<String>>(&body).expect("json"), vec![a.web.clone()]);
+
+    // Deleting the partitioned topic at A removes every partition.
+    let r = http(&a.web, "DELETE", &format!("{topic}/partitions?force=true"), "").await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    let meta = cluster.meta();
+    assert!(meta.list("/topics/persistent/public/spread/").await.expect("list").is_empty());
+    drop(a);
     cluster.shutdown().await;
 }
