@@ -184,6 +184,44 @@ impl Client {
         Ok(Client { out, routes, next: Arc::new(AtomicU64::new(1)) })
     }
 
+    /// Connects to the broker that serves `topic`, starting from `addr` and following
+    /// lookups (to the owner, or to the broker assigned a free bundle) as Pulsar clients do.
+    pub async fn connect_for(addr: &str, topic: &str) -> Result<Client, ClientError> {
+        use pb::command_lookup_topic_response::LookupType;
+        let (mut at, mut client, mut authoritative) = (addr.to_owned(), Client::connect(addr).await?, false);
+        for _ in 0..5 {
+            let id = client.id();
+            let cmd = pb::BaseCommand {
+                lookup_topic: Some(pb::CommandLookupTopic {
+                    topic: topic.into(),
+                    request_id: id,
+                    authoritative: Some(authoritative),
+                    ..Default::default()
+                }),
+                ..base(Type::Lookup)
+            };
+            let r = client.request(id, cmd).await?.lookup_topic_response.unwrap_or_default();
+            let url = r.broker_service_url.unwrap_or_default();
+            let target = url.trim_start_matches("pulsar://").trim_end_matches('/').to_owned();
+            match LookupType::try_from(r.response.unwrap_or_default()) {
+                Ok(LookupType::Failed) | Err(_) => {
+                    return Err(ClientError::Server {
+                        code: pb::ServerError::try_from(r.error.unwrap_or_default())
+                            .unwrap_or(pb::ServerError::UnknownError),
+                        message: r.message.unwrap_or_default(),
+                    });
+                }
+                Ok(LookupType::Connect) if target == at || target.is_empty() => return Ok(client),
+                Ok(LookupType::Connect) => return Client::connect(&target).await,
+                Ok(LookupType::Redirect) => {
+                    client = Client::connect(&target).await?;
+                    (at, authoritative) = (target, true);
+                }
+            }
+        }
+        Err(ClientError::Server { code: pb::ServerError::ServiceNotReady, message: format!("lookup of {topic} kept redirecting") })
+    }
+
     fn id(&self) -> u64 {
         self.next.fetch_add(1, Ordering::Relaxed)
     }

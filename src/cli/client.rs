@@ -28,7 +28,7 @@ pub struct ProduceArgs {
 }
 
 pub async fn produce(a: ProduceArgs) -> anyhow::Result<()> {
-    let c = Client::connect(&addr(&a.url)).await?;
+    let c = Client::connect_for(&addr(&a.url), &a.topic).await?;
     let mut p = c.producer(&a.topic).await?;
     let now = || {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
@@ -84,7 +84,7 @@ pub struct ConsumeArgs {
 }
 
 pub async fn consume(a: ConsumeArgs) -> anyhow::Result<()> {
-    let c = Client::connect(&addr(&a.url)).await?;
+    let c = Client::connect_for(&addr(&a.url), &a.topic).await?;
     let kind = match a.kind {
         Kind::Exclusive => SubType::Exclusive,
         Kind::Shared => SubType::Shared,

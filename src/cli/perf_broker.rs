@@ -130,7 +130,7 @@ pub async fn produce(a: &ProducePerf) -> anyhow::Result<Report> {
     let stop = Instant::now() + Duration::from_secs(a.duration);
     let mut consumer_tasks = Vec::new();
     for i in 0..a.consumers {
-        let c = Client::connect(&addr(&a.url)).await?;
+        let c = Client::connect_for(&addr(&a.url), &a.topic).await?;
         let sub = format!("perf-e2e-{}-{i}", std::process::id());
         let consumer = c.subscribe(&a.topic, &sub, pb::command_subscribe::SubType::Exclusive, false).await?;
         let tx = tx.clone();
@@ -138,7 +138,7 @@ pub async fn produce(a: &ProducePerf) -> anyhow::Result<Report> {
     }
     let mut producer_tasks = Vec::new();
     for _ in 0..a.producers {
-        let c = Client::connect(&addr(&a.url)).await?;
+        let c = Client::connect_for(&addr(&a.url), &a.topic).await?;
         let p = c.producer(&a.topic).await?;
         let (a, tx) = (a.clone(), tx.clone());
         producer_tasks.push(tokio::spawn(async move {
@@ -375,7 +375,7 @@ pub fn summary(r: &Report) -> String {
 /// `magnetar perf consume`: consumes from a subscription and prints rates and end-to-end
 /// latency of messages that carry a send time (as `perf produce` writes them).
 pub async fn run_consume(a: ConsumePerf) -> anyhow::Result<()> {
-    let c = Client::connect(&addr(&a.url)).await?;
+    let c = Client::connect_for(&addr(&a.url), &a.topic).await?;
     let consumer = c.subscribe(&a.topic, &a.subscription, pb::command_subscribe::SubType::Shared, false).await?;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let stop = Instant::now() + Duration::from_secs(a.duration);

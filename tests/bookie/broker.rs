@@ -222,6 +222,15 @@ async fn brokers_share_bundles_and_take_over_a_dead_broker() {
     let stats: serde_json::Value = serde_json::from_str(&body).expect("json");
     assert_eq!(stats["msgInCounter"], 200, "{stats}");
     assert_eq!(stats["partitions"].as_object().map(|m| m.len()), Some(16));
+    // Magnetar's own tools follow lookups too: a producer started at B for A's partition.
+    let on_a = (0..16).find(|i| !on_b.contains(i)).expect("a partition on A");
+    let c = magnetar_broker::client::Client::connect_for(&b.addr, &format!("{prefix}-partition-{on_a}"))
+        .await
+        .expect("connect through a lookup");
+    let mut p = c.producer(&format!("{prefix}-partition-{on_a}")).await.expect("producer on the owner");
+    p.send(b"via-b", 0).expect("send");
+    assert!(matches!(p.receipt().await, Some((_, Ok(_)))), "the send is acknowledged");
+    drop((p, c));
     // Each broker's metrics show only the partitions it serves.
     let (_, metrics) = crate::support::http_get(&b.web, "/metrics").await.expect("metrics");
     let served = |i: usize| metrics.contains(&format!("topic=\"{prefix}-partition-{i}\""));
