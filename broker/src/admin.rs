@@ -218,21 +218,44 @@ fn tenant_body(body: &Bytes) -> Result<Value, Response> {
     Ok(v)
 }
 
+/// 412 unless every cluster a tenant names exists.
+async fn check_clusters(a: &Admin, tenant: &Value) -> Result<(), Response> {
+    let known = children(&a.meta, "/cluster/").await.map_err(meta_error)?;
+    let missing: Vec<&str> = tenant["allowedClusters"]
+        .as_array()
+        .map(|l| l.iter().filter_map(|c| c.as_str()).filter(|c| !known.iter().any(|k| k == c)).collect())
+        .unwrap_or_default();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(fail(StatusCode::PRECONDITION_FAILED, format!("Clusters do not exist: {}", missing.join(", "))))
+    }
+}
+
 async fn tenant_create(State(a): S, Path(t): Path<String>, body: Bytes) -> Response {
     if TopicName::parse(&format!("{t}/ns/x")).is_err() {
         return fail(StatusCode::PRECONDITION_FAILED, format!("Tenant name {t} is not valid"));
     }
-    match tenant_body(&body) {
-        Ok(v) => {
-            let b = serde_json::to_vec(&v).unwrap_or_default();
-            create(&a.meta, &format!("/tenants/{t}"), b, &format!("Tenant {t}")).await
-        }
-        Err(r) => r,
+    let v = match tenant_body(&body) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    if let Err(r) = check_clusters(&a, &v).await {
+        return r;
     }
+    let b = serde_json::to_vec(&v).unwrap_or_default();
+    create(&a.meta, &format!("/tenants/{t}"), b, &format!("Tenant {t}")).await
 }
 
 async fn tenant_update(State(a): S, Path(t): Path<String>, body: Bytes) -> Response {
-    update_json(&a.meta, &format!("/tenants/{t}"), &format!("Tenant {t}"), |_| tenant_body(&body)).await
+    let v = match tenant_body(&body) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    if let Err(r) = check_clusters(&a, &v).await {
+        return r;
+    }
+    update_json(&a.meta, &format!("/tenants/{t}"), &format!("Tenant {t}"), |_| Ok(v)).await
 }
 
 async fn tenant_delete(State(a): S, Path(t): Path<String>) -> Response {

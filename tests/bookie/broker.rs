@@ -3,79 +3,19 @@
 //! bookie of the ensemble killed between two rounds of sends; two brokers sharing a
 //! namespace's bundles, one of them killed.
 
-use std::process::Command;
 use std::time::Duration;
 
 use magnetar_broker::protocol::codec::decode_entry;
-use magnetar_metastore::local_cluster::free_ports;
 
 use crate::pulsar_python::{produce, scenario};
 use crate::support::{wait_until, Cluster};
-
-/// A `magnetar broker` process of the test cluster; killed (SIGKILL) when dropped.
-struct BrokerProc {
-    child: std::process::Child,
-    addr: String,
-    web: String,
-}
-
-impl BrokerProc {
-    /// Starts a broker on `addr`/`web` (fresh ports when `None`) with extra `--set`s and
-    /// waits for its port.
-    async fn start(cluster: &Cluster, name: &str, ports: Option<(&str, &str)>, sets: &[&str]) -> BrokerProc {
-        let (addr, web) = match ports {
-            Some((a, w)) => (a.to_owned(), w.to_owned()),
-            None => {
-                let p = free_ports(2).expect("ports");
-                (format!("127.0.0.1:{}", p[0]), format!("127.0.0.1:{}", p[1]))
-            }
-        };
-        let log = std::fs::File::options()
-            .create(true)
-            .append(true)
-            .open(cluster.dir.path().join(format!("{name}.log")))
-            .expect("log");
-        let mut cmd = Command::new(crate::support::bin());
-        cmd.args(["broker", "--listen", &addr, "--metastore", &cluster.meta_addr, "--web-listen", &web]);
-        for s in sets {
-            cmd.args(["--set", s]);
-        }
-        let child = cmd
-            .env("clusterName", "local")
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("start broker");
-        let a = addr.clone();
-        assert!(
-            wait_until(Duration::from_secs(30), || {
-                let a = a.clone();
-                async move { tokio::net::TcpStream::connect(&a).await.is_ok() }
-            })
-            .await,
-            "broker {name} port never opened"
-        );
-        BrokerProc { child, addr, web }
-    }
-
-    fn url(&self) -> String {
-        format!("pulsar://{}", self.addr)
-    }
-}
-
-impl Drop for BrokerProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 const QUORUMS: [&str; 3] = ["ensemble_size=3", "write_quorum=2", "ack_quorum=2"];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_writes_replicated_ledgers_through_a_bookie_failure() {
     let mut cluster = Cluster::new(4, &[], true).await;
-    let mut broker = BrokerProc::start(&cluster, "broker", None, &QUORUMS).await;
+    let mut broker = cluster.start_broker("broker", None, &QUORUMS).await;
     let (addr, web) = (broker.addr.clone(), broker.web.clone());
     let url = format!("pulsar://{addr}");
     let first = produce(&url, "replicated", 30, false);
@@ -103,7 +43,7 @@ async fn broker_writes_replicated_ledgers_through_a_bookie_failure() {
     let live = std::thread::spawn(move || scenario(&u, "produce_through_restart", "cluster"));
     tokio::time::sleep(Duration::from_millis(1200)).await;
     drop(broker);
-    broker = BrokerProc::start(&cluster, "broker", Some((&addr, &web)), &QUORUMS).await;
+    broker = cluster.start_broker("broker", Some((&addr, &web)), &QUORUMS).await;
     live.join().expect("the producer went on through the restart");
     scenario(&url, "consume_through_restart", "cluster");
 
@@ -164,8 +104,8 @@ async fn get_following(web: &str, path: &str) -> (u16, String, Vec<String>) {
 async fn brokers_share_bundles_and_take_over_a_dead_broker() {
     let cluster = Cluster::new(2, &[], true).await;
     let sets = ["ensemble_size=2", "write_quorum=2", "ack_quorum=2", "metadata_store_session_timeout_ms=3000"];
-    let a = BrokerProc::start(&cluster, "broker-a", None, &[&sets[..], &["broker_id=broker-a"]].concat()).await;
-    let b = BrokerProc::start(&cluster, "broker-b", None, &[&sets[..], &["broker_id=broker-b"]].concat()).await;
+    let a = cluster.start_broker("broker-a", None, &[&sets[..], &["broker_id=broker-a"]].concat()).await;
+    let b = cluster.start_broker("broker-b", None, &[&sets[..], &["broker_id=broker-b"]].concat()).await;
     let http = |web: &str, method: &'static str, path: &str, body: &'static str| {
         let (web, path) = (format!("http://{web}"), path.to_owned());
         async move { magnetar_broker::http::request(&web, method, &path, body).await.expect("HTTP") }

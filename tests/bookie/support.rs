@@ -227,6 +227,67 @@ impl Cluster {
     }
 }
 
+/// A `magnetar broker` process of the test cluster; killed (SIGKILL) when dropped.
+pub struct BrokerProc {
+    child: std::process::Child,
+    pub addr: String,
+    pub web: String,
+}
+
+impl Cluster {
+    /// Starts a broker (cluster `local`) on `addr`/`web` (fresh ports when `None`) with extra
+    /// `--set`s and waits for its port.
+    pub async fn start_broker(&self, name: &str, ports: Option<(&str, &str)>, sets: &[&str]) -> BrokerProc {
+        let cluster = self;
+        let (addr, web) = match ports {
+            Some((a, w)) => (a.to_owned(), w.to_owned()),
+            None => {
+                let p = free_ports(2).expect("ports");
+                (format!("127.0.0.1:{}", p[0]), format!("127.0.0.1:{}", p[1]))
+            }
+        };
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(cluster.dir.path().join(format!("{name}.log")))
+            .expect("log");
+        let mut cmd = Command::new(bin());
+        cmd.args(["broker", "--listen", &addr, "--metastore", &cluster.meta_addr, "--web-listen", &web]);
+        for s in sets {
+            cmd.args(["--set", s]);
+        }
+        let child = cmd
+            .env("clusterName", "local")
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start broker");
+        let a = addr.clone();
+        assert!(
+            wait_until(Duration::from_secs(30), || {
+                let a = a.clone();
+                async move { tokio::net::TcpStream::connect(&a).await.is_ok() }
+            })
+            .await,
+            "broker {name} port never opened"
+        );
+        BrokerProc { child, addr, web }
+    }
+}
+
+impl BrokerProc {
+    pub fn url(&self) -> String {
+        format!("pulsar://{}", self.addr)
+    }
+}
+
+impl Drop for BrokerProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Deterministic payload of an entry: size and bytes depend on (ledger, entry).
 pub fn payload(ledger: u64, entry: i64, max: usize) -> Vec<u8> {
     let seed = ledger.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (entry as u64).wrapping_mul(0xbf58_476d_1ce4_e5b9);

@@ -7,43 +7,69 @@ use std::time::Duration;
 use magnetar_broker::client::Client;
 use magnetar_broker::protocol::pb::command_subscribe::SubType;
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::{produce, standalone, standalone_with};
 
-/// One HTTP/1.1 request; returns (status, body).
+/// One HTTP/1.1 request, following redirects to other brokers as pulsar-admin does; returns
+/// (status, body).
 async fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).await.expect("write");
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
+    let r = magnetar_broker::http::request_following(&format!("http://{addr}"), method, path, body)
         .await
-        .expect("answer in time")
-        .expect("read");
-    let text = String::from_utf8_lossy(&buf).to_string();
-    let status = text.split_whitespace().nth(1).and_then(|x| x.parse().ok()).expect("status");
-    let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    // Chunked bodies (axum streams some): join the chunks.
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
-        let mut out = String::new();
-        let mut r = rest;
-        while let Some((size, tail)) = r.split_once("\r\n") {
-            let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-            if n == 0 {
-                break;
-            }
-            out.push_str(&tail[..n]);
-            r = &tail[n + 2..];
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+    (r.status, r.body)
+}
+
+/// What the admin tests run against: a standalone, or a cluster of two brokers reached
+/// through the second one (so calls about the first one's topics are redirected).
+struct Target {
+    web: String,
+    broker: String,
+    metastore: String,
+    cluster: String,
+    broker_urls: Vec<String>,
+    _keep: Box<dyn std::any::Any + Send>,
+}
+
+impl Target {
+    async fn standalone() -> Target {
+        let s = standalone().await;
+        Target {
+            web: s.web.clone(),
+            broker: s.broker.clone(),
+            metastore: s.metastore.clone(),
+            cluster: "standalone".into(),
+            broker_urls: vec![s.url()],
+            _keep: Box::new(s),
         }
-        out
-    } else {
-        rest.to_owned()
-    };
-    (status, body)
+    }
+
+    /// A metastore, two bookies (E=Qw=Qa=2) and two brokers of cluster `local`.
+    async fn cluster() -> Target {
+        let c = super::cluster::Cluster::new(2, &[], true).await;
+        let sets = ["ensemble_size=2", "write_quorum=2", "ack_quorum=2"];
+        let a = c.start_broker("broker-a", None, &sets).await;
+        let b = c.start_broker("broker-b", None, &sets).await;
+        Target {
+            web: b.web.clone(),
+            broker: b.addr.clone(),
+            metastore: c.meta_addr.clone(),
+            cluster: "local".into(),
+            broker_urls: vec![a.url(), b.url()],
+            _keep: Box::new((a, b, c)),
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("pulsar://{}", self.broker)
+    }
+
+    /// The HTTP address of the broker serving `topic` (`tenant/ns/name`).
+    async fn owner_web(&self, topic: &str) -> String {
+        let (st, body) = http(&self.web, "GET", &format!("/lookup/v2/topic/persistent/{topic}"), "").await;
+        assert_eq!(st, 200, "{body}");
+        let url = parse(&body)["httpUrl"].as_str().unwrap_or_default().to_owned();
+        url.trim_start_matches("http://").to_owned()
+    }
 }
 
 fn parse(body: &str) -> Value {
@@ -63,23 +89,35 @@ fn scrape(text: &str) -> HashMap<String, f64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_api_and_metrics() {
-    let s = standalone().await;
+    api_and_metrics(Target::standalone().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_api_and_metrics_on_a_two_broker_cluster() {
+    api_and_metrics(Target::cluster().await).await;
+}
+
+async fn api_and_metrics(s: Target) {
     let w = s.web.as_str();
+    let me = s.cluster.as_str();
     assert_eq!(http(w, "GET", "/status.html", "").await, (200, "OK".into()));
     assert_eq!(http(w, "GET", "/admin/v2/brokers/health", "").await, (200, "ok".into()));
     let (st, b) = http(w, "GET", "/admin/v2/clusters", "").await;
-    assert_eq!((st, parse(&b)), (200, serde_json::json!(["standalone"])));
-    assert_eq!(http(w, "GET", "/admin/v2/clusters/standalone", "").await.0, 200);
+    assert_eq!((st, parse(&b)), (200, serde_json::json!([me])));
+    assert_eq!(http(w, "GET", &format!("/admin/v2/clusters/{me}"), "").await.0, 200);
     let (st, b) = http(w, "GET", "/admin/v2/clusters/nowhere", "").await;
     assert_eq!(st, 404);
     assert!(parse(&b)["reason"].as_str().is_some_and(|r| r.contains("nowhere")), "{b}");
-    assert_eq!(parse(&http(w, "GET", "/admin/v2/brokers/standalone", "").await.1).as_array().map(|a| a.len()), Some(1));
+    assert_eq!(
+        parse(&http(w, "GET", &format!("/admin/v2/brokers/{me}"), "").await.1).as_array().map(|a| a.len()),
+        Some(s.broker_urls.len())
+    );
 
     assert_eq!(http(w, "PUT", "/admin/v2/clusters/east", r#"{"serviceUrl":"http://east:8080"}"#).await.0, 204);
     assert_eq!(http(w, "PUT", "/admin/v2/clusters/east", "{}").await.0, 409);
     assert_eq!(http(w, "POST", "/admin/v2/clusters/east", r#"{"serviceUrl":"http://east:9090"}"#).await.0, 204);
     assert_eq!(parse(&http(w, "GET", "/admin/v2/clusters/east", "").await.1)["serviceUrl"], "http://east:9090");
-    assert_eq!(http(w, "DELETE", "/admin/v2/clusters/standalone", "").await.0, 412);
+    assert_eq!(http(w, "DELETE", &format!("/admin/v2/clusters/{me}"), "").await.0, 412);
     assert_eq!(http(w, "DELETE", "/admin/v2/clusters/east", "").await.0, 204);
     assert_eq!(http(w, "DELETE", "/admin/v2/clusters/east", "").await.0, 404);
 
@@ -87,9 +125,11 @@ async fn admin_api_and_metrics() {
     assert!(parse(&http(w, "GET", "/admin/v2/tenants", "").await.1)
         .as_array()
         .is_some_and(|a| a.contains(&"public".into())));
-    let acme = r#"{"adminRoles":["ops"],"allowedClusters":["standalone"]}"#;
-    assert_eq!(http(w, "PUT", "/admin/v2/tenants/acme", acme).await.0, 204);
-    assert_eq!(http(w, "PUT", "/admin/v2/tenants/acme", acme).await.0, 409);
+    let acme = format!(r#"{{"adminRoles":["ops"],"allowedClusters":["{me}"]}}"#);
+    assert_eq!(http(w, "PUT", "/admin/v2/tenants/acme", &acme).await.0, 204);
+    assert_eq!(http(w, "PUT", "/admin/v2/tenants/acme", &acme).await.0, 409);
+    let (st, b) = http(w, "PUT", "/admin/v2/tenants/other", r#"{"allowedClusters":["mars"]}"#).await;
+    assert!(st == 412 && b.contains("mars"), "{st} {b}");
     assert_eq!(parse(&http(w, "GET", "/admin/v2/tenants/acme", "").await.1)["adminRoles"], serde_json::json!(["ops"]));
     assert_eq!(http(w, "POST", "/admin/v2/tenants/acme", r#"{"adminRoles":["ops","dev"]}"#).await.0, 204);
     assert_eq!(
@@ -154,7 +194,7 @@ async fn admin_api_and_metrics() {
 
     // Stats move with traffic: a durable subscription, 20 messages, then consumed.
     let topic = "persistent://acme/orders/plain";
-    let client = Client::connect(&s.broker).await.expect("connect");
+    let client = Client::connect_for(&s.broker, topic).await.expect("connect");
     let mut consumer = client.subscribe(topic, "s", SubType::Exclusive, true).await.expect("subscribe");
     produce(&s.url(), topic, 20, false);
     let stats = parse(&http(w, "GET", &format!("{base}/plain/stats"), "").await.1);
@@ -182,11 +222,11 @@ async fn admin_api_and_metrics() {
     }
     assert_eq!(backlog, 0, "the backlog drops after consuming");
 
-    // Metrics, parsed as Prometheus text.
-    let (st, text) = http(w, "GET", "/metrics", "").await;
+    // Metrics (of the broker serving the topic), parsed as Prometheus text.
+    let (st, text) = http(&s.owner_web("acme/orders/plain").await, "GET", "/metrics", "").await;
     assert_eq!(st, 200);
     let m = scrape(&text);
-    let labels = r#"cluster="standalone",namespace="acme/orders",topic="persistent://acme/orders/plain""#;
+    let labels = format!(r#"cluster="{me}",namespace="acme/orders",topic="persistent://acme/orders/plain""#);
     assert_eq!(m.get(&format!("pulsar_in_messages_total{{{labels}}}")), Some(&20.0), "{text}");
     assert!(m.get(&format!("pulsar_storage_size{{{labels}}}")).is_some_and(|v| *v > 0.0), "{text}");
     assert_eq!(m.get(&format!("pulsar_msg_backlog{{{labels}}}")), Some(&0.0));
@@ -237,7 +277,15 @@ async fn admin_api_and_metrics() {
 /// output, and the API's reason on failure.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_cli_round_trip() {
-    let s = standalone().await;
+    cli_round_trip(Target::standalone().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_cli_round_trip_on_a_two_broker_cluster() {
+    cli_round_trip(Target::cluster().await).await;
+}
+
+async fn cli_round_trip(s: Target) {
     let url = format!("http://{}", s.web);
     let admin = |args: &[&str]| {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_magnetar"))
@@ -255,7 +303,7 @@ async fn admin_cli_round_trip() {
         assert!(r.0, "failed: {}", r.2);
         r.1
     };
-    ok(admin(&["tenants", "create", "shop", "--admin-roles", "ops", "--allowed-clusters", "standalone"]));
+    ok(admin(&["tenants", "create", "shop", "--admin-roles", "ops", "--allowed-clusters", &s.cluster]));
     assert!(ok(admin(&["tenants", "list"])).lines().any(|l| l == "shop"));
     let (fine, _, err) = admin(&["tenants", "create", "shop"]);
     assert!(!fine && err.contains("409") && err.contains("already exists"), "{err}");
@@ -304,7 +352,15 @@ async fn admin_cli_round_trip() {
 /// Subscription operations, internal stats, last message id, unload and lookup.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_subscription_operations() {
-    let s = standalone().await;
+    subscription_operations(Target::standalone().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_subscription_operations_on_a_two_broker_cluster() {
+    subscription_operations(Target::cluster().await).await;
+}
+
+async fn subscription_operations(s: Target) {
     let w = s.web.as_str();
     let base = "/admin/v2/persistent/public/default/subs";
     let backlog = |sub: &'static str| async move {
@@ -359,7 +415,8 @@ async fn admin_subscription_operations() {
     assert!(internal["ledgers"].as_array().is_some_and(|l| l.len() >= 2), "a new ledger after unloading: {internal}");
 
     let lookup = parse(&http(w, "GET", "/lookup/v2/topic/persistent/public/default/subs", "").await.1);
-    assert_eq!(lookup["brokerUrl"], format!("pulsar://{}", s.broker));
+    assert!(s.broker_urls.iter().any(|u| lookup["brokerUrl"] == *u), "{lookup}");
+    assert_eq!(s.owner_web("public/default/subs").await, lookup["httpUrl"].as_str().unwrap_or("").replace("http://", ""));
 }
 
 /// `magnetar produce` and `magnetar consume`.

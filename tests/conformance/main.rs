@@ -124,6 +124,10 @@ async fn check_stored(metastore: &str, ids: &[(u64, u64, i64)]) {
 }
 
 mod admin;
+/// The bookie suite's cluster harness (metastore, bookie and broker processes).
+#[path = "../bookie/support.rs"]
+#[allow(dead_code)]
+mod cluster;
 mod rust_client;
 
 #[path = "../support/pulsar_python.rs"]
