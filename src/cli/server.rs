@@ -191,6 +191,9 @@ pub struct StandaloneArgs {
     /// Metastore gRPC address.
     #[arg(long, default_value = "127.0.0.1:2379")]
     metastore_listen: String,
+    /// Metastore HTTP address (Raft metrics, probes; "" turns it off).
+    #[arg(long, default_value = "127.0.0.1:8001")]
+    metastore_http: String,
     /// Bookie gRPC address.
     #[arg(long, default_value = "127.0.0.1:3181")]
     bookie_listen: String,
@@ -217,6 +220,7 @@ pub async fn standalone(a: StandaloneArgs) -> anyhow::Result<()> {
         listen_addr: a.metastore_listen.clone(),
         data_dir: a.data_dir.join("metastore"),
         initial_members: vec![format!("1={}", a.metastore_listen)],
+        http_addr: a.metastore_http.clone(),
         ..Default::default()
     };
     magnetar_common::config::Validate::validate(&cfg)?;

@@ -455,6 +455,13 @@ async fn namespace_level_metrics() {
     let ns = r#"cluster="standalone",namespace="public/default""#;
     assert_eq!(m.get(&format!("pulsar_in_messages_total{{{ns}}}")), Some(&7.0), "{text}");
     assert!(!text.contains("topic=\""), "no topic labels:\n{text}");
+    // The standalone's metastore and bookie serve their own metrics too.
+    let (st, text) = http(&s.metastore_http, "GET", "/metrics", "").await;
+    let m = scrape(&text);
+    assert!(st == 200 && m.iter().any(|(k, v)| k.starts_with("metastore_raft_is_leader") && *v == 1.0), "{text}");
+    let (st, text) = http(&s.bookie_http, "GET", "/metrics", "").await;
+    let m = scrape(&text);
+    assert!(st == 200 && m.iter().any(|(k, v)| k.starts_with("bookkeeper_server_ADD_ENTRY_REQUEST_count") && *v >= 7.0), "{text}");
 }
 
 /// Terminate: the last id comes back, producers are refused (`TopicTerminated` in the

@@ -16,6 +16,8 @@ struct Standalone {
     broker: String,
     web: String,
     metastore: String,
+    metastore_http: String,
+    bookie_http: String,
     _dir: tempfile::TempDir,
     settings: Vec<String>,
 }
@@ -37,7 +39,7 @@ async fn standalone_with(settings: &[&str]) -> Standalone {
 }
 
 async fn start_in(dir: tempfile::TempDir, settings: &[&str]) -> Standalone {
-    let p = free_ports(5).expect("ports");
+    let p = free_ports(6).expect("ports");
     let addr = |i: usize| format!("127.0.0.1:{}", p[i]);
     let log = std::fs::File::options().create(true).append(true).open(dir.path().join("standalone.log")).expect("log");
     let child = Command::new(env!("CARGO_BIN_EXE_magnetar"))
@@ -55,6 +57,8 @@ async fn start_in(dir: tempfile::TempDir, settings: &[&str]) -> Standalone {
             &addr(3),
             "--web-listen",
             &addr(4),
+            "--metastore-http",
+            &addr(5),
         ])
         .args(settings.iter().flat_map(|s| ["--set", s]))
         .stdout(log.try_clone().expect("log"))
@@ -66,6 +70,8 @@ async fn start_in(dir: tempfile::TempDir, settings: &[&str]) -> Standalone {
         broker: addr(3),
         web: addr(4),
         metastore: addr(0),
+        metastore_http: addr(5),
+        bookie_http: addr(2),
         _dir: dir,
         settings: settings.iter().map(|s| s.to_string()).collect(),
     };
