@@ -202,3 +202,48 @@ async fn brokers_share_bundles_and_take_over_a_dead_broker() {
     drop(a);
     cluster.shutdown().await;
 }
+
+/// A broker whose metastore session ends (here: closed from outside, as when the leader
+/// expires it) gives up every topic, registers again under a new session, and serves the
+/// topics again on the next use, loading them afresh (a new ledger).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_unloads_its_topics_when_its_session_is_lost() {
+    let cluster = Cluster::new(1, &[], true).await;
+    let broker =
+        cluster.start_broker("broker", None, &["broker_id=solo", "metadata_store_session_timeout_ms=3000"]).await;
+    let first = produce(&broker.url(), "persistent://public/default/lease", 5, false);
+    let meta = cluster.meta();
+    let registered = meta.get("/brokers/solo").await.expect("get").expect("registered");
+    let topic_key = "/topics/persistent/public/default/lease";
+    let ledgers = |kv: Option<magnetar_metastore::client::Kv>| {
+        let info: magnetar_broker::topic::ManagedLedgerInfo =
+            serde_json::from_slice(&kv.expect("topic").value).expect("json");
+        info.ledgers.len()
+    };
+    assert_eq!(ledgers(meta.get(topic_key).await.expect("get")), 1);
+    let owned: Vec<_> = meta.list("/ownership/public/default/").await.expect("list");
+    assert_eq!(owned.len(), 1, "{owned:?}");
+    assert_eq!(owned[0].session, registered.session);
+
+    meta.close_session(registered.session).await.expect("close the broker's session");
+    let m = meta.clone();
+    let again = wait_until(Duration::from_secs(20), || {
+        let m = m.clone();
+        async move {
+            m.get("/brokers/solo").await.ok().flatten().is_some_and(|kv| kv.session != registered.session)
+        }
+    })
+    .await;
+    assert!(again, "the broker registered again under a new session");
+    // The topic was unloaded (its ledger closed); the next use loads it with a new ledger
+    // under a new ownership.
+    let more = produce(&broker.url(), "persistent://public/default/lease", 5, false);
+    let info_kv = meta.get(topic_key).await.expect("get");
+    assert_eq!(ledgers(info_kv), 2, "loaded again with a new ledger");
+    let owned: Vec<_> = meta.list("/ownership/public/default/").await.expect("list");
+    let now = meta.get("/brokers/solo").await.expect("get").expect("registered");
+    assert!(owned.len() == 1 && owned[0].session == now.session, "{owned:?}");
+    assert!(more.iter().all(|(l, _, _)| *l != first[0].0), "written to the new ledger");
+    drop(broker);
+    cluster.shutdown().await;
+}
