@@ -737,11 +737,7 @@ async fn unload(State(a): S, Path((t, ns, topic)): TopicPath) -> Response {
 
 /// `/lookup/v2/topic/persistent/{t}/{ns}/{topic}`: the owner's URLs, or a redirect to the
 /// broker a free bundle is assigned to.
-async fn lookup(
-    State(a): S,
-    Path((t, ns, topic)): TopicPath,
-    uri: axum::http::Uri,
-) -> Response {
+async fn lookup(State(a): S, Path((t, ns, topic)): TopicPath, uri: axum::http::Uri) -> Response {
     let n = match name(&t, &ns, &topic) {
         Ok(n) => n,
         Err(r) => return r,
@@ -784,16 +780,11 @@ fn redirect(b: &BrokerInfo, uri: &axum::http::Uri, authoritative: bool) -> Respo
 
 /// Topic routes are served by the topic's owner: requests for topics owned elsewhere (or
 /// assigned elsewhere) are redirected there, as Pulsar's brokers do.
-async fn to_owner(
-    State(a): S,
-    req: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> Response {
+async fn to_owner(State(a): S, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
     let uri = req.uri().clone();
     let rest = uri.path().strip_prefix("/admin/v2/persistent/").unwrap_or("");
     let parts: Vec<&str> = rest.splitn(4, '/').collect();
-    let Some(n) = parts.get(..3).and_then(|p| TopicName::parse(&format!("persistent://{}", p.join("/"))).ok())
-    else {
+    let Some(n) = parts.get(..3).and_then(|p| TopicName::parse(&format!("persistent://{}", p.join("/"))).ok()) else {
         return next.run(req).await;
     };
     match a.ownership.resolve(&n, authoritative(uri.query())).await {
@@ -813,7 +804,11 @@ async fn at_owner(a: &Admin, n: &TopicName, method: &str, path: &str) -> Result<
         Ok(Owner::Candidate(b)) => (b, true),
         Err(e) => return Err(fail(StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
     };
-    let path = if auth { format!("{path}{}authoritative=true", if path.contains('?') { '&' } else { '?' }) } else { path.into() };
+    let path = if auth {
+        format!("{path}{}authoritative=true", if path.contains('?') { '&' } else { '?' })
+    } else {
+        path.into()
+    };
     match crate::http::request_following(&b.http_url, method, &path, "").await {
         Ok(r) => Ok(Some((r.status, r.body))),
         Err(e) => Err(fail(StatusCode::SERVICE_UNAVAILABLE, format!("{n} is served by {}: {e}", b.broker_id))),

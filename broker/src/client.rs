@@ -219,7 +219,10 @@ impl Client {
                 }
             }
         }
-        Err(ClientError::Server { code: pb::ServerError::ServiceNotReady, message: format!("lookup of {topic} kept redirecting") })
+        Err(ClientError::Server {
+            code: pb::ServerError::ServiceNotReady,
+            message: format!("lookup of {topic} kept redirecting"),
+        })
     }
 
     fn id(&self) -> u64 {

@@ -113,7 +113,10 @@ mod tests {
     #[test]
     fn answers_parse_with_location_and_chunks() {
         let r = parse("HTTP/1.1 307 Temporary Redirect\r\nLocation: http://b:8080/x?y=1\r\ncontent-length: 0\r\n\r\n");
-        assert_eq!(r, Some(HttpResponse { status: 307, location: Some("http://b:8080/x?y=1".into()), body: "".into() }));
+        assert_eq!(
+            r,
+            Some(HttpResponse { status: 307, location: Some("http://b:8080/x?y=1".into()), body: "".into() })
+        );
         let r = parse("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n");
         assert_eq!(r.map(|r| (r.status, r.body)), Some((200, "abcde".into())));
         assert_eq!(parse("garbage"), None);

@@ -124,6 +124,11 @@ impl Ownership {
         self.losses.subscribe()
     }
 
+    /// Sessions lost so far (compare before and after work that relies on ownership).
+    pub fn epoch(&self) -> u64 {
+        *self.losses.borrow()
+    }
+
     /// The live brokers, by id.
     pub async fn brokers(&self) -> Result<Vec<BrokerInfo>, ClientError> {
         let mut out: Vec<BrokerInfo> =

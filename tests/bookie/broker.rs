@@ -229,9 +229,7 @@ async fn broker_unloads_its_topics_when_its_session_is_lost() {
     let m = meta.clone();
     let again = wait_until(Duration::from_secs(20), || {
         let m = m.clone();
-        async move {
-            m.get("/brokers/solo").await.ok().flatten().is_some_and(|kv| kv.session != registered.session)
-        }
+        async move { m.get("/brokers/solo").await.ok().flatten().is_some_and(|kv| kv.session != registered.session) }
     })
     .await;
     assert!(again, "the broker registered again under a new session");

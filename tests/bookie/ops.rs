@@ -4,18 +4,9 @@
 use std::time::Duration;
 
 use magnetar_bookie::client::LedgerConfig;
-use magnetar_proto::bookie::bookie_client::BookieClient;
-use magnetar_proto::bookie::{Code, ReadRequest};
+use magnetar_proto::bookie::Code;
 
-use crate::support::{http_get, payload, wait_until, Cluster};
-
-async fn read_code(addr: &str, ledger: u64, entry: i64) -> i32 {
-    let mut c = BookieClient::connect(format!("http://{addr}")).await.expect("connect");
-    let r = c
-        .read(ReadRequest { ledger_id: ledger, entry_ids: vec![entry], fence: false, master_key: Default::default() })
-        .await;
-    r.expect("read").into_inner().entries[0].code
-}
+use crate::support::{http_get, payload, read_code, wait_until, Cluster};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn probes_metrics_delete_and_gc() {

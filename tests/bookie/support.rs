@@ -35,6 +35,19 @@ pub async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
     Some((status, body))
 }
 
+/// The result code of reading one entry straight from the bookie at `addr`.
+pub async fn read_code(addr: &str, ledger: u64, entry: i64) -> i32 {
+    let mut c =
+        magnetar_proto::bookie::bookie_client::BookieClient::connect(format!("http://{addr}")).await.expect("connect");
+    let req = magnetar_proto::bookie::ReadRequest {
+        ledger_id: ledger,
+        entry_ids: vec![entry],
+        fence: false,
+        master_key: Default::default(),
+    };
+    c.read(req).await.expect("read").into_inner().entries[0].code
+}
+
 /// One bookie process.
 pub struct BookieProc {
     pub id: String,

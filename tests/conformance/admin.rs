@@ -27,6 +27,7 @@ struct Target {
     metastore: String,
     cluster: String,
     broker_urls: Vec<String>,
+    bookies: Vec<String>,
     _keep: Box<dyn std::any::Any + Send>,
 }
 
@@ -39,6 +40,7 @@ impl Target {
             metastore: s.metastore.clone(),
             cluster: "standalone".into(),
             broker_urls: vec![s.url()],
+            bookies: vec![s.bookie.clone()],
             _keep: Box::new(s),
         }
     }
@@ -55,6 +57,7 @@ impl Target {
             metastore: c.meta_addr.clone(),
             cluster: "local".into(),
             broker_urls: vec![a.url(), b.url()],
+            bookies: c.bookies.iter().map(|b| b.addr.clone()).collect(),
             _keep: Box::new((a, b, c)),
         }
     }
@@ -249,8 +252,18 @@ async fn api_and_metrics(s: Target) {
         magnetar_broker::topic::topic_key(&magnetar_broker::protocol::names::TopicName::parse(topic).expect("name"));
     let info: magnetar_broker::topic::ManagedLedgerInfo =
         serde_json::from_slice(&meta.get(&key).await.expect("get").expect("topic").value).expect("json");
+    let stored = |code: i32| code == magnetar_proto::bookie::Code::Ok as i32;
+    let first = info.ledgers[0].ledger_id;
+    let mut on = Vec::new();
+    for b in &s.bookies {
+        on.push(stored(super::cluster::read_code(b, first, 0).await));
+    }
+    assert!(on.iter().any(|x| *x), "entry 0 of ledger {first} is on a bookie before the delete");
     assert_eq!(http(w, "DELETE", &format!("{base}/plain"), "").await.0, 412);
     assert_eq!(http(w, "DELETE", &format!("{base}/plain?force=true"), "").await.0, 204);
+    for b in &s.bookies {
+        assert!(!stored(super::cluster::read_code(b, first, 0).await), "ledger {first} remains on bookie {b}");
+    }
     assert!(meta.get(&key).await.expect("get").is_none());
     assert!(meta.list(&format!("{key}/cursors/")).await.expect("list").is_empty());
     for l in &info.ledgers {
@@ -416,7 +429,10 @@ async fn subscription_operations(s: Target) {
 
     let lookup = parse(&http(w, "GET", "/lookup/v2/topic/persistent/public/default/subs", "").await.1);
     assert!(s.broker_urls.iter().any(|u| lookup["brokerUrl"] == *u), "{lookup}");
-    assert_eq!(s.owner_web("public/default/subs").await, lookup["httpUrl"].as_str().unwrap_or("").replace("http://", ""));
+    assert_eq!(
+        s.owner_web("public/default/subs").await,
+        lookup["httpUrl"].as_str().unwrap_or("").replace("http://", "")
+    );
 }
 
 /// `magnetar produce` and `magnetar consume`.
@@ -461,7 +477,10 @@ async fn namespace_level_metrics() {
     assert!(st == 200 && m.iter().any(|(k, v)| k.starts_with("metastore_raft_is_leader") && *v == 1.0), "{text}");
     let (st, text) = http(&s.bookie_http, "GET", "/metrics", "").await;
     let m = scrape(&text);
-    assert!(st == 200 && m.iter().any(|(k, v)| k.starts_with("bookkeeper_server_ADD_ENTRY_REQUEST_count") && *v >= 7.0), "{text}");
+    assert!(
+        st == 200 && m.iter().any(|(k, v)| k.starts_with("bookkeeper_server_ADD_ENTRY_REQUEST_count") && *v >= 7.0),
+        "{text}"
+    );
 }
 
 /// Terminate: the last id comes back, producers are refused (`TopicTerminated` in the

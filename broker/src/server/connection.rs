@@ -11,9 +11,9 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use super::{max_frame, Shared};
+use crate::ownership::Owner;
 use crate::protocol::codec::{base, CodecError};
 use crate::protocol::connection::{accept, error_command, ConnError, FrameReader, FrameWriter};
-use crate::ownership::Owner;
 use crate::protocol::names::TopicName;
 use crate::protocol::pb;
 use crate::topic::{Cmd, ConsumerSpec, EntryInfo, Out, OutTx, SeekTarget, Topic};

@@ -74,7 +74,10 @@ impl Broker {
         let me = BrokerInfo {
             broker_id: if cfg.broker_id.is_empty() { advertise.clone() } else { cfg.broker_id.clone() },
             broker_url: format!("pulsar://{advertise}"),
-            http_url: web.as_ref().map(|(_, b)| format!("http://{}", advertised_web(&advertise, *b))).unwrap_or_default(),
+            http_url: web
+                .as_ref()
+                .map(|(_, b)| format!("http://{}", advertised_web(&advertise, *b)))
+                .unwrap_or_default(),
         };
         let cancel = shutdown.child_token();
         let ttl = std::time::Duration::from_millis(cfg.metadata_store_session_timeout_ms);

@@ -350,6 +350,7 @@ impl Topics {
 
     async fn load(&self, name: &TopicName) -> Result<Topic, TopicError> {
         let not_owned = |why: String| TopicError::NotOwned { topic: name.to_string(), why };
+        let epoch = self.ownership.epoch();
         match self.ownership.resolve(name, true).await {
             Ok(Owner::Me) => {}
             Ok(Owner::Other(b) | Owner::Candidate(b)) => return Err(not_owned(format!("served by {}", b.broker_url))),
@@ -406,7 +407,14 @@ impl Topics {
             span,
             writer,
         });
-        Ok(Topic { name: name.clone(), tx })
+        let topic = Topic { name: name.clone(), tx };
+        if self.ownership.epoch() != epoch {
+            // The session was lost while loading, after every loaded topic was unloaded:
+            // this one must not stay either.
+            let _ = topic.ask(|done| Cmd::Close { done }).await;
+            return Err(not_owned("the broker's metastore session was lost while loading".into()));
+        }
+        Ok(topic)
     }
 }
 
