@@ -146,6 +146,22 @@ async fn brokers_share_bundles_and_take_over_a_dead_broker() {
     let prefix = "persistent://public/spread/orders";
     scenario(&a.url(), "spread_produce", prefix);
 
+    // Topics in bundles nobody owns yet: the official client, given A, is redirected
+    // (authoritatively) to B for the bundles assigned to B, and B takes them.
+    assert_eq!(http(&a.web, "PUT", "/admin/v2/namespaces/public/fresh", "").await.status, 204);
+    scenario(&a.url(), "fresh_produce", "persistent://public/fresh/t");
+    let mut fresh_on_b = 0;
+    for i in 0..8 {
+        let path = format!("/lookup/v2/topic/persistent/public/fresh/t-{i}");
+        let (_, body, _) = get_following(&a.web, &path).await;
+        let owner: serde_json::Value = serde_json::from_str(&body).expect("json");
+        fresh_on_b += usize::from(owner["brokerUrl"] == b.url());
+        let stats = format!("/admin/v2/persistent/public/fresh/t-{i}/stats");
+        let (_, body, _) = get_following(&a.web, &stats).await;
+        assert_eq!(serde_json::from_str::<serde_json::Value>(&body).expect("json")["msgInCounter"], 3, "{body}");
+    }
+    assert!(fresh_on_b > 0 && fresh_on_b < 8, "{fresh_on_b} of 8 fresh topics on B");
+
     // Admin calls about B's partitions made at A are redirected to B (and served there).
     let p = format!("{topic}-partition-{}/stats", on_b[0]);
     let r = http(&a.web, "GET", &p, "").await;

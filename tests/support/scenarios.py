@@ -431,6 +431,12 @@ def spread_produce():
     produce(PREFIX, 200, keys=[f"key-{i}" for i in range(200)])
 
 
+def fresh_produce():
+    """3 messages to each of 8 topics nobody has looked up yet."""
+    for i in range(8):
+        produce(f"{PREFIX}-{i}", 3)
+
+
 def spread_consume():
     """Every message of spread_produce is there (after a broker serving some partitions died)."""
     c = client.subscribe(PREFIX, "check", consumer_type=pulsar.ConsumerType.Shared,
