@@ -233,6 +233,13 @@ async fn killed_standalone_loses_no_unacknowledged_message() {
     scenario(&s.url(), "restart_before", "crash");
     let s = s.restart_with("-KILL").await;
     scenario(&s.url(), "restart_after_kill", "crash");
+    // The restarted broker (same id, new ports) took its bundle back from its previous run at
+    // once, without waiting for the old session's 30 s to expire.
+    let meta = MetaClient::connect(std::slice::from_ref(&s.metastore)).expect("meta");
+    let me = meta.get("/brokers/standalone").await.expect("get").expect("registered");
+    let owned = meta.list("/ownership/public/default/").await.expect("list");
+    assert!(!owned.is_empty() && owned.iter().all(|kv| kv.session == me.session), "{owned:?}");
+    assert!(owned.iter().all(|kv| String::from_utf8_lossy(&kv.value).contains(&s.broker)), "{owned:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
