@@ -37,11 +37,45 @@ pub struct LocalCluster {
     pub nodes: Vec<LocalNode>,
 }
 
-/// Reserves `n` distinct free ports on 127.0.0.1.
+/// Picks `n` distinct ports that are free on 127.0.0.1 now, for servers started next.
+///
+/// They come from just below the kernel's ephemeral range, so the local end of an outgoing
+/// connection cannot take one before its server binds it, and no port is handed out twice by
+/// one process. (Ports from `bind(0)` are ephemeral ones: a client socket opened in between
+/// could take them.)
 pub fn free_ports(n: usize) -> std::io::Result<Vec<u16>> {
-    let listeners: Vec<std::net::TcpListener> =
-        (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0")).collect::<Result<_, _>>()?;
-    listeners.iter().map(|l| l.local_addr().map(|a| a.port())).collect()
+    use std::sync::Mutex;
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|x| x.parse::<u32>().ok()))
+        .unwrap_or(32768);
+    let hi = ephemeral_low.clamp(2048, 65535);
+    let lo = hi.saturating_sub(12_000).max(1024);
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    let mut x =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
+            ^ (u64::from(std::process::id()) << 32)
+            | 1;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..100_000 {
+        if out.len() == n {
+            return Ok(out);
+        }
+        // xorshift64
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let Ok(p) = u16::try_from(u64::from(lo) + x % u64::from(hi - lo)) else { continue };
+        if given.contains(&p) || out.contains(&p) {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            given.push(p);
+            out.push(p);
+        }
+    }
+    Err(std::io::Error::new(std::io::ErrorKind::AddrInUse, format!("no {n} free ports in {lo}..{hi}")))
 }
 
 impl LocalCluster {
