@@ -61,17 +61,22 @@ pub async fn request_following(base: &str, method: &str, path: &str, body: &str)
         let r = request(&base, method, &path, body).await?;
         match (&r.status, &r.location) {
             (307 | 308, Some(loc)) => {
-                let rest = loc.strip_prefix("http://").ok_or_else(|| {
-                    io::Error::new(io::ErrorKind::InvalidData, format!("unsupported redirect to {loc}"))
-                })?;
-                let (host, p) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-                base = format!("http://{host}");
-                path = if p.is_empty() { "/".into() } else { p.to_owned() };
+                let (host, p) = split_location(loc)?;
+                (base, path) = (format!("http://{host}"), p);
             }
             _ => return Ok(r),
         }
     }
     Err(io::Error::other(format!("more than {MAX_REDIRECTS} redirects for {method} {path}")))
+}
+
+/// `http://host:port/path?query` → (`host:port`, `/path?query`).
+pub fn split_location(loc: &str) -> io::Result<(String, String)> {
+    let rest = loc
+        .strip_prefix("http://")
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("unsupported redirect to {loc}")))?;
+    let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    Ok((host.to_owned(), if path.is_empty() { "/".into() } else { path.to_owned() }))
 }
 
 fn parse(text: &str) -> Option<HttpResponse> {

@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use magnetar_broker::http::split_location;
 use magnetar_broker::protocol::codec::decode_entry;
 
 use crate::pulsar_python::{produce, scenario};
@@ -73,13 +74,6 @@ async fn broker_writes_replicated_ledgers_through_a_bookie_failure() {
     cluster.shutdown().await;
 }
 
-/// `http://host:port/path…` → (`host:port`, `/path…`).
-fn split_location(loc: &str) -> (String, String) {
-    let rest = loc.strip_prefix("http://").expect("http location");
-    let i = rest.find('/').expect("path");
-    (rest[..i].to_owned(), rest[i..].to_owned())
-}
-
 /// GET following redirects; returns the final status, body and the hosts visited.
 async fn get_following(web: &str, path: &str) -> (u16, String, Vec<String>) {
     let (mut host, mut path, mut visited) = (web.to_owned(), path.to_owned(), vec![web.to_owned()]);
@@ -87,7 +81,7 @@ async fn get_following(web: &str, path: &str) -> (u16, String, Vec<String>) {
         let r = magnetar_broker::http::request(&host, "GET", &path, "").await.expect("HTTP");
         match (r.status, r.location) {
             (307, Some(loc)) => {
-                (host, path) = split_location(&loc);
+                (host, path) = split_location(&loc).expect("http location");
                 visited.push(host.clone());
             }
             (status, _) => return (status, r.body, visited),
@@ -167,7 +161,7 @@ async fn brokers_share_bundles_and_take_over_a_dead_broker() {
     let r = http(&a.web, "GET", &p, "").await;
     assert_eq!(r.status, 307, "{}", r.body);
     let loc = r.location.unwrap_or_default();
-    assert_eq!(split_location(&loc), (b.web.clone(), p.clone()));
+    assert_eq!(split_location(&loc).expect("http location"), (b.web.clone(), p.clone()));
     let (st, body, visited) = get_following(&a.web, &p).await;
     assert_eq!((st, visited.len()), (200, 2), "{body}");
     let stats: serde_json::Value = serde_json::from_str(&body).expect("json");

@@ -818,50 +818,35 @@ impl Actor {
     }
 
     /// An append finished (in order); `false` stops the topic.
-    async fn appended(&mut self, r: Result<i64, LedgerError>) -> bool {
-        let Some((c, producer, done)) = self.inflight_meta.pop_front() else { return true };
-        self.record_latency();
+    async fn appended(&mut self, first: Result<i64, LedgerError>) -> bool {
         let ledger = self.ml.writer.as_ref().map(|w| w.id()).unwrap_or(0);
-        match r {
-            Ok(e) => {
-                let p = Pos::new(ledger, e);
-                self.ml.span.set_last(ledger, e);
-                self.ml.last_info = Some((p, c.info));
-                self.count_in(&c, producer);
-                self.ml.insert_cache(p, c);
-                let _ = done.send(Ok(p));
-                // More confirmations ready now go out in the same dispatch round.
-                while let Some(Some(r)) = futures::FutureExt::now_or_never(self.inflight.next()) {
-                    let Some((c, producer, done)) = self.inflight_meta.pop_front() else { break };
-                    self.record_latency();
-                    match r {
-                        Ok(e) => {
-                            let p = Pos::new(ledger, e);
-                            self.ml.span.set_last(ledger, e);
-                            self.ml.last_info = Some((p, c.info));
-                            self.count_in(&c, producer);
-                            self.ml.insert_cache(p, c);
-                            let _ = done.send(Ok(p));
-                        }
-                        Err(err) => {
-                            let _ = done.send(Err(AppendError::from(err.to_string())));
-                            tracing::error!(topic = %self.ml.name, error = %err, "append failed; unloading the topic");
-                            return false;
-                        }
-                    }
+        let mut next = Some(first);
+        while let Some(r) = next {
+            let Some((c, producer, done)) = self.inflight_meta.pop_front() else { break };
+            self.record_latency();
+            match r {
+                Ok(e) => {
+                    let p = Pos::new(ledger, e);
+                    self.ml.span.set_last(ledger, e);
+                    self.ml.last_info = Some((p, c.info));
+                    self.count_in(&c, producer);
+                    self.ml.insert_cache(p, c);
+                    let _ = done.send(Ok(p));
                 }
-                self.dispatch_all();
-                if self.rolling && self.inflight.is_empty() {
-                    return self.roll().await;
+                Err(err) => {
+                    let _ = done.send(Err(AppendError::from(err.to_string())));
+                    tracing::error!(topic = %self.ml.name, error = %err, "append failed; unloading the topic");
+                    return false;
                 }
-                true
             }
-            Err(err) => {
-                let _ = done.send(Err(AppendError::from(err.to_string())));
-                tracing::error!(topic = %self.ml.name, error = %err, "append failed; unloading the topic");
-                false
-            }
+            // More confirmations ready now go out in the same dispatch round.
+            next = futures::FutureExt::now_or_never(self.inflight.next()).flatten();
         }
+        self.dispatch_all();
+        if self.rolling && self.inflight.is_empty() {
+            return self.roll().await;
+        }
+        true
     }
 
     /// Closes the current ledger and starts a new one (nothing in flight).
