@@ -20,4 +20,4 @@ pub mod storage;
 
 pub use config::BookieConfig;
 pub use error::BookieError;
-pub use server::{run, Bookie};
+pub use server::{run, Bookie, LocalBookie};

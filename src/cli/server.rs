@@ -265,9 +265,9 @@ pub async fn standalone(a: StandaloneArgs) -> anyhow::Result<()> {
             )
             .await
             {
-                Ok(()) => {
-                    magnetar_broker::Broker::start(cfg, meta, shutdown.clone()).await.map_err(anyhow::Error::from)
-                }
+                Ok(()) => magnetar_broker::Broker::start_with_bookie(cfg, meta, shutdown.clone(), bookie.local())
+                    .await
+                    .map_err(anyhow::Error::from),
                 Err(e) => Err(e.into()),
             }
         }

@@ -5,6 +5,7 @@ mod cookies;
 mod crash;
 mod journal;
 mod ledger;
+mod local;
 mod ops;
 #[path = "../support/pulsar_python.rs"]
 mod pulsar_python;

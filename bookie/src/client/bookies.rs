@@ -15,7 +15,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use super::LedgerError;
 use crate::server::cookie::{meta_key, Cookie};
-use crate::server::{BookieInfo, AVAILABLE_PREFIX};
+use crate::server::{BookieInfo, LocalBookie, AVAILABLE_PREFIX};
 
 /// A registered bookie.
 #[derive(Clone, Debug)]
@@ -32,12 +32,29 @@ pub struct Bookies {
     addrs: Mutex<HashMap<String, String>>,
     channels: Mutex<HashMap<String, Channel>>,
     connect_timeout: Duration,
+    local: Option<LocalBookie>,
 }
 
 impl Bookies {
     /// A pool resolving ids through `meta`.
     pub fn new(meta: MetaClient, connect_timeout: Duration) -> Self {
-        Bookies { meta, addrs: Mutex::new(HashMap::new()), channels: Mutex::new(HashMap::new()), connect_timeout }
+        Bookies {
+            meta,
+            addrs: Mutex::new(HashMap::new()),
+            channels: Mutex::new(HashMap::new()),
+            connect_timeout,
+            local: None,
+        }
+    }
+
+    /// Sends adds for `local`'s id to that in-process bookie directly.
+    pub(crate) fn set_local(&mut self, local: LocalBookie) {
+        self.local = Some(local);
+    }
+
+    /// The in-process bookie, if `id` names it.
+    pub(crate) fn local(&self, id: &str) -> Option<&LocalBookie> {
+        self.local.as_ref().filter(|l| l.id() == id)
     }
 
     /// Registered bookies (writable and read-only).

@@ -102,6 +102,14 @@ impl LedgerClient {
         LedgerClient { ctx: Arc::new(Ctx { meta, bookies, faults: Arc::new(Faults::default()), opts }) }
     }
 
+    /// A client over `meta` that sends adds for `local` (a bookie in this process) straight
+    /// to its journal; every other bookie, and reads, go over gRPC as usual.
+    pub fn with_local_bookie(meta: MetaClient, opts: LedgerOptions, local: crate::server::LocalBookie) -> Self {
+        let mut bookies = Bookies::new(meta.clone(), opts.connect_timeout);
+        bookies.set_local(local);
+        LedgerClient { ctx: Arc::new(Ctx { meta, bookies, faults: Arc::new(Faults::default()), opts }) }
+    }
+
     /// Fault injection rules (tests).
     pub fn faults(&self) -> &Arc<Faults> {
         &self.ctx.faults

@@ -227,6 +227,25 @@ impl Actor {
         self.next_gen += 1;
         let gen = self.next_gen;
         let (ctx, ev_tx, id) = (self.ctx.clone(), self.ev_tx.clone(), bookie.to_owned());
+        if let Some(local) = self.ctx.bookies.local(bookie).cloned() {
+            // The bookie runs in this process: its journal answers into this writer's events.
+            tokio::spawn(async move {
+                let mut rx = rx;
+                while let Some(req) = rx.recv().await {
+                    let (ev_tx, id) = (ev_tx.clone(), id.clone());
+                    local.core.submit_add(req, move |r| {
+                        let _ = ev_tx.send(Event::Result {
+                            bookie: id,
+                            gen,
+                            entry: r.entry_id,
+                            code: r.code,
+                            message: r.message,
+                        });
+                    });
+                }
+            });
+            return Stream { tx, gen };
+        }
         tokio::spawn(async move {
             let broken = |reason: String| {
                 let _ = ev_tx.send(Event::Broken { bookie: id.clone(), gen, reason });

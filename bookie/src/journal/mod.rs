@@ -8,7 +8,9 @@
 //!   they touched, and only then runs their callbacks (the acks), in order.
 //!
 //! So the writer fills the next group while the syncer flushes the previous one, and every
-//! fdatasync covers as many adds as arrived during the one before. With
+//! fdatasync covers as many adds as arrived during the one before. When nothing else is
+//! queued and the syncer is idle (light load, `flush_when_queue_empty` on), the writer syncs
+//! its batch and acks it itself, sparing the hand-off to another thread. With
 //! `flush_when_queue_empty` off, the syncer also waits up to `max_group_wait_us` (or until
 //! `group_bytes` are pending) to gather a bigger group.
 //!
@@ -129,6 +131,8 @@ struct SyncQueue {
     groups: Vec<Group>,
     bytes: usize,
     closed: bool,
+    /// A sync (by the syncer or the writer) is running; its acks are not all sent yet.
+    syncing: bool,
 }
 
 struct Shared {
@@ -137,6 +141,51 @@ struct Shared {
     queued: AtomicI64,
     applied: Mutex<Position>,
     metrics: JournalMetrics,
+    /// Once an fdatasync fails, the page cache may have dropped the failed pages and a later
+    /// fdatasync could "succeed" without them: nothing is acknowledged after that.
+    failure: Mutex<Option<String>>,
+}
+
+impl Shared {
+    /// Syncs the groups' files and runs their callbacks in order. Callers hold the `syncing`
+    /// claim, so groups are acked in the order the writer produced them.
+    fn sync_and_ack(&self, groups: Vec<Group>, sync: bool) {
+        let started = Instant::now();
+        let mut failure = self.failure.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut synced: Vec<*const File> = Vec::new();
+        for g in &groups {
+            for f in &g.files {
+                let p = Arc::as_ptr(f);
+                if synced.contains(&p) {
+                    continue;
+                }
+                synced.push(p);
+                if sync && failure.is_none() {
+                    if let Err(e) = f.sync_data() {
+                        failure = Some(e.to_string());
+                        *self.failure.lock().unwrap_or_else(|e| e.into_inner()) = failure.clone();
+                    }
+                }
+            }
+        }
+        let m = &self.metrics;
+        m.sync.observe_duration_ms(started.elapsed());
+        m.syncs.inc();
+        if let Some(err) = &failure {
+            // A failed fdatasync leaves the page cache in an unknown state; nothing in these
+            // groups may be acknowledged.
+            tracing::error!(error = %err, "journal fdatasync failed");
+        }
+        for g in groups {
+            for (cb, r, at) in g.acks {
+                m.add.observe_duration_ms(at.elapsed());
+                match (&failure, r) {
+                    (Some(err), _) => cb(Err(BookieError::io("journal fdatasync", std::io::Error::other(err.clone())))),
+                    (None, r) => cb(r),
+                }
+            }
+        }
+    }
 }
 
 /// One journal directory's writer and syncer.
@@ -150,6 +199,8 @@ pub struct Journal {
 
 impl Journal {
     /// Starts a journal in `dir` writing from segment `first_segment` (after replay).
+    /// `on_roll` runs on the writer thread each time it starts a new segment (the bookie
+    /// checkpoints then, so finished segments are recycled instead of piling up).
     pub fn start(
         dir: &Path,
         first_segment: u64,
@@ -157,6 +208,7 @@ impl Journal {
         max_entry: usize,
         ledgers: Arc<Ledgers>,
         metrics: JournalMetrics,
+        on_roll: Box<dyn Fn() + Send>,
     ) -> Result<Self> {
         let (alloc, prealloc) = Allocator::start(dir, settings.segment_bytes, settings.preallocated_segments)?;
         let shared = Arc::new(Shared {
@@ -165,6 +217,7 @@ impl Journal {
             queued: AtomicI64::new(0),
             applied: Mutex::new(Position { segment: first_segment, offset: 0 }),
             metrics,
+            failure: Mutex::new(None),
         });
         let file = alloc.take(first_segment)?;
         let (tx, rx) = mpsc::channel();
@@ -177,6 +230,9 @@ impl Journal {
             size: settings.segment_bytes,
             max_batch_bytes: settings.group_bytes.max(max_entry + 1024),
             buf: Vec::with_capacity(settings.group_bytes + max_entry),
+            inline_sync: settings.flush_when_queue_empty,
+            sync: settings.sync,
+            on_roll,
         };
         let syncer = Syncer { shared: shared.clone(), settings: settings.clone() };
         let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
@@ -268,6 +324,10 @@ struct Writer {
     size: u64,
     max_batch_bytes: usize,
     buf: Vec<u8>,
+    /// Sync inline when idle (see the module docs).
+    inline_sync: bool,
+    sync: bool,
+    on_roll: Box<dyn Fn() + Send>,
 }
 
 /// What one writer batch produced.
@@ -432,6 +492,7 @@ impl Writer {
         let file = Arc::new(self.alloc.take(seq)?);
         self.seg = Segment { seq, file: file.clone(), offset: 0 };
         b.files.push(file);
+        (self.on_roll)();
         Ok(())
     }
 
@@ -439,9 +500,21 @@ impl Writer {
         if b.acks.is_empty() {
             return;
         }
+        let group = Group { files: b.files, acks: b.acks, born: Instant::now() };
         let mut q = self.shared.sync_q.lock().unwrap_or_else(|e| e.into_inner());
+        let idle = q.groups.is_empty() && !q.syncing && self.shared.queued.load(Ordering::Relaxed) == 0;
+        if self.inline_sync && idle {
+            // Nothing to batch with and nobody syncing: sync here. Adds arriving meanwhile
+            // wait in the queue, as they would behind the syncer's fdatasync.
+            q.syncing = true;
+            drop(q);
+            self.shared.sync_and_ack(vec![group], self.sync);
+            let mut q = self.shared.sync_q.lock().unwrap_or_else(|e| e.into_inner());
+            q.syncing = false;
+            return;
+        }
         q.bytes += b.bytes;
-        q.groups.push(Group { files: b.files, acks: b.acks, born: Instant::now() });
+        q.groups.push(group);
         self.shared.sync_cv.notify_all();
     }
 }
@@ -469,9 +542,6 @@ struct Syncer {
 impl Syncer {
     fn run(self) {
         let max_wait = Duration::from_micros(self.settings.max_group_wait_us);
-        // Once an fdatasync fails, the page cache may have dropped the failed pages and a
-        // later fdatasync could "succeed" without them: nothing is acknowledged after that.
-        let mut failure: Option<String> = None;
         loop {
             let groups = {
                 let mut q = self.shared.sync_q.lock().unwrap_or_else(|e| e.into_inner());
@@ -494,43 +564,11 @@ impl Syncer {
                     q = g;
                 }
                 q.bytes = 0;
+                q.syncing = true;
                 std::mem::take(&mut q.groups)
             };
-            let started = Instant::now();
-            let mut synced: Vec<*const File> = Vec::new();
-            for g in &groups {
-                for f in &g.files {
-                    let p = Arc::as_ptr(f);
-                    if synced.contains(&p) {
-                        continue;
-                    }
-                    synced.push(p);
-                    if self.settings.sync && failure.is_none() {
-                        if let Err(e) = f.sync_data() {
-                            failure = Some(e.to_string());
-                        }
-                    }
-                }
-            }
-            let m = &self.shared.metrics;
-            m.sync.observe_duration_ms(started.elapsed());
-            m.syncs.inc();
-            if let Some(err) = &failure {
-                // A failed fdatasync leaves the page cache in an unknown state; nothing in
-                // these groups may be acknowledged.
-                tracing::error!(error = %err, "journal fdatasync failed");
-            }
-            for g in groups {
-                for (cb, r, at) in g.acks {
-                    m.add.observe_duration_ms(at.elapsed());
-                    match (&failure, r) {
-                        (Some(err), _) => {
-                            cb(Err(BookieError::io("journal fdatasync", std::io::Error::other(err.clone()))))
-                        }
-                        (None, r) => cb(r),
-                    }
-                }
-            }
+            self.shared.sync_and_ack(groups, self.settings.sync);
+            self.shared.sync_q.lock().unwrap_or_else(|e| e.into_inner()).syncing = false;
         }
     }
 }

@@ -111,6 +111,28 @@ impl Core {
     }
 }
 
+/// A handle to a bookie running in this process. A ledger client given it
+/// ([`crate::client::LedgerClient::with_local_bookie`]) hands adds for this bookie straight
+/// to its journal instead of over gRPC and loopback TCP; the checks and the durability rule
+/// are the same (an add is acknowledged only after its journal fdatasync).
+#[derive(Clone)]
+pub struct LocalBookie {
+    pub(crate) core: Arc<Core>,
+}
+
+impl LocalBookie {
+    /// The bookie's id.
+    pub fn id(&self) -> &str {
+        &self.core.bookie_id
+    }
+}
+
+impl std::fmt::Debug for LocalBookie {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalBookie").field("id", &self.core.bookie_id).finish()
+    }
+}
+
 /// A running bookie.
 pub struct Bookie {
     core: Arc<Core>,
@@ -176,9 +198,14 @@ impl Bookie {
 
         let registry = Registry::new();
         let ledgers = Arc::new(Ledgers::new(storage, cfg.storage.read_cache_bytes));
+        // A checkpoint is due every `checkpoint_interval_ms`, and as soon as a journal fills a
+        // segment: then its finished segments are recycled at once and a heavy write load
+        // never waits for fresh segments to be zero-filled.
+        let checkpoint_due = Arc::new(tokio::sync::Notify::new());
         let mut journals = Vec::new();
         for (i, dir) in journal_dirs.iter().enumerate() {
             let m = JournalMetrics::register(&registry, i);
+            let due = checkpoint_due.clone();
             journals.push(Journal::start(
                 dir,
                 next_segments[i],
@@ -186,6 +213,7 @@ impl Bookie {
                 cfg.max_entry_bytes,
                 ledgers.clone(),
                 m,
+                Box::new(move || due.notify_one()),
             )?);
         }
         let core = Arc::new(Core {
@@ -205,17 +233,16 @@ impl Bookie {
             tokio::task::spawn_blocking(move || c.checkpoint(&d)).await.map_err(join_err)??;
         }
         {
-            let c = core.clone();
+            // Weak: the registry lives in the core, and a strong handle here would keep the
+            // core (and the entry store's lock) alive after the bookie stops.
+            let c = Arc::downgrade(&core);
             registry.gauge_fn("bookie_read_cache_size", "Bytes in the tail read cache", &[], move || {
-                c.ledgers.cache.bytes() as f64
+                c.upgrade().map_or(0.0, |c| c.ledgers.cache.bytes() as f64)
             });
-            let c = core.clone();
-            registry.gauge_fn("bookie_SERVER_STATUS", "1 writable, 0 read-only", &[], move || {
-                if c.is_read_only() {
-                    0.0
-                } else {
-                    1.0
-                }
+            let c = Arc::downgrade(&core);
+            registry.gauge_fn("bookie_SERVER_STATUS", "1 writable, 0 read-only", &[], move || match c.upgrade() {
+                Some(c) if !c.is_read_only() => 1.0,
+                _ => 0.0,
             });
         }
 
@@ -264,6 +291,7 @@ impl Bookie {
                     tokio::select! {
                         _ = cancel.cancelled() => return,
                         _ = tokio::time::sleep(every) => {}
+                        _ = checkpoint_due.notified() => {}
                     }
                     let (c, d) = (c.clone(), d.clone());
                     match tokio::task::spawn_blocking(move || c.checkpoint(&d)).await {
@@ -295,6 +323,11 @@ impl Bookie {
     /// This bookie's id.
     pub fn bookie_id(&self) -> &str {
         &self.core.bookie_id
+    }
+
+    /// A handle for ledger clients in this process.
+    pub fn local(&self) -> LocalBookie {
+        LocalBookie { core: self.core.clone() }
     }
 
     /// The metrics registry.

@@ -38,31 +38,18 @@ fn add_result(ledger: u64, entry: i64, r: Result<i64, BookieError>) -> pb::AddRe
 }
 
 impl Core {
-    fn submit_add(self: &Arc<Self>, add: pb::AddRequest, tx: &mpsc::UnboundedSender<pb::AddResult>) {
+    /// Checks an add and queues it on its journal; `reply` gets the outcome once the add is
+    /// durable (or at once when it is refused).
+    pub(crate) fn submit_add(
+        self: &Arc<Self>,
+        add: pb::AddRequest,
+        reply: impl FnOnce(pb::AddResult) + Send + 'static,
+    ) {
         let (ledger, entry) = (add.ledger_id, add.entry_id);
-        let refuse = |e: BookieError| {
-            let _ = tx.send(add_result(ledger, entry, Err(e)));
-        };
-        if self.is_shutting_down() {
-            return refuse(BookieError::ShuttingDown);
-        }
-        if entry < 0 {
-            return refuse(BookieError::Invalid("entry ids start at 0"));
-        }
-        if add.payload.len() > self.max_entry {
-            return refuse(BookieError::Invalid("entry larger than max_entry_bytes"));
-        }
-        if add.master_key.is_empty() || add.master_key.len() > MAX_MASTER_KEY {
-            return refuse(BookieError::Invalid("an add needs the ledger's master key (at most 1 KiB)"));
-        }
-        if entry_checksum(ledger, entry, &add.payload) != add.checksum {
-            return refuse(BookieError::Corrupt { ledger, entry });
-        }
-        if self.is_read_only() && !add.recovery {
-            return refuse(BookieError::ReadOnly);
+        if let Err(e) = self.check_add(&add) {
+            return reply(add_result(ledger, entry, Err(e)));
         }
         self.metrics.write_bytes.add(add.payload.len() as u64);
-        let tx = tx.clone();
         let metrics = self.metrics.clone();
         let started = Instant::now();
         self.journal_for(ledger).submit(
@@ -82,9 +69,32 @@ impl Core {
                     metrics.add_failed.inc();
                 }
                 metrics.add_latency.observe_duration_ms(started.elapsed());
-                let _ = tx.send(add_result(ledger, entry, r));
+                reply(add_result(ledger, entry, r));
             }),
         );
+    }
+
+    fn check_add(&self, add: &pb::AddRequest) -> Result<(), BookieError> {
+        let (ledger, entry) = (add.ledger_id, add.entry_id);
+        if self.is_shutting_down() {
+            return Err(BookieError::ShuttingDown);
+        }
+        if entry < 0 {
+            return Err(BookieError::Invalid("entry ids start at 0"));
+        }
+        if add.payload.len() > self.max_entry {
+            return Err(BookieError::Invalid("entry larger than max_entry_bytes"));
+        }
+        if add.master_key.is_empty() || add.master_key.len() > MAX_MASTER_KEY {
+            return Err(BookieError::Invalid("an add needs the ledger's master key (at most 1 KiB)"));
+        }
+        if entry_checksum(ledger, entry, &add.payload) != add.checksum {
+            return Err(BookieError::Corrupt { ledger, entry });
+        }
+        if self.is_read_only() && !add.recovery {
+            return Err(BookieError::ReadOnly);
+        }
+        Ok(())
     }
 
     /// Fences a ledger durably; returns its LAC.
@@ -128,7 +138,10 @@ impl BookieRpc for Service {
                 match next {
                     Ok(Some(batch)) => {
                         for add in batch.adds {
-                            core.submit_add(add, &tx);
+                            let tx = tx.clone();
+                            core.submit_add(add, move |r| {
+                                let _ = tx.send(r);
+                            });
                         }
                     }
                     Ok(None) => break,

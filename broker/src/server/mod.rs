@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use magnetar_bookie::client::{LedgerClient, LedgerOptions};
+use magnetar_bookie::LocalBookie;
 use magnetar_metastore::client::MetaClient;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -57,6 +58,26 @@ pub enum BrokerError {
 impl Broker {
     /// Binds, registers with the metastore and serves until `shutdown`.
     pub async fn start(cfg: BrokerConfig, meta: MetaClient, shutdown: CancellationToken) -> Result<Self, BrokerError> {
+        Self::start_inner(cfg, meta, shutdown, None).await
+    }
+
+    /// Like [`Self::start`], with a bookie running in the same process (`magnetar standalone`):
+    /// adds for it skip gRPC and go straight to its journal.
+    pub async fn start_with_bookie(
+        cfg: BrokerConfig,
+        meta: MetaClient,
+        shutdown: CancellationToken,
+        bookie: LocalBookie,
+    ) -> Result<Self, BrokerError> {
+        Self::start_inner(cfg, meta, shutdown, Some(bookie)).await
+    }
+
+    async fn start_inner(
+        cfg: BrokerConfig,
+        meta: MetaClient,
+        shutdown: CancellationToken,
+        bookie: Option<LocalBookie>,
+    ) -> Result<Self, BrokerError> {
         magnetar_common::config::Validate::validate(&cfg).map_err(|e| BrokerError::Config(e.to_string()))?;
         let io = |context: String| move |source| BrokerError::Io { context, source };
         let listener = TcpListener::bind(&cfg.listen_addr).await.map_err(io(format!("binding {}", cfg.listen_addr)))?;
@@ -84,10 +105,11 @@ impl Broker {
         let ownership = Ownership::start(meta.clone(), me, ttl, cancel.child_token())
             .await
             .map_err(|e| BrokerError::Metastore(e.to_string()))?;
-        let ledgers = LedgerClient::new(
-            meta.clone(),
-            LedgerOptions { created_by: format!("broker {advertise}"), ..Default::default() },
-        );
+        let opts = LedgerOptions { created_by: format!("broker {advertise}"), ..Default::default() };
+        let ledgers = match bookie {
+            Some(b) => LedgerClient::with_local_bookie(meta.clone(), opts, b),
+            None => LedgerClient::new(meta.clone(), opts),
+        };
         let shared = Arc::new(Shared {
             topics: Arc::new(Topics::new(meta.clone(), ledgers, cfg.topic_settings(), ownership.clone())),
             next_conn: std::sync::atomic::AtomicU64::new(1),
