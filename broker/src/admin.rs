@@ -552,17 +552,21 @@ async fn existing(a: &Admin, n: &TopicName) -> Result<Topic, Response> {
     a.topics.get_or_load(n).await.map_err(topic_error)
 }
 
+/// The topic a request path names, loaded; 412 for a bad name, 404 if it does not exist.
+async fn existing_at(a: &Admin, t: &str, ns: &str, topic: &str) -> Result<(TopicName, Topic), Response> {
+    let n = name(t, ns, topic)?;
+    let loaded = existing(a, &n).await?;
+    Ok((n, loaded))
+}
+
 type TopicPath = Path<(String, String, String)>;
 type SubPath = Path<(String, String, String, String)>;
 
 async fn subscriptions(State(a): S, Path((t, ns, topic)): TopicPath) -> Response {
-    let n = match name(&t, &ns, &topic) {
-        Ok(n) => n,
+    let n = match existing_at(&a, &t, &ns, &topic).await {
+        Ok((n, _)) => n,
         Err(r) => return r,
     };
-    if let Err(r) = existing(&a, &n).await {
-        return r;
-    }
     match children(&a.meta, &format!("{}/cursors/", topic_key(&n))).await {
         Ok(subs) => {
             json(StatusCode::OK, &subs.iter().map(|s| s.replace("%2F", "/").replace("%25", "%")).collect::<Vec<_>>())
@@ -572,12 +576,8 @@ async fn subscriptions(State(a): S, Path((t, ns, topic)): TopicPath) -> Response
 }
 
 async fn sub_op(a: &Admin, t: &str, ns: &str, topic: &str, sub: &str, op: SubOp) -> Response {
-    let n = match name(t, ns, topic) {
-        Ok(n) => n,
-        Err(r) => return r,
-    };
-    let topic = match existing(a, &n).await {
-        Ok(t) => t,
+    let (_, topic) = match existing_at(a, t, ns, topic).await {
+        Ok(x) => x,
         Err(r) => return r,
     };
     let answer = match topic.ask(|done| Cmd::SubAdmin { sub: sub.to_owned(), op, done }).await {
@@ -662,12 +662,8 @@ async fn sub_peek(State(a): S, Path((t, ns, topic, sub, n)): Path<(String, Strin
 }
 
 async fn internal_stats(State(a): S, Path((t, ns, topic)): TopicPath) -> Response {
-    let n = match name(&t, &ns, &topic) {
-        Ok(n) => n,
-        Err(r) => return r,
-    };
-    match existing(&a, &n).await {
-        Ok(topic) => match topic.ask(|done| Cmd::Internal { done }).await {
+    match existing_at(&a, &t, &ns, &topic).await {
+        Ok((_, topic)) => match topic.ask(|done| Cmd::Internal { done }).await {
             Ok(v) => json(StatusCode::OK, &v),
             Err(e) => topic_error(e),
         },
@@ -676,12 +672,8 @@ async fn internal_stats(State(a): S, Path((t, ns, topic)): TopicPath) -> Respons
 }
 
 async fn last_message_id(State(a): S, Path((t, ns, topic)): TopicPath) -> Response {
-    let n = match name(&t, &ns, &topic) {
-        Ok(n) => n,
-        Err(r) => return r,
-    };
-    match existing(&a, &n).await {
-        Ok(topic) => match topic.ask(|done| Cmd::LastId { done }).await {
+    match existing_at(&a, &t, &ns, &topic).await {
+        Ok((n, topic)) => match topic.ask(|done| Cmd::LastId { done }).await {
             Ok(id) => json(
                 StatusCode::OK,
                 &serde_json::json!({
@@ -698,12 +690,8 @@ async fn last_message_id(State(a): S, Path((t, ns, topic)): TopicPath) -> Respon
 }
 
 async fn terminate(State(a): S, Path((t, ns, topic)): TopicPath) -> Response {
-    let n = match name(&t, &ns, &topic) {
-        Ok(n) => n,
-        Err(r) => return r,
-    };
-    let topic = match existing(&a, &n).await {
-        Ok(t) => t,
+    let (n, topic) = match existing_at(&a, &t, &ns, &topic).await {
+        Ok(x) => x,
         Err(r) => return r,
     };
     match topic.ask(|done| Cmd::Terminate { done }).await {

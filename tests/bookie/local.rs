@@ -28,6 +28,10 @@ fn config(cluster: &Cluster, root: &Path, listen: &str, advertise: &str) -> Book
     }
 }
 
+fn free_addr() -> String {
+    format!("127.0.0.1:{}", free_ports(1).expect("port")[0])
+}
+
 fn options() -> LedgerOptions {
     LedgerOptions {
         add_timeout: Duration::from_secs(3),
@@ -43,8 +47,8 @@ fn options() -> LedgerOptions {
 async fn in_process_adds_skip_grpc_and_survive_a_restart() {
     let cluster = Cluster::new(0, &[], true).await;
     let root = cluster.dir.path().join("in-process");
-    let listen = format!("127.0.0.1:{}", free_ports(1).expect("port")[0]);
-    let unreachable = format!("127.0.0.1:{}", free_ports(1).expect("port")[0]);
+    let listen = free_addr();
+    let unreachable = free_addr();
     let stop = CancellationToken::new();
     let bookie = Bookie::start(config(&cluster, &root, &listen, &unreachable), stop.clone()).await.expect("bookie");
 
@@ -107,7 +111,7 @@ async fn in_process_adds_skip_grpc_and_survive_a_restart() {
 async fn recovery_fences_an_in_process_writer() {
     let cluster = Cluster::new(0, &[], true).await;
     let root = cluster.dir.path().join("in-process");
-    let listen = format!("127.0.0.1:{}", free_ports(1).expect("port")[0]);
+    let listen = free_addr();
     let stop = CancellationToken::new();
     let bookie = Bookie::start(config(&cluster, &root, &listen, &listen), stop.clone()).await.expect("bookie");
 

@@ -36,20 +36,16 @@ pub struct Bookies {
 }
 
 impl Bookies {
-    /// A pool resolving ids through `meta`.
-    pub fn new(meta: MetaClient, connect_timeout: Duration) -> Self {
+    /// A pool resolving ids through `meta`; adds for `local`'s id go to that in-process
+    /// bookie directly.
+    pub fn new(meta: MetaClient, connect_timeout: Duration, local: Option<LocalBookie>) -> Self {
         Bookies {
             meta,
             addrs: Mutex::new(HashMap::new()),
             channels: Mutex::new(HashMap::new()),
             connect_timeout,
-            local: None,
+            local,
         }
-    }
-
-    /// Sends adds for `local`'s id to that in-process bookie directly.
-    pub(crate) fn set_local(&mut self, local: LocalBookie) {
-        self.local = Some(local);
     }
 
     /// The in-process bookie, if `id` names it.

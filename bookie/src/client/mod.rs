@@ -98,15 +98,17 @@ pub struct LedgerClient {
 impl LedgerClient {
     /// A client over `meta`.
     pub fn new(meta: MetaClient, opts: LedgerOptions) -> Self {
-        let bookies = Bookies::new(meta.clone(), opts.connect_timeout);
-        LedgerClient { ctx: Arc::new(Ctx { meta, bookies, faults: Arc::new(Faults::default()), opts }) }
+        Self::build(meta, opts, None)
     }
 
     /// A client over `meta` that sends adds for `local` (a bookie in this process) straight
     /// to its journal; every other bookie, and reads, go over gRPC as usual.
     pub fn with_local_bookie(meta: MetaClient, opts: LedgerOptions, local: crate::server::LocalBookie) -> Self {
-        let mut bookies = Bookies::new(meta.clone(), opts.connect_timeout);
-        bookies.set_local(local);
+        Self::build(meta, opts, Some(local))
+    }
+
+    fn build(meta: MetaClient, opts: LedgerOptions, local: Option<crate::server::LocalBookie>) -> Self {
+        let bookies = Bookies::new(meta.clone(), opts.connect_timeout, local);
         LedgerClient { ctx: Arc::new(Ctx { meta, bookies, faults: Arc::new(Faults::default()), opts }) }
     }
 
