@@ -232,7 +232,7 @@ impl Journal {
             max_batch_bytes: settings.group_bytes.max(max_entry + 1024),
             buf: Vec::with_capacity(settings.group_bytes + max_entry),
             pieces: Vec::new(),
-            pending: 0,
+            piece_bytes: 0,
             inline_sync: settings.flush_when_queue_empty,
             sync: settings.sync,
             on_roll,
@@ -343,8 +343,8 @@ struct Writer {
     buf: Vec<u8>,
     /// Large payloads to write between stretches of `buf`, borrowed from their requests.
     pieces: Vec<Piece>,
-    /// Bytes in `buf` and `pieces`.
-    pending: usize,
+    /// Bytes in `pieces`.
+    piece_bytes: usize,
     /// Sync inline when idle (see the module docs).
     inline_sync: bool,
     sync: bool,
@@ -502,40 +502,42 @@ impl Writer {
     ) -> Result<()> {
         let tail_len = tail.map_or(0, |t| t.len());
         let len = record::encoded_len(head.iter().map(|d| d.len()).sum::<usize>() + tail_len) as u64;
-        if self.seg.offset + self.pending as u64 + len > self.size {
+        if self.seg.offset + self.pending() as u64 + len > self.size {
             // Mark the end, so replay can tell the unused rest of the segment from damage.
-            if self.seg.offset + (self.pending + record::encoded_len(0)) as u64 <= self.size {
-                let before = self.buf.len();
+            if self.seg.offset + (self.pending() + record::encoded_len(0)) as u64 <= self.size {
                 record::encode(&mut self.buf, self.seg.seq, record::SEGMENT_END, 0, -1, -1, &[]);
-                self.pending += self.buf.len() - before;
             }
             self.flush_buf(b)?;
             self.roll(b)?;
         }
-        let before = self.buf.len();
         record::encode_head(&mut self.buf, self.seg.seq, kind, ledger, entry, lac, head, tail.map_or(&[], |t| &t[..]));
-        self.pending += self.buf.len() - before + tail_len;
         if let Some(t) = tail {
+            self.piece_bytes += tail_len;
             self.pieces.push(Piece { buf_end: self.buf.len(), data: t.clone() });
         }
         Ok(())
     }
 
     fn flush_buf(&mut self, b: &mut Batch) -> Result<()> {
-        if self.pending == 0 {
+        let n = self.pending();
+        if n == 0 {
             return Ok(());
         }
         let written = self.write_pending();
-        let n = self.pending;
         self.buf.clear();
         self.pieces.clear();
-        self.pending = 0;
+        self.piece_bytes = 0;
         // On failure these records' adds fail; they must not reappear with a later batch.
         written.map_err(|e| BookieError::io(format!("writing journal segment {}", self.seg.seq), e))?;
         self.seg.offset += n as u64;
         b.bytes += n;
         self.shared.metrics.bytes.add(n as u64);
         Ok(())
+    }
+
+    /// Bytes queued for the segment: `buf` and the pieces.
+    fn pending(&self) -> usize {
+        self.buf.len() + self.piece_bytes
     }
 
     /// Writes `buf` with the pieces spliced in at their places, at the segment's offset.
