@@ -275,14 +275,16 @@ impl Cluster {
             .stderr(log)
             .spawn()
             .expect("start broker");
-        let a = addr.clone();
+        // The ports are bound before the broker registers with the metastore; its HTTP
+        // server starts answering only once it has registered and serves the protocol.
+        let w = web.clone();
         assert!(
             wait_until(Duration::from_secs(30), || {
-                let a = a.clone();
-                async move { tokio::net::TcpStream::connect(&a).await.is_ok() }
+                let w = w.clone();
+                async move { matches!(http_get(&w, "/admin/v2/brokers/health").await, Some((200, _))) }
             })
             .await,
-            "broker {name} port never opened"
+            "broker {name} never became ready"
         );
         BrokerProc { child, addr, web }
     }
