@@ -43,9 +43,13 @@ pub struct ProducePerf {
     /// Messages in flight per producer (1: one-at-a-time synchronous sends).
     #[arg(long, default_value_t = 10_000)]
     pub max_pending: usize,
-    /// Seconds to run.
+    /// Seconds to measure, after the warm-up.
     #[arg(long, default_value_t = 10)]
     pub duration: u64,
+    /// Seconds of sending before measuring starts; what is published and consumed in them is
+    /// left out of the figures (send errors are not).
+    #[arg(long = "warmup-time", default_value_t = 1)]
+    pub warmup: u64,
     /// Consumers measuring end-to-end latency on the same topic (0: none).
     #[arg(long, default_value_t = 0)]
     pub consumers: usize,
@@ -127,7 +131,8 @@ pub async fn produce(a: &ProducePerf) -> anyhow::Result<Report> {
     anyhow::ensure!(a.size >= 8, "--size must be at least 8 bytes");
     anyhow::ensure!(a.producers >= 1 && a.max_pending >= 1 && a.batch_max_messages >= 1, "counts must be at least 1");
     let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
-    let stop = Instant::now() + Duration::from_secs(a.duration);
+    let measure_from = Instant::now() + Duration::from_secs(a.warmup);
+    let stop = measure_from + Duration::from_secs(a.duration);
     let mut consumer_tasks = Vec::new();
     for i in 0..a.consumers {
         let c = Client::connect_for(&addr(&a.url), &a.topic).await?;
@@ -154,8 +159,20 @@ pub async fn produce(a: &ProducePerf) -> anyhow::Result<Report> {
     let mut window = (hist(), 0u64, 0u64, Instant::now());
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
     ticker.tick().await;
+    let warmup = tokio::time::sleep_until(measure_from.into());
+    tokio::pin!(warmup);
+    let mut warm = a.warmup == 0;
     loop {
         tokio::select! {
+            _ = &mut warmup, if !warm => {
+                // The warm-up is over: measure from here.
+                warm = true;
+                (publish, e2e) = (hist(), hist());
+                (published, bytes, consumed) = (0, 0, 0);
+                if !a.quiet {
+                    println!("  warm-up over: measuring for {} s", a.duration);
+                }
+            }
             ev = rx.recv() => match ev {
                 Some(Event::Published { n, bytes: b, lat }) => {
                     published += n;
@@ -189,7 +206,7 @@ pub async fn produce(a: &ProducePerf) -> anyhow::Result<Report> {
             }
         }
     }
-    let secs = start.elapsed().as_secs_f64().min(a.duration as f64).max(0.001);
+    let secs = measure_from.elapsed().as_secs_f64().min(a.duration as f64).max(0.001);
     for t in producer_tasks {
         t.await??;
     }
@@ -332,9 +349,10 @@ async fn consume_loop(mut c: Consumer, tx: mpsc::UnboundedSender<Event>, stop: I
 /// `magnetar perf produce`.
 pub async fn run_produce(a: ProducePerf) -> anyhow::Result<()> {
     println!(
-        "producing to {} for {} s: {} B messages, {} producer(s), rate {}, batch {} msgs / {} B / {} µs, window {}",
+        "producing to {} for {} s after a {} s warm-up: {} B messages, {} producer(s), rate {}, batch {} msgs / {} B / {} µs, window {}",
         a.topic,
         a.duration,
+        a.warmup,
         a.size,
         a.producers,
         if a.rate > 0.0 { format!("{} msg/s", a.rate) } else { "max".into() },
@@ -407,9 +425,12 @@ pub async fn run_consume(a: ConsumePerf) -> anyhow::Result<()> {
 /// The standard broker benchmark.
 #[derive(Args, Debug)]
 pub struct BrokerPerf {
-    /// Seconds per case.
+    /// Seconds measured per case.
     #[arg(long, default_value_t = 8)]
     pub duration: u64,
+    /// Seconds of sending before each case is measured (left out of its figures).
+    #[arg(long = "warmup-time", default_value_t = 2)]
+    pub warmup: u64,
     /// Directory for the data (a temporary directory under it is used and removed).
     #[arg(long)]
     pub dir: Option<std::path::PathBuf>,
@@ -599,6 +620,7 @@ async fn suite_in(a: &BrokerPerf, dir: &std::path::Path) -> anyhow::Result<()> {
         batch_delay_us: 1000,
         max_pending: 1000,
         duration: a.duration,
+        warmup: a.warmup,
         consumers: 0,
         quiet: true,
     };
@@ -643,9 +665,11 @@ async fn suite_in(a: &BrokerPerf, dir: &std::path::Path) -> anyhow::Result<()> {
          process on the same 2 cores"
     };
     let table = format!(
-        "{setup}. Raw fdatasync rate {fsync:.0}/s; loopback TCP {loopback:.0} MB/s.\n\n\
+        "{setup}. Each case runs {} s after a {} s warm-up. Raw fdatasync rate {fsync:.0}/s; loopback TCP {loopback:.0} MB/s.\n\n\
          | case | msg/s | MB/s | publish p50 ms | publish p99 ms | end-to-end p50 ms | end-to-end p99 ms |\n\
          |---|---|---|---|---|---|---|\n{}\n",
+        a.duration,
+        a.warmup,
         rows.join("\n")
     );
     println!("{table}");

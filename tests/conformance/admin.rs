@@ -459,6 +459,38 @@ async fn produce_and_consume_clis() {
     assert_eq!(got.lines().collect::<Vec<_>>(), (0..5).map(|i| format!("msg-{i}")).collect::<Vec<_>>());
 }
 
+/// `magnetar perf produce` with a consumer: it reports what it published and consumed after
+/// its warm-up only, at the rate asked for, with no errors and an end-to-end latency.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn perf_produce_measures_after_its_warm_up() {
+    let s = standalone().await;
+    let args = ["perf", "produce", "--topic", "perf-cli", "--rate", "1000", "--duration", "2", "--warmup-time", "2"];
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_magnetar"))
+        .args(args)
+        .args(["--consumers", "1", "--quiet", "--url", &s.url()])
+        .output()
+        .expect("run");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    let summary = text.lines().find(|l| l.starts_with("published ")).unwrap_or_else(|| panic!("{text}"));
+    let after = |word: &str| -> f64 {
+        let rest = summary.rsplit(word).next().filter(|r| r.len() < summary.len());
+        let rest = rest.unwrap_or_else(|| panic!("no {word:?} in {summary}"));
+        rest.trim_start()
+            .split([' ', ';', ','])
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{summary}"))
+    };
+    // 1000 msg/s for the 2 measured seconds; the 2 warm-up seconds would double it.
+    let published = after("published");
+    assert!((1000.0..3000.0).contains(&published), "{summary}");
+    assert_eq!(after("errors"), 0.0, "{summary}");
+    assert!(after("consumed") >= published * 0.95, "{summary}");
+    // The last p99 of the line is the end-to-end one.
+    assert!(summary.contains("end-to-end") && after("p99") > 0.0, "{summary}");
+}
+
 /// With topic-level series off, `/metrics` has one series per namespace.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn namespace_level_metrics() {
