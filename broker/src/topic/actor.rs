@@ -1665,6 +1665,7 @@ impl Ml {
 
     /// Closes the current ledger, creates the next and records both in one CAS.
     async fn roll(&mut self) -> Result<(), super::TopicError> {
+        let started = Instant::now();
         if let Some(w) = self.writer.take() {
             let id = w.id();
             let md = w.close().await?;
@@ -1682,7 +1683,13 @@ impl Ml {
                 self.version = v;
                 self.info = info;
                 self.span.push(writer.id(), -1);
-                tracing::info!(topic = %self.name, ledger = writer.id(), entries = self.ledger_entries, "rolled over to a new ledger");
+                tracing::info!(
+                    topic = %self.name,
+                    ledger = writer.id(),
+                    entries = self.ledger_entries,
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "rolled over to a new ledger"
+                );
                 self.writer = Some(writer);
                 self.ledger_entries = 0;
                 self.ledger_bytes = 0;
