@@ -1,16 +1,12 @@
 //! The journal: the bookie's write-ahead log, and the only thing between an add and its ack.
 //!
-//! Each journal directory runs three threads:
+//! Each journal directory runs two threads:
 //! - the **writer** takes queued operations in order, checks them against the ledger's state
 //!   (master key, fence), appends their records to the current segment (into the page cache;
 //!   large payloads go from their request buffers to the file in one vectored write),
-//!   updates the ledgers' state and the tail cache, and hands the batch to both of
+//!   applies them to the entry store's memtable and the tail cache, and hands the batch to
 //! - the **syncer**, which takes every batch handed over so far, `fdatasync`s the segment files
-//!   they touched, and only then runs their callbacks (the acks), in order; and
-//! - the **store** thread, which writes each batch into the entry store (RocksDB's memtable)
-//!   and then advances the position a checkpoint may release the journal up to. Until then
-//!   the batch's entries are read from the in-flight list (see [`Ledgers`]); a crash before
-//!   then replays them from the journal.
+//!   they touched, and only then runs their callbacks (the acks), in order.
 //!
 //! So the writer fills the next group while the syncer flushes the previous one, and every
 //! fdatasync covers as many adds as arrived during the one before. When nothing else is
@@ -226,8 +222,6 @@ impl Journal {
         });
         let file = alloc.take(first_segment)?;
         let (tx, rx) = mpsc::channel();
-        let (store_tx, store_rx) = mpsc::sync_channel(STORE_QUEUE);
-        let store = Store { rx: store_rx, shared: shared.clone(), ledgers: ledgers.clone() };
         let writer = Writer {
             rx,
             shared: shared.clone(),
@@ -239,7 +233,6 @@ impl Journal {
             buf: Vec::with_capacity(settings.group_bytes + max_entry),
             pieces: Vec::new(),
             piece_bytes: 0,
-            store: store_tx,
             inline_sync: settings.flush_when_queue_empty,
             sync: settings.sync,
             on_roll,
@@ -255,7 +248,6 @@ impl Journal {
             prealloc,
             spawn("journal-writer", Box::new(move || writer.run()))?,
             spawn("journal-sync", Box::new(move || syncer.run()))?,
-            spawn("journal-store", Box::new(move || store.run()))?,
         ];
         Ok(Journal { dir: dir.to_owned(), tx: Mutex::new(Some(tx)), shared, alloc, threads: Mutex::new(threads) })
     }
@@ -300,9 +292,8 @@ impl Journal {
     pub fn stop(&self) {
         self.tx.lock().unwrap_or_else(|e| e.into_inner()).take();
         let threads: Vec<_> = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
-        // The writer exits when the channel drains, closing the sync queue and the store
-        // channel; the syncer exits when that queue is empty, the store thread when its
-        // channel is; the allocator on request.
+        // The writer exits when the channel drains and closes the sync queue; the syncer exits
+        // when that queue is empty; the allocator on request.
         let mut it = threads.into_iter();
         let prealloc = it.next();
         for t in it {
@@ -337,17 +328,6 @@ struct Piece {
 /// rather than copied into the journal's buffer first.
 const IN_PLACE_BYTES: usize = 4096;
 
-/// Batches waiting for the store thread before the writer waits for it.
-const STORE_QUEUE: usize = 4;
-
-/// A batch for the entry store, and the journal position it brings the store up to.
-struct StoreJob {
-    seq: u64,
-    entries: Arc<Vec<EntryWrite>>,
-    states: Vec<(u64, LedgerMeta)>,
-    upto: Position,
-}
-
 /// At most this many buffers per `pwritev` (Linux's `IOV_MAX` is 1024).
 const MAX_IOVECS: usize = 1024;
 
@@ -365,8 +345,6 @@ struct Writer {
     pieces: Vec<Piece>,
     /// Bytes in `pieces`.
     piece_bytes: usize,
-    /// To the store thread.
-    store: mpsc::SyncSender<StoreJob>,
     /// Sync inline when idle (see the module docs).
     inline_sync: bool,
     sync: bool,
@@ -422,17 +400,16 @@ impl Writer {
             return b;
         }
         let states: Vec<(u64, LedgerMeta)> = b.states.drain().collect();
-        self.ledgers.publish(&states);
-        self.shared.metrics.adds.add(b.entries.len() as u64);
-        let entries = Arc::new(std::mem::take(&mut b.entries));
-        let seq = self.ledgers.begin_store(entries.clone());
-        let upto = Position { segment: self.seg.seq, offset: self.seg.offset };
-        if self.store.send(StoreJob { seq, entries, states, upto }).is_err() {
-            // The store thread is gone (it only stops when the writer does).
-            self.ledgers.end_store(seq);
-            let e = BookieError::ShuttingDown;
+        if let Err(e) = self.ledgers.storage.write(&b.entries, &states) {
+            tracing::error!(error = %e, "entry store write failed");
             fail_all(&mut b, &e);
+            return b;
         }
+        self.ledgers.publish(&states);
+        *self.shared.applied.lock().unwrap_or_else(|e| e.into_inner()) =
+            Position { segment: self.seg.seq, offset: self.seg.offset };
+        self.shared.metrics.adds.add(b.entries.len() as u64);
+        b.entries.clear();
         b
     }
 
@@ -654,37 +631,6 @@ struct Syncer {
     settings: JournalSettings,
 }
 
-/// Writes the writer's batches into the entry store, in order.
-struct Store {
-    rx: mpsc::Receiver<StoreJob>,
-    shared: Arc<Shared>,
-    ledgers: Arc<Ledgers>,
-}
-
-impl Store {
-    fn run(self) {
-        let mut failed = false;
-        for job in self.rx {
-            let nothing = job.entries.is_empty() && job.states.is_empty();
-            if !failed && !nothing {
-                if let Err(e) = self.ledgers.storage.write(&job.entries, &job.states) {
-                    // The batch is in the journal (replay brings it back after a restart), but
-                    // the store is broken: stop acknowledging, and never let a checkpoint
-                    // release the journal past this batch.
-                    tracing::error!(error = %e, "entry store write failed; the journal acknowledges nothing more");
-                    *self.shared.failure.lock().unwrap_or_else(|p| p.into_inner()) =
-                        Some(format!("entry store write failed: {e}"));
-                    failed = true;
-                }
-            }
-            if !failed {
-                *self.shared.applied.lock().unwrap_or_else(|e| e.into_inner()) = job.upto;
-            }
-            self.ledgers.end_store(job.seq);
-        }
-    }
-}
-
 impl Syncer {
     fn run(self) {
         let max_wait = Duration::from_micros(self.settings.max_group_wait_us);
@@ -770,145 +716,5 @@ mod tests {
             assert_eq!(got.payload, payload(e), "entry {e}");
         }
         assert_eq!(replayed.ledger_meta(9).unwrap().unwrap().lac, n - 2);
-    }
-
-    /// An entry store whose writes wait for a gate, or fail.
-    struct Gated {
-        inner: MemStorage,
-        open: Mutex<bool>,
-        cv: Condvar,
-        fail: std::sync::atomic::AtomicBool,
-    }
-
-    impl Gated {
-        fn set_open(&self, open: bool) {
-            *self.open.lock().unwrap() = open;
-            self.cv.notify_all();
-        }
-    }
-
-    impl LedgerStorage for Gated {
-        fn write(&self, entries: &[EntryWrite], states: &[(u64, LedgerMeta)]) -> Result<()> {
-            let mut g = self.open.lock().unwrap();
-            while !*g {
-                g = self.cv.wait(g).unwrap();
-            }
-            if self.fail.load(Ordering::Relaxed) {
-                return Err(BookieError::io("test store", std::io::Error::other("the disk is gone")));
-            }
-            self.inner.write(entries, states)
-        }
-        fn get_entry(&self, ledger: u64, entry: i64) -> Result<Option<StoredEntry>> {
-            self.inner.get_entry(ledger, entry)
-        }
-        fn ledger_meta(&self, ledger: u64) -> Result<Option<LedgerMeta>> {
-            self.inner.ledger_meta(ledger)
-        }
-        fn last_entry(&self, ledger: u64) -> Result<Option<i64>> {
-            self.inner.last_entry(ledger)
-        }
-        fn delete_ledger(&self, ledger: u64) -> Result<()> {
-            self.inner.delete_ledger(ledger)
-        }
-        fn ledgers(&self) -> Result<Vec<u64>> {
-            self.inner.ledgers()
-        }
-        fn flush(&self) -> Result<()> {
-            self.inner.flush()
-        }
-    }
-
-    fn add(journal: &Journal, ledger: u64, entry: i64, payload: &'static [u8]) -> Result<i64> {
-        let p = Bytes::from_static(payload);
-        let op = Op::Add {
-            ledger,
-            entry,
-            lac: entry - 1,
-            checksum: entry_checksum(ledger, entry, &p),
-            payload: p,
-            master_key: Bytes::from_static(b"k"),
-            recovery: false,
-        };
-        let (tx, rx) = mpsc::channel();
-        journal.submit(op, Box::new(move |r| tx.send(r).unwrap()));
-        rx.recv_timeout(Duration::from_secs(10)).unwrap()
-    }
-
-    /// Adds are acknowledged once journaled, before the entry store has them; meanwhile they
-    /// are read from the in-flight batches (the tail cache is off here), the checkpoint
-    /// position does not pass them, and deleting their ledger waits for them.
-    #[test]
-    fn acked_entries_are_readable_before_the_store_has_them() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Gated {
-            inner: MemStorage::new(),
-            open: Mutex::new(false),
-            cv: Condvar::new(),
-            fail: Default::default(),
-        });
-        let ledgers = Arc::new(Ledgers::new(store.clone(), 0));
-        let metrics = JournalMetrics::register(&Registry::new(), 0);
-        let settings = JournalSettings::default();
-        let journal =
-            Journal::start(dir.path(), 1, &settings, 64 << 10, ledgers.clone(), metrics, Box::new(|| {})).unwrap();
-        let before = journal.applied();
-        assert_eq!(add(&journal, 7, 0, b"zero").unwrap(), 0);
-        assert_eq!(add(&journal, 7, 1, b"one").unwrap(), 1);
-        assert_eq!(store.inner.get_entry(7, 1).unwrap(), None, "the store has not written it yet");
-        assert_eq!(&ledgers.read_entry(7, 1).unwrap().unwrap().payload[..], b"one");
-        assert_eq!(ledgers.lac(7).unwrap(), 0, "the ledger state is published at once");
-        assert_eq!(journal.applied(), before, "a checkpoint must not release unstored records");
-        assert!(!ledgers.wait_stored(Duration::from_millis(50)));
-
-        // Deleting the ledger waits for the pending writes, so none of them resurrects it.
-        let deleting = {
-            let ledgers = ledgers.clone();
-            std::thread::spawn(move || ledgers.delete(7))
-        };
-        std::thread::sleep(Duration::from_millis(50));
-        assert!(!deleting.is_finished(), "the delete waits for the store");
-        store.set_open(true);
-        deleting.join().unwrap().unwrap();
-        assert!(ledgers.wait_stored(Duration::from_secs(10)));
-        assert_eq!(ledgers.read_entry(7, 1).unwrap(), None);
-        assert!(journal.applied() > before);
-
-        // Entries written after that land in the store and stay readable.
-        assert_eq!(add(&journal, 8, 0, b"later").unwrap(), 0);
-        assert!(ledgers.wait_stored(Duration::from_secs(10)));
-        assert_eq!(&store.inner.get_entry(8, 0).unwrap().unwrap().payload[..], b"later");
-        journal.stop();
-    }
-
-    /// A failed entry store write stops the journal acknowledging anything, and the
-    /// checkpoint position stays before the failed batch (replay brings it back).
-    #[test]
-    fn a_failed_store_write_stops_acks_and_holds_the_checkpoint() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Gated {
-            inner: MemStorage::new(),
-            open: Mutex::new(true),
-            cv: Condvar::new(),
-            fail: Default::default(),
-        });
-        let ledgers = Arc::new(Ledgers::new(store.clone(), 1 << 20));
-        let metrics = JournalMetrics::register(&Registry::new(), 0);
-        let settings = JournalSettings::default();
-        let journal =
-            Journal::start(dir.path(), 1, &settings, 64 << 10, ledgers.clone(), metrics, Box::new(|| {})).unwrap();
-        assert_eq!(add(&journal, 3, 0, b"stored").unwrap(), 0);
-        assert!(ledgers.wait_stored(Duration::from_secs(10)));
-        let good = journal.applied();
-        store.fail.store(true, Ordering::Relaxed);
-        // The first add after the failure may be acknowledged (it is journaled, and replay
-        // restores it); once the store thread has seen the failure, nothing is.
-        let _ = add(&journal, 3, 1, b"journaled");
-        assert!(ledgers.wait_stored(Duration::from_secs(10)));
-        assert!(add(&journal, 3, 2, b"refused").is_err(), "no ack after the store failed");
-        assert_eq!(journal.applied(), good);
-        journal.stop();
-        let replayed = MemStorage::new();
-        replay::replay(dir.path(), good, &replayed, 1 << 20).unwrap();
-        assert_eq!(&replayed.get_entry(3, 1).unwrap().unwrap().payload[..], b"journaled");
     }
 }
