@@ -110,6 +110,87 @@ pub(super) fn fdatasync_rate(dir: &Path) -> anyhow::Result<f64> {
     Ok(rate)
 }
 
+/// How the disk alone answers a paced write load: see [`paced_fdatasync`].
+#[derive(Clone, Copy, Debug)]
+pub(super) struct DiskLatency {
+    /// Bytes per write.
+    pub write_bytes: usize,
+    /// Writes per second achieved.
+    pub rate: f64,
+    /// Latency of one write plus its fdatasync, in ms.
+    pub p50: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+impl DiskLatency {
+    /// One line for a benchmark table.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} KiB write + fdatasync at {:.0}/s ({:.0} MB/s): p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms",
+            self.write_bytes / 1024,
+            self.rate,
+            self.rate * self.write_bytes as f64 / 1e6,
+            self.p50,
+            self.p99,
+            self.max
+        )
+    }
+}
+
+/// The floor under a durable write's latency on the disk holding `dir` at `bytes_per_sec`:
+/// one write plus fdatasync per millisecond (the journal's default group wait) carrying that
+/// millisecond's bytes (rounded up to 4 KiB), for `dur`, into an already written file (as the
+/// journal reuses its preallocated segments). An add that waits for an fdatasync cannot beat
+/// this at the same byte rate, and a tail here (other tenants of a shared disk) shows up in
+/// every durable latency measured around it.
+pub(super) fn paced_fdatasync(dir: &Path, bytes_per_sec: f64, dur: Duration) -> anyhow::Result<DiskLatency> {
+    anyhow::ensure!(bytes_per_sec >= 1.0, "the disk probe needs a byte rate, got {bytes_per_sec}");
+    use std::os::unix::fs::FileExt;
+    let write_bytes = ((bytes_per_sec / 1000.0 / 4096.0).ceil() as usize).max(1) * 4096;
+    let path = dir.join("latency-probe");
+    let writes_in_file = ((64u64 << 20) / write_bytes as u64).max(1);
+    let chunk: Vec<u8> = (0..write_bytes).map(|i| (i * 131 + 7) as u8).collect();
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .context("creating the disk latency probe")?;
+    let result = (|| -> anyhow::Result<DiskLatency> {
+        for i in 0..writes_in_file {
+            f.write_all_at(&chunk, i * write_bytes as u64)?;
+        }
+        f.sync_all()?;
+        let per_sec = (bytes_per_sec / write_bytes as f64).min(1000.0);
+        let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("static bounds are valid");
+        let start = Instant::now();
+        let mut n = 0u64;
+        while start.elapsed() < dur {
+            let due = start + Duration::from_secs_f64(n as f64 / per_sec);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            let t = Instant::now();
+            f.write_all_at(&chunk, (n % writes_in_file) * write_bytes as u64)?;
+            f.sync_data()?;
+            let _ = hist.record(t.elapsed().as_nanos().max(1) as u64);
+            n += 1;
+        }
+        let ms = |v: u64| v as f64 / 1e6;
+        Ok(DiskLatency {
+            write_bytes,
+            rate: n as f64 / start.elapsed().as_secs_f64(),
+            p50: ms(hist.value_at_quantile(0.5)),
+            p99: ms(hist.value_at_quantile(0.99)),
+            max: ms(hist.max()),
+        })
+    })();
+    std::fs::remove_file(&path).ok();
+    result
+}
+
 async fn run_phase<F, Fut>(name: &'static str, concurrency: usize, duration: Duration, op: F) -> anyhow::Result<Phase>
 where
     F: Fn(u64) -> Fut + Send + Sync + 'static,
@@ -250,4 +331,28 @@ pub(super) fn record(path: &Path, name: &str, body: &str) -> anyhow::Result<()> 
         _ => format!("{text}\n{section}\n"),
     };
     std::fs::write(path, new).with_context(|| format!("writing {}", path.display()))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// The probe writes one millisecond's bytes per fdatasync, keeps to the pace asked for,
+    /// reports ordered percentiles and leaves no file behind.
+    #[test]
+    fn paced_fdatasync_keeps_its_pace_and_cleans_up() {
+        let dir = tempfile::tempdir().unwrap();
+        // 200 KB/s: 4 KiB writes (200 B per ms rounds up), 48.8 per second.
+        let d = paced_fdatasync(dir.path(), 200_000.0, Duration::from_millis(600)).unwrap();
+        assert_eq!(d.write_bytes, 4096);
+        assert!(d.rate > 20.0 && d.rate < 60.0, "{d:?}");
+        assert!(d.p50 > 0.0 && d.p50 <= d.p99 && d.p99 <= d.max, "{d:?}");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        // 50 MB/s: the bytes of one millisecond per write.
+        let d = paced_fdatasync(dir.path(), 50e6, Duration::from_millis(200)).unwrap();
+        assert_eq!(d.write_bytes, 53_248);
+        assert!(d.describe().starts_with("52 KiB write + fdatasync at "), "{}", d.describe());
+        assert!(paced_fdatasync(dir.path(), 0.0, Duration::from_millis(10)).is_err());
+    }
 }

@@ -21,7 +21,7 @@ use magnetar_metastore::server::MetastoreNode;
 use magnetar_metastore::MetastoreConfig;
 use tokio_util::sync::CancellationToken;
 
-use super::perf::{fdatasync_rate, record};
+use super::perf::{fdatasync_rate, paced_fdatasync, record, DiskLatency};
 
 #[derive(Args, Debug)]
 pub struct BookiePerf {
@@ -231,6 +231,7 @@ async fn run_in(a: &BookiePerf, dir: &Path) -> anyhow::Result<()> {
 
     let mut results = Vec::new();
     let mut server_p99: Vec<(usize, f64)> = Vec::new();
+    let mut disks: Vec<(usize, DiskLatency)> = Vec::new();
     for &size in &a.sizes {
         // Incompressible bytes: compressible ones would flatter the entry store's LZ4.
         let mut x: u64 = 0x9e37_79b9_7f4a_7c15 ^ size as u64;
@@ -253,6 +254,14 @@ async fn run_in(a: &BookiePerf, dir: &Path) -> anyhow::Result<()> {
         let max = Result1 { size, label: "max", adds, secs, hist };
         println!("  {}", max.line());
         let half = max.rate() * a.paced_fraction;
+        // The disk alone at the same byte rate, just before: the floor under the paced phase.
+        let probe_dir = dir.to_owned();
+        let disk = tokio::task::spawn_blocking(move || {
+            paced_fdatasync(&probe_dir, half * size as f64, Duration::from_secs(3))
+        })
+        .await??;
+        println!("{size} B: the disk alone at {:.1} MB/s: {}", half * size as f64 / 1e6, disk.describe());
+        disks.push((size, disk));
         println!("{size} B: paced at {half:.0}/s …");
         let before = server_latency_buckets(&http).await;
         let (adds, secs, hist) = paced(&w, payload.clone(), half, dur).await;
@@ -309,6 +318,12 @@ async fn run_in(a: &BookiePerf, dir: &Path) -> anyhow::Result<()> {
             "- {} B at half of full load: p99 add latency {:.2} ms (target: under 2 ms).\n",
             r.size,
             r.hist.value_at_quantile(0.99) as f64 / 1e6
+        ));
+    }
+    for (size, d) in &disks {
+        table.push_str(&format!(
+            "- {size} B at half of full load, the disk alone at the same byte rate (measured just before): {}.\n",
+            d.describe()
         ));
     }
     for (size, ms) in &server_p99 {

@@ -652,6 +652,14 @@ async fn suite_in(a: &BrokerPerf, dir: &std::path::Path) -> anyhow::Result<()> {
         consumers: 1,
         ..base.clone()
     };
+    // The disk alone at the same byte rate, just before: the floor under this case's latency.
+    let probe_dir = dir.to_owned();
+    let bytes_per_sec = p.rate * p.size as f64;
+    let disk = tokio::task::spawn_blocking(move || {
+        super::perf::paced_fdatasync(&probe_dir, bytes_per_sec, Duration::from_secs(3))
+    })
+    .await??;
+    println!("the disk alone at that byte rate: {}", disk.describe());
     println!("1 KiB, batched, at half the peak ({:.0} msg/s) with a consumer …", p.rate);
     let r = produce(&p).await?;
     println!("  {}", summary(&r));
@@ -667,10 +675,12 @@ async fn suite_in(a: &BrokerPerf, dir: &std::path::Path) -> anyhow::Result<()> {
     let table = format!(
         "{setup}. Each case runs {} s after a {} s warm-up. Raw fdatasync rate {fsync:.0}/s; loopback TCP {loopback:.0} MB/s.\n\n\
          | case | msg/s | MB/s | publish p50 ms | publish p99 ms | end-to-end p50 ms | end-to-end p99 ms |\n\
-         |---|---|---|---|---|---|---|\n{}\n",
+         |---|---|---|---|---|---|---|\n{}\n\n\
+         The disk alone at the half-peak byte rate, measured just before that case: {}.\n",
         a.duration,
         a.warmup,
-        rows.join("\n")
+        rows.join("\n"),
+        disk.describe()
     );
     println!("{table}");
     if let Some(path) = &a.record {
