@@ -110,6 +110,11 @@ pub(super) fn fdatasync_rate(dir: &Path) -> anyhow::Result<f64> {
     Ok(rate)
 }
 
+/// A latency histogram in nanoseconds, 1 ns to 60 s, 3 significant digits.
+pub(super) fn latency_histogram() -> Histogram<u64> {
+    Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("static bounds are valid")
+}
+
 /// How the disk alone answers a paced write load: see [`paced_fdatasync`].
 #[derive(Clone, Copy, Debug)]
 pub(super) struct DiskLatency {
@@ -164,7 +169,7 @@ pub(super) fn paced_fdatasync(dir: &Path, bytes_per_sec: f64, dur: Duration) -> 
         }
         f.sync_all()?;
         let per_sec = (bytes_per_sec / write_bytes as f64).min(1000.0);
-        let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("static bounds are valid");
+        let mut hist = latency_histogram();
         let start = Instant::now();
         let mut n = 0u64;
         while start.elapsed() < dur {
@@ -191,6 +196,13 @@ pub(super) fn paced_fdatasync(dir: &Path, bytes_per_sec: f64, dur: Duration) -> 
     result
 }
 
+/// [`paced_fdatasync`] for 3 s, off the async runtime: the floor measured right before a
+/// benchmark's paced case.
+pub(super) async fn disk_floor(dir: &Path, bytes_per_sec: f64) -> anyhow::Result<DiskLatency> {
+    let dir = dir.to_owned();
+    tokio::task::spawn_blocking(move || paced_fdatasync(&dir, bytes_per_sec, Duration::from_secs(3))).await?
+}
+
 async fn run_phase<F, Fut>(name: &'static str, concurrency: usize, duration: Duration, op: F) -> anyhow::Result<Phase>
 where
     F: Fn(u64) -> Fut + Send + Sync + 'static,
@@ -202,7 +214,7 @@ where
     for w in 0..concurrency {
         let op = op.clone();
         tasks.push(tokio::spawn(async move {
-            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("static bounds are valid");
+            let mut hist = latency_histogram();
             let (mut ops, mut errors) = (0u64, 0u64);
             let mut i = w as u64;
             while start.elapsed() < duration {
@@ -218,7 +230,7 @@ where
             (hist, ops, errors)
         }));
     }
-    let mut total = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
+    let mut total = latency_histogram();
     let (mut ops, mut errors) = (0, 0);
     for t in tasks {
         let (h, o, e) = t.await?;

@@ -21,7 +21,7 @@ use magnetar_metastore::server::MetastoreNode;
 use magnetar_metastore::MetastoreConfig;
 use tokio_util::sync::CancellationToken;
 
-use super::perf::{fdatasync_rate, paced_fdatasync, record, DiskLatency};
+use super::perf::{disk_floor, fdatasync_rate, latency_histogram, record, DiskLatency};
 
 #[derive(Args, Debug)]
 pub struct BookiePerf {
@@ -101,13 +101,9 @@ fn sequential_bandwidth(dir: &Path) -> anyhow::Result<f64> {
     Ok(mbs)
 }
 
-fn new_hist() -> Histogram<u64> {
-    Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("static bounds are valid")
-}
-
 /// As many adds as `window` allows in flight, for `dur`.
 async fn saturate(w: &LedgerWriter, payload: Bytes, window: usize, dur: Duration) -> (u64, f64, Histogram<u64>) {
-    let mut hist = new_hist();
+    let mut hist = latency_histogram();
     let mut inflight = FuturesUnordered::new();
     let start = Instant::now();
     let mut done = 0u64;
@@ -135,7 +131,7 @@ async fn saturate(w: &LedgerWriter, payload: Bytes, window: usize, dur: Duration
 
 /// Adds at a fixed rate (issued in 1 ms slices), for `dur`.
 async fn paced(w: &LedgerWriter, payload: Bytes, rate: f64, dur: Duration) -> (u64, f64, Histogram<u64>) {
-    let mut hist = new_hist();
+    let mut hist = latency_histogram();
     let mut inflight = FuturesUnordered::new();
     let start = Instant::now();
     let mut issued = 0u64;
@@ -255,12 +251,8 @@ async fn run_in(a: &BookiePerf, dir: &Path) -> anyhow::Result<()> {
         println!("  {}", max.line());
         let half = max.rate() * a.paced_fraction;
         // The disk alone at the same byte rate, just before: the floor under the paced phase.
-        let probe_dir = dir.to_owned();
-        let disk = tokio::task::spawn_blocking(move || {
-            paced_fdatasync(&probe_dir, half * size as f64, Duration::from_secs(3))
-        })
-        .await??;
-        println!("{size} B: the disk alone at {:.1} MB/s: {}", half * size as f64 / 1e6, disk.describe());
+        let disk = disk_floor(dir, half * size as f64).await?;
+        println!("{size} B: the disk alone at the same byte rate: {}", disk.describe());
         disks.push((size, disk));
         println!("{size} B: paced at {half:.0}/s …");
         let before = server_latency_buckets(&http).await;

@@ -653,12 +653,7 @@ async fn suite_in(a: &BrokerPerf, dir: &std::path::Path) -> anyhow::Result<()> {
         ..base.clone()
     };
     // The disk alone at the same byte rate, just before: the floor under this case's latency.
-    let probe_dir = dir.to_owned();
-    let bytes_per_sec = p.rate * p.size as f64;
-    let disk = tokio::task::spawn_blocking(move || {
-        super::perf::paced_fdatasync(&probe_dir, bytes_per_sec, Duration::from_secs(3))
-    })
-    .await??;
+    let disk = super::perf::disk_floor(dir, p.rate * p.size as f64).await?;
     println!("the disk alone at that byte rate: {}", disk.describe());
     println!("1 KiB, batched, at half the peak ({:.0} msg/s) with a consumer …", p.rate);
     let r = produce(&p).await?;
