@@ -29,6 +29,8 @@ struct Target {
     broker_urls: Vec<String>,
     bookies: Vec<String>,
     _keep: Box<dyn std::any::Any + Send>,
+    /// The cluster's in-process metastore, closed by `stop`.
+    cluster_nodes: Option<super::cluster::Cluster>,
 }
 
 impl Target {
@@ -42,6 +44,7 @@ impl Target {
             broker_urls: vec![s.url()],
             bookies: vec![s.bookie.clone()],
             _keep: Box::new(s),
+            cluster_nodes: None,
         }
     }
 
@@ -58,7 +61,17 @@ impl Target {
             cluster: "local".into(),
             broker_urls: vec![a.url(), b.url()],
             bookies: c.bookies.iter().map(|b| b.addr.clone()).collect(),
-            _keep: Box::new((a, b, c)),
+            _keep: Box::new((a, b)),
+            cluster_nodes: Some(c),
+        }
+    }
+
+    /// Stops the brokers and bookies, then closes the in-process metastore: a RocksDB still
+    /// open when the test process exits aborts it ("pthread lock: Invalid argument").
+    async fn stop(self) {
+        drop(self._keep);
+        if let Some(c) = self.cluster_nodes {
+            c.shutdown().await;
         }
     }
 
@@ -92,15 +105,19 @@ fn scrape(text: &str) -> HashMap<String, f64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_api_and_metrics() {
-    api_and_metrics(Target::standalone().await).await;
+    let s = Target::standalone().await;
+    api_and_metrics(&s).await;
+    s.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_api_and_metrics_on_a_two_broker_cluster() {
-    api_and_metrics(Target::cluster().await).await;
+    let s = Target::cluster().await;
+    api_and_metrics(&s).await;
+    s.stop().await;
 }
 
-async fn api_and_metrics(s: Target) {
+async fn api_and_metrics(s: &Target) {
     let w = s.web.as_str();
     let me = s.cluster.as_str();
     assert_eq!(http(w, "GET", "/status.html", "").await, (200, "OK".into()));
@@ -290,15 +307,19 @@ async fn api_and_metrics(s: Target) {
 /// output, and the API's reason on failure.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_cli_round_trip() {
-    cli_round_trip(Target::standalone().await).await;
+    let s = Target::standalone().await;
+    cli_round_trip(&s).await;
+    s.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_cli_round_trip_on_a_two_broker_cluster() {
-    cli_round_trip(Target::cluster().await).await;
+    let s = Target::cluster().await;
+    cli_round_trip(&s).await;
+    s.stop().await;
 }
 
-async fn cli_round_trip(s: Target) {
+async fn cli_round_trip(s: &Target) {
     let url = format!("http://{}", s.web);
     let admin = |args: &[&str]| {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_magnetar"))
@@ -365,15 +386,19 @@ async fn cli_round_trip(s: Target) {
 /// Subscription operations, internal stats, last message id, unload and lookup.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_subscription_operations() {
-    subscription_operations(Target::standalone().await).await;
+    let s = Target::standalone().await;
+    subscription_operations(&s).await;
+    s.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_subscription_operations_on_a_two_broker_cluster() {
-    subscription_operations(Target::cluster().await).await;
+    let s = Target::cluster().await;
+    subscription_operations(&s).await;
+    s.stop().await;
 }
 
-async fn subscription_operations(s: Target) {
+async fn subscription_operations(s: &Target) {
     let w = s.web.as_str();
     let base = "/admin/v2/persistent/public/default/subs";
     let backlog = |sub: &'static str| async move {

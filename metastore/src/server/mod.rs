@@ -41,6 +41,8 @@ pub struct MetastoreNode {
     http_addr: Option<SocketAddr>,
     cancel: CancellationToken,
     tasks: TaskTracker,
+    /// Held so that `stop` closes the database itself (see there).
+    db: Arc<rocksdb::DB>,
 }
 
 impl MetastoreNode {
@@ -67,7 +69,7 @@ impl MetastoreNode {
         let db = crate::store::open_db(&cfg.data_dir)?;
         let log_store = LogStore::guarded(db.clone());
         let retention = Retention { event_revisions: cfg.watch_history_revisions };
-        let sm = StateMachine::new(db, cfg.data_dir.join("snapshots"), retention)
+        let sm = StateMachine::new(db.clone(), cfg.data_dir.join("snapshots"), retention)
             .map_err(|e| MetaError::Unavailable { reason: format!("opening the state machine: {e}") })?;
         let shared = sm.shared();
 
@@ -145,7 +147,7 @@ impl MetastoreNode {
             )
         };
         tracing::info!(node_id = cfg.node_id, %addr, %advertise, data_dir = %cfg.data_dir.display(), "metastore node started");
-        Ok(MetastoreNode { raft, sm: shared, addr, http_addr, cancel, tasks })
+        Ok(MetastoreNode { raft, sm: shared, addr, http_addr, cancel, tasks, db })
     }
 
     /// The bound gRPC address.
@@ -176,13 +178,34 @@ impl MetastoreNode {
 
     /// Stops serving, shuts Raft down and waits for every task.
     pub async fn stop(self) {
-        self.cancel.cancel();
-        self.tasks.close();
-        self.tasks.wait().await;
-        if let Err(e) = self.raft.shutdown().await {
+        let MetastoreNode { raft, sm, cancel, tasks, db, .. } = self;
+        cancel.cancel();
+        tasks.close();
+        tasks.wait().await;
+        if let Err(e) = raft.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown");
         }
+        drop((raft, sm));
+        close_db(db).await;
         tracing::info!("metastore node stopped");
+    }
+}
+
+/// Closes the database once Raft's tasks and the WAL syncer thread have let go of it, and
+/// waits for the close. Left to whichever thread dropped it last, the close could still be
+/// running when the process exits, and RocksDB aborts a process that exits under its
+/// background work ("pthread lock: Invalid argument").
+async fn close_db(db: Arc<rocksdb::DB>) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while Arc::strong_count(&db) > 1 {
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(holders = Arc::strong_count(&db) - 1, "metastore database still in use at shutdown");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    if tokio::task::spawn_blocking(move || drop(db)).await.is_err() {
+        tracing::warn!("closing the metastore database panicked");
     }
 }
 
