@@ -104,7 +104,8 @@ impl Default for JournalSettings {
 pub struct StorageSettings {
     /// How often journal positions are checkpointed (flushing RocksDB) so old segments go.
     pub checkpoint_interval_ms: u64,
-    /// Bytes of recently written entries kept in memory for tail reads.
+    /// Bytes of recently written entries kept in memory for tail reads (payloads plus 64 bytes
+    /// of bookkeeping each).
     pub read_cache_bytes: usize,
     /// Entries of at least this size go to RocksDB blob files (0: off).
     pub min_blob_bytes: u64,

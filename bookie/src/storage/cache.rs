@@ -1,70 +1,116 @@
 //! Tail read cache: the most recently written entries, so readers that keep up with writers
 //! (the common case for a broker's tail reads and for recovery) never touch RocksDB.
-//! Bounded in bytes; the oldest insertions go first.
+//!
+//! Bounded in bytes, oldest out first, and never a long pause: the journal writer inserts
+//! every entry it writes, so one slow insert holds up every add behind it. A single hash map
+//! evicting one entry per insert could not promise that: at 100-byte entries a 64 MiB cache
+//! holds about 400,000 of them, and the map rehashes them all whenever it grows or its
+//! deleted slots run out (up to 100 ms per insert, measured under load). So entries go into
+//! [`GENERATIONS`] maps filled one after another; when the newest is full, the oldest is
+//! emptied (keeping its allocation) and becomes the newest. The worst insert empties one map,
+//! a sixteenth of the cache, and after the first round no map grows again.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 
 use super::StoredEntry;
 
-struct Inner {
+/// How many maps the capacity is split over.
+pub const GENERATIONS: usize = 16;
+
+/// Bytes charged per entry on top of its payload: the map slot, the payload's allocation.
+/// Without it, a cache of tiny entries would hold several times its capacity in memory.
+pub const ENTRY_OVERHEAD: usize = 64;
+
+#[derive(Default)]
+struct Generation {
     map: HashMap<(u64, i64), StoredEntry>,
-    order: VecDeque<(u64, i64)>,
     bytes: usize,
 }
 
-/// A FIFO cache of entries bounded by payload bytes.
+struct Inner {
+    /// Newest at the back.
+    gens: VecDeque<Generation>,
+    bytes: usize,
+}
+
+/// A FIFO cache of entries bounded by bytes (payloads plus [`ENTRY_OVERHEAD`] each).
 pub struct TailCache {
     inner: Mutex<Inner>,
     capacity: usize,
+    /// Bytes one generation takes before the next one starts.
+    per_gen: usize,
+}
+
+fn charge(e: &StoredEntry) -> usize {
+    e.payload.len() + ENTRY_OVERHEAD
 }
 
 impl TailCache {
-    /// A cache holding at most `capacity` payload bytes (0: off).
+    /// A cache holding at most `capacity` bytes (0: off).
     pub fn new(capacity: usize) -> Self {
-        TailCache { inner: Mutex::new(Inner { map: HashMap::new(), order: VecDeque::new(), bytes: 0 }), capacity }
+        let gens = (0..GENERATIONS).map(|_| Generation::default()).collect();
+        TailCache {
+            inner: Mutex::new(Inner { gens, bytes: 0 }),
+            capacity,
+            per_gen: capacity.div_ceil(GENERATIONS).max(1),
+        }
     }
 
-    /// Adds an entry, evicting the oldest ones over capacity.
+    /// Adds an entry (replacing an older copy's place in lookups), emptying the oldest
+    /// generation when the newest is full.
     pub fn insert(&self, ledger: u64, entry: i64, e: StoredEntry) {
-        if e.payload.len() > self.capacity {
+        let size = charge(&e);
+        if size > self.per_gen {
             return;
         }
         let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        g.bytes += e.payload.len();
-        if let Some(old) = g.map.insert((ledger, entry), e) {
-            g.bytes -= old.payload.len();
-        } else {
-            g.order.push_back((ledger, entry));
-        }
-        while g.bytes > self.capacity {
-            let Some(k) = g.order.pop_front() else { break };
-            if let Some(old) = g.map.remove(&k) {
-                g.bytes -= old.payload.len();
+        let newest_full = g.gens.back().is_some_and(|n| n.bytes + size > self.per_gen);
+        if newest_full {
+            if let Some(mut oldest) = g.gens.pop_front() {
+                g.bytes -= oldest.bytes;
+                oldest.map.clear();
+                oldest.bytes = 0;
+                g.gens.push_back(oldest);
             }
         }
+        let Some(newest) = g.gens.back_mut() else { return };
+        let replaced = newest.map.insert((ledger, entry), e).map_or(0, |old| charge(&old));
+        newest.bytes = newest.bytes + size - replaced;
+        g.bytes = g.bytes + size - replaced;
     }
 
-    /// A cached entry.
+    /// A cached entry (the newest copy).
     pub fn get(&self, ledger: u64, entry: i64) -> Option<StoredEntry> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner()).map.get(&(ledger, entry)).cloned()
+        let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        g.gens.iter().rev().find_map(|gen| gen.map.get(&(ledger, entry))).cloned()
     }
 
     /// Drops a ledger's entries.
     pub fn remove_ledger(&self, ledger: u64) {
         let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let keys: Vec<(u64, i64)> = g.map.keys().filter(|(l, _)| *l == ledger).copied().collect();
-        for k in keys {
-            if let Some(old) = g.map.remove(&k) {
-                g.bytes -= old.payload.len();
-            }
+        let mut freed = 0;
+        for gen in g.gens.iter_mut() {
+            let before = gen.bytes;
+            gen.map.retain(|(l, _), e| {
+                if *l == ledger {
+                    gen.bytes -= charge(e);
+                }
+                *l != ledger
+            });
+            freed += before - gen.bytes;
         }
-        g.order.retain(|(l, _)| *l != ledger);
+        g.bytes -= freed;
     }
 
-    /// Payload bytes held.
+    /// Bytes held (payloads plus the per-entry overhead).
     pub fn bytes(&self) -> usize {
         self.inner.lock().unwrap_or_else(|e| e.into_inner()).bytes
+    }
+
+    /// The configured capacity.
+    pub fn capacity(&self) -> usize {
+        self.capacity
     }
 }
 
@@ -72,22 +118,110 @@ impl TailCache {
 mod tests {
     use super::*;
 
-    fn e(n: usize) -> StoredEntry {
-        StoredEntry { checksum: 0, payload: bytes::Bytes::from(vec![0u8; n]) }
+    fn e(n: usize, fill: u8) -> StoredEntry {
+        StoredEntry { checksum: 0, payload: bytes::Bytes::from(vec![fill; n]) }
+    }
+
+    /// Room for exactly `per_gen_entries` entries of `n` payload bytes per generation.
+    fn cache(n: usize, per_gen_entries: usize) -> TailCache {
+        TailCache::new(GENERATIONS * per_gen_entries * (n + ENTRY_OVERHEAD))
     }
 
     #[test]
-    fn evicts_oldest_over_capacity() {
-        let c = TailCache::new(100);
-        c.insert(1, 0, e(40));
-        c.insert(1, 1, e(40));
-        c.insert(1, 2, e(40));
-        assert!(c.get(1, 0).is_none());
-        assert!(c.get(1, 1).is_some() && c.get(1, 2).is_some());
-        assert_eq!(c.bytes(), 80);
+    fn keeps_the_newest_and_evicts_the_oldest_generation_first() {
+        let c = cache(36, 4);
+        let total = (GENERATIONS * 4) as i64;
+        for i in 0..total {
+            c.insert(1, i, e(36, i as u8));
+        }
+        // Full: everything still there.
+        assert!((0..total).all(|i| c.get(1, i).is_some()));
+        assert_eq!(c.bytes(), total as usize * 100);
+        assert!(c.bytes() <= c.capacity());
+        // One more starts a new generation: the oldest four go, nothing else.
+        c.insert(1, total, e(36, 0));
+        assert!((0..4).all(|i| c.get(1, i).is_none()));
+        assert!((4..=total).all(|i| c.get(1, i).is_some()));
+        assert_eq!(c.bytes(), (total as usize - 3) * 100);
+        // A long run keeps the byte bound and the most recent entries.
+        for i in total + 1..20 * total {
+            c.insert(2, i, e(36, 1));
+            assert!(c.bytes() <= c.capacity(), "over capacity after {i}");
+        }
+        assert!(c.get(2, 20 * total - 1).is_some());
+        assert!(c.get(2, 20 * total - (GENERATIONS as i64 - 1) * 4).is_some());
+        assert!(c.get(1, total).is_none());
+    }
+
+    /// Eviction empties a whole generation and reuses its map: after one round through all of
+    /// them no map allocates again (growing a map is what rehashes everything in it).
+    #[test]
+    fn after_the_first_round_no_map_grows() {
+        let c = cache(100, 1000);
+        let round = (GENERATIONS * 1000) as i64;
+        let capacities = |c: &TailCache| -> Vec<usize> {
+            let g = c.inner.lock().unwrap_or_else(|e| e.into_inner());
+            let mut caps: Vec<usize> = g.gens.iter().map(|gen| gen.map.capacity()).collect();
+            caps.sort_unstable();
+            caps
+        };
+        for i in 0..round + 1 {
+            c.insert(1, i, e(100, 0));
+        }
+        let warm = capacities(&c);
+        assert!(warm.iter().all(|&cap| cap >= 1000), "{warm:?}");
+        for i in round + 1..4 * round {
+            c.insert(1 + (i % 3) as u64, i, e(100, 0));
+        }
+        assert_eq!(capacities(&c), warm);
+        // Right after a rotation, the newest map holds one entry in the room it had before.
+        let mut i = 4 * round;
+        while c.inner.lock().unwrap_or_else(|e| e.into_inner()).gens.back().map(|g| g.map.len()) != Some(1) {
+            c.insert(9, i, e(100, 0));
+            i += 1;
+        }
+        let g = c.inner.lock().unwrap_or_else(|e| e.into_inner());
+        assert!(g.gens.back().is_some_and(|n| n.map.capacity() >= 1000), "the emptied map kept its allocation");
+    }
+
+    #[test]
+    fn a_rewritten_entry_reads_back_its_newest_copy() {
+        let c = cache(36, 4);
+        c.insert(7, 0, e(36, 1));
+        for i in 1..10 {
+            c.insert(7, i, e(36, 2));
+        }
+        c.insert(7, 0, e(36, 3));
+        assert_eq!(c.get(7, 0).map(|s| s.payload[0]), Some(3));
+        // Rewriting within the newest generation replaces it in place.
+        let before = c.bytes();
+        c.insert(7, 0, e(36, 4));
+        assert_eq!((c.get(7, 0).map(|s| s.payload[0]), c.bytes()), (Some(4), before));
+    }
+
+    #[test]
+    fn removing_a_ledger_frees_its_bytes_everywhere() {
+        let c = cache(36, 4);
+        for i in 0..40 {
+            c.insert(i % 2, i as i64, e(36, 0));
+        }
+        c.remove_ledger(0);
+        assert_eq!(c.bytes(), 20 * 100);
+        assert!((0..40).filter(|i| i % 2 == 0).all(|i| c.get(0, i).is_none()));
+        assert!((0..40).filter(|i| i % 2 == 1).all(|i| c.get(1, i).is_some()));
         c.remove_ledger(1);
         assert_eq!(c.bytes(), 0);
-        c.insert(2, 0, e(101));
-        assert!(c.get(2, 0).is_none());
+    }
+
+    #[test]
+    fn entries_larger_than_a_generation_and_a_zero_capacity_are_not_cached() {
+        let c = cache(36, 4);
+        c.insert(1, 0, e(4 * 100, 0));
+        assert!(c.get(1, 0).is_none());
+        assert_eq!(c.bytes(), 0);
+        let off = TailCache::new(0);
+        off.insert(1, 0, e(1, 0));
+        assert!(off.get(1, 0).is_none());
+        assert_eq!(off.bytes(), 0);
     }
 }
