@@ -99,23 +99,32 @@ fn standalone(data: &std::path::Path, addr: &str) -> ChildGuard {
     ChildGuard(child)
 }
 
+/// A single-node metastore in this process over `data_dir` (HTTP on `http_addr`, none when
+/// empty); returns it and its gRPC address.
+async fn start_node(
+    data_dir: &std::path::Path,
+    http_addr: &str,
+) -> Result<(magnetar_metastore::server::MetastoreNode, String), magnetar_metastore::error::MetaError> {
+    let port = magnetar_metastore::local_cluster::free_ports(1).expect("port")[0];
+    let addr = format!("127.0.0.1:{port}");
+    let cfg = magnetar_metastore::config::MetastoreConfig {
+        listen_addr: addr.clone(),
+        data_dir: data_dir.to_owned(),
+        initial_members: vec![format!("1={addr}")],
+        http_addr: http_addr.into(),
+        ..Default::default()
+    };
+    let node =
+        magnetar_metastore::server::MetastoreNode::start(cfg, tokio_util::sync::CancellationToken::new()).await?;
+    Ok((node, addr))
+}
+
 /// A node with `http_addr` serves Raft and process series at `/metrics`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metastore_serves_raft_metrics() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = tempfile::tempdir().expect("tempdir");
-    let port = magnetar_metastore::local_cluster::free_ports(1).expect("port")[0];
-    let addr = format!("127.0.0.1:{port}");
-    let cfg = magnetar_metastore::config::MetastoreConfig {
-        listen_addr: addr.clone(),
-        data_dir: dir.path().join("m"),
-        initial_members: vec![format!("1={addr}")],
-        http_addr: "127.0.0.1:0".into(),
-        ..Default::default()
-    };
-    let node = magnetar_metastore::server::MetastoreNode::start(cfg, tokio_util::sync::CancellationToken::new())
-        .await
-        .expect("start");
+    let (node, addr) = start_node(&dir.path().join("m"), "127.0.0.1:0").await.expect("start");
     let client = magnetar_metastore::client::MetaClient::connect(std::slice::from_ref(&addr)).expect("client");
     client.put("/m", b"x".to_vec(), Default::default()).await.expect("put");
     let http = node.http_addr().expect("http address").to_string();
@@ -148,17 +157,8 @@ async fn metastore_serves_raft_metrics() {
 async fn stop_closes_the_database_before_returning() {
     let dir = tempfile::tempdir().expect("tempdir");
     for round in 0..3u32 {
-        let port = magnetar_metastore::local_cluster::free_ports(1).expect("port")[0];
-        let addr = format!("127.0.0.1:{port}");
-        let cfg = magnetar_metastore::config::MetastoreConfig {
-            listen_addr: addr.clone(),
-            data_dir: dir.path().join("m"),
-            initial_members: vec![format!("1={addr}")],
-            ..Default::default()
-        };
-        let node = magnetar_metastore::server::MetastoreNode::start(cfg, tokio_util::sync::CancellationToken::new())
-            .await
-            .unwrap_or_else(|e| panic!("start in round {round}: {e}"));
+        let (node, addr) =
+            start_node(&dir.path().join("m"), "").await.unwrap_or_else(|e| panic!("start in round {round}: {e}"));
         let client = magnetar_metastore::client::MetaClient::connect(std::slice::from_ref(&addr)).expect("client");
         let before = client.get("/round").await.expect("get").map(|kv| kv.value);
         let expected = (round > 0).then(|| (round - 1).to_string().into_bytes());
