@@ -34,6 +34,10 @@ pub struct BookiePerf {
     /// Adds in flight for the throughput phases (large entries use fewer: 16 MiB in flight).
     #[arg(long, default_value_t = 2000)]
     in_flight: usize,
+    /// Seconds of full load before each entry size's phases, not measured. A young journal
+    /// is still growing its pool of recycled segments (see `docs/benchmarks.md`).
+    #[arg(long = "warmup-time", default_value_t = 3)]
+    warmup: u64,
     /// The paced phase runs at this fraction of the measured maximum.
     #[arg(long, default_value_t = 0.5)]
     paced_fraction: f64,
@@ -244,7 +248,7 @@ async fn run_in(a: &BookiePerf, dir: &Path) -> anyhow::Result<()> {
         let window = a.in_flight.min(((16usize << 20) / size.max(1)).max(16));
         let w = client.create(LedgerConfig::new(1, 1, 1)).await?;
         // Warm up (segment preallocation, connections).
-        let _ = saturate(&w, payload.clone(), window, Duration::from_secs(1)).await;
+        let _ = saturate(&w, payload.clone(), window, Duration::from_secs(a.warmup)).await;
         println!("{size} B: {window} adds in flight for {} s …", a.duration);
         let (adds, secs, hist) = saturate(&w, payload.clone(), window, dur).await;
         let max = Result1 { size, label: "max", adds, secs, hist };

@@ -2,10 +2,11 @@
 //!
 //! A journal directory holds `<seq as 16 hex digits>.jseg` segments, written in sequence order,
 //! and `prealloc-<n>.jfree` files waiting to become the next segment. Every segment file has
-//! the same size and is fully written before use (zeros the first time, old records when
-//! recycled): fdatasync'd writes into blocks that already exist only flush data, while writes
-//! that allocate blocks also commit file-system metadata, which on common disks is several
-//! times slower. Records from a file's earlier life never verify (their CRC is seeded with the
+//! the same size and is normally fully written before use (zeros the first time, old records
+//! when recycled): fdatasync'd writes into blocks that already exist only flush data, while
+//! writes that allocate blocks also commit file-system metadata, which on common disks is
+//! several times slower. The exception: when the writer needs a segment before the background
+//! thread has one ready, it takes a sparse file rather than stopping to zero-fill one. Records from a file's earlier life never verify (their CRC is seeded with the
 //! old sequence number), so replay stops where new writes stop.
 
 use std::collections::VecDeque;
@@ -224,22 +225,29 @@ impl Allocator {
         let f = p.ready.pop_front();
         drop(p);
         self.changed.notify_all();
-        let free = match f {
-            Some(f) => f,
-            None => {
-                // The background thread fell behind: allocate on the writer's time.
-                let name = {
-                    let mut p = self.lock();
-                    p.next_name += 1;
-                    p.next_name - 1
-                };
-                self.create(name)?
-            }
-        };
         let path = segment_path(&self.dir, seq);
-        std::fs::rename(&free, &path).map_err(|e| BookieError::io(format!("renaming {}", free.display()), e))?;
+        match f {
+            Some(free) => {
+                std::fs::rename(&free, &path)
+                    .map_err(|e| BookieError::io(format!("renaming {}", free.display()), e))?;
+            }
+            // The background thread fell behind (a heavy load on a young journal, whose pool
+            // of recycled segments is still growing). Zero-filling a segment here would stop
+            // every add for as long as writing it takes (hundreds of ms): take a sparse file
+            // instead. Its first use pays for block allocation in each fdatasync; it joins
+            // the pool when recycled, fully written by then.
+            None => self.create_sparse(&path)?,
+        }
         sync_dir(&self.dir)?;
         open(&path)
+    }
+
+    /// A segment-size file at `path` with no blocks allocated yet.
+    fn create_sparse(&self, path: &Path) -> Result<()> {
+        let ctx = |e| BookieError::io(format!("creating {}", path.display()), e);
+        let f = OpenOptions::new().create(true).truncate(true).write(true).open(path).map_err(ctx)?;
+        f.set_len(self.size).map_err(ctx)?;
+        f.sync_all().map_err(ctx)
     }
 
     /// Returns a segment no longer needed to the free pool (or deletes it when the pool is
@@ -266,5 +274,38 @@ impl Allocator {
     pub fn stop(&self) {
         self.lock().stop = true;
         self.changed.notify_all();
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::os::unix::fs::{FileExt, MetadataExt};
+
+    use super::*;
+
+    #[test]
+    fn a_writer_ahead_of_preallocation_gets_a_sparse_segment_at_once() {
+        let d = tempfile::tempdir().unwrap();
+        let size = 4 << 20;
+        let (alloc, bg) = Allocator::start(d.path(), size, 1).unwrap();
+        // With the background thread gone, at most the one file it made is ready.
+        alloc.stop();
+        bg.join().unwrap();
+        let files: Vec<File> = (0..3).map(|seq| alloc.take(seq).unwrap()).collect();
+        for f in &files {
+            assert_eq!(f.metadata().unwrap().len(), size, "every segment has the full size");
+        }
+        let last = files[2].metadata().unwrap();
+        assert!(last.blocks() * 512 < size / 2, "the fallback segment is not zero-filled: {} blocks", last.blocks());
+        // It is a working segment: written, read back, listed, and recycled at full size.
+        files[2].write_all_at(b"record", 1 << 20).unwrap();
+        let mut back = [0u8; 6];
+        files[2].read_exact_at(&mut back, 1 << 20).unwrap();
+        assert_eq!(&back, b"record");
+        let segs = list_segments(d.path()).unwrap();
+        assert_eq!(segs.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![0, 1, 2]);
+        alloc.recycle(&segs[2].1);
+        assert_eq!(alloc.lock().ready.len(), 1, "a full-size sparse segment is reused like any other");
     }
 }
