@@ -132,6 +132,9 @@ impl Validate for BrokerConfig {
         if self.ack_quorum == 0 || self.write_quorum < self.ack_quorum || self.ensemble_size < self.write_quorum {
             return bad("ensemble_size", "need ensemble_size >= write_quorum >= ack_quorum >= 1");
         }
+        if self.ensemble_size > magnetar_bookie::client::metadata::MAX_ENSEMBLE {
+            return bad("ensemble_size", "must be at most 64");
+        }
         if self.max_message_size < 1024 || self.max_message_size > 64 << 20 {
             return bad("max_message_size", "must be between 1 KiB and 64 MiB");
         }

@@ -183,3 +183,44 @@ async fn recovery_with_a_dead_bookie_replaces_it_while_writing_back() {
     }
     cluster.shutdown().await;
 }
+
+/// A bookie that stops answering without dropping its connection: its adds time out, it is
+/// replaced by the spare, and the entries it held up are confirmed through the replacement,
+/// in order. E = Qw = Qa = 3, so no entry can be confirmed without every position answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_bookie_is_replaced_after_the_add_timeout() {
+    let cluster = Cluster::new(4, &[], true).await;
+    let client = LedgerClient::new(
+        cluster.meta(),
+        LedgerOptions { add_timeout: Duration::from_millis(500), ..Default::default() },
+    );
+    let w = client.create(LedgerConfig::new(3, 3, 3)).await.expect("create");
+    let id = w.id();
+    let silent = w.metadata().fragments[0].bookies[2].clone();
+    for e in 0..5 {
+        assert_eq!(w.append(payload(id, e, 100)).await.expect("add"), e);
+    }
+    client.faults().hold_adds(&silent, 5);
+    let adds: Vec<_> = (5..10).map(|e| w.append(payload(id, e, 100))).collect();
+    for (e, f) in (5..10).zip(adds) {
+        let got = tokio::time::timeout(Duration::from_secs(20), f)
+            .await
+            .unwrap_or_else(|_| panic!("entry {e} was not confirmed after the timeout\n{}", cluster.logs()))
+            .expect("add");
+        assert_eq!(got, e);
+    }
+    let md = w.metadata();
+    assert_eq!(md.fragments.len(), 2, "one ensemble change: {:?}", md.fragments);
+    assert_eq!(md.last_fragment().first_entry, 5);
+    assert!(!md.last_fragment().bookies.contains(&silent), "{:?}", md.fragments);
+    assert_eq!(md.last_fragment().bookies[..2], md.fragments[0].bookies[..2], "the others keep their positions");
+    let closed = w.close().await.expect("close");
+    assert_eq!(closed.last_entry, 9);
+    let reader = cluster.ledger_client().open_reader(id).await.expect("reader");
+    let entries = reader.read(0, 9).await.expect("read");
+    for e in 0..10 {
+        assert_eq!(&entries[e as usize][..], &payload(id, e, 100)[..], "entry {e}");
+    }
+    assert_eq!(client.faults().held_adds(), 5, "the silent bookie never got entries 5-9");
+    cluster.shutdown().await;
+}

@@ -8,6 +8,9 @@ pub fn ledger_key(id: u64) -> String {
     format!("/ledgers/{id}")
 }
 
+/// Largest ensemble a ledger may have (the writer tracks positions as bits of a `u64`).
+pub const MAX_ENSEMBLE: usize = 64;
+
 /// Lifecycle of a ledger.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -88,6 +91,9 @@ impl LedgerMetadata {
         if !(self.ensemble_size >= self.write_quorum && self.write_quorum >= self.ack_quorum && self.ack_quorum >= 1) {
             return Err("need E >= Qw >= Qa >= 1");
         }
+        if self.ensemble_size > MAX_ENSEMBLE {
+            return Err("an ensemble has at most 64 bookies");
+        }
         if self.fragments.is_empty() {
             return Err("a ledger has at least one fragment");
         }
@@ -166,5 +172,10 @@ mod tests {
         let mut bad = md();
         bad.fragments[1].bookies[1] = "a".into();
         assert!(bad.check().is_err());
+        let mut wide = md();
+        wide.ensemble_size = MAX_ENSEMBLE + 1;
+        wide.fragments =
+            vec![Fragment { first_entry: 0, bookies: (0..=MAX_ENSEMBLE).map(|i| format!("b{i}")).collect() }];
+        assert_eq!(wide.check(), Err("an ensemble has at most 64 bookies"));
     }
 }

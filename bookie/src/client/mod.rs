@@ -128,6 +128,12 @@ impl LedgerClient {
         if !(e >= qw && qw >= qa && qa >= 1) {
             return Err(LedgerError::Invalid(format!("need E >= Qw >= Qa >= 1, got E={e} Qw={qw} Qa={qa}")));
         }
+        if e > metadata::MAX_ENSEMBLE {
+            return Err(LedgerError::Invalid(format!(
+                "E={e}: an ensemble has at most {} bookies",
+                metadata::MAX_ENSEMBLE
+            )));
+        }
         let mut writable = self.ctx.bookies.writable().await?;
         if writable.len() < e {
             return Err(LedgerError::NotEnoughBookies { needed: e, available: writable.len() });

@@ -13,7 +13,7 @@
 //!
 //! The same task, started in recovery mode, writes recovered entries back during recovery.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -24,7 +24,7 @@ use magnetar_proto::bookie::{AddBatch, AddRequest, Code};
 use rand::seq::SliceRandom;
 use tokio::sync::{mpsc, oneshot};
 
-use super::metadata::{ledger_key, write_set, Fragment, LedgerMetadata, LedgerState};
+use super::metadata::{ledger_key, write_set_positions, Fragment, LedgerMetadata, LedgerState};
 use super::reader::LedgerReader;
 use super::{Ctx, LedgerError};
 use crate::checksum::entry_checksum;
@@ -36,17 +36,39 @@ enum Cmd {
     Close { done: oneshot::Sender<Result<LedgerMetadata, LedgerError>> },
 }
 
+/// What a bookie's add stream reports. `pos` is the bookie's position in the ensemble (a
+/// replacement takes the failed bookie's position), `gen` the stream's generation: reports
+/// from a stream that was replaced meanwhile are ignored.
 enum Event {
-    Result { bookie: String, gen: u64, entry: i64, code: i32, message: String },
-    Broken { bookie: String, gen: u64, reason: String },
+    Result { pos: usize, gen: u64, entry: i64, code: i32, message: String },
+    Broken { pos: usize, gen: u64, reason: String },
 }
 
+/// Ensemble positions as bits (E is at most [`super::metadata::MAX_ENSEMBLE`]).
+type Positions = u64;
+
+fn bit(pos: usize) -> Positions {
+    1 << pos
+}
+
+/// The ensemble positions of `entry`'s write set.
+fn write_set_bits(e: usize, qw: usize, entry: i64) -> Positions {
+    write_set_positions(e, qw, entry).fold(0, |m, p| m | bit(p))
+}
+
+/// An entry sent and not yet confirmed. Positions refer to the last fragment's ensemble, which
+/// every unconfirmed entry belongs to (a new fragment starts at LAC + 1).
 struct Pending {
     entry: i64,
     payload: Bytes,
     checksum: u32,
-    acked: Vec<String>,
-    sent: Vec<(String, Instant)>,
+    /// Positions whose bookie acked the entry.
+    acked: Positions,
+    /// Positions the entry was sent to.
+    sent: Positions,
+    /// When it was last sent anywhere (a resend after an ensemble change restarts the clock
+    /// for the bookies still waited on, which only delays a timeout).
+    sent_at: Instant,
     done: Option<AddDone>,
 }
 
@@ -87,7 +109,7 @@ impl LedgerWriter {
             next_entry: first_entry,
             lac: first_entry - 1,
             shared: shared.clone(),
-            streams: HashMap::new(),
+            streams: Vec::new(),
             next_gen: 0,
             ev_tx,
             failed: None,
@@ -154,7 +176,8 @@ struct Actor {
     next_entry: i64,
     lac: i64,
     shared: Arc<Shared>,
-    streams: HashMap<String, Stream>,
+    /// The add stream to each ensemble position's bookie, opened on first use.
+    streams: Vec<Option<Stream>>,
     next_gen: u64,
     ev_tx: mpsc::UnboundedSender<Event>,
     failed: Option<LedgerError>,
@@ -194,20 +217,26 @@ impl Actor {
         let entry = self.next_entry;
         self.next_entry += 1;
         let checksum = entry_checksum(self.md.id, entry, &payload);
-        let mut p = Pending { entry, payload, checksum, acked: Vec::new(), sent: Vec::new(), done: Some(done) };
-        let ensemble = self.md.last_fragment().bookies.clone();
-        for b in write_set(&ensemble, self.md.write_quorum, entry) {
-            self.send(&mut p, &b);
+        let mut p = Pending { entry, payload, checksum, acked: 0, sent: 0, sent_at: Instant::now(), done: Some(done) };
+        for pos in write_set_positions(self.md.ensemble_size, self.md.write_quorum, entry) {
+            self.send(&mut p, pos);
         }
         self.pending.push_back(p);
     }
 
-    fn send(&mut self, p: &mut Pending, bookie: &str) {
-        if !self.streams.contains_key(bookie) {
-            let s = self.open_stream(bookie);
-            self.streams.insert(bookie.to_owned(), s);
+    /// The bookie at ensemble position `pos`.
+    fn bookie(&self, pos: usize) -> &str {
+        &self.md.last_fragment().bookies[pos]
+    }
+
+    fn send(&mut self, p: &mut Pending, pos: usize) {
+        if self.streams.len() < self.md.ensemble_size {
+            self.streams.resize_with(self.md.ensemble_size, || None);
         }
-        let Some(stream) = self.streams.get(bookie) else { return };
+        if self.streams[pos].is_none() {
+            self.streams[pos] = Some(self.open_stream(pos));
+        }
+        let Some(stream) = &self.streams[pos] else { return };
         let req = AddRequest {
             ledger_id: self.md.id,
             entry_id: p.entry,
@@ -217,30 +246,25 @@ impl Actor {
             master_key: self.key.clone(),
             recovery: self.recovery,
         };
-        self.ctx.faults.send_add(bookie, req, &stream.tx);
-        p.sent.retain(|(b, _)| b != bookie);
-        p.sent.push((bookie.to_owned(), Instant::now()));
+        self.ctx.faults.send_add(self.bookie(pos), req, &stream.tx);
+        p.sent |= bit(pos);
+        p.sent_at = Instant::now();
     }
 
-    fn open_stream(&mut self, bookie: &str) -> Stream {
+    fn open_stream(&mut self, pos: usize) -> Stream {
         let (tx, rx) = mpsc::unbounded_channel::<AddRequest>();
         self.next_gen += 1;
         let gen = self.next_gen;
-        let (ctx, ev_tx, id) = (self.ctx.clone(), self.ev_tx.clone(), bookie.to_owned());
-        if let Some(local) = self.ctx.bookies.local(bookie).cloned() {
+        let (ctx, ev_tx, id) = (self.ctx.clone(), self.ev_tx.clone(), self.bookie(pos).to_owned());
+        if let Some(local) = self.ctx.bookies.local(&id).cloned() {
             // The bookie runs in this process: its journal answers into this writer's events.
             tokio::spawn(async move {
                 let mut rx = rx;
                 while let Some(req) = rx.recv().await {
-                    let (ev_tx, id) = (ev_tx.clone(), id.clone());
+                    let ev_tx = ev_tx.clone();
                     local.core.submit_add(req, move |r| {
-                        let _ = ev_tx.send(Event::Result {
-                            bookie: id,
-                            gen,
-                            entry: r.entry_id,
-                            code: r.code,
-                            message: r.message,
-                        });
+                        let _ =
+                            ev_tx.send(Event::Result { pos, gen, entry: r.entry_id, code: r.code, message: r.message });
                     });
                 }
             });
@@ -248,7 +272,7 @@ impl Actor {
         }
         tokio::spawn(async move {
             let broken = |reason: String| {
-                let _ = ev_tx.send(Event::Broken { bookie: id.clone(), gen, reason });
+                let _ = ev_tx.send(Event::Broken { pos, gen, reason });
             };
             let mut client = match ctx.bookies.client(&id).await {
                 Ok(c) => c,
@@ -277,13 +301,7 @@ impl Actor {
                 match inbound.message().await {
                     Ok(Some(batch)) => {
                         for r in batch.results {
-                            let ev = Event::Result {
-                                bookie: id.clone(),
-                                gen,
-                                entry: r.entry_id,
-                                code: r.code,
-                                message: r.message,
-                            };
+                            let ev = Event::Result { pos, gen, entry: r.entry_id, code: r.code, message: r.message };
                             if ev_tx.send(ev).is_err() {
                                 return;
                             }
@@ -297,45 +315,45 @@ impl Actor {
         Stream { tx, gen }
     }
 
-    fn current_gen(&self, bookie: &str) -> Option<u64> {
-        self.streams.get(bookie).map(|s| s.gen)
+    fn current_gen(&self, pos: usize) -> Option<u64> {
+        self.streams.get(pos).and_then(|s| s.as_ref()).map(|s| s.gen)
     }
 
     async fn on_event(&mut self, ev: Event) {
         match ev {
-            Event::Result { bookie, gen, entry, code, message } => {
-                if self.current_gen(&bookie) != Some(gen) || self.failed.is_some() {
+            Event::Result { pos, gen, entry, code, message } => {
+                if self.current_gen(pos) != Some(gen) || self.failed.is_some() {
                     return;
                 }
                 match Code::try_from(code) {
                     Ok(Code::Ok) => {
                         let Some(front) = self.pending.front().map(|p| p.entry) else { return };
                         let Ok(idx) = usize::try_from(entry - front) else { return };
-                        let ensemble = &self.md.last_fragment().bookies;
-                        let ws = write_set(ensemble, self.md.write_quorum, entry);
+                        let ws = write_set_bits(self.md.ensemble_size, self.md.write_quorum, entry);
                         if let Some(p) = self.pending.get_mut(idx) {
-                            if ws.contains(&bookie) && !p.acked.contains(&bookie) {
-                                p.acked.push(bookie);
-                            }
+                            p.acked |= ws & bit(pos);
                         }
                         self.advance();
                     }
                     Ok(Code::Fenced) => self.fail(LedgerError::Fenced(self.md.id)),
-                    Ok(Code::Unauthorized) => self.fail(LedgerError::Bookie { bookie, reason: message }),
+                    Ok(Code::Unauthorized) => {
+                        self.fail(LedgerError::Bookie { bookie: self.bookie(pos).to_owned(), reason: message })
+                    }
                     _ => {
+                        let bookie = self.bookie(pos).to_owned();
                         tracing::warn!(ledger = self.md.id, %bookie, entry, code, %message, "add failed on a bookie");
                         self.replace(vec![bookie]).await;
                     }
                 }
             }
-            Event::Broken { bookie, gen, reason } => {
-                if self.current_gen(&bookie) != Some(gen) {
+            Event::Broken { pos, gen, reason } => {
+                if self.current_gen(pos) != Some(gen) {
                     return;
                 }
-                self.streams.remove(&bookie);
-                let needed =
-                    self.pending.iter().any(|p| p.sent.iter().any(|(b, _)| *b == bookie) && !p.acked.contains(&bookie));
+                self.streams[pos] = None;
+                let needed = self.pending.iter().any(|p| (p.sent & !p.acked) & bit(pos) != 0);
                 if needed && self.failed.is_none() {
+                    let bookie = self.bookie(pos).to_owned();
                     tracing::warn!(ledger = self.md.id, %bookie, %reason, "add stream to a bookie broke");
                     self.replace(vec![bookie]).await;
                 }
@@ -344,7 +362,7 @@ impl Actor {
     }
 
     fn advance(&mut self) {
-        while self.pending.front().is_some_and(|p| p.acked.len() >= self.md.ack_quorum) {
+        while self.pending.front().is_some_and(|p| p.acked.count_ones() as usize >= self.md.ack_quorum) {
             let Some(mut p) = self.pending.pop_front() else { break };
             self.lac = p.entry;
             self.shared.lac.store(p.entry, Ordering::Release);
@@ -359,14 +377,15 @@ impl Actor {
             return;
         }
         let timeout = self.ctx.opts.add_timeout;
-        let mut slow: Vec<String> = Vec::new();
-        for p in &self.pending {
-            for (b, at) in &p.sent {
-                if !p.acked.contains(b) && at.elapsed() > timeout && !slow.contains(b) {
-                    slow.push(b.clone());
-                }
-            }
-        }
+        let slow_bits = self
+            .pending
+            .iter()
+            .filter(|p| p.sent_at.elapsed() > timeout)
+            .fold(0, |m: Positions, p| m | (p.sent & !p.acked));
+        let slow: Vec<String> = (0..self.md.ensemble_size)
+            .filter(|&pos| slow_bits & bit(pos) != 0)
+            .map(|pos| self.bookie(pos).to_owned())
+            .collect();
         if !slow.is_empty() {
             tracing::warn!(ledger = self.md.id, bookies = ?slow, "adds timed out");
             self.replace(slow).await;
@@ -432,21 +451,27 @@ impl Actor {
         };
         tracing::info!(ledger = self.md.id, from = ?failed, ensemble = ?new_md.last_fragment().bookies,
             first_entry = new_md.last_fragment().first_entry, "ensemble changed");
-        for b in &failed {
-            self.streams.remove(b);
-            self.ctx.bookies.forget(b);
+        // The replacements took the failed bookies' positions: what those positions acked or
+        // were sent no longer counts.
+        let mut replaced: Positions = 0;
+        for (pos, b) in ensemble.iter().enumerate() {
+            if failed.contains(b) {
+                replaced |= bit(pos);
+                if let Some(s) = self.streams.get_mut(pos) {
+                    *s = None;
+                }
+                self.ctx.bookies.forget(b);
+            }
         }
         self.md = new_md;
         *self.shared.md.lock().unwrap_or_else(|e| e.into_inner()) = self.md.clone();
-        let ensemble = self.md.last_fragment().bookies.clone();
         let mut pending = std::mem::take(&mut self.pending);
         for p in pending.iter_mut() {
-            let ws = write_set(&ensemble, self.md.write_quorum, p.entry);
-            p.acked.retain(|b| ws.contains(b));
-            p.sent.retain(|(b, _)| ws.contains(b));
-            for b in ws {
-                if !p.acked.contains(&b) && !p.sent.iter().any(|(s, _)| *s == b) {
-                    self.send(p, &b);
+            p.acked &= !replaced;
+            p.sent &= !replaced;
+            for pos in write_set_positions(self.md.ensemble_size, self.md.write_quorum, p.entry) {
+                if (p.acked | p.sent) & bit(pos) == 0 {
+                    self.send(p, pos);
                 }
             }
         }
@@ -494,5 +519,20 @@ impl Actor {
         *self.shared.md.lock().unwrap_or_else(|e| e.into_inner()) = md.clone();
         tracing::debug!(ledger = md.id, last_entry = md.last_entry, "ledger closed");
         Ok(md)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_set_bits_match_the_positions() {
+        // E=3, Qw=2: entry 0 on positions 0 and 1, entry 2 wraps to 2 and 0.
+        assert_eq!(write_set_bits(3, 2, 0), 0b011);
+        assert_eq!(write_set_bits(3, 2, 1), 0b110);
+        assert_eq!(write_set_bits(3, 2, 2), 0b101);
+        assert_eq!(write_set_bits(64, 2, 63), bit(63) | bit(0));
+        assert_eq!(write_set_bits(1, 1, 7), 0b1);
     }
 }
