@@ -423,21 +423,36 @@ impl Writer {
     fn apply_op(&mut self, op: Op, b: &mut Batch) -> Result<i64> {
         match op {
             Op::Add { ledger, entry, lac, checksum, payload, master_key, recovery } => {
-                let (mut meta, new) = match self.state(b, ledger)? {
-                    Some(m) if m.master_key.is_empty() || m.master_key == master_key[..] => (m, false),
-                    Some(_) => return Err(BookieError::Unauthorized(ledger)),
-                    None => (LedgerMeta::new(&master_key), true),
+                // The batch's copy of the ledger's state is updated in place (no clone of it
+                // and its master key for every add); it enters the batch with the first add of
+                // the ledger that succeeds.
+                let loaded = match b.states.contains_key(&ledger) {
+                    true => None,
+                    false => Some(self.ledgers.meta(ledger)?.unwrap_or_else(|| LedgerMeta::new(&[]))),
                 };
+                let Some(meta) = loaded.as_ref().or_else(|| b.states.get(&ledger)) else {
+                    return Err(BookieError::Invalid("ledger state missing from the batch"));
+                };
+                if !meta.master_key.is_empty() && meta.master_key != master_key[..] {
+                    return Err(BookieError::Unauthorized(ledger));
+                }
                 if meta.fenced && !recovery {
                     return Err(BookieError::Fenced(ledger));
                 }
-                if new || meta.master_key.is_empty() {
-                    meta.master_key = master_key.to_vec();
+                let first_key = meta.master_key.is_empty();
+                if first_key {
                     self.append(b, record::MASTER_KEY, ledger, -1, -1, &[&master_key], None)?;
                 }
                 self.append_entry(b, ledger, entry, lac, checksum, &payload)?;
-                meta.lac = meta.lac.max(lac);
-                b.states.insert(ledger, meta);
+                if let Some(m) = loaded {
+                    b.states.insert(ledger, m);
+                }
+                if let Some(meta) = b.states.get_mut(&ledger) {
+                    if first_key {
+                        meta.master_key = master_key.to_vec();
+                    }
+                    meta.lac = meta.lac.max(lac);
+                }
                 // A small payload may be a slice of a much larger request buffer, which the
                 // cache must not keep alive: it gets a copy. A large one is most of whatever
                 // buffer holds it and is shared.
@@ -716,5 +731,62 @@ mod tests {
             assert_eq!(got.payload, payload(e), "entry {e}");
         }
         assert_eq!(replayed.ledger_meta(9).unwrap().unwrap().lac, n - 2);
+    }
+
+    /// The per-ledger rules, within one batch and across batches: the first add sets the master
+    /// key, an add with another key is refused (and changes nothing), a fence refuses normal
+    /// adds and lets recovery adds in, and the LAC only grows.
+    #[test]
+    fn master_key_fence_and_lac_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Arc::new(MemStorage::new());
+        let ledgers = Arc::new(Ledgers::new(storage.clone(), 1 << 20));
+        let metrics = JournalMetrics::register(&Registry::new(), 0);
+        let settings = JournalSettings::default();
+        let journal = Journal::start(dir.path(), 1, &settings, 1 << 20, ledgers, metrics, Box::new(|| {})).unwrap();
+        let (tx, rx) = mpsc::channel();
+        let add = |entry: i64, lac: i64, key: &'static [u8], recovery: bool| {
+            let p = Bytes::from(vec![entry as u8; 10]);
+            let op = Op::Add {
+                ledger: 4,
+                entry,
+                lac,
+                checksum: entry_checksum(4, entry, &p),
+                payload: p,
+                master_key: Bytes::from_static(key),
+                recovery,
+            };
+            let tx = tx.clone();
+            journal.submit(op, Box::new(move |r| tx.send((entry, r.map_err(|e| e.to_string()))).unwrap()));
+        };
+        // Queued together, so most land in one writer batch.
+        add(0, -1, b"key", false);
+        add(1, 0, b"other", false);
+        add(2, 1, b"key", false);
+        add(3, 0, b"key", false);
+        let mut got: Vec<_> = (0..4).map(|_| rx.recv_timeout(Duration::from_secs(10)).unwrap()).collect();
+        got.sort_by_key(|(e, _)| *e);
+        assert_eq!(got[0].1, Ok(0));
+        assert!(got[1].1.as_ref().is_err_and(|e| e.contains("wrong master key")), "{:?}", got[1]);
+        assert_eq!(got[2].1, Ok(2));
+        assert_eq!(got[3].1, Ok(3));
+        let fence = |key: &'static [u8]| {
+            let tx = tx.clone();
+            journal.submit(
+                Op::Fence { ledger: 4, master_key: Bytes::from_static(key) },
+                Box::new(move |r| tx.send((-1, r.map_err(|e| e.to_string()))).unwrap()),
+            );
+            rx.recv_timeout(Duration::from_secs(10)).unwrap().1
+        };
+        assert_eq!(fence(b"key"), Ok(1), "the fence answers the highest LAC seen");
+        add(4, 3, b"key", false);
+        let (_, r) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert!(r.as_ref().is_err_and(|e| e.contains("fenced")), "{r:?}");
+        add(4, 3, b"key", true);
+        assert_eq!(rx.recv_timeout(Duration::from_secs(10)).unwrap().1, Ok(4));
+        journal.stop();
+        let meta = storage.ledger_meta(4).unwrap().unwrap();
+        assert_eq!((meta.fenced, meta.lac, &meta.master_key[..]), (true, 3, &b"key"[..]));
+        assert!(storage.get_entry(4, 1).unwrap().is_none(), "the refused add left nothing");
     }
 }
