@@ -94,11 +94,11 @@ impl Client {
         let mut reader = FrameReader::new(r, DEFAULT_MAX_MESSAGE_SIZE + FRAME_HEADROOM);
         let mut writer = FrameWriter::new(w);
         let connect = pb::BaseCommand {
-            connect: Some(pb::CommandConnect {
+            connect: Some(Box::new(pb::CommandConnect {
                 client_version: concat!("magnetar-tools-", env!("CARGO_PKG_VERSION")).into(),
                 protocol_version: Some(20),
                 ..Default::default()
-            }),
+            })),
             ..base(Type::Connect)
         };
         writer.send(&connect).await?;
@@ -163,7 +163,7 @@ impl Client {
                     Ok(Type::Message) => {
                         let (Some(m), Some(payload)) = (cmd.message, f.payload) else { continue };
                         if let Some(tx) = lock(&routes2).consumers.get(&m.consumer_id) {
-                            let _ = tx.send(Message { command: m, payload });
+                            let _ = tx.send(Message { command: *m, payload });
                         }
                     }
                     _ => {
@@ -192,12 +192,12 @@ impl Client {
         for _ in 0..5 {
             let id = client.id();
             let cmd = pb::BaseCommand {
-                lookup_topic: Some(pb::CommandLookupTopic {
+                lookup_topic: Some(Box::new(pb::CommandLookupTopic {
                     topic: topic.into(),
                     request_id: id,
                     authoritative: Some(authoritative),
                     ..Default::default()
-                }),
+                })),
                 ..base(Type::Lookup)
             };
             let r = client.request(id, cmd).await?.lookup_topic_response.unwrap_or_default();
@@ -247,11 +247,11 @@ impl Client {
     pub async fn partitions(&self, topic: &str) -> Result<u32, ClientError> {
         let id = self.id();
         let cmd = pb::BaseCommand {
-            partition_metadata: Some(pb::CommandPartitionedTopicMetadata {
+            partition_metadata: Some(Box::new(pb::CommandPartitionedTopicMetadata {
                 topic: topic.into(),
                 request_id: id,
                 ..Default::default()
-            }),
+            })),
             ..base(Type::PartitionedMetadata)
         };
         let r = self.request(id, cmd).await?;
@@ -264,7 +264,12 @@ impl Client {
         let (tx, rx) = mpsc::unbounded_channel();
         lock(&self.routes).producers.insert(producer_id, tx);
         let cmd = pb::BaseCommand {
-            producer: Some(pb::CommandProducer { topic: topic.into(), producer_id, request_id, ..Default::default() }),
+            producer: Some(Box::new(pb::CommandProducer {
+                topic: topic.into(),
+                producer_id,
+                request_id,
+                ..Default::default()
+            })),
             ..base(Type::Producer)
         };
         let r = self.request(request_id, cmd).await?;
@@ -294,7 +299,7 @@ impl Client {
             pb::command_subscribe::InitialPosition::Latest
         };
         let cmd = pb::BaseCommand {
-            subscribe: Some(pb::CommandSubscribe {
+            subscribe: Some(Box::new(pb::CommandSubscribe {
                 topic: topic.into(),
                 subscription: subscription.into(),
                 sub_type: sub_type as i32,
@@ -302,7 +307,7 @@ impl Client {
                 request_id,
                 initial_position: Some(initial as i32),
                 ..Default::default()
-            }),
+            })),
             ..base(Type::Subscribe)
         };
         self.request(request_id, cmd).await?;
@@ -353,13 +358,13 @@ impl Producer {
         let seq = self.next_seq;
         self.next_seq += n;
         let cmd = pb::BaseCommand {
-            send: Some(pb::CommandSend {
+            send: Some(Box::new(pb::CommandSend {
                 producer_id: self.producer_id,
                 sequence_id: seq,
                 num_messages: Some(n as i32),
                 highest_sequence_id: Some(seq + n - 1),
                 ..Default::default()
-            }),
+            })),
             ..base(Type::Send)
         };
         self.out.send(Frame::Send(cmd, entry)).map_err(|_| ClientError::Closed)?;
@@ -384,7 +389,7 @@ impl Consumer {
     /// Grants `n` more messages.
     pub fn flow(&self, n: u32) -> Result<(), ClientError> {
         let cmd = pb::BaseCommand {
-            flow: Some(pb::CommandFlow { consumer_id: self.consumer_id, message_permits: n }),
+            flow: Some(Box::new(pb::CommandFlow { consumer_id: self.consumer_id, message_permits: n })),
             ..base(Type::Flow)
         };
         self.out.send(Frame::Cmd(cmd)).map_err(|_| ClientError::Closed)
@@ -403,12 +408,12 @@ impl Consumer {
     /// Acknowledges entries individually.
     pub fn ack(&self, ids: Vec<pb::MessageIdData>) -> Result<(), ClientError> {
         let cmd = pb::BaseCommand {
-            ack: Some(pb::CommandAck {
+            ack: Some(Box::new(pb::CommandAck {
                 consumer_id: self.consumer_id,
                 ack_type: pb::command_ack::AckType::Individual as i32,
                 message_id: ids,
                 ..Default::default()
-            }),
+            })),
             ..base(Type::Ack)
         };
         self.out.send(Frame::Cmd(cmd)).map_err(|_| ClientError::Closed)

@@ -269,11 +269,11 @@ async fn bad_frames_close_only_their_connection() {
 
     let s = standalone().await;
     let connect = pb::BaseCommand {
-        connect: Some(pb::CommandConnect {
+        connect: Some(Box::new(pb::CommandConnect {
             client_version: "raw".into(),
             protocol_version: Some(20),
             ..Default::default()
-        }),
+        })),
         ..base(pb::base_command::Type::Connect)
     };
     let mut hello = BytesMut::new();
@@ -307,7 +307,7 @@ async fn bad_frames_close_only_their_connection() {
         codec::encode_entry(&pb::MessageMetadata { producer_name: "x".into(), ..Default::default() }, b"payload");
     let mut send = BytesMut::new();
     let cmd = pb::BaseCommand {
-        send: Some(pb::CommandSend { producer_id: 1, sequence_id: 0, ..Default::default() }),
+        send: Some(Box::new(pb::CommandSend { producer_id: 1, sequence_id: 0, ..Default::default() })),
         ..base(pb::base_command::Type::Send)
     };
     codec::encode_with_entry(&cmd, &entry, &mut send);

@@ -287,7 +287,12 @@ mod tests {
 
     fn send_cmd() -> pb::BaseCommand {
         pb::BaseCommand {
-            send: Some(pb::CommandSend { producer_id: 1, sequence_id: 7, num_messages: Some(1), ..Default::default() }),
+            send: Some(Box::new(pb::CommandSend {
+                producer_id: 1,
+                sequence_id: 7,
+                num_messages: Some(1),
+                ..Default::default()
+            })),
             ..base(Type::Send)
         }
     }

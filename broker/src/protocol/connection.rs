@@ -130,7 +130,7 @@ pub struct Session {
 /// An ERROR frame.
 pub fn error_command(request_id: u64, error: pb::ServerError, message: impl Into<String>) -> pb::BaseCommand {
     pb::BaseCommand {
-        error: Some(pb::CommandError { request_id, error: error as i32, message: message.into() }),
+        error: Some(Box::new(pb::CommandError { request_id, error: error as i32, message: message.into() })),
         ..codec::base(Type::Error)
     }
 }
@@ -158,12 +158,12 @@ where
     let client = connect.protocol_version.unwrap_or(0);
     let version = client.clamp(0, SERVER_PROTOCOL_VERSION);
     let connected = pb::BaseCommand {
-        connected: Some(pb::CommandConnected {
+        connected: Some(Box::new(pb::CommandConnected {
             server_version: server_version.to_owned(),
             protocol_version: Some(version),
             max_message_size: Some(max_message_size as i32),
             feature_flags: Some(pb::FeatureFlags { supports_auth_refresh: Some(true), ..Default::default() }),
-        }),
+        })),
         ..codec::base(Type::Connected)
     };
     writer.send(&connected).await?;
@@ -186,11 +186,11 @@ mod tests {
 
     fn connect(version: i32) -> pb::BaseCommand {
         pb::BaseCommand {
-            connect: Some(pb::CommandConnect {
+            connect: Some(Box::new(pb::CommandConnect {
                 client_version: "test-client".into(),
                 protocol_version: Some(version),
                 ..Default::default()
-            }),
+            })),
             ..codec::base(Type::Connect)
         }
     }

@@ -42,7 +42,7 @@ fn reply(out: &OutTx, cmd: pb::BaseCommand) {
 }
 
 fn success(request_id: u64) -> pb::BaseCommand {
-    pb::BaseCommand { success: Some(pb::CommandSuccess { request_id, schema: None }), ..base(Type::Success) }
+    pb::BaseCommand { success: Some(Box::new(pb::CommandSuccess { request_id, schema: None })), ..base(Type::Success) }
 }
 
 pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>) -> Result<(), ConnError> {
@@ -113,12 +113,12 @@ pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>) -> Result<(), 
                     reply(
                         &out,
                         pb::BaseCommand {
-                            send_error: Some(pb::CommandSendError {
+                            send_error: Some(Box::new(pb::CommandSendError {
                                 producer_id: s.producer_id,
                                 sequence_id: s.sequence_id,
                                 error: pb::ServerError::ChecksumError as i32,
                                 message: "payload checksum mismatch".into(),
-                            }),
+                            })),
                             ..base(Type::SendError)
                         },
                     );
@@ -230,7 +230,7 @@ impl Conn {
             Ok(Type::Lookup) => {
                 let l = cmd.lookup_topic.ok_or_else(|| missing("LOOKUP"))?;
                 let r = self.lookup(&l).await;
-                reply(&out, pb::BaseCommand { lookup_topic_response: Some(r), ..base(Type::LookupResponse) });
+                reply(&out, pb::BaseCommand { lookup_topic_response: Some(Box::new(r)), ..base(Type::LookupResponse) });
             }
             Ok(Type::PartitionedMetadata) => {
                 let p = cmd.partition_metadata.ok_or_else(|| missing("PARTITIONED_METADATA"))?;
@@ -258,12 +258,15 @@ impl Conn {
                 };
                 reply(
                     &out,
-                    pb::BaseCommand { partition_metadata_response: Some(r), ..base(Type::PartitionedMetadataResponse) },
+                    pb::BaseCommand {
+                        partition_metadata_response: Some(Box::new(r)),
+                        ..base(Type::PartitionedMetadataResponse)
+                    },
                 );
             }
             Ok(Type::Producer) => {
                 let p = cmd.producer.ok_or_else(|| missing("PRODUCER"))?;
-                self.add_producer(p).await;
+                self.add_producer(*p).await;
             }
             Ok(Type::Send) => {
                 let s = cmd.send.ok_or_else(|| missing("SEND"))?;
@@ -286,7 +289,7 @@ impl Conn {
             }
             Ok(Type::Subscribe) => {
                 let s = cmd.subscribe.ok_or_else(|| missing("SUBSCRIBE"))?;
-                self.subscribe(s).await;
+                self.subscribe(*s).await;
             }
             Ok(Type::Flow) => {
                 let f = cmd.flow.ok_or_else(|| missing("FLOW"))?;
@@ -297,7 +300,7 @@ impl Conn {
             Ok(Type::Ack) => {
                 let a = cmd.ack.ok_or_else(|| missing("ACK"))?;
                 if let Some(t) = self.consumers.get(&a.consumer_id) {
-                    let _ = t.send(Cmd::Ack { key: (self.conn, a.consumer_id), ack: a });
+                    let _ = t.send(Cmd::Ack { key: (self.conn, a.consumer_id), ack: *a });
                 }
             }
             Ok(Type::RedeliverUnacknowledgedMessages) => {
@@ -359,12 +362,12 @@ impl Conn {
                 let g = cmd.get_topics_of_namespace.ok_or_else(|| missing("GET_TOPICS_OF_NAMESPACE"))?;
                 let r = match self.shared.topics.list_namespace(&g.namespace).await {
                     Ok(topics) => pb::BaseCommand {
-                        get_topics_of_namespace_response: Some(pb::CommandGetTopicsOfNamespaceResponse {
+                        get_topics_of_namespace_response: Some(Box::new(pb::CommandGetTopicsOfNamespaceResponse {
                             request_id: g.request_id,
                             topics,
                             filtered: Some(false),
                             ..Default::default()
-                        }),
+                        })),
                         ..base(Type::GetTopicsOfNamespaceResponse)
                     },
                     Err(e) => error_command(g.request_id, e.server_error(), e.to_string()),
@@ -377,12 +380,12 @@ impl Conn {
                 reply(
                     &out,
                     pb::BaseCommand {
-                        get_schema_response: Some(pb::CommandGetSchemaResponse {
+                        get_schema_response: Some(Box::new(pb::CommandGetSchemaResponse {
                             request_id: g.request_id,
                             error_code: Some(pb::ServerError::TopicNotFound as i32),
                             error_message: Some(format!("no schema for {}", g.topic)),
                             ..Default::default()
-                        }),
+                        })),
                         ..base(Type::GetSchemaResponse)
                     },
                 );
@@ -435,7 +438,7 @@ impl Conn {
             while let Some((sequence_id, highest, fut)) = rx.recv().await {
                 let r = match fut.await {
                     Ok(pos) => pb::BaseCommand {
-                        send_receipt: Some(pb::CommandSendReceipt {
+                        send_receipt: Some(Box::new(pb::CommandSendReceipt {
                             producer_id,
                             sequence_id,
                             message_id: Some(pb::MessageIdData {
@@ -444,16 +447,16 @@ impl Conn {
                                 ..Default::default()
                             }),
                             highest_sequence_id: Some(highest),
-                        }),
+                        })),
                         ..base(Type::SendReceipt)
                     },
                     Err(e) => pb::BaseCommand {
-                        send_error: Some(pb::CommandSendError {
+                        send_error: Some(Box::new(pb::CommandSendError {
                             producer_id,
                             sequence_id,
                             error: e.code as i32,
                             message: e.message,
-                        }),
+                        })),
                         ..base(Type::SendError)
                     },
                 };
@@ -513,12 +516,12 @@ impl Conn {
 
 fn producer_success(request_id: u64, producer_name: String, last_sequence_id: i64) -> pb::BaseCommand {
     pb::BaseCommand {
-        producer_success: Some(pb::CommandProducerSuccess {
+        producer_success: Some(Box::new(pb::CommandProducerSuccess {
             request_id,
             producer_name,
             last_sequence_id: Some(last_sequence_id),
             ..Default::default()
-        }),
+        })),
         ..base(Type::ProducerSuccess)
     }
 }

@@ -455,12 +455,19 @@ fn message_id(p: Pos, partition: i32) -> pb::MessageIdData {
 }
 
 fn success(request_id: u64) -> Out {
-    Out::Cmd(pb::BaseCommand { success: Some(pb::CommandSuccess { request_id, schema: None }), ..base(Type::Success) })
+    Out::Cmd(pb::BaseCommand {
+        success: Some(Box::new(pb::CommandSuccess { request_id, schema: None })),
+        ..base(Type::Success)
+    })
 }
 
 fn close_consumer(consumer_id: u64) -> Out {
     Out::Cmd(pb::BaseCommand {
-        close_consumer: Some(pb::CommandCloseConsumer { consumer_id, request_id: u64::MAX, ..Default::default() }),
+        close_consumer: Some(Box::new(pb::CommandCloseConsumer {
+            consumer_id,
+            request_id: u64::MAX,
+            ..Default::default()
+        })),
         ..base(Type::CloseConsumer)
     })
 }
@@ -874,11 +881,11 @@ impl Actor {
     fn disconnect_clients(&mut self) {
         for ((_, producer_id), (_, out)) in self.producers.drain() {
             let _ = out.send(Out::Cmd(pb::BaseCommand {
-                close_producer: Some(pb::CommandCloseProducer {
+                close_producer: Some(Box::new(pb::CommandCloseProducer {
                     producer_id,
                     request_id: u64::MAX,
                     ..Default::default()
-                }),
+                })),
                 ..base(Type::CloseProducer)
             }));
         }
@@ -1217,11 +1224,11 @@ impl Actor {
         if let Some(request_id) = ack.request_id {
             if let Some(c) = sub.consumers.iter().find(|c| c.key == key) {
                 let _ = c.out.send(Out::Cmd(pb::BaseCommand {
-                    ack_response: Some(pb::CommandAckResponse {
+                    ack_response: Some(Box::new(pb::CommandAckResponse {
                         consumer_id: key.1,
                         request_id: Some(request_id),
                         ..Default::default()
-                    }),
+                    })),
                     ..base(Type::AckResponse)
                 }));
             }
@@ -1363,11 +1370,11 @@ impl Actor {
         let md = sub.cursor.mark_delete();
         let Some(c) = sub.consumers.iter().find(|c| c.key == key) else { return };
         let _ = c.out.send(Out::Cmd(pb::BaseCommand {
-            get_last_message_id_response: Some(pb::CommandGetLastMessageIdResponse {
+            get_last_message_id_response: Some(Box::new(pb::CommandGetLastMessageIdResponse {
                 last_message_id: id,
                 request_id,
                 consumer_mark_delete_position: Some(id_data(md)),
-            }),
+            })),
             ..base(Type::GetLastMessageIdResponse)
         }));
     }
@@ -1379,7 +1386,7 @@ impl Actor {
         let Some(c) = sub.consumers.iter().find(|c| c.key == key) else { return };
         let unacked = sub.pending.values().filter(|x| **x == c.cid).count() as u64;
         let _ = c.out.send(Out::Cmd(pb::BaseCommand {
-            consumer_stats_response: Some(pb::CommandConsumerStatsResponse {
+            consumer_stats_response: Some(Box::new(pb::CommandConsumerStatsResponse {
                 request_id,
                 consumer_name: Some(c.name.clone()),
                 available_permits: Some(c.permits.max(0) as u64),
@@ -1387,7 +1394,7 @@ impl Actor {
                 r#type: Some(sub_type_name(sub.sub_type).into()),
                 msg_backlog: Some(backlog),
                 ..Default::default()
-            }),
+            })),
             ..base(Type::ConsumerStatsResponse)
         }));
     }
@@ -1452,10 +1459,10 @@ fn update_active(sub: &mut Sub, partition: Option<u32>, joined: bool) {
         for c in &sub.consumers {
             if c.protocol_version >= 12 && (changed || joined && Some(c.cid) != sub.active || c.cid == pick) {
                 let _ = c.out.send(Out::Cmd(pb::BaseCommand {
-                    active_consumer_change: Some(pb::CommandActiveConsumerChange {
+                    active_consumer_change: Some(Box::new(pb::CommandActiveConsumerChange {
                         consumer_id: c.key.1,
                         is_active: Some(c.cid == pick),
-                    }),
+                    })),
                     ..base(Type::ActiveConsumerChange)
                 }));
             }
@@ -1471,7 +1478,7 @@ fn dispatch(sub: &mut Sub, ml: &mut Ml) {
         for c in sub.consumers.iter_mut().filter(|c| !c.told_end) {
             c.told_end = true;
             let _ = c.out.send(Out::Cmd(pb::BaseCommand {
-                reached_end_of_topic: Some(pb::CommandReachedEndOfTopic { consumer_id: c.key.1 }),
+                reached_end_of_topic: Some(Box::new(pb::CommandReachedEndOfTopic { consumer_id: c.key.1 })),
                 ..base(Type::ReachedEndOfTopic)
             }));
         }
@@ -1610,13 +1617,13 @@ fn send(sub: &mut Sub, i: usize, p: Pos, c: &Cached, partition: i32) {
     sub.fetched.remove(&p);
     sub.pending.insert(p, consumer.cid);
     let cmd = pb::BaseCommand {
-        message: Some(pb::CommandMessage {
+        message: Some(Box::new(pb::CommandMessage {
             consumer_id: consumer.key.1,
             message_id: message_id(p, partition),
             redelivery_count: (redelivery_count > 0).then_some(redelivery_count),
             ack_set,
             consumer_epoch: None,
-        }),
+        })),
         ..base(Type::Message)
     };
     let _ = consumer.out.send(Out::Msg(cmd, c.entry.clone()));
