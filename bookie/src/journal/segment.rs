@@ -276,7 +276,7 @@ const FILL_CHUNK: usize = 1 << 20;
 /// CPU), and leave no dirty pages behind for a later fdatasync to write.
 fn zero_fill_direct(path: &Path, size: u64) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
-    if size % DIRECT_ALIGN as u64 != 0 {
+    if !size.is_multiple_of(DIRECT_ALIGN as u64) {
         return Err(std::io::Error::other("size is not a multiple of the direct I/O alignment"));
     }
     let mut f = OpenOptions::new()
