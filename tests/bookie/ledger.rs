@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use futures::stream::{FuturesUnordered, StreamExt};
-use magnetar_bookie::client::{LedgerClient, LedgerConfig, LedgerError, LedgerOptions};
+use magnetar_bookie::client::{LedgerConfig, LedgerError};
 
 use crate::support::{payload, Cluster};
 
@@ -114,10 +114,7 @@ async fn recovery_fences_the_old_writer() {
 async fn add_on_fewer_than_qa_bookies_is_never_acked_beyond_the_end() {
     let cluster = Cluster::new(3, &[], true).await;
     // No add timeout during the test: only the bookies' answers may end the old writer.
-    let old = LedgerClient::new(
-        cluster.meta(),
-        LedgerOptions { add_timeout: Duration::from_secs(120), ..Default::default() },
-    );
+    let old = cluster.ledger_client_with_add_timeout(Duration::from_secs(120));
     let w = old.create(LedgerConfig::new(3, 3, 2)).await.expect("create");
     let id = w.id();
     for e in 0..10 {
@@ -190,10 +187,7 @@ async fn recovery_with_a_dead_bookie_replaces_it_while_writing_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_bookie_is_replaced_after_the_add_timeout() {
     let cluster = Cluster::new(4, &[], true).await;
-    let client = LedgerClient::new(
-        cluster.meta(),
-        LedgerOptions { add_timeout: Duration::from_millis(500), ..Default::default() },
-    );
+    let client = cluster.ledger_client_with_add_timeout(Duration::from_millis(500));
     let w = client.create(LedgerConfig::new(3, 3, 3)).await.expect("create");
     let id = w.id();
     let silent = w.metadata().fragments[0].bookies[2].clone();

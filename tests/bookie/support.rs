@@ -212,6 +212,11 @@ impl Cluster {
         MetaClient::connect(std::slice::from_ref(&self.meta_addr)).expect("meta client")
     }
 
+    /// A ledger client whose adds time out after `add_timeout` (other options default).
+    pub fn ledger_client_with_add_timeout(&self, add_timeout: Duration) -> LedgerClient {
+        LedgerClient::new(self.meta(), LedgerOptions { add_timeout, ..Default::default() })
+    }
+
     pub fn ledger_client(&self) -> LedgerClient {
         let opts = LedgerOptions {
             add_timeout: Duration::from_secs(3),

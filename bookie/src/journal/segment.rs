@@ -6,8 +6,9 @@
 //! when recycled): fdatasync'd writes into blocks that already exist only flush data, while
 //! writes that allocate blocks also commit file-system metadata, which on common disks is
 //! several times slower. The exception: when the writer needs a segment before the background
-//! thread has one ready, it takes a sparse file rather than stopping to zero-fill one. Records from a file's earlier life never verify (their CRC is seeded with the
-//! old sequence number), so replay stops where new writes stop.
+//! thread has one ready, it takes a sparse file rather than stopping to zero-fill one. Records
+//! from a file's earlier life never verify (their CRC is seeded with the old sequence number),
+//! so replay stops where new writes stop.
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
@@ -288,19 +289,21 @@ fn zero_fill_direct(path: &Path, size: u64) -> std::io::Result<()> {
     let raw = vec![0u8; FILL_CHUNK + DIRECT_ALIGN];
     let start = raw.as_ptr().align_offset(DIRECT_ALIGN);
     let zeros = raw.get(start..start + FILL_CHUNK).ok_or_else(|| std::io::Error::other("unaligned buffer"))?;
-    let mut left = size;
-    while left > 0 {
-        let n = left.min(FILL_CHUNK as u64) as usize;
-        f.write_all(&zeros[..n])?;
-        left -= n as u64;
-    }
-    f.sync_all()
+    // Direct writes leave no dirty pages: nothing to flush along the way.
+    write_zeros(&mut f, zeros, size, false)
 }
 
 /// Zero-fills `path` to `size` bytes through the page cache.
 fn zero_fill_buffered(path: &Path, size: u64) -> std::io::Result<()> {
     let mut f = OpenOptions::new().create(true).truncate(true).write(true).open(path)?;
-    let zeros = vec![0u8; FILL_CHUNK];
+    // Flush as we go: a pile of dirty pages here would be written out inside the journal's
+    // next fdatasync (ordered-mode file systems commit them together).
+    write_zeros(&mut f, &vec![0u8; FILL_CHUNK], size, true)
+}
+
+/// Writes `size` bytes from `zeros` (reused chunk by chunk), fdatasyncing every 4 MiB when
+/// `sync_along` is set, then makes the file durable.
+fn write_zeros(f: &mut File, zeros: &[u8], size: u64, sync_along: bool) -> std::io::Result<()> {
     let mut left = size;
     let mut unsynced = 0usize;
     while left > 0 {
@@ -308,9 +311,7 @@ fn zero_fill_buffered(path: &Path, size: u64) -> std::io::Result<()> {
         f.write_all(&zeros[..n])?;
         left -= n as u64;
         unsynced += n;
-        // Flush as we go: a pile of dirty pages here would be written out inside the
-        // journal's next fdatasync (ordered-mode file systems commit them together).
-        if unsynced >= 4 << 20 {
+        if sync_along && unsynced >= 4 << 20 {
             f.sync_data()?;
             unsynced = 0;
         }
