@@ -111,6 +111,8 @@ pub struct StorageSettings {
     pub min_blob_bytes: u64,
     /// RocksDB memtable size.
     pub write_buffer_bytes: usize,
+    /// RocksDB flushes that may run at once (1-8).
+    pub flush_threads: usize,
 }
 
 impl Default for StorageSettings {
@@ -120,6 +122,7 @@ impl Default for StorageSettings {
             read_cache_bytes: 64 << 20,
             min_blob_bytes: 4096,
             write_buffer_bytes: 64 << 20,
+            flush_threads: 2,
         }
     }
 }
@@ -159,6 +162,9 @@ impl Validate for BookieConfig {
         if self.session_ttl_ms < 500 {
             return bad("session_ttl_ms", "must be at least 500");
         }
+        if !(1..=crate::storage::rocks::MAX_FLUSH_THREADS).contains(&self.storage.flush_threads) {
+            return bad("storage.flush_threads", "must be between 1 and 8");
+        }
         if self.storage.checkpoint_interval_ms == 0 {
             return bad("storage.checkpoint_interval_ms", "must be > 0");
         }
@@ -197,5 +203,18 @@ mod tests {
         c.journal.segment_bytes = 1 << 20;
         let e = c.validate().expect_err("must fail").to_string();
         assert!(e.contains("journal.segment_bytes"), "{e}");
+    }
+
+    #[test]
+    fn flush_threads_are_bounded() {
+        for bad_value in [0, 9] {
+            let mut c = BookieConfig::default();
+            c.storage.flush_threads = bad_value;
+            let e = c.validate().expect_err("must fail").to_string();
+            assert!(e.contains("storage.flush_threads"), "{bad_value}: {e}");
+        }
+        let mut c = BookieConfig::default();
+        c.storage.flush_threads = 8;
+        assert!(c.validate().is_ok());
     }
 }

@@ -22,6 +22,8 @@ const ENTRIES: &str = "entries";
 const LEDGERS: &str = "ledgers";
 /// Memtables per column family: the active one plus room for those waiting to be flushed.
 const WRITE_BUFFERS: i32 = 6;
+/// Most flush threads a store uses.
+pub const MAX_FLUSH_THREADS: usize = 8;
 
 /// RocksDB-backed [`LedgerStorage`].
 pub struct RocksStorage {
@@ -38,15 +40,29 @@ impl RocksStorage {
         opts.create_missing_column_families(true);
         opts.set_atomic_flush(true);
         opts.set_keep_log_file_num(4);
-        opts.set_max_background_jobs(2);
+        // Flushes are the second copy of every entry and must keep up with the journal: at
+        // large entries one flush thread could not, and RocksDB then slowed every write
+        // (stalled on full memtables). `flush_threads` flushes run side by side; compactions
+        // (small tables: payloads live in blob files) need one thread.
+        let flushes = settings.flush_threads.clamp(1, MAX_FLUSH_THREADS) as i32;
+        opts.set_max_background_jobs(flushes + 1);
+        // Deprecated in the bindings in favour of deriving both counts from the job count,
+        // which would give compactions three times the flush threads; RocksDB honours it.
+        #[allow(deprecated)]
+        opts.set_max_background_flushes(flushes);
+        #[allow(deprecated)]
+        opts.set_max_background_compactions(1);
         // Write flushed files out incrementally instead of in one burst at their fsync, which
         // would delay the journal's fdatasyncs on the same disk.
         opts.set_bytes_per_sync(1 << 20);
-        // Flushes and compactions run at a lower CPU priority than the journal and the
-        // request handlers, so on small machines they do not add latency spikes to adds.
+        // Compactions run at a lower CPU priority than the journal and the request handlers,
+        // so on small machines they do not add latency spikes to adds. Flushes keep normal
+        // priority: at a lower one they fell behind on a busy machine and RocksDB then slowed
+        // the journal's writes to let them catch up.
         let mut env = rocksdb::Env::new()?;
         env.lower_thread_pool_cpu_priority();
-        env.lower_high_priority_thread_pool_cpu_priority();
+        env.set_high_priority_background_threads(flushes);
+        env.set_background_threads(1);
         opts.set_env(&env);
         // Flushes and compactions write past the page cache: entries are written once (by
         // the journal) into the page cache already, and copying every flushed byte into it a
@@ -189,5 +205,27 @@ mod tests {
     fn conformance() {
         let settings = StorageSettings { min_blob_bytes: 64, ..Default::default() };
         super::super::suite::run_all(|dir| RocksStorage::open(dir, &settings).expect("open"), true);
+    }
+
+    /// The flush and compaction thread counts reach RocksDB (its options file records what
+    /// the store runs with).
+    #[test]
+    fn flush_threads_reach_rocksdb() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let settings = StorageSettings { flush_threads: 3, ..Default::default() };
+        let store = RocksStorage::open(dir.path(), &settings).expect("open");
+        drop(store);
+        let db = dir.path().join("entries.db");
+        let options = std::fs::read_dir(&db)
+            .expect("list")
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with("OPTIONS-"))
+            .map(|e| std::fs::read_to_string(e.path()).expect("read"))
+            .last()
+            .expect("an options file");
+        let lines: Vec<&str> = options.lines().map(str::trim).collect();
+        for want in ["max_background_flushes=3", "max_background_compactions=1", "max_background_jobs=4"] {
+            assert!(lines.contains(&want), "{want} missing from the options file");
+        }
     }
 }
