@@ -113,6 +113,8 @@ pub struct StorageSettings {
     pub write_buffer_bytes: usize,
     /// RocksDB flushes that may run at once (1-8).
     pub flush_threads: usize,
+    /// Run RocksDB flushes at a lower CPU priority than the journal and request handlers.
+    pub low_priority_flushes: bool,
 }
 
 impl Default for StorageSettings {
@@ -122,7 +124,8 @@ impl Default for StorageSettings {
             read_cache_bytes: 64 << 20,
             min_blob_bytes: 4096,
             write_buffer_bytes: 64 << 20,
-            flush_threads: 2,
+            flush_threads: 1,
+            low_priority_flushes: true,
         }
     }
 }

@@ -40,10 +40,9 @@ impl RocksStorage {
         opts.create_missing_column_families(true);
         opts.set_atomic_flush(true);
         opts.set_keep_log_file_num(4);
-        // Flushes are the second copy of every entry and must keep up with the journal: at
-        // large entries one flush thread could not, and RocksDB then slowed every write
-        // (stalled on full memtables). `flush_threads` flushes run side by side; compactions
-        // (small tables: payloads live in blob files) need one thread.
+        // Flushes are the second copy of every entry and must keep pace with the journal.
+        // `flush_threads` flushes may run side by side; compactions (small tables: payloads
+        // live in blob files) need one thread.
         let flushes = settings.flush_threads.clamp(1, MAX_FLUSH_THREADS) as i32;
         opts.set_max_background_jobs(flushes + 1);
         // Deprecated in the bindings in favour of deriving both counts from the job count,
@@ -56,11 +55,14 @@ impl RocksStorage {
         // would delay the journal's fdatasyncs on the same disk.
         opts.set_bytes_per_sync(1 << 20);
         // Compactions run at a lower CPU priority than the journal and the request handlers,
-        // so on small machines they do not add latency spikes to adds. Flushes keep normal
-        // priority: at a lower one they fell behind on a busy machine and RocksDB then slowed
-        // the journal's writes to let them catch up.
+        // so on small machines they do not add latency spikes to adds; flushes too, unless
+        // `low_priority_flushes` is off (more throughput for large entries on a busy machine,
+        // at the price of a longer latency tail: see docs/benchmarks.md).
         let mut env = rocksdb::Env::new()?;
         env.lower_thread_pool_cpu_priority();
+        if settings.low_priority_flushes {
+            env.lower_high_priority_thread_pool_cpu_priority();
+        }
         env.set_high_priority_background_threads(flushes);
         env.set_background_threads(1);
         opts.set_env(&env);
