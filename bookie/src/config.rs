@@ -165,8 +165,9 @@ impl Validate for BookieConfig {
         if self.session_ttl_ms < 500 {
             return bad("session_ttl_ms", "must be at least 500");
         }
-        if !(1..=crate::storage::rocks::MAX_FLUSH_THREADS).contains(&self.storage.flush_threads) {
-            return bad("storage.flush_threads", "must be between 1 and 8");
+        let max_flushes = crate::storage::rocks::MAX_FLUSH_THREADS;
+        if !(1..=max_flushes).contains(&self.storage.flush_threads) {
+            return bad("storage.flush_threads", &format!("must be between 1 and {max_flushes}"));
         }
         if self.storage.checkpoint_interval_ms == 0 {
             return bad("storage.checkpoint_interval_ms", "must be > 0");
