@@ -77,6 +77,11 @@ pub struct JournalSettings {
     /// (BookKeeper's `journalFlushWhenQueueEmpty`). Lowest latency; batching still happens
     /// whenever adds arrive while a sync runs.
     pub flush_when_queue_empty: bool,
+    /// After each write, ask the kernel to start writing the new journal pages out and to drop
+    /// the pages of earlier, synced writes from the page cache (BookKeeper's
+    /// `journalRemovePagesFromCache`). The journal is read only when the bookie restarts; pages
+    /// already on their way to the disk leave less for the next fdatasync to do.
+    pub remove_pages_from_cache: bool,
     /// Size of each preallocated journal segment file.
     pub segment_bytes: u64,
     /// Segment files kept preallocated ahead of need.
@@ -91,6 +96,7 @@ impl Default for JournalSettings {
             max_group_wait_us: 1000,
             group_bytes: 512 << 10,
             flush_when_queue_empty: true,
+            remove_pages_from_cache: true,
             segment_bytes: 64 << 20,
             preallocated_segments: 1,
             sync: true,
@@ -179,6 +185,7 @@ impl Validate for BookieConfig {
 /// BookKeeper key names accepted as environment variables.
 pub const ENV_ALIASES: &[(&str, &str)] = &[
     ("journalFlushWhenQueueEmpty", "journal.flush_when_queue_empty"),
+    ("journalRemovePagesFromCache", "journal.remove_pages_from_cache"),
     ("diskUsageThreshold", "disk_usage_threshold"),
     ("diskUsageLwmThreshold", "disk_usage_lwm_threshold"),
     ("gcWaitTime", "gc_interval_ms"),
@@ -207,6 +214,23 @@ mod tests {
         c.journal.segment_bytes = 1 << 20;
         let e = c.validate().expect_err("must fail").to_string();
         assert!(e.contains("journal.segment_bytes"), "{e}");
+    }
+
+    /// BookKeeper's names for the journal switches reach them, and their defaults are on.
+    #[test]
+    fn bookkeeper_journal_names_apply() {
+        let load = |env: &[(&str, &str)]| -> BookieConfig {
+            let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+            let mut loader = magnetar_common::config::ConfigLoader::new("MAGNETAR_BOOKIE_");
+            for (alias, key) in ENV_ALIASES {
+                loader = loader.env_alias(alias, key);
+            }
+            loader.load_with_env(&env).unwrap()
+        };
+        let c = load(&[]);
+        assert!(c.journal.remove_pages_from_cache && c.journal.flush_when_queue_empty);
+        let c = load(&[("journalRemovePagesFromCache", "false"), ("journalFlushWhenQueueEmpty", "false")]);
+        assert!(!c.journal.remove_pages_from_cache && !c.journal.flush_when_queue_empty);
     }
 
     #[test]

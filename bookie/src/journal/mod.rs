@@ -8,6 +8,10 @@
 //! - the **syncer**, which takes every batch handed over so far, `fdatasync`s the segment files
 //!   they touched, and only then runs their callbacks (the acks), in order.
 //!
+//! After each write the writer also asks the kernel to start writing the new pages out and to
+//! drop those of earlier, synced writes (`remove_pages_from_cache`): the journal is read only
+//! on restart, and pages already on their way leave less for the next fdatasync.
+//!
 //! So the writer fills the next group while the syncer flushes the previous one, and every
 //! fdatasync covers as many adds as arrived during the one before. When nothing else is
 //! queued and the syncer is idle (light load, `flush_when_queue_empty` on), the writer syncs
@@ -227,7 +231,7 @@ impl Journal {
             shared: shared.clone(),
             alloc: alloc.clone(),
             ledgers,
-            seg: Segment { seq: first_segment, file: Arc::new(file), offset: 0 },
+            seg: Segment::new(first_segment, Arc::new(file)),
             size: settings.segment_bytes,
             max_batch_bytes: settings.group_bytes.max(max_entry + 1024),
             buf: Vec::with_capacity(settings.group_bytes + max_entry),
@@ -235,6 +239,7 @@ impl Journal {
             piece_bytes: 0,
             inline_sync: settings.flush_when_queue_empty,
             sync: settings.sync,
+            drop_pages: settings.remove_pages_from_cache,
             on_roll,
         };
         let syncer = Syncer { shared: shared.clone(), settings: settings.clone() };
@@ -316,7 +321,42 @@ struct Segment {
     seq: u64,
     file: Arc<File>,
     offset: u64,
+    /// Page-aligned starts of the last two writes: where the next page-cache advice begins.
+    advised: [u64; 2],
 }
+
+impl Segment {
+    fn new(seq: u64, file: Arc<File>) -> Self {
+        Segment { seq, file, offset: 0, advised: [0; 2] }
+    }
+
+    /// After a write of `[from, to)`: starts writeback of the new pages and drops the clean
+    /// pages of the writes before it (those of the write before last are normally synced by
+    /// now; pages still dirty or being written are left alone by the kernel).
+    fn advise_written(&mut self, from: u64, to: u64) {
+        let start = self.advised[0];
+        if let Some(len) = std::num::NonZeroU64::new(to.saturating_sub(start)) {
+            self.advise(start, Some(len));
+        }
+        self.advised = [self.advised[1], from & !(PAGE_BYTES - 1)];
+    }
+
+    /// Once the whole segment is synced: drops every page of it still cached.
+    fn advise_synced(&self) {
+        self.advise(0, None);
+    }
+
+    /// Only advice: the fdatasync before every ack is what makes records durable, so a
+    /// failure here changes nothing but the page cache.
+    fn advise(&self, start: u64, len: Option<std::num::NonZeroU64>) {
+        if let Err(e) = rustix::fs::fadvise(&*self.file, start, len, rustix::fs::Advice::DontNeed) {
+            tracing::debug!(error = %e, segment = self.seq, "journal page-cache advice failed");
+        }
+    }
+}
+
+/// Page size assumed when aligning page-cache advice (the kernel rounds inward anyway).
+const PAGE_BYTES: u64 = 4096;
 
 /// A payload written in place after `buf[..buf_end]` (see [`Writer::flush_buf`]).
 struct Piece {
@@ -348,6 +388,8 @@ struct Writer {
     /// Sync inline when idle (see the module docs).
     inline_sync: bool,
     sync: bool,
+    /// `remove_pages_from_cache` (see [`Segment::advise_written`]).
+    drop_pages: bool,
     on_roll: Box<dyn Fn() + Send>,
 }
 
@@ -544,7 +586,11 @@ impl Writer {
         self.piece_bytes = 0;
         // On failure these records' adds fail; they must not reappear with a later batch.
         written.map_err(|e| BookieError::io(format!("writing journal segment {}", self.seg.seq), e))?;
+        let from = self.seg.offset;
         self.seg.offset += n as u64;
+        if self.drop_pages {
+            self.seg.advise_written(from, self.seg.offset);
+        }
         b.bytes += n;
         self.shared.metrics.bytes.add(n as u64);
         Ok(())
@@ -595,9 +641,12 @@ impl Writer {
             .file
             .sync_data()
             .map_err(|e| BookieError::io(format!("syncing journal segment {}", self.seg.seq), e))?;
+        if self.drop_pages {
+            self.seg.advise_synced();
+        }
         let seq = self.seg.seq + 1;
         let file = Arc::new(self.alloc.take(seq)?);
-        self.seg = Segment { seq, file: file.clone(), offset: 0 };
+        self.seg = Segment::new(seq, file.clone());
         b.files.push(file);
         (self.on_roll)();
         Ok(())
@@ -731,6 +780,84 @@ mod tests {
             assert_eq!(got.payload, payload(e), "entry {e}");
         }
         assert_eq!(replayed.ledger_meta(9).unwrap().unwrap().lac, n - 2);
+    }
+
+    /// Bytes of `path` resident in the page cache, as util-linux's `fincore` reports them.
+    fn resident_bytes(path: &Path) -> u64 {
+        let out = std::process::Command::new("fincore")
+            .args(["--bytes", "--noheadings", "--output", "RES"])
+            .arg(path)
+            .output()
+            .expect("running fincore (util-linux)");
+        assert!(out.status.success(), "fincore failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+    }
+
+    /// Writes `n` adds of `size` bytes one after another (each synced and acked before the
+    /// next); returns the path of the first segment.
+    fn write_one_at_a_time(dir: &Path, settings: &JournalSettings, n: i64, size: usize) -> PathBuf {
+        let ledgers = Arc::new(Ledgers::new(Arc::new(MemStorage::new()), 1 << 20));
+        let metrics = JournalMetrics::register(&Registry::new(), 0);
+        let journal = Journal::start(dir, 1, settings, size, ledgers, metrics, Box::new(|| {})).unwrap();
+        let payload = Bytes::from(vec![7u8; size]);
+        for e in 0..n {
+            let (tx, rx) = mpsc::channel();
+            let op = Op::Add {
+                ledger: 3,
+                entry: e,
+                lac: e - 1,
+                checksum: entry_checksum(3, e, &payload),
+                payload: payload.clone(),
+                master_key: Bytes::from_static(b"k"),
+                recovery: false,
+            };
+            journal.submit(op, Box::new(move |r| tx.send(r.map_err(|e| e.to_string())).unwrap()));
+            rx.recv_timeout(Duration::from_secs(10)).unwrap().unwrap();
+        }
+        journal.stop();
+        segment::segment_path(dir, 1)
+    }
+
+    /// With `remove_pages_from_cache` the journal's synced pages leave the page cache as it
+    /// goes (all but the last couple of writes); without it all of them stay. Either way every
+    /// record replays.
+    #[test]
+    fn synced_journal_pages_leave_the_page_cache() {
+        let (n, size) = (128i64, 32 << 10);
+        let written = n as u64 * size as u64;
+        for drop_pages in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let settings =
+                JournalSettings { segment_bytes: 16 << 20, remove_pages_from_cache: drop_pages, ..Default::default() };
+            let seg = write_one_at_a_time(dir.path(), &settings, n, size);
+            let resident = resident_bytes(&seg);
+            if drop_pages {
+                assert!(resident < written / 8, "{resident} of {written} bytes written still cached");
+            } else {
+                assert!(resident >= written, "only {resident} of {written} bytes written cached");
+            }
+            let replayed = MemStorage::new();
+            replay::replay(dir.path(), Position { segment: 1, offset: 0 }, &replayed, 1 << 20).unwrap();
+            assert_eq!(replayed.ledger_meta(3).unwrap().unwrap().lac, n - 2, "drop_pages {drop_pages}");
+            for e in [0, n / 2, n - 1] {
+                let got = replayed.get_entry(3, e).unwrap().unwrap_or_else(|| panic!("entry {e} missing"));
+                assert_eq!(got.payload.len(), size);
+            }
+        }
+    }
+
+    /// A segment the writer has finished and synced leaves the page cache whole.
+    #[test]
+    fn finished_segments_leave_the_page_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = JournalSettings { segment_bytes: 1 << 20, ..Default::default() };
+        write_one_at_a_time(dir.path(), &settings, 320, 16 << 10);
+        let segments = segment::list_segments(dir.path()).unwrap();
+        assert!(segments.len() >= 5, "only {} segments: too few rolls exercised", segments.len());
+        // The last two may be the one being written and the next, named in advance.
+        for (seq, path) in &segments[..segments.len() - 2] {
+            assert_eq!(resident_bytes(path), 0, "segment {seq} still cached");
+        }
     }
 
     /// The per-ledger rules, within one batch and across batches: the first add sets the master
