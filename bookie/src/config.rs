@@ -225,7 +225,7 @@ mod tests {
             for (alias, key) in ENV_ALIASES {
                 loader = loader.env_alias(alias, key);
             }
-            loader.load_with_env(&env).unwrap()
+            loader.load_with_env(&env).expect("the bookie config loads")
         };
         let c = load(&[]);
         assert!(c.journal.remove_pages_from_cache && c.journal.flush_when_queue_empty);
