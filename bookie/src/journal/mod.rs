@@ -783,6 +783,7 @@ mod tests {
     }
 
     /// Bytes of `path` resident in the page cache, as util-linux's `fincore` reports them.
+    /// (The temp dir must be on a disk-backed file system: tmpfs pages cannot be dropped.)
     fn resident_bytes(path: &Path) -> u64 {
         let out = std::process::Command::new("fincore")
             .args(["--bytes", "--noheadings", "--output", "RES"])
