@@ -25,14 +25,33 @@ const COMMITTED: &[u8] = b"committed";
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<DB>,
-    syncer: mpsc::Sender<LogFlushed<TypeConfig>>,
+    syncer: Arc<Syncer>,
     /// Purges wait until the state machine has applied what they remove (see `purge`).
     purge_guard: bool,
 }
 
+/// The WAL syncer thread and the way to it. When the last clone of the store goes, the
+/// channel closes and the thread is joined, so its handle on the database is gone before the
+/// store's owner drops its own: a thread left to close RocksDB on its own while the process
+/// exits races RocksDB's static destructors, and the process aborts ("pthread lock: Invalid
+/// argument").
+struct Syncer {
+    tx: Option<mpsc::Sender<LogFlushed<TypeConfig>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Syncer {
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 impl LogStore {
-    /// Wraps the shared database and starts the WAL syncer thread, which ends when the last
-    /// clone of the store is dropped.
+    /// Wraps the shared database and starts the WAL syncer thread, which ends (and is joined)
+    /// when the last clone of the store is dropped.
     pub fn new(db: Arc<DB>) -> Self {
         let (tx, rx) = mpsc::channel::<LogFlushed<TypeConfig>>();
         let sync_db = db.clone();
@@ -53,10 +72,14 @@ impl LogStore {
                 }
             }
         });
-        if let Err(e) = spawned {
-            tracing::error!(error = %e, "cannot start the WAL syncer thread; appends will sync inline");
-        }
-        LogStore { db, syncer: tx, purge_guard: false }
+        let syncer = match spawned {
+            Ok(thread) => Syncer { tx: Some(tx), thread: Some(thread) },
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the WAL syncer thread; appends will sync inline");
+                Syncer { tx: None, thread: None }
+            }
+        };
+        LogStore { db, syncer: Arc::new(syncer), purge_guard: false }
     }
 
     /// Like [`Self::new`], with purges held back until the state machine's applied index
@@ -176,8 +199,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // With `manual_wal_flush` this write only touches memory (memtable and WAL buffer), so
         // it runs inline: the syncer's `flush_wal(true)` writes and fdatasyncs the buffer.
         self.db.write(batch).map_err(sto_write)?;
-        if let Err(mpsc::SendError(cb)) = self.syncer.send(callback) {
-            // The syncer is gone (only when its thread failed to start): sync here.
+        let unsent = match &self.syncer.tx {
+            Some(tx) => tx.send(callback).err().map(|mpsc::SendError(cb)| cb),
+            None => Some(callback),
+        };
+        if let Some(cb) = unsent {
+            // No syncer (its thread failed to start): sync here.
             let r = self.db.flush_wal(true).map_err(|e| std::io::Error::other(e.to_string()));
             cb.log_io_completed(r);
         }
