@@ -737,6 +737,12 @@ mod tests {
     use crate::storage::mem::MemStorage;
     use crate::storage::LedgerStorage;
 
+    /// An add of `payload` with its checksum.
+    fn add_op(ledger: u64, entry: i64, lac: i64, payload: Bytes, key: &'static [u8], recovery: bool) -> Op {
+        let checksum = entry_checksum(ledger, entry, &payload);
+        Op::Add { ledger, entry, lac, checksum, payload, master_key: Bytes::from_static(key), recovery }
+    }
+
     /// Entries small (copied into the journal's buffer) and large (written in place) mixed in
     /// one batch and across segment rolls come back from replay byte for byte.
     #[test]
@@ -753,16 +759,7 @@ mod tests {
         let (tx, rx) = mpsc::channel();
         let n = 120i64;
         for e in 0..n {
-            let p = payload(e);
-            let op = Op::Add {
-                ledger: 9,
-                entry: e,
-                lac: e - 1,
-                checksum: entry_checksum(9, e, &p),
-                payload: p,
-                master_key: Bytes::from_static(b"k"),
-                recovery: false,
-            };
+            let op = add_op(9, e, e - 1, payload(e), b"k", false);
             let tx = tx.clone();
             journal.submit(op, Box::new(move |r| tx.send(r.map_err(|e| e.to_string())).unwrap()));
         }
@@ -803,15 +800,7 @@ mod tests {
         let payload = Bytes::from(vec![7u8; size]);
         for e in 0..n {
             let (tx, rx) = mpsc::channel();
-            let op = Op::Add {
-                ledger: 3,
-                entry: e,
-                lac: e - 1,
-                checksum: entry_checksum(3, e, &payload),
-                payload: payload.clone(),
-                master_key: Bytes::from_static(b"k"),
-                recovery: false,
-            };
+            let op = add_op(3, e, e - 1, payload.clone(), b"k", false);
             journal.submit(op, Box::new(move |r| tx.send(r.map_err(|e| e.to_string())).unwrap()));
             rx.recv_timeout(Duration::from_secs(10)).unwrap().unwrap();
         }
@@ -874,16 +863,7 @@ mod tests {
         let journal = Journal::start(dir.path(), 1, &settings, 1 << 20, ledgers, metrics, Box::new(|| {})).unwrap();
         let (tx, rx) = mpsc::channel();
         let add = |entry: i64, lac: i64, key: &'static [u8], recovery: bool| {
-            let p = Bytes::from(vec![entry as u8; 10]);
-            let op = Op::Add {
-                ledger: 4,
-                entry,
-                lac,
-                checksum: entry_checksum(4, entry, &p),
-                payload: p,
-                master_key: Bytes::from_static(key),
-                recovery,
-            };
+            let op = add_op(4, entry, lac, Bytes::from(vec![entry as u8; 10]), key, recovery);
             let tx = tx.clone();
             journal.submit(op, Box::new(move |r| tx.send((entry, r.map_err(|e| e.to_string()))).unwrap()));
         };

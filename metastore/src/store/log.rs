@@ -35,16 +35,14 @@ pub struct LogStore {
 /// store's owner drops its own: a thread left to close RocksDB on its own while the process
 /// exits races RocksDB's static destructors, and the process aborts ("pthread lock: Invalid
 /// argument").
-struct Syncer {
-    tx: Option<mpsc::Sender<LogFlushed<TypeConfig>>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
+/// `None` when the thread failed to start (appends then sync inline).
+struct Syncer(Option<(mpsc::Sender<LogFlushed<TypeConfig>>, std::thread::JoinHandle<()>)>);
 
 impl Drop for Syncer {
     fn drop(&mut self) {
-        drop(self.tx.take());
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+        if let Some((tx, thread)) = self.0.take() {
+            drop(tx);
+            let _ = thread.join();
         }
     }
 }
@@ -73,10 +71,10 @@ impl LogStore {
             }
         });
         let syncer = match spawned {
-            Ok(thread) => Syncer { tx: Some(tx), thread: Some(thread) },
+            Ok(thread) => Syncer(Some((tx, thread))),
             Err(e) => {
                 tracing::error!(error = %e, "cannot start the WAL syncer thread; appends will sync inline");
-                Syncer { tx: None, thread: None }
+                Syncer(None)
             }
         };
         LogStore { db, syncer: Arc::new(syncer), purge_guard: false }
@@ -199,8 +197,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // With `manual_wal_flush` this write only touches memory (memtable and WAL buffer), so
         // it runs inline: the syncer's `flush_wal(true)` writes and fdatasyncs the buffer.
         self.db.write(batch).map_err(sto_write)?;
-        let unsent = match &self.syncer.tx {
-            Some(tx) => tx.send(callback).err().map(|mpsc::SendError(cb)| cb),
+        let unsent = match &self.syncer.0 {
+            Some((tx, _)) => tx.send(callback).err().map(|mpsc::SendError(cb)| cb),
             None => Some(callback),
         };
         if let Some(cb) = unsent {
