@@ -580,6 +580,14 @@ impl Writer {
         if n == 0 {
             return Ok(());
         }
+        // Zeros up to the end of the last page, which the next write overwrites: a write that
+        // covers a page only in part makes the kernel read that page from the disk first (the
+        // file's blocks are written, by the zero-fill or an earlier use), which stalled the
+        // writer on a disk read in nearly every write. The page stays cached for the next
+        // write, and replay reads zeros after the last record as the end of the journal.
+        let end = self.seg.offset + n as u64;
+        let pad = (end.next_multiple_of(PAGE_BYTES).min(self.size) - end) as usize;
+        self.buf.resize(self.buf.len() + pad, 0);
         let written = self.write_pending();
         self.buf.clear();
         self.pieces.clear();
@@ -847,6 +855,63 @@ mod tests {
         // The last two may be the one being written and the next, named in advance.
         for (seq, path) in &segments[..segments.len() - 2] {
             assert_eq!(resident_bytes(path), 0, "segment {seq} still cached");
+        }
+    }
+
+    /// Bytes the kernel fetched from storage for this process's journal writer threads.
+    fn writers_read_bytes() -> u64 {
+        let mut total = 0;
+        for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+            let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+            if comm.trim() != "journal-writer" {
+                continue;
+            }
+            let io = std::fs::read_to_string(task.path().join("io")).unwrap_or_default();
+            let line = io.lines().find_map(|l| l.strip_prefix("read_bytes:"));
+            total += line.map_or(0, |v| v.trim().parse::<u64>().unwrap());
+        }
+        total
+    }
+
+    /// Writes that end inside a page do not make the kernel read that page from the disk
+    /// first: the writer fills the page up with zeros (which the next write overwrites). The
+    /// segment here is a recycled one, its blocks written and none of them cached, as a
+    /// zero-filled or reused segment is under load; every add ends mid-page.
+    #[test]
+    fn writes_ending_mid_page_read_nothing_from_the_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 4u64 << 20;
+        let free = dir.path().join(format!("prealloc-0.{}", segment::FREE_EXT));
+        {
+            let f = std::fs::File::create(&free).unwrap();
+            f.write_all_at(&vec![0xab; size as usize], 0).unwrap();
+            f.sync_all().unwrap();
+            rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+        }
+        assert_eq!(resident_bytes(&free), 0, "the recycled segment is still cached");
+        let settings = JournalSettings { segment_bytes: size, ..Default::default() };
+        let ledgers = Arc::new(Ledgers::new(Arc::new(MemStorage::new()), 1 << 20));
+        let metrics = JournalMetrics::register(&Registry::new(), 0);
+        let journal = Journal::start(dir.path(), 1, &settings, 1000, ledgers, metrics, Box::new(|| {})).unwrap();
+        let n = 200i64;
+        let payload = |e: i64| Bytes::from(vec![e as u8; 1000]);
+        for e in 0..n {
+            let (tx, rx) = mpsc::channel();
+            journal.submit(
+                add_op(5, e, e - 1, payload(e), b"k", false),
+                Box::new(move |r| tx.send(r.map_err(|e| e.to_string())).unwrap()),
+            );
+            rx.recv_timeout(Duration::from_secs(10)).unwrap().unwrap();
+        }
+        let read = writers_read_bytes();
+        journal.stop();
+        assert!(read < 64 << 10, "the journal writer read {read} bytes from the disk for {n} adds");
+        let replayed = MemStorage::new();
+        let stats = replay::replay(dir.path(), Position { segment: 1, offset: 0 }, &replayed, 1 << 20).unwrap();
+        assert_eq!(stats.torn_tails, 0);
+        for e in 0..n {
+            let got = replayed.get_entry(5, e).unwrap().unwrap_or_else(|| panic!("entry {e} missing"));
+            assert_eq!(got.payload, payload(e), "entry {e}");
         }
     }
 

@@ -19,7 +19,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use crate::error::{BookieError, Result};
 
 const SEGMENT_EXT: &str = "jseg";
-const FREE_EXT: &str = "jfree";
+pub(crate) const FREE_EXT: &str = "jfree";
 /// Free segments kept beyond the preallocation target.
 const MAX_RECYCLED: usize = 32;
 
