@@ -8,6 +8,9 @@ use clap::Parser;
 fn main() -> std::process::ExitCode {
     let args = cli::Cli::parse();
     magnetar_common::telemetry::init_tracing(magnetar_common::telemetry::log_format_from_env());
+    // Bookies keep many files open (see `magnetar_common::limits`).
+    let files = magnetar_common::limits::raise_open_file_limit();
+    tracing::debug!(limit = ?files, "open-file limit");
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {

@@ -104,6 +104,9 @@ impl Default for JournalSettings {
     }
 }
 
+/// Fewest files the entry store may be limited to (RocksDB keeps about ten of them for itself).
+pub const MIN_OPEN_FILES: u64 = 32;
+
 /// RocksDB entry store and read cache.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -121,6 +124,10 @@ pub struct StorageSettings {
     pub flush_threads: usize,
     /// Run RocksDB flushes at a lower CPU priority than the journal and request handlers.
     pub low_priority_flushes: bool,
+    /// Files the entry store keeps open at most (0: a quarter of the process's open-file
+    /// limit). Every checkpoint adds a table file and a blob file, so a bookie holding much
+    /// data would otherwise keep thousands open; older ones are reopened when read.
+    pub max_open_files: u64,
 }
 
 impl Default for StorageSettings {
@@ -132,6 +139,7 @@ impl Default for StorageSettings {
             write_buffer_bytes: 64 << 20,
             flush_threads: 1,
             low_priority_flushes: true,
+            max_open_files: 0,
         }
     }
 }
@@ -172,6 +180,9 @@ impl Validate for BookieConfig {
             return bad("session_ttl_ms", "must be at least 500");
         }
         let max_flushes = crate::storage::rocks::MAX_FLUSH_THREADS;
+        if self.storage.max_open_files != 0 && self.storage.max_open_files < MIN_OPEN_FILES {
+            return bad("storage.max_open_files", &format!("must be 0 (automatic) or at least {MIN_OPEN_FILES}"));
+        }
         if !(1..=max_flushes).contains(&self.storage.flush_threads) {
             return bad("storage.flush_threads", &format!("must be between 1 and {max_flushes}"));
         }
@@ -214,6 +225,16 @@ mod tests {
         c.journal.segment_bytes = 1 << 20;
         let e = c.validate().expect_err("must fail").to_string();
         assert!(e.contains("journal.segment_bytes"), "{e}");
+    }
+
+    #[test]
+    fn open_file_budgets_below_the_minimum_are_rejected() {
+        let mut c = BookieConfig::default();
+        c.storage.max_open_files = MIN_OPEN_FILES - 1;
+        let e = c.validate().expect_err("must fail").to_string();
+        assert!(e.contains("storage.max_open_files"), "{e}");
+        c.storage.max_open_files = MIN_OPEN_FILES;
+        c.validate().expect("the minimum is allowed");
     }
 
     /// BookKeeper's names for the journal switches reach them, and their defaults are on.

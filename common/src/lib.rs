@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod error;
+pub mod limits;
 pub mod metrics;
 pub mod shutdown;
 pub mod telemetry;

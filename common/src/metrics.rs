@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 /// Latency buckets in milliseconds, from 50 µs to 10 s.
 pub const LATENCY_MS_BUCKETS: &[f64] =
-    &[0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 10000.0];
+    &[0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 10000.0];
 
 /// A monotonically increasing count.
 #[derive(Default, Debug)]

@@ -25,6 +25,21 @@ const WRITE_BUFFERS: i32 = 6;
 /// Most flush threads a store uses.
 pub const MAX_FLUSH_THREADS: usize = 8;
 
+/// Files the entry store may keep open: `configured`, or (0) a quarter of the process's soft
+/// limit on open files (`limit`; `None` is unlimited), which leaves the rest to journal
+/// segments, sockets and, in a standalone, the broker and the metastore. RocksDB keeps table
+/// and blob files beyond that in an LRU cache and reopens them when they are read.
+pub fn open_files_budget(configured: u64, limit: Option<u64>) -> i32 {
+    let files = match configured {
+        0 => limit.map_or(MAX_AUTO_OPEN_FILES, |l| (l / 4).clamp(crate::config::MIN_OPEN_FILES, MAX_AUTO_OPEN_FILES)),
+        n => n,
+    };
+    i32::try_from(files).unwrap_or(i32::MAX)
+}
+
+/// Most files the automatic budget allows (a process with no limit gets this many).
+const MAX_AUTO_OPEN_FILES: u64 = 1 << 18;
+
 /// RocksDB-backed [`LedgerStorage`].
 pub struct RocksStorage {
     db: DB,
@@ -54,6 +69,11 @@ impl RocksStorage {
         // Write flushed files out incrementally instead of in one burst at their fsync, which
         // would delay the journal's fdatasyncs on the same disk.
         opts.set_bytes_per_sync(1 << 20);
+        let open_files = open_files_budget(settings.max_open_files, magnetar_common::limits::open_file_limit());
+        opts.set_max_open_files(open_files);
+        // The open-file cache is split into shards of equal capacity, each holding at least
+        // one file: RocksDB's default of 64 shards would let a small budget be exceeded.
+        opts.set_table_cache_num_shard_bits(4);
         // Compactions run at a lower CPU priority than the journal and the request handlers,
         // so on small machines they do not add latency spikes to adds; flushes too, unless
         // `low_priority_flushes` is off (more throughput for large entries on a busy machine,
@@ -207,6 +227,55 @@ mod tests {
     fn conformance() {
         let settings = StorageSettings { min_blob_bytes: 64, ..Default::default() };
         super::super::suite::run_all(|dir| RocksStorage::open(dir, &settings).expect("open"), true);
+    }
+
+    /// Open descriptors of this process on table and blob files under `dir`.
+    fn open_tables_under(dir: &Path) -> usize {
+        std::fs::read_dir("/proc/self/fd")
+            .expect("list /proc/self/fd")
+            .filter_map(|e| e.ok())
+            .filter_map(|e| std::fs::read_link(e.path()).ok())
+            .filter(|target| target.starts_with(dir))
+            .filter(|target| target.extension().is_some_and(|x| x == "sst" || x == "blob"))
+            .count()
+    }
+
+    /// Every flush leaves a table file and a blob file behind; with `max_open_files` the store
+    /// keeps no more of them open than that, and still reads every entry back (reopening
+    /// files that were closed).
+    #[test]
+    fn open_files_stay_within_the_budget() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let dir = dir.path().canonicalize().expect("canonical");
+        let settings = StorageSettings { max_open_files: 32, ..Default::default() };
+        let store = RocksStorage::open(&dir, &settings).expect("open");
+        let (flushes, per_flush) = (60i64, 4i64);
+        let payload = |e: i64| Bytes::from(vec![e as u8; 8192]);
+        let sum = |e: i64| crate::checksum::entry_checksum(7, e, &payload(e));
+        for f in 0..flushes {
+            let entries: Vec<EntryWrite> = (f * per_flush..(f + 1) * per_flush)
+                .map(|e| EntryWrite { ledger: 7, entry: e, checksum: sum(e), payload: payload(e) })
+                .collect();
+            store.write(&entries, &[]).expect("write");
+            store.flush().expect("flush");
+        }
+        for e in 0..flushes * per_flush {
+            let got = store.get_entry(7, e).expect("read").unwrap_or_else(|| panic!("entry {e} missing"));
+            assert_eq!((got.checksum, got.payload), (sum(e), payload(e)), "entry {e}");
+        }
+        let files = std::fs::read_dir(dir.join("entries.db")).expect("list").count();
+        assert!(files > 2 * flushes as usize, "only {files} files: too few flushes exercised");
+        let open = open_tables_under(&dir);
+        assert!(open <= 32, "{open} table and blob files open with a budget of 32");
+    }
+
+    #[test]
+    fn the_automatic_budget_is_a_share_of_the_limit() {
+        assert_eq!(open_files_budget(0, Some(1024)), 256);
+        assert_eq!(open_files_budget(0, Some(40)), crate::config::MIN_OPEN_FILES as i32);
+        assert_eq!(open_files_budget(0, None), MAX_AUTO_OPEN_FILES as i32);
+        assert_eq!(open_files_budget(0, Some(u64::MAX)), MAX_AUTO_OPEN_FILES as i32);
+        assert_eq!(open_files_budget(500, Some(1024)), 500);
     }
 
     /// The flush and compaction thread counts reach RocksDB (its options file records what
