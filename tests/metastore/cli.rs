@@ -82,7 +82,7 @@ async fn standalone_serves_and_stops_cleanly_on_sigterm() {
 }
 
 fn standalone(data: &std::path::Path, addr: &str) -> ChildGuard {
-    let ports = magnetar_metastore::local_cluster::free_ports(3).expect("ports");
+    let ports = magnetar_metastore::local_cluster::free_ports(4).expect("ports");
     let child = Command::new(bin())
         .arg("standalone")
         .arg("--data-dir")
@@ -93,6 +93,8 @@ fn standalone(data: &std::path::Path, addr: &str) -> ChildGuard {
         .args(["--bookie-http", &format!("127.0.0.1:{}", ports[1])])
         .args(["--broker-listen", &format!("127.0.0.1:{}", ports[2])])
         .args(["--web-listen", "127.0.0.1:0"])
+        // Every port its own: the defaults would collide with any standalone on the machine.
+        .args(["--metastore-http", &format!("127.0.0.1:{}", ports[3])])
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("start standalone");
