@@ -81,9 +81,6 @@ impl Result1 {
     }
 }
 
-/// Entries from this size on are measured against a bandwidth probe taken next to their phases.
-const LARGE_ENTRY: usize = 16 << 10;
-
 /// fdatasync'd sequential write bandwidth (MB/s): 1 MiB overwrites of an already written file,
 /// each followed by fdatasync, the way the journal writes its preallocated segments.
 fn sequential_bandwidth(dir: &Path) -> anyhow::Result<f64> {
@@ -237,7 +234,8 @@ async fn run_in(a: &BookiePerf, dir: &Path) -> anyhow::Result<()> {
     let mut results = Vec::new();
     let mut server_p99: Vec<(usize, f64)> = Vec::new();
     let mut disks: Vec<(usize, DiskLatency)> = Vec::new();
-    let mut seq_near: Vec<(usize, f64)> = Vec::new();
+    // Probed just before the 64 KiB phases.
+    let mut seq_near: Option<f64> = None;
     for &size in &a.sizes {
         // Incompressible bytes: compressible ones would flatter the entry store's LZ4.
         let mut x: u64 = 0x9e37_79b9_7f4a_7c15 ^ size as u64;
@@ -252,12 +250,12 @@ async fn run_in(a: &BookiePerf, dir: &Path) -> anyhow::Result<()> {
                 .collect::<Vec<u8>>(),
         );
         let window = a.in_flight.min(((16usize << 20) / size.max(1)).max(16));
-        // The disk's speed drifts over minutes on shared machines: large entries are compared
+        // The disk's speed drifts over minutes on shared machines: 64 KiB entries are compared
         // with the better of the run's first probe and one taken just before their phases.
-        if size >= LARGE_ENTRY {
+        if size == 65536 {
             let mbs = sequential_bandwidth(dir)?;
             println!("{size} B: sequential write with fdatasync per MiB just before: {mbs:.0} MB/s");
-            seq_near.push((size, mbs));
+            seq_near = Some(mbs);
         }
         let w = client.create(LedgerConfig::new(1, 1, 1)).await?;
         // Warm up (segment preallocation, connections).
@@ -320,7 +318,7 @@ async fn run_in(a: &BookiePerf, dir: &Path) -> anyhow::Result<()> {
         ));
     }
     if let Some(r) = find(65536) {
-        let near = seq_near.iter().find(|(s, _)| *s == 65536).map_or(0.0, |(_, m)| *m);
+        let near = seq_near.unwrap_or(0.0);
         let best = seq_mbs.max(near);
         table.push_str(&format!(
             "- 64 KiB adds at full load: **{:.0}%** of the fdatasync'd sequential bandwidth (target: 50%), \

@@ -751,6 +751,26 @@ mod tests {
         Op::Add { ledger, entry, lac, checksum, payload, master_key: Bytes::from_static(key), recovery }
     }
 
+    /// Submits `op` and waits for its (successful) ack.
+    fn submit_and_wait(journal: &Journal, op: Op) {
+        let (tx, rx) = mpsc::channel();
+        journal.submit(op, Box::new(move |r| tx.send(r.map_err(|e| e.to_string())).unwrap()));
+        rx.recv_timeout(Duration::from_secs(10)).unwrap().unwrap();
+    }
+
+    /// Replays `dir` from its first segment and checks that entries `0..n` of `ledger` come
+    /// back as `payload` made them, with no torn tail.
+    fn assert_replays(dir: &Path, ledger: u64, n: i64, payload: impl Fn(i64) -> Bytes) -> MemStorage {
+        let replayed = MemStorage::new();
+        let stats = replay::replay(dir, Position { segment: 1, offset: 0 }, &replayed, 1 << 20).unwrap();
+        assert_eq!(stats.torn_tails, 0);
+        for e in 0..n {
+            let got = replayed.get_entry(ledger, e).unwrap().unwrap_or_else(|| panic!("entry {e} missing"));
+            assert_eq!(got.payload, payload(e), "entry {e}");
+        }
+        replayed
+    }
+
     /// Entries small (copied into the journal's buffer) and large (written in place) mixed in
     /// one batch and across segment rolls come back from replay byte for byte.
     #[test]
@@ -777,13 +797,7 @@ mod tests {
         journal.stop();
         let segments = segment::list_segments(dir.path()).unwrap();
         assert!(segments.len() >= 4, "only {} segments: no rolls exercised", segments.len());
-        let replayed = MemStorage::new();
-        let stats = replay::replay(dir.path(), Position { segment: 1, offset: 0 }, &replayed, 1 << 20).unwrap();
-        assert_eq!(stats.torn_tails, 0);
-        for e in 0..n {
-            let got = replayed.get_entry(9, e).unwrap().unwrap_or_else(|| panic!("entry {e} missing"));
-            assert_eq!(got.payload, payload(e), "entry {e}");
-        }
+        let replayed = assert_replays(dir.path(), 9, n, payload);
         assert_eq!(replayed.ledger_meta(9).unwrap().unwrap().lac, n - 2);
     }
 
@@ -807,10 +821,7 @@ mod tests {
         let journal = Journal::start(dir, 1, settings, size, ledgers, metrics, Box::new(|| {})).unwrap();
         let payload = Bytes::from(vec![7u8; size]);
         for e in 0..n {
-            let (tx, rx) = mpsc::channel();
-            let op = add_op(3, e, e - 1, payload.clone(), b"k", false);
-            journal.submit(op, Box::new(move |r| tx.send(r.map_err(|e| e.to_string())).unwrap()));
-            rx.recv_timeout(Duration::from_secs(10)).unwrap().unwrap();
+            submit_and_wait(&journal, add_op(3, e, e - 1, payload.clone(), b"k", false));
         }
         journal.stop();
         segment::segment_path(dir, 1)
@@ -896,23 +907,12 @@ mod tests {
         let n = 200i64;
         let payload = |e: i64| Bytes::from(vec![e as u8; 1000]);
         for e in 0..n {
-            let (tx, rx) = mpsc::channel();
-            journal.submit(
-                add_op(5, e, e - 1, payload(e), b"k", false),
-                Box::new(move |r| tx.send(r.map_err(|e| e.to_string())).unwrap()),
-            );
-            rx.recv_timeout(Duration::from_secs(10)).unwrap().unwrap();
+            submit_and_wait(&journal, add_op(5, e, e - 1, payload(e), b"k", false));
         }
         let read = writers_read_bytes();
         journal.stop();
         assert!(read < 64 << 10, "the journal writer read {read} bytes from the disk for {n} adds");
-        let replayed = MemStorage::new();
-        let stats = replay::replay(dir.path(), Position { segment: 1, offset: 0 }, &replayed, 1 << 20).unwrap();
-        assert_eq!(stats.torn_tails, 0);
-        for e in 0..n {
-            let got = replayed.get_entry(5, e).unwrap().unwrap_or_else(|| panic!("entry {e} missing"));
-            assert_eq!(got.payload, payload(e), "entry {e}");
-        }
+        assert_replays(dir.path(), 5, n, payload);
     }
 
     /// The per-ledger rules, within one batch and across batches: the first add sets the master
