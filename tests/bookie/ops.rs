@@ -34,6 +34,13 @@ async fn probes_metrics_delete_and_gc() {
             .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{metrics}"))
     };
     assert!(count("bookie_journal_JOURNAL_SYNC_count") >= 1.0);
+    // The stages of an add: every add waited for the writer once, and every one was
+    // acknowledged by some fdatasync.
+    assert!(count("bookie_journal_JOURNAL_QUEUE_LATENCY_count") >= 50.0);
+    assert!(count("bookie_journal_JOURNAL_FLUSH_LATENCY_count") >= 1.0);
+    assert!(count("bookie_journal_JOURNAL_APPLY_LATENCY_count") >= 1.0);
+    assert!(count("bookie_journal_JOURNAL_FORCE_WRITE_ENQUEUE_count") >= 1.0);
+    assert!(count("bookie_journal_JOURNAL_FORCE_WRITE_BATCH_ENTRIES_sum") >= 50.0);
     assert!(count("bookie_ADD_ENTRY{success=\"true\"}") >= 50.0);
     assert!(count("bookie_WRITE_BYTES") > 0.0);
     assert!(metrics.contains("bookie_journal_JOURNAL_SYNC_bucket{journalIndex=\"0\",le=\"+Inf\"}"));

@@ -91,6 +91,11 @@ pub type Callback = Box<dyn FnOnce(Result<i64>) + Send>;
 pub struct JournalMetrics {
     sync: Arc<Histogram>,
     add: Arc<Histogram>,
+    queue_latency: Arc<Histogram>,
+    flush: Arc<Histogram>,
+    apply: Arc<Histogram>,
+    sync_enqueue: Arc<Histogram>,
+    sync_entries: Arc<Histogram>,
     queue: Arc<Gauge>,
     syncs: Arc<Counter>,
     bytes: Arc<Counter>,
@@ -110,6 +115,39 @@ impl JournalMetrics {
                 l,
                 LATENCY_MS_BUCKETS,
             ),
+            // Stages of `JOURNAL_ADD_ENTRY`, in order: waiting for the writer, the writer's
+            // segment write and entry-store write (per batch), waiting for the fdatasync (per
+            // batch), the fdatasync itself (`JOURNAL_SYNC`).
+            queue_latency: reg.histogram(
+                "bookie_journal_JOURNAL_QUEUE_LATENCY",
+                "Time an operation waits before the journal writer takes it (ms)",
+                l,
+                LATENCY_MS_BUCKETS,
+            ),
+            flush: reg.histogram(
+                "bookie_journal_JOURNAL_FLUSH_LATENCY",
+                "Time of the journal writer's write of one batch into the segment (ms)",
+                l,
+                LATENCY_MS_BUCKETS,
+            ),
+            apply: reg.histogram(
+                "bookie_journal_JOURNAL_APPLY_LATENCY",
+                "Time of the journal writer's write of one batch into the entry store's memtable (ms)",
+                l,
+                LATENCY_MS_BUCKETS,
+            ),
+            sync_enqueue: reg.histogram(
+                "bookie_journal_JOURNAL_FORCE_WRITE_ENQUEUE",
+                "Time a written batch waits before the fdatasync that covers it starts (ms)",
+                l,
+                LATENCY_MS_BUCKETS,
+            ),
+            sync_entries: reg.histogram(
+                "bookie_journal_JOURNAL_FORCE_WRITE_BATCH_ENTRIES",
+                "Operations acknowledged by one fdatasync",
+                l,
+                BATCH_BUCKETS,
+            ),
             queue: reg.gauge("bookie_journal_JOURNAL_QUEUE_SIZE", "Operations waiting for the journal writer", l),
             syncs: reg.counter("bookie_journal_JOURNAL_SYNC_count_total", "Journal fdatasync calls", l),
             bytes: reg.counter("bookie_journal_JOURNAL_WRITE_BYTES", "Bytes written to the journal", l),
@@ -117,6 +155,9 @@ impl JournalMetrics {
         }
     }
 }
+
+/// Buckets of `JOURNAL_FORCE_WRITE_BATCH_ENTRIES`.
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0];
 
 struct Queued {
     op: Op,
@@ -156,6 +197,13 @@ impl Shared {
     /// claim, so groups are acked in the order the writer produced them.
     fn sync_and_ack(&self, groups: Vec<Group>, sync: bool) {
         let started = Instant::now();
+        let m = &self.metrics;
+        let mut ops = 0;
+        for g in &groups {
+            m.sync_enqueue.observe_duration_ms(started.saturating_duration_since(g.born));
+            ops += g.acks.len();
+        }
+        m.sync_entries.observe(ops as f64);
         let mut failure = self.failure.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let mut synced: Vec<*const File> = Vec::new();
         for g in &groups {
@@ -173,7 +221,6 @@ impl Shared {
                 }
             }
         }
-        let m = &self.metrics;
         m.sync.observe_duration_ms(started.elapsed());
         m.syncs.inc();
         if let Some(err) = &failure {
@@ -418,7 +465,12 @@ impl Writer {
                 }
             }
             self.shared.queued.fetch_sub(items.len() as i64, Ordering::Relaxed);
-            self.shared.metrics.queue.set(self.shared.queued.load(Ordering::Relaxed));
+            let m = &self.shared.metrics;
+            m.queue.set(self.shared.queued.load(Ordering::Relaxed));
+            let taken = Instant::now();
+            for q in &items {
+                m.queue_latency.observe_duration_ms(taken.saturating_duration_since(q.at));
+            }
             let batch = self.process(items);
             self.hand_off(batch);
         }
@@ -436,11 +488,14 @@ impl Writer {
                 Err(e) => cb(Err(e)),
             }
         }
+        let writing = Instant::now();
         if let Err(e) = self.flush_buf(&mut b) {
             tracing::error!(error = %e, "journal write failed");
             fail_all(&mut b, &e);
             return b;
         }
+        let applying = Instant::now();
+        self.shared.metrics.flush.observe_duration_ms(applying - writing);
         let states: Vec<(u64, LedgerMeta)> = b.states.drain().collect();
         if let Err(e) = self.ledgers.storage.write(&b.entries, &states) {
             tracing::error!(error = %e, "entry store write failed");
@@ -448,6 +503,7 @@ impl Writer {
             return b;
         }
         self.ledgers.publish(&states);
+        self.shared.metrics.apply.observe_duration_ms(applying.elapsed());
         *self.shared.applied.lock().unwrap_or_else(|e| e.into_inner()) =
             Position { segment: self.seg.seq, offset: self.seg.offset };
         self.shared.metrics.adds.add(b.entries.len() as u64);
