@@ -367,8 +367,9 @@ async fn policy_get(State(a): S, Path((t, ns, segment)): Path<(String, String, S
     }
 }
 
-/// Stores one policy (CAS on the namespace's version). Enforcement comes with retention,
-/// TTL, deduplication and quotas; the values are kept so tools and later versions see them.
+/// Stores one policy (CAS on the namespace's version). Topics apply retention (see
+/// `topic::Retention`); TTL, deduplication and quotas are kept so tools and later versions
+/// see them.
 async fn policy_set(State(a): S, Path((t, ns, segment)): Path<(String, String, String)>, body: Bytes) -> Response {
     let Some((field, kind)) = policy(&segment) else {
         return fail(StatusCode::NOT_FOUND, format!("unknown namespace policy {segment}"));
@@ -381,7 +382,13 @@ async fn policy_set(State(a): S, Path((t, ns, segment)): Path<(String, String, S
         Ok(v) => v,
         Err(e) => return fail(StatusCode::BAD_REQUEST, format!("invalid JSON: {e}")),
     };
+    let retention_ok = |v: &Value| {
+        ["retentionTimeInMinutes", "retentionSizeInMB"]
+            .iter()
+            .all(|k| v.get(k).and_then(Value::as_i64).is_some_and(|n| n >= -1))
+    };
     let fits = match kind {
+        Kind::Object if segment == "retention" => retention_ok(&value),
         Kind::Object => value.is_object(),
         Kind::Number => value.as_i64().is_some_and(|n| n >= 0),
         Kind::Bool => value.is_boolean(),

@@ -57,6 +57,15 @@ pub struct BrokerConfig {
     /// Per-topic (and per-subscription) series in `/metrics`; off, series are per namespace
     /// (for clusters with very many topics).
     pub expose_topic_level_metrics_in_prometheus: bool,
+    /// Retention of acknowledged messages (and of messages of topics without subscriptions)
+    /// in namespaces without a retention policy: minutes after their ledger closed (-1: no
+    /// limit). With both this and the size at 0, ledgers go as soon as they are consumed.
+    pub default_retention_time_in_minutes: i64,
+    /// The same by size: MiB of ledgers a topic keeps (-1: no limit).
+    pub default_retention_size_in_mb: i64,
+    /// How often topics look for consumed ledgers that retention no longer keeps, seconds
+    /// (they also look at each ledger rollover and whenever acknowledgements free a ledger).
+    pub retention_check_interval_in_seconds: u64,
 }
 
 impl Default for BrokerConfig {
@@ -83,6 +92,9 @@ impl Default for BrokerConfig {
             cursor_persist_interval_ms: 200,
             dispatcher_max_read_batch_size: 100,
             expose_topic_level_metrics_in_prometheus: true,
+            default_retention_time_in_minutes: 0,
+            default_retention_size_in_mb: 0,
+            retention_check_interval_in_seconds: 120,
         }
     }
 }
@@ -103,6 +115,9 @@ pub const ENV_ALIASES: &[(&str, &str)] = &[
     ("managedLedgerMaxLedgerRolloverTimeMinutes", "managed_ledger_max_ledger_rollover_time_minutes"),
     ("dispatcherMaxReadBatchSize", "dispatcher_max_read_batch_size"),
     ("exposeTopicLevelMetricsInPrometheus", "expose_topic_level_metrics_in_prometheus"),
+    ("defaultRetentionTimeInMinutes", "default_retention_time_in_minutes"),
+    ("defaultRetentionSizeInMB", "default_retention_size_in_mb"),
+    ("retentionCheckIntervalInSeconds", "retention_check_interval_in_seconds"),
 ];
 
 impl BrokerConfig {
@@ -122,6 +137,11 @@ impl BrokerConfig {
             cache_bytes: (self.managed_ledger_cache_size_mb << 20) as usize,
             cursor_persist_interval: std::time::Duration::from_millis(self.cursor_persist_interval_ms),
             read_batch: self.dispatcher_max_read_batch_size,
+            retention: crate::topic::Retention::from_pulsar(
+                self.default_retention_time_in_minutes,
+                self.default_retention_size_in_mb,
+            ),
+            retention_check_interval: std::time::Duration::from_secs(self.retention_check_interval_in_seconds.max(1)),
         }
     }
 }
@@ -131,6 +151,12 @@ impl Validate for BrokerConfig {
         let bad = |key: &str, reason: &str| Err(ConfigError::Invalid { key: key.into(), reason: reason.into() });
         if self.ack_quorum == 0 || self.write_quorum < self.ack_quorum || self.ensemble_size < self.write_quorum {
             return bad("ensemble_size", "need ensemble_size >= write_quorum >= ack_quorum >= 1");
+        }
+        if self.default_retention_time_in_minutes < -1 {
+            return bad("default_retention_time_in_minutes", "must be -1 (no limit) or at least 0");
+        }
+        if self.default_retention_size_in_mb < -1 {
+            return bad("default_retention_size_in_mb", "must be -1 (no limit) or at least 0");
         }
         if self.ensemble_size > magnetar_bookie::client::metadata::MAX_ENSEMBLE {
             return bad("ensemble_size", "must be at most 64");

@@ -11,7 +11,15 @@ use magnetar_broker::protocol::codec::decode_entry;
 use crate::pulsar_python::{produce, scenario};
 use crate::support::{wait_until, Cluster};
 
-const QUORUMS: [&str; 3] = ["ensemble_size=3", "write_quorum=2", "ack_quorum=2"];
+/// E=3, Qw=2, Qa=2; retention keeps the ledgers of topics without subscriptions, which the
+/// tests read back after the broker moved on to new ledgers.
+const QUORUMS: [&str; 5] = [
+    "ensemble_size=3",
+    "write_quorum=2",
+    "ack_quorum=2",
+    "default_retention_time_in_minutes=-1",
+    "default_retention_size_in_mb=-1",
+];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_writes_replicated_ledgers_through_a_bookie_failure() {
@@ -219,8 +227,14 @@ async fn brokers_share_bundles_and_take_over_a_dead_broker() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_unloads_its_topics_when_its_session_is_lost() {
     let cluster = Cluster::new(1, &[], true).await;
-    let broker =
-        cluster.start_broker("broker", None, &["broker_id=solo", "metadata_store_session_timeout_ms=3000"]).await;
+    // Retention keeps the ledger list the test counts (the topic has no subscription).
+    let settings = [
+        "broker_id=solo",
+        "metadata_store_session_timeout_ms=3000",
+        "default_retention_time_in_minutes=-1",
+        "default_retention_size_in_mb=-1",
+    ];
+    let broker = cluster.start_broker("broker", None, &settings).await;
     let first = produce(&broker.url(), "persistent://public/default/lease", 5, false);
     let meta = cluster.meta();
     let registered = meta.get("/brokers/solo").await.expect("get").expect("registered");

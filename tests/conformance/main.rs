@@ -136,6 +136,7 @@ mod admin;
 #[path = "../bookie/support.rs"]
 #[allow(dead_code)]
 mod cluster;
+mod retention;
 mod rust_client;
 
 #[path = "../support/pulsar_python.rs"]
@@ -185,7 +186,14 @@ async fn consumers_read_from_bookies_across_ledger_rollovers() {
     use magnetar_broker::protocol::names::TopicName;
     use magnetar_broker::topic::{topic_key, ManagedLedgerInfo};
 
-    let s = standalone_with(&["managed_ledger_cache_size_mb=0", "managed_ledger_max_entries_per_ledger=7"]).await;
+    // Retention keeps the consumed ledgers, whose list is checked at the end.
+    let s = standalone_with(&[
+        "managed_ledger_cache_size_mb=0",
+        "managed_ledger_max_entries_per_ledger=7",
+        "default_retention_time_in_minutes=-1",
+        "default_retention_size_in_mb=-1",
+    ])
+    .await;
     scenario(&s.url(), "cumulative", "cold");
     scenario(&s.url(), "seek", "cold");
     scenario(&s.url(), "readers", "cold");
@@ -351,7 +359,8 @@ async fn restart_keeps_acknowledged_messages_in_the_topic_ledgers() {
     use magnetar_broker::protocol::names::TopicName;
     use magnetar_broker::topic::{topic_key, ManagedLedgerInfo};
 
-    let s = standalone().await;
+    // The topic has no subscription: retention keeps its ledgers for the checks below.
+    let s = standalone_with(&["default_retention_time_in_minutes=-1", "default_retention_size_in_mb=-1"]).await;
     let first = produce(&format!("pulsar://{}", s.broker), "restart-me", 20, false);
     let s = s.restart().await;
     let second = produce(&format!("pulsar://{}", s.broker), "restart-me", 10, false);

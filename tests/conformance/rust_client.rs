@@ -9,7 +9,7 @@ use pulsar::{Consumer, Pulsar, TokioExecutor};
 
 use super::standalone;
 
-async fn consumer(
+pub(super) async fn consumer(
     p: &Pulsar<TokioExecutor>,
     topic: &str,
     sub: &str,
@@ -25,7 +25,7 @@ async fn consumer(
         .expect("subscribe")
 }
 
-async fn next_body(c: &mut Consumer<Vec<u8>, TokioExecutor>) -> String {
+pub(super) async fn next_body(c: &mut Consumer<Vec<u8>, TokioExecutor>) -> String {
     let m = tokio::time::timeout(std::time::Duration::from_secs(15), c.try_next())
         .await
         .expect("a message within 15 s")

@@ -21,7 +21,7 @@ use super::cursor::{Cursor, CursorInfo};
 use super::keys::{self, KeySelector};
 use super::position::{LedgerSpan, Pos};
 use super::stats::{self, Rate, TopicStats};
-use super::{create_ledger, cursor_key, put_info, ManagedLedgerInfo, TopicSettings};
+use super::{create_ledger, cursor_key, put_info, ManagedLedgerInfo, Retention, TopicSettings};
 use crate::protocol::codec::{base, decode_entry, first_batch_item};
 use crate::protocol::connection::error_command;
 use crate::protocol::names::TopicName;
@@ -331,6 +331,7 @@ pub(super) fn spawn(init: Init) -> mpsc::UnboundedSender<Cmd> {
             cache_bytes: 0,
             last_info: None,
             tx: tx.clone(),
+            next_trim_check: None,
         },
         inflight: FuturesOrdered::new(),
         inflight_meta: VecDeque::new(),
@@ -380,6 +381,9 @@ struct Ml {
     cache_bytes: usize,
     last_info: Option<(Pos, EntryInfo)>,
     tx: mpsc::UnboundedSender<Cmd>,
+    /// Consumed ledgers are kept by retention: look again (and read the namespace's policy
+    /// again) only after this.
+    next_trim_check: Option<Instant>,
 }
 
 struct Consumer {
@@ -523,6 +527,7 @@ impl Actor {
                 _ = tick.tick() => {
                     self.persist_cursors();
                     self.tick_rates();
+                    self.trim().await;
                     if self.ml.ledger_entries > 0
                         && !self.ml.info.terminated
                         && self.ml.ledger_since.elapsed() >= self.ml.settings.max_ledger_age
@@ -867,6 +872,9 @@ impl Actor {
                         break;
                     }
                 }
+                // A ledger was just closed: it may be consumed already.
+                self.ml.next_trim_check = None;
+                self.trim().await;
                 true
             }
             Err(e) => {
@@ -874,6 +882,65 @@ impl Actor {
                 false
             }
         }
+    }
+
+    /// The position every subscription has acknowledged up to: the slowest mark-delete
+    /// position of the durable subscriptions and of the readers connected now (`None`: there
+    /// are none, and nothing is kept for anyone).
+    fn slowest_position(&self) -> Option<Pos> {
+        self.subs.values().filter(|s| s.durable || !s.consumers.is_empty()).map(|s| s.cursor.mark_delete()).min()
+    }
+
+    /// Deletes the oldest ledgers that every subscription has consumed and retention no
+    /// longer keeps ([`super::trimmable`]): first from the topic's ledger list (one CAS), then
+    /// from the metastore and the bookies, in the background.
+    async fn trim(&mut self) {
+        let slowest = self.slowest_position();
+        let keep_nothing = Retention { time: Some(std::time::Duration::ZERO), size: Some(0) };
+        let now = super::now_ms();
+        if super::trimmable(&self.ml.info.ledgers, slowest, keep_nothing, now) == 0 {
+            return;
+        }
+        if self.ml.next_trim_check.is_some_and(|t| Instant::now() < t) {
+            return;
+        }
+        let retention = retention(&self.ml.meta, &self.ml.name, self.ml.settings.retention).await;
+        let n = super::trimmable(&self.ml.info.ledgers, slowest, retention, now);
+        if n == 0 {
+            self.ml.next_trim_check = Some(Instant::now() + self.ml.settings.retention_check_interval);
+            return;
+        }
+        let mut info = self.ml.info.clone();
+        let gone: Vec<super::LedgerInfo> = info.ledgers.drain(..n).collect();
+        match put_info(&self.ml.meta, &self.ml.key, &info, self.ml.version).await {
+            Ok(v) => {
+                self.ml.version = v;
+                self.ml.info = info;
+                self.ml.next_trim_check = None;
+            }
+            Err(e) => {
+                tracing::warn!(topic = %self.ml.name, error = %e, "removing consumed ledgers from the topic failed");
+                self.ml.next_trim_check = Some(Instant::now() + self.ml.settings.retention_check_interval);
+                return;
+            }
+        }
+        let first = self.ml.info.ledgers.first().map_or(0, |l| l.ledger_id);
+        self.ml.span.drop_before(first);
+        let kept = self.ml.cache.split_off(&Pos::new(first, i64::MIN));
+        self.ml.cache_bytes = kept.values().map(|c| c.entry.len()).sum();
+        self.ml.cache = kept;
+        let ids: Vec<u64> = gone.iter().map(|l| l.ledger_id).collect();
+        tracing::info!(topic = %self.ml.name, ledgers = ?ids, slowest = ?slowest, "deleting consumed ledgers");
+        let (ledgers, name) = (self.ml.ledgers.clone(), self.ml.name.clone());
+        tokio::spawn(async move {
+            for id in ids {
+                // The topic no longer lists it; a ledger whose metadata survives a failure
+                // here is not read by anyone (see docs/broker.md).
+                if let Err(e) = ledgers.delete(id).await {
+                    tracing::warn!(topic = %name, ledger = id, error = %e, "deleting a consumed ledger failed");
+                }
+            }
+        });
     }
 
     /// Tells every producer and consumer to reconnect (CLOSE_PRODUCER / CLOSE_CONSUMER) and
@@ -947,11 +1014,7 @@ impl Actor {
             if let Some(w) = self.ml.writer.take() {
                 let id = w.id();
                 let md = w.close().await.map_err(|e| e.to_string())?;
-                self.ml.span.set_last(id, md.last_entry);
-                if let Some(l) = self.ml.info.ledgers.iter_mut().find(|l| l.ledger_id == id) {
-                    l.last_entry = Some(md.last_entry);
-                    l.size = Some(self.ml.ledger_bytes);
-                }
+                self.ml.closed(id, md.last_entry);
             }
             self.ml.ledger_entries = 0;
             self.ml.ledger_bytes = 0;
@@ -983,11 +1046,7 @@ impl Actor {
             let id = w.id();
             match w.close().await {
                 Ok(md) => {
-                    self.ml.span.set_last(id, md.last_entry);
-                    if let Some(l) = self.ml.info.ledgers.iter_mut().find(|l| l.ledger_id == id) {
-                        l.last_entry = Some(md.last_entry);
-                        l.size = Some(self.ml.ledger_bytes);
-                    }
+                    self.ml.closed(id, md.last_entry);
                     if let Err(e) = put_info(&self.ml.meta, &self.ml.key, &self.ml.info, self.ml.version).await {
                         tracing::warn!(topic = %self.ml.name, error = %e, "recording the closed ledger failed");
                     }
@@ -1670,21 +1729,28 @@ impl Ml {
         });
     }
 
+    /// Records that this topic's ledger `id` was closed with `last_entry` (in memory; the
+    /// caller stores the list).
+    fn closed(&mut self, id: u64, last_entry: i64) {
+        self.span.set_last(id, last_entry);
+        if let Some(l) = self.info.ledgers.iter_mut().find(|l| l.ledger_id == id) {
+            l.last_entry = Some(last_entry);
+            l.size = Some(self.ledger_bytes);
+            l.timestamp = Some(super::now_ms());
+        }
+    }
+
     /// Closes the current ledger, creates the next and records both in one CAS.
     async fn roll(&mut self) -> Result<(), super::TopicError> {
         let started = Instant::now();
         if let Some(w) = self.writer.take() {
             let id = w.id();
             let md = w.close().await?;
-            self.span.set_last(id, md.last_entry);
-            if let Some(l) = self.info.ledgers.iter_mut().find(|l| l.ledger_id == id) {
-                l.last_entry = Some(md.last_entry);
-                l.size = Some(self.ledger_bytes);
-            }
+            self.closed(id, md.last_entry);
         }
         let writer = create_ledger(&self.ledgers, &self.settings, &self.name).await?;
         let mut info = self.info.clone();
-        info.ledgers.push(super::LedgerInfo { ledger_id: writer.id(), last_entry: None, size: None });
+        info.ledgers.push(super::LedgerInfo { ledger_id: writer.id(), last_entry: None, size: None, timestamp: None });
         match put_info(&self.meta, &self.key, &info, self.version).await {
             Ok(v) => {
                 self.version = v;
@@ -1707,6 +1773,23 @@ impl Ml {
                 let _ = self.ledgers.delete(writer.id()).await;
                 Err(e)
             }
+        }
+    }
+}
+
+/// The retention of `topic`'s namespace: its policy, else `default`. When the policy cannot
+/// be read, everything is kept for now.
+async fn retention(meta: &MetaClient, topic: &TopicName, default: Retention) -> Retention {
+    let key = format!("/namespaces/{}/{}", topic.tenant, topic.namespace);
+    match meta.get(&key).await {
+        Ok(Some(kv)) => serde_json::from_slice::<serde_json::Value>(&kv.value)
+            .ok()
+            .and_then(|v| Retention::from_policy(&v))
+            .unwrap_or(default),
+        Ok(None) => default,
+        Err(e) => {
+            tracing::debug!(topic = %topic, error = %e, "reading the namespace's retention failed");
+            Retention { time: None, size: None }
         }
     }
 }

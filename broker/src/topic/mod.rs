@@ -66,6 +66,72 @@ pub struct LedgerInfo {
     /// Bytes written, once closed by its writer (absent for a ledger closed by recovery).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size: Option<u64>,
+    /// When the ledger was closed, ms since the Unix epoch (retention by time counts from it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timestamp: Option<u64>,
+}
+
+/// How long consumed data is kept: Pulsar's retention policy. A ledger whose every entry is
+/// acknowledged by every durable subscription (any ledger but the current one, when the topic
+/// has none) is deleted once it is older than `time` *or* the consumed ledgers exceed `size`
+/// without it; `None` is no limit. Both zero (the default) keep nothing past acknowledgement.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retention {
+    /// Age limit of a consumed ledger, from its close.
+    pub time: Option<Duration>,
+    /// Size limit of the topic's ledgers, bytes.
+    pub size: Option<u64>,
+}
+
+impl Retention {
+    /// From Pulsar's `retentionTimeInMinutes` and `retentionSizeInMB` (-1: no limit).
+    pub fn from_pulsar(minutes: i64, mb: i64) -> Self {
+        Retention {
+            time: u64::try_from(minutes).ok().map(|m| Duration::from_secs(m.saturating_mul(60))),
+            size: u64::try_from(mb).ok().map(|m| m.saturating_mul(1 << 20)),
+        }
+    }
+
+    /// A namespace's `retention_policies` as the admin API stores them, if set and valid.
+    pub fn from_policy(policies: &serde_json::Value) -> Option<Self> {
+        let r = policies.get("retention_policies")?;
+        let minutes = r.get("retentionTimeInMinutes")?.as_i64()?;
+        let mb = r.get("retentionSizeInMB")?.as_i64()?;
+        Some(Retention::from_pulsar(minutes, mb))
+    }
+}
+
+/// How many of the oldest `ledgers` can be deleted: never the last (current) one, only
+/// closed ledgers whose every entry is at or before `slowest` (the slowest subscription's
+/// mark-delete position; `None`: no subscription holds anything), oldest first and
+/// stopping at the first that retention keeps.
+pub fn trimmable(ledgers: &[LedgerInfo], slowest: Option<Pos>, retention: Retention, now_ms: u64) -> usize {
+    let total: u64 = ledgers.iter().filter_map(|l| l.size).sum();
+    let mut deleted = 0u64;
+    let mut n = 0;
+    for l in ledgers.iter().take(ledgers.len().saturating_sub(1)) {
+        let Some(last) = l.last_entry else { break };
+        if slowest.is_some_and(|s| s < Pos::new(l.ledger_id, last)) {
+            break;
+        }
+        let expired = retention.time.is_some_and(|t| match l.timestamp {
+            Some(ts) => Duration::from_millis(now_ms.saturating_sub(ts)) >= t,
+            // Closed by a recovery, age unknown: only "keep nothing" lets it go by time.
+            None => t.is_zero(),
+        });
+        let over_size = retention.size.is_some_and(|limit| total - deleted >= limit);
+        if !(expired || over_size) {
+            break;
+        }
+        deleted += l.size.unwrap_or(0);
+        n += 1;
+    }
+    n
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// A topic's managed-ledger metadata.
@@ -162,6 +228,11 @@ pub struct TopicSettings {
     pub cursor_persist_interval: Duration,
     /// Entries per catch-up read.
     pub read_batch: usize,
+    /// Retention of namespaces without a retention policy.
+    pub retention: Retention,
+    /// How often a topic checks for consumed ledgers that retention no longer keeps (it also
+    /// checks at each rollover and when a subscription's position moves).
+    pub retention_check_interval: Duration,
 }
 
 impl Default for TopicSettings {
@@ -176,6 +247,8 @@ impl Default for TopicSettings {
             cache_bytes: 32 << 20,
             cursor_persist_interval: Duration::from_millis(200),
             read_batch: 100,
+            retention: Retention { time: Some(Duration::ZERO), size: Some(0) },
+            retention_check_interval: Duration::from_secs(120),
         }
     }
 }
@@ -370,6 +443,7 @@ impl Topics {
         for l in info.ledgers.iter_mut().filter(|l| l.last_entry.is_none()) {
             let md = self.ledgers.recover(l.ledger_id).await?;
             l.last_entry = Some(md.last_entry);
+            l.timestamp = Some(now_ms());
             tracing::info!(topic = %name, ledger = md.id, last_entry = md.last_entry, "recovered a ledger");
         }
         // A terminated topic gets no new ledger.
@@ -377,7 +451,7 @@ impl Topics {
             None
         } else {
             let w = create_ledger(&self.ledgers, &self.settings, name).await?;
-            info.ledgers.push(LedgerInfo { ledger_id: w.id(), last_entry: None, size: None });
+            info.ledgers.push(LedgerInfo { ledger_id: w.id(), last_entry: None, size: None, timestamp: None });
             Some(w)
         };
         let version = match put_info(&self.meta, &key, &info, version).await {
@@ -466,5 +540,84 @@ impl Topics {
             }
         }
         Ok(out.into_iter().collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Closed ledgers 1..=3 of 10 entries and 1 MiB each, closed at 1000, 2000 and 3000 ms, then
+    /// the current ledger 4.
+    fn ledgers() -> Vec<LedgerInfo> {
+        let closed = |id: u64| LedgerInfo {
+            ledger_id: id,
+            last_entry: Some(9),
+            size: Some(1 << 20),
+            timestamp: Some(id * 1000),
+        };
+        vec![
+            closed(1),
+            closed(2),
+            closed(3),
+            LedgerInfo { ledger_id: 4, last_entry: None, size: None, timestamp: None },
+        ]
+    }
+
+    const NOTHING: Retention = Retention { time: Some(Duration::ZERO), size: Some(0) };
+    const FOREVER: Retention = Retention { time: None, size: None };
+
+    #[test]
+    fn only_ledgers_every_subscription_consumed_go() {
+        let l = ledgers();
+        assert_eq!(trimmable(&l, Some(Pos::new(1, -1)), NOTHING, 5000), 0);
+        assert_eq!(trimmable(&l, Some(Pos::new(1, 8)), NOTHING, 5000), 0, "one entry of ledger 1 is unacknowledged");
+        assert_eq!(trimmable(&l, Some(Pos::new(1, 9)), NOTHING, 5000), 1);
+        assert_eq!(trimmable(&l, Some(Pos::new(3, 0)), NOTHING, 5000), 2);
+        assert_eq!(trimmable(&l, Some(Pos::new(4, 5)), NOTHING, 5000), 3, "the current ledger always stays");
+        assert_eq!(trimmable(&l, None, NOTHING, 5000), 3, "no subscription holds anything");
+        assert_eq!(trimmable(&l[..1], None, NOTHING, 5000), 0, "a lone ledger is the current one");
+        // A ledger still being written (no last entry) stops the scan.
+        let mut open = l.clone();
+        open[1].last_entry = None;
+        assert_eq!(trimmable(&open, None, NOTHING, 5000), 1);
+    }
+
+    #[test]
+    fn retention_keeps_consumed_ledgers_by_age_or_size() {
+        let l = ledgers();
+        assert_eq!(trimmable(&l, None, FOREVER, 5000), 0);
+        // Older than 2.5 s at 5 s: ledgers closed at 1 s and 2 s.
+        let by_time = Retention { time: Some(Duration::from_millis(2500)), size: None };
+        assert_eq!(trimmable(&l, None, by_time, 5000), 2);
+        assert_eq!(trimmable(&l, None, by_time, 3000), 0);
+        // 3 MiB written; keeping 2 MiB lets one ledger go, keeping 4 MiB none.
+        let by_size = |mb: i64| Retention::from_pulsar(-1, mb);
+        assert_eq!(trimmable(&l, None, by_size(2), 0), 2, "3 MiB and 2 MiB left are both at the limit");
+        assert_eq!(trimmable(&l, None, by_size(3), 0), 1);
+        assert_eq!(trimmable(&l, None, by_size(4), 0), 0);
+        // Either limit passed is enough (Pulsar's rule).
+        let both = Retention { time: Some(Duration::from_millis(1500)), size: Some(4 << 20) };
+        assert_eq!(trimmable(&l, None, both, 3000), 1);
+        // Subscriptions still come first.
+        assert_eq!(trimmable(&l, Some(Pos::new(2, 3)), by_time, 5000), 1);
+        // A ledger closed by a recovery has no known age: only "keep nothing" lets it go by time.
+        let mut recovered = l.clone();
+        recovered[0].timestamp = None;
+        assert_eq!(trimmable(&recovered, None, by_time, 5000), 0);
+        assert_eq!(trimmable(&recovered, None, NOTHING, 5000), 3);
+    }
+
+    #[test]
+    fn retention_policies_read_as_pulsar_writes_them() {
+        let v: serde_json::Value = serde_json::from_str(
+            r#"{"retention_policies":{"retentionTimeInMinutes":60,"retentionSizeInMB":-1},"bundles":{}}"#,
+        )
+        .unwrap_or_default();
+        assert_eq!(Retention::from_policy(&v), Some(Retention { time: Some(Duration::from_secs(3600)), size: None }));
+        assert_eq!(Retention::from_policy(&serde_json::json!({"bundles": {}})), None);
+        assert_eq!(Retention::from_pulsar(0, 0), NOTHING);
+        assert_eq!(Retention::from_pulsar(-1, -1), FOREVER);
+        assert_eq!(Retention::from_pulsar(1, 10).size, Some(10 << 20));
     }
 }

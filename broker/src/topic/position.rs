@@ -50,6 +50,11 @@ impl LedgerSpan {
         self.ledgers.push((ledger, last));
     }
 
+    /// Forgets the ledgers before `ledger` (deleted).
+    pub fn drop_before(&mut self, ledger: u64) {
+        self.ledgers.retain(|l| l.0 >= ledger);
+    }
+
     /// Sets the last entry of `ledger`.
     pub fn set_last(&mut self, ledger: u64, last: i64) {
         if let Some(l) = self.ledgers.iter_mut().find(|l| l.0 == ledger) {

@@ -1,0 +1,122 @@
+//! Consumed ledgers are deleted (Pulsar's default retention: nothing past acknowledgement),
+//! never one holding a message some subscription has not acknowledged, and a retention
+//! policy keeps them.
+
+use std::time::{Duration, Instant};
+
+use magnetar_bookie::client::metadata::ledger_key;
+use magnetar_broker::protocol::names::TopicName;
+use magnetar_broker::topic::{topic_key, ManagedLedgerInfo};
+use magnetar_metastore::client::MetaClient;
+use pulsar::message::proto::command_subscribe::SubType;
+use pulsar::{Pulsar, TokioExecutor};
+
+use super::rust_client::{consumer, next_body};
+use super::standalone_with;
+
+async fn ledger_ids(meta: &MetaClient, topic: &str) -> Vec<u64> {
+    let kv = meta.get(&topic_key(&TopicName::parse(topic).expect("name"))).await.expect("get").expect("topic");
+    let info: ManagedLedgerInfo = serde_json::from_slice(&kv.value).expect("json");
+    info.ledgers.iter().map(|l| l.ledger_id).collect()
+}
+
+/// Waits up to 20 s for the topic's ledger list to satisfy `done`; returns the last one read.
+async fn wait_ledgers(meta: &MetaClient, topic: &str, done: impl Fn(&[u64]) -> bool) -> Vec<u64> {
+    let start = Instant::now();
+    loop {
+        let ids = ledger_ids(meta, topic).await;
+        if done(&ids) || start.elapsed() > Duration::from_secs(20) {
+            return ids;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn send_all(p: &Pulsar<TokioExecutor>, topic: &str, from: usize, to: usize) -> Vec<(u64, u64)> {
+    let mut producer = p.producer().with_topic(topic).build().await.expect("producer");
+    let mut ids = Vec::new();
+    for i in from..to {
+        let r = producer.send_non_blocking(format!("m-{i}").into_bytes()).await.expect("send").await.expect("receipt");
+        let id = r.message_id.expect("id");
+        ids.push((id.ledger_id, id.entry_id));
+    }
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumed_ledgers_are_deleted_and_retention_keeps_them() {
+    let s =
+        standalone_with(&["managed_ledger_max_entries_per_ledger=5", "retention_check_interval_in_seconds=1"]).await;
+    let meta = MetaClient::connect(std::slice::from_ref(&s.metastore)).expect("meta");
+    let p: Pulsar<TokioExecutor> = Pulsar::builder(s.url(), TokioExecutor).build().await.expect("connect");
+
+    // Two subscriptions; 30 messages, one entry each, in ledgers of 5.
+    let topic = "persistent://public/default/trimmed";
+    let mut fast = consumer(&p, topic, "fast", SubType::Exclusive).await;
+    let mut slow = consumer(&p, topic, "slow", SubType::Exclusive).await;
+    let ids = send_all(&p, topic, 0, 30).await;
+    let ledgers: Vec<u64> = ids.iter().map(|i| i.0).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+    assert_eq!(ledgers.len(), 6, "{ids:?}");
+    for i in 0..30 {
+        assert_eq!(next_body(&mut fast).await, format!("m-{i}"));
+    }
+    // The slow subscription acknowledges the first 12: two ledgers wholly, the third in part.
+    for i in 0..12 {
+        assert_eq!(next_body(&mut slow).await, format!("m-{i}"));
+    }
+    let left = wait_ledgers(&meta, topic, |l| l[0] != ledgers[0]).await;
+    assert_eq!(left[0], ledgers[2], "the ledger holding m-12 stays, the two before it go: {left:?}");
+    for gone in &ledgers[..2] {
+        let start = Instant::now();
+        while meta.get(&ledger_key(*gone)).await.expect("get").is_some() && start.elapsed() < Duration::from_secs(10) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(meta.get(&ledger_key(*gone)).await.expect("get").is_none(), "ledger {gone} deleted");
+    }
+    // Nothing unacknowledged was lost: the slow subscription reads on, here and after its
+    // consumer reconnects.
+    for i in 12..20 {
+        assert_eq!(next_body(&mut slow).await, format!("m-{i}"));
+    }
+    drop(slow);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut slow = consumer(&p, topic, "slow", SubType::Exclusive).await;
+    for i in 20..30 {
+        assert_eq!(next_body(&mut slow).await, format!("m-{i}"));
+    }
+    // Everything acknowledged: only the ledger being written (the one opened after the 30th
+    // entry filled the sixth) is left.
+    let left = wait_ledgers(&meta, topic, |l| l.len() == 1).await;
+    assert!(left.len() == 1 && left[0] > ledgers[5], "{left:?}");
+
+    // Without subscriptions nothing is kept past a rollover...
+    let bare = "persistent://public/default/no-subscriptions";
+    let ids = send_all(&p, bare, 0, 12).await;
+    let last = ids.last().expect("ids").0;
+    let left = wait_ledgers(&meta, bare, |l| l[0] == last).await;
+    assert_eq!(left[0], last, "{left:?}");
+
+    // ...unless the namespace's retention policy keeps it.
+    let policy = r#"{"retentionTimeInMinutes":-1,"retentionSizeInMB":-1}"#;
+    let r = magnetar_broker::http::request_following(
+        &format!("http://{}", s.web),
+        "POST",
+        "/admin/v2/namespaces/public/default/retention",
+        policy,
+    )
+    .await
+    .expect("set retention");
+    assert_eq!(r.status, 204, "{}", r.body);
+    let kept = "persistent://public/default/retained";
+    let ids = send_all(&p, kept, 0, 12).await;
+    let first = ids[0].0;
+    // Rollovers and at least two retention checks (every second here) pass.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let left = ledger_ids(&meta, kept).await;
+    assert_eq!(left[0], first, "retention keeps every ledger: {left:?}");
+    assert!(left.len() >= 3, "{left:?}");
+    let mut reader = consumer(&p, kept, "late", SubType::Exclusive).await;
+    for i in 0..12 {
+        assert_eq!(next_body(&mut reader).await, format!("m-{i}"));
+    }
+}
