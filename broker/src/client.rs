@@ -313,6 +313,20 @@ impl Client {
         self.request(request_id, cmd).await?;
         Ok(Consumer { out: self.out.clone(), consumer_id, messages: rx, ended })
     }
+
+    /// Removes `consumer`'s subscription (and its backlog) from the topic.
+    pub async fn unsubscribe(&self, consumer: &Consumer) -> Result<(), ClientError> {
+        let request_id = self.id();
+        let cmd = pb::BaseCommand {
+            unsubscribe: Some(Box::new(pb::CommandUnsubscribe {
+                consumer_id: consumer.consumer_id,
+                request_id,
+                ..Default::default()
+            })),
+            ..base(Type::Unsubscribe)
+        };
+        self.request(request_id, cmd).await.map(|_| ())
+    }
 }
 
 /// A producer.

@@ -139,7 +139,15 @@ pub async fn produce(a: &ProducePerf) -> anyhow::Result<Report> {
         let sub = format!("perf-e2e-{}-{i}", std::process::id());
         let consumer = c.subscribe(&a.topic, &sub, pb::command_subscribe::SubType::Exclusive, false).await?;
         let tx = tx.clone();
-        consumer_tasks.push(tokio::spawn(consume_loop(consumer, tx, stop + Duration::from_secs(2))));
+        consumer_tasks.push(tokio::spawn(async move {
+            let consumer = consume_loop(consumer, tx, stop + Duration::from_secs(2)).await?;
+            // The measuring subscription goes with the run: left behind, it would hold every
+            // later message of the topic as its backlog.
+            if let Err(e) = c.unsubscribe(&consumer).await {
+                eprintln!("removing subscription {sub} failed: {e}");
+            }
+            anyhow::Ok(())
+        }));
     }
     let mut producer_tasks = Vec::new();
     for _ in 0..a.producers {
@@ -211,7 +219,12 @@ pub async fn produce(a: &ProducePerf) -> anyhow::Result<Report> {
         t.await??;
     }
     for t in consumer_tasks {
-        t.abort();
+        // Each ends by itself: it stopped receiving (which ended the loop above) and now
+        // removes its subscription.
+        match tokio::time::timeout(Duration::from_secs(10), t).await {
+            Ok(r) => r??,
+            Err(_) => eprintln!("a consumer did not finish removing its subscription within 10 s"),
+        }
     }
     Ok(Report { published, bytes, secs, publish, e2e: (a.consumers > 0).then_some(e2e), consumed, errors })
 }
@@ -307,7 +320,8 @@ async fn produce_loop(
     }
 }
 
-async fn consume_loop(mut c: Consumer, tx: mpsc::UnboundedSender<Event>, stop: Instant) -> anyhow::Result<()> {
+/// Receives until `stop` (or the connection closes); returns the consumer.
+async fn consume_loop(mut c: Consumer, tx: mpsc::UnboundedSender<Event>, stop: Instant) -> anyhow::Result<Consumer> {
     const PERMITS: u32 = 5000;
     c.flow(PERMITS)?;
     let mut since_flow = 0u32;
@@ -315,9 +329,9 @@ async fn consume_loop(mut c: Consumer, tx: mpsc::UnboundedSender<Event>, stop: I
     loop {
         let m = tokio::select! {
             m = c.next() => m,
-            _ = tokio::time::sleep_until(stop.into()) => return Ok(()),
+            _ = tokio::time::sleep_until(stop.into()) => return Ok(c),
         };
-        let Some(m) = m else { return Ok(()) };
+        let Some(m) = m else { return Ok(c) };
         let now = now_us();
         let md = &m.payload.metadata;
         let mut lat = Vec::new();

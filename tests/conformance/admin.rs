@@ -523,6 +523,9 @@ async fn perf_produce_measures_after_its_warm_up() {
     assert!(after("consumed") >= published * 0.95, "{summary}");
     // The last p99 of the line is the end-to-end one.
     assert!(summary.contains("end-to-end") && after("p99") > 0.0, "{summary}");
+    // The measuring subscription went with the run (it would hold every later message).
+    let (st, subs) = http(&s.web, "GET", "/admin/v2/persistent/public/default/perf-cli/subscriptions", "").await;
+    assert_eq!((st, parse(&subs)), (200, serde_json::json!([])), "{subs}");
 }
 
 /// With topic-level series off, `/metrics` has one series per namespace.
