@@ -120,3 +120,32 @@ async fn consumed_ledgers_are_deleted_and_retention_keeps_them() {
         assert_eq!(next_body(&mut reader).await, format!("m-{i}"));
     }
 }
+
+/// A stored subscription the broker cannot load would not hold its backlog: no ledger of
+/// the topic is deleted until every stored subscription is loaded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_ledger_is_deleted_while_a_subscription_is_not_loaded() {
+    use magnetar_broker::topic::cursor_key;
+    use magnetar_metastore::client::PutOptions;
+
+    let s =
+        standalone_with(&["managed_ledger_max_entries_per_ledger=5", "retention_check_interval_in_seconds=1"]).await;
+    let meta = MetaClient::connect(std::slice::from_ref(&s.metastore)).expect("meta");
+    let topic = "persistent://public/default/unloadable";
+    let bad = cursor_key(&TopicName::parse(topic).expect("name"), "broken");
+    meta.put(&bad, b"not a cursor".to_vec(), PutOptions::default()).await.expect("put");
+    let p: Pulsar<TokioExecutor> = Pulsar::builder(s.url(), TokioExecutor).build().await.expect("connect");
+    let ids = send_all(&p, topic, 0, 12).await;
+    let first = ids[0].0;
+    // Rollovers and a few retention checks pass; nothing goes.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let left = ledger_ids(&meta, topic).await;
+    assert_eq!(left[0], first, "{left:?}");
+    assert!(left.len() >= 3, "{left:?}");
+    // Once the broken subscription is gone, the next check loads the (now complete) set and
+    // deletes: the topic has no subscription left to hold anything.
+    meta.delete(&bad, None).await.expect("delete");
+    let last = ids.last().expect("ids").0;
+    let left = wait_ledgers(&meta, topic, |l| l[0] == last).await;
+    assert_eq!(left[0], last, "{left:?}");
+}

@@ -332,6 +332,7 @@ pub(super) fn spawn(init: Init) -> mpsc::UnboundedSender<Cmd> {
             last_info: None,
             tx: tx.clone(),
             next_trim_check: None,
+            cursors_loaded: false,
         },
         inflight: FuturesOrdered::new(),
         inflight_meta: VecDeque::new(),
@@ -384,6 +385,8 @@ struct Ml {
     /// Consumed ledgers are kept by retention: look again (and read the namespace's policy
     /// again) only after this.
     next_trim_check: Option<Instant>,
+    /// Every stored subscription is loaded (see `Actor::load_cursors`).
+    cursors_loaded: bool,
 }
 
 struct Consumer {
@@ -545,8 +548,9 @@ impl Actor {
         self.fail("the topic stopped").await;
     }
 
-    /// Loads the topic's stored subscriptions, so their backlog counts (and stats show them)
-    /// before any consumer connects.
+    /// Loads the topic's stored subscriptions (those not loaded yet), so their backlog counts
+    /// (and stats show them) before any consumer connects. Until every one is loaded, no
+    /// ledger is deleted: a subscription missing from memory would not hold its backlog.
     async fn load_cursors(&mut self) {
         let prefix = format!("{}/cursors/", self.ml.key);
         let stored = match self.ml.meta.list(&prefix).await {
@@ -557,8 +561,12 @@ impl Actor {
             }
         };
         let first = self.ml.span.before_first();
+        let mut complete = true;
         for kv in stored {
             let name = kv.key[prefix.len()..].replace("%2F", "/").replace("%25", "%");
+            if self.subs.contains_key(&name) {
+                continue;
+            }
             let sub_type = serde_json::from_slice::<CursorInfo>(&kv.value)
                 .ok()
                 .and_then(|i| match i.sub_type.as_str() {
@@ -574,10 +582,12 @@ impl Actor {
                 }
                 Ok(None) => {}
                 Err(e) => {
+                    complete = false;
                     tracing::warn!(topic = %self.ml.name, sub = name, error = %e, "loading a subscription failed")
                 }
             }
         }
+        self.ml.cursors_loaded = complete;
     }
 
     /// Handles one command; `false` stops the topic.
@@ -904,7 +914,16 @@ impl Actor {
         if self.ml.next_trim_check.is_some_and(|t| Instant::now() < t) {
             return;
         }
+        if !self.ml.cursors_loaded {
+            self.load_cursors().await;
+            if !self.ml.cursors_loaded {
+                self.ml.next_trim_check = Some(Instant::now() + self.ml.settings.retention_check_interval);
+                return;
+            }
+        }
         let retention = retention(&self.ml.meta, &self.ml.name, self.ml.settings.retention).await;
+        // Subscriptions just loaded count too.
+        let slowest = self.slowest_position();
         let n = super::trimmable(&self.ml.info.ledgers, slowest, retention, now);
         if n == 0 {
             self.ml.next_trim_check = Some(Instant::now() + self.ml.settings.retention_check_interval);
