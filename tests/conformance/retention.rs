@@ -149,3 +149,35 @@ async fn no_ledger_is_deleted_while_a_subscription_is_not_loaded() {
     let left = wait_ledgers(&meta, topic, |l| l[0] == last).await;
     assert_eq!(left[0], last, "{left:?}");
 }
+
+/// An acknowledgement of a message not written yet is ignored: it must not make that
+/// message count as acknowledged (and its ledger deletable) before anyone read it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_beyond_the_last_message_are_ignored() {
+    use magnetar_broker::client::Client;
+    use magnetar_broker::protocol::pb;
+
+    let s = standalone_with(&[]).await;
+    let topic = "persistent://public/default/early-acks";
+    let c = Client::connect_for(&s.broker, topic).await.expect("connect");
+    let mut consumer = c.subscribe(topic, "early", pb::command_subscribe::SubType::Exclusive, true).await.expect("sub");
+    consumer.flow(100).expect("flow");
+    let mut producer = c.producer(topic).await.expect("producer");
+    producer.send(b"first", 0).expect("send");
+    producer.receipt().await.expect("receipt").1.expect("stored");
+    let m = tokio::time::timeout(Duration::from_secs(15), consumer.next()).await.expect("in time").expect("open");
+    let (ledger, entry) = (m.command.message_id.ledger_id, m.command.message_id.entry_id);
+    // Acknowledge the entry after the next one, before either is written.
+    let ahead = pb::MessageIdData { ledger_id: ledger, entry_id: entry + 2, ..Default::default() };
+    consumer.ack(vec![ahead]).expect("ack");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for body in [&b"second"[..], b"third"] {
+        producer.send(body, 0).expect("send");
+        producer.receipt().await.expect("receipt").1.expect("stored");
+    }
+    for (i, body) in [&b"second"[..], b"third"].into_iter().enumerate() {
+        let m = tokio::time::timeout(Duration::from_secs(15), consumer.next()).await.expect("in time").expect("open");
+        assert_eq!(m.command.message_id.entry_id, entry + 1 + i as u64);
+        assert_eq!(&m.payload.data[..], body, "message {i} after the early ack");
+    }
+}

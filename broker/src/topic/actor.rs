@@ -564,7 +564,7 @@ impl Actor {
         let mut complete = true;
         for kv in stored {
             let name = kv.key[prefix.len()..].replace("%2F", "/").replace("%25", "%");
-            if self.subs.contains_key(&name) {
+            if self.subs.get(&name).is_some_and(|s| s.durable) {
                 continue;
             }
             let sub_type = serde_json::from_slice::<CursorInfo>(&kv.value)
@@ -908,23 +908,24 @@ impl Actor {
         let slowest = self.slowest_position();
         let keep_nothing = Retention { time: Some(std::time::Duration::ZERO), size: Some(0) };
         let now = super::now_ms();
-        if super::trimmable(&self.ml.info.ledgers, slowest, keep_nothing, now) == 0 {
+        let current = self.ml.ledger_bytes;
+        if super::trimmable(&self.ml.info.ledgers, current, slowest, keep_nothing, now) == 0 {
             return;
         }
         if self.ml.next_trim_check.is_some_and(|t| Instant::now() < t) {
             return;
         }
+        // Every stored subscription must hold its backlog, including one stored since the
+        // topic loaded by a task that no longer owns it.
+        self.load_cursors().await;
         if !self.ml.cursors_loaded {
-            self.load_cursors().await;
-            if !self.ml.cursors_loaded {
-                self.ml.next_trim_check = Some(Instant::now() + self.ml.settings.retention_check_interval);
-                return;
-            }
+            self.ml.next_trim_check = Some(Instant::now() + self.ml.settings.retention_check_interval);
+            return;
         }
         let retention = retention(&self.ml.meta, &self.ml.name, self.ml.settings.retention).await;
         // Subscriptions just loaded count too.
         let slowest = self.slowest_position();
-        let n = super::trimmable(&self.ml.info.ledgers, slowest, retention, now);
+        let n = super::trimmable(&self.ml.info.ledgers, current, slowest, retention, now);
         if n == 0 {
             self.ml.next_trim_check = Some(Instant::now() + self.ml.settings.retention_check_interval);
             return;
@@ -1230,7 +1231,10 @@ impl Actor {
                 Some(kv) => {
                     let info: CursorInfo =
                         serde_json::from_slice(&kv.value).map_err(|e| format!("cursor {key} is unreadable: {e}"))?;
-                    (Cursor::from_info(&info, initial), kv.version, info.properties)
+                    let mut c = Cursor::from_info(&info, initial);
+                    // Positions in ledgers deleted since it was stored count as acknowledged.
+                    c.skip_to(self.ml.span.before_first(), &self.ml.span);
+                    (c, kv.version, info.properties)
                 }
                 None if !create => return Ok(None),
                 None => {
@@ -1246,6 +1250,16 @@ impl Actor {
                             ClientError::BadVersion { .. } => format!("subscription {name} was created concurrently"),
                             e => e.to_string(),
                         })?;
+                    // A task that no longer owns the topic (unloaded, or its broker lost the
+                    // bundle) must not leave a cursor the new owner never loaded: that owner
+                    // would delete ledgers the subscription has not read. The new owner's
+                    // load changed the ledger list before it listed the cursors, so this
+                    // check and that listing cannot both miss the new cursor.
+                    let current = self.ml.meta.get(&self.ml.key).await.map_err(|e| e.to_string())?;
+                    if current.map(|kv| kv.version) != Some(self.ml.version) {
+                        let _ = self.ml.meta.delete(&key, Some(v)).await;
+                        return Err(format!("topic {} moved while subscription {name} was created", self.ml.name));
+                    }
                     (c, v, properties.clone())
                 }
             }
@@ -1283,8 +1297,15 @@ impl Actor {
         let Some(name) = self.index.get(&key).cloned() else { return };
         let Some(sub) = self.subs.get_mut(&name) else { return };
         let cumulative = ack.ack_type == pb::command_ack::AckType::Cumulative as i32;
+        let last = self.ml.span.last();
         for id in &ack.message_id {
             let p = Pos::new(id.ledger_id, id.entry_id as i64);
+            if p > last {
+                // Never delivered: it would mark messages not written yet as acknowledged
+                // (and let their ledger be deleted unread).
+                tracing::debug!(topic = %self.ml.name, position = %p, "ignoring an ack beyond the last entry");
+                continue;
+            }
             let set = (!id.ack_set.is_empty()).then_some(id.ack_set.as_slice());
             if cumulative {
                 sub.cursor.ack_cumulative(p, set, &self.ml.span);
@@ -1382,6 +1403,8 @@ impl Actor {
     /// Resets a subscription to `md` and closes its consumers so their clients reconnect
     /// from there; `answer` is the SEEK to answer first.
     pub(super) fn reset_sub(&mut self, name: &str, md: Pos, answer: Option<((u64, u64), u64)>) {
+        // Not past the end of the log: that would acknowledge messages not written yet.
+        let md = md.min(self.ml.span.last());
         let Some(sub) = self.subs.get_mut(name) else { return };
         sub.cursor.reset(md);
         sub.read_pos = md;

@@ -128,6 +128,18 @@ impl Cursor {
         }
     }
 
+    /// Moves the mark-delete position up to `first` if it is before it (the entries before
+    /// `first` are gone), dropping acknowledgements there.
+    pub fn skip_to(&mut self, first: Pos, span: &LedgerSpan) {
+        if self.mark_delete < first {
+            self.mark_delete = first;
+            let after = Pos::new(first.ledger_id, first.entry_id + 1);
+            self.acked = self.acked.split_off(&after);
+            self.partial = self.partial.split_off(&after);
+            self.advance(span);
+        }
+    }
+
     /// Resets to `mark_delete` (seek, skip-all): forgets individual acknowledgements.
     pub fn reset(&mut self, mark_delete: Pos) {
         *self = Cursor::new(mark_delete);
@@ -190,6 +202,24 @@ mod tests {
         assert_eq!(c.mark_delete(), Pos::new(3, 0), "skips the empty ledger");
         assert_eq!(c.acked_count(), 0);
         assert!(c.is_acked(Pos::new(2, 0)) && !c.is_acked(Pos::new(3, 1)));
+    }
+
+    #[test]
+    fn a_cursor_behind_deleted_ledgers_moves_to_the_first_left() {
+        // Stored before ledger 1 was deleted: position 1:2, acks at 1:4 and 3:0, a batch at 1:3.
+        let mut c = Cursor::new(Pos::new(1, 2));
+        c.acked.extend([Pos::new(1, 4), Pos::new(3, 0)]);
+        c.partial.insert(Pos::new(1, 3), vec![0b1]);
+        let left = LedgerSpan::new(vec![(2, -1), (3, 9)]);
+        c.skip_to(left.before_first(), &left);
+        // Ledger 2 is empty and 3:0 was acknowledged: the position moves on to it.
+        assert_eq!(c.mark_delete(), Pos::new(3, 0));
+        assert_eq!(c.acked_count(), 0, "no acknowledgement left in deleted ledgers");
+        assert_eq!(c.partial(Pos::new(1, 3)), None);
+        // A cursor already past the first ledger left is not moved.
+        let mut d = Cursor::new(Pos::new(3, 5));
+        d.skip_to(left.before_first(), &left);
+        assert_eq!(d.mark_delete(), Pos::new(3, 5));
     }
 
     #[test]

@@ -104,9 +104,16 @@ impl Retention {
 /// How many of the oldest `ledgers` can be deleted: never the last (current) one, only
 /// closed ledgers whose every entry is at or before `slowest` (the slowest subscription's
 /// mark-delete position; `None`: no subscription holds anything), oldest first and
-/// stopping at the first that retention keeps.
-pub fn trimmable(ledgers: &[LedgerInfo], slowest: Option<Pos>, retention: Retention, now_ms: u64) -> usize {
-    let total: u64 = ledgers.iter().filter_map(|l| l.size).sum();
+/// stopping at the first that retention keeps. `current_bytes` is what the ledger being
+/// written holds so far (it counts towards the size limit).
+pub fn trimmable(
+    ledgers: &[LedgerInfo],
+    current_bytes: u64,
+    slowest: Option<Pos>,
+    retention: Retention,
+    now_ms: u64,
+) -> usize {
+    let total: u64 = ledgers.iter().filter_map(|l| l.size).sum::<u64>() + current_bytes;
     let mut deleted = 0u64;
     let mut n = 0;
     for l in ledgers.iter().take(ledgers.len().saturating_sub(1)) {
@@ -114,16 +121,18 @@ pub fn trimmable(ledgers: &[LedgerInfo], slowest: Option<Pos>, retention: Retent
         if slowest.is_some_and(|s| s < Pos::new(l.ledger_id, last)) {
             break;
         }
+        // Pulsar's rule: past the age limit, or what stays without it still reaches the size.
         let expired = retention.time.is_some_and(|t| match l.timestamp {
-            Some(ts) => Duration::from_millis(now_ms.saturating_sub(ts)) >= t,
-            // Closed by a recovery, age unknown: only "keep nothing" lets it go by time.
+            Some(ts) => t.is_zero() || Duration::from_millis(now_ms.saturating_sub(ts)) > t,
+            // Age unknown (the topic loads stamp one): only "keep nothing" lets it go by time.
             None => t.is_zero(),
         });
-        let over_size = retention.size.is_some_and(|limit| total - deleted >= limit);
+        let size = l.size.unwrap_or(0);
+        let over_size = retention.size.is_some_and(|limit| total - deleted - size >= limit);
         if !(expired || over_size) {
             break;
         }
-        deleted += l.size.unwrap_or(0);
+        deleted += size;
         n += 1;
     }
     n
@@ -439,6 +448,10 @@ impl Topics {
             None if self.settings.auto_create || name.partition().is_some() => (ManagedLedgerInfo::default(), 0),
             None => return Err(TopicError::NotFound(name.to_string())),
         };
+        // Ledgers closed before close times were recorded: their age counts from now.
+        for l in info.ledgers.iter_mut().filter(|l| l.last_entry.is_some() && l.timestamp.is_none()) {
+            l.timestamp = Some(now_ms());
+        }
         // Fence and close whatever a previous owner was writing.
         for l in info.ledgers.iter_mut().filter(|l| l.last_entry.is_none()) {
             let md = self.ledgers.recover(l.ledger_id).await?;
@@ -570,42 +583,44 @@ mod tests {
     #[test]
     fn only_ledgers_every_subscription_consumed_go() {
         let l = ledgers();
-        assert_eq!(trimmable(&l, Some(Pos::new(1, -1)), NOTHING, 5000), 0);
-        assert_eq!(trimmable(&l, Some(Pos::new(1, 8)), NOTHING, 5000), 0, "one entry of ledger 1 is unacknowledged");
-        assert_eq!(trimmable(&l, Some(Pos::new(1, 9)), NOTHING, 5000), 1);
-        assert_eq!(trimmable(&l, Some(Pos::new(3, 0)), NOTHING, 5000), 2);
-        assert_eq!(trimmable(&l, Some(Pos::new(4, 5)), NOTHING, 5000), 3, "the current ledger always stays");
-        assert_eq!(trimmable(&l, None, NOTHING, 5000), 3, "no subscription holds anything");
-        assert_eq!(trimmable(&l[..1], None, NOTHING, 5000), 0, "a lone ledger is the current one");
+        assert_eq!(trimmable(&l, 0, Some(Pos::new(1, -1)), NOTHING, 5000), 0);
+        assert_eq!(trimmable(&l, 0, Some(Pos::new(1, 8)), NOTHING, 5000), 0, "one entry of ledger 1 is unacknowledged");
+        assert_eq!(trimmable(&l, 0, Some(Pos::new(1, 9)), NOTHING, 5000), 1);
+        assert_eq!(trimmable(&l, 0, Some(Pos::new(3, 0)), NOTHING, 5000), 2);
+        assert_eq!(trimmable(&l, 0, Some(Pos::new(4, 5)), NOTHING, 5000), 3, "the current ledger always stays");
+        assert_eq!(trimmable(&l, 0, None, NOTHING, 5000), 3, "no subscription holds anything");
+        assert_eq!(trimmable(&l[..1], 0, None, NOTHING, 5000), 0, "a lone ledger is the current one");
         // A ledger still being written (no last entry) stops the scan.
         let mut open = l.clone();
         open[1].last_entry = None;
-        assert_eq!(trimmable(&open, None, NOTHING, 5000), 1);
+        assert_eq!(trimmable(&open, 0, None, NOTHING, 5000), 1);
     }
 
     #[test]
     fn retention_keeps_consumed_ledgers_by_age_or_size() {
         let l = ledgers();
-        assert_eq!(trimmable(&l, None, FOREVER, 5000), 0);
+        assert_eq!(trimmable(&l, 0, None, FOREVER, 5000), 0);
         // Older than 2.5 s at 5 s: ledgers closed at 1 s and 2 s.
         let by_time = Retention { time: Some(Duration::from_millis(2500)), size: None };
-        assert_eq!(trimmable(&l, None, by_time, 5000), 2);
-        assert_eq!(trimmable(&l, None, by_time, 3000), 0);
-        // 3 MiB written; keeping 2 MiB lets one ledger go, keeping 4 MiB none.
+        assert_eq!(trimmable(&l, 0, None, by_time, 5000), 2);
+        assert_eq!(trimmable(&l, 0, None, by_time, 3000), 0);
+        // 3 MiB in closed ledgers: a ledger goes while what stays without it reaches the limit.
         let by_size = |mb: i64| Retention::from_pulsar(-1, mb);
-        assert_eq!(trimmable(&l, None, by_size(2), 0), 2, "3 MiB and 2 MiB left are both at the limit");
-        assert_eq!(trimmable(&l, None, by_size(3), 0), 1);
-        assert_eq!(trimmable(&l, None, by_size(4), 0), 0);
+        assert_eq!(trimmable(&l, 0, None, by_size(1), 0), 2);
+        assert_eq!(trimmable(&l, 0, None, by_size(2), 0), 1, "without ledger 2, 1 MiB would stay");
+        assert_eq!(trimmable(&l, 0, None, by_size(3), 0), 0);
+        // The ledger being written counts too.
+        assert_eq!(trimmable(&l, 1 << 20, None, by_size(2), 0), 2);
         // Either limit passed is enough (Pulsar's rule).
         let both = Retention { time: Some(Duration::from_millis(1500)), size: Some(4 << 20) };
-        assert_eq!(trimmable(&l, None, both, 3000), 1);
+        assert_eq!(trimmable(&l, 0, None, both, 3000), 1);
         // Subscriptions still come first.
-        assert_eq!(trimmable(&l, Some(Pos::new(2, 3)), by_time, 5000), 1);
+        assert_eq!(trimmable(&l, 0, Some(Pos::new(2, 3)), by_time, 5000), 1);
         // A ledger closed by a recovery has no known age: only "keep nothing" lets it go by time.
         let mut recovered = l.clone();
         recovered[0].timestamp = None;
-        assert_eq!(trimmable(&recovered, None, by_time, 5000), 0);
-        assert_eq!(trimmable(&recovered, None, NOTHING, 5000), 3);
+        assert_eq!(trimmable(&recovered, 0, None, by_time, 5000), 0);
+        assert_eq!(trimmable(&recovered, 0, None, NOTHING, 5000), 3);
     }
 
     #[test]
