@@ -430,6 +430,9 @@ struct Sub {
     bytes_out: Rate,
 }
 
+/// Tries at deleting a consumed ledger (1, 2, 4, 8 s apart).
+const DELETE_ATTEMPTS: u32 = 5;
+
 /// At most this many stream entries wait in a Key_Shared replay set for busy consumers.
 const MAX_STASHED: usize = 1000;
 
@@ -954,10 +957,21 @@ impl Actor {
         let (ledgers, name) = (self.ml.ledgers.clone(), self.ml.name.clone());
         tokio::spawn(async move {
             for id in ids {
-                // The topic no longer lists it; a ledger whose metadata survives a failure
-                // here is not read by anyone (see docs/broker.md).
-                if let Err(e) = ledgers.delete(id).await {
-                    tracing::warn!(topic = %name, ledger = id, error = %e, "deleting a consumed ledger failed");
+                // The topic no longer lists it: a failure is retried a few times (a metastore
+                // leader change, say), then left (see docs/broker.md).
+                let mut wait = std::time::Duration::from_secs(1);
+                for attempt in 1..=DELETE_ATTEMPTS {
+                    match ledgers.delete(id).await {
+                        Ok(()) | Err(LedgerError::NoSuchLedger(_)) => break,
+                        Err(e) if attempt == DELETE_ATTEMPTS => {
+                            tracing::warn!(topic = %name, ledger = id, error = %e, "deleting a consumed ledger failed; giving up")
+                        }
+                        Err(e) => {
+                            tracing::info!(topic = %name, ledger = id, error = %e, "deleting a consumed ledger failed; retrying");
+                            tokio::time::sleep(wait).await;
+                            wait *= 2;
+                        }
+                    }
                 }
             }
         });
