@@ -396,6 +396,17 @@ async fn policy_set(State(a): S, Path((t, ns, segment)): Path<(String, String, S
     if !fits {
         return fail(StatusCode::PRECONDITION_FAILED, format!("invalid value for {segment}: {value}"));
     }
+    if segment == "retention" {
+        let zero = |k: &str| value.get(k).and_then(Value::as_i64) == Some(0);
+        if zero("retentionTimeInMinutes") != zero("retentionSizeInMB") {
+            // As Pulsar: 0 turns retention off, so a single 0 would silently void the other
+            // limit; -1 is how one limit is left out.
+            return fail(
+                StatusCode::BAD_REQUEST,
+                "Invalid retention policy: a single limit of 0 with the other non-zero is not allowed; use -1 to leave a limit out, or 0 for both to keep nothing",
+            );
+        }
+    }
     update_json(&a.meta, &format!("/namespaces/{t}/{ns}"), &format!("Namespace {t}/{ns}"), |mut policies| {
         if let Some(o) = policies.as_object_mut() {
             o.insert(field.into(), value);

@@ -177,6 +177,8 @@ async fn api_and_metrics(s: &Target) {
         http(w, "POST", &format!("{ns}/retention"), r#"{"retentionTimeInMinutes":-2,"retentionSizeInMB":0}"#).await.0,
         412
     );
+    let half_off = r#"{"retentionTimeInMinutes":60,"retentionSizeInMB":0}"#;
+    assert_eq!(http(w, "POST", &format!("{ns}/retention"), half_off).await.0, 400, "one limit of 0 voids the other");
     assert_eq!(http(w, "POST", &format!("{ns}/messageTTL"), "3600").await.0, 204);
     assert_eq!(parse(&http(w, "GET", &format!("{ns}/messageTTL"), "").await.1), 3600);
     assert_eq!(http(w, "POST", &format!("{ns}/messageTTL"), "\"soon\"").await.0, 412);
