@@ -32,6 +32,17 @@ async fn wait_ledgers(meta: &MetaClient, topic: &str, done: impl Fn(&[u64]) -> b
     }
 }
 
+/// Sends 12 messages to `topic` (three ledgers of 5), lets rollovers and a few retention
+/// checks (every second in these tests) pass, and checks that every ledger is still listed.
+async fn send_and_check_kept(p: &Pulsar<TokioExecutor>, meta: &MetaClient, topic: &str) -> Vec<(u64, u64)> {
+    let ids = send_all(p, topic, 0, 12).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let left = ledger_ids(meta, topic).await;
+    assert_eq!(left[0], ids[0].0, "every ledger kept: {left:?}");
+    assert!(left.len() >= 3, "{left:?}");
+    ids
+}
+
 async fn send_all(p: &Pulsar<TokioExecutor>, topic: &str, from: usize, to: usize) -> Vec<(u64, u64)> {
     let mut producer = p.producer().with_topic(topic).build().await.expect("producer");
     let mut ids = Vec::new();
@@ -108,13 +119,7 @@ async fn consumed_ledgers_are_deleted_and_retention_keeps_them() {
     .expect("set retention");
     assert_eq!(r.status, 204, "{}", r.body);
     let kept = "persistent://public/default/retained";
-    let ids = send_all(&p, kept, 0, 12).await;
-    let first = ids[0].0;
-    // Rollovers and at least two retention checks (every second here) pass.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let left = ledger_ids(&meta, kept).await;
-    assert_eq!(left[0], first, "retention keeps every ledger: {left:?}");
-    assert!(left.len() >= 3, "{left:?}");
+    send_and_check_kept(&p, &meta, kept).await;
     let mut reader = consumer(&p, kept, "late", SubType::Exclusive).await;
     for i in 0..12 {
         assert_eq!(next_body(&mut reader).await, format!("m-{i}"));
@@ -135,13 +140,7 @@ async fn no_ledger_is_deleted_while_a_subscription_is_not_loaded() {
     let bad = cursor_key(&TopicName::parse(topic).expect("name"), "broken");
     meta.put(&bad, b"not a cursor".to_vec(), PutOptions::default()).await.expect("put");
     let p: Pulsar<TokioExecutor> = Pulsar::builder(s.url(), TokioExecutor).build().await.expect("connect");
-    let ids = send_all(&p, topic, 0, 12).await;
-    let first = ids[0].0;
-    // Rollovers and a few retention checks pass; nothing goes.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let left = ledger_ids(&meta, topic).await;
-    assert_eq!(left[0], first, "{left:?}");
-    assert!(left.len() >= 3, "{left:?}");
+    let ids = send_and_check_kept(&p, &meta, topic).await;
     // Once the broken subscription is gone, the next check loads the (now complete) set and
     // deletes: the topic has no subscription left to hold anything.
     meta.delete(&bad, None).await.expect("delete");

@@ -909,10 +909,9 @@ impl Actor {
     /// from the metastore and the bookies, in the background.
     async fn trim(&mut self) {
         let slowest = self.slowest_position();
-        let keep_nothing = Retention { time: Some(std::time::Duration::ZERO), size: Some(0) };
         let now = super::now_ms();
         let current = self.ml.ledger_bytes;
-        if super::trimmable(&self.ml.info.ledgers, current, slowest, keep_nothing, now) == 0 {
+        if super::trimmable(&self.ml.info.ledgers, current, slowest, Retention::NOTHING, now) == 0 {
             return;
         }
         if self.ml.next_trim_check.is_some_and(|t| Instant::now() < t) {
@@ -922,7 +921,7 @@ impl Actor {
         // topic loaded by a task that no longer owns it.
         self.load_cursors().await;
         if !self.ml.cursors_loaded {
-            self.ml.next_trim_check = Some(Instant::now() + self.ml.settings.retention_check_interval);
+            self.ml.defer_trim();
             return;
         }
         let retention = retention(&self.ml.meta, &self.ml.name, self.ml.settings.retention).await;
@@ -930,11 +929,11 @@ impl Actor {
         let slowest = self.slowest_position();
         let n = super::trimmable(&self.ml.info.ledgers, current, slowest, retention, now);
         if n == 0 {
-            self.ml.next_trim_check = Some(Instant::now() + self.ml.settings.retention_check_interval);
+            self.ml.defer_trim();
             return;
         }
         let mut info = self.ml.info.clone();
-        let gone: Vec<super::LedgerInfo> = info.ledgers.drain(..n).collect();
+        let ids: Vec<u64> = info.ledgers.drain(..n).map(|l| l.ledger_id).collect();
         match put_info(&self.ml.meta, &self.ml.key, &info, self.ml.version).await {
             Ok(v) => {
                 self.ml.version = v;
@@ -943,7 +942,7 @@ impl Actor {
             }
             Err(e) => {
                 tracing::warn!(topic = %self.ml.name, error = %e, "removing consumed ledgers from the topic failed");
-                self.ml.next_trim_check = Some(Instant::now() + self.ml.settings.retention_check_interval);
+                self.ml.defer_trim();
                 return;
             }
         }
@@ -952,7 +951,6 @@ impl Actor {
         let kept = self.ml.cache.split_off(&Pos::new(first, i64::MIN));
         self.ml.cache_bytes = kept.values().map(|c| c.entry.len()).sum();
         self.ml.cache = kept;
-        let ids: Vec<u64> = gone.iter().map(|l| l.ledger_id).collect();
         tracing::info!(topic = %self.ml.name, ledgers = ?ids, slowest = ?slowest, "deleting consumed ledgers");
         let (ledgers, name) = (self.ml.ledgers.clone(), self.ml.name.clone());
         tokio::spawn(async move {
@@ -1783,6 +1781,11 @@ impl Ml {
             let result = read_positions(ledgers, current, positions).await;
             let _ = tx.send(Cmd::ReadDone { sub: name, generation, result });
         });
+    }
+
+    /// Looks for deletable ledgers again only after `retention_check_interval`.
+    fn defer_trim(&mut self) {
+        self.next_trim_check = Some(Instant::now() + self.settings.retention_check_interval);
     }
 
     /// Records that this topic's ledger `id` was closed with `last_entry` (in memory; the

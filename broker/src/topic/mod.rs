@@ -84,6 +84,9 @@ pub struct Retention {
 }
 
 impl Retention {
+    /// Nothing kept past acknowledgement (Pulsar's default).
+    pub const NOTHING: Retention = Retention { time: Some(Duration::ZERO), size: Some(0) };
+
     /// From Pulsar's `retentionTimeInMinutes` and `retentionSizeInMB` (-1: no limit).
     pub fn from_pulsar(minutes: i64, mb: i64) -> Self {
         Retention {
@@ -256,7 +259,7 @@ impl Default for TopicSettings {
             cache_bytes: 32 << 20,
             cursor_persist_interval: Duration::from_millis(200),
             read_batch: 100,
-            retention: Retention { time: Some(Duration::ZERO), size: Some(0) },
+            retention: Retention::NOTHING,
             retention_check_interval: Duration::from_secs(120),
         }
     }
@@ -577,7 +580,7 @@ mod tests {
         ]
     }
 
-    const NOTHING: Retention = Retention { time: Some(Duration::ZERO), size: Some(0) };
+    const NOTHING: Retention = Retention::NOTHING;
     const FOREVER: Retention = Retention { time: None, size: None };
 
     #[test]
