@@ -111,6 +111,18 @@ pub const MIN_OPEN_FILES: u64 = 32;
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct StorageSettings {
+    /// Where payloads live: `entry_logs` (entry log files and a RocksDB index; the default)
+    /// or `rocksdb` (payloads in RocksDB, in blob files from `min_blob_bytes`). A ledger
+    /// directory keeps the engine it was created with.
+    pub engine: StorageEngine,
+    /// Size at which an entry log is sealed and a new one started.
+    pub entry_log_bytes: u64,
+    /// Emptied entry logs kept for reuse (more are deleted).
+    pub entry_log_pool: usize,
+    /// An entry log whose live bytes fall below this fraction of its size is compacted.
+    pub compaction_threshold: f64,
+    /// How often entry logs are checked for compaction (0: never).
+    pub compaction_interval_ms: u64,
     /// How often journal positions are checkpointed (flushing RocksDB) so old segments go.
     pub checkpoint_interval_ms: u64,
     /// Bytes of recently written entries kept in memory for tail reads (payloads plus 64 bytes
@@ -133,6 +145,11 @@ pub struct StorageSettings {
 impl Default for StorageSettings {
     fn default() -> Self {
         StorageSettings {
+            engine: StorageEngine::EntryLogs,
+            entry_log_bytes: 256 << 20,
+            entry_log_pool: 8,
+            compaction_threshold: 0.5,
+            compaction_interval_ms: 60_000,
             checkpoint_interval_ms: 10_000,
             read_cache_bytes: 64 << 20,
             min_blob_bytes: 4096,
@@ -142,6 +159,16 @@ impl Default for StorageSettings {
             max_open_files: 0,
         }
     }
+}
+
+/// Where a bookie keeps payloads.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum StorageEngine {
+    /// Entry log files, indexed in RocksDB; emptied files are reused.
+    EntryLogs,
+    /// RocksDB with blob files.
+    Rocksdb,
 }
 
 impl Validate for BookieConfig {
@@ -186,6 +213,12 @@ impl Validate for BookieConfig {
         if !(1..=max_flushes).contains(&self.storage.flush_threads) {
             return bad("storage.flush_threads", &format!("must be between 1 and {max_flushes}"));
         }
+        if self.storage.entry_log_bytes < 4 << 20 || self.storage.entry_log_bytes < 2 * self.max_entry_bytes as u64 {
+            return bad("storage.entry_log_bytes", "must be at least 4 MiB and hold two of the largest entries");
+        }
+        if !(0.0..=1.0).contains(&self.storage.compaction_threshold) {
+            return bad("storage.compaction_threshold", "must be between 0 and 1");
+        }
         if self.storage.checkpoint_interval_ms == 0 {
             return bad("storage.checkpoint_interval_ms", "must be > 0");
         }
@@ -201,6 +234,7 @@ pub const ENV_ALIASES: &[(&str, &str)] = &[
     ("diskUsageLwmThreshold", "disk_usage_lwm_threshold"),
     ("gcWaitTime", "gc_interval_ms"),
     ("bookieId", "bookie_id"),
+    ("logSizeLimit", "storage.entry_log_bytes"),
 ];
 
 #[cfg(test)]

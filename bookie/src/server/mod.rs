@@ -31,7 +31,6 @@ use crate::config::BookieConfig;
 use crate::error::{BookieError, Result};
 use crate::journal::{replay, Journal, JournalMetrics, Position};
 use crate::ledgers::Ledgers;
-use crate::storage::rocks::RocksStorage;
 use crate::storage::LedgerStorage;
 
 pub use registration::{available_key, BookieInfo, AVAILABLE_PREFIX};
@@ -179,9 +178,11 @@ impl Bookie {
         // Entry store and replay.
         let settings = cfg.storage.clone();
         let ldir = ledger_dir.join("store");
-        let storage: Arc<dyn LedgerStorage> = Arc::new(
-            tokio::task::spawn_blocking(move || RocksStorage::open(&ldir, &settings)).await.map_err(join_err)??,
-        );
+        let max_entry = cfg.max_entry_bytes;
+        let storage: Arc<dyn LedgerStorage> =
+            tokio::task::spawn_blocking(move || crate::storage::open(&ldir, &settings, max_entry))
+                .await
+                .map_err(join_err)??;
         let cp = checkpoint::load(&ledger_dir, journal_dirs.len())?;
         let max_record = cfg.max_entry_bytes + service::MAX_MASTER_KEY + 4096;
         let mut next_segments = Vec::new();

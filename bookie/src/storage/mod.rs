@@ -1,21 +1,26 @@
 //! Entry storage: where entries live once the journal has made them durable.
 //!
-//! [`LedgerStorage`] is the contract every implementation keeps ([`rocks::RocksStorage`] in
-//! production, [`mem::MemStorage`] for tests); [`suite`] checks it against each. The journal is
+//! [`LedgerStorage`] is the contract every implementation keeps ([`entrylog::EntryLogStorage`]
+//! by default, [`rocks::RocksStorage`] as the alternative, [`mem::MemStorage`] for tests); [`suite`] checks it against each. The journal is
 //! the write-ahead log, so implementations need not make a write durable until
 //! [`LedgerStorage::flush`]; after `flush` returns, everything written before it survives a
 //! crash. Entries are checked against their checksum on every read: a stored entry that fails
 //! it is [`BookieError::Corrupt`], never "absent".
 
 pub mod cache;
+pub mod entrylog;
 pub mod mem;
 pub mod rocks;
 #[cfg(test)]
 pub mod suite;
 
+use std::path::Path;
+use std::sync::Arc;
+
 use bytes::Bytes;
 
 use crate::checksum::entry_checksum;
+use crate::config::{StorageEngine, StorageSettings};
 use crate::error::{BookieError, Result};
 
 /// Per-ledger state a bookie keeps.
@@ -103,6 +108,24 @@ pub trait LedgerStorage: Send + Sync + 'static {
     fn ledgers(&self) -> Result<Vec<u64>>;
     /// Makes everything written so far durable.
     fn flush(&self) -> Result<()>;
+}
+
+/// Opens the entry store in `dir` with the engine it was created with, or (a new directory)
+/// the configured one.
+pub fn open(dir: &Path, settings: &StorageSettings, max_entry: usize) -> Result<Arc<dyn LedgerStorage>> {
+    let engine = match (dir.join("entries.db").exists(), dir.join("index.db").exists()) {
+        (true, false) => StorageEngine::Rocksdb,
+        (false, true) => StorageEngine::EntryLogs,
+        _ => settings.engine,
+    };
+    if engine != settings.engine {
+        tracing::warn!(configured = ?settings.engine, found = ?engine, dir = %dir.display(),
+            "the ledger directory was created with another storage engine; keeping it");
+    }
+    Ok(match engine {
+        StorageEngine::EntryLogs => Arc::new(entrylog::EntryLogStorage::open(dir, settings, max_entry)?),
+        StorageEngine::Rocksdb => Arc::new(rocks::RocksStorage::open(dir, settings)?),
+    })
 }
 
 /// Storage key of an entry: ledger and entry id big-endian, so keys sort by (ledger, entry).

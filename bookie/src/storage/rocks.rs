@@ -40,6 +40,65 @@ pub fn open_files_budget(configured: u64, limit: Option<u64>) -> i32 {
 /// Most files the automatic budget allows (a process with no limit gets this many).
 const MAX_AUTO_OPEN_FILES: u64 = 1 << 18;
 
+/// Database options both entry stores use: atomic flush, flush and compaction threads and
+/// their priorities, incremental syncs, the open-file budget and direct I/O for flushes.
+pub(crate) fn base_options(settings: &StorageSettings) -> Result<Options> {
+    let mut opts = Options::default();
+    opts.create_if_missing(true);
+    opts.set_atomic_flush(true);
+    opts.set_keep_log_file_num(4);
+    // Flushes are the second copy of every entry and must keep pace with the journal.
+    // `flush_threads` flushes may run side by side; compactions (small tables: payloads
+    // live in blob files) need one thread.
+    let flushes = settings.flush_threads.clamp(1, MAX_FLUSH_THREADS) as i32;
+    opts.set_max_background_jobs(flushes + 1);
+    // Deprecated in the bindings in favour of deriving both counts from the job count,
+    // which would give compactions three times the flush threads; RocksDB honours it.
+    #[allow(deprecated)]
+    opts.set_max_background_flushes(flushes);
+    #[allow(deprecated)]
+    opts.set_max_background_compactions(1);
+    // Write flushed files out incrementally instead of in one burst at their fsync, which
+    // would delay the journal's fdatasyncs on the same disk.
+    opts.set_bytes_per_sync(1 << 20);
+    let open_files = open_files_budget(settings.max_open_files, magnetar_common::limits::open_file_limit());
+    opts.set_max_open_files(open_files);
+    // The open-file cache is split into shards of equal capacity, each holding at least
+    // one file: RocksDB's default of 64 shards would let a small budget be exceeded.
+    opts.set_table_cache_num_shard_bits(4);
+    // Compactions run at a lower CPU priority than the journal and the request handlers,
+    // so on small machines they do not add latency spikes to adds; flushes too, unless
+    // `low_priority_flushes` is off (more throughput for large entries on a busy machine,
+    // at the price of a longer latency tail: see docs/benchmarks.md).
+    let mut env = rocksdb::Env::new()?;
+    env.lower_thread_pool_cpu_priority();
+    if settings.low_priority_flushes {
+        env.lower_high_priority_thread_pool_cpu_priority();
+    }
+    env.set_high_priority_background_threads(flushes);
+    env.set_background_threads(1);
+    opts.set_env(&env);
+    // Flushes and compactions write past the page cache: entries are written once (by
+    // the journal) into the page cache already, and copying every flushed byte into it a
+    // second time cost more CPU than anything else at high add rates.
+    opts.set_use_direct_io_for_flush_and_compaction(true);
+    Ok(opts)
+}
+
+/// Options of a family keyed by [`entry_key`]: XXH3 block checksums (RocksDB's CRC32C is a
+/// software loop unless the whole build targets SSE4.2, and it cost about as much CPU as
+/// writing the data), LZ4, and room to keep accepting writes while full memtables flush.
+pub(crate) fn keyed_family(settings: &StorageSettings) -> Options {
+    let mut o = Options::default();
+    let mut table = rocksdb::BlockBasedOptions::default();
+    table.set_checksum_type(rocksdb::ChecksumType::XXH3);
+    o.set_block_based_table_factory(&table);
+    o.set_compression_type(rocksdb::DBCompressionType::Lz4);
+    o.set_write_buffer_size(settings.write_buffer_bytes);
+    o.set_max_write_buffer_number(WRITE_BUFFERS);
+    o
+}
+
 /// RocksDB-backed [`LedgerStorage`].
 pub struct RocksStorage {
     db: DB,
@@ -50,56 +109,9 @@ impl RocksStorage {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path, settings: &StorageSettings) -> Result<Self> {
         std::fs::create_dir_all(dir).map_err(|e| BookieError::io(format!("creating {}", dir.display()), e))?;
-        let mut opts = Options::default();
-        opts.create_if_missing(true);
+        let mut opts = base_options(settings)?;
         opts.create_missing_column_families(true);
-        opts.set_atomic_flush(true);
-        opts.set_keep_log_file_num(4);
-        // Flushes are the second copy of every entry and must keep pace with the journal.
-        // `flush_threads` flushes may run side by side; compactions (small tables: payloads
-        // live in blob files) need one thread.
-        let flushes = settings.flush_threads.clamp(1, MAX_FLUSH_THREADS) as i32;
-        opts.set_max_background_jobs(flushes + 1);
-        // Deprecated in the bindings in favour of deriving both counts from the job count,
-        // which would give compactions three times the flush threads; RocksDB honours it.
-        #[allow(deprecated)]
-        opts.set_max_background_flushes(flushes);
-        #[allow(deprecated)]
-        opts.set_max_background_compactions(1);
-        // Write flushed files out incrementally instead of in one burst at their fsync, which
-        // would delay the journal's fdatasyncs on the same disk.
-        opts.set_bytes_per_sync(1 << 20);
-        let open_files = open_files_budget(settings.max_open_files, magnetar_common::limits::open_file_limit());
-        opts.set_max_open_files(open_files);
-        // The open-file cache is split into shards of equal capacity, each holding at least
-        // one file: RocksDB's default of 64 shards would let a small budget be exceeded.
-        opts.set_table_cache_num_shard_bits(4);
-        // Compactions run at a lower CPU priority than the journal and the request handlers,
-        // so on small machines they do not add latency spikes to adds; flushes too, unless
-        // `low_priority_flushes` is off (more throughput for large entries on a busy machine,
-        // at the price of a longer latency tail: see docs/benchmarks.md).
-        let mut env = rocksdb::Env::new()?;
-        env.lower_thread_pool_cpu_priority();
-        if settings.low_priority_flushes {
-            env.lower_high_priority_thread_pool_cpu_priority();
-        }
-        env.set_high_priority_background_threads(flushes);
-        env.set_background_threads(1);
-        opts.set_env(&env);
-        // Flushes and compactions write past the page cache: entries are written once (by
-        // the journal) into the page cache already, and copying every flushed byte into it a
-        // second time cost more CPU than anything else at high add rates.
-        opts.set_use_direct_io_for_flush_and_compaction(true);
-        let mut entries = Options::default();
-        // XXH3 block checksums: RocksDB's CRC32C is a software loop unless the whole build
-        // targets SSE4.2, and it cost about as much CPU as writing the data.
-        let mut table = rocksdb::BlockBasedOptions::default();
-        table.set_checksum_type(rocksdb::ChecksumType::XXH3);
-        entries.set_block_based_table_factory(&table);
-        entries.set_compression_type(rocksdb::DBCompressionType::Lz4);
-        entries.set_write_buffer_size(settings.write_buffer_bytes);
-        // Room to keep accepting writes while full memtables are flushed.
-        entries.set_max_write_buffer_number(WRITE_BUFFERS);
+        let mut entries = keyed_family(settings);
         if settings.min_blob_bytes > 0 {
             entries.set_enable_blob_files(true);
             entries.set_min_blob_size(settings.min_blob_bytes);
@@ -162,53 +174,15 @@ impl LedgerStorage for RocksStorage {
     }
 
     fn last_entry(&self, ledger: u64) -> Result<Option<i64>> {
-        let mut it = self.db.raw_iterator_cf(self.cf(ENTRIES)?);
-        it.seek_for_prev(entry_key(ledger, i64::MAX));
-        if !it.valid() {
-            it.status()?;
-            return Ok(None);
-        }
-        Ok(it.key().and_then(parse_entry_key).filter(|(l, _)| *l == ledger).map(|(_, e)| e))
+        last_key(&self.db, self.cf(ENTRIES)?, ledger)
     }
 
     fn delete_ledger(&self, ledger: u64) -> Result<()> {
-        let (ecf, lcf) = (self.cf(ENTRIES)?, self.cf(LEDGERS)?);
-        let mut batch = WriteBatch::default();
-        let end = match ledger.checked_add(1) {
-            Some(n) => entry_key(n, 0).to_vec(),
-            None => vec![0xff; 17],
-        };
-        batch.delete_range_cf(ecf, entry_key(ledger, 0).to_vec(), end);
-        batch.delete_cf(lcf, ledger.to_be_bytes());
-        self.db.write_opt(batch, &self.no_wal)?;
-        Ok(())
+        delete_ledger_keys(&self.db, &self.no_wal, self.cf(ENTRIES)?, self.cf(LEDGERS)?, ledger)
     }
 
     fn ledgers(&self) -> Result<Vec<u64>> {
-        let mut out = Vec::new();
-        let mut it = self.db.raw_iterator_cf(self.cf(LEDGERS)?);
-        it.seek_to_first();
-        while let Some(k) = it.key() {
-            if let Ok(b) = <[u8; 8]>::try_from(k) {
-                out.push(u64::from_be_bytes(b));
-            }
-            it.next();
-        }
-        it.status()?;
-        // Entries whose ledger state is missing (should not happen, but the GC must see them).
-        let mut it = self.db.raw_iterator_cf(self.cf(ENTRIES)?);
-        it.seek_to_first();
-        while let Some((l, _)) = it.key().and_then(parse_entry_key) {
-            out.push(l);
-            match l.checked_add(1) {
-                Some(n) => it.seek(entry_key(n, 0)),
-                None => break,
-            }
-        }
-        it.status()?;
-        out.sort_unstable();
-        out.dedup();
-        Ok(out)
+        list_ledgers(&self.db, self.cf(LEDGERS)?, self.cf(ENTRIES)?)
     }
 
     fn flush(&self) -> Result<()> {
@@ -217,6 +191,68 @@ impl LedgerStorage for RocksStorage {
         self.db.flush_cfs_opt(&[self.cf(ENTRIES)?, self.cf(LEDGERS)?], &fo)?;
         Ok(())
     }
+}
+
+/// Highest entry id of `ledger` in a family keyed by [`entry_key`].
+pub(crate) fn last_key(db: &DB, cf: &rocksdb::ColumnFamily, ledger: u64) -> Result<Option<i64>> {
+    let mut it = db.raw_iterator_cf(cf);
+    it.seek_for_prev(entry_key(ledger, i64::MAX));
+    if !it.valid() {
+        it.status()?;
+        return Ok(None);
+    }
+    Ok(it.key().and_then(parse_entry_key).filter(|(l, _)| *l == ledger).map(|(_, e)| e))
+}
+
+/// Removes a ledger's keys from an entry-keyed family and its state from a ledger family.
+pub(crate) fn delete_ledger_keys(
+    db: &DB,
+    wo: &WriteOptions,
+    entries: &rocksdb::ColumnFamily,
+    states: &rocksdb::ColumnFamily,
+    ledger: u64,
+) -> Result<()> {
+    let mut batch = WriteBatch::default();
+    let end = match ledger.checked_add(1) {
+        Some(n) => entry_key(n, 0).to_vec(),
+        None => vec![0xff; 17],
+    };
+    batch.delete_range_cf(entries, entry_key(ledger, 0).to_vec(), end);
+    batch.delete_cf(states, ledger.to_be_bytes());
+    db.write_opt(batch, wo)?;
+    Ok(())
+}
+
+/// Every ledger with a state or an entry key, ascending.
+pub(crate) fn list_ledgers(
+    db: &DB,
+    states: &rocksdb::ColumnFamily,
+    entries: &rocksdb::ColumnFamily,
+) -> Result<Vec<u64>> {
+    let mut out = Vec::new();
+    let mut it = db.raw_iterator_cf(states);
+    it.seek_to_first();
+    while let Some(k) = it.key() {
+        if let Ok(b) = <[u8; 8]>::try_from(k) {
+            out.push(u64::from_be_bytes(b));
+        }
+        it.next();
+    }
+    it.status()?;
+    // Entries whose ledger state is missing (should not happen, but the GC must see them).
+    let mut it = db.raw_iterator_cf(entries);
+    it.seek_to_first();
+    while let Some((l, _)) = it.key().and_then(parse_entry_key) {
+        out.push(l);
+        match l.checked_add(1) {
+            Some(n) => it.seek(entry_key(n, 0)),
+            None => break,
+        }
+    }
+    it.status()?;
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
 }
 
 #[cfg(test)]

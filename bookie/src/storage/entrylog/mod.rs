@@ -1,0 +1,865 @@
+//! The default entry store: payloads in entry logs, an index in RocksDB.
+//!
+//! Entries are appended, as records ([`record`]), to the current entry log, a file in
+//! `logs/` that is written with direct I/O from aligned buffers by a writer thread. RocksDB
+//! (its WAL off: the journal is the write-ahead log) holds three column families:
+//! - `index`: key [`super::entry_key`] (ledger, entry big-endian) → [`record::Location`];
+//! - `ledgers`: ledger id (u64 BE) → [`LedgerMeta::encode`];
+//! - `logs`: log id (u64 BE) → the log's accounting ([`LogInfo`]): its end, whether it is
+//!   sealed, and the bytes each ledger has in it.
+//!
+//! Space is reused, not freed. A log none of whose ledgers is left is renamed into a pool
+//! (`*.free`) after the next flush, and the next log is that file, overwritten from its
+//! start: overwriting blocks a file already owns needs no block allocation, and giving blocks
+//! back to the file system (unlink, with online discard) stalled the journal's fdatasyncs on
+//! the same disk for tens of milliseconds. A log whose live bytes fall below
+//! `compaction_threshold` of its size is compacted: its live records are copied to the
+//! current log, the index is pointed at the copies once they are durable, and the log goes to
+//! the pool.
+//!
+//! Crash safety. A flush writes out every buffer, fdatasyncs the logs written since the last
+//! flush, then records their accounting and flushes RocksDB. What a crash loses after that is
+//! in the journal after the checkpoint and is written again by replay. Compaction points the
+//! index at a copy only after the copy is durable, and a log is reused only after a flush that
+//! made its ledgers' removal from the index durable. Logs not sealed at the last flush are
+//! scanned when the store opens, and records the index points to are accounted to them.
+
+mod record;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use rocksdb::{ColumnFamilyDescriptor, FlushOptions, Options, WriteBatch, WriteOptions, DB};
+
+use self::record::{AlignedBuf, Header, Location, Scanner, HEADER};
+use super::{entry_key, EntryWrite, LedgerMeta, LedgerStorage, StoredEntry};
+use crate::config::StorageSettings;
+use crate::error::{BookieError, Result};
+
+const INDEX: &str = "index";
+const LEDGERS: &str = "ledgers";
+const LOGS: &str = "logs";
+/// Bytes gathered before a buffer goes to the writer thread.
+const CHUNK: usize = 2 << 20;
+/// Buffers waiting for the writer, at most (appends wait beyond this).
+const MAX_INFLIGHT: usize = 64 << 20;
+/// Read descriptors kept open at most.
+const MAX_READERS: usize = 512;
+
+/// A log's accounting.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct LogInfo {
+    /// Bytes of records written.
+    end: u64,
+    /// No more records will be appended.
+    sealed: bool,
+    /// Record bytes per ledger (over-counts rewritten entries until the ledger goes).
+    ledgers: HashMap<u64, u64>,
+}
+
+impl LogInfo {
+    fn live(&self) -> u64 {
+        self.ledgers.values().sum()
+    }
+
+    /// `[end u64 LE][sealed u8]` then `[ledger u64 LE][bytes u64 LE]` pairs.
+    fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(9 + 16 * self.ledgers.len());
+        v.extend_from_slice(&self.end.to_le_bytes());
+        v.push(u8::from(self.sealed));
+        for (l, b) in &self.ledgers {
+            v.extend_from_slice(&l.to_le_bytes());
+            v.extend_from_slice(&b.to_le_bytes());
+        }
+        v
+    }
+
+    fn decode(v: &[u8]) -> Option<LogInfo> {
+        if v.len() < 9 || !(v.len() - 9).is_multiple_of(16) || v[8] > 1 {
+            return None;
+        }
+        let u = |b: &[u8]| {
+            let mut x = [0u8; 8];
+            x.copy_from_slice(b);
+            u64::from_le_bytes(x)
+        };
+        let ledgers = v[9..].chunks_exact(16).map(|c| (u(&c[..8]), u(&c[8..]))).collect();
+        Some(LogInfo { end: u(&v[..8]), sealed: v[8] == 1, ledgers })
+    }
+}
+
+/// The log being appended to.
+struct Current {
+    id: u64,
+    file: Arc<File>,
+    /// File offset of the buffer's first byte (aligned).
+    base: u64,
+    buf: AlignedBuf,
+    /// The buffer holds bytes the writer has not been given.
+    unsent: bool,
+}
+
+impl Current {
+    fn end(&self) -> u64 {
+        self.base + self.buf.len() as u64
+    }
+}
+
+/// A buffer handed to the writer thread, readable until written.
+struct Inflight {
+    seq: u64,
+    log: u64,
+    offset: u64,
+    buf: Arc<Mutex<AlignedBuf>>,
+}
+
+struct Chunk {
+    seq: u64,
+    file: Arc<File>,
+    offset: u64,
+    buf: Arc<Mutex<AlignedBuf>>,
+}
+
+struct State {
+    current: Option<Current>,
+    logs: BTreeMap<u64, LogInfo>,
+    /// Logs holding records of each ledger.
+    ledger_logs: HashMap<u64, BTreeSet<u64>>,
+    /// Logs whose accounting changed since the last flush.
+    dirty: BTreeSet<u64>,
+    /// Logs without live records, reusable after the next flush.
+    released: Vec<u64>,
+    /// Files ready for reuse.
+    pool: Vec<PathBuf>,
+    next_id: u64,
+    /// Logs written since the last flush.
+    unsynced: BTreeMap<u64, Arc<File>>,
+    inflight: VecDeque<Inflight>,
+    inflight_bytes: usize,
+    next_seq: u64,
+    done_seq: u64,
+    /// The writer failed; nothing more is durable.
+    failed: Option<String>,
+    spare: Vec<AlignedBuf>,
+    tx: Option<Sender<Chunk>>,
+}
+
+struct Inner {
+    dir: PathBuf,
+    db: DB,
+    no_wal: WriteOptions,
+    state: Mutex<State>,
+    /// Signalled when the writer finishes a buffer.
+    written: Condvar,
+    /// One flush at a time: a flush promises that everything written before it is durable.
+    flushing: Mutex<()>,
+    readers: Mutex<HashMap<u64, Arc<File>>>,
+    log_bytes: u64,
+    pool_max: usize,
+    max_payload: u32,
+}
+
+/// Entry-log-backed [`LedgerStorage`].
+pub struct EntryLogStorage {
+    inner: Arc<Inner>,
+    stop: Arc<(Mutex<bool>, Condvar)>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+fn log_name(id: u64) -> String {
+    format!("{id:016x}.log")
+}
+
+fn pool_name(id: u64) -> String {
+    format!("{id:016x}.free")
+}
+
+fn io_err(what: String) -> impl FnOnce(std::io::Error) -> BookieError {
+    move |e| BookieError::io(what, e)
+}
+
+impl EntryLogStorage {
+    /// Opens (or creates) the store in `dir`.
+    pub fn open(dir: &Path, settings: &StorageSettings, max_payload: usize) -> Result<Self> {
+        let logs_dir = dir.join("logs");
+        std::fs::create_dir_all(&logs_dir).map_err(io_err(format!("creating {}", logs_dir.display())))?;
+        let mut opts = super::rocks::base_options(settings)?;
+        opts.create_missing_column_families(true);
+        // Atomic flush switches every family's memtable together: the small ones get the
+        // same headroom as the index.
+        let mut small = Options::default();
+        small.set_max_write_buffer_number(6);
+        let cfs = vec![
+            ColumnFamilyDescriptor::new(INDEX, super::rocks::keyed_family(settings)),
+            ColumnFamilyDescriptor::new(LEDGERS, small.clone()),
+            ColumnFamilyDescriptor::new(LOGS, small),
+        ];
+        let db = DB::open_cf_descriptors(&opts, dir.join("index.db"), cfs)?;
+        let mut no_wal = WriteOptions::default();
+        no_wal.disable_wal(true);
+        let (tx, rx) = channel();
+        let state = State {
+            current: None,
+            logs: BTreeMap::new(),
+            ledger_logs: HashMap::new(),
+            dirty: BTreeSet::new(),
+            released: Vec::new(),
+            pool: Vec::new(),
+            next_id: 1,
+            unsynced: BTreeMap::new(),
+            inflight: VecDeque::new(),
+            inflight_bytes: 0,
+            next_seq: 1,
+            done_seq: 0,
+            failed: None,
+            spare: Vec::new(),
+            tx: Some(tx),
+        };
+        let inner = Arc::new(Inner {
+            dir: logs_dir,
+            db,
+            no_wal,
+            state: Mutex::new(state),
+            written: Condvar::new(),
+            flushing: Mutex::new(()),
+            readers: Mutex::new(HashMap::new()),
+            log_bytes: settings.entry_log_bytes.max(CHUNK as u64),
+            pool_max: settings.entry_log_pool,
+            max_payload: u32::try_from(max_payload).unwrap_or(u32::MAX),
+        });
+        inner.load()?;
+        let mut threads = Vec::new();
+        let w = inner.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("entry-log-writer".into())
+                .spawn(move || w.write_chunks(rx))
+                .map_err(io_err("starting the entry log writer".into()))?,
+        );
+        let stop = Arc::new((Mutex::new(false), Condvar::new()));
+        if settings.compaction_interval_ms > 0 {
+            let (c, s) = (inner.clone(), stop.clone());
+            let (every, threshold) =
+                (Duration::from_millis(settings.compaction_interval_ms), settings.compaction_threshold);
+            threads.push(
+                std::thread::Builder::new()
+                    .name("entry-log-compactor".into())
+                    .spawn(move || c.compact_periodically(&s, every, threshold))
+                    .map_err(io_err("starting the entry log compactor".into()))?,
+            );
+        }
+        Ok(EntryLogStorage { inner, stop, threads })
+    }
+
+    /// Compacts every sealed log whose live bytes are below `threshold` of its size now;
+    /// returns how many were compacted.
+    pub fn compact(&self, threshold: f64) -> Result<usize> {
+        self.inner.compact(threshold)
+    }
+
+    /// Log files in use, files in the pool, and live record bytes.
+    pub fn stats(&self) -> (usize, usize, u64) {
+        let st = self.inner.lock();
+        (st.logs.len(), st.pool.len(), st.logs.values().map(LogInfo::live).sum())
+    }
+}
+
+impl Drop for EntryLogStorage {
+    fn drop(&mut self) {
+        {
+            let (flag, cv) = &*self.stop;
+            *flag.lock().unwrap_or_else(|e| e.into_inner()) = true;
+            cv.notify_all();
+        }
+        // Closing the channel ends the writer once it has written what it was given.
+        self.inner.lock().tx = None;
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn cf(&self, name: &str) -> Result<&rocksdb::ColumnFamily> {
+        self.db.cf_handle(name).ok_or(BookieError::Invalid("entry store lacks a column family"))
+    }
+
+    fn path(&self, id: u64) -> PathBuf {
+        self.dir.join(log_name(id))
+    }
+
+    /// Reads the accounting, adopts what logs not sealed at the last flush hold, and fills
+    /// the pool.
+    fn load(&self) -> Result<()> {
+        let mut logs = BTreeMap::new();
+        let mut it = self.db.raw_iterator_cf(self.cf(LOGS)?);
+        it.seek_to_first();
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            let id = <[u8; 8]>::try_from(k).map(u64::from_be_bytes).ok();
+            match (id, LogInfo::decode(v)) {
+                (Some(id), Some(info)) => {
+                    logs.insert(id, info);
+                }
+                _ => return Err(BookieError::Invalid("unreadable entry log accounting")),
+            }
+            it.next();
+        }
+        it.status()?;
+        let mut files = BTreeSet::new();
+        let mut pool = Vec::new();
+        let mut max_id = 0;
+        for e in std::fs::read_dir(&self.dir).map_err(io_err(format!("listing {}", self.dir.display())))? {
+            let e = e.map_err(io_err(format!("listing {}", self.dir.display())))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some((stem, ext)) = name.split_once('.') else { continue };
+            let Ok(id) = u64::from_str_radix(stem, 16) else { continue };
+            if !matches!(ext, "log" | "free") {
+                continue;
+            }
+            max_id = max_id.max(id);
+            match ext {
+                "log" => {
+                    files.insert(id);
+                }
+                "free" => pool.push(e.path()),
+                _ => {}
+            }
+        }
+        let mut dirty = BTreeSet::new();
+        for id in logs.keys().copied().collect::<Vec<_>>() {
+            if !files.contains(&id) {
+                tracing::warn!(log = id, "entry log listed in the accounting is missing");
+                logs.remove(&id);
+                dirty.insert(id);
+            }
+        }
+        for &id in &files {
+            let info = logs.entry(id).or_default();
+            if info.sealed {
+                continue;
+            }
+            let from = info.end;
+            let adopted = self.adopt(id, info)?;
+            info.sealed = true;
+            dirty.insert(id);
+            if adopted > 0 {
+                tracing::info!(log = id, from, records = adopted, "entry log tail adopted");
+            }
+        }
+        let mut st = self.lock();
+        st.next_id = max_id.max(logs.keys().next_back().copied().unwrap_or(0)) + 1;
+        for (id, info) in &logs {
+            for l in info.ledgers.keys() {
+                st.ledger_logs.entry(*l).or_default().insert(*id);
+            }
+        }
+        st.released = logs.iter().filter(|(_, i)| i.ledgers.is_empty()).map(|(id, _)| *id).collect();
+        for id in st.released.clone() {
+            logs.remove(&id);
+            dirty.insert(id);
+        }
+        st.logs = logs;
+        st.dirty = dirty;
+        st.pool = pool;
+        Ok(())
+    }
+
+    /// Accounts to `info` the records from its end on that the index points to (written
+    /// after the last flush); returns how many.
+    fn adopt(&self, id: u64, info: &mut LogInfo) -> Result<usize> {
+        let path = self.path(id);
+        let file = File::open(&path).map_err(io_err(format!("opening {}", path.display())))?;
+        let len = file.metadata().map_err(io_err(format!("reading {}", path.display())))?.len();
+        let mut scan = Scanner::new(file, info.end, len, self.max_payload)
+            .map_err(io_err(format!("reading {}", path.display())))?;
+        let index = self.cf(INDEX)?;
+        let mut n = 0;
+        while let Some((at, h)) = scan.next(None).map_err(io_err(format!("reading {}", path.display())))? {
+            let here = Location { log: id, offset: at, len: h.record_len() as u32 };
+            let pointed = self.db.get_pinned_cf(index, entry_key(h.ledger, h.entry))?;
+            if pointed.as_deref().and_then(Location::decode) == Some(here) {
+                *info.ledgers.entry(h.ledger).or_default() += h.record_len();
+                info.end = info.end.max(at + h.record_len());
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// The writer thread: writes buffers in order, then makes them unreadable from memory.
+    fn write_chunks(&self, rx: Receiver<Chunk>) {
+        for c in rx {
+            let res = {
+                let buf = c.buf.lock().unwrap_or_else(|e| e.into_inner());
+                c.file.write_all_at(buf.written_blocks(), c.offset)
+            };
+            let mut st = self.lock();
+            if let Err(e) = res {
+                tracing::error!(error = %e, "writing an entry log failed");
+                st.failed.get_or_insert_with(|| e.to_string());
+            }
+            while st.inflight.front().is_some_and(|f| f.seq <= c.seq) {
+                if let Some(f) = st.inflight.pop_front() {
+                    st.inflight_bytes -= f.buf.lock().unwrap_or_else(|e| e.into_inner()).capacity();
+                    drop(f);
+                }
+            }
+            st.done_seq = c.seq;
+            if let Ok(m) = Arc::try_unwrap(c.buf) {
+                let b = m.into_inner().unwrap_or_else(|e| e.into_inner());
+                if b.capacity() == CHUNK && st.spare.len() < 4 {
+                    st.spare.push(b);
+                }
+            }
+            drop(st);
+            self.written.notify_all();
+        }
+    }
+
+    /// A fresh log: a pooled file when there is one.
+    fn open_log(&self, st: &mut State) -> Result<()> {
+        let id = st.next_id;
+        st.next_id += 1;
+        let path = self.path(id);
+        if let Some(free) = st.pool.pop() {
+            std::fs::rename(&free, &path).map_err(io_err(format!("reusing {}", free.display())))?;
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
+            .open(&path)
+            .map_err(io_err(format!("opening {}", path.display())))?;
+        let file = Arc::new(file);
+        let mut buf = st.spare.pop().unwrap_or_else(|| AlignedBuf::new(CHUNK));
+        buf.clear();
+        st.unsynced.insert(id, file.clone());
+        st.logs.insert(id, LogInfo::default());
+        st.dirty.insert(id);
+        st.current = Some(Current { id, file, base: 0, buf, unsent: false });
+        Ok(())
+    }
+
+    /// Hands the current buffer to the writer and starts a new one holding the partly
+    /// written last block (the next records continue it).
+    fn send(&self, st: &mut State, need: usize) -> Result<()> {
+        let Some(cur) = st.current.as_mut() else { return Ok(()) };
+        if cur.buf.len() == 0 {
+            // Nothing to write: only a larger buffer is needed.
+            if cur.buf.room() < need {
+                cur.buf = AlignedBuf::new(need + ALIGN_SLACK);
+            }
+            return Ok(());
+        }
+        let keep_from = record::round_down(cur.buf.len() as u64) as usize;
+        let cap = if need + (cur.buf.len() - keep_from) > CHUNK { need + ALIGN_SLACK } else { CHUNK };
+        let mut next = match st.spare.pop() {
+            Some(b) if cap == CHUNK => b,
+            _ => AlignedBuf::new(cap),
+        };
+        next.clear();
+        let mut old = std::mem::replace(&mut cur.buf, next);
+        old.padded();
+        cur.buf.extend(&old.data()[keep_from..]);
+        let (seq, offset, file, log) = (st.next_seq, cur.base, cur.file.clone(), cur.id);
+        cur.base += keep_from as u64;
+        cur.unsent = false;
+        st.next_seq += 1;
+        st.inflight_bytes += old.capacity();
+        let buf = Arc::new(Mutex::new(old));
+        st.inflight.push_back(Inflight { seq, log, offset, buf: buf.clone() });
+        let tx = st.tx.as_ref().ok_or(BookieError::Invalid("the entry store is closed"))?;
+        tx.send(Chunk { seq, file, offset, buf }).map_err(|_| BookieError::Invalid("the entry log writer stopped"))
+    }
+
+    /// Seals the current log.
+    fn seal(&self, st: &mut State) -> Result<()> {
+        if st.current.as_ref().is_some_and(|c| c.unsent) {
+            self.send(st, 0)?;
+        }
+        if let Some(cur) = st.current.take() {
+            let empty = match st.logs.get_mut(&cur.id) {
+                Some(info) => {
+                    info.sealed = true;
+                    info.ledgers.is_empty()
+                }
+                None => false,
+            };
+            st.dirty.insert(cur.id);
+            if empty {
+                st.logs.remove(&cur.id);
+                st.released.push(cur.id);
+            }
+            if cur.buf.capacity() == CHUNK {
+                st.spare.push(cur.buf);
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends one record to the current log.
+    fn append(&self, st: &mut State, ledger: u64, entry: i64, checksum: u32, payload: &[u8]) -> Result<Location> {
+        let len = HEADER + payload.len();
+        if st.current.as_ref().is_some_and(|c| c.end() > 0 && c.end() + len as u64 > self.log_bytes) {
+            self.seal(st)?;
+        }
+        if st.current.is_none() {
+            self.open_log(st)?;
+        }
+        if st.current.as_ref().is_some_and(|c| c.buf.room() < len) {
+            self.send(st, len)?;
+        }
+        let Some(cur) = st.current.as_mut() else { return Err(BookieError::Invalid("no current entry log")) };
+        let at = Location { log: cur.id, offset: cur.end(), len: len as u32 };
+        record::encode(&mut cur.buf, ledger, entry, checksum, payload);
+        cur.unsent = true;
+        let full = cur.buf.len() >= CHUNK;
+        let end = cur.end();
+        if let Some(info) = st.logs.get_mut(&at.log) {
+            info.end = end;
+            *info.ledgers.entry(ledger).or_default() += len as u64;
+        }
+        st.ledger_logs.entry(ledger).or_default().insert(at.log);
+        st.dirty.insert(at.log);
+        if full {
+            self.send(st, 0)?;
+        }
+        Ok(at)
+    }
+
+    /// Waits while too many buffers wait for the writer.
+    fn throttle<'a>(&self, mut st: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        while st.inflight_bytes > MAX_INFLIGHT && st.failed.is_none() && st.tx.is_some() {
+            st = self.written.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        st
+    }
+
+    /// A record still in memory (current buffer or one waiting for the writer).
+    fn buffered(st: &State, at: Location) -> Option<Vec<u8>> {
+        let (off, len) = (at.offset, u64::from(at.len));
+        if let Some(cur) = st.current.as_ref().filter(|c| c.id == at.log && off >= c.base) {
+            let s = usize::try_from(off - cur.base).ok()?;
+            return cur.buf.data().get(s..s + at.len as usize).map(<[u8]>::to_vec);
+        }
+        for f in st.inflight.iter().rev().filter(|f| f.log == at.log && f.offset <= off) {
+            let b = f.buf.lock().unwrap_or_else(|e| e.into_inner());
+            if off + len <= f.offset + b.len() as u64 {
+                let s = usize::try_from(off - f.offset).ok()?;
+                return b.data().get(s..s + at.len as usize).map(<[u8]>::to_vec);
+            }
+        }
+        None
+    }
+
+    fn reader(&self, log: u64) -> std::io::Result<Arc<File>> {
+        let mut r = self.readers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = r.get(&log) {
+            return Ok(f.clone());
+        }
+        if r.len() >= MAX_READERS {
+            r.clear();
+        }
+        let f = Arc::new(File::open(self.path(log))?);
+        r.insert(log, f.clone());
+        Ok(f)
+    }
+
+    fn forget_reader(&self, log: u64) {
+        self.readers.lock().unwrap_or_else(|e| e.into_inner()).remove(&log);
+    }
+
+    fn location(&self, ledger: u64, entry: i64) -> Result<Option<Location>> {
+        match self.db.get_pinned_cf(self.cf(INDEX)?, entry_key(ledger, entry))? {
+            None => Ok(None),
+            Some(v) => Location::decode(&v).map(Some).ok_or(BookieError::Corrupt { ledger, entry }),
+        }
+    }
+
+    fn read_at(&self, ledger: u64, entry: i64, at: Location) -> Result<StoredEntry> {
+        let in_memory = Self::buffered(&self.lock(), at);
+        let rec = match in_memory {
+            Some(r) => r,
+            None => {
+                let mut r = vec![0u8; at.len as usize];
+                let f = self.reader(at.log).map_err(io_err(format!("opening entry log {}", log_name(at.log))))?;
+                match f.read_exact_at(&mut r, at.offset) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                        return Err(BookieError::Corrupt { ledger, entry })
+                    }
+                    Err(e) => return Err(BookieError::io(format!("reading entry log {}", log_name(at.log)), e)),
+                }
+                r
+            }
+        };
+        record::decode(&rec, ledger, entry)
+    }
+
+    /// Writes out every buffer, fdatasyncs the logs written, then records the accounting and
+    /// flushes RocksDB; logs released before it go to the pool.
+    fn flush(&self) -> Result<()> {
+        let _one = self.flushing.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = self.lock();
+        if st.current.as_ref().is_some_and(|c| c.unsent) {
+            self.send(&mut st, 0)?;
+        }
+        let target = st.next_seq - 1;
+        while st.done_seq < target && st.failed.is_none() {
+            st = self.written.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        if let Some(e) = &st.failed {
+            return Err(BookieError::io("writing an entry log", std::io::Error::other(e.clone())));
+        }
+        let files: Vec<(u64, Arc<File>)> = std::mem::take(&mut st.unsynced).into_iter().collect();
+        if let Some((id, f)) = st.current.as_ref().map(|c| (c.id, c.file.clone())) {
+            st.unsynced.insert(id, f);
+        }
+        let released = std::mem::take(&mut st.released);
+        let lcf = self.cf(LOGS)?;
+        let mut batch = WriteBatch::default();
+        for id in std::mem::take(&mut st.dirty) {
+            match st.logs.get(&id) {
+                Some(info) => batch.put_cf(lcf, id.to_be_bytes(), info.encode()),
+                None => batch.delete_cf(lcf, id.to_be_bytes()),
+            }
+        }
+        drop(st);
+        for (id, f) in files {
+            rustix::fs::fdatasync(&*f)
+                .map_err(|e| BookieError::io(format!("syncing entry log {}", log_name(id)), e.into()))?;
+        }
+        self.db.write_opt(batch, &self.no_wal)?;
+        let mut fo = FlushOptions::default();
+        fo.set_wait(true);
+        self.db.flush_cfs_opt(&[self.cf(INDEX)?, self.cf(LEDGERS)?, lcf], &fo)?;
+        self.recycle(released)
+    }
+
+    /// Moves released logs into the pool (or deletes them beyond its size).
+    fn recycle(&self, released: Vec<u64>) -> Result<()> {
+        for id in released {
+            self.forget_reader(id);
+            let path = self.path(id);
+            let pooled = self.lock().pool.len();
+            if pooled < self.pool_max {
+                let to = self.dir.join(pool_name(id));
+                std::fs::rename(&path, &to).map_err(io_err(format!("pooling {}", path.display())))?;
+                self.lock().pool.push(to);
+            } else {
+                std::fs::remove_file(&path).map_err(io_err(format!("removing {}", path.display())))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn compact_periodically(&self, stop: &(Mutex<bool>, Condvar), every: Duration, threshold: f64) {
+        let (flag, cv) = stop;
+        loop {
+            {
+                let g = flag.lock().unwrap_or_else(|e| e.into_inner());
+                let (g, _) = cv.wait_timeout_while(g, every, |s| !*s).unwrap_or_else(|e| e.into_inner());
+                if *g {
+                    return;
+                }
+            }
+            match self.compact(threshold) {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(logs = n, "compacted entry logs"),
+                Err(e) => tracing::warn!(error = %e, "entry log compaction failed"),
+            }
+        }
+    }
+
+    fn compact(&self, threshold: f64) -> Result<usize> {
+        let candidates: Vec<u64> = {
+            let st = self.lock();
+            st.logs
+                .iter()
+                .filter(|(_, i)| i.sealed && i.end > 0 && (i.live() as f64) < threshold * i.end as f64)
+                .map(|(id, _)| *id)
+                .collect()
+        };
+        let mut n = 0;
+        for id in candidates {
+            if self.compact_log(id)? {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Copies a log's live records to the current log, points the index at the copies once
+    /// they are durable, and releases the log.
+    fn compact_log(&self, id: u64) -> Result<bool> {
+        let (live, end): (HashSet<u64>, u64) = match self.lock().logs.get(&id) {
+            Some(i) if i.sealed => (i.ledgers.keys().copied().collect(), i.end),
+            _ => return Ok(false),
+        };
+        let path = self.path(id);
+        let ctx = || format!("compacting {}", path.display());
+        let file = File::open(&path).map_err(io_err(ctx()))?;
+        let mut scan = Scanner::new(file, 0, end, self.max_payload).map_err(io_err(ctx()))?;
+        let index = self.cf(INDEX)?;
+        let mut moved: Vec<(u64, i64, Location, Location)> = Vec::new();
+        let mut payload = Vec::new();
+        let mut group: Vec<(Header, Location, Vec<u8>)> = Vec::new();
+        let mut group_bytes = 0;
+        loop {
+            let next = scan.next(Some(&mut payload)).map_err(io_err(ctx()))?;
+            if let Some((at, h)) = next {
+                if live.contains(&h.ledger) {
+                    let here = Location { log: id, offset: at, len: h.record_len() as u32 };
+                    let pointed = self.db.get_pinned_cf(index, entry_key(h.ledger, h.entry))?;
+                    if pointed.as_deref().and_then(Location::decode) == Some(here) {
+                        group_bytes += payload.len();
+                        group.push((h, here, std::mem::take(&mut payload)));
+                    }
+                }
+            }
+            if group_bytes >= CHUNK || (next.is_none() && !group.is_empty()) {
+                let st = self.lock();
+                let mut st = self.throttle(st);
+                for (h, old, p) in group.drain(..) {
+                    if st.logs.get(&id).is_some_and(|i| i.ledgers.contains_key(&h.ledger)) {
+                        let new = self.append(&mut st, h.ledger, h.entry, h.checksum, &p)?;
+                        moved.push((h.ledger, h.entry, old, new));
+                    }
+                }
+                group_bytes = 0;
+            }
+            if next.is_none() {
+                break;
+            }
+        }
+        if scan.pos() < end {
+            tracing::warn!(log = id, at = scan.pos(), end, "entry log ends early; compaction keeps it");
+            return Ok(false);
+        }
+        // The copies are durable before anything points at them.
+        self.flush()?;
+        for part in moved.chunks(1024) {
+            let st = self.lock();
+            let mut batch = WriteBatch::default();
+            for (l, e, old, new) in part {
+                if !st.logs.get(&id).is_some_and(|i| i.ledgers.contains_key(l)) {
+                    continue;
+                }
+                let key = entry_key(*l, *e);
+                if self.db.get_pinned_cf(index, key)?.as_deref().and_then(Location::decode) == Some(*old) {
+                    batch.put_cf(index, key, new.encode());
+                }
+            }
+            self.db.write_opt(batch, &self.no_wal)?;
+        }
+        let mut st = self.lock();
+        if let Some(info) = st.logs.remove(&id) {
+            for l in info.ledgers.keys() {
+                if let Some(s) = st.ledger_logs.get_mut(l) {
+                    s.remove(&id);
+                }
+            }
+            st.dirty.insert(id);
+            st.released.push(id);
+        }
+        Ok(true)
+    }
+}
+
+/// Slack for a buffer sized to one large record.
+const ALIGN_SLACK: usize = 2 * record::ALIGN;
+
+impl LedgerStorage for EntryLogStorage {
+    fn write(&self, entries: &[EntryWrite], states: &[(u64, LedgerMeta)]) -> Result<()> {
+        let inner = &self.inner;
+        let (icf, lcf) = (inner.cf(INDEX)?, inner.cf(LEDGERS)?);
+        let mut batch = WriteBatch::with_capacity_bytes(entries.len() * 48 + states.len() * 64 + 64);
+        let mut st = inner.lock();
+        if let Some(e) = &st.failed {
+            return Err(BookieError::io("writing an entry log", std::io::Error::other(e.clone())));
+        }
+        for e in entries {
+            let at = inner.append(&mut st, e.ledger, e.entry, e.checksum, &e.payload)?;
+            batch.put_cf(icf, entry_key(e.ledger, e.entry), at.encode());
+        }
+        for (l, m) in states {
+            batch.put_cf(lcf, l.to_be_bytes(), m.encode());
+        }
+        // The index is written under the lock, so a ledger deleted meanwhile is not revived.
+        inner.db.write_opt(batch, &inner.no_wal)?;
+        drop(inner.throttle(st));
+        Ok(())
+    }
+
+    fn get_entry(&self, ledger: u64, entry: i64) -> Result<Option<StoredEntry>> {
+        // A record can move (compaction) and its old log be reused between the index lookup
+        // and the read: the read then finds another record, and the lookup is repeated.
+        let mut last = None;
+        for _ in 0..3 {
+            let Some(at) = self.inner.location(ledger, entry)? else { return Ok(None) };
+            if last == Some(at) {
+                break;
+            }
+            match self.inner.read_at(ledger, entry, at) {
+                Err(BookieError::Corrupt { .. }) => {
+                    self.inner.forget_reader(at.log);
+                    last = Some(at);
+                }
+                Err(BookieError::Io { .. }) if !self.inner.path(at.log).exists() => last = Some(at),
+                other => return other.map(Some),
+            }
+        }
+        Err(BookieError::Corrupt { ledger, entry })
+    }
+
+    fn ledger_meta(&self, ledger: u64) -> Result<Option<LedgerMeta>> {
+        match self.inner.db.get_pinned_cf(self.inner.cf(LEDGERS)?, ledger.to_be_bytes())? {
+            None => Ok(None),
+            Some(v) => LedgerMeta::decode(&v).map(Some).ok_or(BookieError::Corrupt { ledger, entry: -1 }),
+        }
+    }
+
+    fn last_entry(&self, ledger: u64) -> Result<Option<i64>> {
+        super::rocks::last_key(&self.inner.db, self.inner.cf(INDEX)?, ledger)
+    }
+
+    fn delete_ledger(&self, ledger: u64) -> Result<()> {
+        let inner = &self.inner;
+        let (icf, lcf) = (inner.cf(INDEX)?, inner.cf(LEDGERS)?);
+        let mut st = inner.lock();
+        super::rocks::delete_ledger_keys(&inner.db, &inner.no_wal, icf, lcf, ledger)?;
+        let current = st.current.as_ref().map(|c| c.id);
+        for id in st.ledger_logs.remove(&ledger).unwrap_or_default() {
+            let Some(info) = st.logs.get_mut(&id) else { continue };
+            info.ledgers.remove(&ledger);
+            let empty = info.ledgers.is_empty() && Some(id) != current;
+            st.dirty.insert(id);
+            if empty {
+                st.logs.remove(&id);
+                st.released.push(id);
+            }
+        }
+        Ok(())
+    }
+
+    fn ledgers(&self) -> Result<Vec<u64>> {
+        super::rocks::list_ledgers(&self.inner.db, self.inner.cf(LEDGERS)?, self.inner.cf(INDEX)?)
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.inner.flush()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests;
