@@ -43,11 +43,23 @@ pub struct BookieInfo {
     pub instance_id: String,
 }
 
-/// Fraction of the fullest directory's file system in use.
-fn disk_usage(dirs: &[PathBuf]) -> f64 {
-    dirs.iter()
-        .filter_map(|d| rustix::fs::statvfs(d).ok())
-        .map(|s| if s.f_blocks == 0 { 0.0 } else { 1.0 - s.f_bavail as f64 / s.f_blocks as f64 })
+/// Fraction of the fullest directory's file system in use. `reusable` bytes that the entry
+/// store keeps for reuse (on the ledger directory's file system, the last of `dirs`) count as
+/// free.
+fn disk_usage(dirs: &[PathBuf], reusable: u64) -> f64 {
+    let stats: Vec<_> = dirs.iter().filter_map(|d| rustix::fs::statvfs(d).ok()).collect();
+    let ledger_fs = dirs.last().and_then(|d| rustix::fs::statvfs(d).ok()).map(|s| s.f_fsid);
+    stats
+        .iter()
+        .map(|s| {
+            let extra = if Some(s.f_fsid) == ledger_fs && s.f_frsize > 0 { reusable / s.f_frsize } else { 0 };
+            let free = s.f_bavail.saturating_add(extra).min(s.f_blocks);
+            if s.f_blocks == 0 {
+                0.0
+            } else {
+                1.0 - free as f64 / s.f_blocks as f64
+            }
+        })
         .fold(0.0, f64::max)
 }
 
@@ -72,7 +84,7 @@ pub(crate) async fn start(
     let (high, low) = (cfg.disk_usage_threshold, cfg.disk_usage_lwm_threshold);
     let check_every = Duration::from_millis(cfg.disk_check_interval_ms.max(100));
     let key = available_key(&core.bookie_id);
-    let usage = disk_usage(&dirs);
+    let usage = disk_usage(&dirs, core.ledgers.storage.reusable_bytes());
     if usage >= high {
         tracing::warn!(usage, threshold = high, "disk usage over the threshold: starting read-only");
         core.read_only.store(true, Ordering::Relaxed);
@@ -104,7 +116,7 @@ pub(crate) async fn start(
                     }
                 }
                 _ = tokio::time::sleep(check_every) => {
-                    let usage = disk_usage(&dirs);
+                    let usage = disk_usage(&dirs, core.ledgers.storage.reusable_bytes());
                     let ro = core.is_read_only();
                     let now_ro = if ro { usage >= low } else { usage >= high };
                     if now_ro != ro {
@@ -124,4 +136,25 @@ pub(crate) async fn start(
         }
     });
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// Bytes kept for reuse count as free on the ledger directory's file system only.
+    #[test]
+    fn reusable_bytes_count_as_free() {
+        let d = tempfile::tempdir().unwrap();
+        let dirs = vec![d.path().to_path_buf(), d.path().to_path_buf()];
+        let used = disk_usage(&dirs, 0);
+        assert!(used > 0.0 && used < 1.0, "{used}");
+        let s = rustix::fs::statvfs(d.path()).unwrap();
+        let used_bytes = (s.f_blocks - s.f_bavail) * s.f_frsize;
+        assert_eq!(disk_usage(&dirs, used_bytes), 0.0, "everything used is reusable");
+        assert_eq!(disk_usage(&dirs, u64::MAX), 0.0);
+        let half = disk_usage(&dirs, used_bytes / 2);
+        assert!(half < used && half > 0.0, "{half} against {used}");
+    }
 }

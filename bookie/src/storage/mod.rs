@@ -108,6 +108,11 @@ pub trait LedgerStorage: Send + Sync + 'static {
     fn ledgers(&self) -> Result<Vec<u64>>;
     /// Makes everything written so far durable.
     fn flush(&self) -> Result<()>;
+    /// Bytes of files the store keeps for reuse: in use for the file system, free for the
+    /// store (the read-only threshold counts them as free).
+    fn reusable_bytes(&self) -> u64 {
+        0
+    }
 }
 
 /// Opens the entry store in `dir` with the engine it was created with, or (a new directory)

@@ -32,7 +32,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rocksdb::{ColumnFamilyDescriptor, FlushOptions, Options, WriteBatch, WriteOptions, DB};
 
@@ -48,6 +48,10 @@ const LOGS: &str = "logs";
 const CHUNK: usize = 2 << 20;
 /// Buffers waiting for the writer, at most (appends wait beyond this).
 const MAX_INFLIGHT: usize = 64 << 20;
+/// The pool keeps as many files as logs were opened over this long.
+const POOL_WINDOW: Duration = Duration::from_secs(120);
+/// Pooled files deleted per flush at most.
+const TRIM_PER_FLUSH: usize = 2;
 /// Read descriptors kept open at most.
 const MAX_READERS: usize = 512;
 
@@ -134,8 +138,12 @@ struct State {
     dirty: BTreeSet<u64>,
     /// Logs without live records, reusable after the next flush.
     released: Vec<u64>,
-    /// Files ready for reuse.
+    /// Files ready for reuse, oldest first.
     pool: Vec<PathBuf>,
+    /// Their size.
+    pool_bytes: u64,
+    /// When logs were opened, over the last [`POOL_WINDOW`].
+    opened: VecDeque<Instant>,
     next_id: u64,
     /// Logs written since the last flush.
     unsynced: BTreeMap<u64, Arc<File>>,
@@ -160,7 +168,7 @@ struct Inner {
     flushing: Mutex<()>,
     readers: Mutex<HashMap<u64, Arc<File>>>,
     log_bytes: u64,
-    pool_max: usize,
+    pool_min: usize,
     max_payload: u32,
 }
 
@@ -210,6 +218,8 @@ impl EntryLogStorage {
             dirty: BTreeSet::new(),
             released: Vec::new(),
             pool: Vec::new(),
+            pool_bytes: 0,
+            opened: VecDeque::new(),
             next_id: 1,
             unsynced: BTreeMap::new(),
             inflight: VecDeque::new(),
@@ -229,7 +239,7 @@ impl EntryLogStorage {
             flushing: Mutex::new(()),
             readers: Mutex::new(HashMap::new()),
             log_bytes: settings.entry_log_bytes.max(CHUNK as u64),
-            pool_max: settings.entry_log_pool,
+            pool_min: settings.entry_log_pool,
             max_payload: u32::try_from(max_payload).unwrap_or(u32::MAX),
         });
         inner.load()?;
@@ -316,6 +326,7 @@ impl Inner {
         it.status()?;
         let mut files = BTreeSet::new();
         let mut pool = Vec::new();
+        let mut pool_bytes = 0;
         let mut max_id = 0;
         for e in std::fs::read_dir(&self.dir).map_err(io_err(format!("listing {}", self.dir.display())))? {
             let e = e.map_err(io_err(format!("listing {}", self.dir.display())))?;
@@ -330,7 +341,10 @@ impl Inner {
                 "log" => {
                     files.insert(id);
                 }
-                "free" => pool.push(e.path()),
+                "free" => {
+                    pool_bytes += e.metadata().map(|m| m.len()).unwrap_or(0);
+                    pool.push(e.path());
+                }
                 _ => {}
             }
         }
@@ -369,7 +383,9 @@ impl Inner {
         }
         st.logs = logs;
         st.dirty = dirty;
+        pool.sort();
         st.pool = pool;
+        st.pool_bytes = pool_bytes;
         Ok(())
     }
 
@@ -432,7 +448,10 @@ impl Inner {
         let path = self.path(id);
         if let Some(free) = st.pool.pop() {
             std::fs::rename(&free, &path).map_err(io_err(format!("reusing {}", free.display())))?;
+            let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            st.pool_bytes = st.pool_bytes.saturating_sub(size);
         }
+        st.opened.push_back(Instant::now());
         let file = OpenOptions::new()
             .create(true)
             .write(true)
@@ -645,19 +664,37 @@ impl Inner {
         self.recycle(released)
     }
 
-    /// Moves released logs into the pool (or deletes them beyond its size).
+    /// Moves released logs into the pool, then trims the pool to what the last
+    /// [`POOL_WINDOW`] needed (at least `entry_log_pool` files), a few files per call: giving
+    /// space back to the file system costs the journal latency, so a bookie deleting about as
+    /// much as it writes reuses files instead.
     fn recycle(&self, released: Vec<u64>) -> Result<()> {
         for id in released {
             self.forget_reader(id);
-            let path = self.path(id);
-            let pooled = self.lock().pool.len();
-            if pooled < self.pool_max {
-                let to = self.dir.join(pool_name(id));
-                std::fs::rename(&path, &to).map_err(io_err(format!("pooling {}", path.display())))?;
-                self.lock().pool.push(to);
-            } else {
-                std::fs::remove_file(&path).map_err(io_err(format!("removing {}", path.display())))?;
+            let (path, to) = (self.path(id), self.dir.join(pool_name(id)));
+            std::fs::rename(&path, &to).map_err(io_err(format!("pooling {}", path.display())))?;
+            let size = std::fs::metadata(&to).map(|m| m.len()).unwrap_or(0);
+            let mut st = self.lock();
+            st.pool.push(to);
+            st.pool_bytes += size;
+        }
+        let excess: Vec<PathBuf> = {
+            let mut st = self.lock();
+            let now = Instant::now();
+            while st.opened.front().is_some_and(|t| now.duration_since(*t) > POOL_WINDOW) {
+                st.opened.pop_front();
             }
+            let keep = self.pool_min.max(st.opened.len());
+            let n = st.pool.len().saturating_sub(keep).min(TRIM_PER_FLUSH);
+            // The oldest pooled files go first.
+            st.pool.drain(..n).collect()
+        };
+        for path in excess {
+            let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            std::fs::remove_file(&path).map_err(io_err(format!("removing {}", path.display())))?;
+            let mut st = self.lock();
+            st.pool_bytes = st.pool_bytes.saturating_sub(size);
+            tracing::debug!(file = %path.display(), "entry log pool trimmed");
         }
         Ok(())
     }
@@ -857,6 +894,10 @@ impl LedgerStorage for EntryLogStorage {
 
     fn flush(&self) -> Result<()> {
         self.inner.flush()
+    }
+
+    fn reusable_bytes(&self) -> u64 {
+        self.inner.lock().pool_bytes
     }
 }
 

@@ -175,3 +175,46 @@ fn records_after_the_last_flush_are_adopted_on_open() {
     assert_eq!(live, 100 * (10_000 + HEADER as u64), "the tail's records are accounted");
     check(&s, 1, 0..100, 10_000);
 }
+
+/// Pooled files count as reusable; once no log has been opened for a while the pool is
+/// trimmed, a few files per flush, down to `entry_log_pool`.
+#[test]
+fn the_pool_shrinks_to_its_minimum_when_unused() {
+    let d = tempfile::tempdir().unwrap();
+    let settings = StorageSettings { entry_log_pool: 1, ..settings(4 << 20) };
+    let s = EntryLogStorage::open(d.path(), &settings, 1 << 20).unwrap();
+    for l in 1..=4u64 {
+        s.write(&(0..300).map(|e| entry(l, e, 16 << 10)).collect::<Vec<_>>(), &[(l, LedgerMeta::new(b"k"))]).unwrap();
+    }
+    s.flush().unwrap();
+    for l in 1..=4u64 {
+        s.delete_ledger(l).unwrap();
+    }
+    s.flush().unwrap();
+    let (_, pooled, live) = s.stats();
+    assert_eq!(live, 0);
+    assert!(pooled >= 4, "{pooled} pooled");
+    assert_eq!(s.reusable_bytes(), pooled_bytes(d.path()));
+    assert_eq!(log_files(d.path()).1, pooled);
+    // Logs were opened just now: the pool is what that needed, and stays.
+    s.flush().unwrap();
+    assert_eq!(s.stats().1, pooled);
+    s.inner.lock().opened.clear();
+    s.flush().unwrap();
+    assert_eq!(s.stats().1, pooled - TRIM_PER_FLUSH, "a few files per flush");
+    for _ in 0..pooled {
+        s.flush().unwrap();
+    }
+    assert_eq!(s.stats().1, 1);
+    assert_eq!(log_files(d.path()).1, 1);
+    assert_eq!(s.reusable_bytes(), pooled_bytes(d.path()));
+}
+
+fn pooled_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir.join("logs"))
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".free"))
+        .map(|e| e.metadata().unwrap().len())
+        .sum()
+}
