@@ -210,6 +210,10 @@ pub struct StandaloneArgs {
     /// `MAGNETAR_BROKER_*` and the Pulsar names (`managedLedgerMaxEntriesPerLedger`, …) apply too.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
+    /// A setting of the embedded bookie, as key=value (repeatable), e.g.
+    /// storage.engine=rocksdb. `MAGNETAR_BOOKIE_*` and the BookKeeper names apply too
+    #[arg(long = "bookie-set", value_name = "KEY=VALUE")]
+    bookie_set: Vec<String>,
 }
 
 /// A single-node metastore, one bookie and a broker in one process over one data directory.
@@ -229,15 +233,25 @@ pub async fn standalone(a: StandaloneArgs) -> anyhow::Result<()> {
     // The metastore outlives the others: the bookie unregisters through it while stopping.
     let meta_node = magnetar_metastore::server::MetastoreNode::start(cfg, CancellationToken::new()).await?;
     let endpoints = vec![a.metastore_listen.clone()];
-    let bookie_cfg = BookieConfig {
-        bookie_id: "standalone-bookie".into(),
-        listen_addr: a.bookie_listen.clone(),
-        http_addr: a.bookie_http.clone(),
-        journal_dirs: vec![a.data_dir.join("bookie").join("journal")],
-        ledger_dirs: vec![a.data_dir.join("bookie").join("ledgers")],
-        metastore: endpoints.clone(),
-        ..Default::default()
-    };
+    let bookie_dir = |d: &str| toml_list(&[a.data_dir.join("bookie").join(d).display().to_string()]);
+    let bookie_flags = vec![
+        ("bookie_id", Some("standalone-bookie".to_owned())),
+        ("listen_addr", Some(a.bookie_listen.clone())),
+        ("http_addr", Some(a.bookie_http.clone())),
+        ("journal_dirs", Some(bookie_dir("journal"))),
+        ("ledger_dirs", Some(bookie_dir("ledgers"))),
+        ("metastore", Some(toml_list(&endpoints))),
+    ];
+    let bookie_cfg: BookieConfig =
+        match layered("MAGNETAR_BOOKIE_", None, magnetar_bookie::config::ENV_ALIASES, bookie_flags, &a.bookie_set)
+            .and_then(|l| Ok(l.load()?))
+        {
+            Ok(c) => c,
+            Err(e) => {
+                meta_node.stop().await;
+                return Err(e);
+            }
+        };
     let bookie = match magnetar_bookie::Bookie::start(bookie_cfg, shutdown.clone()).await {
         Ok(b) => b,
         Err(e) => {

@@ -20,8 +20,11 @@ async fn probes_metrics_delete_and_gc() {
 
     let client = cluster.ledger_client();
     let w = client.create(LedgerConfig::new(1, 1, 1)).await.expect("create");
+    let mut added = 0;
     for e in 0..50 {
-        w.append(payload(w.id(), e, 500)).await.expect("add");
+        let p = payload(w.id(), e, 500);
+        added += p.len();
+        w.append(p).await.expect("add");
     }
     let (status, metrics) = http_get(&b.http, "/metrics").await.expect("metrics");
     assert_eq!(status, 200);
@@ -44,6 +47,25 @@ async fn probes_metrics_delete_and_gc() {
     assert!(count("bookie_ADD_ENTRY{success=\"true\"}") >= 50.0);
     assert!(count("bookie_WRITE_BYTES") > 0.0);
     assert!(metrics.contains("bookie_journal_JOURNAL_SYNC_bucket{journalIndex=\"0\",le=\"+Inf\"}"));
+
+    // The entry logs account for what was added (applied just after the acknowledgements).
+    let http = b.http.clone();
+    let live_bytes = || {
+        let http = http.clone();
+        async move {
+            let (_, m) = http_get(&http, "/metrics").await.expect("metrics");
+            let value = |name: &str| {
+                m.lines().find(|l| l.starts_with(name)).and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            };
+            (value("bookie_entry_log_live_bytes ").unwrap_or(-1.0), value("bookie_entry_log_files ").unwrap_or(-1.0))
+        }
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || async { live_bytes().await.0 >= added as f64 }).await,
+        "entry log gauges: {:?}",
+        live_bytes().await
+    );
+    assert!(live_bytes().await.1 >= 1.0);
 
     // Deleting through the client removes entries at once.
     let id = w.id();

@@ -240,6 +240,13 @@ impl Bookie {
             registry.gauge_fn("bookie_read_cache_size", "Bytes in the tail read cache", &[], move || {
                 c.upgrade().map_or(0.0, |c| c.ledgers.cache.bytes() as f64)
             });
+            for (name, help, _) in core.ledgers.storage.gauges() {
+                let c = Arc::downgrade(&core);
+                registry.gauge_fn(name, help, &[], move || {
+                    let gauges = c.upgrade().map(|c| c.ledgers.storage.gauges()).unwrap_or_default();
+                    gauges.into_iter().find(|g| g.0 == name).map_or(0.0, |g| g.2)
+                });
+            }
             let c = Arc::downgrade(&core);
             registry.gauge_fn("bookie_SERVER_STATUS", "1 writable, 0 read-only", &[], move || match c.upgrade() {
                 Some(c) if !c.is_read_only() => 1.0,

@@ -113,6 +113,10 @@ pub trait LedgerStorage: Send + Sync + 'static {
     fn reusable_bytes(&self) -> u64 {
         0
     }
+    /// Gauges for `/metrics`: name, help, value.
+    fn gauges(&self) -> Vec<(&'static str, &'static str, f64)> {
+        Vec::new()
+    }
 }
 
 /// Opens the entry store in `dir` with the engine it was created with, or (a new directory)

@@ -145,6 +145,8 @@ struct State {
     /// When logs were opened, over the last [`POOL_WINDOW`].
     opened: VecDeque<Instant>,
     next_id: u64,
+    /// The next log, ready to be written.
+    next: Option<(u64, Arc<File>)>,
     /// Logs written since the last flush.
     unsynced: BTreeMap<u64, Arc<File>>,
     inflight: VecDeque<Inflight>,
@@ -221,6 +223,7 @@ impl EntryLogStorage {
             pool_bytes: 0,
             opened: VecDeque::new(),
             next_id: 1,
+            next: None,
             unsynced: BTreeMap::new(),
             inflight: VecDeque::new(),
             inflight_bytes: 0,
@@ -290,6 +293,10 @@ impl Drop for EntryLogStorage {
         self.inner.lock().tx = None;
         for t in self.threads.drain(..) {
             let _ = t.join();
+        }
+        // A prepared log that was never written goes back to the pool.
+        if let Some((id, _)) = self.inner.lock().next.take() {
+            let _ = std::fs::rename(self.inner.path(id), self.inner.dir.join(pool_name(id)));
         }
     }
 }
@@ -436,29 +443,74 @@ impl Inner {
                     st.spare.push(b);
                 }
             }
+            let prepare = st.next.is_none();
             drop(st);
             self.written.notify_all();
+            if prepare {
+                self.prepare_next();
+            }
         }
     }
 
-    /// A fresh log: a pooled file when there is one.
-    fn open_log(&self, st: &mut State) -> Result<()> {
-        let id = st.next_id;
-        st.next_id += 1;
-        let path = self.path(id);
-        if let Some(free) = st.pool.pop() {
-            std::fs::rename(&free, &path).map_err(io_err(format!("reusing {}", free.display())))?;
-            let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-            st.pool_bytes = st.pool_bytes.saturating_sub(size);
+    /// Makes the next log's file ready (a pooled one when there is one), so that starting a
+    /// log costs the appending thread no file system call. Runs on the writer thread.
+    fn prepare_next(&self) {
+        let (id, free) = {
+            let mut st = self.lock();
+            if st.next.is_some() || st.tx.is_none() || st.failed.is_some() {
+                return;
+            }
+            let id = st.next_id;
+            st.next_id += 1;
+            (id, st.pool.pop())
+        };
+        match self.create_log(id, free.as_deref()) {
+            Ok((file, reused)) => {
+                let mut st = self.lock();
+                st.pool_bytes = st.pool_bytes.saturating_sub(reused);
+                st.next = Some((id, Arc::new(file)));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "preparing the next entry log failed");
+                if let Some(f) = free.filter(|f| f.exists()) {
+                    self.lock().pool.push(f);
+                }
+            }
         }
-        st.opened.push_back(Instant::now());
+    }
+
+    /// Opens log `id` for direct writes: the pooled file `free` renamed, or a new file.
+    /// Returns the file and the size it brought from the pool.
+    fn create_log(&self, id: u64, free: Option<&Path>) -> Result<(File, u64)> {
+        let path = self.path(id);
+        let mut reused = 0;
+        if let Some(free) = free {
+            std::fs::rename(free, &path).map_err(io_err(format!("reusing {}", free.display())))?;
+            reused = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        }
         let file = OpenOptions::new()
             .create(true)
             .write(true)
             .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
             .open(&path)
             .map_err(io_err(format!("opening {}", path.display())))?;
-        let file = Arc::new(file);
+        Ok((file, reused))
+    }
+
+    /// Starts a new log: the prepared one, or (none ready) one made here.
+    fn open_log(&self, st: &mut State) -> Result<()> {
+        let (id, file) = match st.next.take() {
+            Some(next) => next,
+            None => {
+                let id = st.next_id;
+                st.next_id += 1;
+                let free = st.pool.pop();
+                let (file, reused) = self.create_log(id, free.as_deref())?;
+                st.pool_bytes = st.pool_bytes.saturating_sub(reused);
+                (id, Arc::new(file))
+            }
+        };
+        st.opened.push_back(Instant::now());
         let mut buf = st.spare.pop().unwrap_or_else(|| AlignedBuf::new(CHUNK));
         buf.clear();
         st.unsynced.insert(id, file.clone());
@@ -898,6 +950,18 @@ impl LedgerStorage for EntryLogStorage {
 
     fn reusable_bytes(&self) -> u64 {
         self.inner.lock().pool_bytes
+    }
+
+    fn gauges(&self) -> Vec<(&'static str, &'static str, f64)> {
+        let st = self.inner.lock();
+        let (live, size): (u64, u64) = st.logs.values().fold((0, 0), |(l, s), i| (l + i.live(), s + i.end));
+        vec![
+            ("bookie_entry_log_files", "Entry logs holding entries", st.logs.len() as f64),
+            ("bookie_entry_log_bytes", "Bytes written to the entry logs holding entries", size as f64),
+            ("bookie_entry_log_live_bytes", "Bytes of live records in the entry logs", live as f64),
+            ("bookie_entry_log_pool_files", "Emptied entry log files kept for reuse", st.pool.len() as f64),
+            ("bookie_entry_log_pool_bytes", "Bytes of emptied entry log files kept for reuse", st.pool_bytes as f64),
+        ]
     }
 }
 
