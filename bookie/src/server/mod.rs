@@ -178,11 +178,8 @@ impl Bookie {
         // Entry store and replay.
         let settings = cfg.storage.clone();
         let ldir = ledger_dir.join("store");
-        let max_entry = cfg.max_entry_bytes;
         let storage: Arc<dyn LedgerStorage> =
-            tokio::task::spawn_blocking(move || crate::storage::open(&ldir, &settings, max_entry))
-                .await
-                .map_err(join_err)??;
+            tokio::task::spawn_blocking(move || crate::storage::open(&ldir, &settings)).await.map_err(join_err)??;
         let cp = checkpoint::load(&ledger_dir, journal_dirs.len())?;
         let max_record = cfg.max_entry_bytes + service::MAX_MASTER_KEY + 4096;
         let mut next_segments = Vec::new();

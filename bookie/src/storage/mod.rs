@@ -121,7 +121,7 @@ pub trait LedgerStorage: Send + Sync + 'static {
 
 /// Opens the entry store in `dir` with the engine it was created with, or (a new directory)
 /// the configured one.
-pub fn open(dir: &Path, settings: &StorageSettings, max_entry: usize) -> Result<Arc<dyn LedgerStorage>> {
+pub fn open(dir: &Path, settings: &StorageSettings) -> Result<Arc<dyn LedgerStorage>> {
     let engine = match (dir.join("entries.db").exists(), dir.join("index.db").exists()) {
         (true, false) => StorageEngine::Rocksdb,
         (false, true) => StorageEngine::EntryLogs,
@@ -132,7 +132,7 @@ pub fn open(dir: &Path, settings: &StorageSettings, max_entry: usize) -> Result<
             "the ledger directory was created with another storage engine; keeping it");
     }
     Ok(match engine {
-        StorageEngine::EntryLogs => Arc::new(entrylog::EntryLogStorage::open(dir, settings, max_entry)?),
+        StorageEngine::EntryLogs => Arc::new(entrylog::EntryLogStorage::open(dir, settings)?),
         StorageEngine::Rocksdb => Arc::new(rocks::RocksStorage::open(dir, settings)?),
     })
 }

@@ -119,14 +119,14 @@ struct Inflight {
     seq: u64,
     log: u64,
     offset: u64,
-    buf: Arc<Mutex<AlignedBuf>>,
+    buf: Arc<AlignedBuf>,
 }
 
 struct Chunk {
     seq: u64,
     file: Arc<File>,
     offset: u64,
-    buf: Arc<Mutex<AlignedBuf>>,
+    buf: Arc<AlignedBuf>,
 }
 
 struct State {
@@ -145,6 +145,10 @@ struct State {
     /// When logs were opened, over the last [`POOL_WINDOW`].
     opened: VecDeque<Instant>,
     next_id: u64,
+    /// Logs compaction gave up on.
+    uncompactable: HashSet<u64>,
+    /// A log file was created or renamed since the last flush.
+    new_names: bool,
     /// The next log, ready to be written.
     next: Option<(u64, Arc<File>)>,
     /// Logs written since the last flush.
@@ -164,6 +168,11 @@ struct Inner {
     db: DB,
     no_wal: WriteOptions,
     state: Mutex<State>,
+    /// One compaction at a time.
+    compacting: Mutex<()>,
+    /// Tests hold it to keep the writer from writing.
+    #[cfg(test)]
+    gate: Mutex<()>,
     /// Signalled when the writer finishes a buffer.
     written: Condvar,
     /// One flush at a time: a flush promises that everything written before it is durable.
@@ -171,7 +180,6 @@ struct Inner {
     readers: Mutex<HashMap<u64, Arc<File>>>,
     log_bytes: u64,
     pool_min: usize,
-    max_payload: u32,
 }
 
 /// Entry-log-backed [`LedgerStorage`].
@@ -189,13 +197,17 @@ fn pool_name(id: u64) -> String {
     format!("{id:016x}.free")
 }
 
+fn failed(e: &str) -> BookieError {
+    BookieError::io("the entry store failed earlier", std::io::Error::other(e.to_owned()))
+}
+
 fn io_err(what: String) -> impl FnOnce(std::io::Error) -> BookieError {
     move |e| BookieError::io(what, e)
 }
 
 impl EntryLogStorage {
     /// Opens (or creates) the store in `dir`.
-    pub fn open(dir: &Path, settings: &StorageSettings, max_payload: usize) -> Result<Self> {
+    pub fn open(dir: &Path, settings: &StorageSettings) -> Result<Self> {
         let logs_dir = dir.join("logs");
         std::fs::create_dir_all(&logs_dir).map_err(io_err(format!("creating {}", logs_dir.display())))?;
         let mut opts = super::rocks::base_options(settings)?;
@@ -223,6 +235,8 @@ impl EntryLogStorage {
             pool_bytes: 0,
             opened: VecDeque::new(),
             next_id: 1,
+            uncompactable: HashSet::new(),
+            new_names: false,
             next: None,
             unsynced: BTreeMap::new(),
             inflight: VecDeque::new(),
@@ -240,10 +254,12 @@ impl EntryLogStorage {
             state: Mutex::new(state),
             written: Condvar::new(),
             flushing: Mutex::new(()),
+            compacting: Mutex::new(()),
+            #[cfg(test)]
+            gate: Mutex::new(()),
             readers: Mutex::new(HashMap::new()),
             log_bytes: settings.entry_log_bytes.max(CHUNK as u64),
             pool_min: settings.entry_log_pool,
-            max_payload: u32::try_from(max_payload).unwrap_or(u32::MAX),
         });
         inner.load()?;
         let mut threads = Vec::new();
@@ -358,7 +374,12 @@ impl Inner {
         let mut dirty = BTreeSet::new();
         for id in logs.keys().copied().collect::<Vec<_>>() {
             if !files.contains(&id) {
-                tracing::warn!(log = id, "entry log listed in the accounting is missing");
+                if logs.get(&id).is_some_and(|i| !i.ledgers.is_empty()) {
+                    return Err(BookieError::io(
+                        format!("entry log {} holds live entries but is missing", self.path(id).display()),
+                        std::io::Error::from(std::io::ErrorKind::NotFound),
+                    ));
+                }
                 logs.remove(&id);
                 dirty.insert(id);
             }
@@ -402,8 +423,7 @@ impl Inner {
         let path = self.path(id);
         let file = File::open(&path).map_err(io_err(format!("opening {}", path.display())))?;
         let len = file.metadata().map_err(io_err(format!("reading {}", path.display())))?.len();
-        let mut scan = Scanner::new(file, info.end, len, self.max_payload)
-            .map_err(io_err(format!("reading {}", path.display())))?;
+        let mut scan = Scanner::new(file, info.end, len).map_err(io_err(format!("reading {}", path.display())))?;
         let index = self.cf(INDEX)?;
         let mut n = 0;
         while let Some((at, h)) = scan.next(None).map_err(io_err(format!("reading {}", path.display())))? {
@@ -421,10 +441,9 @@ impl Inner {
     /// The writer thread: writes buffers in order, then makes them unreadable from memory.
     fn write_chunks(&self, rx: Receiver<Chunk>) {
         for c in rx {
-            let res = {
-                let buf = c.buf.lock().unwrap_or_else(|e| e.into_inner());
-                c.file.write_all_at(buf.written_blocks(), c.offset)
-            };
+            #[cfg(test)]
+            drop(self.gate.lock());
+            let res = c.file.write_all_at(c.buf.written_blocks(), c.offset);
             let mut st = self.lock();
             if let Err(e) = res {
                 tracing::error!(error = %e, "writing an entry log failed");
@@ -432,13 +451,12 @@ impl Inner {
             }
             while st.inflight.front().is_some_and(|f| f.seq <= c.seq) {
                 if let Some(f) = st.inflight.pop_front() {
-                    st.inflight_bytes -= f.buf.lock().unwrap_or_else(|e| e.into_inner()).capacity();
+                    st.inflight_bytes -= f.buf.capacity();
                     drop(f);
                 }
             }
             st.done_seq = c.seq;
-            if let Ok(m) = Arc::try_unwrap(c.buf) {
-                let b = m.into_inner().unwrap_or_else(|e| e.into_inner());
+            if let Ok(b) = Arc::try_unwrap(c.buf) {
                 if b.capacity() == CHUNK && st.spare.len() < 4 {
                     st.spare.push(b);
                 }
@@ -468,6 +486,7 @@ impl Inner {
             Ok((file, reused)) => {
                 let mut st = self.lock();
                 st.pool_bytes = st.pool_bytes.saturating_sub(reused);
+                st.new_names = true;
                 st.next = Some((id, Arc::new(file)));
             }
             Err(e) => {
@@ -488,13 +507,21 @@ impl Inner {
             std::fs::rename(free, &path).map_err(io_err(format!("reusing {}", free.display())))?;
             reused = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         }
-        let file = OpenOptions::new()
+        let opened = OpenOptions::new()
             .create(true)
             .write(true)
             .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
-            .open(&path)
-            .map_err(io_err(format!("opening {}", path.display())))?;
-        Ok((file, reused))
+            .open(&path);
+        match opened {
+            Ok(file) => Ok((file, reused)),
+            Err(e) => {
+                // Back to the pool under its old name, so the pool's count stays right.
+                if let Some(free) = free {
+                    let _ = std::fs::rename(&path, free);
+                }
+                Err(BookieError::io(format!("opening {}", path.display()), e))
+            }
+        }
     }
 
     /// Starts a new log: the prepared one, or (none ready) one made here.
@@ -505,9 +532,19 @@ impl Inner {
                 let id = st.next_id;
                 st.next_id += 1;
                 let free = st.pool.pop();
-                let (file, reused) = self.create_log(id, free.as_deref())?;
-                st.pool_bytes = st.pool_bytes.saturating_sub(reused);
-                (id, Arc::new(file))
+                match self.create_log(id, free.as_deref()) {
+                    Ok((file, reused)) => {
+                        st.pool_bytes = st.pool_bytes.saturating_sub(reused);
+                        st.new_names = true;
+                        (id, Arc::new(file))
+                    }
+                    Err(e) => {
+                        if let Some(f) = free.filter(|f| f.exists()) {
+                            st.pool.push(f);
+                        }
+                        return Err(e);
+                    }
+                }
             }
         };
         st.opened.push_back(Instant::now());
@@ -546,7 +583,7 @@ impl Inner {
         cur.unsent = false;
         st.next_seq += 1;
         st.inflight_bytes += old.capacity();
-        let buf = Arc::new(Mutex::new(old));
+        let buf = Arc::new(old);
         st.inflight.push_back(Inflight { seq, log, offset, buf: buf.clone() });
         let tx = st.tx.as_ref().ok_or(BookieError::Invalid("the entry store is closed"))?;
         tx.send(Chunk { seq, file, offset, buf }).map_err(|_| BookieError::Invalid("the entry log writer stopped"))
@@ -623,7 +660,7 @@ impl Inner {
             return cur.buf.data().get(s..s + at.len as usize).map(<[u8]>::to_vec);
         }
         for f in st.inflight.iter().rev().filter(|f| f.log == at.log && f.offset <= off) {
-            let b = f.buf.lock().unwrap_or_else(|e| e.into_inner());
+            let b = &f.buf;
             if off + len <= f.offset + b.len() as u64 {
                 let s = usize::try_from(off - f.offset).ok()?;
                 return b.data().get(s..s + at.len as usize).map(<[u8]>::to_vec);
@@ -680,51 +717,84 @@ impl Inner {
     /// flushes RocksDB; logs released before it go to the pool.
     fn flush(&self) -> Result<()> {
         let _one = self.flushing.lock().unwrap_or_else(|e| e.into_inner());
-        let mut st = self.lock();
-        if st.current.as_ref().is_some_and(|c| c.unsent) {
-            self.send(&mut st, 0)?;
-        }
-        let target = st.next_seq - 1;
-        while st.done_seq < target && st.failed.is_none() {
-            st = self.written.wait(st).unwrap_or_else(|e| e.into_inner());
-        }
-        if let Some(e) = &st.failed {
-            return Err(BookieError::io("writing an entry log", std::io::Error::other(e.clone())));
-        }
-        let files: Vec<(u64, Arc<File>)> = std::mem::take(&mut st.unsynced).into_iter().collect();
-        if let Some((id, f)) = st.current.as_ref().map(|c| (c.id, c.file.clone())) {
-            st.unsynced.insert(id, f);
-        }
-        let released = std::mem::take(&mut st.released);
-        let lcf = self.cf(LOGS)?;
-        let mut batch = WriteBatch::default();
-        for id in std::mem::take(&mut st.dirty) {
-            match st.logs.get(&id) {
-                Some(info) => batch.put_cf(lcf, id.to_be_bytes(), info.encode()),
-                None => batch.delete_cf(lcf, id.to_be_bytes()),
+        // Everything this flush covers is decided in one critical section: appends go on while
+        // it waits, and a log they fill and seal meanwhile belongs to the next flush.
+        let (target, files, released, batch, new_names) = {
+            let mut st = self.lock();
+            if let Some(e) = &st.failed {
+                return Err(failed(e));
             }
+            if st.current.as_ref().is_some_and(|c| c.unsent) {
+                self.send(&mut st, 0)?;
+            }
+            let target = st.next_seq - 1;
+            let files: Vec<(u64, Arc<File>)> = std::mem::take(&mut st.unsynced).into_iter().collect();
+            if let Some((id, f)) = st.current.as_ref().map(|c| (c.id, c.file.clone())) {
+                st.unsynced.insert(id, f);
+            }
+            let released = std::mem::take(&mut st.released);
+            let lcf = self.cf(LOGS)?;
+            let mut batch = WriteBatch::default();
+            for id in std::mem::take(&mut st.dirty) {
+                match st.logs.get(&id) {
+                    Some(info) => batch.put_cf(lcf, id.to_be_bytes(), info.encode()),
+                    None => batch.delete_cf(lcf, id.to_be_bytes()),
+                }
+            }
+            (target, files, released, batch, std::mem::take(&mut st.new_names))
+        };
+        let done = (|| -> Result<()> {
+            let mut st = self.lock();
+            while st.done_seq < target && st.failed.is_none() {
+                st = self.written.wait(st).unwrap_or_else(|e| e.into_inner());
+            }
+            if let Some(e) = &st.failed {
+                return Err(failed(e));
+            }
+            drop(st);
+            for (id, f) in files {
+                rustix::fs::fdatasync(&*f)
+                    .map_err(|e| BookieError::io(format!("syncing entry log {}", log_name(id)), e.into()))?;
+            }
+            // A reused file's new name must be durable before anything depends on it: the
+            // fdatasync of an overwrite does not commit a rename.
+            if new_names {
+                crate::journal::segment::sync_dir(&self.dir)?;
+            }
+            self.db.write_opt(batch, &self.no_wal)?;
+            let mut fo = FlushOptions::default();
+            fo.set_wait(true);
+            self.db.flush_cfs_opt(&[self.cf(INDEX)?, self.cf(LEDGERS)?, self.cf(LOGS)?], &fo)?;
+            Ok(())
+        })();
+        if let Err(e) = &done {
+            // What this flush took (logs to sync, accounting, released logs) is gone, and after a
+            // failed fdatasync a retry would not say whether the data reached the disk: no later
+            // flush may claim durability. Restarting replays the journal from the last
+            // checkpoint.
+            tracing::error!(error = %e, "flushing the entry store failed; it accepts no more writes");
+            self.lock().failed.get_or_insert_with(|| e.to_string());
+            return done;
         }
-        drop(st);
-        for (id, f) in files {
-            rustix::fs::fdatasync(&*f)
-                .map_err(|e| BookieError::io(format!("syncing entry log {}", log_name(id)), e.into()))?;
-        }
-        self.db.write_opt(batch, &self.no_wal)?;
-        let mut fo = FlushOptions::default();
-        fo.set_wait(true);
-        self.db.flush_cfs_opt(&[self.cf(INDEX)?, self.cf(LEDGERS)?, lcf], &fo)?;
-        self.recycle(released)
+        self.recycle(released);
+        Ok(())
     }
 
     /// Moves released logs into the pool, then trims the pool to what the last
     /// [`POOL_WINDOW`] needed (at least `entry_log_pool` files), a few files per call: giving
     /// space back to the file system costs the journal latency, so a bookie deleting about as
     /// much as it writes reuses files instead.
-    fn recycle(&self, released: Vec<u64>) -> Result<()> {
+    fn recycle(&self, released: Vec<u64>) {
         for id in released {
             self.forget_reader(id);
             let (path, to) = (self.path(id), self.dir.join(pool_name(id)));
-            std::fs::rename(&path, &to).map_err(io_err(format!("pooling {}", path.display())))?;
+            if let Err(e) = std::fs::rename(&path, &to) {
+                tracing::warn!(error = %e, file = %path.display(), "pooling an entry log failed; retrying later");
+                self.lock().released.push(id);
+                continue;
+            }
+            // A read may have opened it again meanwhile.
+            self.forget_reader(id);
             let size = std::fs::metadata(&to).map(|m| m.len()).unwrap_or(0);
             let mut st = self.lock();
             st.pool.push(to);
@@ -743,12 +813,18 @@ impl Inner {
         };
         for path in excess {
             let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-            std::fs::remove_file(&path).map_err(io_err(format!("removing {}", path.display())))?;
-            let mut st = self.lock();
-            st.pool_bytes = st.pool_bytes.saturating_sub(size);
-            tracing::debug!(file = %path.display(), "entry log pool trimmed");
+            match std::fs::remove_file(&path) {
+                Ok(()) => {
+                    let mut st = self.lock();
+                    st.pool_bytes = st.pool_bytes.saturating_sub(size);
+                    tracing::debug!(file = %path.display(), "entry log pool trimmed");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, file = %path.display(), "trimming the entry log pool failed");
+                    self.lock().pool.push(path);
+                }
+            }
         }
-        Ok(())
     }
 
     fn compact_periodically(&self, stop: &(Mutex<bool>, Condvar), every: Duration, threshold: f64) {
@@ -770,11 +846,18 @@ impl Inner {
     }
 
     fn compact(&self, threshold: f64) -> Result<usize> {
+        let _one = self.compacting.lock().unwrap_or_else(|e| e.into_inner());
         let candidates: Vec<u64> = {
             let st = self.lock();
             st.logs
                 .iter()
-                .filter(|(_, i)| i.sealed && i.end > 0 && (i.live() as f64) < threshold * i.end as f64)
+                .filter(|(id, i)| {
+                    i.sealed
+                        && i.end > 0
+                        && (i.live() as f64) < threshold * i.end as f64
+                        && !st.uncompactable.contains(id)
+                        && !st.inflight.iter().any(|f| f.log == **id)
+                })
                 .map(|(id, _)| *id)
                 .collect()
         };
@@ -788,7 +871,8 @@ impl Inner {
     }
 
     /// Copies a log's live records to the current log, points the index at the copies once
-    /// they are durable, and releases the log.
+    /// they are durable, and releases the log. A log whose records cannot all be read is left
+    /// alone (and not tried again until the bookie restarts).
     fn compact_log(&self, id: u64) -> Result<bool> {
         let (live, end): (HashSet<u64>, u64) = match self.lock().logs.get(&id) {
             Some(i) if i.sealed => (i.ledgers.keys().copied().collect(), i.end),
@@ -796,43 +880,49 @@ impl Inner {
         };
         let path = self.path(id);
         let ctx = || format!("compacting {}", path.display());
+        let give_up = |why: &str| {
+            tracing::warn!(log = id, why, "entry log not compacted");
+            self.lock().uncompactable.insert(id);
+            Ok(false)
+        };
+        // First the records the index points at, all the way to the end, before anything is
+        // copied.
         let file = File::open(&path).map_err(io_err(ctx()))?;
-        let mut scan = Scanner::new(file, 0, end, self.max_payload).map_err(io_err(ctx()))?;
+        let mut scan = Scanner::new(file, 0, end).map_err(io_err(ctx()))?;
         let index = self.cf(INDEX)?;
-        let mut moved: Vec<(u64, i64, Location, Location)> = Vec::new();
-        let mut payload = Vec::new();
-        let mut group: Vec<(Header, Location, Vec<u8>)> = Vec::new();
-        let mut group_bytes = 0;
-        loop {
-            let next = scan.next(Some(&mut payload)).map_err(io_err(ctx()))?;
-            if let Some((at, h)) = next {
-                if live.contains(&h.ledger) {
-                    let here = Location { log: id, offset: at, len: h.record_len() as u32 };
-                    let pointed = self.db.get_pinned_cf(index, entry_key(h.ledger, h.entry))?;
-                    if pointed.as_deref().and_then(Location::decode) == Some(here) {
-                        group_bytes += payload.len();
-                        group.push((h, here, std::mem::take(&mut payload)));
-                    }
+        let mut records: Vec<(Header, Location)> = Vec::new();
+        while let Some((at, h)) = scan.next(None).map_err(io_err(ctx()))? {
+            if live.contains(&h.ledger) {
+                let here = Location { log: id, offset: at, len: h.record_len() as u32 };
+                let pointed = self.db.get_pinned_cf(index, entry_key(h.ledger, h.entry))?;
+                if pointed.as_deref().and_then(Location::decode) == Some(here) {
+                    records.push((h, here));
                 }
-            }
-            if group_bytes >= CHUNK || (next.is_none() && !group.is_empty()) {
-                let st = self.lock();
-                let mut st = self.throttle(st);
-                for (h, old, p) in group.drain(..) {
-                    if st.logs.get(&id).is_some_and(|i| i.ledgers.contains_key(&h.ledger)) {
-                        let new = self.append(&mut st, h.ledger, h.entry, h.checksum, &p)?;
-                        moved.push((h.ledger, h.entry, old, new));
-                    }
-                }
-                group_bytes = 0;
-            }
-            if next.is_none() {
-                break;
             }
         }
-        if scan.pos() < end {
-            tracing::warn!(log = id, at = scan.pos(), end, "entry log ends early; compaction keeps it");
-            return Ok(false);
+        if scan.pos() != end {
+            return give_up("its records end before its recorded end");
+        }
+        let file = File::open(&path).map_err(io_err(ctx()))?;
+        let mut moved: Vec<(u64, i64, Location, Location)> = Vec::new();
+        for group in records.chunks(256) {
+            let mut copies = Vec::with_capacity(group.len());
+            for (h, at) in group {
+                let mut rec = vec![0u8; at.len as usize];
+                file.read_exact_at(&mut rec, at.offset).map_err(io_err(ctx()))?;
+                match record::decode(&rec, h.ledger, h.entry) {
+                    Ok(e) => copies.push((*h, *at, e)),
+                    Err(_) => return give_up("a record does not match its checksum"),
+                }
+            }
+            let st = self.lock();
+            let mut st = self.throttle(st);
+            for (h, old, e) in copies {
+                if st.logs.get(&id).is_some_and(|i| i.ledgers.contains_key(&h.ledger)) {
+                    let new = self.append(&mut st, h.ledger, h.entry, h.checksum, &e.payload)?;
+                    moved.push((h.ledger, h.entry, old, new));
+                }
+            }
         }
         // The copies are durable before anything points at them.
         self.flush()?;
@@ -874,7 +964,7 @@ impl LedgerStorage for EntryLogStorage {
         let mut batch = WriteBatch::with_capacity_bytes(entries.len() * 48 + states.len() * 64 + 64);
         let mut st = inner.lock();
         if let Some(e) = &st.failed {
-            return Err(BookieError::io("writing an entry log", std::io::Error::other(e.clone())));
+            return Err(failed(e));
         }
         for e in entries {
             let at = inner.append(&mut st, e.ledger, e.entry, e.checksum, &e.payload)?;

@@ -177,15 +177,17 @@ pub struct Scanner {
     r: BufReader<File>,
     pos: u64,
     limit: u64,
-    max_payload: u32,
 }
+
+/// Largest payload a record can hold (the largest entry a bookie can be configured to take).
+pub const MAX_PAYLOAD: u32 = 64 << 20;
 
 impl Scanner {
     /// Starts at `from`, reads no further than `limit`.
-    pub fn new(file: File, from: u64, limit: u64, max_payload: u32) -> std::io::Result<Scanner> {
+    pub fn new(file: File, from: u64, limit: u64) -> std::io::Result<Scanner> {
         let mut r = BufReader::with_capacity(4 << 20, file);
         r.seek(std::io::SeekFrom::Start(from))?;
-        Ok(Scanner { r, pos: from, limit, max_payload })
+        Ok(Scanner { r, pos: from, limit })
     }
 
     /// The offset after the last record returned.
@@ -206,7 +208,7 @@ impl Scanner {
             Err(e) => return Err(e),
         }
         let Some(header) = Header::parse(&h) else { return Ok(None) };
-        if header.len > self.max_payload || self.pos + header.record_len() > self.limit {
+        if header.len > MAX_PAYLOAD || self.pos + header.record_len() > self.limit {
             return Ok(None);
         }
         match payload {
@@ -260,7 +262,7 @@ mod tests {
         encode(&mut b, 1, 1, 0, &[9u8; 1000]);
         let end = b.len() as u64;
         std::fs::write(&p, b.padded()).unwrap();
-        let mut s = Scanner::new(File::open(&p).unwrap(), 0, u64::MAX, 1 << 20).unwrap();
+        let mut s = Scanner::new(File::open(&p).unwrap(), 0, u64::MAX).unwrap();
         let mut payload = Vec::new();
         let (at, h) = s.next(Some(&mut payload)).unwrap().unwrap();
         assert_eq!((at, h.entry, &payload[..]), (0, 0, &b"abc"[..]));
@@ -268,7 +270,7 @@ mod tests {
         assert_eq!((at, h.entry, h.len), (HEADER as u64 + 3, 1, 1000));
         assert!(s.next(None).unwrap().is_none(), "zero padding is not a record");
         assert_eq!(s.pos(), end);
-        let mut s = Scanner::new(File::open(&p).unwrap(), 0, HEADER as u64 + 3, 1 << 20).unwrap();
+        let mut s = Scanner::new(File::open(&p).unwrap(), 0, HEADER as u64 + 3).unwrap();
         assert!(s.next(None).unwrap().is_some());
         assert!(s.next(None).unwrap().is_none(), "the limit ends the scan");
     }

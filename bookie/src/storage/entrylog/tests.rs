@@ -10,7 +10,7 @@ fn settings(log_bytes: u64) -> StorageSettings {
 }
 
 fn open(dir: &Path, log_bytes: u64) -> EntryLogStorage {
-    EntryLogStorage::open(dir, &settings(log_bytes), 1 << 20).expect("open")
+    EntryLogStorage::open(dir, &settings(log_bytes)).expect("open")
 }
 
 fn payload(l: u64, e: i64, size: usize) -> Bytes {
@@ -78,6 +78,38 @@ fn entries_read_back_from_every_place_they_can_be() {
     check(&s, 2, 0..1, 3 << 20);
 }
 
+/// While the writer is held up, entries are read from the buffers waiting for it, the
+/// partly written block carried into the next buffer included; then from the file.
+#[test]
+fn entries_waiting_for_the_writer_read_back() {
+    let d = tempfile::tempdir().unwrap();
+    let s = open(d.path(), 64 << 20);
+    // Sizes that do not divide the block size, so records straddle block and buffer ends.
+    let size = |e: i64| 5000 + (e as usize * 37) % 3000;
+    let held = s.inner.gate.lock().unwrap();
+    for e in 0..1500 {
+        let p = payload(1, e, size(e));
+        s.write(&[EntryWrite { ledger: 1, entry: e, checksum: entry_checksum(1, e, &p), payload: p }], &[]).unwrap();
+    }
+    {
+        let st = s.inner.lock();
+        assert!(st.inflight.len() >= 3, "{} buffers wait for the writer", st.inflight.len());
+        assert_eq!(st.done_seq, 0, "nothing was written yet");
+    }
+    let on_disk = std::fs::metadata(d.path().join("logs").join(log_name(1))).unwrap().len();
+    assert_eq!(on_disk, 0, "the writer is held");
+    for e in 0..1500 {
+        let got = s.get_entry(1, e).unwrap().unwrap_or_else(|| panic!("entry {e} missing"));
+        assert_eq!(got.payload, payload(1, e, size(e)), "entry {e} from memory");
+    }
+    drop(held);
+    s.flush().unwrap();
+    assert!(s.inner.lock().inflight.is_empty());
+    for e in 0..1500 {
+        assert_eq!(s.get_entry(1, e).unwrap().unwrap().payload, payload(1, e, size(e)), "entry {e} from the file");
+    }
+}
+
 /// Logs emptied by deleted ledgers go to the pool after a flush, and new logs reuse those
 /// files: the number of files stays flat while ledgers come and go.
 #[test]
@@ -98,7 +130,7 @@ fn deleted_ledgers_logs_are_reused() {
         check(&s, l, 0..300, 16 << 10);
     }
     // 12 ledgers of ~4.9 MB in 4 MiB logs would be at least 15 files without reuse.
-    assert!(most <= 8, "{most} files at most");
+    assert!(most <= 10, "{most} files at most");
     for l in 1..=10 {
         assert!(s.get_entry(l, 0).unwrap().is_none(), "ledger {l} was deleted");
     }
@@ -140,9 +172,10 @@ fn compaction_moves_live_entries_and_frees_the_log() {
     assert!(s.get_entry(2, 0).unwrap().is_none());
 }
 
-/// Records written after the last flush are found again when the store reopens (here the
-/// index reached the disk, as RocksDB may flush it on its own), and their log is not reused
-/// while they are live.
+/// Records written after the last flush are found again when the store opens (here the index
+/// reached the disk, as RocksDB may write it out on its own), in the log that was current at
+/// the flush and in one opened after it, of which no accounting was recorded; their logs are
+/// not reused while they hold live records.
 #[test]
 fn records_after_the_last_flush_are_adopted_on_open() {
     let d = tempfile::tempdir().unwrap();
@@ -150,12 +183,14 @@ fn records_after_the_last_flush_are_adopted_on_open() {
         let s = open(d.path(), 4 << 20);
         s.write(&(0..50).map(|e| entry(1, e, 10_000)).collect::<Vec<_>>(), &[]).unwrap();
         s.flush().unwrap();
-        s.write(&(50..100).map(|e| entry(1, e, 10_000)).collect::<Vec<_>>(), &[]).unwrap();
-        // Written out and the index flushed, but the accounting not: what a crash between
-        // RocksDB flushing on its own and the next checkpoint leaves.
+        // 5 MB more: the first log fills and a second one starts.
+        for e in 50..550 {
+            s.write(&[entry(1, e, 10_000)], &[]).unwrap();
+        }
         let inner = &s.inner;
         {
             let mut st = inner.lock();
+            assert!(st.logs.len() >= 2, "a second log started");
             inner.send(&mut st, 0).unwrap();
             let target = st.next_seq - 1;
             while st.done_seq < target {
@@ -171,18 +206,19 @@ fn records_after_the_last_flush_are_adopted_on_open() {
     }
     let s = open(d.path(), 4 << 20);
     let (logs, _, live) = s.stats();
-    assert_eq!(logs, 1);
-    assert_eq!(live, 100 * (10_000 + HEADER as u64), "the tail's records are accounted");
-    check(&s, 1, 0..100, 10_000);
+    assert_eq!(logs, 2);
+    assert_eq!(live, 550 * (10_000 + HEADER as u64), "the tails' records are accounted");
+    check(&s, 1, 0..550, 10_000);
+    s.flush().unwrap();
+    assert_eq!(s.stats().0, 2, "no log with live records was released");
+    check(&s, 1, 0..550, 10_000);
 }
 
-/// Pooled files count as reusable; once no log has been opened for a while the pool is
-/// trimmed, a few files per flush, down to `entry_log_pool`.
 #[test]
 fn the_pool_shrinks_to_its_minimum_when_unused() {
     let d = tempfile::tempdir().unwrap();
     let settings = StorageSettings { entry_log_pool: 1, ..settings(4 << 20) };
-    let s = EntryLogStorage::open(d.path(), &settings, 1 << 20).unwrap();
+    let s = EntryLogStorage::open(d.path(), &settings).unwrap();
     for l in 1..=4u64 {
         s.write(&(0..300).map(|e| entry(l, e, 16 << 10)).collect::<Vec<_>>(), &[(l, LedgerMeta::new(b"k"))]).unwrap();
     }
