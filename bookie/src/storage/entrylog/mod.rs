@@ -513,7 +513,18 @@ impl Inner {
             .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
             .open(&path);
         match opened {
-            Ok(file) => Ok((file, reused)),
+            Ok(file) => {
+                if free.is_none() {
+                    // A new file gets its blocks now, off the appending path, rather than one
+                    // allocation per write (file systems without fallocate extend it as it
+                    // is written).
+                    if let Err(e) = rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, self.log_bytes)
+                    {
+                        tracing::debug!(error = %e, "preallocating an entry log");
+                    }
+                }
+                Ok((file, reused))
+            }
             Err(e) => {
                 // Back to the pool under its old name, so the pool's count stays right.
                 if let Some(free) = free {
