@@ -112,3 +112,111 @@ async fn two_journals_both_replay_after_sigkill() {
     }
     cluster.shutdown().await;
 }
+
+/// Entry logs reused and compacted, then a SIGKILL in the middle of writes: a long-lived
+/// ledger shares small entry logs with short ledgers that are written and deleted one after
+/// another, so the logs they leave are reused and the long-lived ledger's entries are moved
+/// by compaction again and again. Every entry of the long-lived ledger acknowledged before
+/// the kill is read back after the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_while_entry_logs_are_reused_and_compacted_loses_nothing() {
+    let mut cluster = Cluster::new(
+        1,
+        &[
+            "storage.checkpoint_interval_ms=300",
+            "journal.segment_bytes=2621440",
+            "storage.entry_log_bytes=4194304",
+            "storage.compaction_interval_ms=100",
+            "storage.compaction_threshold=0.9",
+            "storage.entry_log_pool=1",
+        ],
+        true,
+    )
+    .await;
+    let client = cluster.ledger_client();
+    let keeper = client.create(LedgerConfig::new(1, 1, 1)).await.expect("create");
+    let kid = keeper.id();
+    let size = 20_000;
+    let mut acked: BTreeMap<i64, Vec<u8>> = BTreeMap::new();
+    let mut next = 0i64;
+    // Short ledgers of ~1 MB, each deleted as soon as it is written, with keeper entries in
+    // between: about 20 MB through 4 MiB logs.
+    for _ in 0..20 {
+        let w = client.create(LedgerConfig::new(1, 1, 1)).await.expect("create");
+        let mut adds = FuturesUnordered::new();
+        for e in 0..50 {
+            adds.push(w.append(payload(w.id(), e, 40_000)));
+        }
+        while let Some(r) = adds.next().await {
+            r.expect("add");
+        }
+        for _ in 0..3 {
+            let p = payload(kid, next, size);
+            let e = keeper.append(p.clone()).await.expect("keeper add");
+            acked.insert(e, p);
+            next += 1;
+        }
+        let id = w.id();
+        w.close().await.expect("close");
+        client.delete(id).await.expect("delete");
+    }
+    // Logs were reused (ids beyond the files there are) and compaction moved entries.
+    let logs_dir = cluster.bookies[0].ledgers.join("store").join("logs");
+    let names: Vec<String> = std::fs::read_dir(&logs_dir)
+        .expect("logs dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    let highest = names.iter().filter_map(|n| u64::from_str_radix(n.split('.').next()?, 16).ok()).max().expect("logs");
+    assert!(highest > names.len() as u64 + 2, "log ids up to {highest} in {} files: no reuse ({names:?})", names.len());
+    let bookie_log = std::fs::read_to_string(&cluster.bookies[0].log).expect("bookie log");
+    assert!(bookie_log.contains("compacted entry logs"), "no compaction ran\n{}", cluster.bookies[0].log_tail());
+
+    // Now a kill in the middle of keeper adds and short-ledger churn.
+    let mut inflight = FuturesUnordered::new();
+    let churn = client.create(LedgerConfig::new(1, 1, 1)).await.expect("create");
+    let started = std::time::Instant::now();
+    let mut killed = false;
+    let mut churn_next = 0i64;
+    loop {
+        while !killed && inflight.len() < 32 {
+            let p = payload(kid, next, size);
+            let f = keeper.append(p.clone());
+            inflight.push(Box::pin(async move { (f.await, Some(p)) })
+                as std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>>);
+            next += 1;
+            let f = churn.append(payload(churn.id(), churn_next, 40_000));
+            inflight.push(Box::pin(async move { (f.await, None) }));
+            churn_next += 1;
+        }
+        if !killed && started.elapsed() > Duration::from_millis(800) {
+            cluster.bookies[0].kill();
+            killed = true;
+        }
+        match inflight.next().await {
+            Some((Ok(e), Some(p))) => {
+                acked.insert(e, p);
+            }
+            Some(_) => {}
+            None => break,
+        }
+    }
+    drop((keeper, churn));
+    cluster.bookies[0].start().await;
+    let md = client.recover(kid).await.unwrap_or_else(|e| panic!("recover: {e}\n{}", cluster.logs()));
+    let max_acked = *acked.keys().last().expect("some acked");
+    assert!(md.last_entry >= max_acked, "closed at {} but entry {max_acked} was acknowledged", md.last_entry);
+    let entries = client
+        .open_reader(kid)
+        .await
+        .expect("reader")
+        .read(0, md.last_entry)
+        .await
+        .unwrap_or_else(|e| panic!("read: {e}\n{}", cluster.logs()));
+    for (e, p) in &acked {
+        assert_eq!(&entries[*e as usize][..], &p[..], "keeper entry {e} differs after the crash");
+    }
+    for (i, got) in entries.iter().enumerate() {
+        assert_eq!(&got[..], &payload(kid, i as i64, size)[..], "recovered keeper entry {i} is wrong");
+    }
+    cluster.shutdown().await;
+}
