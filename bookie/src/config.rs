@@ -121,8 +121,11 @@ pub struct StorageSettings {
     pub entry_log_pool: usize,
     /// An entry log whose live bytes fall below this fraction of its size is compacted.
     pub compaction_threshold: f64,
-    /// How often entry logs are checked for compaction (0: never).
+    /// How often entry logs are checked for compaction (0: never); a log is compacted only
+    /// once it has been sealed this long.
     pub compaction_interval_ms: u64,
+    /// Bytes per second compaction reads and writes at most (0: no limit).
+    pub compaction_bytes_per_second: u64,
     /// How often journal positions are checkpointed (flushing RocksDB) so old segments go.
     pub checkpoint_interval_ms: u64,
     /// Bytes of recently written entries kept in memory for tail reads (payloads plus 64 bytes
@@ -149,7 +152,8 @@ impl Default for StorageSettings {
             entry_log_bytes: 256 << 20,
             entry_log_pool: 8,
             compaction_threshold: 0.5,
-            compaction_interval_ms: 60_000,
+            compaction_interval_ms: 900_000,
+            compaction_bytes_per_second: 32 << 20,
             checkpoint_interval_ms: 10_000,
             read_cache_bytes: 64 << 20,
             min_blob_bytes: 4096,
@@ -235,6 +239,7 @@ pub const ENV_ALIASES: &[(&str, &str)] = &[
     ("gcWaitTime", "gc_interval_ms"),
     ("bookieId", "bookie_id"),
     ("logSizeLimit", "storage.entry_log_bytes"),
+    ("compactionRateByBytes", "storage.compaction_bytes_per_second"),
 ];
 
 #[cfg(test)]

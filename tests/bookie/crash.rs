@@ -128,6 +128,7 @@ async fn sigkill_while_entry_logs_are_reused_and_compacted_loses_nothing() {
             "storage.entry_log_bytes=4194304",
             "storage.compaction_interval_ms=100",
             "storage.compaction_threshold=0.9",
+            "storage.compaction_bytes_per_second=0",
             "storage.entry_log_pool=1",
         ],
         true,
@@ -140,8 +141,30 @@ async fn sigkill_while_entry_logs_are_reused_and_compacted_loses_nothing() {
     let mut acked: BTreeMap<i64, Vec<u8>> = BTreeMap::new();
     let mut next = 0i64;
     // Short ledgers of ~1 MB, each deleted as soon as it is written, with keeper entries in
-    // between: about 20 MB through 4 MiB logs.
-    for _ in 0..20 {
+    // between, through 4 MiB logs: until logs have been reused (more log ids than files) and
+    // compaction has moved keeper entries, and at least 20 rounds.
+    let logs_dir = cluster.bookies[0].ledgers.join("store").join("logs");
+    let reused = || {
+        let names: Vec<String> = std::fs::read_dir(&logs_dir)
+            .expect("logs dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        let highest = names.iter().filter_map(|n| u64::from_str_radix(n.split('.').next()?, 16).ok()).max();
+        highest.is_some_and(|h| h > names.len() as u64 + 2)
+    };
+    let compacted =
+        || std::fs::read_to_string(&cluster.bookies[0].log).unwrap_or_default().contains("compacted entry logs");
+    let churn_started = std::time::Instant::now();
+    let mut rounds = 0;
+    while rounds < 20 || !(reused() && compacted()) {
+        assert!(
+            churn_started.elapsed() < Duration::from_secs(60),
+            "after {rounds} rounds: reused {}, compacted {}\n{}",
+            reused(),
+            compacted(),
+            cluster.bookies[0].log_tail()
+        );
+        rounds += 1;
         let w = client.create(LedgerConfig::new(1, 1, 1)).await.expect("create");
         let mut adds = FuturesUnordered::new();
         for e in 0..50 {
@@ -160,16 +183,6 @@ async fn sigkill_while_entry_logs_are_reused_and_compacted_loses_nothing() {
         w.close().await.expect("close");
         client.delete(id).await.expect("delete");
     }
-    // Logs were reused (ids beyond the files there are) and compaction moved entries.
-    let logs_dir = cluster.bookies[0].ledgers.join("store").join("logs");
-    let names: Vec<String> = std::fs::read_dir(&logs_dir)
-        .expect("logs dir")
-        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-        .collect();
-    let highest = names.iter().filter_map(|n| u64::from_str_radix(n.split('.').next()?, 16).ok()).max().expect("logs");
-    assert!(highest > names.len() as u64 + 2, "log ids up to {highest} in {} files: no reuse ({names:?})", names.len());
-    let bookie_log = std::fs::read_to_string(&cluster.bookies[0].log).expect("bookie log");
-    assert!(bookie_log.contains("compacted entry logs"), "no compaction ran\n{}", cluster.bookies[0].log_tail());
 
     // Now a kill in the middle of keeper adds and short-ledger churn.
     let mut inflight = FuturesUnordered::new();

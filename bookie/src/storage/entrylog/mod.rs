@@ -145,6 +145,8 @@ struct State {
     /// When logs were opened, over the last [`POOL_WINDOW`].
     opened: VecDeque<Instant>,
     next_id: u64,
+    /// When logs were sealed (for those sealed since the store opened, or open then).
+    sealed_at: HashMap<u64, Instant>,
     /// Logs compaction gave up on.
     uncompactable: HashSet<u64>,
     /// A log file was created or renamed since the last flush.
@@ -170,6 +172,10 @@ struct Inner {
     state: Mutex<State>,
     /// One compaction at a time.
     compacting: Mutex<()>,
+    /// Bytes per second compaction reads and writes at most (0: no limit).
+    compaction_rate: u64,
+    /// The store is closing: compaction stops.
+    stopping: std::sync::atomic::AtomicBool,
     /// Tests hold it to keep the writer from writing.
     #[cfg(test)]
     gate: Mutex<()>,
@@ -235,6 +241,7 @@ impl EntryLogStorage {
             pool_bytes: 0,
             opened: VecDeque::new(),
             next_id: 1,
+            sealed_at: HashMap::new(),
             uncompactable: HashSet::new(),
             new_names: false,
             next: None,
@@ -255,6 +262,8 @@ impl EntryLogStorage {
             written: Condvar::new(),
             flushing: Mutex::new(()),
             compacting: Mutex::new(()),
+            compaction_rate: settings.compaction_bytes_per_second,
+            stopping: std::sync::atomic::AtomicBool::new(false),
             #[cfg(test)]
             gate: Mutex::new(()),
             readers: Mutex::new(HashMap::new()),
@@ -288,7 +297,7 @@ impl EntryLogStorage {
     /// Compacts every sealed log whose live bytes are below `threshold` of its size now;
     /// returns how many were compacted.
     pub fn compact(&self, threshold: f64) -> Result<usize> {
-        self.inner.compact(threshold)
+        self.inner.compact(threshold, Duration::ZERO)
     }
 
     /// Log files in use, files in the pool, and live record bytes.
@@ -302,6 +311,7 @@ impl Drop for EntryLogStorage {
     fn drop(&mut self) {
         {
             let (flag, cv) = &*self.stop;
+            self.inner.stopping.store(true, std::sync::atomic::Ordering::Relaxed);
             *flag.lock().unwrap_or_else(|e| e.into_inner()) = true;
             cv.notify_all();
         }
@@ -409,6 +419,8 @@ impl Inner {
             logs.remove(&id);
             dirty.insert(id);
         }
+        let now = Instant::now();
+        st.sealed_at = logs.keys().map(|id| (*id, now)).collect();
         st.logs = logs;
         st.dirty = dirty;
         pool.sort();
@@ -606,6 +618,7 @@ impl Inner {
             self.send(st, 0)?;
         }
         if let Some(cur) = st.current.take() {
+            st.sealed_at.insert(cur.id, Instant::now());
             let empty = match st.logs.get_mut(&cur.id) {
                 Some(info) => {
                     info.sealed = true;
@@ -848,7 +861,9 @@ impl Inner {
                     return;
                 }
             }
-            match self.compact(threshold) {
+            // A log sealed less than an interval ago may soon be empty anyway (the ledgers of a
+            // topic whose consumers keep up are deleted a few seconds after they close).
+            match self.compact(threshold, every) {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(logs = n, "compacted entry logs"),
                 Err(e) => tracing::warn!(error = %e, "entry log compaction failed"),
@@ -856,7 +871,7 @@ impl Inner {
         }
     }
 
-    fn compact(&self, threshold: f64) -> Result<usize> {
+    fn compact(&self, threshold: f64, min_age: Duration) -> Result<usize> {
         let _one = self.compacting.lock().unwrap_or_else(|e| e.into_inner());
         let candidates: Vec<u64> = {
             let st = self.lock();
@@ -867,6 +882,7 @@ impl Inner {
                         && i.end > 0
                         && (i.live() as f64) < threshold * i.end as f64
                         && !st.uncompactable.contains(id)
+                        && st.sealed_at.get(id).is_none_or(|t| t.elapsed() >= min_age)
                         && !st.inflight.iter().any(|f| f.log == **id)
                 })
                 .map(|(id, _)| *id)
@@ -902,7 +918,11 @@ impl Inner {
         let mut scan = Scanner::new(file, 0, end).map_err(io_err(ctx()))?;
         let index = self.cf(INDEX)?;
         let mut records: Vec<(Header, Location)> = Vec::new();
+        let mut pace = Pacer::new(self.compaction_rate);
         while let Some((at, h)) = scan.next(None).map_err(io_err(ctx()))? {
+            if !pace.account(h.record_len(), &self.stopping) {
+                return Ok(false);
+            }
             if live.contains(&h.ledger) {
                 let here = Location { log: id, offset: at, len: h.record_len() as u32 };
                 let pointed = self.db.get_pinned_cf(index, entry_key(h.ledger, h.entry))?;
@@ -919,6 +939,10 @@ impl Inner {
         for group in records.chunks(256) {
             let mut copies = Vec::with_capacity(group.len());
             for (h, at) in group {
+                // Read once here and written once by the writer.
+                if !pace.account(2 * u64::from(at.len), &self.stopping) {
+                    return Ok(false);
+                }
                 let mut rec = vec![0u8; at.len as usize];
                 file.read_exact_at(&mut rec, at.offset).map_err(io_err(ctx()))?;
                 match record::decode(&rec, h.ledger, h.entry) {
@@ -962,6 +986,34 @@ impl Inner {
             st.released.push(id);
         }
         Ok(true)
+    }
+}
+
+/// Keeps compaction's I/O under a rate, so it does not take the disk from the journal.
+struct Pacer {
+    rate: u64,
+    start: Instant,
+    bytes: u64,
+}
+
+impl Pacer {
+    fn new(rate: u64) -> Self {
+        Pacer { rate, start: Instant::now(), bytes: 0 }
+    }
+
+    /// Counts `n` bytes and waits until they are within the rate; false when `stop` is set.
+    fn account(&mut self, n: u64, stop: &std::sync::atomic::AtomicBool) -> bool {
+        self.bytes += n;
+        if self.rate > 0 {
+            let due = Duration::from_secs_f64(self.bytes as f64 / self.rate as f64);
+            while self.start.elapsed() + Duration::from_millis(5) < due {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    return false;
+                }
+                std::thread::sleep(due.saturating_sub(self.start.elapsed()).min(Duration::from_millis(50)));
+            }
+        }
+        !stop.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 

@@ -252,3 +252,19 @@ fn pooled_bytes(dir: &Path) -> u64 {
         .map(|e| e.metadata().unwrap().len())
         .sum()
 }
+
+/// Compaction's pacing holds its bytes to the rate, and gives up when the store closes.
+#[test]
+fn compaction_is_paced_and_stops_with_the_store() {
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let mut p = Pacer::new(10 << 20);
+    let started = Instant::now();
+    assert!(p.account(1 << 20, &stop));
+    assert!(p.account(1 << 20, &stop));
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(190), "2 MiB at 10 MiB/s took {took:?}");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(!p.account(1 << 20, &stop));
+    let mut unpaced = Pacer::new(0);
+    assert!(unpaced.account(u64::MAX / 2, &std::sync::atomic::AtomicBool::new(false)));
+}
