@@ -156,3 +156,41 @@ pub fn parse_entry_key(k: &[u8]) -> Option<(u64, i64)> {
     e.copy_from_slice(&k[8..]);
     Some((u64::from_be_bytes(l), u64::from_be_bytes(e) as i64))
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// A ledger directory keeps the engine it was created with, whatever the setting says
+    /// later; a new directory gets the configured one.
+    #[test]
+    fn a_directory_keeps_its_engine() {
+        for (created, configured_later) in
+            [(StorageEngine::Rocksdb, StorageEngine::EntryLogs), (StorageEngine::EntryLogs, StorageEngine::Rocksdb)]
+        {
+            let d = tempfile::tempdir().unwrap();
+            let settings = |engine| StorageSettings { engine, compaction_interval_ms: 0, ..Default::default() };
+            let payload = Bytes::from_static(b"kept");
+            {
+                let s = open(d.path(), &settings(created)).unwrap();
+                let checksum = entry_checksum(1, 0, &payload);
+                s.write(&[EntryWrite { ledger: 1, entry: 0, checksum, payload: payload.clone() }], &[]).unwrap();
+                s.flush().unwrap();
+            }
+            let marker = match created {
+                StorageEngine::Rocksdb => "entries.db",
+                StorageEngine::EntryLogs => "index.db",
+            };
+            assert!(d.path().join(marker).exists(), "{created:?} made {marker}");
+            let s = open(d.path(), &settings(configured_later)).unwrap();
+            assert_eq!(s.get_entry(1, 0).unwrap().unwrap().payload, payload, "{created:?} then {configured_later:?}");
+            drop(s);
+            let other = match configured_later {
+                StorageEngine::Rocksdb => "entries.db",
+                StorageEngine::EntryLogs => "index.db",
+            };
+            assert!(!d.path().join(other).exists(), "no {other} was created next to {marker}");
+        }
+    }
+}
