@@ -268,3 +268,19 @@ fn compaction_is_paced_and_stops_with_the_store() {
     let mut unpaced = Pacer::new(0);
     assert!(unpaced.account(u64::MAX / 2, &std::sync::atomic::AtomicBool::new(false)));
 }
+
+/// Once the store has failed (a write or a flush went wrong), every later write and flush
+/// fails too: none may claim durability the failed one could not give.
+#[test]
+fn a_failed_store_refuses_writes_and_flushes() {
+    let d = tempfile::tempdir().unwrap();
+    let s = open(d.path(), 4 << 20);
+    s.write(&[entry(1, 0, 100)], &[]).unwrap();
+    s.flush().unwrap();
+    s.inner.lock().failed = Some("injected".into());
+    assert!(s.write(&[entry(1, 1, 100)], &[]).is_err());
+    assert!(s.flush().is_err());
+    assert!(s.flush().is_err(), "a second flush does not succeed either");
+    // What was durable before still reads.
+    check(&s, 1, 0..1, 100);
+}
