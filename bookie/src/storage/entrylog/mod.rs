@@ -191,7 +191,8 @@ struct Inner {
 /// Entry-log-backed [`LedgerStorage`].
 pub struct EntryLogStorage {
     inner: Arc<Inner>,
-    stop: Arc<(Mutex<bool>, Condvar)>,
+    /// Wakes the compactor when the store closes (`Inner::stopping` is the flag).
+    stop: Arc<(Mutex<()>, Condvar)>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
@@ -279,7 +280,7 @@ impl EntryLogStorage {
                 .spawn(move || w.write_chunks(rx))
                 .map_err(io_err("starting the entry log writer".into()))?,
         );
-        let stop = Arc::new((Mutex::new(false), Condvar::new()));
+        let stop = Arc::new((Mutex::new(()), Condvar::new()));
         if settings.compaction_interval_ms > 0 {
             let (c, s) = (inner.clone(), stop.clone());
             let (every, threshold) =
@@ -310,9 +311,9 @@ impl EntryLogStorage {
 impl Drop for EntryLogStorage {
     fn drop(&mut self) {
         {
-            let (flag, cv) = &*self.stop;
+            let (lock, cv) = &*self.stop;
+            let _g = lock.lock().unwrap_or_else(|e| e.into_inner());
             self.inner.stopping.store(true, std::sync::atomic::Ordering::Relaxed);
-            *flag.lock().unwrap_or_else(|e| e.into_inner()) = true;
             cv.notify_all();
         }
         // Closing the channel ends the writer once it has written what it was given.
@@ -599,7 +600,7 @@ impl Inner {
         };
         next.clear();
         let mut old = std::mem::replace(&mut cur.buf, next);
-        old.padded();
+        old.zero_pad();
         cur.buf.extend(&old.data()[keep_from..]);
         let (seq, offset, file, log) = (st.next_seq, cur.base, cur.file.clone(), cur.id);
         cur.base += keep_from as u64;
@@ -734,7 +735,7 @@ impl Inner {
                 r
             }
         };
-        record::decode(&rec, ledger, entry)
+        record::decode(rec, ledger, entry)
     }
 
     /// Writes out every buffer, fdatasyncs the logs written, then records the accounting and
@@ -851,13 +852,14 @@ impl Inner {
         }
     }
 
-    fn compact_periodically(&self, stop: &(Mutex<bool>, Condvar), every: Duration, threshold: f64) {
-        let (flag, cv) = stop;
+    fn compact_periodically(&self, stop: &(Mutex<()>, Condvar), every: Duration, threshold: f64) {
+        let (lock, cv) = stop;
+        let stopping = || self.stopping.load(std::sync::atomic::Ordering::Relaxed);
         loop {
             {
-                let g = flag.lock().unwrap_or_else(|e| e.into_inner());
-                let (g, _) = cv.wait_timeout_while(g, every, |s| !*s).unwrap_or_else(|e| e.into_inner());
-                if *g {
+                let g = lock.lock().unwrap_or_else(|e| e.into_inner());
+                drop(cv.wait_timeout_while(g, every, |_| !stopping()).unwrap_or_else(|e| e.into_inner()));
+                if stopping() {
                     return;
                 }
             }
@@ -945,7 +947,7 @@ impl Inner {
                 }
                 let mut rec = vec![0u8; at.len as usize];
                 file.read_exact_at(&mut rec, at.offset).map_err(io_err(ctx()))?;
-                match record::decode(&rec, h.ledger, h.entry) {
+                match record::decode(rec, h.ledger, h.entry) {
                     Ok(e) => copies.push((*h, *at, e)),
                     Err(_) => return give_up("a record does not match its checksum"),
                 }

@@ -60,14 +60,14 @@ impl Header {
 }
 
 /// Checks that `rec` is the whole record of `(ledger, entry)` and its payload matches its
-/// checksum.
-pub fn decode(rec: &[u8], ledger: u64, entry: i64) -> Result<StoredEntry> {
+/// checksum; the payload is returned without a copy.
+pub fn decode(rec: Vec<u8>, ledger: u64, entry: i64) -> Result<StoredEntry> {
     let corrupt = BookieError::Corrupt { ledger, entry };
-    let Some(h) = Header::parse(rec) else { return Err(corrupt) };
+    let Some(h) = Header::parse(&rec) else { return Err(corrupt) };
     if h.ledger != ledger || h.entry != entry || h.record_len() != rec.len() as u64 {
         return Err(corrupt);
     }
-    StoredEntry::verified(ledger, entry, h.checksum, Bytes::copy_from_slice(&rec[HEADER..]))
+    StoredEntry::verified(ledger, entry, h.checksum, Bytes::from(rec).slice(HEADER..))
 }
 
 /// Where a record lives: log id, offset, record length.
@@ -148,14 +148,13 @@ impl AlignedBuf {
         &self.raw[self.start..self.start + self.len]
     }
 
-    /// The bytes written, zero-padded to a whole number of aligned blocks.
-    pub fn padded(&mut self) -> &[u8] {
+    /// Zeroes the rest of the last aligned block.
+    pub fn zero_pad(&mut self) {
         let end = self.start + round_up(self.len);
         self.raw[self.start + self.len..end].fill(0);
-        &self.raw[self.start..end]
     }
 
-    /// The aligned blocks written so far, as `padded` returns them (after a call to it).
+    /// The aligned blocks written so far (padded by [`Self::zero_pad`]).
     pub fn written_blocks(&self) -> &[u8] {
         &self.raw[self.start..self.start + round_up(self.len)]
     }
@@ -240,14 +239,15 @@ mod tests {
         assert_eq!(b.data().as_ptr() as usize % ALIGN, 0);
         let sum = crate::checksum::entry_checksum(3, 4, b"hello");
         encode(&mut b, 3, 4, sum, b"hello");
-        let got = decode(b.data(), 3, 4).unwrap();
+        let got = decode(b.data().to_vec(), 3, 4).unwrap();
         assert_eq!((got.checksum, &got.payload[..]), (sum, &b"hello"[..]));
-        assert!(matches!(decode(b.data(), 3, 5), Err(BookieError::Corrupt { .. })));
-        assert!(matches!(decode(&b.data()[..HEADER + 2], 3, 4), Err(BookieError::Corrupt { .. })));
+        assert!(matches!(decode(b.data().to_vec(), 3, 5), Err(BookieError::Corrupt { .. })));
+        assert!(matches!(decode(b.data()[..HEADER + 2].to_vec(), 3, 4), Err(BookieError::Corrupt { .. })));
         let mut flipped = b.data().to_vec();
         flipped[HEADER] ^= 1;
-        assert!(matches!(decode(&flipped, 3, 4), Err(BookieError::Corrupt { .. })));
-        assert_eq!(b.padded().len(), ALIGN);
+        assert!(matches!(decode(flipped, 3, 4), Err(BookieError::Corrupt { .. })));
+        b.zero_pad();
+        assert_eq!(b.written_blocks().len(), ALIGN);
         let l = Location { log: 7, offset: 1 << 40, len: 99 };
         assert_eq!(Location::decode(&l.encode()), Some(l));
         assert_eq!(Location::decode(&[0u8; 19]), None);
@@ -261,7 +261,8 @@ mod tests {
         encode(&mut b, 1, 0, 0, b"abc");
         encode(&mut b, 1, 1, 0, &[9u8; 1000]);
         let end = b.len() as u64;
-        std::fs::write(&p, b.padded()).unwrap();
+        b.zero_pad();
+        std::fs::write(&p, b.written_blocks()).unwrap();
         let mut s = Scanner::new(File::open(&p).unwrap(), 0, u64::MAX).unwrap();
         let mut payload = Vec::new();
         let (at, h) = s.next(Some(&mut payload)).unwrap().unwrap();
