@@ -88,6 +88,11 @@ pub struct JournalSettings {
     pub preallocated_segments: usize,
     /// Turn fdatasync off (tests and benchmarks of the CPU path only: loses data on power loss).
     pub sync: bool,
+    /// Payloads of at least this many bytes are written once, to the entry log, and the
+    /// journal records where they are; smaller ones are written to both (0: every payload is
+    /// written to both). Needs the `entry_logs` storage engine; with `rocksdb` every payload
+    /// is written to both.
+    pub write_once_bytes: usize,
 }
 
 impl Default for JournalSettings {
@@ -100,6 +105,7 @@ impl Default for JournalSettings {
             segment_bytes: 64 << 20,
             preallocated_segments: 1,
             sync: true,
+            write_once_bytes: 16 << 10,
         }
     }
 }

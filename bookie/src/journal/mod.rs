@@ -12,6 +12,16 @@
 //! drop those of earlier, synced writes (`remove_pages_from_cache`): the journal is read only
 //! on restart, and pages already on their way leave less for the next fdatasync.
 //!
+//! Payloads of at least `write_once_bytes` are written once: the writer stores them in the entry
+//! store first ([`LedgerStorage::write_ref`]) and the journal records only where they went
+//! (an `ENTRY_REF` record). A group holding such adds is acknowledged only after both the
+//! journal's fdatasync and the entry store's ([`LedgerStorage::sync_refs`], begun before the
+//! journal's and finished after it, so the two overlap). Replay indexes the payloads those
+//! records point at ([`LedgerStorage::adopt_ref`]); one that is not there belonged to an add
+//! whose group never finished syncing, which was never acknowledged. Every payload is thus
+//! written to the disk once instead of twice, which is what bounds a bookie's bandwidth for
+//! large entries.
+//!
 //! So the writer fills the next group while the syncer flushes the previous one, and every
 //! fdatasync covers as many adds as arrived during the one before. When nothing else is
 //! queued and the syncer is idle (light load, `flush_when_queue_empty` on), the writer syncs
@@ -43,7 +53,7 @@ use magnetar_common::metrics::{Counter, Gauge, Histogram, Registry, LATENCY_MS_B
 use crate::config::JournalSettings;
 use crate::error::{BookieError, Result};
 use crate::ledgers::Ledgers;
-use crate::storage::{EntryWrite, LedgerMeta, StoredEntry};
+use crate::storage::{EntryWrite, LedgerMeta, LedgerStorage, StoredEntry};
 use segment::Allocator;
 
 /// A position in a journal: everything before `offset` of segment `segment`.
@@ -90,6 +100,7 @@ pub type Callback = Box<dyn FnOnce(Result<i64>) + Send>;
 /// Journal metrics, named as BookKeeper names them.
 pub struct JournalMetrics {
     sync: Arc<Histogram>,
+    ref_sync: Arc<Histogram>,
     add: Arc<Histogram>,
     queue_latency: Arc<Histogram>,
     flush: Arc<Histogram>,
@@ -109,6 +120,12 @@ impl JournalMetrics {
         let l: &[(&str, &str)] = &[("journalIndex", &idx)];
         JournalMetrics {
             sync: reg.histogram("bookie_journal_JOURNAL_SYNC", "Journal fdatasync latency (ms)", l, LATENCY_MS_BUCKETS),
+            ref_sync: reg.histogram(
+                "bookie_journal_JOURNAL_ENTRY_LOG_SYNC",
+                "Time a group holding payloads written once waits for the entry store's sync after the journal's (ms)",
+                l,
+                LATENCY_MS_BUCKETS,
+            ),
             add: reg.histogram(
                 "bookie_journal_JOURNAL_ADD_ENTRY",
                 "Time from queueing an add to its durable ack (ms)",
@@ -168,6 +185,8 @@ struct Queued {
 /// A batch written by the writer, waiting for its sync.
 struct Group {
     files: Vec<Arc<File>>,
+    /// Holds adds whose payloads are in the entry store only.
+    refs: bool,
     acks: Vec<(Callback, Result<i64>, Instant)>,
     born: Instant,
 }
@@ -182,6 +201,7 @@ struct SyncQueue {
 }
 
 struct Shared {
+    storage: Arc<dyn LedgerStorage>,
     sync_q: Mutex<SyncQueue>,
     sync_cv: Condvar,
     queued: AtomicI64,
@@ -205,6 +225,19 @@ impl Shared {
         }
         m.sync_entries.observe(ops as f64);
         let mut failure = self.failure.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let fail = |failure: &mut Option<String>, e: String| {
+            *failure = Some(e);
+            *self.failure.lock().unwrap_or_else(|e| e.into_inner()) = failure.clone();
+        };
+        // The entry store's sync starts first (its buffer goes to its writer thread) and is
+        // waited for after the journal's fdatasync.
+        let mut refs = None;
+        if sync && failure.is_none() && groups.iter().any(|g| g.refs) {
+            match self.storage.sync_refs() {
+                Ok(f) => refs = Some(f),
+                Err(e) => fail(&mut failure, e.to_string()),
+            }
+        }
         let mut synced: Vec<*const File> = Vec::new();
         for g in &groups {
             for f in &g.files {
@@ -215,14 +248,23 @@ impl Shared {
                 synced.push(p);
                 if sync && failure.is_none() {
                     if let Err(e) = f.sync_data() {
-                        failure = Some(e.to_string());
-                        *self.failure.lock().unwrap_or_else(|e| e.into_inner()) = failure.clone();
+                        fail(&mut failure, e.to_string());
                     }
                 }
             }
         }
         m.sync.observe_duration_ms(started.elapsed());
         m.syncs.inc();
+        if let Some(finish) = refs {
+            let waiting = Instant::now();
+            // Always finished, even after a journal failure: later syncs wait their turn.
+            if let Err(e) = finish() {
+                if failure.is_none() {
+                    fail(&mut failure, e.to_string());
+                }
+            }
+            m.ref_sync.observe_duration_ms(waiting.elapsed());
+        }
         if let Some(err) = &failure {
             // A failed fdatasync leaves the page cache in an unknown state; nothing in these
             // groups may be acknowledged.
@@ -264,6 +306,7 @@ impl Journal {
     ) -> Result<Self> {
         let (alloc, prealloc) = Allocator::start(dir, settings.segment_bytes, settings.preallocated_segments)?;
         let shared = Arc::new(Shared {
+            storage: ledgers.storage.clone(),
             sync_q: Mutex::new(SyncQueue::default()),
             sync_cv: Condvar::new(),
             queued: AtomicI64::new(0),
@@ -285,6 +328,7 @@ impl Journal {
             pieces: Vec::new(),
             piece_bytes: 0,
             inline_sync: settings.flush_when_queue_empty,
+            write_once_bytes: if settings.write_once_bytes == 0 { usize::MAX } else { settings.write_once_bytes },
             sync: settings.sync,
             drop_pages: settings.remove_pages_from_cache,
             on_roll,
@@ -434,6 +478,8 @@ struct Writer {
     piece_bytes: usize,
     /// Sync inline when idle (see the module docs).
     inline_sync: bool,
+    /// Payloads at least this big go to the entry store only (see the module docs).
+    write_once_bytes: usize,
     sync: bool,
     /// `remove_pages_from_cache` (see [`Segment::advise_written`]).
     drop_pages: bool,
@@ -448,6 +494,8 @@ struct Batch {
     acks: Vec<(Callback, Result<i64>, Instant)>,
     files: Vec<Arc<File>>,
     bytes: usize,
+    /// Adds whose payloads went to the entry store only.
+    ref_adds: usize,
 }
 
 impl Writer {
@@ -506,7 +554,7 @@ impl Writer {
         self.shared.metrics.apply.observe_duration_ms(applying.elapsed());
         *self.shared.applied.lock().unwrap_or_else(|e| e.into_inner()) =
             Position { segment: self.seg.seq, offset: self.seg.offset };
-        self.shared.metrics.adds.add(b.entries.len() as u64);
+        self.shared.metrics.adds.add((b.entries.len() + b.ref_adds) as u64);
         b.entries.clear();
         b
     }
@@ -538,10 +586,21 @@ impl Writer {
                     return Err(BookieError::Fenced(ledger));
                 }
                 let first_key = meta.master_key.is_empty();
+                let write = EntryWrite { ledger, entry, checksum, payload };
+                let stored = match write.payload.len() >= self.write_once_bytes {
+                    true => self.ledgers.storage.write_ref(&write)?,
+                    false => None,
+                };
                 if first_key {
                     self.append(b, record::MASTER_KEY, ledger, -1, -1, &[&master_key], None)?;
                 }
-                self.append_entry(b, ledger, entry, lac, checksum, &payload)?;
+                match &stored {
+                    Some(at) => {
+                        self.append(b, record::ENTRY_REF, ledger, entry, lac, &[&checksum.to_le_bytes(), at], None)?;
+                        b.ref_adds += 1;
+                    }
+                    None => self.append_entry(b, ledger, entry, lac, checksum, &write.payload)?,
+                }
                 if let Some(m) = loaded {
                     b.states.insert(ledger, m);
                 }
@@ -554,10 +613,13 @@ impl Writer {
                 // A small payload may be a slice of a much larger request buffer, which the
                 // cache must not keep alive: it gets a copy. A large one is most of whatever
                 // buffer holds it and is shared.
+                let payload = &write.payload;
                 let cached =
-                    if payload.len() >= IN_PLACE_BYTES { payload.clone() } else { Bytes::copy_from_slice(&payload) };
+                    if payload.len() >= IN_PLACE_BYTES { payload.clone() } else { Bytes::copy_from_slice(payload) };
                 self.ledgers.cache.insert(ledger, entry, StoredEntry { checksum, payload: cached });
-                b.entries.push(EntryWrite { ledger, entry, checksum, payload });
+                if stored.is_none() {
+                    b.entries.push(write);
+                }
                 Ok(entry)
             }
             Op::Fence { ledger, master_key } => {
@@ -720,7 +782,7 @@ impl Writer {
         if b.acks.is_empty() {
             return;
         }
-        let group = Group { files: b.files, acks: b.acks, born: Instant::now() };
+        let group = Group { files: b.files, refs: b.ref_adds > 0, acks: b.acks, born: Instant::now() };
         let mut q = self.shared.sync_q.lock().unwrap_or_else(|e| e.into_inner());
         let idle = q.groups.is_empty() && !q.syncing && self.shared.queued.load(Ordering::Relaxed) == 0;
         if self.inline_sync && idle {
@@ -855,6 +917,63 @@ mod tests {
         assert!(segments.len() >= 4, "only {} segments: no rolls exercised", segments.len());
         let replayed = assert_replays(dir.path(), 9, n, payload);
         assert_eq!(replayed.ledger_meta(9).unwrap().unwrap().lac, n - 2);
+    }
+
+    /// Payloads from `write_once_bytes` on are written once, to the entry logs, and the journal
+    /// only records where: its bytes stay far below theirs. The entry store is never flushed;
+    /// copies of the journal segments and the log files taken once every add is acknowledged
+    /// (what a crash leaves) replay into a store with nothing else, every entry byte for byte.
+    #[test]
+    fn large_payloads_are_written_once_and_replay_after_a_crash() {
+        use crate::storage::entrylog::EntryLogStorage;
+        let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+        let (jdir, sdir, jcopy, scopy) = (dirs[0].path(), dirs[1].path(), dirs[2].path(), dirs[3].path());
+        let store_settings = crate::config::StorageSettings {
+            entry_log_bytes: 4 << 20,
+            compaction_interval_ms: 0,
+            ..Default::default()
+        };
+        let storage = Arc::new(EntryLogStorage::open(sdir, &store_settings).unwrap());
+        let ledgers = Arc::new(Ledgers::new(storage.clone(), 1 << 20));
+        let settings = JournalSettings { segment_bytes: 1 << 20, ..Default::default() };
+        let once = settings.write_once_bytes;
+        let metrics = JournalMetrics::register(&Registry::new(), 0);
+        let journal = Journal::start(jdir, 1, &settings, 1 << 20, ledgers, metrics, Box::new(|| {})).unwrap();
+        let size = |e: i64| [100, 40_000, once, once - 1, 3000, 70_000][e as usize % 6];
+        let payload = |e: i64| -> Bytes { (0..size(e)).map(|i| (i as i64 * 7 + e) as u8).collect::<Vec<u8>>().into() };
+        let n = 240i64;
+        let (tx, rx) = mpsc::channel();
+        for e in 0..n {
+            let tx = tx.clone();
+            journal.submit(
+                add_op(6, e, e - 1, payload(e), b"k", false),
+                Box::new(move |r| tx.send(r.map_err(|e| e.to_string())).unwrap()),
+            );
+        }
+        for _ in 0..n {
+            rx.recv_timeout(Duration::from_secs(10)).unwrap().unwrap();
+        }
+        let large: usize = (0..n).map(size).filter(|s| *s >= once).sum();
+        let small: usize = (0..n).map(size).filter(|s| *s < once).sum();
+        let journaled = journal.shared.metrics.bytes.get() as usize;
+        assert!(journaled < small + large / 20, "journal wrote {journaled} bytes for {small} small and {large} large");
+        std::fs::create_dir_all(scopy.join("logs")).unwrap();
+        for (_, path) in segment::list_segments(jdir).unwrap() {
+            std::fs::copy(&path, jcopy.join(path.file_name().unwrap())).unwrap();
+        }
+        for e in std::fs::read_dir(sdir.join("logs")).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), scopy.join("logs").join(e.file_name())).unwrap();
+        }
+        journal.stop();
+        let replayed = EntryLogStorage::open(scopy, &store_settings).unwrap();
+        let stats = replay::replay(jcopy, Position { segment: 1, offset: 0 }, &replayed, 1 << 20).unwrap();
+        assert_eq!((stats.torn_tails, stats.missing_refs), (0, 0));
+        for e in 0..n {
+            let got = replayed.get_entry(6, e).unwrap().unwrap_or_else(|| panic!("entry {e} missing"));
+            assert_eq!(got.payload, payload(e), "entry {e}");
+        }
+        assert_eq!(replayed.ledger_meta(6).unwrap().unwrap().lac, n - 2);
     }
 
     /// Bytes of `path` resident in the page cache, as util-linux's `fincore` reports them.

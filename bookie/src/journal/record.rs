@@ -9,7 +9,9 @@
 //! - `ENTRY`: `data` = `[entry checksum u32 LE][payload]`;
 //! - `FENCE`: no data;
 //! - `MASTER_KEY`: `data` = the ledger's master key (written before its first entry);
-//! - `SEGMENT_END`: no data; the writer moved to the next segment (written when it fits).
+//! - `SEGMENT_END`: no data; the writer moved to the next segment (written when it fits);
+//! - `ENTRY_REF`: `data` = `[entry checksum u32 LE][where the entry store put the payload, 20
+//!   bytes]` (a large payload written once, to the entry store; see [`crate::journal`]).
 
 /// Bytes before the record body.
 pub const HEADER: usize = 8;
@@ -24,6 +26,8 @@ pub const FENCE: u8 = 2;
 pub const MASTER_KEY: u8 = 3;
 /// Record type that ends a segment the writer rolled away from (what follows is unused).
 pub const SEGMENT_END: u8 = 4;
+/// Record type of an entry whose payload the entry store holds.
+pub const ENTRY_REF: u8 = 5;
 
 /// A decoded record, borrowing its data from the segment.
 #[derive(Debug, PartialEq, Eq, Clone, Copy)]

@@ -32,6 +32,9 @@ pub struct ReplayStats {
     pub torn_tails: u64,
     /// Highest segment sequence seen (0 if none).
     pub last_segment: u64,
+    /// `ENTRY_REF` records whose payload the entry store does not hold: adds whose group was
+    /// still syncing when the bookie stopped (never acknowledged), or of ledgers deleted since.
+    pub missing_refs: u64,
 }
 
 /// Replays `dir` from `from` into `storage` and flushes it.
@@ -73,7 +76,9 @@ pub fn replay(dir: &Path, from: Position, storage: &dyn LedgerStorage, max_recor
                             reason: format!("{reason}, and a later segment holds records"),
                         });
                     }
-                    apply(&r, storage, &mut metas, &mut entries)?;
+                    if !apply(&r, storage, &mut metas, &mut entries)? {
+                        stats.missing_refs += 1;
+                    }
                     pending_bytes += n;
                     stats.records += 1;
                     records_here += 1;
@@ -115,18 +120,25 @@ pub fn replay(dir: &Path, from: Position, storage: &dyn LedgerStorage, max_recor
             }
         }
     }
+    if stats.missing_refs > 0 {
+        tracing::info!(
+            records = stats.missing_refs,
+            "journal records point at payloads the entry store does not hold (adds never acknowledged, or ledgers deleted)"
+        );
+    }
     let states: Vec<(u64, LedgerMeta)> = metas.into_iter().collect();
     storage.write(&entries, &states)?;
     storage.flush()?;
     Ok(stats)
 }
 
+/// Applies one record; false for an `ENTRY_REF` whose payload is not there.
 fn apply(
     r: &record::Record<'_>,
     storage: &dyn LedgerStorage,
     metas: &mut HashMap<u64, LedgerMeta>,
     entries: &mut Vec<EntryWrite>,
-) -> Result<()> {
+) -> Result<bool> {
     let meta = match metas.entry(r.ledger) {
         std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
         std::collections::hash_map::Entry::Vacant(v) => {
@@ -147,6 +159,16 @@ fn apply(
                 payload: Bytes::copy_from_slice(&r.data[4..]),
             });
         }
+        record::ENTRY_REF => {
+            let Some((sum, at)) = r.data.split_first_chunk::<4>() else {
+                return Err(BookieError::Invalid("journal entry reference without a checksum"));
+            };
+            let Ok(at) = <&crate::storage::EntryRef>::try_from(at) else {
+                return Err(BookieError::Invalid("journal entry reference of the wrong size"));
+            };
+            meta.lac = meta.lac.max(r.lac);
+            return storage.adopt_ref(r.ledger, r.entry, u32::from_le_bytes(*sum), at);
+        }
         record::FENCE => meta.fenced = true,
         record::MASTER_KEY => {
             if meta.master_key.is_empty() {
@@ -155,7 +177,7 @@ fn apply(
         }
         _ => return Err(BookieError::Invalid("unknown journal record type")),
     }
-    Ok(())
+    Ok(true)
 }
 
 /// How far past a damaged record replay looks for records that still verify.

@@ -190,7 +190,8 @@ impl Bookie {
                 .await
                 .map_err(join_err)??;
             tracing::info!(journal = %dir.display(), records = stats.records, segments = stats.segments,
-                torn_tails = stats.torn_tails, elapsed_ms = started.elapsed().as_millis() as u64, "journal replayed");
+                torn_tails = stats.torn_tails, missing_refs = stats.missing_refs,
+                elapsed_ms = started.elapsed().as_millis() as u64, "journal replayed");
             next_segments.push(stats.last_segment.max(from.segment) + 1);
         }
 

@@ -73,6 +73,12 @@ pub struct EntryWrite {
     pub payload: Bytes,
 }
 
+/// Where [`LedgerStorage::write_ref`] put a payload, as the store encodes it.
+pub type EntryRef = [u8; 20];
+
+/// Finishes a [`LedgerStorage::sync_refs`].
+pub type RefSync = Box<dyn FnOnce() -> Result<()> + Send>;
+
 /// A stored entry, checksum verified.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoredEntry {
@@ -108,6 +114,26 @@ pub trait LedgerStorage: Send + Sync + 'static {
     fn ledgers(&self) -> Result<Vec<u64>>;
     /// Makes everything written so far durable.
     fn flush(&self) -> Result<()>;
+    /// Stores one entry now, as [`LedgerStorage::write`] does, and says where its payload is,
+    /// so the journal can record that instead of the payload and large payloads are written
+    /// once. `None` (the default): the store cannot, and the journal carries the payload.
+    /// Such an entry is durable once a [`LedgerStorage::sync_refs`] begun after this returned
+    /// has finished.
+    fn write_ref(&self, _entry: &EntryWrite) -> Result<Option<EntryRef>> {
+        Ok(None)
+    }
+    /// Starts making every payload [`LedgerStorage::write_ref`] stored so far durable and
+    /// returns what finishes it (waits for it): the journal runs its own fdatasync in between.
+    fn sync_refs(&self) -> Result<RefSync> {
+        Ok(Box::new(|| Ok(())))
+    }
+    /// Journal replay: indexes the entry a journal record points at, if the payload is still
+    /// there, matches, and the entry is not stored already. False when it is not there (an
+    /// add that was never acknowledged, or a ledger deleted since), or when the store does not
+    /// keep references.
+    fn adopt_ref(&self, _ledger: u64, _entry: i64, _checksum: u32, _at: &EntryRef) -> Result<bool> {
+        Ok(false)
+    }
     /// Bytes of files the store keeps for reuse: in use for the file system, free for the
     /// store (the read-only threshold counts them as free).
     fn reusable_bytes(&self) -> u64 {

@@ -155,6 +155,14 @@ struct State {
     next: Option<(u64, Arc<File>)>,
     /// Logs written since the last flush.
     unsynced: BTreeMap<u64, Arc<File>>,
+    /// Logs written since the last reference sync began ([`LedgerStorage::sync_refs`]).
+    ref_unsynced: BTreeMap<u64, Arc<File>>,
+    /// A log file was created or renamed since the last reference sync began.
+    ref_new_names: bool,
+    /// Reference syncs begun and finished: they finish in the order they began, as a later
+    /// one may rely on files an earlier one took.
+    ref_syncs_begun: u64,
+    ref_syncs_done: u64,
     inflight: VecDeque<Inflight>,
     inflight_bytes: usize,
     next_seq: u64,
@@ -247,6 +255,10 @@ impl EntryLogStorage {
             new_names: false,
             next: None,
             unsynced: BTreeMap::new(),
+            ref_unsynced: BTreeMap::new(),
+            ref_new_names: false,
+            ref_syncs_begun: 0,
+            ref_syncs_done: 0,
             inflight: VecDeque::new(),
             inflight_bytes: 0,
             next_seq: 1,
@@ -500,6 +512,7 @@ impl Inner {
                 let mut st = self.lock();
                 st.pool_bytes = st.pool_bytes.saturating_sub(reused);
                 st.new_names = true;
+                st.ref_new_names = true;
                 st.next = Some((id, Arc::new(file)));
             }
             Err(e) => {
@@ -560,6 +573,7 @@ impl Inner {
                     Ok((file, reused)) => {
                         st.pool_bytes = st.pool_bytes.saturating_sub(reused);
                         st.new_names = true;
+                        st.ref_new_names = true;
                         (id, Arc::new(file))
                     }
                     Err(e) => {
@@ -575,6 +589,7 @@ impl Inner {
         let mut buf = st.spare.pop().unwrap_or_else(|| AlignedBuf::new(CHUNK));
         buf.clear();
         st.unsynced.insert(id, file.clone());
+        st.ref_unsynced.insert(id, file.clone());
         st.logs.insert(id, LogInfo::default());
         st.dirty.insert(id);
         st.current = Some(Current { id, file, base: 0, buf, unsent: false });
@@ -736,6 +751,103 @@ impl Inner {
             }
         };
         record::decode(rec, ledger, entry)
+    }
+
+    /// Starts a reference sync: hands the current buffer to the writer and takes the logs
+    /// written since the last one began.
+    fn begin_ref_sync(self: &Arc<Self>) -> Result<super::RefSync> {
+        let mut st = self.lock();
+        if let Some(e) = &st.failed {
+            return Err(failed(e));
+        }
+        if st.current.as_ref().is_some_and(|c| c.unsent) {
+            self.send(&mut st, 0)?;
+        }
+        let files: Vec<(u64, Arc<File>)> = std::mem::take(&mut st.ref_unsynced).into_iter().collect();
+        if let Some((id, f)) = st.current.as_ref().map(|c| (c.id, c.file.clone())) {
+            st.ref_unsynced.insert(id, f);
+        }
+        let new_names = std::mem::take(&mut st.ref_new_names);
+        st.ref_syncs_begun += 1;
+        let (target, turn) = (st.next_seq - 1, st.ref_syncs_begun);
+        drop(st);
+        let inner = self.clone();
+        Ok(Box::new(move || inner.finish_ref_sync(target, turn, files, new_names)))
+    }
+
+    /// Waits for the writer to have written buffer `target` and for earlier reference syncs,
+    /// then fdatasyncs `files` (and the directory, when a log was created or renamed).
+    fn finish_ref_sync(&self, target: u64, turn: u64, files: Vec<(u64, Arc<File>)>, new_names: bool) -> Result<()> {
+        let mut st = self.lock();
+        while (st.done_seq < target || st.ref_syncs_done + 1 < turn) && st.failed.is_none() {
+            st = self.written.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        let res = match &st.failed {
+            Some(e) => Err(failed(e)),
+            None => {
+                drop(st);
+                let r = (|| -> Result<()> {
+                    for (id, f) in &files {
+                        rustix::fs::fdatasync(&**f)
+                            .map_err(|e| BookieError::io(format!("syncing entry log {}", log_name(*id)), e.into()))?;
+                    }
+                    if new_names {
+                        crate::journal::segment::sync_dir(&self.dir)?;
+                    }
+                    Ok(())
+                })();
+                st = self.lock();
+                r
+            }
+        };
+        if let Err(e) = &res {
+            // As for a failed flush: nothing written before may be called durable any more.
+            tracing::error!(error = %e, "syncing entry logs failed; the entry store accepts no more writes");
+            st.failed.get_or_insert_with(|| e.to_string());
+        }
+        st.ref_syncs_done = st.ref_syncs_done.max(turn);
+        drop(st);
+        self.written.notify_all();
+        res
+    }
+
+    /// See [`LedgerStorage::adopt_ref`].
+    fn adopt_ref(&self, ledger: u64, entry: i64, checksum: u32, at: Location) -> Result<bool> {
+        if self.location(ledger, entry)?.is_some() {
+            return Ok(true);
+        }
+        {
+            // A log without live records at start-up is released, but stays in place until the
+            // flush that ends the replay.
+            let st = self.lock();
+            if !st.logs.contains_key(&at.log) && !st.released.contains(&at.log) {
+                return Ok(false);
+            }
+        }
+        let Ok(file) = File::open(self.path(at.log)) else { return Ok(false) };
+        let mut rec = vec![0u8; at.len as usize];
+        match file.read_exact_at(&mut rec, at.offset) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(false),
+            Err(e) => return Err(BookieError::io(format!("reading entry log {}", log_name(at.log)), e)),
+        }
+        match record::decode(rec, ledger, entry) {
+            Ok(e) if e.checksum == checksum => {}
+            _ => return Ok(false),
+        }
+        let mut st = self.lock();
+        if let Some(i) = st.released.iter().position(|id| *id == at.log) {
+            st.released.remove(i);
+            st.logs.insert(at.log, LogInfo { sealed: true, ..Default::default() });
+            st.sealed_at.insert(at.log, Instant::now());
+        }
+        let Some(info) = st.logs.get_mut(&at.log) else { return Ok(false) };
+        info.end = info.end.max(at.offset + u64::from(at.len));
+        *info.ledgers.entry(ledger).or_default() += u64::from(at.len);
+        st.ledger_logs.entry(ledger).or_default().insert(at.log);
+        st.dirty.insert(at.log);
+        self.db.put_cf_opt(self.cf(INDEX)?, entry_key(ledger, entry), at.encode(), &self.no_wal)?;
+        Ok(true)
     }
 
     /// Writes out every buffer, fdatasyncs the logs written, then records the accounting and
@@ -1101,6 +1213,28 @@ impl LedgerStorage for EntryLogStorage {
 
     fn flush(&self) -> Result<()> {
         self.inner.flush()
+    }
+
+    fn write_ref(&self, e: &EntryWrite) -> Result<Option<super::EntryRef>> {
+        let inner = &self.inner;
+        let icf = inner.cf(INDEX)?;
+        let mut st = inner.lock();
+        if let Some(err) = &st.failed {
+            return Err(failed(err));
+        }
+        let at = inner.append(&mut st, e.ledger, e.entry, e.checksum, &e.payload)?;
+        inner.db.put_cf_opt(icf, entry_key(e.ledger, e.entry), at.encode(), &inner.no_wal)?;
+        drop(inner.throttle(st));
+        Ok(Some(at.encode()))
+    }
+
+    fn sync_refs(&self) -> Result<super::RefSync> {
+        self.inner.begin_ref_sync()
+    }
+
+    fn adopt_ref(&self, ledger: u64, entry: i64, checksum: u32, at: &super::EntryRef) -> Result<bool> {
+        let Some(at) = Location::decode(at) else { return Ok(false) };
+        self.inner.adopt_ref(ledger, entry, checksum, at)
     }
 
     fn reusable_bytes(&self) -> u64 {

@@ -284,3 +284,66 @@ fn a_failed_store_refuses_writes_and_flushes() {
     // What was durable before still reads.
     check(&s, 1, 0..1, 100);
 }
+
+/// Copies the log files of `from` into a new store directory: what a crash leaves on the disk
+/// of a store that was never flushed (no index, no accounting), as the files are written with
+/// direct I/O.
+fn copy_logs(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to.join("logs")).unwrap();
+    for e in std::fs::read_dir(from.join("logs")).unwrap() {
+        let e = e.unwrap();
+        if e.file_name().to_string_lossy().ends_with(".log") {
+            std::fs::copy(e.path(), to.join("logs").join(e.file_name())).unwrap();
+        }
+    }
+}
+
+/// Payloads stored for journal references are on the disk once a reference sync begun after
+/// them has finished, with nothing flushed, the last ones still in the buffer being filled
+/// when the sync began: from a copy of the log files then, `adopt_ref` indexes every one of
+/// them again, across logs, and the logs (which held nothing indexed when the copy opened)
+/// are kept rather than pooled. References that do not match are refused.
+#[test]
+fn referenced_payloads_are_durable_after_their_sync_and_adopted_after_a_crash() {
+    let d = tempfile::tempdir().unwrap();
+    let copy = tempfile::tempdir().unwrap();
+    let n = 300;
+    let mut refs = Vec::new();
+    {
+        let s = open(d.path(), 4 << 20);
+        for e in 0..n {
+            let w = entry(1, e, 20_000);
+            let at = s.write_ref(&w).unwrap().expect("entry logs keep references");
+            assert_eq!(s.get_entry(1, e).unwrap().unwrap().payload, w.payload, "readable at once");
+            refs.push((e, w.checksum, at));
+            if e % 50 == 49 {
+                s.sync_refs().unwrap()().unwrap();
+            }
+        }
+        let finish = s.sync_refs().unwrap();
+        finish().unwrap();
+        assert!(s.inner.lock().current.as_ref().is_some_and(|c| c.buf.len() > 0), "a partly filled buffer was synced");
+        copy_logs(d.path(), copy.path());
+    }
+    {
+        let c = open(copy.path(), 4 << 20);
+        assert_eq!(c.get_entry(1, 0).unwrap(), None, "nothing indexed before adoption");
+        for (e, checksum, at) in &refs {
+            assert!(c.adopt_ref(1, *e, *checksum, at).unwrap(), "entry {e} adopted");
+        }
+        check(&c, 1, 0..n, 20_000);
+        assert!(c.adopt_ref(1, 0, refs[0].1, &refs[0].2).unwrap(), "an entry stored already counts as there");
+        let (_, sum0, at0) = refs[0];
+        assert!(!c.adopt_ref(2, 0, sum0, &at0).unwrap(), "another ledger's record is not adopted");
+        assert!(!c.adopt_ref(1, n, sum0 ^ 1, &refs[1].2).unwrap(), "a record of another entry is not adopted");
+        let gone = Location { log: 999, offset: 0, len: 20_028 }.encode();
+        assert!(!c.adopt_ref(1, n, sum0, &gone).unwrap(), "a missing log is not adopted from");
+        c.flush().unwrap();
+        // (The copy also holds the log prepared to come next, which is empty and pooled.)
+        let (logs, _, live) = c.stats();
+        assert_eq!(logs, 2, "the adopted logs are kept");
+        assert_eq!(live, n as u64 * (20_000 + HEADER as u64));
+    }
+    let c = open(copy.path(), 4 << 20);
+    check(&c, 1, 0..n, 20_000);
+}
