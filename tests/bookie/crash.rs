@@ -68,7 +68,9 @@ async fn sigkill_during_writes_loses_no_acknowledged_entry() {
 }
 
 /// Two journal directories: ledgers are spread over both journals, each replayed from its own
-/// checkpoint position after a SIGKILL.
+/// checkpoint position after a SIGKILL. Half the entries are large enough to be written once
+/// (to the entry log, the journals recording where), so both journals sync the shared entry
+/// store.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_journals_both_replay_after_sigkill() {
     let mut cluster = Cluster::new(1, &["storage.checkpoint_interval_ms=3600000"], false).await;
@@ -89,7 +91,7 @@ async fn two_journals_both_replay_after_sigkill() {
     let mut adds = FuturesUnordered::new();
     for w in &writers {
         for e in 0..100 {
-            adds.push(w.append(payload(w.id(), e, 3000)));
+            adds.push(w.append(payload(w.id(), e, two_journals_size(e))));
         }
     }
     while let Some(r) = adds.next().await {
@@ -107,10 +109,18 @@ async fn two_journals_both_replay_after_sigkill() {
         assert_eq!(md.last_entry, 99, "ledger {id}");
         let entries = client.open_reader(id).await.expect("reader").read(0, 99).await.expect("read");
         for (e, got) in entries.iter().enumerate() {
-            assert_eq!(&got[..], &payload(id, e as i64, 3000)[..], "ledger {id} entry {e}");
+            assert_eq!(&got[..], &payload(id, e as i64, two_journals_size(e as i64))[..], "ledger {id} entry {e}");
         }
     }
     cluster.shutdown().await;
+}
+
+fn two_journals_size(entry: i64) -> usize {
+    if entry % 2 == 0 {
+        3000
+    } else {
+        20_000
+    }
 }
 
 /// Entry logs reused and compacted, then a SIGKILL in the middle of writes: a long-lived

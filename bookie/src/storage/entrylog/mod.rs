@@ -129,6 +129,20 @@ struct Chunk {
     buf: Arc<AlignedBuf>,
 }
 
+/// A reference sync for the sync thread, queued behind the buffers it covers.
+struct RefSyncJob {
+    turn: u64,
+    files: Vec<(u64, Arc<File>)>,
+    new_names: bool,
+}
+
+/// What the writer thread is given, in order.
+enum ToWriter {
+    Write(Chunk),
+    /// Passed on to the sync thread once every buffer before it is written.
+    Sync(RefSyncJob),
+}
+
 struct State {
     current: Option<Current>,
     logs: BTreeMap<u64, LogInfo>,
@@ -170,7 +184,7 @@ struct State {
     /// The writer failed; nothing more is durable.
     failed: Option<String>,
     spare: Vec<AlignedBuf>,
-    tx: Option<Sender<Chunk>>,
+    tx: Option<Sender<ToWriter>>,
 }
 
 struct Inner {
@@ -285,12 +299,19 @@ impl EntryLogStorage {
         });
         inner.load()?;
         let mut threads = Vec::new();
-        let w = inner.clone();
+        let (w, sync_tx) = (inner.clone(), channel());
         threads.push(
             std::thread::Builder::new()
                 .name("entry-log-writer".into())
-                .spawn(move || w.write_chunks(rx))
+                .spawn(move || w.write_chunks(rx, sync_tx.0))
                 .map_err(io_err("starting the entry log writer".into()))?,
+        );
+        let y = inner.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("entry-log-sync".into())
+                .spawn(move || y.sync_refs(sync_tx.1))
+                .map_err(io_err("starting the entry log sync thread".into()))?,
         );
         let stop = Arc::new((Mutex::new(()), Condvar::new()));
         if settings.compaction_interval_ms > 0 {
@@ -464,8 +485,16 @@ impl Inner {
     }
 
     /// The writer thread: writes buffers in order, then makes them unreadable from memory.
-    fn write_chunks(&self, rx: Receiver<Chunk>) {
-        for c in rx {
+    fn write_chunks(&self, rx: Receiver<ToWriter>, syncs: Sender<RefSyncJob>) {
+        for msg in rx {
+            let c = match msg {
+                ToWriter::Write(c) => c,
+                ToWriter::Sync(job) => {
+                    // The sync thread ends only after this thread (it holds the receiver).
+                    let _ = syncs.send(job);
+                    continue;
+                }
+            };
             #[cfg(test)]
             drop(self.gate.lock());
             let res = c.file.write_all_at(c.buf.written_blocks(), c.offset);
@@ -625,7 +654,8 @@ impl Inner {
         let buf = Arc::new(old);
         st.inflight.push_back(Inflight { seq, log, offset, buf: buf.clone() });
         let tx = st.tx.as_ref().ok_or(BookieError::Invalid("the entry store is closed"))?;
-        tx.send(Chunk { seq, file, offset, buf }).map_err(|_| BookieError::Invalid("the entry log writer stopped"))
+        tx.send(ToWriter::Write(Chunk { seq, file, offset, buf }))
+            .map_err(|_| BookieError::Invalid("the entry log writer stopped"))
     }
 
     /// Seals the current log.
@@ -769,46 +799,57 @@ impl Inner {
         }
         let new_names = std::mem::take(&mut st.ref_new_names);
         st.ref_syncs_begun += 1;
-        let (target, turn) = (st.next_seq - 1, st.ref_syncs_begun);
+        let turn = st.ref_syncs_begun;
+        let tx = st.tx.as_ref().ok_or(BookieError::Invalid("the entry store is closed"))?;
+        tx.send(ToWriter::Sync(RefSyncJob { turn, files, new_names }))
+            .map_err(|_| BookieError::Invalid("the entry log writer stopped"))?;
         drop(st);
         let inner = self.clone();
-        Ok(Box::new(move || inner.finish_ref_sync(target, turn, files, new_names)))
+        Ok(Box::new(move || inner.finish_ref_sync(turn)))
     }
 
-    /// Waits for the writer to have written buffer `target` and for earlier reference syncs,
-    /// then fdatasyncs `files` (and the directory, when a log was created or renamed).
-    fn finish_ref_sync(&self, target: u64, turn: u64, files: Vec<(u64, Arc<File>)>, new_names: bool) -> Result<()> {
+    /// Waits for reference sync `turn` (and so every earlier one) to be done.
+    fn finish_ref_sync(&self, turn: u64) -> Result<()> {
         let mut st = self.lock();
-        while (st.done_seq < target || st.ref_syncs_done + 1 < turn) && st.failed.is_none() {
+        while st.ref_syncs_done < turn && st.failed.is_none() {
             st = self.written.wait(st).unwrap_or_else(|e| e.into_inner());
         }
-        let res = match &st.failed {
+        match &st.failed {
             Some(e) => Err(failed(e)),
-            None => {
-                drop(st);
-                let r = (|| -> Result<()> {
-                    for (id, f) in &files {
+            None => Ok(()),
+        }
+    }
+
+    /// The sync thread: fdatasyncs the logs of each reference sync once the writer has written
+    /// every buffer before it (and the directory, when a log was created or renamed). It runs
+    /// beside the writer, which goes on writing, and the journal's fdatasync.
+    fn sync_refs(&self, rx: Receiver<RefSyncJob>) {
+        for job in rx {
+            let res = match self.lock().failed.clone() {
+                Some(e) => Err(failed(&e)),
+                None => (|| -> Result<()> {
+                    for (id, f) in &job.files {
                         rustix::fs::fdatasync(&**f)
                             .map_err(|e| BookieError::io(format!("syncing entry log {}", log_name(*id)), e.into()))?;
                     }
-                    if new_names {
+                    if job.new_names {
                         crate::journal::segment::sync_dir(&self.dir)?;
                     }
                     Ok(())
-                })();
-                st = self.lock();
-                r
+                })(),
+            };
+            let mut st = self.lock();
+            if let Err(e) = &res {
+                if st.failed.is_none() {
+                    // As for a failed flush: nothing written before may be called durable.
+                    tracing::error!(error = %e, "syncing entry logs failed; the entry store accepts no more writes");
+                    st.failed = Some(e.to_string());
+                }
             }
-        };
-        if let Err(e) = &res {
-            // As for a failed flush: nothing written before may be called durable any more.
-            tracing::error!(error = %e, "syncing entry logs failed; the entry store accepts no more writes");
-            st.failed.get_or_insert_with(|| e.to_string());
+            st.ref_syncs_done = job.turn;
+            drop(st);
+            self.written.notify_all();
         }
-        st.ref_syncs_done = st.ref_syncs_done.max(turn);
-        drop(st);
-        self.written.notify_all();
-        res
     }
 
     /// See [`LedgerStorage::adopt_ref`].
