@@ -459,9 +459,6 @@ struct Piece {
 /// rather than copied into the journal's buffer first.
 const IN_PLACE_BYTES: usize = 4096;
 
-/// At most this many buffers per `pwritev` (Linux's `IOV_MAX` is 1024).
-const MAX_IOVECS: usize = 1024;
-
 struct Writer {
     rx: mpsc::Receiver<Queued>,
     shared: Arc<Shared>,
@@ -744,20 +741,7 @@ impl Writer {
         if from < self.buf.len() {
             slices.push(std::io::IoSlice::new(&self.buf[from..]));
         }
-        let mut offset = self.seg.offset;
-        let mut rest = &mut slices[..];
-        while !rest.is_empty() {
-            let n = rest.len().min(MAX_IOVECS);
-            let wrote = match rustix::io::pwritev(&*self.seg.file, &rest[..n], offset) {
-                Ok(0) => return Err(std::io::Error::from(std::io::ErrorKind::WriteZero)),
-                Ok(w) => w,
-                Err(rustix::io::Errno::INTR) => continue,
-                Err(e) => return Err(e.into()),
-            };
-            offset += wrote as u64;
-            std::io::IoSlice::advance_slices(&mut rest, wrote);
-        }
-        Ok(())
+        segment::pwritev_all(&self.seg.file, &mut slices, self.seg.offset)
     }
 
     fn roll(&mut self, b: &mut Batch) -> Result<()> {

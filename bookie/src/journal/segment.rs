@@ -46,6 +46,26 @@ pub fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
     Ok(out)
 }
 
+/// Writes every slice, in order, at `offset` (vectored, at most `IOV_MAX` slices per call).
+pub fn pwritev_all(file: &File, slices: &mut [std::io::IoSlice<'_>], offset: u64) -> std::io::Result<()> {
+    /// Linux's `IOV_MAX`.
+    const MAX_IOVECS: usize = 1024;
+    let mut offset = offset;
+    let mut rest = slices;
+    while !rest.is_empty() {
+        let n = rest.len().min(MAX_IOVECS);
+        let wrote = match rustix::io::pwritev(file, &rest[..n], offset) {
+            Ok(0) => return Err(std::io::Error::from(std::io::ErrorKind::WriteZero)),
+            Ok(w) => w,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        offset += wrote as u64;
+        std::io::IoSlice::advance_slices(&mut rest, wrote);
+    }
+    Ok(())
+}
+
 /// fsyncs a directory so renames and creations in it are durable.
 pub fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir).and_then(|f| f.sync_all()).map_err(|e| BookieError::io(format!("syncing {}", dir.display()), e))

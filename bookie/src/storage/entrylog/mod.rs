@@ -46,6 +46,8 @@ const LEDGERS: &str = "ledgers";
 const LOGS: &str = "logs";
 /// Bytes gathered before a buffer goes to the writer thread.
 const CHUNK: usize = 2 << 20;
+/// Bytes one write of queued buffers covers at most.
+const MAX_WRITE: usize = 16 << 20;
 /// Buffers waiting for the writer, at most (appends wait beyond this).
 const MAX_INFLIGHT: usize = 64 << 20;
 /// The pool keeps as many files as logs were opened over this long.
@@ -486,33 +488,77 @@ impl Inner {
 
     /// The writer thread: writes buffers in order, then makes them unreadable from memory.
     fn write_chunks(&self, rx: Receiver<ToWriter>, syncs: Sender<RefSyncJob>) {
-        for msg in rx {
-            let c = match msg {
-                ToWriter::Write(c) => c,
-                ToWriter::Sync(job) => {
+        let mut held = None;
+        loop {
+            let first = match held.take().map_or_else(|| rx.recv().ok(), Some) {
+                None => break,
+                Some(ToWriter::Write(c)) => c,
+                Some(ToWriter::Sync(job)) => {
                     // The sync thread ends only after this thread (it holds the receiver).
                     let _ = syncs.send(job);
                     continue;
                 }
             };
+            // Buffers queued behind it that continue it in the same log go in the same write:
+            // larger direct writes keep more of the disk busy. A buffer ends with the start of
+            // the next one's first block (see `send`), which the next one holds complete.
+            let mut run = vec![first];
+            let mut bytes = run[0].buf.written_blocks().len();
+            while bytes < MAX_WRITE {
+                match rx.try_recv() {
+                    Ok(ToWriter::Write(c)) => {
+                        let last = &run[run.len() - 1];
+                        if Arc::ptr_eq(&c.file, &last.file)
+                            && c.offset == last.offset + record::round_down(last.buf.len() as u64)
+                        {
+                            bytes += c.buf.written_blocks().len();
+                            run.push(c);
+                        } else {
+                            held = Some(ToWriter::Write(c));
+                            break;
+                        }
+                    }
+                    Ok(sync) => {
+                        held = Some(sync);
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
             #[cfg(test)]
             drop(self.gate.lock());
-            let res = c.file.write_all_at(c.buf.written_blocks(), c.offset);
+            let res = {
+                let n = run.len();
+                let mut slices: Vec<std::io::IoSlice<'_>> = run
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| match i + 1 < n {
+                        true => &c.buf.data()[..record::round_down(c.buf.len() as u64) as usize],
+                        false => c.buf.written_blocks(),
+                    })
+                    .filter(|b| !b.is_empty())
+                    .map(std::io::IoSlice::new)
+                    .collect();
+                crate::journal::segment::pwritev_all(&run[0].file, &mut slices, run[0].offset)
+            };
+            let last_seq = run[run.len() - 1].seq;
             let mut st = self.lock();
             if let Err(e) = res {
                 tracing::error!(error = %e, "writing an entry log failed");
                 st.failed.get_or_insert_with(|| e.to_string());
             }
-            while st.inflight.front().is_some_and(|f| f.seq <= c.seq) {
+            while st.inflight.front().is_some_and(|f| f.seq <= last_seq) {
                 if let Some(f) = st.inflight.pop_front() {
                     st.inflight_bytes -= f.buf.capacity();
                     drop(f);
                 }
             }
-            st.done_seq = c.seq;
-            if let Ok(b) = Arc::try_unwrap(c.buf) {
-                if b.capacity() == CHUNK && st.spare.len() < 4 {
-                    st.spare.push(b);
+            st.done_seq = last_seq;
+            for c in run {
+                if let Ok(b) = Arc::try_unwrap(c.buf) {
+                    if b.capacity() == CHUNK && st.spare.len() < 4 {
+                        st.spare.push(b);
+                    }
                 }
             }
             let prepare = st.next.is_none();
