@@ -93,10 +93,6 @@ pub struct JournalSettings {
     /// written to both). Needs the `entry_logs` storage engine; with `rocksdb` every payload
     /// is written to both.
     pub write_once_bytes: usize,
-    /// fdatasyncs that may run at once: a group written while another is being synced starts
-    /// its own fdatasync instead of waiting for that one to finish (acknowledgements stay in
-    /// order). 1 is BookKeeper's single force-write thread.
-    pub parallel_syncs: usize,
 }
 
 impl Default for JournalSettings {
@@ -110,7 +106,6 @@ impl Default for JournalSettings {
             preallocated_segments: 1,
             sync: true,
             write_once_bytes: 16 << 10,
-            parallel_syncs: 2,
         }
     }
 }
@@ -217,9 +212,6 @@ impl Validate for BookieConfig {
         }
         if self.journal.group_bytes == 0 {
             return bad("journal.group_bytes", "must be > 0");
-        }
-        if self.journal.parallel_syncs == 0 {
-            return bad("journal.parallel_syncs", "must be at least 1");
         }
         if self.session_ttl_ms < 500 {
             return bad("session_ttl_ms", "must be at least 500");

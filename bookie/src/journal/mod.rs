@@ -196,22 +196,8 @@ struct SyncQueue {
     groups: Vec<Group>,
     bytes: usize,
     closed: bool,
-    /// Syncs (by the syncers or the writer) running, their acks not all sent yet.
-    syncing: usize,
-    /// Syncs are numbered as they take their groups, and acknowledge in that order.
-    taken: u64,
-    /// The last sync whose acks are all sent.
-    acked: u64,
-}
-
-impl SyncQueue {
-    /// Claims the queued groups for a new sync; returns them and its number.
-    fn take(&mut self) -> (Vec<Group>, u64) {
-        self.bytes = 0;
-        self.syncing += 1;
-        self.taken += 1;
-        (std::mem::take(&mut self.groups), self.taken)
-    }
+    /// A sync (by the syncer or the writer) is running; its acks are not all sent yet.
+    syncing: bool,
 }
 
 struct Shared {
@@ -227,10 +213,9 @@ struct Shared {
 }
 
 impl Shared {
-    /// Syncs the groups' files and runs their callbacks in order, once every earlier sync
-    /// (number `turn` from [`SyncQueue::take`]) has acknowledged its own: groups are acked in
-    /// the order the writer produced them, though the fdatasyncs may overlap.
-    fn sync_and_ack(&self, groups: Vec<Group>, sync: bool, turn: u64) {
+    /// Syncs the groups' files and runs their callbacks in order. Callers hold the `syncing`
+    /// claim, so groups are acked in the order the writer produced them.
+    fn sync_and_ack(&self, groups: Vec<Group>, sync: bool) {
         let started = Instant::now();
         let m = &self.metrics;
         let mut ops = 0;
@@ -280,16 +265,6 @@ impl Shared {
             }
             m.ref_sync.observe_duration_ms(waiting.elapsed());
         }
-        {
-            let mut q = self.sync_q.lock().unwrap_or_else(|e| e.into_inner());
-            while q.acked + 1 < turn {
-                q = self.sync_cv.wait(q).unwrap_or_else(|e| e.into_inner());
-            }
-        }
-        // An earlier sync may have failed meanwhile: then nothing after it is acknowledged.
-        if failure.is_none() {
-            failure = self.failure.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        }
         if let Some(err) = &failure {
             // A failed fdatasync leaves the page cache in an unknown state; nothing in these
             // groups may be acknowledged.
@@ -304,11 +279,6 @@ impl Shared {
                 }
             }
         }
-        let mut q = self.sync_q.lock().unwrap_or_else(|e| e.into_inner());
-        q.acked = turn;
-        q.syncing -= 1;
-        drop(q);
-        self.sync_cv.notify_all();
     }
 }
 
@@ -363,17 +333,18 @@ impl Journal {
             drop_pages: settings.remove_pages_from_cache,
             on_roll,
         };
+        let syncer = Syncer { shared: shared.clone(), settings: settings.clone() };
         let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
             std::thread::Builder::new()
                 .name(name.into())
                 .spawn(f)
                 .map_err(|e| BookieError::io("starting a journal thread", e))
         };
-        let mut threads = vec![prealloc, spawn("journal-writer", Box::new(move || writer.run()))?];
-        for _ in 0..settings.parallel_syncs.max(1) {
-            let syncer = Syncer { shared: shared.clone(), settings: settings.clone() };
-            threads.push(spawn("journal-sync", Box::new(move || syncer.run()))?);
-        }
+        let threads = vec![
+            prealloc,
+            spawn("journal-writer", Box::new(move || writer.run()))?,
+            spawn("journal-sync", Box::new(move || syncer.run()))?,
+        ];
         Ok(Journal { dir: dir.to_owned(), tx: Mutex::new(Some(tx)), shared, alloc, threads: Mutex::new(threads) })
     }
 
@@ -797,14 +768,15 @@ impl Writer {
         }
         let group = Group { files: b.files, refs: b.ref_adds > 0, acks: b.acks, born: Instant::now() };
         let mut q = self.shared.sync_q.lock().unwrap_or_else(|e| e.into_inner());
-        let idle = q.groups.is_empty() && q.syncing == 0 && self.shared.queued.load(Ordering::Relaxed) == 0;
+        let idle = q.groups.is_empty() && !q.syncing && self.shared.queued.load(Ordering::Relaxed) == 0;
         if self.inline_sync && idle {
             // Nothing to batch with and nobody syncing: sync here. Adds arriving meanwhile
             // wait in the queue, as they would behind the syncer's fdatasync.
-            q.groups.push(group);
-            let (groups, turn) = q.take();
+            q.syncing = true;
             drop(q);
-            self.shared.sync_and_ack(groups, self.sync, turn);
+            self.shared.sync_and_ack(vec![group], self.sync);
+            let mut q = self.shared.sync_q.lock().unwrap_or_else(|e| e.into_inner());
+            q.syncing = false;
             return;
         }
         q.bytes += b.bytes;
@@ -840,11 +812,10 @@ impl Syncer {
             let groups = {
                 let mut q = self.shared.sync_q.lock().unwrap_or_else(|e| e.into_inner());
                 loop {
-                    if q.groups.is_empty() && q.closed {
-                        return;
-                    }
-                    // Another sync may start while one runs, up to `parallel_syncs`.
-                    if q.groups.is_empty() || q.syncing >= self.settings.parallel_syncs.max(1) {
+                    if q.groups.is_empty() {
+                        if q.closed {
+                            return;
+                        }
                         q = self.shared.sync_cv.wait(q).unwrap_or_else(|e| e.into_inner());
                         continue;
                     }
@@ -858,9 +829,12 @@ impl Syncer {
                     let (g, _) = self.shared.sync_cv.wait_timeout(q, max_wait - age).unwrap_or_else(|e| e.into_inner());
                     q = g;
                 }
-                q.take()
+                q.bytes = 0;
+                q.syncing = true;
+                std::mem::take(&mut q.groups)
             };
-            self.shared.sync_and_ack(groups.0, self.settings.sync, groups.1);
+            self.shared.sync_and_ack(groups, self.settings.sync);
+            self.shared.sync_q.lock().unwrap_or_else(|e| e.into_inner()).syncing = false;
         }
     }
 }
@@ -927,44 +901,6 @@ mod tests {
         assert!(segments.len() >= 4, "only {} segments: no rolls exercised", segments.len());
         let replayed = assert_replays(dir.path(), 9, n, payload);
         assert_eq!(replayed.ledger_meta(9).unwrap().unwrap().lac, n - 2);
-    }
-
-    /// With several fdatasyncs allowed at once, adds are still acknowledged in the order they
-    /// were queued, and every one replays.
-    #[test]
-    fn parallel_syncs_acknowledge_in_order() {
-        let dir = tempfile::tempdir().unwrap();
-        let settings = JournalSettings { parallel_syncs: 4, segment_bytes: 4 << 20, ..Default::default() };
-        let ledgers = Arc::new(Ledgers::new(Arc::new(MemStorage::new()), 1 << 20));
-        let metrics = JournalMetrics::register(&Registry::new(), 0);
-        let journal = Journal::start(dir.path(), 1, &settings, 1 << 20, ledgers, metrics, Box::new(|| {})).unwrap();
-        let payload = |e: i64| Bytes::from(vec![e as u8; 1000 + (e as usize % 5) * 3000]);
-        let order = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = mpsc::channel();
-        let n = 3000i64;
-        for e in 0..n {
-            let (order, tx) = (order.clone(), tx.clone());
-            journal.submit(
-                add_op(2, e, e - 1, payload(e), b"k", false),
-                Box::new(move |r| {
-                    order.lock().unwrap().push(r.map_err(|e| e.to_string()).unwrap());
-                    tx.send(()).unwrap();
-                }),
-            );
-            if e % 100 == 0 {
-                // Gaps, so that groups are written while others are being synced.
-                std::thread::sleep(Duration::from_micros(300));
-            }
-        }
-        for _ in 0..n {
-            rx.recv_timeout(Duration::from_secs(10)).unwrap();
-        }
-        let syncs = journal.shared.metrics.syncs.get();
-        journal.stop();
-        let order = order.lock().unwrap().clone();
-        assert_eq!(order, (0..n).collect::<Vec<_>>(), "acknowledged out of order");
-        assert!(syncs > 10, "only {syncs} syncs: too few groups to overlap");
-        assert_replays(dir.path(), 2, n, payload);
     }
 
     /// Payloads from `write_once_bytes` on are written once, to the entry logs, and the journal
