@@ -900,9 +900,42 @@ impl Inner {
 
     /// See [`LedgerStorage::adopt_ref`].
     fn adopt_ref(&self, ledger: u64, entry: i64, checksum: u32, at: Location) -> Result<bool> {
-        if self.location(ledger, entry)?.is_some() {
-            return Ok(true);
+        // RocksDB may have written the index out before a crash that lost the record it points
+        // at (an add never acknowledged): such a pointer goes, so that the entry reads as
+        // absent rather than corrupt.
+        let dangling = match self.location(ledger, entry)? {
+            None => false,
+            Some(existing) => match self.read_at(ledger, entry, existing) {
+                Ok(_) => return Ok(true),
+                Err(BookieError::Corrupt { .. }) => true,
+                Err(BookieError::Io { .. }) if !self.path(existing.log).exists() => true,
+                Err(e) => return Err(e),
+            },
+        };
+        if !self.ref_holds(ledger, entry, checksum, at)? {
+            if dangling {
+                self.db.delete_cf_opt(self.cf(INDEX)?, entry_key(ledger, entry), &self.no_wal)?;
+            }
+            return Ok(false);
         }
+        let mut st = self.lock();
+        if let Some(i) = st.released.iter().position(|id| *id == at.log) {
+            st.released.remove(i);
+            st.logs.insert(at.log, LogInfo { sealed: true, ..Default::default() });
+            st.sealed_at.insert(at.log, Instant::now());
+        }
+        let Some(info) = st.logs.get_mut(&at.log) else { return Ok(false) };
+        info.end = info.end.max(at.offset + u64::from(at.len));
+        *info.ledgers.entry(ledger).or_default() += u64::from(at.len);
+        st.ledger_logs.entry(ledger).or_default().insert(at.log);
+        st.dirty.insert(at.log);
+        self.db.put_cf_opt(self.cf(INDEX)?, entry_key(ledger, entry), at.encode(), &self.no_wal)?;
+        Ok(true)
+    }
+
+    /// Whether the log a journal reference names is one this store holds and the record at
+    /// the reference is the entry's, with the checksum the journal recorded.
+    fn ref_holds(&self, ledger: u64, entry: i64, checksum: u32, at: Location) -> Result<bool> {
         {
             // A log without live records at start-up is released, but stays in place until the
             // flush that ends the replay.
@@ -918,23 +951,7 @@ impl Inner {
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(false),
             Err(e) => return Err(BookieError::io(format!("reading entry log {}", log_name(at.log)), e)),
         }
-        match record::decode(rec, ledger, entry) {
-            Ok(e) if e.checksum == checksum => {}
-            _ => return Ok(false),
-        }
-        let mut st = self.lock();
-        if let Some(i) = st.released.iter().position(|id| *id == at.log) {
-            st.released.remove(i);
-            st.logs.insert(at.log, LogInfo { sealed: true, ..Default::default() });
-            st.sealed_at.insert(at.log, Instant::now());
-        }
-        let Some(info) = st.logs.get_mut(&at.log) else { return Ok(false) };
-        info.end = info.end.max(at.offset + u64::from(at.len));
-        *info.ledgers.entry(ledger).or_default() += u64::from(at.len);
-        st.ledger_logs.entry(ledger).or_default().insert(at.log);
-        st.dirty.insert(at.log);
-        self.db.put_cf_opt(self.cf(INDEX)?, entry_key(ledger, entry), at.encode(), &self.no_wal)?;
-        Ok(true)
+        Ok(matches!(record::decode(rec, ledger, entry), Ok(e) if e.checksum == checksum))
     }
 
     /// Writes out every buffer, fdatasyncs the logs written, then records the accounting and

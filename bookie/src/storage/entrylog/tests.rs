@@ -285,6 +285,10 @@ fn a_failed_store_refuses_writes_and_flushes() {
     check(&s, 1, 0..1, 100);
 }
 
+fn at0_log(at: &crate::storage::EntryRef) -> u64 {
+    Location::decode(at).unwrap().log
+}
+
 /// Copies the log files of `from` into a new store directory: what a crash leaves on the disk
 /// of a store that was never flushed (no index, no accounting), as the files are written with
 /// direct I/O.
@@ -338,6 +342,14 @@ fn referenced_payloads_are_durable_after_their_sync_and_adopted_after_a_crash() 
         assert!(!c.adopt_ref(1, n, sum0 ^ 1, &refs[1].2).unwrap(), "a record of another entry is not adopted");
         let gone = Location { log: 999, offset: 0, len: 20_028 }.encode();
         assert!(!c.adopt_ref(1, n, sum0, &gone).unwrap(), "a missing log is not adopted from");
+        // An index entry RocksDB wrote out before a crash that lost its record (an add never
+        // acknowledged) is dropped when its reference does not hold either: the entry reads
+        // as absent, not as corrupt.
+        let lost = Location { log: at0_log(&at0), offset: 64 << 20, len: 20_028 };
+        c.inner.db.put_cf(c.inner.cf(INDEX).unwrap(), entry_key(1, n), lost.encode()).unwrap();
+        assert!(matches!(c.get_entry(1, n), Err(BookieError::Corrupt { .. })));
+        assert!(!c.adopt_ref(1, n, sum0, &lost.encode()).unwrap());
+        assert_eq!(c.get_entry(1, n).unwrap(), None, "the dangling index entry is gone");
         c.flush().unwrap();
         // (The copy also holds the log prepared to come next, which is empty and pooled.)
         let (logs, _, live) = c.stats();
