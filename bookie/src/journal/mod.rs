@@ -903,6 +903,47 @@ mod tests {
         assert_eq!(replayed.ledger_meta(9).unwrap().unwrap().lac, n - 2);
     }
 
+    /// Entry-log store settings for the write-once tests: small logs, no compaction.
+    fn small_logs() -> crate::config::StorageSettings {
+        crate::config::StorageSettings { entry_log_bytes: 4 << 20, compaction_interval_ms: 0, ..Default::default() }
+    }
+
+    /// A journal in `dir` over `ledgers`, with 1 MiB segments.
+    fn start_journal(dir: &Path, ledgers: &Arc<Ledgers>) -> Journal {
+        let settings = JournalSettings { segment_bytes: 1 << 20, ..Default::default() };
+        let metrics = JournalMetrics::register(&Registry::new(), 0);
+        Journal::start(dir, 1, &settings, 1 << 20, ledgers.clone(), metrics, Box::new(|| {})).unwrap()
+    }
+
+    /// Submits adds `0..n` of `ledger` all at once and waits for every ack.
+    fn add_all(journal: &Journal, ledger: u64, n: i64, payload: impl Fn(i64) -> Bytes) {
+        let (tx, rx) = mpsc::channel();
+        for e in 0..n {
+            let tx = tx.clone();
+            journal.submit(
+                add_op(ledger, e, e - 1, payload(e), b"k", false),
+                Box::new(move |r| tx.send(r.map_err(|e| e.to_string())).unwrap()),
+            );
+        }
+        for _ in 0..n {
+            rx.recv_timeout(Duration::from_secs(10)).unwrap().unwrap();
+        }
+    }
+
+    /// Copies the journal segments of `jdir` and the entry log files of the store in `sdir`:
+    /// what a crash leaves of them (the store was never flushed; its logs are written with
+    /// direct I/O).
+    fn copy_crash_state(jdir: &Path, jcopy: &Path, sdir: &Path, scopy: &Path) {
+        for (_, path) in segment::list_segments(jdir).unwrap() {
+            std::fs::copy(&path, jcopy.join(path.file_name().unwrap())).unwrap();
+        }
+        std::fs::create_dir_all(scopy.join("logs")).unwrap();
+        for e in std::fs::read_dir(sdir.join("logs")).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), scopy.join("logs").join(e.file_name())).unwrap();
+        }
+    }
+
     /// Payloads from `write_once_bytes` on are written once, to the entry logs, and the journal
     /// only records where: its bytes stay far below theirs. The entry store is never flushed;
     /// copies of the journal segments and the log files taken once every add is acknowledged
@@ -912,45 +953,21 @@ mod tests {
         use crate::storage::entrylog::EntryLogStorage;
         let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
         let (jdir, sdir, jcopy, scopy) = (dirs[0].path(), dirs[1].path(), dirs[2].path(), dirs[3].path());
-        let store_settings = crate::config::StorageSettings {
-            entry_log_bytes: 4 << 20,
-            compaction_interval_ms: 0,
-            ..Default::default()
-        };
-        let storage = Arc::new(EntryLogStorage::open(sdir, &store_settings).unwrap());
+        let storage = Arc::new(EntryLogStorage::open(sdir, &small_logs()).unwrap());
         let ledgers = Arc::new(Ledgers::new(storage.clone(), 1 << 20));
-        let settings = JournalSettings { segment_bytes: 1 << 20, ..Default::default() };
-        let once = settings.write_once_bytes;
-        let metrics = JournalMetrics::register(&Registry::new(), 0);
-        let journal = Journal::start(jdir, 1, &settings, 1 << 20, ledgers, metrics, Box::new(|| {})).unwrap();
+        let journal = start_journal(jdir, &ledgers);
+        let once = JournalSettings::default().write_once_bytes;
         let size = |e: i64| [100, 40_000, once, once - 1, 3000, 70_000][e as usize % 6];
         let payload = |e: i64| -> Bytes { (0..size(e)).map(|i| (i as i64 * 7 + e) as u8).collect::<Vec<u8>>().into() };
         let n = 240i64;
-        let (tx, rx) = mpsc::channel();
-        for e in 0..n {
-            let tx = tx.clone();
-            journal.submit(
-                add_op(6, e, e - 1, payload(e), b"k", false),
-                Box::new(move |r| tx.send(r.map_err(|e| e.to_string())).unwrap()),
-            );
-        }
-        for _ in 0..n {
-            rx.recv_timeout(Duration::from_secs(10)).unwrap().unwrap();
-        }
+        add_all(&journal, 6, n, payload);
         let large: usize = (0..n).map(size).filter(|s| *s >= once).sum();
         let small: usize = (0..n).map(size).filter(|s| *s < once).sum();
         let journaled = journal.shared.metrics.bytes.get() as usize;
         assert!(journaled < small + large / 20, "journal wrote {journaled} bytes for {small} small and {large} large");
-        std::fs::create_dir_all(scopy.join("logs")).unwrap();
-        for (_, path) in segment::list_segments(jdir).unwrap() {
-            std::fs::copy(&path, jcopy.join(path.file_name().unwrap())).unwrap();
-        }
-        for e in std::fs::read_dir(sdir.join("logs")).unwrap() {
-            let e = e.unwrap();
-            std::fs::copy(e.path(), scopy.join("logs").join(e.file_name())).unwrap();
-        }
+        copy_crash_state(jdir, jcopy, sdir, scopy);
         journal.stop();
-        let replayed = EntryLogStorage::open(scopy, &store_settings).unwrap();
+        let replayed = EntryLogStorage::open(scopy, &small_logs()).unwrap();
         let stats = replay::replay(jcopy, Position { segment: 1, offset: 0 }, &replayed, 1 << 20).unwrap();
         assert_eq!((stats.torn_tails, stats.missing_refs), (0, 0));
         for e in 0..n {
@@ -958,6 +975,45 @@ mod tests {
             assert_eq!(got.payload, payload(e), "entry {e}");
         }
         assert_eq!(replayed.ledger_meta(6).unwrap().unwrap().lac, n - 2);
+    }
+
+    /// Two journals over one store: the second one's large payloads fill the first logs, then
+    /// the first journal's small adds follow. After a crash nothing in those logs is indexed,
+    /// so the store holds them only for the references; the first journal's replay must not
+    /// let them go before the second one's replay has taken them back (the bookie flushes
+    /// once, after every journal's replay), and after that flush and a reopen they stay.
+    #[test]
+    fn references_survive_another_journals_replay() {
+        use crate::storage::entrylog::EntryLogStorage;
+        let dirs: Vec<_> = (0..6).map(|_| tempfile::tempdir().unwrap()).collect();
+        let p = |i: usize| dirs[i].path();
+        let storage = Arc::new(EntryLogStorage::open(p(0), &small_logs()).unwrap());
+        let ledgers = Arc::new(Ledgers::new(storage.clone(), 1 << 20));
+        let (first, second) = (start_journal(p(1), &ledgers), start_journal(p(2), &ledgers));
+        let large = |e: i64| Bytes::from(vec![e as u8; 20_000]);
+        let small = |e: i64| Bytes::from(vec![e as u8 ^ 0x5a; 1000]);
+        add_all(&second, 2, 400, large);
+        add_all(&first, 1, 100, small);
+        copy_crash_state(p(1), p(3), p(0), p(5));
+        copy_crash_state(p(2), p(4), p(0), p(5));
+        first.stop();
+        second.stop();
+        {
+            let replayed = EntryLogStorage::open(p(5), &small_logs()).unwrap();
+            for j in [p(3), p(4)] {
+                let stats = replay::replay(j, Position { segment: 1, offset: 0 }, &replayed, 1 << 20).unwrap();
+                assert_eq!(stats.missing_refs, 0, "{}", j.display());
+            }
+            replayed.flush().unwrap();
+        }
+        let reopened = EntryLogStorage::open(p(5), &small_logs()).unwrap();
+        for e in 0..400 {
+            let got = reopened.get_entry(2, e).unwrap().unwrap_or_else(|| panic!("large entry {e} missing"));
+            assert_eq!(got.payload, large(e), "large entry {e}");
+        }
+        for e in 0..100 {
+            assert_eq!(reopened.get_entry(1, e).unwrap().unwrap().payload, small(e), "small entry {e}");
+        }
     }
 
     /// Bytes of `path` resident in the page cache, as util-linux's `fincore` reports them.

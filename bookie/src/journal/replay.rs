@@ -37,7 +37,9 @@ pub struct ReplayStats {
     pub missing_refs: u64,
 }
 
-/// Replays `dir` from `from` into `storage` and flushes it.
+/// Replays `dir` from `from` into `storage`. The caller flushes the store once every journal is
+/// replayed, not before: a flush lets the store reuse logs that held nothing indexed when it
+/// opened, and another journal's references may point into them.
 pub fn replay(dir: &Path, from: Position, storage: &dyn LedgerStorage, max_record: usize) -> Result<ReplayStats> {
     let mut stats = ReplayStats::default();
     let mut metas: HashMap<u64, LedgerMeta> = HashMap::new();
@@ -128,7 +130,6 @@ pub fn replay(dir: &Path, from: Position, storage: &dyn LedgerStorage, max_recor
     }
     let states: Vec<(u64, LedgerMeta)> = metas.into_iter().collect();
     storage.write(&entries, &states)?;
-    storage.flush()?;
     Ok(stats)
 }
 

@@ -494,8 +494,15 @@ impl Inner {
                 None => break,
                 Some(ToWriter::Write(c)) => c,
                 Some(ToWriter::Sync(job)) => {
-                    // The sync thread ends only after this thread (it holds the receiver).
-                    let _ = syncs.send(job);
+                    if let Err(std::sync::mpsc::SendError(job)) = syncs.send(job) {
+                        // The sync thread is gone (it ends only after this one, so it
+                        // panicked): nothing can be made durable any more.
+                        let mut st = self.lock();
+                        st.failed.get_or_insert_with(|| "the entry log sync thread stopped".into());
+                        st.ref_syncs_done = job.turn;
+                        drop(st);
+                        self.written.notify_all();
+                    }
                     continue;
                 }
             };
