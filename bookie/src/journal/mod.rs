@@ -493,6 +493,8 @@ struct Batch {
     bytes: usize,
     /// Adds whose payloads went to the entry store only.
     ref_adds: usize,
+    /// Those adds, to index once their records are written: (ledger, entry, where).
+    refs: Vec<(u64, i64, crate::storage::EntryRef)>,
 }
 
 impl Writer {
@@ -542,7 +544,13 @@ impl Writer {
         let applying = Instant::now();
         self.shared.metrics.flush.observe_duration_ms(applying - writing);
         let states: Vec<(u64, LedgerMeta)> = b.states.drain().collect();
-        if let Err(e) = self.ledgers.storage.write(&b.entries, &states) {
+        // Entries stored by reference are indexed only now that their records are written: an
+        // index entry never outlives a crash without the journal record that replay checks it
+        // against.
+        let refs = std::mem::take(&mut b.refs);
+        if let Err(e) =
+            self.ledgers.storage.index_refs(&refs).and_then(|()| self.ledgers.storage.write(&b.entries, &states))
+        {
             tracing::error!(error = %e, "entry store write failed");
             fail_all(&mut b, &e);
             return b;
@@ -595,6 +603,7 @@ impl Writer {
                     Some(at) => {
                         self.append(b, record::ENTRY_REF, ledger, entry, lac, &[&checksum.to_le_bytes(), at], None)?;
                         b.ref_adds += 1;
+                        b.refs.push((ledger, entry, *at));
                     }
                     None => self.append_entry(b, ledger, entry, lac, checksum, &write.payload)?,
                 }
@@ -791,6 +800,7 @@ fn fail_all(b: &mut Batch, e: &BookieError) {
     }
     b.entries.clear();
     b.states.clear();
+    b.refs.clear();
 }
 
 fn op_bytes(op: &Op) -> usize {

@@ -114,13 +114,19 @@ pub trait LedgerStorage: Send + Sync + 'static {
     fn ledgers(&self) -> Result<Vec<u64>>;
     /// Makes everything written so far durable.
     fn flush(&self) -> Result<()>;
-    /// Stores one entry now, as [`LedgerStorage::write`] does, and says where its payload is,
-    /// so the journal can record that instead of the payload and large payloads are written
-    /// once. `None` (the default): the store cannot, and the journal carries the payload.
-    /// Such an entry is durable once a [`LedgerStorage::sync_refs`] begun after this returned
-    /// has finished.
+    /// Stores one entry's payload now and says where it is, so the journal can record that
+    /// instead of the payload and large payloads are written once. `None` (the default): the
+    /// store cannot, and the journal carries the payload. The entry is readable once
+    /// [`LedgerStorage::index_refs`] has indexed it (after the journal has written its
+    /// record), and durable once a [`LedgerStorage::sync_refs`] begun after this returned has
+    /// finished.
     fn write_ref(&self, _entry: &EntryWrite) -> Result<Option<EntryRef>> {
         Ok(None)
+    }
+    /// Indexes entries whose payloads [`LedgerStorage::write_ref`] stored, as `(ledger, entry,
+    /// where)`, except those of ledgers deleted since.
+    fn index_refs(&self, _refs: &[(u64, i64, EntryRef)]) -> Result<()> {
+        Ok(())
     }
     /// Starts making every payload [`LedgerStorage::write_ref`] stored so far durable and
     /// returns what finishes it (waits for it): the journal runs its own fdatasync in between.

@@ -1328,15 +1328,33 @@ impl LedgerStorage for EntryLogStorage {
 
     fn write_ref(&self, e: &EntryWrite) -> Result<Option<super::EntryRef>> {
         let inner = &self.inner;
-        let icf = inner.cf(INDEX)?;
         let mut st = inner.lock();
         if let Some(err) = &st.failed {
             return Err(failed(err));
         }
         let at = inner.append(&mut st, e.ledger, e.entry, e.checksum, &e.payload)?;
-        inner.db.put_cf_opt(icf, entry_key(e.ledger, e.entry), at.encode(), &inner.no_wal)?;
         drop(inner.throttle(st));
         Ok(Some(at.encode()))
+    }
+
+    fn index_refs(&self, refs: &[(u64, i64, super::EntryRef)]) -> Result<()> {
+        if refs.is_empty() {
+            return Ok(());
+        }
+        let inner = &self.inner;
+        let icf = inner.cf(INDEX)?;
+        let mut batch = WriteBatch::with_capacity_bytes(refs.len() * 48);
+        // Under the lock, as in `write`: a ledger deleted since its payloads were stored (its
+        // bytes gone from the logs' accounting) is not revived.
+        let st = inner.lock();
+        for (ledger, entry, at) in refs {
+            let Some(loc) = Location::decode(at) else { continue };
+            if st.logs.get(&loc.log).is_some_and(|i| i.ledgers.contains_key(ledger)) {
+                batch.put_cf(icf, entry_key(*ledger, *entry), at);
+            }
+        }
+        inner.db.write_opt(batch, &inner.no_wal)?;
+        Ok(())
     }
 
     fn sync_refs(&self) -> Result<super::RefSync> {

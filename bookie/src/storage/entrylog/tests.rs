@@ -318,12 +318,20 @@ fn referenced_payloads_are_durable_after_their_sync_and_adopted_after_a_crash() 
         for e in 0..n {
             let w = entry(1, e, 20_000);
             let at = s.write_ref(&w).unwrap().expect("entry logs keep references");
-            assert_eq!(s.get_entry(1, e).unwrap().unwrap().payload, w.payload, "readable at once");
+            assert_eq!(s.get_entry(1, e).unwrap(), None, "not indexed before the journal record is written");
+            s.index_refs(&[(1, e, at)]).unwrap();
+            assert_eq!(s.get_entry(1, e).unwrap().unwrap().payload, w.payload, "readable once indexed");
             refs.push((e, w.checksum, at));
             if e % 50 == 49 {
                 s.sync_refs().unwrap()().unwrap();
             }
         }
+        // A ledger deleted between storing a payload and indexing it stays deleted.
+        let w = entry(3, 0, 20_000);
+        let at = s.write_ref(&w).unwrap().unwrap();
+        s.delete_ledger(3).unwrap();
+        s.index_refs(&[(3, 0, at)]).unwrap();
+        assert_eq!(s.get_entry(3, 0).unwrap(), None);
         let finish = s.sync_refs().unwrap();
         finish().unwrap();
         assert!(s.inner.lock().current.as_ref().is_some_and(|c| c.buf.len() > 0), "a partly filled buffer was synced");
