@@ -301,12 +301,19 @@ impl EntryLogStorage {
         });
         inner.load()?;
         let mut threads = Vec::new();
-        let (w, sync_tx) = (inner.clone(), channel());
+        let (w, sync_tx, prep_tx) = (inner.clone(), channel(), channel());
         threads.push(
             std::thread::Builder::new()
                 .name("entry-log-writer".into())
-                .spawn(move || w.write_chunks(rx, sync_tx.0))
+                .spawn(move || w.write_chunks(rx, sync_tx.0, prep_tx.0))
                 .map_err(io_err("starting the entry log writer".into()))?,
+        );
+        let p = inner.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("entry-log-prep".into())
+                .spawn(move || p.prepare_logs(prep_tx.1))
+                .map_err(io_err("starting the entry log prepare thread".into()))?,
         );
         let y = inner.clone();
         threads.push(
@@ -487,7 +494,7 @@ impl Inner {
     }
 
     /// The writer thread: writes buffers in order, then makes them unreadable from memory.
-    fn write_chunks(&self, rx: Receiver<ToWriter>, syncs: Sender<RefSyncJob>) {
+    fn write_chunks(&self, rx: Receiver<ToWriter>, syncs: Sender<RefSyncJob>, prepares: Sender<()>) {
         let mut held = None;
         loop {
             let first = match held.take().map_or_else(|| rx.recv().ok(), Some) {
@@ -572,13 +579,23 @@ impl Inner {
             drop(st);
             self.written.notify_all();
             if prepare {
-                self.prepare_next();
+                // The prepare thread ends only after this one (it holds the receiver).
+                let _ = prepares.send(());
             }
         }
     }
 
-    /// Makes the next log's file ready (a pooled one when there is one), so that starting a
-    /// log costs the appending thread no file system call. Runs on the writer thread.
+    /// The prepare thread: readies the next log whenever the writer asks.
+    fn prepare_logs(&self, rx: Receiver<()>) {
+        for () in rx {
+            self.prepare_next();
+        }
+    }
+
+    /// Makes the next log's file ready (a pooled one when there is one) and its name durable,
+    /// so that starting a log costs the appending thread no file system call and no sync has
+    /// to fsync the directory for it. Runs on the prepare thread, off the path of writes and
+    /// of the syncs acknowledgements wait for.
     fn prepare_next(&self) {
         let (id, free) = {
             let mut st = self.lock();
@@ -591,10 +608,16 @@ impl Inner {
         };
         match self.create_log(id, free.as_deref()) {
             Ok((file, reused)) => {
+                let named = crate::journal::segment::sync_dir(&self.dir);
+                if let Err(e) = &named {
+                    tracing::warn!(error = %e, "syncing the entry log directory failed; the next sync retries");
+                }
                 let mut st = self.lock();
                 st.pool_bytes = st.pool_bytes.saturating_sub(reused);
-                st.new_names = true;
-                st.ref_new_names = true;
+                if named.is_err() {
+                    st.new_names = true;
+                    st.ref_new_names = true;
+                }
                 st.next = Some((id, Arc::new(file)));
             }
             Err(e) => {
