@@ -18,6 +18,17 @@ pub mod ledgers;
 pub mod server;
 pub mod storage;
 
+/// Starts a named background thread of the bookie.
+pub(crate) fn spawn_thread(
+    name: &str,
+    f: impl FnOnce() + Send + 'static,
+) -> error::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .map_err(|e| BookieError::io(format!("starting thread {name}"), e))
+}
+
 pub use config::BookieConfig;
 pub use error::BookieError;
 pub use server::{run, Bookie, LocalBookie};

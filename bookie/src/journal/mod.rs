@@ -334,16 +334,10 @@ impl Journal {
             on_roll,
         };
         let syncer = Syncer { shared: shared.clone(), settings: settings.clone() };
-        let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
-            std::thread::Builder::new()
-                .name(name.into())
-                .spawn(f)
-                .map_err(|e| BookieError::io("starting a journal thread", e))
-        };
         let threads = vec![
             prealloc,
-            spawn("journal-writer", Box::new(move || writer.run()))?,
-            spawn("journal-sync", Box::new(move || syncer.run()))?,
+            crate::spawn_thread("journal-writer", move || writer.run())?,
+            crate::spawn_thread("journal-sync", move || syncer.run())?,
         ];
         Ok(Journal { dir: dir.to_owned(), tx: Mutex::new(Some(tx)), shared, alloc, threads: Mutex::new(threads) })
     }
@@ -491,9 +485,8 @@ struct Batch {
     acks: Vec<(Callback, Result<i64>, Instant)>,
     files: Vec<Arc<File>>,
     bytes: usize,
-    /// Adds whose payloads went to the entry store only.
-    ref_adds: usize,
-    /// Those adds, to index once their records are written: (ledger, entry, where).
+    /// Adds whose payloads went to the entry store only, to index once their records are
+    /// written: (ledger, entry, where).
     refs: Vec<(u64, i64, crate::storage::EntryRef)>,
 }
 
@@ -547,9 +540,8 @@ impl Writer {
         // Entries stored by reference are indexed only now that their records are written: an
         // index entry never outlives a crash without the journal record that replay checks it
         // against.
-        let refs = std::mem::take(&mut b.refs);
         if let Err(e) =
-            self.ledgers.storage.index_refs(&refs).and_then(|()| self.ledgers.storage.write(&b.entries, &states))
+            self.ledgers.storage.index_refs(&b.refs).and_then(|()| self.ledgers.storage.write(&b.entries, &states))
         {
             tracing::error!(error = %e, "entry store write failed");
             fail_all(&mut b, &e);
@@ -559,7 +551,7 @@ impl Writer {
         self.shared.metrics.apply.observe_duration_ms(applying.elapsed());
         *self.shared.applied.lock().unwrap_or_else(|e| e.into_inner()) =
             Position { segment: self.seg.seq, offset: self.seg.offset };
-        self.shared.metrics.adds.add((b.entries.len() + b.ref_adds) as u64);
+        self.shared.metrics.adds.add((b.entries.len() + b.refs.len()) as u64);
         b.entries.clear();
         b
     }
@@ -602,7 +594,6 @@ impl Writer {
                 match &stored {
                     Some(at) => {
                         self.append(b, record::ENTRY_REF, ledger, entry, lac, &[&checksum.to_le_bytes(), at], None)?;
-                        b.ref_adds += 1;
                         b.refs.push((ledger, entry, *at));
                     }
                     None => self.append_entry(b, ledger, entry, lac, checksum, &write.payload)?,
@@ -775,7 +766,7 @@ impl Writer {
         if b.acks.is_empty() {
             return;
         }
-        let group = Group { files: b.files, refs: b.ref_adds > 0, acks: b.acks, born: Instant::now() };
+        let group = Group { files: b.files, refs: !b.refs.is_empty(), acks: b.acks, born: Instant::now() };
         let mut q = self.shared.sync_q.lock().unwrap_or_else(|e| e.into_inner());
         let idle = q.groups.is_empty() && !q.syncing && self.shared.queued.load(Ordering::Relaxed) == 0;
         if self.inline_sync && idle {

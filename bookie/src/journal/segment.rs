@@ -130,10 +130,7 @@ impl Allocator {
             changed: Condvar::new(),
         });
         let bg = alloc.clone();
-        let handle = std::thread::Builder::new()
-            .name("journal-prealloc".into())
-            .spawn(move || bg.run())
-            .map_err(|e| BookieError::io("starting the preallocation thread", e))?;
+        let handle = crate::spawn_thread("journal-prealloc", move || bg.run())?;
         Ok((alloc, handle))
     }
 

@@ -300,39 +300,22 @@ impl EntryLogStorage {
             pool_min: settings.entry_log_pool,
         });
         inner.load()?;
-        let mut threads = Vec::new();
-        let (w, sync_tx, prep_tx) = (inner.clone(), channel(), channel());
-        threads.push(
-            std::thread::Builder::new()
-                .name("entry-log-writer".into())
-                .spawn(move || w.write_chunks(rx, sync_tx.0, prep_tx.0))
-                .map_err(io_err("starting the entry log writer".into()))?,
-        );
-        let p = inner.clone();
-        threads.push(
-            std::thread::Builder::new()
-                .name("entry-log-prep".into())
-                .spawn(move || p.prepare_logs(prep_tx.1))
-                .map_err(io_err("starting the entry log prepare thread".into()))?,
-        );
-        let y = inner.clone();
-        threads.push(
-            std::thread::Builder::new()
-                .name("entry-log-sync".into())
-                .spawn(move || y.sync_refs(sync_tx.1))
-                .map_err(io_err("starting the entry log sync thread".into()))?,
-        );
+        let (sync_tx, sync_rx) = channel();
+        let (prep_tx, prep_rx) = channel();
+        let (w, p, y) = (inner.clone(), inner.clone(), inner.clone());
+        let mut threads = vec![
+            crate::spawn_thread("entry-log-writer", move || w.write_chunks(rx, sync_tx, prep_tx))?,
+            crate::spawn_thread("entry-log-prep", move || p.prepare_logs(prep_rx))?,
+            crate::spawn_thread("entry-log-sync", move || y.sync_refs(sync_rx))?,
+        ];
         let stop = Arc::new((Mutex::new(()), Condvar::new()));
         if settings.compaction_interval_ms > 0 {
             let (c, s) = (inner.clone(), stop.clone());
             let (every, threshold) =
                 (Duration::from_millis(settings.compaction_interval_ms), settings.compaction_threshold);
-            threads.push(
-                std::thread::Builder::new()
-                    .name("entry-log-compactor".into())
-                    .spawn(move || c.compact_periodically(&s, every, threshold))
-                    .map_err(io_err("starting the entry log compactor".into()))?,
-            );
+            threads.push(crate::spawn_thread("entry-log-compactor", move || {
+                c.compact_periodically(&s, every, threshold)
+            })?);
         }
         Ok(EntryLogStorage { inner, stop, threads })
     }
@@ -859,20 +842,33 @@ impl Inner {
         record::decode(rec, ledger, entry)
     }
 
-    /// Starts a reference sync: hands the current buffer to the writer and takes the logs
-    /// written since the last one began.
-    fn begin_ref_sync(self: &Arc<Self>) -> Result<super::RefSync> {
-        let mut st = self.lock();
+    /// What a sync covers, decided under the lock: hands the partly filled buffer to the
+    /// writer and takes the logs written since the last sync of this kind (`written` picks
+    /// the flushes' or the reference syncs' set); the current log stays in the set, as later
+    /// appends go on into it.
+    fn cut(
+        &self,
+        st: &mut State,
+        written: impl Fn(&mut State) -> &mut BTreeMap<u64, Arc<File>>,
+    ) -> Result<Vec<(u64, Arc<File>)>> {
         if let Some(e) = &st.failed {
             return Err(failed(e));
         }
         if st.current.as_ref().is_some_and(|c| c.unsent) {
-            self.send(&mut st, 0)?;
+            self.send(st, 0)?;
         }
-        let files: Vec<(u64, Arc<File>)> = std::mem::take(&mut st.ref_unsynced).into_iter().collect();
+        let files = std::mem::take(written(st)).into_iter().collect();
         if let Some((id, f)) = st.current.as_ref().map(|c| (c.id, c.file.clone())) {
-            st.ref_unsynced.insert(id, f);
+            written(st).insert(id, f);
         }
+        Ok(files)
+    }
+
+    /// Starts a reference sync: hands the current buffer to the writer and takes the logs
+    /// written since the last one began.
+    fn begin_ref_sync(self: &Arc<Self>) -> Result<super::RefSync> {
+        let mut st = self.lock();
+        let files = self.cut(&mut st, |st| &mut st.ref_unsynced)?;
         let new_names = std::mem::take(&mut st.ref_new_names);
         st.ref_syncs_begun += 1;
         let turn = st.ref_syncs_begun;
@@ -935,11 +931,9 @@ impl Inner {
         // absent rather than corrupt.
         let dangling = match self.location(ledger, entry)? {
             None => false,
-            Some(existing) => match self.read_at(ledger, entry, existing) {
-                Ok(_) => return Ok(true),
-                Err(BookieError::Corrupt { .. }) => true,
-                Err(BookieError::Io { .. }) if !self.path(existing.log).exists() => true,
-                Err(e) => return Err(e),
+            Some(existing) => match self.read_present(ledger, entry, existing)? {
+                Some(_) => return Ok(true),
+                None => true,
             },
         };
         if !self.ref_holds(ledger, entry, checksum, at)? {
@@ -974,14 +968,18 @@ impl Inner {
                 return Ok(false);
             }
         }
-        let Ok(file) = File::open(self.path(at.log)) else { return Ok(false) };
-        let mut rec = vec![0u8; at.len as usize];
-        match file.read_exact_at(&mut rec, at.offset) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(false),
-            Err(e) => return Err(BookieError::io(format!("reading entry log {}", log_name(at.log)), e)),
+        Ok(self.read_present(ledger, entry, at)?.is_some_and(|e| e.checksum == checksum))
+    }
+
+    /// [`Self::read_at`], with a record that is not the entry's or a log file that is gone
+    /// read as absent.
+    fn read_present(&self, ledger: u64, entry: i64, at: Location) -> Result<Option<StoredEntry>> {
+        match self.read_at(ledger, entry, at) {
+            Ok(e) => Ok(Some(e)),
+            Err(BookieError::Corrupt { .. }) => Ok(None),
+            Err(BookieError::Io { .. }) if !self.path(at.log).exists() => Ok(None),
+            Err(e) => Err(e),
         }
-        Ok(matches!(record::decode(rec, ledger, entry), Ok(e) if e.checksum == checksum))
     }
 
     /// Writes out every buffer, fdatasyncs the logs written, then records the accounting and
@@ -992,17 +990,8 @@ impl Inner {
         // it waits, and a log they fill and seal meanwhile belongs to the next flush.
         let (target, files, released, batch, new_names) = {
             let mut st = self.lock();
-            if let Some(e) = &st.failed {
-                return Err(failed(e));
-            }
-            if st.current.as_ref().is_some_and(|c| c.unsent) {
-                self.send(&mut st, 0)?;
-            }
+            let files = self.cut(&mut st, |st| &mut st.unsynced)?;
             let target = st.next_seq - 1;
-            let files: Vec<(u64, Arc<File>)> = std::mem::take(&mut st.unsynced).into_iter().collect();
-            if let Some((id, f)) = st.current.as_ref().map(|c| (c.id, c.file.clone())) {
-                st.unsynced.insert(id, f);
-            }
             let released = std::mem::take(&mut st.released);
             let lcf = self.cf(LOGS)?;
             let mut batch = WriteBatch::default();
