@@ -66,6 +66,11 @@ pub struct BrokerConfig {
     /// How often topics look for consumed ledgers that retention no longer keeps, seconds
     /// (they also look at each ledger rollover and whenever acknowledgements free a ledger).
     pub retention_check_interval_in_seconds: u64,
+    /// How often the broker looks for ledgers no topic lists (left by a broker that died
+    /// while deleting them) and deletes them, seconds (0: never).
+    pub orphan_ledger_check_interval_in_seconds: u64,
+    /// Ledgers younger than this are not deleted by that look, seconds.
+    pub orphan_ledger_min_age_in_seconds: u64,
 }
 
 impl Default for BrokerConfig {
@@ -95,6 +100,8 @@ impl Default for BrokerConfig {
             default_retention_time_in_minutes: 0,
             default_retention_size_in_mb: 0,
             retention_check_interval_in_seconds: 120,
+            orphan_ledger_check_interval_in_seconds: 600,
+            orphan_ledger_min_age_in_seconds: 600,
         }
     }
 }

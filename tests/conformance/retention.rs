@@ -180,3 +180,98 @@ async fn acks_beyond_the_last_message_are_ignored() {
         assert_eq!(&m.payload.data[..], body, "message {i} after the early ack");
     }
 }
+
+/// A closed ledger with `n` entries, created for `topic` (its `topic` property) or for none,
+/// as a broker would create it, but listed nowhere.
+async fn unlisted_ledger(ledgers: &magnetar_bookie::client::LedgerClient, topic: Option<&str>, n: usize) -> u64 {
+    let mut cfg = magnetar_bookie::client::LedgerConfig::new(1, 1, 1);
+    if let Some(t) = topic {
+        cfg.custom.insert(magnetar_broker::topic::TOPIC_PROPERTY.into(), t.into());
+    }
+    let w = ledgers.create(cfg).await.expect("create");
+    for i in 0..n {
+        w.append(format!("orphan-{i}").into_bytes()).await.expect("append");
+    }
+    let id = w.id();
+    w.close().await.expect("close");
+    id
+}
+
+/// What the bookie answers for entry 0 of `ledger`.
+async fn bookie_read(ledgers: &magnetar_bookie::client::LedgerClient, bookie: &str, ledger: u64) -> i32 {
+    let mut c = ledgers.bookies().client(bookie).await.expect("bookie client");
+    let req = magnetar_proto::bookie::ReadRequest { ledger_id: ledger, entry_ids: vec![0], ..Default::default() };
+    c.read(req).await.expect("read").into_inner().entries[0].code
+}
+
+/// Ledgers no topic lists — those a broker that died between removing consumed ledgers from
+/// the list and deleting them leaves, and those of a topic deleted the same way — are deleted
+/// (metadata and entries) once old enough; listed ledgers, ledgers of no topic, and young
+/// ones stay. A ledger is also created and listed in one transaction, so a lost race creates
+/// nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ledgers_no_topic_lists_are_deleted() {
+    use magnetar_bookie::client::metadata::LEDGERS_PREFIX;
+    use magnetar_bookie::client::{LedgerClient, LedgerConfig, LedgerOptions};
+    use magnetar_metastore::client::Txn;
+    use magnetar_proto::bookie::Code;
+
+    let min_age = Duration::from_secs(4);
+    let s = standalone_with(&["orphan_ledger_check_interval_in_seconds=1", "orphan_ledger_min_age_in_seconds=4"]).await;
+    let meta = MetaClient::connect(std::slice::from_ref(&s.metastore)).expect("meta");
+    let ledgers = LedgerClient::new(meta.clone(), LedgerOptions::default());
+    let p: Pulsar<TokioExecutor> = Pulsar::builder(s.url(), TokioExecutor).build().await.expect("connect");
+    let topic = "persistent://public/default/with-orphans";
+    let mut reader = consumer(&p, topic, "sub", SubType::Exclusive).await;
+    send_all(&p, topic, 0, 5).await;
+    let listed = ledger_ids(&meta, topic).await;
+
+    let created = std::time::Instant::now();
+    let trimmed = unlisted_ledger(&ledgers, Some(topic), 3).await;
+    let of_deleted_topic = unlisted_ledger(&ledgers, Some("persistent://public/default/deleted-before"), 2).await;
+    let of_no_topic = unlisted_ledger(&ledgers, None, 1).await;
+    let (md, version) = ledgers.metadata(trimmed).await.expect("metadata");
+    let bookie = md.fragments[0].bookies[0].clone();
+    assert_eq!(bookie_read(&ledgers, &bookie, trimmed).await, Code::Ok as i32);
+
+    // A deletion that checks a stale version of the topic's list deletes nothing.
+    let list_version =
+        meta.get(&topic_key(&TopicName::parse(topic).expect("name"))).await.expect("get").expect("list").version;
+    let stale = Txn::default().compare(topic_key(&TopicName::parse(topic).expect("name")), list_version - 1);
+    assert!(!ledgers.delete_if(&md, version, stale).await.expect("delete_if"));
+    // Young orphans stay (checked well inside the minimum age, with the collector running
+    // every second).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    if created.elapsed() < min_age {
+        for id in [trimmed, of_deleted_topic] {
+            assert!(meta.get(&ledger_key(id)).await.expect("get").is_some(), "young ledger {id} kept");
+        }
+    }
+
+    // Old enough, the unlisted ones go, metadata and entries.
+    let start = std::time::Instant::now();
+    while meta.get(&ledger_key(trimmed)).await.expect("get").is_some()
+        || meta.get(&ledger_key(of_deleted_topic)).await.expect("get").is_some()
+    {
+        assert!(start.elapsed() < Duration::from_secs(30), "unlisted ledgers not deleted");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(bookie_read(&ledgers, &bookie, trimmed).await, Code::NoEntry as i32, "entries dropped");
+    assert!(meta.get(&ledger_key(of_no_topic)).await.expect("get").is_some(), "a ledger of no topic stays");
+    for id in &listed {
+        assert!(meta.get(&ledger_key(*id)).await.expect("get").is_some(), "listed ledger {id} stays");
+    }
+    assert_eq!(ledger_ids(&meta, topic).await, listed);
+    for i in 0..5 {
+        assert_eq!(next_body(&mut reader).await, format!("m-{i}"), "the topic's messages stay");
+    }
+
+    // Creating a ledger whose listing loses its compare writes nothing.
+    let before = meta.list(LEDGERS_PREFIX).await.expect("list").len();
+    let lost = ledgers
+        .create_with(LedgerConfig::new(1, 1, 1), |_| Ok(Txn::default().compare("/topics/none", 7)))
+        .await
+        .expect("create_with");
+    assert!(lost.is_none());
+    assert_eq!(meta.list(LEDGERS_PREFIX).await.expect("list").len(), before);
+}

@@ -3,9 +3,12 @@
 
 use serde::{Deserialize, Serialize};
 
+/// Metastore prefix of ledger metadata.
+pub const LEDGERS_PREFIX: &str = "/ledgers/";
+
 /// Metastore key of a ledger.
 pub fn ledger_key(id: u64) -> String {
-    format!("/ledgers/{id}")
+    format!("{LEDGERS_PREFIX}{id}")
 }
 
 /// Largest ensemble a ledger may have (the writer tracks positions as bits of a `u64`).

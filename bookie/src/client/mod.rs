@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use magnetar_metastore::client::{MetaClient, PutOptions};
+use magnetar_metastore::client::{MetaClient, PutOptions, Txn};
 use magnetar_proto::bookie::DeleteLedgerRequest;
 use rand::seq::SliceRandom;
 
@@ -124,6 +124,41 @@ impl LedgerClient {
 
     /// Creates a ledger on `E` random writable bookies and opens its writer.
     pub async fn create(&self, cfg: LedgerConfig) -> Result<LedgerWriter, LedgerError> {
+        let md = self.new_metadata(cfg).await?;
+        let body = serde_json::to_vec(&md).map_err(|e| LedgerError::Invalid(e.to_string()))?;
+        let version = self
+            .ctx
+            .meta
+            .put(&metadata::ledger_key(md.id), body, PutOptions { expected_version: Some(0), session: 0 })
+            .await?;
+        tracing::debug!(ledger = md.id, ensemble = ?md.fragments[0].bookies, "ledger created");
+        Ok(LedgerWriter::spawn(self.ctx.clone(), md, version, false, 0))
+    }
+
+    /// Creates a ledger like [`Self::create`], its metadata written in one transaction with
+    /// the compares and ops `with(id)` returns: an application lists the new ledger in the same
+    /// write, so no crash leaves a ledger that nothing lists. Returns the writer and the
+    /// transaction's revision (the version of every key it put), or `None` when one of the
+    /// compares failed and nothing was written.
+    pub async fn create_with(
+        &self,
+        cfg: LedgerConfig,
+        with: impl FnOnce(u64) -> Result<Txn, LedgerError>,
+    ) -> Result<Option<(LedgerWriter, u64)>, LedgerError> {
+        let md = self.new_metadata(cfg).await?;
+        let body = serde_json::to_vec(&md).map_err(|e| LedgerError::Invalid(e.to_string()))?;
+        let key = metadata::ledger_key(md.id);
+        let txn = with(md.id)?.compare(key.clone(), 0).put(key, body, 0);
+        let r = self.ctx.meta.txn(txn).await?;
+        if !r.succeeded {
+            return Ok(None);
+        }
+        tracing::debug!(ledger = md.id, ensemble = ?md.fragments[0].bookies, "ledger created");
+        Ok(Some((LedgerWriter::spawn(self.ctx.clone(), md, r.revision, false, 0), r.revision)))
+    }
+
+    /// The metadata of a new ledger: a fresh id, `E` random writable bookies.
+    async fn new_metadata(&self, cfg: LedgerConfig) -> Result<LedgerMetadata, LedgerError> {
         let (e, qw, qa) = (cfg.ensemble_size, cfg.write_quorum, cfg.ack_quorum);
         if !(e >= qw && qw >= qa && qa >= 1) {
             return Err(LedgerError::Invalid(format!("need E >= Qw >= Qa >= 1, got E={e} Qw={qw} Qa={qa}")));
@@ -141,7 +176,7 @@ impl LedgerClient {
         writable.shuffle(&mut rand::rng());
         writable.truncate(e);
         let id = self.ctx.meta.next_id("ledgers").await?;
-        let md = LedgerMetadata {
+        Ok(LedgerMetadata {
             id,
             ensemble_size: e,
             write_quorum: qw,
@@ -156,15 +191,7 @@ impl LedgerClient {
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0),
             custom: cfg.custom,
-        };
-        let body = serde_json::to_vec(&md).map_err(|e| LedgerError::Invalid(e.to_string()))?;
-        let version = self
-            .ctx
-            .meta
-            .put(&metadata::ledger_key(id), body, PutOptions { expected_version: Some(0), session: 0 })
-            .await?;
-        tracing::debug!(ledger = id, ensemble = ?md.fragments[0].bookies, "ledger created");
-        Ok(LedgerWriter::spawn(self.ctx.clone(), md, version, false, 0))
+        })
     }
 
     /// A ledger's metadata and its version.
@@ -196,6 +223,39 @@ impl LedgerClient {
     pub async fn delete(&self, id: u64) -> Result<(), LedgerError> {
         let (md, version) = self.metadata(id).await?;
         self.ctx.meta.delete(&metadata::ledger_key(id), Some(version)).await?;
+        self.drop_entries(&md).await;
+        Ok(())
+    }
+
+    /// Deletes a ledger whose metadata is still at `version`, in one transaction with the
+    /// compares of `txn` (an application checks that the ledger is still unlisted), then asks
+    /// its bookies to drop its entries. `false`: a compare failed and nothing was deleted.
+    pub async fn delete_if(&self, md: &LedgerMetadata, version: u64, txn: Txn) -> Result<bool, LedgerError> {
+        let key = metadata::ledger_key(md.id);
+        if !self.ctx.meta.txn(txn.compare(key.clone(), version).delete(key)).await?.succeeded {
+            return Ok(false);
+        }
+        self.drop_entries(md).await;
+        Ok(true)
+    }
+
+    /// Every ledger's metadata and version (ledgers whose metadata does not parse are left
+    /// out, with a warning).
+    pub async fn list(&self) -> Result<Vec<(LedgerMetadata, u64)>, LedgerError> {
+        let mut out = Vec::new();
+        for kv in self.ctx.meta.list(metadata::LEDGERS_PREFIX).await? {
+            match serde_json::from_slice::<LedgerMetadata>(&kv.value) {
+                Ok(md) => out.push((md, kv.version)),
+                Err(e) => tracing::warn!(key = %kv.key, error = %e, "unreadable ledger metadata"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Asks the bookies of a deleted ledger to drop its entries now; one that does not (down,
+    /// slow) drops them through its garbage collector.
+    async fn drop_entries(&self, md: &LedgerMetadata) {
+        let id = md.id;
         let mut bookies: Vec<String> = md.fragments.iter().flat_map(|f| f.bookies.iter().cloned()).collect();
         bookies.sort();
         bookies.dedup();
@@ -212,6 +272,5 @@ impl LedgerClient {
                 tracing::debug!(ledger = id, bookie = %b, "bookie did not delete the ledger now; its GC will");
             }
         }
-        Ok(())
     }
 }

@@ -15,8 +15,7 @@ use tokio_util::task::TaskTracker;
 
 use super::Core;
 
-/// Metastore prefix of ledger metadata.
-pub const LEDGERS_PREFIX: &str = "/ledgers/";
+pub use crate::client::metadata::LEDGERS_PREFIX;
 
 pub(crate) fn start(
     tasks: &TaskTracker,

@@ -130,6 +130,16 @@ impl Broker {
                 topics.close_all().await;
             }
         });
+        if cfg.orphan_ledger_check_interval_in_seconds > 0 {
+            let secs = std::time::Duration::from_secs;
+            tasks.spawn(crate::topic::orphans::run(
+                shared.topics.ledgers().clone(),
+                meta.clone(),
+                secs(cfg.orphan_ledger_check_interval_in_seconds),
+                secs(cfg.orphan_ledger_min_age_in_seconds),
+                cancel.clone(),
+            ));
+        }
         let (accept_cancel, accept_tasks, kept) = (cancel.clone(), tasks.clone(), shared.clone());
         tasks.spawn(async move {
             loop {

@@ -21,7 +21,7 @@ use super::cursor::{Cursor, CursorInfo};
 use super::keys::{self, KeySelector};
 use super::position::{LedgerSpan, Pos};
 use super::stats::{self, Rate, TopicStats};
-use super::{create_ledger, cursor_key, put_info, ManagedLedgerInfo, Retention, TopicSettings};
+use super::{create_listed, cursor_key, put_info, ManagedLedgerInfo, Retention, TopicSettings};
 use crate::protocol::codec::{base, decode_entry, first_batch_item};
 use crate::protocol::connection::error_command;
 use crate::protocol::names::TopicName;
@@ -1799,7 +1799,8 @@ impl Ml {
         }
     }
 
-    /// Closes the current ledger, creates the next and records both in one CAS.
+    /// Closes the current ledger, creates the next and records both in one CAS (the one that
+    /// creates the new ledger).
     async fn roll(&mut self) -> Result<(), super::TopicError> {
         let started = Instant::now();
         if let Some(w) = self.writer.take() {
@@ -1807,32 +1808,23 @@ impl Ml {
             let md = w.close().await?;
             self.closed(id, md.last_entry);
         }
-        let writer = create_ledger(&self.ledgers, &self.settings, &self.name).await?;
-        let mut info = self.info.clone();
-        info.ledgers.push(super::LedgerInfo { ledger_id: writer.id(), last_entry: None, size: None, timestamp: None });
-        match put_info(&self.meta, &self.key, &info, self.version).await {
-            Ok(v) => {
-                self.version = v;
-                self.info = info;
-                self.span.push(writer.id(), -1);
-                tracing::info!(
-                    topic = %self.name,
-                    ledger = writer.id(),
-                    entries = self.ledger_entries,
-                    took_ms = started.elapsed().as_millis() as u64,
-                    "rolled over to a new ledger"
-                );
-                self.writer = Some(writer);
-                self.ledger_entries = 0;
-                self.ledger_bytes = 0;
-                self.ledger_since = Instant::now();
-                Ok(())
-            }
-            Err(e) => {
-                let _ = self.ledgers.delete(writer.id()).await;
-                Err(e)
-            }
-        }
+        let (writer, info, version) =
+            create_listed(&self.ledgers, &self.settings, &self.name, &self.key, &self.info, self.version).await?;
+        self.version = version;
+        self.info = info;
+        self.span.push(writer.id(), -1);
+        tracing::info!(
+            topic = %self.name,
+            ledger = writer.id(),
+            entries = self.ledger_entries,
+            took_ms = started.elapsed().as_millis() as u64,
+            "rolled over to a new ledger"
+        );
+        self.writer = Some(writer);
+        self.ledger_entries = 0;
+        self.ledger_bytes = 0;
+        self.ledger_since = Instant::now();
+        Ok(())
     }
 }
 

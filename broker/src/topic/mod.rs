@@ -13,6 +13,7 @@
 mod actor;
 pub mod cursor;
 pub mod keys;
+pub mod orphans;
 pub mod position;
 pub mod stats;
 
@@ -22,7 +23,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use magnetar_bookie::client::{LedgerClient, LedgerConfig, LedgerError};
-use magnetar_metastore::client::{ClientError, MetaClient, PutOptions};
+use magnetar_metastore::client::{ClientError, MetaClient, PutOptions, Txn};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, Mutex, OnceCell};
 
@@ -335,6 +336,11 @@ impl Topics {
         &self.meta
     }
 
+    /// The ledger client topics write through.
+    pub fn ledgers(&self) -> &LedgerClient {
+        &self.ledgers
+    }
+
     /// The loaded topic, loading it if needed. Concurrent callers share one load; a topic
     /// whose task stopped is loaded again.
     pub async fn get_or_load(&self, name: &TopicName) -> Result<Topic, TopicError> {
@@ -463,25 +469,16 @@ impl Topics {
             tracing::info!(topic = %name, ledger = md.id, last_entry = md.last_entry, "recovered a ledger");
         }
         // A terminated topic gets no new ledger.
-        let writer = if info.terminated {
-            None
-        } else {
-            let w = create_ledger(&self.ledgers, &self.settings, name).await?;
-            info.ledgers.push(LedgerInfo { ledger_id: w.id(), last_entry: None, size: None, timestamp: None });
-            Some(w)
+        let conflict = |e| match e {
+            TopicError::Meta(ClientError::BadVersion { .. }) => TopicError::Conflict(name.to_string()),
+            e => e,
         };
-        let version = match put_info(&self.meta, &key, &info, version).await {
-            Ok(v) => v,
-            Err(e) => {
-                // Not ours: leave the new (empty) ledger to the garbage collector.
-                if let Some(w) = &writer {
-                    let _ = self.ledgers.delete(w.id()).await;
-                }
-                return Err(match e {
-                    TopicError::Meta(ClientError::BadVersion { .. }) => TopicError::Conflict(name.to_string()),
-                    e => e,
-                });
-            }
+        let (writer, info, version) = if info.terminated {
+            let version = put_info(&self.meta, &key, &info, version).await.map_err(conflict)?;
+            (None, info, version)
+        } else {
+            let (w, info, version) = create_listed(&self.ledgers, &self.settings, name, &key, &info, version).await?;
+            (Some(w), info, version)
         };
         let span =
             LedgerSpan::new(info.ledgers.iter().map(|l| (l.ledger_id, l.last_entry.unwrap_or(-1))).collect::<Vec<_>>());
@@ -508,16 +505,37 @@ impl Topics {
     }
 }
 
-async fn create_ledger(
+/// Creates the topic's next ledger and lists it: `info` with the new ledger appended is stored
+/// at `key`, by compare-and-swap on `version`, in the same metastore transaction that creates
+/// the ledger. So no crash leaves a ledger the topic does not list (and never deletes), and a
+/// lost race creates nothing. Returns the writer, the stored list and its version.
+async fn create_listed(
     ledgers: &LedgerClient,
     settings: &TopicSettings,
     name: &TopicName,
-) -> Result<magnetar_bookie::client::LedgerWriter, TopicError> {
+    key: &str,
+    info: &ManagedLedgerInfo,
+    version: u64,
+) -> Result<(magnetar_bookie::client::LedgerWriter, ManagedLedgerInfo, u64), TopicError> {
     let (e, qw, qa) = settings.ensemble;
     let mut cfg = LedgerConfig::new(e, qw, qa);
-    cfg.custom.insert("topic".into(), name.to_string());
-    Ok(ledgers.create(cfg).await?)
+    cfg.custom.insert(TOPIC_PROPERTY.into(), name.to_string());
+    let mut listed = info.clone();
+    let created = ledgers
+        .create_with(cfg, |id| {
+            listed.ledgers.push(LedgerInfo { ledger_id: id, last_entry: None, size: None, timestamp: None });
+            let body = serde_json::to_vec(&listed).map_err(|e| LedgerError::Invalid(e.to_string()))?;
+            Ok(Txn::default().compare(key, version).put(key, body, 0))
+        })
+        .await?;
+    match created {
+        Some((writer, revision)) => Ok((writer, listed, revision)),
+        None => Err(TopicError::Conflict(name.to_string())),
+    }
 }
+
+/// The ledger property naming the topic a broker created a ledger for.
+pub const TOPIC_PROPERTY: &str = "topic";
 
 async fn put_info(meta: &MetaClient, key: &str, info: &ManagedLedgerInfo, version: u64) -> Result<u64, TopicError> {
     let body =
