@@ -978,6 +978,89 @@ mod tests {
         assert_eq!(replayed.ledger_meta(6).unwrap().unwrap().lac, n - 2);
     }
 
+    /// An entry-log store whose reference syncs fail once `fail` is set.
+    struct FailingRefSync {
+        inner: Arc<crate::storage::entrylog::EntryLogStorage>,
+        fail: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl LedgerStorage for FailingRefSync {
+        fn write(&self, entries: &[EntryWrite], states: &[(u64, LedgerMeta)]) -> Result<()> {
+            self.inner.write(entries, states)
+        }
+        fn get_entry(&self, ledger: u64, entry: i64) -> Result<Option<StoredEntry>> {
+            self.inner.get_entry(ledger, entry)
+        }
+        fn ledger_meta(&self, ledger: u64) -> Result<Option<LedgerMeta>> {
+            self.inner.ledger_meta(ledger)
+        }
+        fn last_entry(&self, ledger: u64) -> Result<Option<i64>> {
+            self.inner.last_entry(ledger)
+        }
+        fn delete_ledger(&self, ledger: u64) -> Result<()> {
+            self.inner.delete_ledger(ledger)
+        }
+        fn ledgers(&self) -> Result<Vec<u64>> {
+            self.inner.ledgers()
+        }
+        fn flush(&self) -> Result<()> {
+            self.inner.flush()
+        }
+        fn write_ref(&self, entry: &EntryWrite) -> Result<Option<crate::storage::EntryRef>> {
+            self.inner.write_ref(entry)
+        }
+        fn index_refs(&self, refs: &[(u64, i64, crate::storage::EntryRef)]) -> Result<()> {
+            self.inner.index_refs(refs)
+        }
+        fn sync_refs(&self) -> Result<crate::storage::RefSync> {
+            let finish = self.inner.sync_refs()?;
+            let fail = self.fail.clone();
+            Ok(Box::new(move || {
+                finish()?;
+                match fail.load(Ordering::SeqCst) {
+                    true => Err(BookieError::io("entry log fdatasync", std::io::Error::from_raw_os_error(5))),
+                    false => Ok(()),
+                }
+            }))
+        }
+    }
+
+    /// Submits one add and returns its outcome.
+    fn add_one(journal: &Journal, ledger: u64, entry: i64, payload: Bytes) -> std::result::Result<i64, String> {
+        let (tx, rx) = mpsc::channel();
+        journal.submit(
+            add_op(ledger, entry, entry - 1, payload, b"k", false),
+            Box::new(move |r| tx.send(r.map_err(|e| e.to_string())).unwrap()),
+        );
+        rx.recv_timeout(Duration::from_secs(10)).unwrap()
+    }
+
+    /// When the entry log's sync fails, the group waiting for it is not acknowledged, and
+    /// neither is anything after it, even adds that need only the journal: after a failed
+    /// fdatasync the page cache may have dropped the failed pages, and a later sync could
+    /// report success without them.
+    #[test]
+    fn a_failed_entry_log_sync_acknowledges_nothing_from_then_on() {
+        let (jdir, sdir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let inner = Arc::new(crate::storage::entrylog::EntryLogStorage::open(sdir.path(), &small_logs()).unwrap());
+        let fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let storage = Arc::new(FailingRefSync { inner, fail: fail.clone() });
+        let ledgers = Arc::new(Ledgers::new(storage, 1 << 20));
+        let journal = start_journal(jdir.path(), &ledgers);
+        let large = |e: i64| Bytes::from(vec![e as u8; 20_000]);
+        let small = |e: i64| Bytes::from(vec![e as u8; 100]);
+        assert_eq!(add_one(&journal, 3, 0, large(0)), Ok(0));
+        assert_eq!(add_one(&journal, 3, 1, small(1)), Ok(1));
+        fail.store(true, Ordering::SeqCst);
+        let err = add_one(&journal, 3, 2, large(2)).unwrap_err();
+        assert!(err.contains("entry log fdatasync"), "{err}");
+        // The store would sync again, and this add needs no entry-log sync at all.
+        fail.store(false, Ordering::SeqCst);
+        assert!(add_one(&journal, 3, 3, small(3)).is_err(), "acknowledged after a failed sync");
+        assert!(add_one(&journal, 3, 4, large(4)).is_err(), "acknowledged after a failed sync");
+        journal.stop();
+    }
+
     /// Two journals over one store: the second one's large payloads fill the first logs, then
     /// the first journal's small adds follow. After a crash nothing in those logs is indexed,
     /// so the store holds them only for the references; the first journal's replay must not
