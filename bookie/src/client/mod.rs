@@ -240,10 +240,10 @@ impl LedgerClient {
     }
 
     /// Every ledger's metadata and version (ledgers whose metadata does not parse are left
-    /// out, with a warning).
-    pub async fn list(&self) -> Result<Vec<(LedgerMetadata, u64)>, LedgerError> {
+    /// out, with a warning); `stale`: read from any metastore node, possibly behind.
+    pub async fn list(&self, stale: bool) -> Result<Vec<(LedgerMetadata, u64)>, LedgerError> {
         let mut out = Vec::new();
-        for kv in self.ctx.meta.list(metadata::LEDGERS_PREFIX).await? {
+        for kv in self.ctx.meta.list_with(metadata::LEDGERS_PREFIX, stale).await? {
             match serde_json::from_slice::<LedgerMetadata>(&kv.value) {
                 Ok(md) => out.push((md, kv.version)),
                 Err(e) => tracing::warn!(key = %kv.key, error = %e, "unreadable ledger metadata"),

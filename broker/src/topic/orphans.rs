@@ -10,7 +10,8 @@
 //! bookies. This is safe because a topic lists a ledger in the same transaction that creates
 //! it ([`super::create_listed`]), and never lists one again once it was removed. Ledgers
 //! younger than `orphan_ledger_min_age_in_seconds` are left alone all the same, as a margin
-//! for brokers of an earlier release, which listed a ledger after creating it.
+//! for brokers of an earlier release, which listed a ledger after creating it (while any
+//! broker of such a release runs, the look should be off: an interval of 0).
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -35,13 +36,17 @@ pub struct OrphanStats {
 }
 
 /// Deletes the ledgers no topic lists that are at least `min_age` old (see the module docs).
+///
+/// The listing and the topics' lists are read from any metastore node, possibly behind the
+/// leader: a ledger missing from a stale listing waits for the next look, and a stale list
+/// fails the deletion's compare.
 pub async fn collect(ledgers: &LedgerClient, meta: &MetaClient, min_age: Duration) -> Result<OrphanStats, TopicError> {
     let now = now_ms();
     let min_age_ms = u64::try_from(min_age.as_millis()).unwrap_or(u64::MAX);
     let mut stats = OrphanStats::default();
     // Each topic's listed ledgers and the version of its list (0: no list), read once a look.
     let mut lists: HashMap<String, Option<(HashSet<u64>, u64)>> = HashMap::new();
-    for (md, version) in ledgers.list().await? {
+    for (md, version) in ledgers.list(true).await? {
         let Some(topic) = md.custom.get(TOPIC_PROPERTY) else { continue };
         stats.topic_ledgers += 1;
         let name = match TopicName::parse(topic) {
@@ -69,13 +74,20 @@ pub async fn collect(ledgers: &LedgerClient, meta: &MetaClient, min_age: Duratio
             continue;
         }
         let unchanged = Txn::default().compare(key.clone(), *list_version);
-        if ledgers.delete_if(&md, version, unchanged).await? {
-            tracing::info!(ledger = md.id, topic = %topic, "deleted a ledger its topic no longer lists");
-            stats.deleted += 1;
-        } else {
-            // The list (or the ledger) changed since it was read: look again next time.
-            lists.remove(&key);
-            stats.skipped += 1;
+        match ledgers.delete_if(&md, version, unchanged).await {
+            Ok(true) => {
+                tracing::info!(ledger = md.id, topic = %topic, "deleted a ledger its topic no longer lists");
+                stats.deleted += 1;
+            }
+            Ok(false) => {
+                // The list (or the ledger) changed since it was read: look again next time.
+                lists.remove(&key);
+                stats.skipped += 1;
+            }
+            Err(e) => {
+                tracing::debug!(ledger = md.id, error = %e, "deleting an unlisted ledger failed; next look");
+                stats.skipped += 1;
+            }
         }
     }
     Ok(stats)
@@ -84,7 +96,7 @@ pub async fn collect(ledgers: &LedgerClient, meta: &MetaClient, min_age: Duratio
 /// A topic's listed ledgers and its list's version; no list at all is an empty one at version
 /// 0 (the topic was deleted). `None`: the list could not be read, so nothing of it goes.
 async fn read_list(meta: &MetaClient, key: &str) -> Option<(HashSet<u64>, u64)> {
-    match meta.get(key).await {
+    match meta.get_with(key, true).await {
         Ok(None) => Some((HashSet::new(), 0)),
         Ok(Some(kv)) => match serde_json::from_slice::<ManagedLedgerInfo>(&kv.value) {
             Ok(info) => Some((info.ledgers.iter().map(|l| l.ledger_id).collect(), kv.version)),
@@ -113,7 +125,11 @@ pub(crate) async fn run(
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
-        match collect(&ledgers, &meta, min_age).await {
+        let looked = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = collect(&ledgers, &meta, min_age) => r,
+        };
+        match looked {
             Ok(s) if s.deleted > 0 => tracing::info!(deleted = s.deleted, "deleted ledgers no topic lists"),
             Ok(s) => tracing::debug!(?s, "looked for ledgers no topic lists"),
             Err(e) => tracing::warn!(error = %e, "looking for ledgers no topic lists failed"),

@@ -420,10 +420,16 @@ impl MetaClient {
 
     /// Every key under `prefix`, following pages.
     pub async fn list(&self, prefix: &str) -> Result<Vec<Kv>, ClientError> {
+        self.list_with(prefix, false).await
+    }
+
+    /// Every key under `prefix`, following pages; `stale`: from any node, possibly behind the
+    /// leader (and each page read at its own revision).
+    pub async fn list_with(&self, prefix: &str, stale: bool) -> Result<Vec<Kv>, ClientError> {
         let mut out: Vec<Kv> = Vec::new();
         loop {
             let after = out.last().map(|k| k.key.clone()).unwrap_or_default();
-            let page = self.range(prefix, &after, 0, false).await?;
+            let page = self.range(prefix, &after, 0, stale).await?;
             out.extend(page.kvs);
             if !page.more {
                 return Ok(out);
