@@ -46,6 +46,12 @@ const LEDGERS: &str = "ledgers";
 const LOGS: &str = "logs";
 /// Bytes gathered before a buffer goes to the writer thread.
 const CHUNK: usize = 2 << 20;
+/// A buffer the writer finds nothing queued behind goes out in writes of this size: a journal
+/// fdatasync issued meanwhile then waits behind one piece in the disk's queue, not behind a
+/// whole buffer (about 2 ms on a disk writing 1 GB/s), which at half load was most of the
+/// journal's p99 sync time. Buffers that queue up (the disk is the limit) go in one large write.
+const LONE_PIECE: usize = 256 << 10;
+const _: () = assert!(LONE_PIECE % record::ALIGN == 0, "direct writes need aligned pieces");
 /// Bytes one write of queued buffers covers at most.
 const MAX_WRITE: usize = 16 << 20;
 /// Buffers waiting for the writer, at most (appends wait beyond this).
@@ -524,7 +530,17 @@ impl Inner {
             }
             #[cfg(test)]
             drop(self.gate.lock());
-            let res = {
+            let res = if run.len() == 1 {
+                // Nothing queued behind it: in pieces (see `LONE_PIECE`).
+                let (c, mut r) = (&run[0], Ok(()));
+                for (i, piece) in c.buf.written_blocks().chunks(LONE_PIECE).enumerate() {
+                    r = c.file.write_all_at(piece, c.offset + (i * LONE_PIECE) as u64);
+                    if r.is_err() {
+                        break;
+                    }
+                }
+                r
+            } else {
                 let n = run.len();
                 let mut slices: Vec<std::io::IoSlice<'_>> = run
                     .iter()
