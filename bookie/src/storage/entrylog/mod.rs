@@ -51,7 +51,7 @@ const CHUNK: usize = 2 << 20;
 /// whole buffer (about 2 ms on a disk writing 1 GB/s), which at half load was most of the
 /// journal's p99 sync time. Buffers that queue up (the disk is the limit) go in one large write.
 const LONE_PIECE: usize = 256 << 10;
-const _: () = assert!(LONE_PIECE % record::ALIGN == 0, "direct writes need aligned pieces");
+const _: () = assert!(LONE_PIECE.is_multiple_of(record::ALIGN), "direct writes need aligned pieces");
 /// Bytes one write of queued buffers covers at most.
 const MAX_WRITE: usize = 16 << 20;
 /// Buffers waiting for the writer, at most (appends wait beyond this).
