@@ -110,6 +110,42 @@ pub(super) fn fdatasync_rate(dir: &Path) -> anyhow::Result<f64> {
     Ok(rate)
 }
 
+/// The share of the machine's CPU time the host took (steal) over a stretch of a benchmark: on
+/// a shared virtual machine, a run during which the host takes a large share measures the host
+/// more than the code, so each phase reports it.
+pub(super) struct Steal(Option<(u64, u64)>);
+
+impl Steal {
+    /// Starts measuring.
+    pub(super) fn start() -> Self {
+        Steal(cpu_times())
+    }
+
+    /// Percent of CPU time stolen since [`Steal::start`]; `None` without `/proc/stat`.
+    pub(super) fn percent(&self) -> Option<f64> {
+        let ((t0, s0), (t1, s1)) = (self.0?, cpu_times()?);
+        (t1 > t0).then(|| 100.0 * s1.saturating_sub(s0) as f64 / (t1 - t0) as f64)
+    }
+
+    /// [`Steal::percent`] for a table cell.
+    pub(super) fn cell(&self) -> String {
+        self.percent().map_or_else(|| "–".into(), |p| format!("{p:.0}"))
+    }
+}
+
+/// Total and stolen CPU time (clock ticks) of the machine, from `/proc/stat`.
+fn cpu_times() -> Option<(u64, u64)> {
+    parse_cpu_times(&std::fs::read_to_string("/proc/stat").ok()?)
+}
+
+/// The first line of `/proc/stat`: `cpu user nice system idle iowait irq softirq steal guest
+/// guest_nice`; guest time is already counted in user time.
+fn parse_cpu_times(stat: &str) -> Option<(u64, u64)> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let v: Vec<u64> = line.split_whitespace().skip(1).take(8).map(|x| x.parse().ok()).collect::<Option<_>>()?;
+    Some((v.iter().sum(), *v.get(7)?))
+}
+
 /// A latency histogram in nanoseconds, 1 ns to 60 s, 3 significant digits.
 pub(super) fn latency_histogram() -> Histogram<u64> {
     Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("static bounds are valid")
@@ -349,6 +385,20 @@ pub(super) fn record(path: &Path, name: &str, body: &str) -> anyhow::Result<()> 
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// Steal is read from the machine-wide `cpu` line, as a share of all its CPU time.
+    #[test]
+    fn steal_is_read_from_proc_stat() {
+        let stat = "cpu  100 5 50 800 10 2 3 30 0 0\ncpu0 50 2 25 400 5 1 1 15 0 0\nintr 1\n";
+        assert_eq!(parse_cpu_times(stat), Some((1000, 30)));
+        assert_eq!(parse_cpu_times("cpu  1 2 3\n"), None);
+        assert_eq!(parse_cpu_times("intr 1\n"), None);
+        let s = Steal::start();
+        std::thread::sleep(Duration::from_millis(50));
+        if let Some(p) = s.percent() {
+            assert!((0.0..=100.0).contains(&p), "{p}");
+        }
+    }
 
     /// The probe writes one millisecond's bytes per fdatasync, keeps to the pace asked for,
     /// reports ordered percentiles and leaves no file behind.

@@ -21,7 +21,7 @@ use magnetar_metastore::server::MetastoreNode;
 use magnetar_metastore::MetastoreConfig;
 use tokio_util::sync::CancellationToken;
 
-use super::perf::{disk_floor, fdatasync_rate, latency_histogram, record, DiskLatency};
+use super::perf::{disk_floor, fdatasync_rate, latency_histogram, record, DiskLatency, Steal};
 
 #[derive(Args, Debug)]
 pub struct BookiePerf {
@@ -60,6 +60,8 @@ struct Result1 {
     adds: u64,
     secs: f64,
     hist: Histogram<u64>,
+    /// Host steal during the phase, as a table cell.
+    steal: String,
 }
 
 impl Result1 {
@@ -69,14 +71,15 @@ impl Result1 {
     fn line(&self) -> String {
         let us = |q: f64| self.hist.value_at_quantile(q) as f64 / 1000.0;
         format!(
-            "| {} B | {} | {:.0} | {:.1} | {:.0} | {:.0} | {:.0} |",
+            "| {} B | {} | {:.0} | {:.1} | {:.0} | {:.0} | {:.0} | {} |",
             self.size,
             self.label,
             self.rate(),
             self.rate() * self.size as f64 / 1e6,
             us(0.5),
             us(0.99),
-            us(0.999)
+            us(0.999),
+            self.steal
         )
     }
 }
@@ -261,8 +264,9 @@ async fn run_in(a: &BookiePerf, dir: &Path) -> anyhow::Result<()> {
         // Warm up (segment preallocation, connections).
         let _ = saturate(&w, payload.clone(), window, Duration::from_secs(a.warmup)).await;
         println!("{size} B: {window} adds in flight for {} s …", a.duration);
+        let steal = Steal::start();
         let (adds, secs, hist) = saturate(&w, payload.clone(), window, dur).await;
-        let max = Result1 { size, label: "max", adds, secs, hist };
+        let max = Result1 { size, label: "max", adds, secs, hist, steal: steal.cell() };
         println!("  {}", max.line());
         let half = max.rate() * a.paced_fraction;
         // The paced phase measures a bookie settled at that load: after full load, the entry
@@ -274,6 +278,7 @@ async fn run_in(a: &BookiePerf, dir: &Path) -> anyhow::Result<()> {
         disks.push((size, disk));
         println!("{size} B: paced at {half:.0}/s …");
         let before = server_latency_buckets(&http).await;
+        let steal = Steal::start();
         let (adds, secs, hist) = paced(&w, payload.clone(), half, dur).await;
         if let (Some(b), Some(a2)) = (before, server_latency_buckets(&http).await) {
             if let Some(ms) = bucket_quantile(&b, &a2, 0.99) {
@@ -281,11 +286,12 @@ async fn run_in(a: &BookiePerf, dir: &Path) -> anyhow::Result<()> {
                 server_p99.push((size, ms));
             }
         }
-        let paced = Result1 { size, label: "half of max", adds, secs, hist };
+        let paced = Result1 { size, label: "half of max", adds, secs, hist, steal: steal.cell() };
         println!("  {}", paced.line());
         println!("{size} B: one add at a time …");
+        let steal = Steal::start();
         let (adds, secs, hist) = saturate(&w, payload, 1, Duration::from_secs(a.duration.min(3))).await;
-        let one = Result1 { size, label: "1 in flight", adds, secs, hist };
+        let one = Result1 { size, label: "1 in flight", adds, secs, hist, steal: steal.cell() };
         println!("  {}", one.line());
         w.close().await?;
         results.push(max);
@@ -302,7 +308,7 @@ async fn run_in(a: &BookiePerf, dir: &Path) -> anyhow::Result<()> {
          through the ledger client from another process on the same machine; {} s per phase.\n\
          Disk limits measured in the same run: raw fdatasync rate **{fsync_rate:.0}/s** (4 KiB appends), \
          fdatasync'd sequential write bandwidth **{seq_mbs:.0} MB/s** (1 MiB writes).\n\n\
-         | entry | load | adds/s | MB/s | p50 µs | p99 µs | p99.9 µs |\n|---|---|---|---|---|---|---|\n",
+         | entry | load | adds/s | MB/s | p50 µs | p99 µs | p99.9 µs | host steal % |\n|---|---|---|---|---|---|---|---|\n",
         a.duration
     );
     for r in &results {

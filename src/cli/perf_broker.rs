@@ -650,12 +650,13 @@ async fn suite_in(a: &BrokerPerf, dir: &std::path::Path) -> anyhow::Result<()> {
     for (i, (name, mut p)) in cases.into_iter().enumerate() {
         p.topic = format!("perf-{i}");
         println!("{name} …");
+        let steal = super::perf::Steal::start();
         let r = produce(&p).await?;
         println!("  {}", summary(&r));
         if name == "1 KiB, batched" {
             batched_peak = r.rate();
         }
-        rows.push(row(name, &r));
+        rows.push(row(name, &r, &steal));
     }
     // End-to-end at half the batched peak, with a consumer that keeps up.
     let p = ProducePerf {
@@ -670,9 +671,10 @@ async fn suite_in(a: &BrokerPerf, dir: &std::path::Path) -> anyhow::Result<()> {
     let disk = super::perf::disk_floor(dir, p.rate * p.size as f64).await?;
     println!("the disk alone at that byte rate: {}", disk.describe());
     println!("1 KiB, batched, at half the peak ({:.0} msg/s) with a consumer …", p.rate);
+    let steal = super::perf::Steal::start();
     let r = produce(&p).await?;
     println!("  {}", summary(&r));
-    rows.push(row("1 KiB, batched, half the peak rate + consumer", &r));
+    rows.push(row("1 KiB, batched, half the peak rate + consumer", &r, &steal));
     let shortfall = rate_shortfall(p.rate, r.rate());
     if let Some(note) = &shortfall {
         println!("  {note}");
@@ -687,8 +689,8 @@ async fn suite_in(a: &BrokerPerf, dir: &std::path::Path) -> anyhow::Result<()> {
     };
     let table = format!(
         "{setup}. Each case runs {} s after a {} s warm-up. Raw fdatasync rate {fsync:.0}/s; loopback TCP {loopback:.0} MB/s.\n\n\
-         | case | msg/s | MB/s | publish p50 ms | publish p99 ms | end-to-end p50 ms | end-to-end p99 ms |\n\
-         |---|---|---|---|---|---|---|\n{}\n\n\
+         | case | msg/s | MB/s | publish p50 ms | publish p99 ms | end-to-end p50 ms | end-to-end p99 ms | host steal % |\n\
+         |---|---|---|---|---|---|---|---|\n{}\n\n\
          The disk alone at the half-peak byte rate, measured just before that case: {}.\n{}",
         a.duration,
         a.warmup,
@@ -716,17 +718,18 @@ fn rate_shortfall(asked: f64, reached: f64) -> Option<String> {
     })
 }
 
-fn row(name: &str, r: &Report) -> String {
+fn row(name: &str, r: &Report, steal: &super::perf::Steal) -> String {
     let (e50, e99) = match &r.e2e {
         Some(h) => (format!("{:.2}", pct(h, 0.5)), format!("{:.2}", pct(h, 0.99))),
         None => ("–".into(), "–".into()),
     };
     format!(
-        "| {name} | {:.0} | {:.1} | {:.2} | {:.2} | {e50} | {e99} |",
+        "| {name} | {:.0} | {:.1} | {:.2} | {:.2} | {e50} | {e99} | {} |",
         r.rate(),
         r.mbps(),
         pct(&r.publish, 0.5),
-        pct(&r.publish, 0.99)
+        pct(&r.publish, 0.99),
+        steal.cell()
     )
 }
 
