@@ -83,6 +83,39 @@ async fn broker_writes_replicated_ledgers_through_a_bookie_failure() {
 }
 
 /// GET following redirects; returns the final status, body and the hosts visited.
+/// The metastore's leader is SIGKILLed while a client sends through a broker whose topic rolls
+/// its ledger every 10 entries (each roll one metastore transaction, and new ledgers need the
+/// bookies' registrations): the other two nodes elect a leader, the broker and the bookies go
+/// on through it, every send is acknowledged, and every acknowledged message is there after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_keeps_serving_through_a_metastore_leader_failure() {
+    use magnetar_broker::protocol::names::TopicName;
+    use magnetar_broker::topic::{topic_key, ManagedLedgerInfo};
+
+    let mut cluster = Cluster::with_metastore_nodes(3, 3, &[]).await;
+    let sets = [&QUORUMS[..], &["managed_ledger_max_entries_per_ledger=10"]].concat();
+    let broker = cluster.start_broker("broker", None, &sets).await;
+    let url = broker.url();
+    let u = url.clone();
+    let live = std::thread::spawn(move || scenario(&u, "produce_through_restart", "failover"));
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let nodes = cluster.meta_nodes.as_mut().expect("metastore node processes");
+    let leader = nodes.wait_for_leader(Duration::from_secs(10)).await.expect("a leader");
+    nodes.kill(leader);
+    live.join().expect("the producer went on through the leader's death");
+    scenario(&url, "consume_through_restart", "failover");
+
+    let nodes = cluster.meta_nodes.as_ref().expect("metastore node processes");
+    let new_leader = nodes.wait_for_leader(Duration::from_secs(10)).await.expect("a new leader");
+    assert_ne!(new_leader, leader);
+    // 150 messages in ledgers of 10: the topic rolled over all along, through the election too.
+    let kv = cluster.meta().get(&topic_key(&TopicName::parse("failover-live").expect("name"))).await;
+    let info: ManagedLedgerInfo = serde_json::from_slice(&kv.expect("get").expect("ledger list").value).expect("json");
+    assert!(info.ledgers.len() >= 15, "{:?}", info.ledgers);
+    drop(broker);
+    cluster.shutdown().await;
+}
+
 async fn get_following(web: &str, path: &str) -> (u16, String, Vec<String>) {
     let (mut host, mut path, mut visited) = (web.to_owned(), path.to_owned(), vec![web.to_owned()]);
     for _ in 0..4 {

@@ -1,5 +1,6 @@
-//! Harness for bookie and ledger tests: an in-process single-node metastore, bookies as real
-//! `magnetar bookie` processes on free ports (so they can be SIGKILLed), and helpers.
+//! Harness for bookie and ledger tests: an in-process single-node metastore (or one of node
+//! processes, which can be killed), bookies as real `magnetar bookie` processes on free ports
+//! (so they can be SIGKILLed), and helpers.
 
 use std::fs::File;
 use std::path::PathBuf;
@@ -8,7 +9,7 @@ use std::time::Duration;
 
 use magnetar_bookie::client::{LedgerClient, LedgerOptions};
 use magnetar_metastore::client::MetaClient;
-use magnetar_metastore::local_cluster::free_ports;
+use magnetar_metastore::local_cluster::{free_ports, LocalCluster};
 use magnetar_metastore::server::MetastoreNode;
 use magnetar_metastore::MetastoreConfig;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -155,9 +156,12 @@ impl Drop for BookieProc {
 
 /// A metastore and some bookies.
 pub struct Cluster {
+    /// Metastore endpoints, comma-separated.
     pub meta_addr: String,
     pub bookies: Vec<BookieProc>,
     node: Option<MetastoreNode>,
+    /// A metastore of node processes instead of the in-process node.
+    pub meta_nodes: Option<LocalCluster>,
     cancel: CancellationToken,
     pub dir: tempfile::TempDir,
 }
@@ -177,16 +181,38 @@ impl Cluster {
             ..Default::default()
         };
         let node = MetastoreNode::start(cfg, cancel.clone()).await.expect("metastore");
-        let mut c = Cluster { meta_addr, bookies: Vec::new(), node: Some(node), cancel, dir };
+        let c = Cluster { meta_addr, bookies: Vec::new(), node: Some(node), meta_nodes: None, cancel, dir };
+        c.with_bookies(n, extra, start).await
+    }
+
+    /// A metastore of `nodes` node processes (so one can be killed) and `n` started bookies.
+    pub async fn with_metastore_nodes(nodes: usize, n: usize, extra: &[&str]) -> Cluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let meta_dir = dir.path().join("metastore");
+        std::fs::create_dir_all(&meta_dir).expect("metastore dir");
+        let meta = LocalCluster::start(&bin(), &meta_dir, nodes, &[]).expect("metastore nodes");
+        assert!(meta.wait_for_leader(Duration::from_secs(30)).await.is_some(), "the metastore elected no leader");
+        let c = Cluster {
+            meta_addr: meta.endpoints().join(","),
+            bookies: Vec::new(),
+            node: None,
+            meta_nodes: Some(meta),
+            cancel: CancellationToken::new(),
+            dir,
+        };
+        c.with_bookies(n, extra, true).await
+    }
+
+    async fn with_bookies(mut self, n: usize, extra: &[&str], start: bool) -> Cluster {
         for _ in 0..n {
-            c.add_bookie(extra);
+            self.add_bookie(extra);
         }
         if start {
-            for b in &mut c.bookies {
+            for b in &mut self.bookies {
                 b.start().await;
             }
         }
-        c
+        self
     }
 
     pub fn add_bookie(&mut self, extra: &[&str]) -> usize {
@@ -209,7 +235,8 @@ impl Cluster {
     }
 
     pub fn meta(&self) -> MetaClient {
-        MetaClient::connect(std::slice::from_ref(&self.meta_addr)).expect("meta client")
+        let endpoints: Vec<String> = self.meta_addr.split(',').map(str::to_owned).collect();
+        MetaClient::connect(&endpoints).expect("meta client")
     }
 
     /// A ledger client whose adds time out after `add_timeout` (other options default).
