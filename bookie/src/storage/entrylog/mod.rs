@@ -46,10 +46,12 @@ const LEDGERS: &str = "ledgers";
 const LOGS: &str = "logs";
 /// Bytes gathered before a buffer goes to the writer thread.
 const CHUNK: usize = 2 << 20;
-/// A buffer the writer finds nothing queued behind goes out in writes of this size: a journal
-/// fdatasync issued meanwhile then waits behind one piece in the disk's queue, not behind a
-/// whole buffer (about 2 ms on a disk writing 1 GB/s), which at half load was most of the
-/// journal's p99 sync time. Buffers that queue up (the disk is the limit) go in one large write.
+/// A full buffer the writer finds nothing queued behind goes out in writes of this size: a
+/// journal fdatasync issued meanwhile then waits behind one piece in the disk's queue, not
+/// behind a whole buffer (about 2 ms on a disk writing 1 GB/s), which at half load was most of
+/// the journal's p99 sync time. Buffers that queue up (the disk is the limit) go in one large
+/// write, and so does a partly filled buffer sent for a sync, which waits for all of it anyway
+/// (in pieces, each write-once acknowledgement waited for one more disk round trip).
 const LONE_PIECE: usize = 256 << 10;
 const _: () = assert!(LONE_PIECE.is_multiple_of(record::ALIGN), "direct writes need aligned pieces");
 /// Bytes one write of queued buffers covers at most.
@@ -135,6 +137,9 @@ struct Chunk {
     file: Arc<File>,
     offset: u64,
     buf: Arc<AlignedBuf>,
+    /// Sent because it filled up, not for a sync or a seal that waits for it: alone, it may go
+    /// out in pieces (see `LONE_PIECE`).
+    filled: bool,
 }
 
 /// A reference sync for the sync thread, queued behind the buffers it covers.
@@ -530,8 +535,8 @@ impl Inner {
             }
             #[cfg(test)]
             drop(self.gate.lock());
-            let res = if run.len() == 1 {
-                // Nothing queued behind it: in pieces (see `LONE_PIECE`).
+            let res = if run.len() == 1 && run[0].filled {
+                // Full, and nothing queued behind it: in pieces (see `LONE_PIECE`).
                 let (c, mut r) = (&run[0], Ok(()));
                 for (i, piece) in c.buf.written_blocks().chunks(LONE_PIECE).enumerate() {
                     r = c.file.write_all_at(piece, c.offset + (i * LONE_PIECE) as u64);
@@ -702,7 +707,7 @@ impl Inner {
 
     /// Hands the current buffer to the writer and starts a new one holding the partly
     /// written last block (the next records continue it).
-    fn send(&self, st: &mut State, need: usize) -> Result<()> {
+    fn send(&self, st: &mut State, need: usize, filled: bool) -> Result<()> {
         let Some(cur) = st.current.as_mut() else { return Ok(()) };
         if cur.buf.len() == 0 {
             // Nothing to write: only a larger buffer is needed.
@@ -729,14 +734,14 @@ impl Inner {
         let buf = Arc::new(old);
         st.inflight.push_back(Inflight { seq, log, offset, buf: buf.clone() });
         let tx = st.tx.as_ref().ok_or(BookieError::Invalid("the entry store is closed"))?;
-        tx.send(ToWriter::Write(Chunk { seq, file, offset, buf }))
+        tx.send(ToWriter::Write(Chunk { seq, file, offset, buf, filled }))
             .map_err(|_| BookieError::Invalid("the entry log writer stopped"))
     }
 
     /// Seals the current log.
     fn seal(&self, st: &mut State) -> Result<()> {
         if st.current.as_ref().is_some_and(|c| c.unsent) {
-            self.send(st, 0)?;
+            self.send(st, 0, false)?;
         }
         if let Some(cur) = st.current.take() {
             st.sealed_at.insert(cur.id, Instant::now());
@@ -769,7 +774,7 @@ impl Inner {
             self.open_log(st)?;
         }
         if st.current.as_ref().is_some_and(|c| c.buf.room() < len) {
-            self.send(st, len)?;
+            self.send(st, len, true)?;
         }
         let Some(cur) = st.current.as_mut() else { return Err(BookieError::Invalid("no current entry log")) };
         let at = Location { log: cur.id, offset: cur.end(), len: len as u32 };
@@ -784,7 +789,7 @@ impl Inner {
         st.ledger_logs.entry(ledger).or_default().insert(at.log);
         st.dirty.insert(at.log);
         if full {
-            self.send(st, 0)?;
+            self.send(st, 0, true)?;
         }
         Ok(at)
     }
@@ -871,7 +876,7 @@ impl Inner {
             return Err(failed(e));
         }
         if st.current.as_ref().is_some_and(|c| c.unsent) {
-            self.send(st, 0)?;
+            self.send(st, 0, false)?;
         }
         let files = std::mem::take(written(st)).into_iter().collect();
         if let Some((id, f)) = st.current.as_ref().map(|c| (c.id, c.file.clone())) {

@@ -189,7 +189,7 @@ fn records_after_the_last_flush_are_adopted_on_open() {
         {
             let mut st = inner.lock();
             assert!(st.logs.len() >= 2, "a second log started");
-            inner.send(&mut st, 0).unwrap();
+            inner.send(&mut st, 0, false).unwrap();
             let target = st.next_seq - 1;
             while st.done_seq < target {
                 st = inner.written.wait(st).unwrap();
