@@ -1048,6 +1048,12 @@ async fn metrics(State(a): S) -> Response {
         out.push_str(&format!("pulsar_storage_write_latency_sum{{{}}} {}\n", labels(n), s.write_latency.sum_ms));
     }
     out.push_str(&format!("# HELP pulsar_topics_count Loaded topics\n# TYPE pulsar_topics_count gauge\npulsar_topics_count{{cluster=\"{}\"}} {}\n", a.cluster, rows.len()));
+    out.push_str(&format!(
+        "# HELP magnetar_orphan_ledgers_deleted_total Ledgers no topic listed, deleted by this broker's periodic look\n\
+         # TYPE magnetar_orphan_ledgers_deleted_total counter\nmagnetar_orphan_ledgers_deleted_total{{cluster=\"{}\"}} {}\n",
+        a.cluster,
+        a.topics.orphans_deleted()
+    ));
     out.push_str(&magnetar_common::metrics::process_text());
     ([(header::CONTENT_TYPE, magnetar_common::metrics::TEXT_CONTENT_TYPE)], out).into_response()
 }

@@ -262,6 +262,16 @@ async fn ledgers_no_topic_lists_are_deleted() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(meta.get(&ledger_key(of_no_topic)).await.expect("get").is_some(), "a ledger of no topic stays");
+    // Counted in the broker's metrics once the look that deleted them ends.
+    let counted = "magnetar_orphan_ledgers_deleted_total{cluster=\"standalone\"} 2";
+    loop {
+        let (st, text) = super::cluster::http_get(&s.web, "/metrics").await.expect("metrics");
+        if st == 200 && text.lines().any(|l| l == counted) {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "no `{counted}` in\n{text}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     for id in &listed {
         assert!(meta.get(&ledger_key(*id)).await.expect("get").is_some(), "listed ledger {id} stays");
     }

@@ -133,8 +133,7 @@ impl Broker {
         if cfg.orphan_ledger_check_interval_in_seconds > 0 {
             let secs = std::time::Duration::from_secs;
             tasks.spawn(crate::topic::orphans::run(
-                shared.topics.ledgers().clone(),
-                meta.clone(),
+                shared.topics.clone(),
                 secs(cfg.orphan_ledger_check_interval_in_seconds),
                 secs(cfg.orphan_ledger_min_age_in_seconds),
                 cancel.clone(),

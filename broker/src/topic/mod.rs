@@ -318,12 +318,21 @@ pub struct Topics {
     ownership: Arc<Ownership>,
     settings: Arc<TopicSettings>,
     loaded: Mutex<HashMap<TopicName, Arc<OnceCell<Topic>>>>,
+    /// Ledgers no topic listed, deleted by [`orphans::run`].
+    orphans_deleted: std::sync::atomic::AtomicU64,
 }
 
 impl Topics {
     /// Topics with `settings`, served while `ownership` holds their bundles.
     pub fn new(meta: MetaClient, ledgers: LedgerClient, settings: TopicSettings, ownership: Arc<Ownership>) -> Self {
-        Topics { meta, ledgers, ownership, settings: Arc::new(settings), loaded: Mutex::new(HashMap::new()) }
+        Topics {
+            meta,
+            ledgers,
+            ownership,
+            settings: Arc::new(settings),
+            loaded: Mutex::new(HashMap::new()),
+            orphans_deleted: std::sync::atomic::AtomicU64::new(0),
+        }
     }
 
     /// This broker's bundle ownership.
@@ -339,6 +348,11 @@ impl Topics {
     /// The ledger client topics write through.
     pub fn ledgers(&self) -> &LedgerClient {
         &self.ledgers
+    }
+
+    /// Ledgers no topic listed that this broker deleted since it started.
+    pub fn orphans_deleted(&self) -> u64 {
+        self.orphans_deleted.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The loaded topic, loading it if needed. Concurrent callers share one load; a topic

@@ -112,10 +112,9 @@ async fn read_list(meta: &MetaClient, key: &str) -> Option<(HashSet<u64>, u64)> 
     }
 }
 
-/// Looks for orphaned ledgers every `every` until `cancel`.
+/// Looks for orphaned ledgers every `every` until `cancel`, counting deletions in `topics`.
 pub(crate) async fn run(
-    ledgers: LedgerClient,
-    meta: MetaClient,
+    topics: std::sync::Arc<super::Topics>,
     every: Duration,
     min_age: Duration,
     cancel: tokio_util::sync::CancellationToken,
@@ -127,11 +126,16 @@ pub(crate) async fn run(
         }
         let looked = tokio::select! {
             _ = cancel.cancelled() => return,
-            r = collect(&ledgers, &meta, min_age) => r,
+            r = collect(topics.ledgers(), topics.meta(), min_age) => r,
         };
         match looked {
-            Ok(s) if s.deleted > 0 => tracing::info!(deleted = s.deleted, "deleted ledgers no topic lists"),
-            Ok(s) => tracing::debug!(?s, "looked for ledgers no topic lists"),
+            Ok(s) => {
+                topics.orphans_deleted.fetch_add(s.deleted as u64, std::sync::atomic::Ordering::Relaxed);
+                match s.deleted {
+                    0 => tracing::debug!(?s, "looked for ledgers no topic lists"),
+                    n => tracing::info!(deleted = n, "deleted ledgers no topic lists"),
+                }
+            }
             Err(e) => tracing::warn!(error = %e, "looking for ledgers no topic lists failed"),
         }
     }
