@@ -10,3 +10,4 @@ mod ops;
 #[path = "../support/pulsar_python.rs"]
 mod pulsar_python;
 mod support;
+mod sync_errors;

@@ -58,6 +58,8 @@ pub struct BookieProc {
     pub ledgers: PathBuf,
     pub log: PathBuf,
     pub extra: Vec<String>,
+    /// Extra environment of the process.
+    pub env: Vec<(String, String)>,
     meta: String,
     child: Option<Child>,
 }
@@ -84,6 +86,7 @@ impl BookieProc {
             .args(["--set", "storage.write_buffer_bytes=4194304", "--set", "storage.read_cache_bytes=1048576"])
             .args(&self.extra)
             .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log);
@@ -228,6 +231,7 @@ impl Cluster {
             ledgers: root.join("ledgers"),
             log: root.join("bookie.log"),
             extra: extra.iter().flat_map(|e| ["--set".to_string(), e.to_string()]).collect(),
+            env: Vec::new(),
             meta: self.meta_addr.clone(),
             child: None,
         });
