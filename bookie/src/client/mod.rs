@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use magnetar_metastore::client::{MetaClient, PutOptions, Txn};
+use magnetar_metastore::client::{MetaClient, Txn};
 use magnetar_proto::bookie::DeleteLedgerRequest;
 use rand::seq::SliceRandom;
 
@@ -124,15 +124,10 @@ impl LedgerClient {
 
     /// Creates a ledger on `E` random writable bookies and opens its writer.
     pub async fn create(&self, cfg: LedgerConfig) -> Result<LedgerWriter, LedgerError> {
-        let md = self.new_metadata(cfg).await?;
-        let body = serde_json::to_vec(&md).map_err(|e| LedgerError::Invalid(e.to_string()))?;
-        let version = self
-            .ctx
-            .meta
-            .put(&metadata::ledger_key(md.id), body, PutOptions { expected_version: Some(0), session: 0 })
-            .await?;
-        tracing::debug!(ledger = md.id, ensemble = ?md.fragments[0].bookies, "ledger created");
-        Ok(LedgerWriter::spawn(self.ctx.clone(), md, version, false, 0))
+        match self.create_with(cfg, |_| Ok(Txn::default())).await? {
+            Some((writer, _)) => Ok(writer),
+            None => Err(LedgerError::Meta("the new ledger's id was taken already".into())),
+        }
     }
 
     /// Creates a ledger like [`Self::create`], its metadata written in one transaction with

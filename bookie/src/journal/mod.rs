@@ -854,11 +854,16 @@ mod tests {
         Op::Add { ledger, entry, lac, checksum, payload, master_key: Bytes::from_static(key), recovery }
     }
 
-    /// Submits `op` and waits for its (successful) ack.
-    fn submit_and_wait(journal: &Journal, op: Op) {
+    /// Submits `op` and waits for its outcome.
+    fn outcome(journal: &Journal, op: Op) -> std::result::Result<i64, String> {
         let (tx, rx) = mpsc::channel();
         journal.submit(op, Box::new(move |r| tx.send(r.map_err(|e| e.to_string())).unwrap()));
-        rx.recv_timeout(Duration::from_secs(10)).unwrap().unwrap();
+        rx.recv_timeout(Duration::from_secs(10)).unwrap()
+    }
+
+    /// Submits `op` and waits for its (successful) ack.
+    fn submit_and_wait(journal: &Journal, op: Op) {
+        outcome(journal, op).unwrap();
     }
 
     /// Replays `dir` from its first segment and checks that entries `0..n` of `ledger` come
@@ -1027,12 +1032,7 @@ mod tests {
 
     /// Submits one add and returns its outcome.
     fn add_one(journal: &Journal, ledger: u64, entry: i64, payload: Bytes) -> std::result::Result<i64, String> {
-        let (tx, rx) = mpsc::channel();
-        journal.submit(
-            add_op(ledger, entry, entry - 1, payload, b"k", false),
-            Box::new(move |r| tx.send(r.map_err(|e| e.to_string())).unwrap()),
-        );
-        rx.recv_timeout(Duration::from_secs(10)).unwrap()
+        outcome(journal, add_op(ledger, entry, entry - 1, payload, b"k", false))
     }
 
     /// When the entry log's sync fails, the group waiting for it is not acknowledged, and

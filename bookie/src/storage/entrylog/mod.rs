@@ -537,14 +537,12 @@ impl Inner {
             drop(self.gate.lock());
             let res = if run.len() == 1 && run[0].filled {
                 // Full, and nothing queued behind it: in pieces (see `LONE_PIECE`).
-                let (c, mut r) = (&run[0], Ok(()));
-                for (i, piece) in c.buf.written_blocks().chunks(LONE_PIECE).enumerate() {
-                    r = c.file.write_all_at(piece, c.offset + (i * LONE_PIECE) as u64);
-                    if r.is_err() {
-                        break;
-                    }
-                }
-                r
+                let c = &run[0];
+                c.buf
+                    .written_blocks()
+                    .chunks(LONE_PIECE)
+                    .enumerate()
+                    .try_for_each(|(i, piece)| c.file.write_all_at(piece, c.offset + (i * LONE_PIECE) as u64))
             } else {
                 let n = run.len();
                 let mut slices: Vec<std::io::IoSlice<'_>> = run
@@ -920,16 +918,7 @@ impl Inner {
         for job in rx {
             let res = match self.lock().failed.clone() {
                 Some(e) => Err(failed(&e)),
-                None => (|| -> Result<()> {
-                    for (id, f) in &job.files {
-                        rustix::fs::fdatasync(&**f)
-                            .map_err(|e| BookieError::io(format!("syncing entry log {}", log_name(*id)), e.into()))?;
-                    }
-                    if job.new_names {
-                        crate::journal::segment::sync_dir(&self.dir)?;
-                    }
-                    Ok(())
-                })(),
+                None => self.sync_logs(&job.files, job.new_names),
             };
             let mut st = self.lock();
             if let Err(e) = &res {
@@ -1003,6 +992,20 @@ impl Inner {
         }
     }
 
+    /// fdatasyncs `files`, then the directory when a log was created or renamed since the last
+    /// sync of this kind: a reused file's new name must be durable before anything depends on
+    /// it, and the fdatasync of an overwrite does not commit a rename.
+    fn sync_logs(&self, files: &[(u64, Arc<File>)], new_names: bool) -> Result<()> {
+        for (id, f) in files {
+            rustix::fs::fdatasync(&**f)
+                .map_err(|e| BookieError::io(format!("syncing entry log {}", log_name(*id)), e.into()))?;
+        }
+        if new_names {
+            crate::journal::segment::sync_dir(&self.dir)?;
+        }
+        Ok(())
+    }
+
     /// Writes out every buffer, fdatasyncs the logs written, then records the accounting and
     /// flushes RocksDB; logs released before it go to the pool.
     fn flush(&self) -> Result<()> {
@@ -1033,15 +1036,7 @@ impl Inner {
                 return Err(failed(e));
             }
             drop(st);
-            for (id, f) in files {
-                rustix::fs::fdatasync(&*f)
-                    .map_err(|e| BookieError::io(format!("syncing entry log {}", log_name(id)), e.into()))?;
-            }
-            // A reused file's new name must be durable before anything depends on it: the
-            // fdatasync of an overwrite does not commit a rename.
-            if new_names {
-                crate::journal::segment::sync_dir(&self.dir)?;
-            }
+            self.sync_logs(&files, new_names)?;
             self.db.write_opt(batch, &self.no_wal)?;
             let mut fo = FlushOptions::default();
             fo.set_wait(true);
