@@ -24,8 +24,9 @@
 //!
 //! So the writer fills the next group while the syncer flushes the previous one, and every
 //! fdatasync covers as many adds as arrived during the one before. When nothing else is
-//! queued and the syncer is idle (light load, `flush_when_queue_empty` on), the writer syncs
-//! its batch and acks it itself, sparing the hand-off to another thread. With
+//! queued, the syncer is idle and the batch is small (light load, `flush_when_queue_empty`
+//! on), the writer syncs its batch and acks it itself, sparing the hand-off to another
+//! thread. With
 //! `flush_when_queue_empty` off, the syncer also waits up to `max_group_wait_us` (or until
 //! `group_bytes` are pending) to gather a bigger group.
 //!
@@ -453,6 +454,12 @@ struct Piece {
 /// rather than copied into the journal's buffer first.
 const IN_PLACE_BYTES: usize = 4096;
 
+/// The writer syncs a batch itself only if it holds at most this many operations. A bigger
+/// batch means adds are arriving faster than one at a time, and more arrive during the sync:
+/// if the writer synced, they would wait for it in the queue and only then be written and
+/// applied, adding that work to their latency; the syncer lets the writer do it meanwhile.
+const INLINE_SYNC_MAX_OPS: usize = 8;
+
 struct Writer {
     rx: mpsc::Receiver<Queued>,
     shared: Arc<Shared>,
@@ -481,7 +488,7 @@ struct Writer {
 #[derive(Default)]
 struct Batch {
     entries: Vec<EntryWrite>,
-    states: HashMap<u64, LedgerMeta>,
+    states: HashMap<u64, LedgerMeta, foldhash::fast::RandomState>,
     acks: Vec<(Callback, Result<i64>, Instant)>,
     files: Vec<Arc<File>>,
     bytes: usize,
@@ -769,7 +776,7 @@ impl Writer {
         let group = Group { files: b.files, refs: !b.refs.is_empty(), acks: b.acks, born: Instant::now() };
         let mut q = self.shared.sync_q.lock().unwrap_or_else(|e| e.into_inner());
         let idle = q.groups.is_empty() && !q.syncing && self.shared.queued.load(Ordering::Relaxed) == 0;
-        if self.inline_sync && idle {
+        if self.inline_sync && idle && group.acks.len() <= INLINE_SYNC_MAX_OPS {
             // Nothing to batch with and nobody syncing: sync here. Adds arriving meanwhile
             // wait in the queue, as they would behind the syncer's fdatasync.
             q.syncing = true;

@@ -6,10 +6,14 @@
 //! evicting one entry per insert could not promise that: at 100-byte entries a 64 MiB cache
 //! holds about 400,000 of them, and the map rehashes them all whenever it grows or its
 //! deleted slots run out (up to 100 ms per insert, measured under load). So entries go into
-//! [`GENERATIONS`] maps filled one after another; when the newest is full, the oldest is
-//! emptied (keeping its allocation) and becomes the newest. The worst insert empties one map,
-//! a sixteenth of the cache, and after the first round no map grows again.
-
+//! [`GENERATIONS`] maps filled one after another; when the newest is full, the oldest
+//! (by then empty) becomes the newest, keeping its allocation, so after the first round no map
+//! grows again.
+//!
+//! Emptying a generation at once was a pause too: dropping its 25,000 entries of 100 bytes took
+//! 5–9 ms, six times a second at 150,000 adds/s, and every add queued meanwhile waited for it.
+//! So the oldest generation is drained a little on every insert instead, by twice the insert's
+//! bytes, which empties it before the newest generation fills.
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 
@@ -18,20 +22,51 @@ use super::StoredEntry;
 /// How many maps the capacity is split over.
 pub const GENERATIONS: usize = 16;
 
-/// Bytes charged per entry on top of its payload: the map slot, the payload's allocation.
+/// Bytes charged per entry on top of its payload: the map slot, its place in the insertion
+/// order, the payload's allocation.
 /// Without it, a cache of tiny entries would hold several times its capacity in memory.
 pub const ENTRY_OVERHEAD: usize = 64;
 
+type Key = (u64, i64);
+
 #[derive(Default)]
 struct Generation {
-    map: HashMap<(u64, i64), StoredEntry>,
+    /// Keyed by a fast hasher seeded per process: every add inserts here, on the journal
+    /// writer's thread, and SipHash showed among its costliest steps.
+    map: HashMap<Key, StoredEntry, foldhash::fast::RandomState>,
+    /// Keys in the order they were inserted (a key rewritten in this generation appears
+    /// twice), for draining.
+    order: Vec<Key>,
     bytes: usize,
 }
 
 struct Inner {
-    /// Newest at the back.
+    /// Newest at the back; the front one is being drained.
     gens: VecDeque<Generation>,
     bytes: usize,
+    /// How much of the front generation's `order` is drained.
+    drained: usize,
+}
+
+impl Inner {
+    /// Removes the front generation's oldest entries, at least `budget` bytes' worth (each
+    /// step counts at least [`ENTRY_OVERHEAD`], so the work is bounded), but never its last
+    /// entry: `HashMap::clear` skips an empty map, which would keep the slots that removals
+    /// marked deleted, and the map would rehash once they run out. With one entry left, the
+    /// rotation's `clear` resets the whole table cheaply.
+    fn drain(&mut self, mut budget: usize) {
+        let Some(oldest) = self.gens.front_mut() else { return };
+        let mut freed = 0;
+        while budget > 0 && oldest.map.len() > 1 && self.drained < oldest.order.len() {
+            let key = oldest.order[self.drained];
+            self.drained += 1;
+            let charged = oldest.map.remove(&key).map_or(0, |e| charge(&e));
+            freed += charged;
+            budget = budget.saturating_sub(charged.max(ENTRY_OVERHEAD));
+        }
+        oldest.bytes -= freed;
+        self.bytes -= freed;
+    }
 }
 
 /// A FIFO cache of entries bounded by bytes (payloads plus [`ENTRY_OVERHEAD`] each).
@@ -51,31 +86,37 @@ impl TailCache {
     pub fn new(capacity: usize) -> Self {
         let gens = (0..GENERATIONS).map(|_| Generation::default()).collect();
         TailCache {
-            inner: Mutex::new(Inner { gens, bytes: 0 }),
+            inner: Mutex::new(Inner { gens, bytes: 0, drained: 0 }),
             capacity,
             per_gen: capacity.div_ceil(GENERATIONS).max(1),
         }
     }
 
-    /// Adds an entry (replacing an older copy's place in lookups), emptying the oldest
-    /// generation when the newest is full.
+    /// Adds an entry (replacing an older copy's place in lookups), draining the oldest
+    /// generation by twice its size and starting a new generation when the newest is full.
     pub fn insert(&self, ledger: u64, entry: i64, e: StoredEntry) {
         let size = charge(&e);
         if size > self.per_gen {
             return;
         }
         let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        g.drain(2 * size);
         let newest_full = g.gens.back().is_some_and(|n| n.bytes + size > self.per_gen);
         if newest_full {
+            // Normally drained down to one entry by now; entries of very different sizes
+            // can leave more, which go here.
             if let Some(mut oldest) = g.gens.pop_front() {
                 g.bytes -= oldest.bytes;
                 oldest.map.clear();
+                oldest.order.clear();
                 oldest.bytes = 0;
                 g.gens.push_back(oldest);
+                g.drained = 0;
             }
         }
         let Some(newest) = g.gens.back_mut() else { return };
         let replaced = newest.map.insert((ledger, entry), e).map_or(0, |old| charge(&old));
+        newest.order.push((ledger, entry));
         newest.bytes = newest.bytes + size - replaced;
         g.bytes = g.bytes + size - replaced;
     }
@@ -134,9 +175,10 @@ mod tests {
         for i in 0..total {
             c.insert(1, i, e(36, i as u8));
         }
-        // Full: everything still there.
-        assert!((0..total).all(|i| c.get(1, i).is_some()));
-        assert_eq!(c.bytes(), total as usize * 100);
+        // Full: the oldest generation is being drained as the newest fills; everything newer
+        // is there.
+        assert!((4..total).all(|i| c.get(1, i).is_some()));
+        assert!(c.get(1, 0).is_none());
         assert!(c.bytes() <= c.capacity());
         // One more starts a new generation: the oldest four go, nothing else.
         c.insert(1, total, e(36, 0));
@@ -154,14 +196,16 @@ mod tests {
     }
 
     /// Eviction empties a whole generation and reuses its map: after one round through all of
-    /// them no map allocates again (growing a map is what rehashes everything in it).
+    /// them no map allocates again (growing a map is what rehashes everything in it). The map
+    /// being drained is left out: slots its removals marked deleted count against its
+    /// `capacity()` until the rotation's `clear`.
     #[test]
     fn after_the_first_round_no_map_grows() {
         let c = cache(100, 1000);
         let round = (GENERATIONS * 1000) as i64;
         let capacities = |c: &TailCache| -> Vec<usize> {
             let g = c.inner.lock().unwrap_or_else(|e| e.into_inner());
-            let mut caps: Vec<usize> = g.gens.iter().map(|gen| gen.map.capacity()).collect();
+            let mut caps: Vec<usize> = g.gens.iter().skip(1).map(|gen| gen.map.capacity()).collect();
             caps.sort_unstable();
             caps
         };
@@ -182,6 +226,59 @@ mod tests {
         }
         let g = c.inner.lock().unwrap_or_else(|e| e.into_inner());
         assert!(g.gens.back().is_some_and(|n| n.map.capacity() >= 1000), "the emptied map kept its allocation");
+    }
+
+    /// The charges of the entries held, summed from the maps themselves.
+    fn held_bytes(c: &TailCache) -> usize {
+        let g = c.inner.lock().unwrap_or_else(|e| e.into_inner());
+        g.gens.iter().flat_map(|gen| gen.map.values()).map(charge).sum()
+    }
+
+    /// No insert evicts more than a few entries: the oldest generation is drained as the
+    /// newest fills, not emptied at once (which paused the journal writer for milliseconds).
+    #[test]
+    fn eviction_is_spread_over_inserts() {
+        let c = cache(36, 1000);
+        let round = (GENERATIONS * 1000) as i64;
+        let mut before = 0;
+        let count = |c: &TailCache| -> usize {
+            c.inner.lock().unwrap_or_else(|e| e.into_inner()).gens.iter().map(|gen| gen.map.len()).sum()
+        };
+        for i in 0..4 * round {
+            c.insert(1, i, e(36, 0));
+            let n = count(&c);
+            // One new entry, at most two drained and one left over at a rotation.
+            assert!(n + 3 > before, "insert {i} evicted {} entries", before + 1 - n);
+            assert!(c.bytes() <= c.capacity());
+            if i % 1009 == 0 {
+                assert_eq!(held_bytes(&c), c.bytes());
+            }
+            before = n;
+        }
+        // The newest fourteen generations' worth is always there.
+        let last = 4 * round - 1;
+        assert!((last - 14 * 1000..=last).all(|i| c.get(1, i).is_some()));
+        assert!(c.get(1, last - round).is_none());
+    }
+
+    /// Big entries filling the newest generation faster than small ones drain from the oldest:
+    /// the rest of the oldest goes when the newest is full, and the accounting stays exact.
+    #[test]
+    fn mixed_sizes_keep_the_byte_bound_and_the_accounting() {
+        let c = cache(36, 100);
+        for i in 0..20_000i64 {
+            let n = if (i / 1500) % 2 == 0 { 36 } else { 3000 };
+            c.insert(1 + (i % 5) as u64, i, e(n, 0));
+            if i % 7 == 0 {
+                // Rewrites land in the newest generation, sometimes twice in a row.
+                c.insert(1 + (i % 5) as u64, i, e(n, 1));
+            }
+            assert_eq!(held_bytes(&c), c.bytes(), "after {i}");
+            assert!(c.bytes() <= c.capacity(), "over capacity after {i}");
+        }
+        assert_eq!(c.get(1 + (19_999 % 5) as u64, 19_999).map(|x| x.payload.len()), Some(3000));
+        c.remove_ledger(1);
+        assert_eq!(held_bytes(&c), c.bytes());
     }
 
     #[test]
