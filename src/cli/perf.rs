@@ -110,6 +110,16 @@ pub(super) fn fdatasync_rate(dir: &Path) -> anyhow::Result<f64> {
     Ok(rate)
 }
 
+/// A process under test, stopped (SIGTERM, then waited for) however the run ends.
+pub(super) struct Stopped(pub std::process::Child);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status();
+        let _ = self.0.wait();
+    }
+}
+
 /// The share of the machine's CPU time the host took (steal) over a stretch of a benchmark: on
 /// a shared virtual machine, a run during which the host takes a large share measures the host
 /// more than the code, so each phase reports it.

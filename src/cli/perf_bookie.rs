@@ -21,7 +21,7 @@ use magnetar_metastore::server::MetastoreNode;
 use magnetar_metastore::MetastoreConfig;
 use tokio_util::sync::CancellationToken;
 
-use super::perf::{disk_floor, fdatasync_rate, latency_histogram, record, DiskLatency, Steal};
+use super::perf::{disk_floor, fdatasync_rate, latency_histogram, record, DiskLatency, Steal, Stopped};
 
 #[derive(Args, Debug)]
 pub struct BookiePerf {
@@ -217,15 +217,14 @@ async fn run_in(a: &BookiePerf, dir: &Path) -> anyhow::Result<()> {
     for kv in &a.bookie_set {
         cmd.args(["--set", kv]);
     }
-    let mut child = cmd.spawn().context("starting the bookie process")?;
+    let mut child = Stopped(cmd.spawn().context("starting the bookie process")?);
     let probe = MetaClient::connect(std::slice::from_ref(&meta_addr))?;
     let ready = Instant::now();
     while probe.get("/bookies/available/perf-bookie").await?.is_none() {
-        if let Some(status) = child.try_wait()? {
+        if let Some(status) = child.0.try_wait()? {
             anyhow::bail!("the bookie exited with {status}; see {}", dir.join("bookie.log").display());
         }
         if ready.elapsed() > Duration::from_secs(60) {
-            let _ = child.kill();
             anyhow::bail!("the bookie did not register within 60 s");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -298,8 +297,7 @@ async fn run_in(a: &BookiePerf, dir: &Path) -> anyhow::Result<()> {
         results.push(paced);
         results.push(one);
     }
-    let _ = std::process::Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
-    let _ = child.wait();
+    drop(child);
     shutdown.cancel();
     node.stop().await;
 

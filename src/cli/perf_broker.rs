@@ -11,6 +11,8 @@ use hdrhistogram::Histogram;
 use magnetar_broker::client::{Client, Consumer};
 use magnetar_broker::protocol::codec::split_batch;
 use magnetar_broker::protocol::pb;
+
+use super::perf::Stopped;
 use tokio::sync::mpsc;
 
 /// Producer settings.
@@ -488,17 +490,14 @@ async fn loopback_bandwidth() -> anyhow::Result<f64> {
 
 /// The processes under test, stopped with SIGTERM (then waited for) in reverse start order.
 struct Procs {
-    children: Vec<std::process::Child>,
+    children: Vec<Stopped>,
     broker: String,
     _metastore: Option<magnetar_metastore::local_cluster::LocalCluster>,
 }
 
 impl Drop for Procs {
     fn drop(&mut self) {
-        for child in self.children.iter_mut().rev() {
-            let _ = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-            let _ = child.wait();
-        }
+        while self.children.pop().is_some() {}
     }
 }
 
@@ -544,7 +543,8 @@ async fn start_standalone(dir: &std::path::Path) -> anyhow::Result<Procs> {
         "--web-listen".into(),
         addr(4),
     ];
-    let s = Procs { children: vec![spawn(dir, "standalone.log", &args, &[])?], broker: addr(3), _metastore: None };
+    let s =
+        Procs { children: vec![Stopped(spawn(dir, "standalone.log", &args, &[])?)], broker: addr(3), _metastore: None };
     wait_port(&s.broker).await?;
     Ok(s)
 }
@@ -577,7 +577,7 @@ async fn start_cluster(dir: &std::path::Path) -> anyhow::Result<Procs> {
             "--metastore".into(),
             endpoints.clone(),
         ];
-        procs.children.push(spawn(dir, &format!("bookie-{i}.log"), &args, &[])?);
+        procs.children.push(Stopped(spawn(dir, &format!("bookie-{i}.log"), &args, &[])?));
     }
     let probe = meta.client();
     let start = Instant::now();
@@ -600,7 +600,7 @@ async fn start_cluster(dir: &std::path::Path) -> anyhow::Result<Procs> {
         ("managedLedgerDefaultWriteQuorum", "2"),
         ("managedLedgerDefaultAckQuorum", "2"),
     ];
-    procs.children.push(spawn(dir, "broker.log", &args, &env)?);
+    procs.children.push(Stopped(spawn(dir, "broker.log", &args, &env)?));
     procs._metastore = Some(meta);
     wait_port(&procs.broker).await?;
     Ok(procs)
