@@ -618,9 +618,11 @@ impl Writer {
                 // cache must not keep alive: it gets a copy. A large one is most of whatever
                 // buffer holds it and is shared.
                 let payload = &write.payload;
-                let cached =
-                    if payload.len() >= IN_PLACE_BYTES { payload.clone() } else { Bytes::copy_from_slice(payload) };
-                self.ledgers.cache.insert(ledger, entry, StoredEntry { checksum, payload: cached });
+                if payload.len() >= IN_PLACE_BYTES {
+                    self.ledgers.cache.insert(ledger, entry, StoredEntry { checksum, payload: payload.clone() });
+                } else {
+                    self.ledgers.cache.insert_copy(ledger, entry, checksum, payload);
+                }
                 if stored.is_none() {
                     b.entries.push(write);
                 }
