@@ -14,6 +14,7 @@
 //! 5–9 ms, six times a second at 150,000 adds/s, and every add queued meanwhile waited for it.
 //! So the oldest generation is drained a little on every insert instead, by twice the insert's
 //! bytes, which empties it before the newest generation fills.
+
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 
@@ -28,8 +29,8 @@ pub const GENERATIONS: usize = 16;
 pub const ARENA_BYTES: usize = 1 << 20;
 
 /// Bytes charged per entry on top of its payload: the map slot, its place in the insertion
-/// order, the payload's allocation.
-/// Without it, a cache of tiny entries would hold several times its capacity in memory.
+/// order, the payload's handle. Without it, a cache of tiny entries would hold several times
+/// its capacity in memory.
 pub const ENTRY_OVERHEAD: usize = 64;
 
 type Key = (u64, i64);
