@@ -11,9 +11,9 @@ use hdrhistogram::Histogram;
 use magnetar_broker::client::{Client, Consumer};
 use magnetar_broker::protocol::codec::split_batch;
 use magnetar_broker::protocol::pb;
+use tokio::sync::mpsc;
 
 use super::perf::Stopped;
-use tokio::sync::mpsc;
 
 /// Producer settings.
 #[derive(Args, Debug, Clone)]
@@ -501,19 +501,14 @@ impl Drop for Procs {
     }
 }
 
-fn spawn(
-    dir: &std::path::Path,
-    log: &str,
-    args: &[String],
-    env: &[(&str, &str)],
-) -> anyhow::Result<std::process::Child> {
+fn spawn(dir: &std::path::Path, log: &str, args: &[String], env: &[(&str, &str)]) -> anyhow::Result<Stopped> {
     let log = std::fs::File::create(dir.join(log))?;
     let mut cmd = std::process::Command::new(std::env::current_exe()?);
     cmd.args(args).stdout(log.try_clone()?).stderr(log);
     for (k, v) in env {
         cmd.env(k, v);
     }
-    Ok(cmd.spawn()?)
+    Ok(Stopped(cmd.spawn()?))
 }
 
 async fn wait_port(addr: &str) -> anyhow::Result<()> {
@@ -543,8 +538,7 @@ async fn start_standalone(dir: &std::path::Path) -> anyhow::Result<Procs> {
         "--web-listen".into(),
         addr(4),
     ];
-    let s =
-        Procs { children: vec![Stopped(spawn(dir, "standalone.log", &args, &[])?)], broker: addr(3), _metastore: None };
+    let s = Procs { children: vec![spawn(dir, "standalone.log", &args, &[])?], broker: addr(3), _metastore: None };
     wait_port(&s.broker).await?;
     Ok(s)
 }
@@ -577,7 +571,7 @@ async fn start_cluster(dir: &std::path::Path) -> anyhow::Result<Procs> {
             "--metastore".into(),
             endpoints.clone(),
         ];
-        procs.children.push(Stopped(spawn(dir, &format!("bookie-{i}.log"), &args, &[])?));
+        procs.children.push(spawn(dir, &format!("bookie-{i}.log"), &args, &[])?);
     }
     let probe = meta.client();
     let start = Instant::now();
@@ -600,7 +594,7 @@ async fn start_cluster(dir: &std::path::Path) -> anyhow::Result<Procs> {
         ("managedLedgerDefaultWriteQuorum", "2"),
         ("managedLedgerDefaultAckQuorum", "2"),
     ];
-    procs.children.push(Stopped(spawn(dir, "broker.log", &args, &env)?));
+    procs.children.push(spawn(dir, "broker.log", &args, &env)?);
     procs._metastore = Some(meta);
     wait_port(&procs.broker).await?;
     Ok(procs)

@@ -45,8 +45,7 @@ struct Generation {
     /// Keyed by a fast hasher seeded per process: every add inserts here, on the journal
     /// writer's thread, and SipHash showed among its costliest steps.
     map: HashMap<Key, StoredEntry, foldhash::fast::RandomState>,
-    /// Keys in the order they were inserted (a key rewritten in this generation appears
-    /// twice), for draining.
+    /// Keys in the order they were first inserted into this generation, for draining.
     order: Vec<Key>,
     bytes: usize,
 }
@@ -274,6 +273,11 @@ mod tests {
         assert!(g.gens.back().is_some_and(|n| n.map.capacity() >= 1000), "the emptied map kept its allocation");
     }
 
+    /// Entries held, over every generation.
+    fn held_entries(c: &TailCache) -> usize {
+        c.inner.lock().unwrap_or_else(|e| e.into_inner()).gens.iter().map(|gen| gen.map.len()).sum()
+    }
+
     /// The charges of the entries held, summed from the maps themselves.
     fn held_bytes(c: &TailCache) -> usize {
         let g = c.inner.lock().unwrap_or_else(|e| e.into_inner());
@@ -287,12 +291,9 @@ mod tests {
         let c = cache(36, 1000);
         let round = (GENERATIONS * 1000) as i64;
         let mut before = 0;
-        let count = |c: &TailCache| -> usize {
-            c.inner.lock().unwrap_or_else(|e| e.into_inner()).gens.iter().map(|gen| gen.map.len()).sum()
-        };
         for i in 0..4 * round {
             c.insert(1, i, e(36, 0));
-            let n = count(&c);
+            let n = held_entries(&c);
             // One new entry, at most two drained and one left over at a rotation.
             assert!(n + 3 > before, "insert {i} evicted {} entries", before + 1 - n);
             assert!(c.bytes() <= c.capacity());
@@ -314,19 +315,16 @@ mod tests {
         // 1000 small entries or two big ones per generation; a big insert drains at most
         // MAX_DRAIN_STEPS small ones, so rotations find hundreds left.
         let c = cache(36, 1000);
-        let count = |c: &TailCache| -> usize {
-            c.inner.lock().unwrap_or_else(|e| e.into_inner()).gens.iter().map(|gen| gen.map.len()).sum()
-        };
         let mut biggest_drop = 0;
         for i in 0..60_000i64 {
             let n = if (i / 20_000) % 2 == 0 { 36 } else { 40_000 };
-            let before = count(&c);
+            let before = held_entries(&c);
             c.insert(1 + (i % 5) as u64, i, e(n, 0));
             if i % 7 == 0 {
                 // Rewrites land in the newest generation, sometimes twice in a row.
                 c.insert(1 + (i % 5) as u64, i, e(n, 1));
             }
-            biggest_drop = biggest_drop.max((before + 1).saturating_sub(count(&c)));
+            biggest_drop = biggest_drop.max((before + 1).saturating_sub(held_entries(&c)));
             if n > 36 || i % 101 == 0 {
                 assert_eq!(held_bytes(&c), c.bytes(), "after {i}");
             }
