@@ -8,6 +8,8 @@
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -19,6 +21,7 @@ use magnetar_bookie::client::{LedgerClient, LedgerConfig, LedgerOptions, LedgerW
 use magnetar_metastore::client::MetaClient;
 use magnetar_metastore::server::MetastoreNode;
 use magnetar_metastore::MetastoreConfig;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::perf::{disk_floor, fdatasync_rate, latency_histogram, record, DiskLatency, Steal, Stopped};
@@ -138,17 +141,25 @@ async fn saturate(w: &LedgerWriter, payload: Bytes, window: usize, dur: Duration
     (done, start.elapsed().as_secs_f64(), hist)
 }
 
-/// Adds at a fixed rate (issued in 1 ms slices), for `dur`.
-async fn paced(w: &LedgerWriter, payload: Bytes, rate: f64, dur: Duration) -> (u64, f64, Histogram<u64>) {
+/// Adds at a fixed rate, for `dur`. A thread of its own wakes the loop every
+/// [`PACE_SLICE`] to issue the adds then due: tokio's timer ticks at 1 ms at the finest, and
+/// a millisecond's adds issued at once are a burst that a client sending at a steady rate
+/// (as `pulsar-perf`'s rate limiter does) never makes.
+async fn paced(
+    w: &LedgerWriter,
+    payload: Bytes,
+    rate: f64,
+    dur: Duration,
+) -> anyhow::Result<(u64, f64, Histogram<u64>)> {
     let mut hist = latency_histogram();
     let mut inflight = FuturesUnordered::new();
+    let pacer = Pacer::start(PACE_SLICE).context("starting the pacing thread")?;
     let start = Instant::now();
     let mut issued = 0u64;
     let mut done = 0u64;
-    let mut tick = tokio::time::interval(Duration::from_millis(1));
     while start.elapsed() < dur {
         tokio::select! {
-            _ = tick.tick() => {
+            _ = pacer.tick.notified() => {
                 let due = (start.elapsed().as_secs_f64() * rate) as u64;
                 while issued < due {
                     let t = Instant::now();
@@ -165,13 +176,48 @@ async fn paced(w: &LedgerWriter, payload: Bytes, rate: f64, dur: Duration) -> (u
             }
         }
     }
+    drop(pacer);
     while let Some((r, lat)) = inflight.next().await {
         if r.is_ok() {
             done += 1;
             let _ = hist.record(lat.as_nanos() as u64);
         }
     }
-    (done, start.elapsed().as_secs_f64(), hist)
+    Ok((done, start.elapsed().as_secs_f64(), hist))
+}
+
+/// How often the paced load issues the adds due.
+const PACE_SLICE: Duration = Duration::from_micros(100);
+
+/// A thread that notifies `tick` about every slice (a sleep's overshoot added) until dropped.
+struct Pacer {
+    tick: Arc<Notify>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Pacer {
+    fn start(slice: Duration) -> std::io::Result<Pacer> {
+        let tick = Arc::new(Notify::new());
+        let stop = Arc::new(AtomicBool::new(false));
+        let (t, s) = (tick.clone(), stop.clone());
+        let thread = std::thread::Builder::new().name("perf-pacer".into()).spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                std::thread::sleep(slice);
+                t.notify_one();
+            }
+        })?;
+        Ok(Pacer { tick, stop, thread: Some(thread) })
+    }
+}
+
+impl Drop for Pacer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 pub async fn run(a: BookiePerf) -> anyhow::Result<()> {
@@ -270,7 +316,7 @@ async fn run_in(a: &BookiePerf, dir: &Path) -> anyhow::Result<()> {
         let half = max.rate() * a.paced_fraction;
         // The paced phase measures a bookie settled at that load: after full load, the entry
         // store is still flushing a backlog for a second or two (and slows writes meanwhile).
-        let _ = paced(&w, payload.clone(), half, Duration::from_secs(a.warmup)).await;
+        paced(&w, payload.clone(), half, Duration::from_secs(a.warmup)).await?;
         // The disk alone at the same byte rate, just before: the floor under the paced phase.
         let disk = disk_floor(dir, half * size as f64).await?;
         println!("{size} B: the disk alone at the same byte rate: {}", disk.describe());
@@ -278,7 +324,7 @@ async fn run_in(a: &BookiePerf, dir: &Path) -> anyhow::Result<()> {
         println!("{size} B: paced at {half:.0}/s …");
         let before = server_latency_buckets(&http).await;
         let steal = Steal::start();
-        let (adds, secs, hist) = paced(&w, payload.clone(), half, dur).await;
+        let (adds, secs, hist) = paced(&w, payload.clone(), half, dur).await?;
         if let (Some(b), Some(a2)) = (before, server_latency_buckets(&http).await) {
             if let Some(ms) = bucket_quantile(&b, &a2, 0.99) {
                 println!("  bookie-side p99 (receipt to durable ack): <= {ms} ms");

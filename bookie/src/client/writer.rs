@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use magnetar_metastore::client::{ClientError, PutOptions};
-use magnetar_proto::bookie::{AddBatch, AddRequest, Code};
+use magnetar_proto::bookie::{AddBatch, AddRequest, AddResult, Code};
 use rand::seq::SliceRandom;
 use tokio::sync::{mpsc, oneshot};
 
@@ -38,11 +38,29 @@ enum Cmd {
 
 /// What a bookie's add stream reports. `pos` is the bookie's position in the ensemble (a
 /// replacement takes the failed bookie's position), `gen` the stream's generation: reports
-/// from a stream that was replaced meanwhile are ignored.
+/// from a stream that was replaced meanwhile are ignored. Results come as the bookie batched
+/// them, in its order.
 enum Event {
-    Result { pos: usize, gen: u64, entry: i64, code: i32, message: String },
-    Broken { pos: usize, gen: u64, reason: String },
+    Results {
+        pos: usize,
+        gen: u64,
+        results: Vec<AddResult>,
+    },
+    /// One result (from a bookie in this process, which answers add by add).
+    Result {
+        pos: usize,
+        gen: u64,
+        result: AddResult,
+    },
+    Broken {
+        pos: usize,
+        gen: u64,
+        reason: String,
+    },
 }
+
+/// Most commands the writer takes from its queue in one turn before it looks at events again.
+const CMD_BURST: usize = 256;
 
 /// Ensemble positions as bits (E is at most [`super::metadata::MAX_ENSEMBLE`]).
 type Positions = u64;
@@ -197,12 +215,30 @@ impl Actor {
                 return;
             }
             tokio::select! {
-                cmd = cmds.recv(), if closing.is_none() => match cmd {
-                    Some(Cmd::Append { payload, done }) => self.append(payload, done),
-                    Some(Cmd::Close { done }) => closing = Some(done),
+                cmd = cmds.recv(), if closing.is_none() => {
                     // Every handle is gone: nothing can be confirmed to anyone any more.
-                    None => return,
-                },
+                    let Some(mut cmd) = cmd else { return };
+                    // What else is queued goes out in the same turn, so the add streams get
+                    // it together.
+                    let mut taken = 1;
+                    loop {
+                        match cmd {
+                            Cmd::Append { payload, done } => self.append(payload, done),
+                            Cmd::Close { done } => {
+                                closing = Some(done);
+                                break;
+                            }
+                        }
+                        if taken == CMD_BURST {
+                            break;
+                        }
+                        match cmds.try_recv() {
+                            Ok(c) => cmd = c,
+                            Err(_) => break,
+                        }
+                        taken += 1;
+                    }
+                }
                 Some(ev) = events.recv() => self.on_event(ev).await,
                 _ = tick.tick() => self.check_timeouts().await,
             }
@@ -263,8 +299,7 @@ impl Actor {
                 while let Some(req) = rx.recv().await {
                     let ev_tx = ev_tx.clone();
                     local.core.submit_add(req, move |r| {
-                        let _ =
-                            ev_tx.send(Event::Result { pos, gen, entry: r.entry_id, code: r.code, message: r.message });
+                        let _ = ev_tx.send(Event::Result { pos, gen, result: r });
                     });
                 }
             });
@@ -300,11 +335,8 @@ impl Actor {
             loop {
                 match inbound.message().await {
                     Ok(Some(batch)) => {
-                        for r in batch.results {
-                            let ev = Event::Result { pos, gen, entry: r.entry_id, code: r.code, message: r.message };
-                            if ev_tx.send(ev).is_err() {
-                                return;
-                            }
+                        if ev_tx.send(Event::Results { pos, gen, results: batch.results }).is_err() {
+                            return;
                         }
                     }
                     Ok(None) => return broken("add stream closed by the bookie".into()),
@@ -321,31 +353,8 @@ impl Actor {
 
     async fn on_event(&mut self, ev: Event) {
         match ev {
-            Event::Result { pos, gen, entry, code, message } => {
-                if self.current_gen(pos) != Some(gen) || self.failed.is_some() {
-                    return;
-                }
-                match Code::try_from(code) {
-                    Ok(Code::Ok) => {
-                        let Some(front) = self.pending.front().map(|p| p.entry) else { return };
-                        let Ok(idx) = usize::try_from(entry - front) else { return };
-                        let ws = write_set_bits(self.md.ensemble_size, self.md.write_quorum, entry);
-                        if let Some(p) = self.pending.get_mut(idx) {
-                            p.acked |= ws & bit(pos);
-                        }
-                        self.advance();
-                    }
-                    Ok(Code::Fenced) => self.fail(LedgerError::Fenced(self.md.id)),
-                    Ok(Code::Unauthorized) => {
-                        self.fail(LedgerError::Bookie { bookie: self.bookie(pos).to_owned(), reason: message })
-                    }
-                    _ => {
-                        let bookie = self.bookie(pos).to_owned();
-                        tracing::warn!(ledger = self.md.id, %bookie, entry, code, %message, "add failed on a bookie");
-                        self.replace(vec![bookie]).await;
-                    }
-                }
-            }
+            Event::Results { pos, gen, results } => self.on_results(pos, gen, results).await,
+            Event::Result { pos, gen, result } => self.on_results(pos, gen, [result]).await,
             Event::Broken { pos, gen, reason } => {
                 if self.current_gen(pos) != Some(gen) {
                     return;
@@ -358,6 +367,47 @@ impl Actor {
                     self.replace(vec![bookie]).await;
                 }
             }
+        }
+    }
+
+    /// A bookie's answers, in its order.
+    async fn on_results(&mut self, pos: usize, gen: u64, results: impl IntoIterator<Item = AddResult>) {
+        for r in results {
+            // A failure earlier in the batch may have failed the writer or replaced
+            // this bookie: the rest of its answers no longer count.
+            if self.current_gen(pos) != Some(gen) || self.failed.is_some() {
+                return;
+            }
+            if r.code == Code::Ok as i32 {
+                self.acked(pos, r.entry_id);
+                continue;
+            }
+            // Entries acked so far are confirmed before the failure is handled, so an
+            // ensemble change starts after them.
+            self.advance();
+            match Code::try_from(r.code) {
+                Ok(Code::Fenced) => self.fail(LedgerError::Fenced(self.md.id)),
+                Ok(Code::Unauthorized) => {
+                    self.fail(LedgerError::Bookie { bookie: self.bookie(pos).to_owned(), reason: r.message })
+                }
+                _ => {
+                    let bookie = self.bookie(pos).to_owned();
+                    let (entry, code, message) = (r.entry_id, r.code, r.message);
+                    tracing::warn!(ledger = self.md.id, %bookie, entry, code, %message, "add failed on a bookie");
+                    self.replace(vec![bookie]).await;
+                }
+            }
+        }
+        self.advance();
+    }
+
+    /// Records that the bookie at `pos` acked `entry` (confirmation is left to [`Self::advance`]).
+    fn acked(&mut self, pos: usize, entry: i64) {
+        let Some(front) = self.pending.front().map(|p| p.entry) else { return };
+        let Ok(idx) = usize::try_from(entry - front) else { return };
+        let ws = write_set_bits(self.md.ensemble_size, self.md.write_quorum, entry);
+        if let Some(p) = self.pending.get_mut(idx) {
+            p.acked |= ws & bit(pos);
         }
     }
 
