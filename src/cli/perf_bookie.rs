@@ -34,9 +34,13 @@ pub struct BookiePerf {
     /// Entry sizes in bytes.
     #[arg(long, value_delimiter = ',', default_value = "100,1024,65536")]
     sizes: Vec<usize>,
-    /// Adds in flight for the throughput phases (large entries use fewer: 16 MiB in flight).
+    /// Adds in flight for the throughput phases (large entries use fewer: see
+    /// `--in-flight-mib`).
     #[arg(long, default_value_t = 2000)]
     in_flight: usize,
+    /// Most payload bytes in flight for the throughput phases (MiB).
+    #[arg(long = "in-flight-mib", default_value_t = 16)]
+    in_flight_mib: usize,
     /// Seconds of full load before each entry size's phases, and of paced load before the
     /// paced phase, not measured. A young journal is still growing its pool of recycled
     /// segments, and after full load the entry store is still flushing (see
@@ -297,7 +301,7 @@ async fn run_in(a: &BookiePerf, dir: &Path) -> anyhow::Result<()> {
                 })
                 .collect::<Vec<u8>>(),
         );
-        let window = a.in_flight.min(((16usize << 20) / size.max(1)).max(16));
+        let window = a.in_flight.min(((a.in_flight_mib << 20) / size.max(1)).max(16));
         // The disk's speed drifts over minutes on shared machines: 64 KiB entries are compared
         // with the better of the run's first probe and one taken just before their phases.
         if size == 65536 {
