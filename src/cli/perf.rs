@@ -105,9 +105,8 @@ pub(super) fn fdatasync_rate(dir: &Path) -> anyhow::Result<f64> {
         f.sync_data()?;
         n += 1;
     }
-    let rate = n as f64 / start.elapsed().as_secs_f64();
-    std::fs::remove_file(&path).ok();
-    Ok(rate)
+    // The file stays until the run's directory is removed: see [`paced_fdatasync`] on discards.
+    Ok(n as f64 / start.elapsed().as_secs_f64())
 }
 
 /// A process under test, stopped (SIGTERM, then waited for) however the run ends.
@@ -195,51 +194,62 @@ impl DiskLatency {
 /// journal reuses its preallocated segments). An add that waits for an fdatasync cannot beat
 /// this at the same byte rate, and a tail here (other tenants of a shared disk) shows up in
 /// every durable latency measured around it.
+///
+/// The probe file stays in `dir` and is reused by the next call; the benchmark removes it
+/// with its directory at the end. Removing it here would free its blocks just before the
+/// measured phase, and on a file system mounted with online discard the disk then spends
+/// tens of milliseconds discarding them while that phase runs.
 pub(super) fn paced_fdatasync(dir: &Path, bytes_per_sec: f64, dur: Duration) -> anyhow::Result<DiskLatency> {
     anyhow::ensure!(bytes_per_sec >= 1.0, "the disk probe needs a byte rate, got {bytes_per_sec}");
     use std::os::unix::fs::FileExt;
     let write_bytes = ((bytes_per_sec / 1000.0 / 4096.0).ceil() as usize).max(1) * 4096;
-    let path = dir.join("latency-probe");
     let writes_in_file = ((64u64 << 20) / write_bytes as u64).max(1);
     let chunk: Vec<u8> = (0..write_bytes).map(|i| (i * 131 + 7) as u8).collect();
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .read(true)
-        .write(true)
-        .open(&path)
-        .context("creating the disk latency probe")?;
-    let result = (|| -> anyhow::Result<DiskLatency> {
-        for i in 0..writes_in_file {
-            f.write_all_at(&chunk, i * write_bytes as u64)?;
+    let f = written_file(&dir.join("latency-probe"), writes_in_file * write_bytes as u64)
+        .context("preparing the disk latency probe")?;
+    let per_sec = (bytes_per_sec / write_bytes as f64).min(1000.0);
+    let mut hist = latency_histogram();
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed() < dur {
+        let due = start + Duration::from_secs_f64(n as f64 / per_sec);
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        let t = Instant::now();
+        f.write_all_at(&chunk, (n % writes_in_file) * write_bytes as u64)?;
+        f.sync_data()?;
+        let _ = hist.record(t.elapsed().as_nanos().max(1) as u64);
+        n += 1;
+    }
+    let ms = |v: u64| v as f64 / 1e6;
+    Ok(DiskLatency {
+        write_bytes,
+        rate: n as f64 / start.elapsed().as_secs_f64(),
+        p50: ms(hist.value_at_quantile(0.5)),
+        p99: ms(hist.value_at_quantile(0.99)),
+        max: ms(hist.max()),
+    })
+}
+
+/// Opens `path` with at least `size` bytes written and durable: written in full (with
+/// fdatasync) the first time, reused as it is afterwards. Overwriting written blocks is what
+/// the disk probes measure, as the journal overwrites its recycled segments.
+pub(super) fn written_file(path: &Path, size: u64) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().create(true).truncate(false).read(true).write(true).open(path)?;
+    let have = f.metadata()?.len();
+    if have < size {
+        let chunk = vec![0x5au8; 1 << 20];
+        let mut off = have;
+        while off < size {
+            let n = (size - off).min(chunk.len() as u64) as usize;
+            f.write_all_at(&chunk[..n], off)?;
+            off += n as u64;
         }
         f.sync_all()?;
-        let per_sec = (bytes_per_sec / write_bytes as f64).min(1000.0);
-        let mut hist = latency_histogram();
-        let start = Instant::now();
-        let mut n = 0u64;
-        while start.elapsed() < dur {
-            let due = start + Duration::from_secs_f64(n as f64 / per_sec);
-            if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                std::thread::sleep(wait);
-            }
-            let t = Instant::now();
-            f.write_all_at(&chunk, (n % writes_in_file) * write_bytes as u64)?;
-            f.sync_data()?;
-            let _ = hist.record(t.elapsed().as_nanos().max(1) as u64);
-            n += 1;
-        }
-        let ms = |v: u64| v as f64 / 1e6;
-        Ok(DiskLatency {
-            write_bytes,
-            rate: n as f64 / start.elapsed().as_secs_f64(),
-            p50: ms(hist.value_at_quantile(0.5)),
-            p99: ms(hist.value_at_quantile(0.99)),
-            max: ms(hist.max()),
-        })
-    })();
-    std::fs::remove_file(&path).ok();
-    result
+    }
+    Ok(f)
 }
 
 /// [`paced_fdatasync`] for 3 s, off the async runtime: the floor measured right before a
@@ -413,18 +423,26 @@ mod tests {
     /// The probe writes one millisecond's bytes per fdatasync, keeps to the pace asked for,
     /// reports ordered percentiles and leaves no file behind.
     #[test]
-    fn paced_fdatasync_keeps_its_pace_and_cleans_up() {
+    fn paced_fdatasync_keeps_its_pace_and_reuses_its_probe() {
         let dir = tempfile::tempdir().unwrap();
         // 200 KB/s: 4 KiB writes (200 B per ms rounds up), 48.8 per second.
         let d = paced_fdatasync(dir.path(), 200_000.0, Duration::from_millis(600)).unwrap();
         assert_eq!(d.write_bytes, 4096);
         assert!(d.rate > 20.0 && d.rate < 60.0, "{d:?}");
         assert!(d.p50 > 0.0 && d.p50 <= d.p99 && d.p99 <= d.max, "{d:?}");
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        // The probe file stays for the next probe (removing it mid-run would have the disk
+        // discard its blocks during the measured phase), written in full.
+        let probe = dir.path().join("latency-probe");
+        let len = std::fs::metadata(&probe).unwrap().len();
+        assert_eq!(len, (64u64 << 20) / 4096 * 4096);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
         // 50 MB/s: the bytes of one millisecond per write.
         let d = paced_fdatasync(dir.path(), 50e6, Duration::from_millis(200)).unwrap();
         assert_eq!(d.write_bytes, 53_248);
         assert!(d.describe().starts_with("52 KiB write + fdatasync at "), "{}", d.describe());
+        // Reused, not created again.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        assert!(std::fs::metadata(&probe).unwrap().len() >= len);
         assert!(paced_fdatasync(dir.path(), 0.0, Duration::from_millis(10)).is_err());
     }
 }

@@ -5,7 +5,6 @@
 //! A single-node metastore runs in this process and a bookie (`magnetar bookie`) in a child
 //! process, both over `--dir`, which should be on the disk to measure.
 
-use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,7 +23,7 @@ use magnetar_metastore::MetastoreConfig;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::perf::{disk_floor, fdatasync_rate, latency_histogram, record, DiskLatency, Steal, Stopped};
+use super::perf::{disk_floor, fdatasync_rate, latency_histogram, record, written_file, DiskLatency, Steal, Stopped};
 
 #[derive(Args, Debug)]
 pub struct BookiePerf {
@@ -94,17 +93,11 @@ impl Result1 {
 /// fdatasync'd sequential write bandwidth (MB/s): 1 MiB overwrites of an already written file,
 /// each followed by fdatasync, the way the journal writes its preallocated segments.
 fn sequential_bandwidth(dir: &Path) -> anyhow::Result<f64> {
-    let path = dir.join("seq-probe");
     let size: u64 = 256 << 20;
     let chunk = vec![7u8; 1 << 20];
-    {
-        let mut f = std::fs::File::create(&path).context("creating the bandwidth probe")?;
-        for _ in 0..(size >> 20) {
-            f.write_all(&chunk)?;
-        }
-        f.sync_all()?;
-    }
-    let f = std::fs::OpenOptions::new().write(true).open(&path)?;
+    // Kept for the second probe and removed with the run's directory: see
+    // [`super::perf::paced_fdatasync`] on discards.
+    let f = written_file(&dir.join("seq-probe"), size).context("preparing the bandwidth probe")?;
     let start = Instant::now();
     let mut written = 0u64;
     while start.elapsed() < Duration::from_secs(3) {
@@ -112,9 +105,7 @@ fn sequential_bandwidth(dir: &Path) -> anyhow::Result<f64> {
         f.sync_data()?;
         written += chunk.len() as u64;
     }
-    let mbs = written as f64 / 1e6 / start.elapsed().as_secs_f64();
-    std::fs::remove_file(&path).ok();
-    Ok(mbs)
+    Ok(written as f64 / 1e6 / start.elapsed().as_secs_f64())
 }
 
 /// As many adds as `window` allows in flight, for `dur`.
