@@ -421,7 +421,7 @@ mod tests {
     }
 
     /// The probe writes one millisecond's bytes per fdatasync, keeps to the pace asked for,
-    /// reports ordered percentiles and leaves no file behind.
+    /// reports ordered percentiles and keeps its probe file for the next call.
     #[test]
     fn paced_fdatasync_keeps_its_pace_and_reuses_its_probe() {
         let dir = tempfile::tempdir().unwrap();
