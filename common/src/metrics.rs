@@ -74,15 +74,28 @@ impl Histogram {
 
     /// Records one observation.
     pub fn observe(&self, v: f64) {
-        let i = self.bounds.iter().position(|b| v <= *b).unwrap_or(self.bounds.len());
-        self.counts[i].fetch_add(1, Ordering::Relaxed);
-        self.sum_micros.fetch_add((v.max(0.0) * 1e6) as u64, Ordering::Relaxed);
-        self.count.fetch_add(1, Ordering::Relaxed);
+        self.observe_many(v, 1);
     }
 
     /// Records a duration in milliseconds.
     pub fn observe_duration_ms(&self, d: std::time::Duration) {
         self.observe(d.as_secs_f64() * 1000.0);
+    }
+
+    /// Records `n` observations of the same value (a batch whose members all took as long).
+    pub fn observe_many(&self, v: f64, n: u64) {
+        if n == 0 {
+            return;
+        }
+        let i = self.bounds.iter().position(|b| v <= *b).unwrap_or(self.bounds.len());
+        self.counts[i].fetch_add(n, Ordering::Relaxed);
+        self.sum_micros.fetch_add((v.max(0.0) * 1e6) as u64 * n, Ordering::Relaxed);
+        self.count.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Records `n` observations of a duration in milliseconds.
+    pub fn observe_duration_ms_many(&self, d: std::time::Duration, n: u64) {
+        self.observe_many(d.as_secs_f64() * 1000.0, n);
     }
 
     /// Number of observations.
@@ -258,15 +271,17 @@ mod tests {
         h.observe(0.5);
         h.observe(5.0);
         h.observe(50.0);
+        h.observe_many(20.0, 2);
+        h.observe_many(0.1, 0);
         r.gauge_fn("x_ratio", "computed", &[], || 0.25);
         let text = r.render();
         assert!(text.contains("# TYPE bookie_ADD_ENTRY_count counter\nbookie_ADD_ENTRY_count{bookie=\"b\\\"1\"} 3\n"));
         assert!(text.contains("bookie_journal_JOURNAL_QUEUE_SIZE -2\n"));
         assert!(text.contains("bookie_journal_JOURNAL_SYNC_bucket{le=\"1\"} 1\n"));
         assert!(text.contains("bookie_journal_JOURNAL_SYNC_bucket{le=\"10\"} 2\n"));
-        assert!(text.contains("bookie_journal_JOURNAL_SYNC_bucket{le=\"+Inf\"} 3\n"));
-        assert!(text.contains("bookie_journal_JOURNAL_SYNC_count 3\n"));
-        assert!(text.contains("bookie_journal_JOURNAL_SYNC_sum 55.5\n"));
+        assert!(text.contains("bookie_journal_JOURNAL_SYNC_bucket{le=\"+Inf\"} 5\n"));
+        assert!(text.contains("bookie_journal_JOURNAL_SYNC_count 5\n"));
+        assert!(text.contains("bookie_journal_JOURNAL_SYNC_sum 95.5\n"));
         assert!(text.contains("x_ratio 0.25\n"));
     }
 

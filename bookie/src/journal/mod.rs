@@ -98,6 +98,9 @@ pub enum Op {
 /// Called once with the outcome: for adds the entry id, for fences the ledger's LAC.
 pub type Callback = Box<dyn FnOnce(Result<i64>) + Send>;
 
+/// Called once with the outcomes of a batch of operations, in the batch's order.
+pub type BatchCallback = Box<dyn FnOnce(Vec<Result<i64>>) + Send>;
+
 /// Journal metrics, named as BookKeeper names them.
 pub struct JournalMetrics {
     sync: Arc<Histogram>,
@@ -177,10 +180,63 @@ impl JournalMetrics {
 /// Buckets of `JOURNAL_FORCE_WRITE_BATCH_ENTRIES`.
 const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0];
 
+/// What a submitter queued: one operation, or a batch of them (a client's `AddBatch`) that
+/// takes one trip through the queue and is answered at once.
+enum Work {
+    One(Op, Callback),
+    Many(Vec<Op>, BatchCallback),
+}
+
+impl Work {
+    fn ops(&self) -> usize {
+        match self {
+            Work::One(..) => 1,
+            Work::Many(ops, _) => ops.len(),
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            Work::One(op, _) => op_bytes(op),
+            Work::Many(ops, _) => ops.iter().map(op_bytes).sum(),
+        }
+    }
+}
+
 struct Queued {
-    op: Op,
-    cb: Callback,
+    work: Work,
     at: Instant,
+}
+
+/// Outcomes waiting for their group's sync.
+enum Ack {
+    One(Callback, Result<i64>),
+    /// A batch's outcomes, refusals among them.
+    Many(BatchCallback, Vec<Result<i64>>),
+}
+
+impl Ack {
+    fn ops(&self) -> usize {
+        match self {
+            Ack::One(..) => 1,
+            Ack::Many(_, rs) => rs.len(),
+        }
+    }
+
+    /// Turns every success into `err()` (the records did not become durable); refusals stay.
+    fn fail(&mut self, err: impl Fn() -> BookieError) {
+        match self {
+            Ack::One(_, r) => *r = Err(err()),
+            Ack::Many(_, rs) => rs.iter_mut().filter(|r| r.is_ok()).for_each(|r| *r = Err(err())),
+        }
+    }
+
+    fn run(self) {
+        match self {
+            Ack::One(cb, r) => cb(r),
+            Ack::Many(cb, rs) => cb(rs),
+        }
+    }
 }
 
 /// A batch written by the writer, waiting for its sync.
@@ -188,7 +244,9 @@ struct Group {
     files: Vec<Arc<File>>,
     /// Holds adds whose payloads are in the entry store only.
     refs: bool,
-    acks: Vec<(Callback, Result<i64>, Instant)>,
+    acks: Vec<(Ack, Instant)>,
+    /// Operations in `acks`.
+    ops: usize,
     born: Instant,
 }
 
@@ -222,7 +280,7 @@ impl Shared {
         let mut ops = 0;
         for g in &groups {
             m.sync_enqueue.observe_duration_ms(started.saturating_duration_since(g.born));
-            ops += g.acks.len();
+            ops += g.ops;
         }
         m.sync_entries.observe(ops as f64);
         let mut failure = self.failure.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -272,12 +330,12 @@ impl Shared {
             tracing::error!(error = %err, "journal fdatasync failed");
         }
         for g in groups {
-            for (cb, r, at) in g.acks {
-                m.add.observe_duration_ms(at.elapsed());
-                match (&failure, r) {
-                    (Some(err), _) => cb(Err(BookieError::io("journal fdatasync", std::io::Error::other(err.clone())))),
-                    (None, r) => cb(r),
+            for (mut ack, at) in g.acks {
+                m.add.observe_duration_ms_many(at.elapsed(), ack.ops() as u64);
+                if let Some(err) = &failure {
+                    ack.fail(|| BookieError::io("journal fdatasync", std::io::Error::other(err.clone())));
                 }
+                ack.run();
             }
         }
     }
@@ -345,15 +403,33 @@ impl Journal {
 
     /// Queues an operation; `cb` runs once it is durable (or refused).
     pub fn submit(&self, op: Op, cb: Callback) {
+        self.queue(Work::One(op, cb));
+    }
+
+    /// Queues a batch of operations, written in order into one group; `cb` runs once with
+    /// every outcome, in the batch's order, once they are all durable. An operation refused
+    /// (fenced ledger, wrong key) is answered with the rest.
+    pub fn submit_batch(&self, ops: Vec<Op>, cb: BatchCallback) {
+        if ops.is_empty() {
+            return cb(Vec::new());
+        }
+        self.queue(Work::Many(ops, cb));
+    }
+
+    fn queue(&self, work: Work) {
+        let refuse = |work: Work| match work {
+            Work::One(_, cb) => cb(Err(BookieError::ShuttingDown)),
+            Work::Many(ops, cb) => cb(ops.iter().map(|_| Err(BookieError::ShuttingDown)).collect()),
+        };
         let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let Some(tx) = tx else {
-            cb(Err(BookieError::ShuttingDown));
-            return;
+            return refuse(work);
         };
-        self.shared.queued.fetch_add(1, Ordering::Relaxed);
-        if let Err(mpsc::SendError(q)) = tx.send(Queued { op, cb, at: Instant::now() }) {
-            self.shared.queued.fetch_sub(1, Ordering::Relaxed);
-            (q.cb)(Err(BookieError::ShuttingDown));
+        let n = work.ops() as i64;
+        self.shared.queued.fetch_add(n, Ordering::Relaxed);
+        if let Err(mpsc::SendError(q)) = tx.send(Queued { work, at: Instant::now() }) {
+            self.shared.queued.fetch_sub(n, Ordering::Relaxed);
+            refuse(q.work);
         }
     }
 
@@ -489,7 +565,9 @@ struct Writer {
 struct Batch {
     entries: Vec<EntryWrite>,
     states: HashMap<u64, LedgerMeta, foldhash::fast::RandomState>,
-    acks: Vec<(Callback, Result<i64>, Instant)>,
+    acks: Vec<(Ack, Instant)>,
+    /// Operations in `acks`.
+    ops: usize,
     files: Vec<Arc<File>>,
     bytes: usize,
     /// Adds whose payloads went to the entry store only, to index once their records are
@@ -500,23 +578,25 @@ struct Batch {
 impl Writer {
     fn run(mut self) {
         while let Ok(first) = self.rx.recv() {
+            let mut bytes = first.work.bytes();
+            let mut ops = first.work.ops();
             let mut items = vec![first];
-            let mut bytes = op_bytes(&items[0].op);
-            while bytes < self.max_batch_bytes && items.len() < 8192 {
+            while bytes < self.max_batch_bytes && ops < 8192 {
                 match self.rx.try_recv() {
                     Ok(q) => {
-                        bytes += op_bytes(&q.op);
+                        bytes += q.work.bytes();
+                        ops += q.work.ops();
                         items.push(q);
                     }
                     Err(_) => break,
                 }
             }
-            self.shared.queued.fetch_sub(items.len() as i64, Ordering::Relaxed);
+            self.shared.queued.fetch_sub(ops as i64, Ordering::Relaxed);
             let m = &self.shared.metrics;
             m.queue.set(self.shared.queued.load(Ordering::Relaxed));
             let taken = Instant::now();
             for q in &items {
-                m.queue_latency.observe_duration_ms(taken.saturating_duration_since(q.at));
+                m.queue_latency.observe_duration_ms_many(taken.saturating_duration_since(q.at), q.work.ops() as u64);
             }
             let batch = self.process(items);
             self.hand_off(batch);
@@ -528,11 +608,21 @@ impl Writer {
 
     fn process(&mut self, items: Vec<Queued>) -> Batch {
         let mut b = Batch { files: vec![self.seg.file.clone()], ..Default::default() };
-        for Queued { op, cb, at } in items {
-            match self.apply_op(op, &mut b) {
-                Ok(v) => b.acks.push((cb, Ok(v), at)),
-                // Refusals (fenced, wrong key) need no disk: answer at once.
-                Err(e) => cb(Err(e)),
+        for Queued { work, at } in items {
+            match work {
+                Work::One(op, cb) => match self.apply_op(op, &mut b) {
+                    Ok(v) => {
+                        b.acks.push((Ack::One(cb, Ok(v)), at));
+                        b.ops += 1;
+                    }
+                    // Refusals (fenced, wrong key) need no disk: answer at once.
+                    Err(e) => cb(Err(e)),
+                },
+                Work::Many(ops, cb) => {
+                    let results: Vec<Result<i64>> = ops.into_iter().map(|op| self.apply_op(op, &mut b)).collect();
+                    b.ops += results.len();
+                    b.acks.push((Ack::Many(cb, results), at));
+                }
             }
         }
         let writing = Instant::now();
@@ -775,10 +865,10 @@ impl Writer {
         if b.acks.is_empty() {
             return;
         }
-        let group = Group { files: b.files, refs: !b.refs.is_empty(), acks: b.acks, born: Instant::now() };
+        let group = Group { files: b.files, refs: !b.refs.is_empty(), acks: b.acks, ops: b.ops, born: Instant::now() };
         let mut q = self.shared.sync_q.lock().unwrap_or_else(|e| e.into_inner());
         let idle = q.groups.is_empty() && !q.syncing && self.shared.queued.load(Ordering::Relaxed) == 0;
-        if self.inline_sync && idle && group.acks.len() <= INLINE_SYNC_MAX_OPS {
+        if self.inline_sync && idle && group.ops <= INLINE_SYNC_MAX_OPS {
             // Nothing to batch with and nobody syncing: sync here. Adds arriving meanwhile
             // wait in the queue, as they would behind the syncer's fdatasync.
             q.syncing = true;
@@ -795,8 +885,8 @@ impl Writer {
 }
 
 fn fail_all(b: &mut Batch, e: &BookieError) {
-    for (_, r, _) in b.acks.iter_mut() {
-        *r = Err(BookieError::io("journal", std::io::Error::other(e.to_string())));
+    for (ack, _) in b.acks.iter_mut() {
+        ack.fail(|| BookieError::io("journal", std::io::Error::other(e.to_string())));
     }
     b.entries.clear();
     b.states.clear();
@@ -1269,5 +1359,53 @@ mod tests {
         let meta = storage.ledger_meta(4).unwrap().unwrap();
         assert_eq!((meta.fenced, meta.lac, &meta.master_key[..]), (true, 3, &b"key"[..]));
         assert!(storage.get_entry(4, 1).unwrap().is_none(), "the refused add left nothing");
+    }
+
+    /// A batch goes through as one: one answer with every outcome in the batch's order,
+    /// refusals among them and changing nothing, after the batch is durable; a batch after a
+    /// fence is refused whole except its recovery adds; a stopped journal refuses a batch whole.
+    #[test]
+    fn a_batch_is_answered_once_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Arc::new(MemStorage::new());
+        let ledgers = Arc::new(Ledgers::new(storage.clone(), 1 << 20));
+        let metrics = JournalMetrics::register(&Registry::new(), 0);
+        let journal =
+            Journal::start(dir.path(), 1, &JournalSettings::default(), 1 << 20, ledgers, metrics, Box::new(|| {}))
+                .unwrap();
+        let (tx, rx) = mpsc::channel();
+        let batch = |adds: &[(i64, &'static [u8], bool)]| {
+            let ops = adds.iter().map(|(e, key, rec)| add_op(5, *e, e - 1, Bytes::from(vec![*e as u8; 20]), key, *rec));
+            let tx = tx.clone();
+            journal.submit_batch(
+                ops.collect(),
+                Box::new(move |rs| tx.send(rs.into_iter().map(|r| r.map_err(|e| e.to_string())).collect()).unwrap()),
+            );
+            let got: Vec<std::result::Result<i64, String>> = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+            assert!(rx.try_recv().is_err(), "one answer per batch");
+            got
+        };
+        let got = batch(&[(0, b"key", false), (1, b"key", false), (2, b"bad", false), (3, b"key", false)]);
+        assert_eq!(got[..2], [Ok(0), Ok(1)]);
+        assert!(got[2].as_ref().is_err_and(|e| e.contains("wrong master key")), "{got:?}");
+        assert_eq!(got[3], Ok(3));
+        assert_eq!(journal.shared.metrics.add.count(), 4, "every add of the batch is timed");
+        let (ftx, frx) = mpsc::channel();
+        journal.submit(
+            Op::Fence { ledger: 5, master_key: Bytes::from_static(b"key") },
+            Box::new(move |r| ftx.send(r.is_ok()).unwrap()),
+        );
+        assert!(frx.recv_timeout(Duration::from_secs(10)).unwrap());
+        let got = batch(&[(4, b"key", false), (5, b"key", true), (6, b"key", false)]);
+        assert!(got[0].as_ref().is_err_and(|e| e.contains("fenced")), "{got:?}");
+        assert_eq!(got[1], Ok(5));
+        assert!(got[2].as_ref().is_err_and(|e| e.contains("fenced")), "{got:?}");
+        journal.stop();
+        let got = batch(&[(7, b"key", false), (8, b"key", false)]);
+        assert_eq!(got.len(), 2);
+        assert!(got.iter().all(|r| r.as_ref().is_err_and(|e| e.contains("shutting down"))), "{got:?}");
+        for (e, kept) in [(0, true), (1, true), (2, false), (3, true), (4, false), (5, true), (6, false)] {
+            assert_eq!(storage.get_entry(5, e).unwrap().is_some(), kept, "entry {e}");
+        }
     }
 }

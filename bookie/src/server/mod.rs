@@ -86,7 +86,10 @@ pub(crate) struct Core {
 
 impl Core {
     fn journal_for(&self, ledger: u64) -> &Journal {
-        &self.journals[(ledger % self.journals.len() as u64) as usize]
+        &self.journals[self.journal_index(ledger)]
+    }
+    fn journal_index(&self, ledger: u64) -> usize {
+        (ledger % self.journals.len() as u64) as usize
     }
     pub(crate) fn is_read_only(&self) -> bool {
         self.read_only.load(Ordering::Relaxed)

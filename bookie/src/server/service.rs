@@ -37,6 +37,9 @@ fn add_result(ledger: u64, entry: i64, r: Result<i64, BookieError>) -> pb::AddRe
     }
 }
 
+/// A batch's adds for one journal: their ids, to name them in the answers, and the operations.
+type JournalBatch = (Vec<(u64, i64)>, Vec<Op>);
+
 impl Core {
     /// Checks an add and queues it on its journal; `reply` gets the outcome once the add is
     /// durable (or at once when it is refused).
@@ -72,6 +75,59 @@ impl Core {
                 reply(add_result(ledger, entry, r));
             }),
         );
+    }
+
+    /// Checks a batch of adds and queues it on the journals (one queue operation per journal
+    /// it touches); `reply` gets the outcomes, once for the adds refused at once and once per
+    /// journal when its adds are durable.
+    pub(crate) fn submit_adds<R>(self: &Arc<Self>, adds: Vec<pb::AddRequest>, reply: R)
+    where
+        R: FnOnce(Vec<pb::AddResult>) + Clone + Send + 'static,
+    {
+        let journals = self.journals.len();
+        let mut queued: Vec<JournalBatch> = (0..journals).map(|_| Default::default()).collect();
+        let mut refused = Vec::new();
+        for add in adds {
+            let (ledger, entry) = (add.ledger_id, add.entry_id);
+            if let Err(e) = self.check_add(&add) {
+                refused.push(add_result(ledger, entry, Err(e)));
+                continue;
+            }
+            self.metrics.write_bytes.add(add.payload.len() as u64);
+            let (ids, ops) = &mut queued[self.journal_index(ledger)];
+            ids.push((ledger, entry));
+            ops.push(Op::Add {
+                ledger,
+                entry,
+                lac: add.lac,
+                checksum: add.checksum,
+                payload: add.payload,
+                master_key: add.master_key,
+                recovery: add.recovery,
+            });
+        }
+        if !refused.is_empty() {
+            reply.clone()(refused);
+        }
+        let started = Instant::now();
+        for (journal, (ids, ops)) in queued.into_iter().enumerate() {
+            if ops.is_empty() {
+                continue;
+            }
+            let metrics = self.metrics.clone();
+            let reply = reply.clone();
+            self.journals[journal].submit_batch(
+                ops,
+                Box::new(move |results| {
+                    let n = results.len() as u64;
+                    let ok = results.iter().filter(|r| r.is_ok()).count() as u64;
+                    metrics.add_ok.add(ok);
+                    metrics.add_failed.add(n - ok);
+                    metrics.add_latency.observe_duration_ms_many(started.elapsed(), n);
+                    reply(ids.into_iter().zip(results).map(|((l, e), r)| add_result(l, e, r)).collect());
+                }),
+            );
+        }
     }
 
     fn check_add(&self, add: &pb::AddRequest) -> Result<(), BookieError> {
@@ -126,7 +182,7 @@ impl BookieRpc for Service {
 
     async fn add(&self, req: Request<Streaming<pb::AddBatch>>) -> Result<Response<AddStream>, Status> {
         let mut inbound = req.into_inner();
-        let (tx, rx) = mpsc::unbounded_channel::<pb::AddResult>();
+        let (tx, rx) = mpsc::unbounded_channel::<Vec<pb::AddResult>>();
         let core = self.core.clone();
         let cancel = self.cancel.clone();
         tokio::spawn(async move {
@@ -137,12 +193,10 @@ impl BookieRpc for Service {
                 };
                 match next {
                     Ok(Some(batch)) => {
-                        for add in batch.adds {
-                            let tx = tx.clone();
-                            core.submit_add(add, move |r| {
-                                let _ = tx.send(r);
-                            });
-                        }
+                        let tx = tx.clone();
+                        core.submit_adds(batch.adds, move |r| {
+                            let _ = tx.send(r);
+                        });
                     }
                     Ok(None) => break,
                     Err(e) => {
@@ -153,11 +207,10 @@ impl BookieRpc for Service {
             }
         });
         let out = futures::stream::unfold(rx, |mut rx| async move {
-            let first = rx.recv().await?;
-            let mut results = vec![first];
+            let mut results = rx.recv().await?;
             while results.len() < 4096 {
                 match rx.try_recv() {
-                    Ok(r) => results.push(r),
+                    Ok(r) => results.extend(r),
                     Err(_) => break,
                 }
             }
