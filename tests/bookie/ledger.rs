@@ -96,6 +96,38 @@ async fn a_burst_of_appends_is_all_confirmed_in_order() {
     cluster.shutdown().await;
 }
 
+/// Adds given callbacks (`append_with`) are confirmed in order like futures, each callback
+/// running once with its id; once the ledger is fenced by a recovery, a callback hears the
+/// refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn add_callbacks_hear_every_outcome_in_order() {
+    let cluster = Cluster::new(3, &[], true).await;
+    let client = cluster.ledger_client();
+    let w = client.create(LedgerConfig::new(3, 2, 2)).await.expect("create");
+    let id = w.id();
+    let heard = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let n = 1000i64;
+    for e in 0..n {
+        let heard = heard.clone();
+        w.append_with(payload(id, e, 100), move |r| heard.lock().expect("lock").push(r.map_err(|e| e.to_string())));
+    }
+    // Confirmed after every entry before it, so every callback has run by then.
+    assert_eq!(w.append(payload(id, n, 100)).await.expect("last add"), n);
+    let got = std::mem::take(&mut *heard.lock().expect("lock"));
+    assert_eq!(got, (0..n).map(Ok).collect::<Vec<_>>());
+    let other = cluster.ledger_client();
+    assert_eq!(other.recover(id).await.expect("recover").last_entry, n);
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    w.append_with(b"after the fence".to_vec(), move |r| {
+        let _ = tx.send(r);
+    });
+    match rx.await.expect("the callback runs") {
+        Err(LedgerError::Fenced(l)) => assert_eq!(l, id),
+        other => panic!("the fenced writer's add must fail with Fenced, got {other:?}"),
+    }
+    cluster.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recovery_fences_the_old_writer() {
     let cluster = Cluster::new(3, &[], true).await;

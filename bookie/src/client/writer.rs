@@ -29,7 +29,23 @@ use super::reader::LedgerReader;
 use super::{Ctx, LedgerError};
 use crate::checksum::entry_checksum;
 
-type AddDone = oneshot::Sender<Result<i64, LedgerError>>;
+/// Who hears of an entry's outcome: the future [`LedgerWriter::append`] returned, or the
+/// callback given to [`LedgerWriter::append_with`].
+enum AddDone {
+    Future(oneshot::Sender<Result<i64, LedgerError>>),
+    Callback(Box<dyn FnOnce(Result<i64, LedgerError>) + Send>),
+}
+
+impl AddDone {
+    fn send(self, r: Result<i64, LedgerError>) {
+        match self {
+            AddDone::Future(tx) => {
+                let _ = tx.send(r);
+            }
+            AddDone::Callback(f) => f(r),
+        }
+    }
+}
 
 enum Cmd {
     Append { payload: Bytes, done: AddDone },
@@ -158,13 +174,24 @@ impl LedgerWriter {
         payload: impl Into<Bytes>,
     ) -> impl std::future::Future<Output = Result<i64, LedgerError>> + Send + 'static {
         let (done, rx) = oneshot::channel();
-        let sent = self.tx.send(Cmd::Append { payload: payload.into(), done }).is_ok();
+        let sent = self.tx.send(Cmd::Append { payload: payload.into(), done: AddDone::Future(done) }).is_ok();
         let id = self.id;
         async move {
             if !sent {
                 return Err(LedgerError::WriterStopped(id));
             }
             rx.await.unwrap_or(Err(LedgerError::WriterStopped(id)))
+        }
+    }
+
+    /// Queues an entry like [`append`](Self::append), and calls `done` with its outcome once
+    /// it is known (in entry order for confirmations), on the writer's task: as BookKeeper's
+    /// add callbacks, it runs the moment the entry is confirmed, with no task to wake. It must
+    /// be quick and must not block, since every later confirmation waits for it.
+    pub fn append_with(&self, payload: impl Into<Bytes>, done: impl FnOnce(Result<i64, LedgerError>) + Send + 'static) {
+        let cmd = Cmd::Append { payload: payload.into(), done: AddDone::Callback(Box::new(done)) };
+        if let Err(mpsc::error::SendError(Cmd::Append { done, .. })) = self.tx.send(cmd) {
+            done.send(Err(LedgerError::WriterStopped(self.id)));
         }
     }
 
@@ -217,7 +244,13 @@ impl Actor {
             tokio::select! {
                 cmd = cmds.recv(), if closing.is_none() => {
                     // Every handle is gone: nothing can be confirmed to anyone any more.
-                    let Some(mut cmd) = cmd else { return };
+                    let Some(mut cmd) = cmd else {
+                        // Callbacks still hear of their entries.
+                        if !self.pending.is_empty() {
+                            self.fail(LedgerError::WriterStopped(self.md.id));
+                        }
+                        return;
+                    };
                     // What else is queued goes out in the same turn, so the add streams get
                     // it together.
                     let mut taken = 1;
@@ -247,7 +280,7 @@ impl Actor {
 
     fn append(&mut self, payload: Bytes, done: AddDone) {
         if let Some(e) = &self.failed {
-            let _ = done.send(Err(e.clone()));
+            done.send(Err(e.clone()));
             return;
         }
         let entry = self.next_entry;
@@ -417,7 +450,7 @@ impl Actor {
             self.lac = p.entry;
             self.shared.lac.store(p.entry, Ordering::Release);
             if let Some(done) = p.done.take() {
-                let _ = done.send(Ok(p.entry));
+                done.send(Ok(p.entry));
             }
         }
     }
@@ -448,7 +481,7 @@ impl Actor {
         }
         for mut p in self.pending.drain(..) {
             if let Some(done) = p.done.take() {
-                let _ = done.send(Err(e.clone()));
+                done.send(Err(e.clone()));
             }
         }
         self.streams.clear();
