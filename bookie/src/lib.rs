@@ -18,6 +18,11 @@ pub mod ledgers;
 pub mod server;
 pub mod storage;
 
+/// The largest HTTP/2 frame each side of the bookie protocol accepts: an entry of up to this
+/// size crosses in one frame instead of 16 KiB pieces (HTTP/2's default), each a separate
+/// step for both sides' connection tasks.
+pub(crate) const H2_MAX_FRAME: u32 = 1 << 20;
+
 /// Starts a named background thread of the bookie.
 pub(crate) fn spawn_thread(
     name: &str,

@@ -113,7 +113,8 @@ impl Bookies {
                         .http2_keep_alive_interval(Duration::from_secs(10))
                         .keep_alive_timeout(Duration::from_secs(5))
                         .initial_stream_window_size(Some(8 << 20))
-                        .initial_connection_window_size(Some(16 << 20));
+                        .initial_connection_window_size(Some(16 << 20))
+                        .max_frame_size(Some(crate::H2_MAX_FRAME));
                     let c = ep.connect_lazy();
                     g.insert(addr.clone(), c.clone());
                     c

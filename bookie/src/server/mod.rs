@@ -268,6 +268,7 @@ impl Bookie {
                 .http2_keepalive_interval(Some(Duration::from_secs(10)))
                 .initial_stream_window_size(Some(8 << 20))
                 .initial_connection_window_size(Some(16 << 20))
+                .max_frame_size(Some(crate::H2_MAX_FRAME))
                 .add_service(svc)
                 .serve_with_incoming_shutdown(incoming, serve_cancel.cancelled())
                 .await;
