@@ -57,22 +57,8 @@ enum Cmd {
 /// from a stream that was replaced meanwhile are ignored. Results come as the bookie batched
 /// them, in its order.
 enum Event {
-    Results {
-        pos: usize,
-        gen: u64,
-        results: Vec<AddResult>,
-    },
-    /// One result (from a bookie in this process, which answers add by add).
-    Result {
-        pos: usize,
-        gen: u64,
-        result: AddResult,
-    },
-    Broken {
-        pos: usize,
-        gen: u64,
-        reason: String,
-    },
+    Results { pos: usize, gen: u64, results: Vec<AddResult> },
+    Broken { pos: usize, gen: u64, reason: String },
 }
 
 /// Most commands the writer takes from its queue in one turn before it looks at events again.
@@ -326,13 +312,14 @@ impl Actor {
         let gen = self.next_gen;
         let (ctx, ev_tx, id) = (self.ctx.clone(), self.ev_tx.clone(), self.bookie(pos).to_owned());
         if let Some(local) = self.ctx.bookies.local(&id).cloned() {
-            // The bookie runs in this process: its journal answers into this writer's events.
+            // The bookie runs in this process: its journal answers into this writer's events, a
+            // batch of adds at a time, as over gRPC.
             tokio::spawn(async move {
                 let mut rx = rx;
-                while let Some(req) = rx.recv().await {
+                while let Some(first) = rx.recv().await {
                     let ev_tx = ev_tx.clone();
-                    local.core.submit_add(req, move |r| {
-                        let _ = ev_tx.send(Event::Result { pos, gen, result: r });
+                    local.core.submit_adds(take_batch(first, &mut rx), move |results| {
+                        let _ = ev_tx.send(Event::Results { pos, gen, results });
                     });
                 }
             });
@@ -348,18 +335,7 @@ impl Actor {
             };
             let outbound = futures::stream::unfold(rx, |mut rx| async move {
                 let first = rx.recv().await?;
-                let mut bytes = first.payload.len();
-                let mut adds = vec![first];
-                while adds.len() < 1024 && bytes < (4 << 20) {
-                    match rx.try_recv() {
-                        Ok(a) => {
-                            bytes += a.payload.len();
-                            adds.push(a);
-                        }
-                        Err(_) => break,
-                    }
-                }
-                Some((AddBatch { adds }, rx))
+                Some((AddBatch { adds: take_batch(first, &mut rx) }, rx))
             });
             let mut inbound = match client.add(outbound).await {
                 Ok(r) => r.into_inner(),
@@ -387,7 +363,6 @@ impl Actor {
     async fn on_event(&mut self, ev: Event) {
         match ev {
             Event::Results { pos, gen, results } => self.on_results(pos, gen, results).await,
-            Event::Result { pos, gen, result } => self.on_results(pos, gen, [result]).await,
             Event::Broken { pos, gen, reason } => {
                 if self.current_gen(pos) != Some(gen) {
                     return;
@@ -404,7 +379,7 @@ impl Actor {
     }
 
     /// A bookie's answers, in its order.
-    async fn on_results(&mut self, pos: usize, gen: u64, results: impl IntoIterator<Item = AddResult>) {
+    async fn on_results(&mut self, pos: usize, gen: u64, results: Vec<AddResult>) {
         for r in results {
             // A failure earlier in the batch may have failed the writer or replaced
             // this bookie: the rest of its answers no longer count.
@@ -603,6 +578,23 @@ impl Actor {
         tracing::debug!(ledger = md.id, last_entry = md.last_entry, "ledger closed");
         Ok(md)
     }
+}
+
+/// `first` and whatever else is queued behind it, up to 1024 adds or 4 MiB of payload: what
+/// one `AddBatch` carries.
+fn take_batch(first: AddRequest, rx: &mut mpsc::UnboundedReceiver<AddRequest>) -> Vec<AddRequest> {
+    let mut bytes = first.payload.len();
+    let mut adds = vec![first];
+    while adds.len() < 1024 && bytes < (4 << 20) {
+        match rx.try_recv() {
+            Ok(a) => {
+                bytes += a.payload.len();
+                adds.push(a);
+            }
+            Err(_) => break,
+        }
+    }
+    adds
 }
 
 #[cfg(test)]

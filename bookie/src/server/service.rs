@@ -41,42 +41,6 @@ fn add_result(ledger: u64, entry: i64, r: Result<i64, BookieError>) -> pb::AddRe
 type JournalBatch = (Vec<(u64, i64)>, Vec<Op>);
 
 impl Core {
-    /// Checks an add and queues it on its journal; `reply` gets the outcome once the add is
-    /// durable (or at once when it is refused).
-    pub(crate) fn submit_add(
-        self: &Arc<Self>,
-        add: pb::AddRequest,
-        reply: impl FnOnce(pb::AddResult) + Send + 'static,
-    ) {
-        let (ledger, entry) = (add.ledger_id, add.entry_id);
-        if let Err(e) = self.check_add(&add) {
-            return reply(add_result(ledger, entry, Err(e)));
-        }
-        self.metrics.write_bytes.add(add.payload.len() as u64);
-        let metrics = self.metrics.clone();
-        let started = Instant::now();
-        self.journal_for(ledger).submit(
-            Op::Add {
-                ledger,
-                entry,
-                lac: add.lac,
-                checksum: add.checksum,
-                payload: add.payload,
-                master_key: add.master_key,
-                recovery: add.recovery,
-            },
-            Box::new(move |r| {
-                if r.is_ok() {
-                    metrics.add_ok.inc();
-                } else {
-                    metrics.add_failed.inc();
-                }
-                metrics.add_latency.observe_duration_ms(started.elapsed());
-                reply(add_result(ledger, entry, r));
-            }),
-        );
-    }
-
     /// Checks a batch of adds and queues it on the journals (one queue operation per journal
     /// it touches); `reply` gets the outcomes, once for the adds refused at once and once per
     /// journal when its adds are durable.
