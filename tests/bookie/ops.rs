@@ -122,3 +122,70 @@ async fn stops_cleanly_with_an_idle_writer_connected() {
     drop(w);
     cluster.shutdown().await;
 }
+
+/// One `AddBatch` whose adds belong to ledgers of two journals, with a corrupt add among them:
+/// every add is answered once, by its ledger and entry, and the good ones read back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_add_batch_over_two_journals_is_answered_add_by_add() {
+    use futures::StreamExt;
+    use magnetar_bookie::checksum::entry_checksum;
+    use magnetar_proto::bookie::{bookie_client::BookieClient, AddBatch, AddRequest};
+
+    let mut cluster = Cluster::new(1, &[], false).await;
+    let root = cluster.bookies[0].journal.parent().expect("bookie root").to_path_buf();
+    let (j1, j2) = (root.join("journal-a"), root.join("journal-b"));
+    cluster.bookies[0].extra.extend([
+        "--set".to_string(),
+        format!("journal_dirs=[{:?},{:?}]", j1.display().to_string(), j2.display().to_string()),
+    ]);
+    cluster.bookies[0].start().await;
+    let addr = cluster.bookies[0].addr.clone();
+    let add = |ledger: u64, entry: i64, corrupt: bool| {
+        let payload = bytes::Bytes::from(payload(ledger, entry, 200));
+        let checksum = entry_checksum(ledger, entry, &payload) ^ u32::from(corrupt);
+        AddRequest {
+            ledger_id: ledger,
+            entry_id: entry,
+            lac: entry - 1,
+            payload,
+            checksum,
+            master_key: "k".into(),
+            recovery: false,
+        }
+    };
+    // Ledgers 10 and 11 go to different journals (ledger id modulo the journal count).
+    let mut adds = Vec::new();
+    for e in 0..3 {
+        adds.push(add(10, e, false));
+        adds.push(add(11, e, false));
+    }
+    adds.push(add(11, 3, true));
+    let mut c = BookieClient::connect(format!("http://{addr}")).await.expect("connect");
+    let mut answers = c.add(futures::stream::iter([AddBatch { adds }])).await.expect("add stream").into_inner();
+    let mut got = Vec::new();
+    while got.len() < 7 {
+        let batch = tokio::time::timeout(Duration::from_secs(10), answers.next())
+            .await
+            .expect("answers in time")
+            .expect("stream open")
+            .expect("answers");
+        got.extend(batch.results.into_iter().map(|r| (r.ledger_id, r.entry_id, r.code)));
+    }
+    got.sort();
+    let ok = Code::Ok as i32;
+    let want = vec![
+        (10, 0, ok),
+        (10, 1, ok),
+        (10, 2, ok),
+        (11, 0, ok),
+        (11, 1, ok),
+        (11, 2, ok),
+        (11, 3, Code::Corrupt as i32),
+    ];
+    assert_eq!(got, want);
+    for (ledger, entry, code) in want {
+        let read = read_code(&addr, ledger, entry).await;
+        assert_eq!(read == ok, code == ok, "ledger {ledger} entry {entry}: read code {read}");
+    }
+    cluster.shutdown().await;
+}
