@@ -134,6 +134,14 @@ pub struct StorageSettings {
     pub compaction_bytes_per_second: u64,
     /// How often journal positions are checkpointed (flushing RocksDB) so old segments go.
     pub checkpoint_interval_ms: u64,
+    /// A journal that fills a segment asks for a checkpoint, which then starts at least this
+    /// long after the previous one began, unless journals have filled
+    /// [`SEGMENTS_PER_CHECKPOINT`](crate::server::SEGMENTS_PER_CHECKPOINT) segments since (0: at
+    /// once). Each checkpoint flushes RocksDB and fsyncs files and directories, and while the
+    /// file system commits that metadata a journal write can wait for it: at 1 KiB entries a
+    /// checkpoint for every 64 MiB segment came every half second and stalled adds for up to
+    /// 100 ms now and then.
+    pub checkpoint_min_gap_ms: u64,
     /// Bytes of recently written entries kept in memory for tail reads (payloads plus 64 bytes
     /// of bookkeeping each).
     pub read_cache_bytes: usize,
@@ -161,6 +169,7 @@ impl Default for StorageSettings {
             compaction_interval_ms: 900_000,
             compaction_bytes_per_second: 32 << 20,
             checkpoint_interval_ms: 10_000,
+            checkpoint_min_gap_ms: 2_000,
             read_cache_bytes: 64 << 20,
             min_blob_bytes: 4096,
             write_buffer_bytes: 64 << 20,

@@ -87,3 +87,55 @@ async fn torn_tail_is_dropped_and_corrupt_middle_refuses_start() {
     );
     cluster.shutdown().await;
 }
+
+/// A filled segment asks for a checkpoint, which waits out `storage.checkpoint_min_gap_ms`:
+/// with a gap of an hour, segments pile up un-recycled, until the journal has filled
+/// `SEGMENTS_PER_CHECKPOINT` of them, when one runs at once and the old segments go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoints_for_filled_segments_keep_their_gap_until_segments_pile_up() {
+    use magnetar_bookie::server::SEGMENTS_PER_CHECKPOINT;
+    let hour = "3600000";
+    let cluster = Cluster::new(
+        1,
+        &[
+            "journal.segment_bytes=2621440",
+            &format!("storage.checkpoint_interval_ms={hour}"),
+            &format!("storage.checkpoint_min_gap_ms={hour}"),
+        ],
+        true,
+    )
+    .await;
+    let journal = cluster.bookies[0].journal.clone();
+    let segments = || list_segments(&journal).expect("list").len();
+    let client = cluster.ledger_client();
+    let w = client.create(LedgerConfig::new(1, 1, 1)).await.expect("create");
+    // Entries of up to 16000 bytes (all journaled), about 330 per 2.5 MiB segment.
+    let mut next = 0i64;
+    let mut write = |n: i64| {
+        let adds: Vec<_> = (next..next + n).map(|e| w.append(payload(w.id(), e, 16_000))).collect();
+        next += n;
+        async move {
+            for a in adds {
+                a.await.expect("add");
+            }
+        }
+    };
+    // Were each filled segment checkpointed at once, the old ones would be recycled and the
+    // count would stay at two or three; with the gap, it grows until the cap's checkpoint.
+    let mut counts = vec![segments()];
+    let mut recycled = false;
+    for _ in 0..100 {
+        write(100).await;
+        let n = segments();
+        recycled = n + 3 <= counts.iter().copied().max().unwrap_or(0);
+        counts.push(n);
+        if recycled {
+            break;
+        }
+    }
+    let most = counts.iter().copied().max().unwrap_or(0);
+    assert!(most >= 5, "segments are not kept while the gap lasts: counts {counts:?}");
+    assert!(recycled, "past {SEGMENTS_PER_CHECKPOINT} filled segments a checkpoint runs: counts {counts:?}");
+    assert!(most <= SEGMENTS_PER_CHECKPOINT + 4, "the cap holds: counts {counts:?}");
+    cluster.shutdown().await;
+}

@@ -16,9 +16,9 @@ mod service;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use magnetar_common::metrics::{Counter, Histogram, Registry, LATENCY_MS_BUCKETS};
 use magnetar_metastore::client::MetaClient;
@@ -34,6 +34,10 @@ use crate::ledgers::Ledgers;
 use crate::storage::LedgerStorage;
 
 pub use registration::{available_key, BookieInfo, AVAILABLE_PREFIX};
+
+/// Segments the journals may fill between two checkpoints before one runs without waiting out
+/// `storage.checkpoint_min_gap_ms`: it bounds the journal space a fast writer holds.
+pub const SEGMENTS_PER_CHECKPOINT: usize = 8;
 
 /// Request metrics.
 #[derive(Clone)]
@@ -200,14 +204,15 @@ impl Bookie {
 
         let registry = Registry::new();
         let ledgers = Arc::new(Ledgers::new(storage, cfg.storage.read_cache_bytes));
-        // A checkpoint is due every `checkpoint_interval_ms`, and as soon as a journal fills a
-        // segment: then its finished segments are recycled at once and a heavy write load
-        // never waits for fresh segments to be zero-filled.
+        // A checkpoint is due every `checkpoint_interval_ms`, and soon after a journal fills a
+        // segment (see `checkpoint_min_gap_ms`): then its finished segments are recycled and a
+        // heavy write load does not wait for fresh segments to be zero-filled.
         let checkpoint_due = Arc::new(tokio::sync::Notify::new());
+        let filled = Arc::new(AtomicUsize::new(0));
         let mut journals = Vec::new();
         for (i, dir) in journal_dirs.iter().enumerate() {
             let m = JournalMetrics::register(&registry, i);
-            let due = checkpoint_due.clone();
+            let (due, filled) = (checkpoint_due.clone(), filled.clone());
             journals.push(Journal::start(
                 dir,
                 next_segments[i],
@@ -215,7 +220,10 @@ impl Bookie {
                 cfg.max_entry_bytes,
                 ledgers.clone(),
                 m,
-                Box::new(move || due.notify_one()),
+                Box::new(move || {
+                    filled.fetch_add(1, Ordering::Relaxed);
+                    due.notify_one();
+                }),
             )?);
         }
         let core = Arc::new(Core {
@@ -296,13 +304,26 @@ impl Bookie {
         {
             let (c, d, cancel) = (core.clone(), ledger_dir.clone(), cancel.clone());
             let every = Duration::from_millis(cfg.storage.checkpoint_interval_ms);
+            let gap = Duration::from_millis(cfg.storage.checkpoint_min_gap_ms);
             tasks.spawn(async move {
+                let mut last = Instant::now();
                 loop {
                     tokio::select! {
                         _ = cancel.cancelled() => return,
                         _ = tokio::time::sleep(every) => {}
-                        _ = checkpoint_due.notified() => {}
+                        _ = checkpoint_due.notified() => {
+                            // A filled segment: wait out the gap, unless segments pile up.
+                            while last.elapsed() < gap && filled.load(Ordering::Relaxed) < SEGMENTS_PER_CHECKPOINT {
+                                tokio::select! {
+                                    _ = cancel.cancelled() => return,
+                                    _ = tokio::time::sleep(gap.saturating_sub(last.elapsed())) => {}
+                                    _ = checkpoint_due.notified() => {}
+                                }
+                            }
+                        }
                     }
+                    last = Instant::now();
+                    filled.store(0, Ordering::Relaxed);
                     let (c, d) = (c.clone(), d.clone());
                     match tokio::task::spawn_blocking(move || c.checkpoint(&d)).await {
                         Ok(Ok(())) => {}
