@@ -137,10 +137,10 @@ pub struct StorageSettings {
     /// A journal that fills a segment asks for a checkpoint, which then starts at least this
     /// long after the previous one began, unless journals have filled
     /// [`SEGMENTS_PER_CHECKPOINT`](crate::server::SEGMENTS_PER_CHECKPOINT) segments since (0: at
-    /// once). Each checkpoint flushes RocksDB and fsyncs files and directories, and while the
-    /// file system commits that metadata a journal write can wait for it: at 1 KiB entries a
-    /// checkpoint for every 64 MiB segment came every half second and stalled adds for up to
-    /// 100 ms now and then.
+    /// once). Each checkpoint flushes RocksDB and fsyncs files and directories. At 1 KiB
+    /// entries a checkpoint for every 64 MiB segment came every half second, and a journal
+    /// write issued while one ran took up to 95 ms now and then (measured; most likely waiting
+    /// for the file system's commit of that metadata), stalling every add behind it.
     pub checkpoint_min_gap_ms: u64,
     /// Bytes of recently written entries kept in memory for tail reads (payloads plus 64 bytes
     /// of bookkeeping each).
