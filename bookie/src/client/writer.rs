@@ -173,7 +173,8 @@ impl LedgerWriter {
     /// Queues an entry like [`append`](Self::append), and calls `done` with its outcome once
     /// it is known (in entry order for confirmations), on the writer's task: as BookKeeper's
     /// add callbacks, it runs the moment the entry is confirmed, with no task to wake. It must
-    /// be quick and must not block, since every later confirmation waits for it.
+    /// be quick and must not block, since every later confirmation waits for it. It runs
+    /// exactly once, unless the runtime shuts down while the entry is pending.
     pub fn append_with(&self, payload: impl Into<Bytes>, done: impl FnOnce(Result<i64, LedgerError>) + Send + 'static) {
         let cmd = Cmd::Append { payload: payload.into(), done: AddDone::Callback(Box::new(done)) };
         if let Err(mpsc::error::SendError(Cmd::Append { done, .. })) = self.tx.send(cmd) {
