@@ -74,12 +74,7 @@ async fn sigkill_during_writes_loses_no_acknowledged_entry() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_journals_both_replay_after_sigkill() {
     let mut cluster = Cluster::new(1, &["storage.checkpoint_interval_ms=3600000"], false).await;
-    let root = cluster.bookies[0].journal.parent().expect("bookie root").to_path_buf();
-    let (j1, j2) = (root.join("journal-a"), root.join("journal-b"));
-    cluster.bookies[0].extra.extend([
-        "--set".to_string(),
-        format!("journal_dirs=[{:?},{:?}]", j1.display().to_string(), j2.display().to_string()),
-    ]);
+    let (j1, j2) = cluster.bookies[0].use_two_journals();
     cluster.bookies[0].start().await;
     let client = cluster.ledger_client();
     let mut writers = Vec::new();

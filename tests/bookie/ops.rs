@@ -132,12 +132,7 @@ async fn one_add_batch_over_two_journals_is_answered_add_by_add() {
     use magnetar_proto::bookie::{bookie_client::BookieClient, AddBatch, AddRequest};
 
     let mut cluster = Cluster::new(1, &[], false).await;
-    let root = cluster.bookies[0].journal.parent().expect("bookie root").to_path_buf();
-    let (j1, j2) = (root.join("journal-a"), root.join("journal-b"));
-    cluster.bookies[0].extra.extend([
-        "--set".to_string(),
-        format!("journal_dirs=[{:?},{:?}]", j1.display().to_string(), j2.display().to_string()),
-    ]);
+    cluster.bookies[0].use_two_journals();
     cluster.bookies[0].start().await;
     let addr = cluster.bookies[0].addr.clone();
     let add = |ledger: u64, entry: i64, corrupt: bool| {

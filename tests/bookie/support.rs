@@ -65,6 +65,18 @@ pub struct BookieProc {
 }
 
 impl BookieProc {
+    /// Gives the bookie two journal directories (`journal-a`, `journal-b` beside its usual
+    /// one) from its next start; returns them.
+    pub fn use_two_journals(&mut self) -> (PathBuf, PathBuf) {
+        let root = self.journal.parent().expect("bookie root").to_path_buf();
+        let (j1, j2) = (root.join("journal-a"), root.join("journal-b"));
+        self.extra.extend([
+            "--set".to_string(),
+            format!("journal_dirs=[{:?},{:?}]", j1.display().to_string(), j2.display().to_string()),
+        ]);
+        (j1, j2)
+    }
+
     pub fn spawn(&mut self) {
         let log = File::options().create(true).append(true).open(&self.log).expect("log file");
         let mut cmd = Command::new(bin());
