@@ -142,6 +142,103 @@ impl Steal {
     }
 }
 
+/// How late a thread that only sleeps wakes up, sampled beside a latency phase: the CPU's floor
+/// under that phase's latency, as [`paced_fdatasync`] is the disk's. The thread sleeps
+/// [`WakeProbe::NAP`] at a time and records how much longer each sleep took. On an idle machine
+/// that is tens of microseconds. When the host leaves a virtual CPU unscheduled (steal), or
+/// the machine's cores are all busy, it is milliseconds, and whatever ran or was woken on that
+/// CPU meanwhile (a journal thread, a connection task, the load generator) waited as long.
+pub(super) struct WakeProbe {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<WakeDelay>>,
+}
+
+impl WakeProbe {
+    /// The probe's sleep.
+    pub const NAP: Duration = Duration::from_micros(500);
+
+    /// Starts the probe thread.
+    pub(super) fn start() -> anyhow::Result<Self> {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new().name("perf-wake-probe".into()).spawn(move || {
+            let start = Instant::now();
+            let mut late = Vec::with_capacity(64 * 1024);
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let t = Instant::now();
+                std::thread::sleep(Self::NAP);
+                late.push(t.elapsed().saturating_sub(Self::NAP));
+            }
+            WakeDelay::from_samples(&late, start.elapsed())
+        })?;
+        Ok(WakeProbe { stop, thread: Some(thread) })
+    }
+
+    /// Stops the probe and summarizes what it saw.
+    pub(super) fn finish(mut self) -> WakeDelay {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.take().and_then(|t| t.join().ok()).unwrap_or_default()
+    }
+}
+
+impl Drop for WakeProbe {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// What a [`WakeProbe`] saw.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(super) struct WakeDelay {
+    pub samples: usize,
+    /// How late a wake-up was, in ms.
+    pub p99: f64,
+    pub max: f64,
+    /// Wake-ups more than [`WakeDelay::STALL`] late.
+    pub stalls: usize,
+    /// The share of the stretch (percent) those stalls covered.
+    pub stalled_pct: f64,
+}
+
+impl WakeDelay {
+    /// A wake-up this late counts as a stall: as late as the 2 ms the latency targets allow.
+    pub const STALL: Duration = Duration::from_millis(2);
+
+    /// Summarizes how late each wake-up was over a stretch of `secs`.
+    pub(super) fn from_samples(late: &[Duration], secs: Duration) -> Self {
+        if late.is_empty() {
+            return WakeDelay::default();
+        }
+        let mut sorted = late.to_vec();
+        sorted.sort_unstable();
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let at = |q: f64| sorted[((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1];
+        let stalled: Vec<Duration> = late.iter().copied().filter(|d| *d > Self::STALL).collect();
+        let stalled_sum: Duration = stalled.iter().sum();
+        WakeDelay {
+            samples: late.len(),
+            p99: ms(at(0.99)),
+            max: ms(sorted[sorted.len() - 1]),
+            stalls: stalled.len(),
+            stalled_pct: if secs.is_zero() { 0.0 } else { 100.0 * stalled_sum.as_secs_f64() / secs.as_secs_f64() },
+        }
+    }
+
+    /// One line for a benchmark table.
+    pub fn describe(&self) -> String {
+        format!(
+            "a thread sleeping {} ms at a time woke late by p99 {:.2} ms, max {:.1} ms; {} wake-ups more than \
+             {} ms late, covering {:.1}% of the phase",
+            WakeProbe::NAP.as_secs_f64() * 1e3,
+            self.p99,
+            self.max,
+            self.stalls,
+            Self::STALL.as_millis(),
+            self.stalled_pct
+        )
+    }
+}
+
 /// Total and stolen CPU time (clock ticks) of the machine, from `/proc/stat`.
 fn cpu_times() -> Option<(u64, u64)> {
     parse_cpu_times(&std::fs::read_to_string("/proc/stat").ok()?)
@@ -418,6 +515,34 @@ mod tests {
         if let Some(p) = s.percent() {
             assert!((0.0..=100.0).contains(&p), "{p}");
         }
+    }
+
+    /// The summary's percentile, maximum and stalls come from the samples; a stall is a
+    /// wake-up more than 2 ms late, and its share is of the whole stretch.
+    #[test]
+    fn wake_delays_are_summarized_with_their_stalls() {
+        let us = Duration::from_micros;
+        // 985 wake-ups 50 µs late, 13 at 1.5 ms, two stalls of 3 and 17 ms, over 1 s.
+        let mut late = vec![us(50); 985];
+        late.extend([us(1500); 13]);
+        late.extend([us(3000), us(17_000)]);
+        let d = WakeDelay::from_samples(&late, Duration::from_secs(1));
+        assert_eq!(d.samples, 1000);
+        assert!((d.p99 - 1.5).abs() < 1e-9, "{d:?}");
+        assert!((d.max - 17.0).abs() < 1e-9, "{d:?}");
+        assert_eq!(d.stalls, 2);
+        assert!((d.stalled_pct - 2.0).abs() < 1e-9, "{d:?}");
+        let line = d.describe();
+        assert!(line.contains("p99 1.50 ms") && line.contains("max 17.0 ms") && line.contains("2 wake-ups"), "{line}");
+        // A wake-up exactly 2 ms late is not a stall; nothing sampled is all zeros.
+        assert_eq!(WakeDelay::from_samples(&[Duration::from_millis(2)], Duration::from_secs(1)).stalls, 0);
+        assert_eq!(WakeDelay::from_samples(&[], Duration::from_secs(1)), WakeDelay::default());
+        // The probe itself samples about one wake-up per nap and stops when asked.
+        let p = WakeProbe::start().unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        let d = p.finish();
+        assert!(d.samples >= 10 && d.samples <= 200, "{d:?}");
+        assert!(d.p99 <= d.max, "{d:?}");
     }
 
     /// The probe writes one millisecond's bytes per fdatasync, keeps to the pace asked for,

@@ -23,7 +23,10 @@ use magnetar_metastore::MetastoreConfig;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::perf::{disk_floor, fdatasync_rate, latency_histogram, record, written_file, DiskLatency, Steal, Stopped};
+use super::perf::{
+    disk_floor, fdatasync_rate, latency_histogram, record, written_file, DiskLatency, Steal, Stopped, WakeDelay,
+    WakeProbe,
+};
 
 #[derive(Args, Debug)]
 pub struct BookiePerf {
@@ -62,7 +65,7 @@ pub struct BookiePerf {
 
 struct Result1 {
     size: usize,
-    label: &'static str,
+    label: String,
     adds: u64,
     secs: f64,
     hist: Histogram<u64>,
@@ -87,6 +90,15 @@ impl Result1 {
             us(0.999),
             self.steal
         )
+    }
+}
+
+/// The paced phase's load as a share of `of`: "half of max" at the default fraction.
+fn paced_label(fraction: f64, of: &str) -> String {
+    if (fraction - 0.5).abs() < 1e-9 {
+        format!("half of {of}")
+    } else {
+        format!("{:.0}% of {of}", fraction * 100.0)
     }
 }
 
@@ -290,6 +302,7 @@ async fn run_in(a: &BookiePerf, dir: &Path) -> anyhow::Result<()> {
     let mut results = Vec::new();
     let mut server_p99: Vec<(usize, f64)> = Vec::new();
     let mut disks: Vec<(usize, DiskLatency)> = Vec::new();
+    let mut wakes: Vec<(usize, WakeDelay)> = Vec::new();
     // Probed just before the 64 KiB phases.
     let mut seq_near: Option<f64> = None;
     for &size in &a.sizes {
@@ -319,7 +332,7 @@ async fn run_in(a: &BookiePerf, dir: &Path) -> anyhow::Result<()> {
         println!("{size} B: {window} adds in flight for {} s …", a.duration);
         let steal = Steal::start();
         let (adds, secs, hist) = saturate(&w, payload.clone(), window, dur).await;
-        let max = Result1 { size, label: "max", adds, secs, hist, steal: steal.cell() };
+        let max = Result1 { size, label: "max".into(), adds, secs, hist, steal: steal.cell() };
         println!("  {}", max.line());
         let half = max.rate() * a.paced_fraction;
         // The paced phase measures a bookie settled at that load: after full load, the entry
@@ -332,19 +345,24 @@ async fn run_in(a: &BookiePerf, dir: &Path) -> anyhow::Result<()> {
         println!("{size} B: paced at {half:.0}/s …");
         let before = server_latency_buckets(&http).await;
         let steal = Steal::start();
+        let probe = WakeProbe::start()?;
         let (adds, secs, hist) = paced(&w, payload.clone(), half, dur).await?;
+        let wake = probe.finish();
+        println!("  the CPU meanwhile: {}", wake.describe());
+        wakes.push((size, wake));
         if let (Some(b), Some(a2)) = (before, server_latency_buckets(&http).await) {
             if let Some(ms) = bucket_quantile(&b, &a2, 0.99) {
                 println!("  bookie-side p99 (receipt to durable ack): <= {ms} ms");
                 server_p99.push((size, ms));
             }
         }
-        let paced = Result1 { size, label: "half of max", adds, secs, hist, steal: steal.cell() };
+        let paced =
+            Result1 { size, label: paced_label(a.paced_fraction, "max"), adds, secs, hist, steal: steal.cell() };
         println!("  {}", paced.line());
         println!("{size} B: one add at a time …");
         let steal = Steal::start();
         let (adds, secs, hist) = saturate(&w, payload, 1, Duration::from_secs(a.duration.min(3))).await;
-        let one = Result1 { size, label: "1 in flight", adds, secs, hist, steal: steal.cell() };
+        let one = Result1 { size, label: "1 in flight".into(), adds, secs, hist, steal: steal.cell() };
         println!("  {}", one.line());
         w.close().await?;
         results.push(max);
@@ -385,22 +403,30 @@ async fn run_in(a: &BookiePerf, dir: &Path) -> anyhow::Result<()> {
             100.0 * r.rate() * 65536.0 / 1e6 / best
         ));
     }
-    for r in results.iter().filter(|r| r.label == "half of max") {
+    let paced_load = paced_label(a.paced_fraction, "full load");
+    for r in results.iter().filter(|r| r.label == paced_label(a.paced_fraction, "max")) {
         table.push_str(&format!(
-            "- {} B at half of full load: p99 add latency {:.2} ms (target: under 2 ms).\n",
+            "- {} B at {paced_load}: p99 add latency {:.2} ms (target at half of full load: under 2 ms).\n",
             r.size,
             r.hist.value_at_quantile(0.99) as f64 / 1e6
         ));
     }
     for (size, d) in &disks {
         table.push_str(&format!(
-            "- {size} B at half of full load, the disk alone at the same byte rate (measured just before): {}.\n",
+            "- {size} B at {paced_load}, the disk alone at the same byte rate (measured just before): {}.\n",
             d.describe()
+        ));
+    }
+    for (size, w) in &wakes {
+        table.push_str(&format!(
+            "- {size} B at {paced_load}, the CPU during that phase (an idle thread's wake-ups, see \
+             `docs/benchmarks.md`): {}.\n",
+            w.describe()
         ));
     }
     for (size, ms) in &server_p99 {
         table.push_str(&format!(
-            "- {size} B at half of full load, bookie side only (`bookkeeper_server_ADD_ENTRY_REQUEST`, receipt to \
+            "- {size} B at {paced_load}, bookie side only (`bookkeeper_server_ADD_ENTRY_REQUEST`, receipt to \
              durable ack): p99 within the {ms} ms bucket.\n"
         ));
     }
@@ -440,4 +466,18 @@ fn bucket_quantile(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> Optio
         return None;
     }
     deltas.iter().find(|(_, c)| *c >= q * total).map(|(le, _)| *le)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::paced_label;
+
+    /// The paced phase is named after the fraction it ran at, so a run at a quarter of the
+    /// maximum is not reported as one at half.
+    #[test]
+    fn the_paced_phase_is_named_after_its_fraction() {
+        assert_eq!(paced_label(0.5, "max"), "half of max");
+        assert_eq!(paced_label(0.25, "max"), "25% of max");
+        assert_eq!(paced_label(0.1, "full load"), "10% of full load");
+    }
 }

@@ -666,8 +666,12 @@ async fn suite_in(a: &BrokerPerf, dir: &std::path::Path) -> anyhow::Result<()> {
     println!("the disk alone at that byte rate: {}", disk.describe());
     println!("1 KiB, batched, at half the peak ({:.0} msg/s) with a consumer …", p.rate);
     let steal = super::perf::Steal::start();
-    let r = produce(&p).await?;
+    let probe = super::perf::WakeProbe::start()?;
+    let r = produce(&p).await;
+    let wake = probe.finish();
+    let r = r?;
     println!("  {}", summary(&r));
+    println!("  the CPU meanwhile: {}", wake.describe());
     rows.push(row("1 KiB, batched, half the peak rate + consumer", &r, &steal));
     let shortfall = rate_shortfall(p.rate, r.rate());
     if let Some(note) = &shortfall {
@@ -685,11 +689,13 @@ async fn suite_in(a: &BrokerPerf, dir: &std::path::Path) -> anyhow::Result<()> {
         "{setup}. Each case runs {} s after a {} s warm-up. Raw fdatasync rate {fsync:.0}/s; loopback TCP {loopback:.0} MB/s.\n\n\
          | case | msg/s | MB/s | publish p50 ms | publish p99 ms | end-to-end p50 ms | end-to-end p99 ms | host steal % |\n\
          |---|---|---|---|---|---|---|---|\n{}\n\n\
-         The disk alone at the half-peak byte rate, measured just before that case: {}.\n{}",
+         The disk alone at the half-peak byte rate, measured just before that case: {}.\n\n\
+         The CPU during that case (an idle thread's wake-ups, see `docs/benchmarks.md`): {}.\n{}",
         a.duration,
         a.warmup,
         rows.join("\n"),
         disk.describe(),
+        wake.describe(),
         shortfall.map(|n| format!("\n{n}\n")).unwrap_or_default()
     );
     println!("{table}");
