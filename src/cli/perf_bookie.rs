@@ -403,8 +403,8 @@ async fn run_in(a: &BookiePerf, dir: &Path) -> anyhow::Result<()> {
             100.0 * r.rate() * 65536.0 / 1e6 / best
         ));
     }
-    let paced_load = paced_label(a.paced_fraction, "full load");
-    for r in results.iter().filter(|r| r.label == paced_label(a.paced_fraction, "max")) {
+    let (paced_load, paced_row) = (paced_label(a.paced_fraction, "full load"), paced_label(a.paced_fraction, "max"));
+    for r in results.iter().filter(|r| r.label == paced_row) {
         table.push_str(&format!(
             "- {} B at {paced_load}: p99 add latency {:.2} ms (target at half of full load: under 2 ms).\n",
             r.size,

@@ -1320,10 +1320,7 @@ mod tests {
     fn master_key_fence_and_lac_rules() {
         let dir = tempfile::tempdir().unwrap();
         let storage = Arc::new(MemStorage::new());
-        let ledgers = Arc::new(Ledgers::new(storage.clone(), 1 << 20));
-        let metrics = JournalMetrics::register(&Registry::new(), 0);
-        let settings = JournalSettings::default();
-        let journal = Journal::start(dir.path(), 1, &settings, 1 << 20, ledgers, metrics, Box::new(|| {})).unwrap();
+        let journal = start_journal(dir.path(), &Arc::new(Ledgers::new(storage.clone(), 1 << 20)));
         let (tx, rx) = mpsc::channel();
         let add = |entry: i64, lac: i64, key: &'static [u8], recovery: bool| {
             let op = add_op(4, entry, lac, Bytes::from(vec![entry as u8; 10]), key, recovery);
@@ -1368,11 +1365,7 @@ mod tests {
     fn a_batch_is_answered_once_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let storage = Arc::new(MemStorage::new());
-        let ledgers = Arc::new(Ledgers::new(storage.clone(), 1 << 20));
-        let metrics = JournalMetrics::register(&Registry::new(), 0);
-        let journal =
-            Journal::start(dir.path(), 1, &JournalSettings::default(), 1 << 20, ledgers, metrics, Box::new(|| {}))
-                .unwrap();
+        let journal = start_journal(dir.path(), &Arc::new(Ledgers::new(storage.clone(), 1 << 20)));
         let (tx, rx) = mpsc::channel();
         let batch = |adds: &[(i64, &'static [u8], bool)]| {
             let ops = adds.iter().map(|(e, key, rec)| add_op(5, *e, e - 1, Bytes::from(vec![*e as u8; 20]), key, *rec));
