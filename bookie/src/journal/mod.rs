@@ -16,9 +16,13 @@
 //! store first ([`LedgerStorage::write_ref`]) and the journal records only where they went
 //! (an `ENTRY_REF` record). A group holding such adds is acknowledged only after both the
 //! journal's fdatasync and the entry store's ([`LedgerStorage::sync_refs`], begun before the
-//! journal's and finished after it, so the two overlap). Replay indexes the payloads those
-//! records point at ([`LedgerStorage::adopt_ref`]); one that is not there belonged to an add
-//! whose group never finished syncing, which was never acknowledged. Every payload is thus
+//! journal's and finished after it, so the two overlap). Such payloads are indexed only then,
+//! just before the acks ([`LedgerStorage::index_refs`]): RocksDB writes its memtable out
+//! whenever it fills, and an index entry must not reach the disk before the record it points
+//! at, or a power loss could leave a pointer at garbage that reads as corrupt rather than
+//! absent. Replay indexes the payloads the journal's records point at
+//! ([`LedgerStorage::adopt_ref`]); one that is not there belonged to an add whose group never
+//! finished syncing, which was never acknowledged. Every payload is thus
 //! written to the disk once instead of twice, which is what bounds a bookie's bandwidth for
 //! large entries.
 //!
@@ -31,9 +35,11 @@
 //! `group_bytes` are pending) to gather a bigger group.
 //!
 //! Invariant: a callback reporting success runs only after the record of its operation (and
-//! of every operation queued before it) is on disk. Entries become readable as soon as the
-//! writer applied them, before their ack: a recovery read may see an entry whose add is not
-//! yet acknowledged, which the protocol allows (recovery then writes it back everywhere).
+//! of every operation queued before it) is on disk, and the entry is readable from the entry
+//! store. Entries become readable from the tail cache (and small ones from the entry store)
+//! as soon as the writer applied them, before their ack: a recovery read may see an entry
+//! whose add is not yet acknowledged, which the protocol allows (recovery then writes it back
+//! everywhere).
 
 pub mod record;
 pub mod replay;
@@ -242,12 +248,14 @@ impl Ack {
 /// A batch written by the writer, waiting for its sync.
 struct Group {
     files: Vec<Arc<File>>,
-    /// Holds adds whose payloads are in the entry store only.
-    refs: bool,
+    /// Adds whose payloads are in the entry store only, indexed once they are durable.
+    refs: Vec<(u64, i64, crate::storage::EntryRef)>,
     acks: Vec<(Ack, Instant)>,
     /// Operations in `acks`.
     ops: usize,
     born: Instant,
+    /// The journal position after the group's records.
+    end: Position,
 }
 
 #[derive(Default)]
@@ -291,7 +299,7 @@ impl Shared {
         // The entry store's sync starts first (its buffer goes to its writer thread) and is
         // waited for after the journal's fdatasync.
         let mut refs = None;
-        if sync && failure.is_none() && groups.iter().any(|g| g.refs) {
+        if sync && failure.is_none() && groups.iter().any(|g| !g.refs.is_empty()) {
             match self.storage.sync_refs() {
                 Ok(f) => refs = Some(f),
                 Err(e) => fail(&mut failure, e.to_string()),
@@ -329,14 +337,35 @@ impl Shared {
             // groups may be acknowledged.
             tracing::error!(error = %err, "journal fdatasync failed");
         }
+        // Payloads stored by reference are indexed only now that their records, in the entry
+        // log and in the journal, are durable: RocksDB may write its memtable out at any
+        // moment, and an index entry it kept through a power loss that took the record would
+        // make the entry read as corrupt (a recovery could then never decide whether it
+        // exists) instead of absent.
+        let mut unindexed = None;
+        if failure.is_none() {
+            let refs: Vec<_> = groups.iter().flat_map(|g| g.refs.iter().copied()).collect();
+            if let Err(e) = self.storage.index_refs(&refs) {
+                tracing::error!(error = %e, "indexing entries failed");
+                unindexed = Some(e.to_string());
+            }
+        }
+        let end = groups.last().map(|g| g.end);
         for g in groups {
             for (mut ack, at) in g.acks {
                 m.add.observe_duration_ms_many(at.elapsed(), ack.ops() as u64);
                 if let Some(err) = &failure {
                     ack.fail(|| BookieError::io("journal fdatasync", std::io::Error::other(err.clone())));
+                } else if let Some(err) = &unindexed {
+                    ack.fail(|| BookieError::io("indexing entries", std::io::Error::other(err.clone())));
                 }
                 ack.run();
             }
+        }
+        // The checkpoint's position: everything before it is in the entry store.
+        if let (Some(end), None) = (end, &failure) {
+            let mut applied = self.applied.lock().unwrap_or_else(|e| e.into_inner());
+            *applied = (*applied).max(end);
         }
     }
 }
@@ -433,7 +462,8 @@ impl Journal {
         }
     }
 
-    /// The position up to which every record is applied to the entry store.
+    /// The position up to which every record is applied to the entry store (payloads stored
+    /// by reference count once they are indexed, after their group's sync).
     pub fn applied(&self) -> Position {
         *self.shared.applied.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -634,20 +664,14 @@ impl Writer {
         let applying = Instant::now();
         self.shared.metrics.flush.observe_duration_ms(applying - writing);
         let states: Vec<(u64, LedgerMeta)> = b.states.drain().collect();
-        // Entries stored by reference are indexed only now that their records are written: an
-        // index entry never outlives a crash without the journal record that replay checks it
-        // against.
-        if let Err(e) =
-            self.ledgers.storage.index_refs(&b.refs).and_then(|()| self.ledgers.storage.write(&b.entries, &states))
-        {
+        // Entries stored by reference are indexed after their group's sync (`sync_and_ack`).
+        if let Err(e) = self.ledgers.storage.write(&b.entries, &states) {
             tracing::error!(error = %e, "entry store write failed");
             fail_all(&mut b, &e);
             return b;
         }
         self.ledgers.publish(&states);
         self.shared.metrics.apply.observe_duration_ms(applying.elapsed());
-        *self.shared.applied.lock().unwrap_or_else(|e| e.into_inner()) =
-            Position { segment: self.seg.seq, offset: self.seg.offset };
         self.shared.metrics.adds.add((b.entries.len() + b.refs.len()) as u64);
         b.entries.clear();
         b
@@ -865,7 +889,8 @@ impl Writer {
         if b.acks.is_empty() {
             return;
         }
-        let group = Group { files: b.files, refs: !b.refs.is_empty(), acks: b.acks, ops: b.ops, born: Instant::now() };
+        let end = Position { segment: self.seg.seq, offset: self.seg.offset };
+        let group = Group { files: b.files, refs: b.refs, acks: b.acks, ops: b.ops, born: Instant::now(), end };
         let mut q = self.shared.sync_q.lock().unwrap_or_else(|e| e.into_inner());
         let idle = q.groups.is_empty() && !q.syncing && self.shared.queued.load(Ordering::Relaxed) == 0;
         if self.inline_sync && idle && group.ops <= INLINE_SYNC_MAX_OPS {
@@ -946,6 +971,7 @@ mod tests {
     use crate::checksum::entry_checksum;
     use crate::storage::mem::MemStorage;
     use crate::storage::LedgerStorage;
+    use std::collections::HashSet;
 
     /// An add of `payload` with its checksum.
     fn add_op(ledger: u64, entry: i64, lac: i64, payload: Bytes, key: &'static [u8], recovery: bool) -> Op {
@@ -1158,6 +1184,104 @@ mod tests {
         assert!(add_one(&journal, 3, 3, small(3)).is_err(), "acknowledged after a failed sync");
         assert!(add_one(&journal, 3, 4, large(4)).is_err(), "acknowledged after a failed sync");
         journal.stop();
+    }
+
+    /// An entry-log store that notes which payloads stored by reference were indexed before a
+    /// sync covering them had finished.
+    #[derive(Default)]
+    struct SyncOrder {
+        inner: Option<Arc<crate::storage::entrylog::EntryLogStorage>>,
+        /// Stored, no sync begun since.
+        stored: Mutex<Vec<(u64, i64)>>,
+        durable: Arc<Mutex<HashSet<(u64, i64)>>>,
+        early: Mutex<Vec<(u64, i64)>>,
+    }
+
+    impl SyncOrder {
+        fn store(&self) -> &crate::storage::entrylog::EntryLogStorage {
+            self.inner.as_deref().unwrap()
+        }
+    }
+
+    impl LedgerStorage for SyncOrder {
+        fn write(&self, entries: &[EntryWrite], states: &[(u64, LedgerMeta)]) -> Result<()> {
+            self.store().write(entries, states)
+        }
+        fn get_entry(&self, ledger: u64, entry: i64) -> Result<Option<StoredEntry>> {
+            self.store().get_entry(ledger, entry)
+        }
+        fn ledger_meta(&self, ledger: u64) -> Result<Option<LedgerMeta>> {
+            self.store().ledger_meta(ledger)
+        }
+        fn last_entry(&self, ledger: u64) -> Result<Option<i64>> {
+            self.store().last_entry(ledger)
+        }
+        fn delete_ledger(&self, ledger: u64) -> Result<()> {
+            self.store().delete_ledger(ledger)
+        }
+        fn ledgers(&self) -> Result<Vec<u64>> {
+            self.store().ledgers()
+        }
+        fn flush(&self) -> Result<()> {
+            self.store().flush()
+        }
+        fn write_ref(&self, entry: &EntryWrite) -> Result<Option<crate::storage::EntryRef>> {
+            let at = self.store().write_ref(entry)?;
+            self.stored.lock().unwrap().push((entry.ledger, entry.entry));
+            Ok(at)
+        }
+        fn index_refs(&self, refs: &[(u64, i64, crate::storage::EntryRef)]) -> Result<()> {
+            let durable = self.durable.lock().unwrap();
+            let early = refs.iter().map(|(l, e, _)| (*l, *e)).filter(|k| !durable.contains(k));
+            self.early.lock().unwrap().extend(early);
+            self.store().index_refs(refs)
+        }
+        fn sync_refs(&self) -> Result<crate::storage::RefSync> {
+            // Taken before the store's sync begins: each of these is covered by it.
+            let covered = std::mem::take(&mut *self.stored.lock().unwrap());
+            let finish = self.store().sync_refs()?;
+            let durable = self.durable.clone();
+            Ok(Box::new(move || {
+                finish()?;
+                durable.lock().unwrap().extend(covered);
+                Ok(())
+            }))
+        }
+    }
+
+    /// A payload stored by reference is indexed only once it and its journal record are
+    /// durable, and before its add is acknowledged. RocksDB writes its memtable out whenever
+    /// it fills: an index entry indexed earlier could outlive a power loss that took the
+    /// record, and the entry would then read as corrupt instead of absent.
+    #[test]
+    fn references_are_indexed_after_their_sync_and_before_the_ack() {
+        let (jdir, sdir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let inner = Arc::new(crate::storage::entrylog::EntryLogStorage::open(sdir.path(), &small_logs()).unwrap());
+        let storage = Arc::new(SyncOrder { inner: Some(inner.clone()), ..Default::default() });
+        let ledgers = Arc::new(Ledgers::new(storage.clone(), 1 << 20));
+        let journal = start_journal(jdir.path(), &ledgers);
+        let payload = |e: i64| Bytes::from(vec![e as u8; 20_000 + e as usize]);
+        let (tx, rx) = mpsc::channel();
+        let n = 300i64;
+        for e in 0..n {
+            let (tx, inner) = (tx.clone(), inner.clone());
+            journal.submit(
+                add_op(7, e, e - 1, payload(e), b"k", false),
+                Box::new(move |r| {
+                    // Read from the store itself, not the tail cache, as the ack goes out.
+                    let stored = inner.get_entry(7, e).map_err(|e| e.to_string());
+                    tx.send((e, r.map_err(|e| e.to_string()), stored.map(|s| s.map(|s| s.payload)))).unwrap()
+                }),
+            );
+        }
+        for _ in 0..n {
+            let (e, acked, stored) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+            assert_eq!(acked, Ok(e));
+            assert_eq!(stored, Ok(Some(payload(e))), "entry {e} not readable from the store at its ack");
+        }
+        journal.stop();
+        assert_eq!(storage.durable.lock().unwrap().len(), n as usize, "every payload went through a sync");
+        assert_eq!(*storage.early.lock().unwrap(), vec![], "indexed before its sync finished");
     }
 
     /// Two journals over one store: the second one's large payloads fill the first logs, then

@@ -117,14 +117,16 @@ pub trait LedgerStorage: Send + Sync + 'static {
     /// Stores one entry's payload now and says where it is, so the journal can record that
     /// instead of the payload and large payloads are written once. `None` (the default): the
     /// store cannot, and the journal carries the payload. The entry is readable once
-    /// [`LedgerStorage::index_refs`] has indexed it (after the journal has written its
-    /// record), and durable once a [`LedgerStorage::sync_refs`] begun after this returned has
-    /// finished.
+    /// [`LedgerStorage::index_refs`] has indexed it (which the journal does only once its
+    /// record and the payload are durable), and durable once a [`LedgerStorage::sync_refs`]
+    /// begun after this returned has finished.
     fn write_ref(&self, _entry: &EntryWrite) -> Result<Option<EntryRef>> {
         Ok(None)
     }
     /// Indexes entries whose payloads [`LedgerStorage::write_ref`] stored, as `(ledger, entry,
-    /// where)`, except those of ledgers deleted since.
+    /// where)`, except those of ledgers deleted since. Every payload stored by reference is
+    /// passed here once, after its sync (a store may keep its place from being reclaimed
+    /// until then).
     fn index_refs(&self, _refs: &[(u64, i64, EntryRef)]) -> Result<()> {
         Ok(())
     }

@@ -192,6 +192,10 @@ struct State {
     ref_syncs_done: u64,
     inflight: VecDeque<Inflight>,
     inflight_bytes: usize,
+    /// Records stored by reference and not yet indexed, per log: the journal indexes them only
+    /// after their sync, and compaction, which keeps the records the index points at, must
+    /// leave such a log alone until then.
+    unindexed: HashMap<u64, usize>,
     next_seq: u64,
     done_seq: u64,
     /// The writer failed; nothing more is durable.
@@ -288,6 +292,7 @@ impl EntryLogStorage {
             ref_syncs_done: 0,
             inflight: VecDeque::new(),
             inflight_bytes: 0,
+            unindexed: HashMap::new(),
             next_seq: 1,
             done_seq: 0,
             failed: None,
@@ -1137,6 +1142,7 @@ impl Inner {
                         && !st.uncompactable.contains(id)
                         && st.sealed_at.get(id).is_none_or(|t| t.elapsed() >= min_age)
                         && !st.inflight.iter().any(|f| f.log == **id)
+                        && !st.unindexed.contains_key(id)
                 })
                 .map(|(id, _)| *id)
                 .collect()
@@ -1361,6 +1367,7 @@ impl LedgerStorage for EntryLogStorage {
             return Err(failed(err));
         }
         let at = inner.append(&mut st, e.ledger, e.entry, e.checksum, &e.payload)?;
+        *st.unindexed.entry(at.log).or_default() += 1;
         drop(inner.throttle(st));
         Ok(Some(at.encode()))
     }
@@ -1374,9 +1381,15 @@ impl LedgerStorage for EntryLogStorage {
         let mut batch = WriteBatch::with_capacity_bytes(refs.len() * 48);
         // Under the lock, as in `write`: a ledger deleted since its payloads were stored (its
         // bytes gone from the logs' accounting) is not revived.
-        let st = inner.lock();
+        let mut st = inner.lock();
         for (ledger, entry, at) in refs {
             let Some(loc) = Location::decode(at) else { continue };
+            if let Some(n) = st.unindexed.get_mut(&loc.log) {
+                *n -= 1;
+                if *n == 0 {
+                    st.unindexed.remove(&loc.log);
+                }
+            }
             if st.logs.get(&loc.log).is_some_and(|i| i.ledgers.contains_key(ledger)) {
                 batch.put_cf(icf, entry_key(*ledger, *entry), at);
             }

@@ -367,3 +367,31 @@ fn referenced_payloads_are_durable_after_their_sync_and_adopted_after_a_crash() 
     let c = open(copy.path(), 4 << 20);
     check(&c, 1, 0..n, 20_000);
 }
+
+/// A payload stored by reference is indexed only after its sync, by the journal: until then
+/// compaction leaves its log alone even when nothing indexed is left in it, so the index never
+/// comes to point at a log that compaction emptied and released.
+#[test]
+fn compaction_waits_for_references_to_be_indexed() {
+    let d = tempfile::tempdir().unwrap();
+    let s = open(d.path(), 4 << 20);
+    let w = entry(5, 0, 20_000);
+    let at = s.write_ref(&w).unwrap().unwrap();
+    let log = at0_log(&at);
+    for e in 0..300 {
+        s.write(&[entry(2, e, 20_000)], &[]).unwrap();
+    }
+    s.sync_refs().unwrap()().unwrap();
+    s.delete_ledger(2).unwrap();
+    s.flush().unwrap();
+    assert!(s.inner.lock().logs.get(&log).is_some_and(|i| i.sealed), "the reference's log is sealed");
+    s.compact(0.5).unwrap();
+    assert!(s.inner.lock().logs.contains_key(&log), "a log holding an unindexed reference was compacted");
+    s.index_refs(&[(5, 0, at)]).unwrap();
+    assert!(s.compact(0.5).unwrap() >= 1, "once indexed, the nearly empty log is compacted");
+    assert!(!s.inner.lock().logs.contains_key(&log));
+    s.flush().unwrap();
+    check(&s, 5, 0..1, 20_000);
+    drop(s);
+    check(&open(d.path(), 4 << 20), 5, 0..1, 20_000);
+}
