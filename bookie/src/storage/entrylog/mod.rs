@@ -222,6 +222,11 @@ struct Inner {
     written: Condvar,
     /// One flush at a time: a flush promises that everything written before it is durable.
     flushing: Mutex<()>,
+    /// Held shared by the index writes of adds (the journal's writer and syncer, which must
+    /// not wait for each other, nor for the state lock while RocksDB takes a write) and
+    /// exclusively by what must not interleave with them: deleting a ledger (an add indexed
+    /// after it would revive the ledger) and compaction repointing entries.
+    index_gate: std::sync::RwLock<()>,
     readers: Mutex<HashMap<u64, Arc<File>>>,
     log_bytes: u64,
     pool_min: usize,
@@ -306,6 +311,7 @@ impl EntryLogStorage {
             state: Mutex::new(state),
             written: Condvar::new(),
             flushing: Mutex::new(()),
+            index_gate: std::sync::RwLock::new(()),
             compacting: Mutex::new(()),
             compaction_rate: settings.compaction_bytes_per_second,
             stopping: std::sync::atomic::AtomicBool::new(false),
@@ -1221,6 +1227,9 @@ impl Inner {
         // The copies are durable before anything points at them.
         self.flush()?;
         for part in moved.chunks(1024) {
+            // Exclusive: an add's index write landing between the check and the batch below
+            // would be overwritten with the older copy.
+            let _gate = self.index_gate.write().unwrap_or_else(|e| e.into_inner());
             let st = self.lock();
             let mut batch = WriteBatch::default();
             for (l, e, old, new) in part {
@@ -1284,6 +1293,8 @@ impl LedgerStorage for EntryLogStorage {
         let inner = &self.inner;
         let (icf, lcf) = (inner.cf(INDEX)?, inner.cf(LEDGERS)?);
         let mut batch = WriteBatch::with_capacity_bytes(entries.len() * 48 + states.len() * 64 + 64);
+        // Under the gate, so a ledger deleted meanwhile is not revived.
+        let gate = inner.index_gate.read().unwrap_or_else(|e| e.into_inner());
         let mut st = inner.lock();
         if let Some(e) = &st.failed {
             return Err(failed(e));
@@ -1295,9 +1306,10 @@ impl LedgerStorage for EntryLogStorage {
         for (l, m) in states {
             batch.put_cf(lcf, l.to_be_bytes(), m.encode());
         }
-        // The index is written under the lock, so a ledger deleted meanwhile is not revived.
+        drop(st);
         inner.db.write_opt(batch, &inner.no_wal)?;
-        drop(inner.throttle(st));
+        drop(gate);
+        drop(inner.throttle(inner.lock()));
         Ok(())
     }
 
@@ -1336,6 +1348,7 @@ impl LedgerStorage for EntryLogStorage {
     fn delete_ledger(&self, ledger: u64) -> Result<()> {
         let inner = &self.inner;
         let (icf, lcf) = (inner.cf(INDEX)?, inner.cf(LEDGERS)?);
+        let _gate = inner.index_gate.write().unwrap_or_else(|e| e.into_inner());
         let mut st = inner.lock();
         super::rocks::delete_ledger_keys(&inner.db, &inner.no_wal, icf, lcf, ledger)?;
         let current = st.current.as_ref().map(|c| c.id);
@@ -1379,8 +1392,9 @@ impl LedgerStorage for EntryLogStorage {
         let inner = &self.inner;
         let icf = inner.cf(INDEX)?;
         let mut batch = WriteBatch::with_capacity_bytes(refs.len() * 48);
-        // Under the lock, as in `write`: a ledger deleted since its payloads were stored (its
+        // Under the gate, as in `write`: a ledger deleted since its payloads were stored (its
         // bytes gone from the logs' accounting) is not revived.
+        let _gate = inner.index_gate.read().unwrap_or_else(|e| e.into_inner());
         let mut st = inner.lock();
         for (ledger, entry, at) in refs {
             let Some(loc) = Location::decode(at) else { continue };
@@ -1394,6 +1408,7 @@ impl LedgerStorage for EntryLogStorage {
                 batch.put_cf(icf, entry_key(*ledger, *entry), at);
             }
         }
+        drop(st);
         inner.db.write_opt(batch, &inner.no_wal)?;
         Ok(())
     }
