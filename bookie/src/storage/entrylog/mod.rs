@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use rocksdb::{ColumnFamilyDescriptor, FlushOptions, Options, WriteBatch, WriteOptions, DB};
 
-use self::record::{AlignedBuf, Header, Location, Scanner, HEADER};
+use self::record::{AlignedBuf, Location, Scanner, HEADER};
 use super::{entry_key, EntryWrite, LedgerMeta, LedgerStorage, StoredEntry};
 use crate::config::StorageSettings;
 use crate::error::{BookieError, Result};
@@ -227,6 +227,8 @@ struct Inner {
     /// exclusively by what must not interleave with them: deleting a ledger (an add indexed
     /// after it would revive the ledger) and compaction repointing entries.
     index_gate: std::sync::RwLock<()>,
+    /// Record bytes compaction has read.
+    compaction_read: std::sync::atomic::AtomicU64,
     readers: Mutex<HashMap<u64, Arc<File>>>,
     log_bytes: u64,
     pool_min: usize,
@@ -312,6 +314,7 @@ impl EntryLogStorage {
             written: Condvar::new(),
             flushing: Mutex::new(()),
             index_gate: std::sync::RwLock::new(()),
+            compaction_read: std::sync::atomic::AtomicU64::new(0),
             compacting: Mutex::new(()),
             compaction_rate: settings.compaction_bytes_per_second,
             stopping: std::sync::atomic::AtomicBool::new(false),
@@ -1177,50 +1180,58 @@ impl Inner {
             self.lock().uncompactable.insert(id);
             Ok(false)
         };
-        // First the records the index points at, all the way to the end, before anything is
-        // copied.
-        let file = File::open(&path).map_err(io_err(ctx()))?;
-        let mut scan = Scanner::new(file, 0, end).map_err(io_err(ctx()))?;
+        // First the records the index points at, found through the index of each ledger the
+        // log holds records of, before anything is copied: only live records are read, not
+        // the whole log (compaction takes logs that are mostly dead).
         let index = self.cf(INDEX)?;
-        let mut records: Vec<(Header, Location)> = Vec::new();
-        let mut pace = Pacer::new(self.compaction_rate);
-        while let Some((at, h)) = scan.next(None).map_err(io_err(ctx()))? {
-            if !pace.account(h.record_len(), &self.stopping) {
+        let mut records: Vec<(u64, i64, Location)> = Vec::new();
+        for &ledger in &live {
+            if self.stopping.load(std::sync::atomic::Ordering::Relaxed) {
                 return Ok(false);
             }
-            if live.contains(&h.ledger) {
-                let here = Location { log: id, offset: at, len: h.record_len() as u32 };
-                let pointed = self.db.get_pinned_cf(index, entry_key(h.ledger, h.entry))?;
-                if pointed.as_deref().and_then(Location::decode) == Some(here) {
-                    records.push((h, here));
+            let mut it = self.db.raw_iterator_cf(index);
+            it.seek(entry_key(ledger, 0));
+            while let (Some(k), Some(v)) = (it.key(), it.value()) {
+                match super::parse_entry_key(k) {
+                    Some((l, e)) if l == ledger => {
+                        if let Some(at) = Location::decode(v).filter(|at| at.log == id) {
+                            if at.offset + u64::from(at.len) > end {
+                                return give_up("the index points past its recorded end");
+                            }
+                            records.push((l, e, at));
+                        }
+                    }
+                    _ => break,
                 }
+                it.next();
             }
+            it.status()?;
         }
-        if scan.pos() != end {
-            return give_up("its records end before its recorded end");
-        }
+        records.sort_unstable_by_key(|(_, _, at)| at.offset);
+        let mut pace = Pacer::new(self.compaction_rate);
         let file = File::open(&path).map_err(io_err(ctx()))?;
         let mut moved: Vec<(u64, i64, Location, Location)> = Vec::new();
         for group in records.chunks(256) {
             let mut copies = Vec::with_capacity(group.len());
-            for (h, at) in group {
+            for &(ledger, entry, at) in group {
                 // Read once here and written once by the writer.
                 if !pace.account(2 * u64::from(at.len), &self.stopping) {
                     return Ok(false);
                 }
                 let mut rec = vec![0u8; at.len as usize];
                 file.read_exact_at(&mut rec, at.offset).map_err(io_err(ctx()))?;
-                match record::decode(rec, h.ledger, h.entry) {
-                    Ok(e) => copies.push((*h, *at, e)),
+                self.compaction_read.fetch_add(u64::from(at.len), std::sync::atomic::Ordering::Relaxed);
+                match record::decode(rec, ledger, entry) {
+                    Ok(e) => copies.push((ledger, entry, at, e)),
                     Err(_) => return give_up("a record does not match its checksum"),
                 }
             }
             let st = self.lock();
             let mut st = self.throttle(st);
-            for (h, old, e) in copies {
-                if st.logs.get(&id).is_some_and(|i| i.ledgers.contains_key(&h.ledger)) {
-                    let new = self.append(&mut st, h.ledger, h.entry, h.checksum, &e.payload)?;
-                    moved.push((h.ledger, h.entry, old, new));
+            for (ledger, entry, old, e) in copies {
+                if st.logs.get(&id).is_some_and(|i| i.ledgers.contains_key(&ledger)) {
+                    let new = self.append(&mut st, ledger, entry, e.checksum, &e.payload)?;
+                    moved.push((ledger, entry, old, new));
                 }
             }
         }
@@ -1435,6 +1446,11 @@ impl LedgerStorage for EntryLogStorage {
             ("bookie_entry_log_live_bytes", "Bytes of live records in the entry logs", live as f64),
             ("bookie_entry_log_pool_files", "Emptied entry log files kept for reuse", st.pool.len() as f64),
             ("bookie_entry_log_pool_bytes", "Bytes of emptied entry log files kept for reuse", st.pool_bytes as f64),
+            (
+                "bookie_entry_log_compaction_read_bytes",
+                "Bytes of live records compaction has read since the bookie started",
+                self.inner.compaction_read.load(std::sync::atomic::Ordering::Relaxed) as f64,
+            ),
         ]
     }
 }

@@ -190,6 +190,7 @@ impl Scanner {
     }
 
     /// The offset after the last record returned.
+    #[cfg(test)]
     pub fn pos(&self) -> u64 {
         self.pos
     }
