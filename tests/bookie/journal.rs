@@ -1,6 +1,6 @@
 //! Journal damage on disk: a torn last record is dropped on replay and the bookie starts; a
-//! corrupt record followed by valid ones refuses start-up with a message naming the file —
-//! never served as "no such entry".
+//! corrupt record that later records show was durable (acknowledged adds follow it) refuses
+//! start-up with a message naming the file — never served as "no such entry".
 
 use std::time::Duration;
 

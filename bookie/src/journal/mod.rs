@@ -273,6 +273,9 @@ struct Shared {
     sync_cv: Condvar,
     queued: AtomicI64,
     applied: Mutex<Position>,
+    /// The position before which every record is durable (or, with syncing off, acknowledged):
+    /// the writer records it in the segment (`SYNCED`) for replay.
+    synced: Mutex<Position>,
     metrics: JournalMetrics,
     /// Once an fdatasync fails, the page cache may have dropped the failed pages and a later
     /// fdatasync could "succeed" without them: nothing is acknowledged after that.
@@ -351,6 +354,10 @@ impl Shared {
             }
         }
         let end = groups.last().map(|g| g.end);
+        if let (Some(end), None) = (end, &failure) {
+            let mut synced = self.synced.lock().unwrap_or_else(|e| e.into_inner());
+            *synced = (*synced).max(end);
+        }
         for g in groups {
             for (mut ack, at) in g.acks {
                 m.add.observe_duration_ms_many(at.elapsed(), ack.ops() as u64);
@@ -399,6 +406,7 @@ impl Journal {
             sync_cv: Condvar::new(),
             queued: AtomicI64::new(0),
             applied: Mutex::new(Position { segment: first_segment, offset: 0 }),
+            synced: Mutex::new(Position { segment: first_segment, offset: 0 }),
             metrics,
             failure: Mutex::new(None),
         });
@@ -420,6 +428,7 @@ impl Journal {
             sync: settings.sync,
             drop_pages: settings.remove_pages_from_cache,
             on_roll,
+            marked: 0,
         };
         let syncer = Syncer { shared: shared.clone(), settings: settings.clone() };
         let threads = vec![
@@ -588,6 +597,8 @@ struct Writer {
     /// `remove_pages_from_cache` (see [`Segment::advise_written`]).
     drop_pages: bool,
     on_roll: Box<dyn Fn() + Send>,
+    /// The offset the current segment's last `SYNCED` record gave.
+    marked: u64,
 }
 
 /// What one writer batch produced.
@@ -638,6 +649,7 @@ impl Writer {
 
     fn process(&mut self, items: Vec<Queued>) -> Batch {
         let mut b = Batch { files: vec![self.seg.file.clone()], ..Default::default() };
+        self.mark_synced();
         for Queued { work, at } in items {
             match work {
                 Work::One(op, cb) => match self.apply_op(op, &mut b) {
@@ -675,6 +687,21 @@ impl Writer {
         self.shared.metrics.adds.add((b.entries.len() + b.refs.len()) as u64);
         b.entries.clear();
         b
+    }
+
+    /// Starts the batch with a `SYNCED` record when more of the segment became durable since
+    /// the last one (and it fits without a roll).
+    fn mark_synced(&mut self) {
+        let synced = *self.shared.synced.lock().unwrap_or_else(|e| e.into_inner());
+        let len = record::encoded_len(0) as u64;
+        if synced.segment != self.seg.seq
+            || synced.offset <= self.marked
+            || self.seg.offset + (self.pending() as u64) + len > self.size
+        {
+            return;
+        }
+        record::encode(&mut self.buf, self.seg.seq, record::SYNCED, 0, synced.offset as i64, -1, &[]);
+        self.marked = synced.offset;
     }
 
     fn state(&self, b: &mut Batch, ledger: u64) -> Result<Option<LedgerMeta>> {
@@ -880,6 +907,7 @@ impl Writer {
         let seq = self.seg.seq + 1;
         let file = Arc::new(self.alloc.take(seq)?);
         self.seg = Segment::new(seq, file.clone());
+        self.marked = 0;
         b.files.push(file);
         (self.on_roll)();
         Ok(())
@@ -1184,6 +1212,48 @@ mod tests {
         assert!(add_one(&journal, 3, 3, small(3)).is_err(), "acknowledged after a failed sync");
         assert!(add_one(&journal, 3, 4, large(4)).is_err(), "acknowledged after a failed sync");
         journal.stop();
+    }
+
+    /// Each batch after a sync starts with a `SYNCED` record giving how much of the segment was
+    /// durable, so replay can tell damage to an acknowledged record (an error) from the torn,
+    /// unsynced tail of a power loss (dropped).
+    #[test]
+    fn batches_record_how_much_of_the_segment_was_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledgers = Arc::new(Ledgers::new(Arc::new(MemStorage::new()), 1 << 20));
+        let journal = start_journal(dir.path(), &ledgers);
+        let n = 20i64;
+        for e in 0..n {
+            submit_and_wait(&journal, add_op(4, e, e - 1, Bytes::from(vec![e as u8; 300]), b"k", false));
+        }
+        journal.stop();
+        let (seq, path) = segment::list_segments(dir.path()).unwrap().remove(0);
+        let bytes = std::fs::read(&path).unwrap();
+        let (mut off, mut marks, mut entries) = (0usize, Vec::new(), Vec::new());
+        while let record::Decoded::Record(r, len) = record::decode(&bytes[off..], seq, 1 << 20) {
+            match r.kind {
+                record::SYNCED => marks.push((off, r.entry as usize)),
+                record::ENTRY => entries.push(off),
+                _ => {}
+            }
+            off += len;
+        }
+        assert_eq!(entries.len(), n as usize);
+        // One add at a time, each acknowledged before the next: every later add's batch says
+        // the one before was durable.
+        assert_eq!(marks.len(), n as usize - 1, "{marks:?}");
+        for (i, (at, synced)) in marks.iter().enumerate() {
+            assert!(*synced > entries[i] && synced <= at, "mark {i} at {at} says {synced}");
+        }
+        // So damage to an acknowledged record is reported, not dropped as a torn tail.
+        let mut damaged = bytes.clone();
+        damaged[entries[1] + 40] ^= 1;
+        std::fs::write(&path, &damaged).unwrap();
+        let replayed = MemStorage::new();
+        match replay::replay(dir.path(), Position { segment: 1, offset: 0 }, &replayed, 1 << 20) {
+            Err(BookieError::CorruptJournal { offset, .. }) => assert_eq!(offset, entries[1] as u64),
+            other => panic!("expected CorruptJournal, got {other:?}"),
+        }
     }
 
     /// An entry-log store that notes which payloads stored by reference were indexed before a

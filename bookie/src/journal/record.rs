@@ -11,7 +11,10 @@
 //! - `MASTER_KEY`: `data` = the ledger's master key (written before its first entry);
 //! - `SEGMENT_END`: no data; the writer moved to the next segment (written when it fits);
 //! - `ENTRY_REF`: `data` = `[entry checksum u32 LE][where the entry store put the payload, 20
-//!   bytes]` (a large payload written once, to the entry store; see [`crate::journal`]).
+//!   bytes]` (a large payload written once, to the entry store; see [`crate::journal`]);
+//! - `SYNCED`: no data; `entry` = an offset of this segment before which every record was
+//!   durable (synced, its adds acknowledged) when this one was written. Replay tells damage
+//!   to a durable record from a torn unsynced tail by it (see [`crate::journal::replay`]).
 
 /// Bytes before the record body.
 pub const HEADER: usize = 8;
@@ -28,6 +31,8 @@ pub const MASTER_KEY: u8 = 3;
 pub const SEGMENT_END: u8 = 4;
 /// Record type of an entry whose payload the entry store holds.
 pub const ENTRY_REF: u8 = 5;
+/// Record type saying how much of the segment was durable when it was written.
+pub const SYNCED: u8 = 6;
 
 /// A decoded record, borrowing its data from the segment.
 #[derive(Debug, PartialEq, Eq, Clone, Copy)]

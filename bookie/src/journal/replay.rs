@@ -5,9 +5,16 @@
 //! segment's valid records is recognised thus:
 //! - zeros, or a header that does not verify and is not followed by a valid record: the torn
 //!   tail of the last write before a crash (it was never acknowledged); replay stops there;
-//! - a record that does not verify but is followed by one that does: damage in the middle of
-//!   the journal. Replay refuses to continue and the bookie does not start, naming the file
-//!   and offset, because acknowledged entries may be in the damaged record.
+//! - a record that does not verify but is followed by valid ones, one of which is a `SYNCED`
+//!   record saying the damaged offset was durable: damage in the middle of the journal.
+//!   Replay refuses to continue and the bookie does not start, naming the file and offset,
+//!   because acknowledged entries may be in the damaged record;
+//! - the same without such a `SYNCED` record: the unsynced tail of a power loss, whose pages
+//!   the disk may have written in any order (a later page on disk, an earlier one not). No
+//!   sync covered the damaged record, so nothing from it on was acknowledged: replay drops it
+//!   all, as a torn tail. (The writer starts each batch with a `SYNCED` record when more of the
+//!   segment became durable, so a record is proven durable by the batches written after its
+//!   sync.)
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -70,6 +77,17 @@ pub fn replay(dir: &Path, from: Position, storage: &dyn LedgerStorage, max_recor
         while off < map.len() {
             match record::decode(&map[off..], seq, max_record) {
                 Decoded::Record(r, _) if r.kind == record::SEGMENT_END => break,
+                Decoded::Record(r, n) if r.kind == record::SYNCED => {
+                    if let Some((file, offset, reason)) = torn.take() {
+                        return Err(BookieError::CorruptJournal {
+                            file,
+                            offset,
+                            reason: format!("{reason}, and a later segment holds records"),
+                        });
+                    }
+                    records_here += 1;
+                    off += n;
+                }
                 Decoded::Record(r, n) => {
                     if let Some((file, offset, reason)) = torn.take() {
                         return Err(BookieError::CorruptJournal {
@@ -93,7 +111,13 @@ pub fn replay(dir: &Path, from: Position, storage: &dyn LedgerStorage, max_recor
                 }
                 Decoded::End => {
                     if valid_record_within(&map, off + 1, seq, max_record) {
-                        return Err(corrupt(off, "zeroed record header followed by valid records".into()));
+                        if proven_durable(&map, off, seq, max_record) {
+                            return Err(corrupt(off, "zeroed record header followed by valid records".into()));
+                        }
+                        let reason = "zeroed record header followed by records written before it was durable";
+                        tracing::warn!(file = %path.display(), offset = off, reason, "dropping the unsynced tail of a journal segment");
+                        stats.torn_tails += 1;
+                        torn = Some((path.display().to_string(), off as u64, reason));
                     }
                     break;
                 }
@@ -104,10 +128,11 @@ pub fn replay(dir: &Path, from: Position, storage: &dyn LedgerStorage, max_recor
                         .map(|n| off + n)
                         .filter(|n| *n < map.len())
                         .is_some_and(|n| matches!(record::decode(&map[n..], seq, max_record), Decoded::Record(..)));
-                    if followed || valid_record_within(&map, off + 1, seq, max_record) {
+                    let followed = followed || valid_record_within(&map, off + 1, seq, max_record);
+                    if followed && proven_durable(&map, off, seq, max_record) {
                         return Err(corrupt(off, format!("{reason}, followed by valid records")));
                     }
-                    if off == 0 || records_here == 0 && seq != from.segment {
+                    if !followed && (off == 0 || records_here == 0 && seq != from.segment) {
                         // Nothing of this segment's own: a recycled file prepared for the
                         // next roll (old records do not verify under the new number), or a
                         // first write torn by a crash. Neither was acknowledged.
@@ -203,6 +228,20 @@ fn valid_record_within(map: &[u8], from: usize, seq: u64, max_record: usize) -> 
     })
 }
 
+/// Whether a `SYNCED` record of segment `seq` past offset `at` of `map` says that `at` was
+/// durable when it was written: the whole rest of the segment is searched, as a batch (and so
+/// the next `SYNCED` record) can start anywhere after it.
+fn proven_durable(map: &[u8], at: usize, seq: u64, max_record: usize) -> bool {
+    let len = record::encoded_len(0);
+    (at + 1..map.len().saturating_sub(len - 1)).any(|pos| {
+        let b = &map[pos..pos + len];
+        // A `SYNCED` record has no data: its length field is the fixed body's.
+        u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize == record::BODY_FIXED
+            && matches!(record::decode(b, seq, max_record),
+                Decoded::Record(r, _) if r.kind == record::SYNCED && r.entry > at as i64)
+    })
+}
+
 /// Maps a segment for reading.
 #[allow(unsafe_code)]
 fn map_file(file: &File) -> std::io::Result<memmap2::Mmap> {
@@ -220,11 +259,17 @@ mod tests {
     use crate::journal::segment::segment_path;
     use crate::storage::mem::MemStorage;
 
+    /// Writes a segment of `records` as the journal would with each one synced before the
+    /// next was written (a `SYNCED` record before each but the first); returns their offsets.
     fn write_segment(dir: &Path, seq: u64, records: &[(i64, &[u8])], pad: usize) -> Vec<usize> {
         let mut buf = Vec::new();
         let mut offsets = Vec::new();
         record::encode(&mut buf, seq, record::MASTER_KEY, 1, -1, -1, &[b"key"]);
-        for (e, p) in records {
+        for (i, (e, p)) in records.iter().enumerate() {
+            if i > 0 {
+                let synced = buf.len() as i64;
+                record::encode(&mut buf, seq, record::SYNCED, 0, synced, -1, &[]);
+            }
             offsets.push(buf.len());
             record::encode(&mut buf, seq, record::ENTRY, 1, *e, *e - 1, &[&entry_checksum(1, *e, p).to_le_bytes(), p]);
         }
@@ -293,6 +338,68 @@ mod tests {
                 matches!(replay(dir.path(), Position::default(), &s, 1 << 20), Err(BookieError::CorruptJournal { .. })),
                 "damage {damage} must be reported"
             );
+        }
+    }
+
+    /// After a power loss the pages of the last, unsynced writes may have reached the disk in
+    /// any order: a damaged record followed by valid ones that no `SYNCED` record proves
+    /// durable is dropped with them (none was acknowledged), whatever the damage.
+    #[test]
+    fn an_unsynced_tail_written_out_of_order_is_dropped() {
+        for damage in [0usize, 1, 2] {
+            let dir = tempfile::tempdir().unwrap();
+            let seq = 1;
+            let mut buf = Vec::new();
+            record::encode(&mut buf, seq, record::MASTER_KEY, 1, -1, -1, &[b"key"]);
+            let mut offs = Vec::new();
+            for e in 0..4i64 {
+                if e == 1 {
+                    // Entry 0 synced; entries 1 to 3 written after, never synced.
+                    let synced = buf.len() as i64;
+                    record::encode(&mut buf, seq, record::SYNCED, 0, synced, -1, &[]);
+                }
+                offs.push(buf.len());
+                let p = vec![e as u8; 5000];
+                record::encode(
+                    &mut buf,
+                    seq,
+                    record::ENTRY,
+                    1,
+                    e,
+                    e - 1,
+                    &[&entry_checksum(1, e, &p).to_le_bytes(), &p],
+                );
+            }
+            buf.extend(std::iter::repeat_n(0u8, 4096));
+            match damage {
+                // A page of entry 1 that never reached the disk, zeros there.
+                0 => buf[offs[1] + 100..offs[1] + 4196].fill(0),
+                // Its header zeroed.
+                1 => buf[offs[1]..offs[1] + 8].fill(0),
+                // A page holding an older use's bytes.
+                _ => buf[offs[1]..offs[1] + 4096].fill(0x5a),
+            }
+            std::fs::write(segment_path(dir.path(), seq), &buf).unwrap();
+            let s = MemStorage::new();
+            let stats =
+                replay(dir.path(), Position::default(), &s, 1 << 20).unwrap_or_else(|e| panic!("damage {damage}: {e}"));
+            assert_eq!((stats.records, stats.torn_tails), (2, 1), "damage {damage}");
+            assert!(s.get_entry(1, 0).unwrap().is_some());
+            for e in 1..4 {
+                assert!(s.get_entry(1, e).unwrap().is_none(), "damage {damage}: entry {e} replayed");
+            }
+            // The same damage where a later batch says entry 1 was durable is corruption.
+            let synced = (offs[2]) as i64;
+            let mut proven = buf[..offs[3]].to_vec();
+            record::encode(&mut proven, seq, record::SYNCED, 0, synced, -1, &[]);
+            proven.extend_from_slice(&buf[offs[3]..]);
+            std::fs::write(segment_path(dir.path(), seq), &proven).unwrap();
+            match replay(dir.path(), Position::default(), &MemStorage::new(), 1 << 20) {
+                Err(BookieError::CorruptJournal { offset, .. }) => {
+                    assert_eq!(offset, offs[1] as u64, "damage {damage}")
+                }
+                other => panic!("damage {damage}: expected CorruptJournal, got {other:?}"),
+            }
         }
     }
 
