@@ -273,7 +273,7 @@ struct Shared {
     sync_cv: Condvar,
     queued: AtomicI64,
     applied: Mutex<Position>,
-    /// The position before which every record is durable (or, with syncing off, acknowledged):
+    /// The position before which every record is durable (never advanced with syncing off):
     /// the writer records it in the segment (`SYNCED`) for replay.
     synced: Mutex<Position>,
     metrics: JournalMetrics,
@@ -354,7 +354,7 @@ impl Shared {
             }
         }
         let end = groups.last().map(|g| g.end);
-        if let (Some(end), None) = (end, &failure) {
+        if let (Some(end), None, true) = (end, &failure, sync) {
             let mut synced = self.synced.lock().unwrap_or_else(|e| e.into_inner());
             *synced = (*synced).max(end);
         }
@@ -1254,6 +1254,29 @@ mod tests {
             Err(BookieError::CorruptJournal { offset, .. }) => assert_eq!(offset, entries[1] as u64),
             other => panic!("expected CorruptJournal, got {other:?}"),
         }
+    }
+
+    /// With syncing off nothing is durable, and no `SYNCED` record claims otherwise.
+    #[test]
+    fn without_syncs_no_record_claims_durability() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledgers = Arc::new(Ledgers::new(Arc::new(MemStorage::new()), 1 << 20));
+        let settings = JournalSettings { segment_bytes: 1 << 20, sync: false, ..Default::default() };
+        let metrics = JournalMetrics::register(&Registry::new(), 0);
+        let journal = Journal::start(dir.path(), 1, &settings, 1 << 20, ledgers, metrics, Box::new(|| {})).unwrap();
+        for e in 0..10 {
+            submit_and_wait(&journal, add_op(4, e, e - 1, Bytes::from(vec![1u8; 100]), b"k", false));
+        }
+        journal.stop();
+        let (seq, path) = segment::list_segments(dir.path()).unwrap().remove(0);
+        let bytes = std::fs::read(&path).unwrap();
+        let (mut off, mut kinds) = (0usize, Vec::new());
+        while let record::Decoded::Record(r, len) = record::decode(&bytes[off..], seq, 1 << 20) {
+            kinds.push(r.kind);
+            off += len;
+        }
+        assert_eq!(kinds.iter().filter(|k| **k == record::ENTRY).count(), 10);
+        assert!(!kinds.contains(&record::SYNCED), "{kinds:?}");
     }
 
     /// An entry-log store that notes which payloads stored by reference were indexed before a
