@@ -1,20 +1,18 @@
 //! Journal replay at start-up: re-applies every record after the last checkpoint to the entry
 //! store, so a bookie killed at any moment comes back with every entry it acknowledged.
 //!
-//! Replay is idempotent (it rewrites entries and states to the same values). The end of a
-//! segment's valid records is recognised thus:
-//! - zeros, or a header that does not verify and is not followed by a valid record: the torn
-//!   tail of the last write before a crash (it was never acknowledged); replay stops there;
-//! - a record that does not verify but is followed by valid ones, one of which is a `SYNCED`
-//!   record saying the damaged offset was durable: damage in the middle of the journal.
-//!   Replay refuses to continue and the bookie does not start, naming the file and offset,
-//!   because acknowledged entries may be in the damaged record;
-//! - the same without such a `SYNCED` record: the unsynced tail of a power loss, whose pages
-//!   the disk may have written in any order (a later page on disk, an earlier one not). No
-//!   sync covered the damaged record, so nothing from it on was acknowledged: replay drops it
-//!   all, as a torn tail. (The writer starts each batch with a `SYNCED` record when more of the
-//!   segment became durable, so a record is proven durable by the batches written after its
-//!   sync.)
+//! Replay is idempotent (it rewrites entries and states to the same values). Where a
+//! segment's records stop verifying (a bad record, or zeros where a record header should be):
+//! - if a later `SYNCED` record of the segment, however far on, says that offset was durable,
+//!   it is damage in the middle of the journal. Replay refuses to continue and the bookie does
+//!   not start, naming the file and offset, because acknowledged entries may be there. The
+//!   writer starts each batch with a `SYNCED` record when more of the segment became durable,
+//!   so a record is proven durable by the batches written after its sync;
+//! - otherwise nothing from there on was covered by a completed sync, so nothing there was
+//!   acknowledged, and replay stops: the torn tail of the last write before a crash, or the
+//!   unsynced tail of a power loss, whose pages the disk may have written in any order (a
+//!   later one on disk, an earlier one not; valid records may follow the damage). Dropping a
+//!   tail is logged and counted.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -110,10 +108,13 @@ pub fn replay(dir: &Path, from: Position, storage: &dyn LedgerStorage, max_recor
                     }
                 }
                 Decoded::End => {
+                    if proven_durable(&map, off, seq, max_record) {
+                        return Err(corrupt(
+                            off,
+                            "zeroed record header where a later record shows it was durable".into(),
+                        ));
+                    }
                     if valid_record_within(&map, off + 1, seq, max_record) {
-                        if proven_durable(&map, off, seq, max_record) {
-                            return Err(corrupt(off, "zeroed record header followed by valid records".into()));
-                        }
                         let reason = "zeroed record header followed by records written before it was durable";
                         tracing::warn!(file = %path.display(), offset = off, reason, "dropping the unsynced tail of a journal segment");
                         stats.torn_tails += 1;
@@ -124,14 +125,14 @@ pub fn replay(dir: &Path, from: Position, storage: &dyn LedgerStorage, max_recor
                 // Too little room left for any record: the writer rolled without a marker.
                 Decoded::Bad { .. } if map.len() - off < record::encoded_len(0) => break,
                 Decoded::Bad { reason, next } => {
+                    if proven_durable(&map, off, seq, max_record) {
+                        return Err(corrupt(off, format!("{reason}, where a later record shows it was durable")));
+                    }
                     let followed = next
                         .map(|n| off + n)
                         .filter(|n| *n < map.len())
                         .is_some_and(|n| matches!(record::decode(&map[n..], seq, max_record), Decoded::Record(..)));
                     let followed = followed || valid_record_within(&map, off + 1, seq, max_record);
-                    if followed && proven_durable(&map, off, seq, max_record) {
-                        return Err(corrupt(off, format!("{reason}, followed by valid records")));
-                    }
                     if !followed && (off == 0 || records_here == 0 && seq != from.segment) {
                         // Nothing of this segment's own: a recycled file prepared for the
                         // next roll (old records do not verify under the new number), or a
@@ -508,6 +509,36 @@ mod tests {
                     "case {case}: damage at {victim} before a SYNCED record for {marked} not reported"
                 );
             }
+        }
+    }
+
+    /// Durable records zeroed over more than replay's look-ahead (so no valid record follows
+    /// the damage within it) are still reported: a `SYNCED` record further on says they were
+    /// durable.
+    #[test]
+    fn a_long_damaged_stretch_before_a_synced_record_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let seq = 1;
+        let mut buf = Vec::new();
+        record::encode(&mut buf, seq, record::MASTER_KEY, 1, -1, -1, &[b"key"]);
+        let mut offs = Vec::new();
+        for e in 0..301i64 {
+            if e == 300 {
+                let synced = buf.len() as i64;
+                record::encode(&mut buf, seq, record::SYNCED, 0, synced, -1, &[]);
+            }
+            offs.push(buf.len());
+            let p = vec![e as u8; 5000];
+            record::encode(&mut buf, seq, record::ENTRY, 1, e, e - 1, &[&entry_checksum(1, e, &p).to_le_bytes(), &p]);
+        }
+        // Entries 1 to 299 zeroed; the `SYNCED` record before entry 300 stays.
+        let marker = offs[300] - record::encoded_len(0);
+        assert!(marker - offs[1] > SCAN_WINDOW);
+        buf[offs[1]..marker].fill(0);
+        std::fs::write(segment_path(dir.path(), seq), &buf).unwrap();
+        match replay(dir.path(), Position::default(), &MemStorage::new(), 1 << 20) {
+            Err(BookieError::CorruptJournal { offset, .. }) => assert_eq!(offset, offs[1] as u64),
+            other => panic!("expected CorruptJournal, got {other:?}"),
         }
     }
 
