@@ -234,12 +234,15 @@ fn valid_record_within(map: &[u8], from: usize, seq: u64, max_record: usize) -> 
 /// the next `SYNCED` record) can start anywhere after it.
 fn proven_durable(map: &[u8], at: usize, seq: u64, max_record: usize) -> bool {
     let len = record::encoded_len(0);
-    (at + 1..map.len().saturating_sub(len - 1)).any(|pos| {
-        let b = &map[pos..pos + len];
-        // A `SYNCED` record has no data: its length field is the fixed body's.
-        u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize == record::BODY_FIXED
-            && matches!(record::decode(b, seq, max_record),
+    let Some(rest) = map.get(at + 1..) else { return false };
+    // A `SYNCED` record has no data: its length field is the fixed body's. Searched for as
+    // bytes (the rest of a segment, zeros or an earlier use's bytes, is mostly not that).
+    let length_field = (record::BODY_FIXED as u32).to_le_bytes();
+    memchr::memmem::find_iter(rest, &length_field).any(|pos| {
+        rest.get(pos..pos + len).is_some_and(|b| {
+            matches!(record::decode(b, seq, max_record),
                 Decoded::Record(r, _) if r.kind == record::SYNCED && r.entry > at as i64)
+        })
     })
 }
 
