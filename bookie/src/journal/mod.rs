@@ -346,12 +346,12 @@ impl Shared {
         // make the entry read as corrupt (a recovery could then never decide whether it
         // exists) instead of absent.
         let mut unindexed = None;
-        if failure.is_none() {
-            let refs: Vec<_> = groups.iter().flat_map(|g| g.refs.iter().copied()).collect();
-            if let Err(e) = self.storage.index_refs(&refs) {
-                tracing::error!(error = %e, "indexing entries failed");
-                unindexed = Some(e.to_string());
-            }
+        let refs: Vec<_> = groups.iter().flat_map(|g| g.refs.iter().copied()).collect();
+        if failure.is_some() {
+            self.storage.forget_refs(&refs);
+        } else if let Err(e) = self.storage.index_refs(&refs) {
+            tracing::error!(error = %e, "indexing entries failed");
+            unindexed = Some(e.to_string());
         }
         let end = groups.last().map(|g| g.end);
         if let (Some(end), None, true) = (end, &failure, sync) {
@@ -670,6 +670,7 @@ impl Writer {
         let writing = Instant::now();
         if let Err(e) = self.flush_buf(&mut b) {
             tracing::error!(error = %e, "journal write failed");
+            self.ledgers.storage.forget_refs(&b.refs);
             fail_all(&mut b, &e);
             return b;
         }
@@ -679,6 +680,7 @@ impl Writer {
         // Entries stored by reference are indexed after their group's sync (`sync_and_ack`).
         if let Err(e) = self.ledgers.storage.write(&b.entries, &states) {
             tracing::error!(error = %e, "entry store write failed");
+            self.ledgers.storage.forget_refs(&b.refs);
             fail_all(&mut b, &e);
             return b;
         }
@@ -736,15 +738,25 @@ impl Writer {
                     true => self.ledgers.storage.write_ref(&write)?,
                     false => None,
                 };
-                if first_key {
-                    self.append(b, record::MASTER_KEY, ledger, -1, -1, &[&master_key], None)?;
-                }
-                match &stored {
-                    Some(at) => {
-                        self.append(b, record::ENTRY_REF, ledger, entry, lac, &[&checksum.to_le_bytes(), at], None)?;
-                        b.refs.push((ledger, entry, *at));
+                let mut records = || -> Result<()> {
+                    if first_key {
+                        self.append(b, record::MASTER_KEY, ledger, -1, -1, &[&master_key], None)?;
                     }
-                    None => self.append_entry(b, ledger, entry, lac, checksum, &write.payload)?,
+                    match &stored {
+                        Some(at) => {
+                            self.append(b, record::ENTRY_REF, ledger, entry, lac, &[&checksum.to_le_bytes(), at], None)
+                        }
+                        None => self.append_entry(b, ledger, entry, lac, checksum, &write.payload),
+                    }
+                };
+                if let Err(e) = records() {
+                    if let Some(at) = stored {
+                        self.ledgers.storage.forget_refs(&[(ledger, entry, at)]);
+                    }
+                    return Err(e);
+                }
+                if let Some(at) = stored {
+                    b.refs.push((ledger, entry, at));
                 }
                 if let Some(m) = loaded {
                     b.states.insert(ledger, m);
@@ -1170,6 +1182,9 @@ mod tests {
         fn index_refs(&self, refs: &[(u64, i64, crate::storage::EntryRef)]) -> Result<()> {
             self.inner.index_refs(refs)
         }
+        fn forget_refs(&self, refs: &[(u64, i64, crate::storage::EntryRef)]) {
+            self.inner.forget_refs(refs)
+        }
         fn sync_refs(&self) -> Result<crate::storage::RefSync> {
             let finish = self.inner.sync_refs()?;
             let fail = self.fail.clone();
@@ -1198,7 +1213,7 @@ mod tests {
         let inner = Arc::new(crate::storage::entrylog::EntryLogStorage::open(sdir.path(), &small_logs()).unwrap());
         let fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let storage = Arc::new(FailingRefSync { inner, fail: fail.clone() });
-        let ledgers = Arc::new(Ledgers::new(storage, 1 << 20));
+        let ledgers = Arc::new(Ledgers::new(storage.clone(), 1 << 20));
         let journal = start_journal(jdir.path(), &ledgers);
         let large = |e: i64| Bytes::from(vec![e as u8; 20_000]);
         let small = |e: i64| Bytes::from(vec![e as u8; 100]);
@@ -1212,6 +1227,8 @@ mod tests {
         assert!(add_one(&journal, 3, 3, small(3)).is_err(), "acknowledged after a failed sync");
         assert!(add_one(&journal, 3, 4, large(4)).is_err(), "acknowledged after a failed sync");
         journal.stop();
+        // The payloads of the failed adds will never be indexed: their logs stay compactable.
+        assert_eq!(storage.inner.unindexed_logs(), 0);
     }
 
     /// Each batch after a sync starts with a `SYNCED` record giving how much of the segment was

@@ -130,6 +130,9 @@ pub trait LedgerStorage: Send + Sync + 'static {
     fn index_refs(&self, _refs: &[(u64, i64, EntryRef)]) -> Result<()> {
         Ok(())
     }
+    /// Payloads [`LedgerStorage::write_ref`] stored that will never be indexed: their adds
+    /// failed (a journal write or sync failed).
+    fn forget_refs(&self, _refs: &[(u64, i64, EntryRef)]) {}
     /// Starts making every payload [`LedgerStorage::write_ref`] stored so far durable and
     /// returns what finishes it (waits for it): the journal runs its own fdatasync in between.
     fn sync_refs(&self) -> Result<RefSync> {

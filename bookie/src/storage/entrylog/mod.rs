@@ -192,9 +192,9 @@ struct State {
     ref_syncs_done: u64,
     inflight: VecDeque<Inflight>,
     inflight_bytes: usize,
-    /// Records stored by reference and not yet indexed, per log: the journal indexes them only
-    /// after their sync, and compaction, which keeps the records the index points at, must
-    /// leave such a log alone until then.
+    /// Records appended and not yet indexed, per log: those stored by reference wait for their
+    /// sync, and any index write lands only after the state lock is released. Compaction,
+    /// which keeps the records the index points at, leaves such a log alone until then.
     unindexed: HashMap<u64, usize>,
     next_seq: u64,
     done_seq: u64,
@@ -202,6 +202,20 @@ struct State {
     failed: Option<String>,
     spare: Vec<AlignedBuf>,
     tx: Option<Sender<ToWriter>>,
+}
+
+impl State {
+    /// One record of each of `logs` (repeated per record) is indexed, or will never be.
+    fn indexed(&mut self, logs: &[u64]) {
+        for log in logs {
+            if let Some(n) = self.unindexed.get_mut(log) {
+                *n -= 1;
+                if *n == 0 {
+                    self.unindexed.remove(log);
+                }
+            }
+        }
+    }
 }
 
 struct Inner {
@@ -349,6 +363,12 @@ impl EntryLogStorage {
     /// returns how many were compacted.
     pub fn compact(&self, threshold: f64) -> Result<usize> {
         self.inner.compact(threshold, Duration::ZERO)
+    }
+
+    /// Logs holding records not yet indexed (compaction leaves them alone).
+    #[cfg(test)]
+    pub(crate) fn unindexed_logs(&self) -> usize {
+        self.inner.lock().unindexed.len()
     }
 
     /// Log files in use, files in the pool, and live record bytes.
@@ -1191,7 +1211,12 @@ impl Inner {
             }
             let mut it = self.db.raw_iterator_cf(index);
             it.seek(entry_key(ledger, 0));
+            let mut seen = 0u64;
             while let (Some(k), Some(v)) = (it.key(), it.value()) {
+                seen += 1;
+                if seen.is_multiple_of(65_536) && self.stopping.load(std::sync::atomic::Ordering::Relaxed) {
+                    return Ok(false);
+                }
                 match super::parse_entry_key(k) {
                     Some((l, e)) if l == ledger => {
                         if let Some(at) = Location::decode(v).filter(|at| at.log == id) {
@@ -1310,18 +1335,24 @@ impl LedgerStorage for EntryLogStorage {
         if let Some(e) = &st.failed {
             return Err(failed(e));
         }
-        for e in entries {
+        let mut logs: Vec<u64> = Vec::new();
+        let appended = entries.iter().try_for_each(|e| {
             let at = inner.append(&mut st, e.ledger, e.entry, e.checksum, &e.payload)?;
             batch.put_cf(icf, entry_key(e.ledger, e.entry), at.encode());
-        }
+            *st.unindexed.entry(at.log).or_default() += 1;
+            logs.push(at.log);
+            Ok::<(), BookieError>(())
+        });
         for (l, m) in states {
             batch.put_cf(lcf, l.to_be_bytes(), m.encode());
         }
         drop(st);
-        inner.db.write_opt(batch, &inner.no_wal)?;
+        let written = appended.and_then(|()| Ok(inner.db.write_opt(batch, &inner.no_wal)?));
         drop(gate);
-        drop(inner.throttle(inner.lock()));
-        Ok(())
+        let mut st = inner.lock();
+        st.indexed(&logs);
+        drop(inner.throttle(st));
+        written
     }
 
     fn get_entry(&self, ledger: u64, entry: i64) -> Result<Option<StoredEntry>> {
@@ -1405,23 +1436,27 @@ impl LedgerStorage for EntryLogStorage {
         let mut batch = WriteBatch::with_capacity_bytes(refs.len() * 48);
         // Under the gate, as in `write`: a ledger deleted since its payloads were stored (its
         // bytes gone from the logs' accounting) is not revived.
-        let _gate = inner.index_gate.read().unwrap_or_else(|e| e.into_inner());
-        let mut st = inner.lock();
+        let gate = inner.index_gate.read().unwrap_or_else(|e| e.into_inner());
+        let st = inner.lock();
+        let mut logs = Vec::with_capacity(refs.len());
         for (ledger, entry, at) in refs {
             let Some(loc) = Location::decode(at) else { continue };
-            if let Some(n) = st.unindexed.get_mut(&loc.log) {
-                *n -= 1;
-                if *n == 0 {
-                    st.unindexed.remove(&loc.log);
-                }
-            }
+            logs.push(loc.log);
             if st.logs.get(&loc.log).is_some_and(|i| i.ledgers.contains_key(ledger)) {
                 batch.put_cf(icf, entry_key(*ledger, *entry), at);
             }
         }
         drop(st);
-        inner.db.write_opt(batch, &inner.no_wal)?;
-        Ok(())
+        let written = inner.db.write_opt(batch, &inner.no_wal);
+        drop(gate);
+        // Only now that the index write has landed may compaction look at these logs.
+        inner.lock().indexed(&logs);
+        Ok(written?)
+    }
+
+    fn forget_refs(&self, refs: &[(u64, i64, super::EntryRef)]) {
+        let logs: Vec<u64> = refs.iter().filter_map(|(_, _, at)| Location::decode(at)).map(|l| l.log).collect();
+        self.inner.lock().indexed(&logs);
     }
 
     fn sync_refs(&self) -> Result<super::RefSync> {
