@@ -345,6 +345,24 @@ mod tests {
         }
     }
 
+    /// A segment of a master key and `n` entries of 5000 bytes, with a `SYNCED` record before
+    /// entry `synced_before` saying everything before it was durable; the entries' offsets.
+    fn entries_synced_before(seq: u64, n: i64, synced_before: i64) -> (Vec<u8>, Vec<usize>) {
+        let mut buf = Vec::new();
+        record::encode(&mut buf, seq, record::MASTER_KEY, 1, -1, -1, &[b"key"]);
+        let mut offs = Vec::new();
+        for e in 0..n {
+            if e == synced_before {
+                let synced = buf.len() as i64;
+                record::encode(&mut buf, seq, record::SYNCED, 0, synced, -1, &[]);
+            }
+            offs.push(buf.len());
+            let p = vec![e as u8; 5000];
+            record::encode(&mut buf, seq, record::ENTRY, 1, e, e - 1, &[&entry_checksum(1, e, &p).to_le_bytes(), &p]);
+        }
+        (buf, offs)
+    }
+
     /// After a power loss the pages of the last, unsynced writes may have reached the disk in
     /// any order: a damaged record followed by valid ones that no `SYNCED` record proves
     /// durable is dropped with them (none was acknowledged), whatever the damage.
@@ -353,27 +371,8 @@ mod tests {
         for damage in [0usize, 1, 2] {
             let dir = tempfile::tempdir().unwrap();
             let seq = 1;
-            let mut buf = Vec::new();
-            record::encode(&mut buf, seq, record::MASTER_KEY, 1, -1, -1, &[b"key"]);
-            let mut offs = Vec::new();
-            for e in 0..4i64 {
-                if e == 1 {
-                    // Entry 0 synced; entries 1 to 3 written after, never synced.
-                    let synced = buf.len() as i64;
-                    record::encode(&mut buf, seq, record::SYNCED, 0, synced, -1, &[]);
-                }
-                offs.push(buf.len());
-                let p = vec![e as u8; 5000];
-                record::encode(
-                    &mut buf,
-                    seq,
-                    record::ENTRY,
-                    1,
-                    e,
-                    e - 1,
-                    &[&entry_checksum(1, e, &p).to_le_bytes(), &p],
-                );
-            }
+            // Entry 0 synced; entries 1 to 3 written after, never synced.
+            let (mut buf, offs) = entries_synced_before(seq, 4, 1);
             buf.extend(std::iter::repeat_n(0u8, 4096));
             match damage {
                 // A page of entry 1 that never reached the disk, zeros there.
@@ -522,18 +521,7 @@ mod tests {
     fn a_long_damaged_stretch_before_a_synced_record_is_reported() {
         let dir = tempfile::tempdir().unwrap();
         let seq = 1;
-        let mut buf = Vec::new();
-        record::encode(&mut buf, seq, record::MASTER_KEY, 1, -1, -1, &[b"key"]);
-        let mut offs = Vec::new();
-        for e in 0..301i64 {
-            if e == 300 {
-                let synced = buf.len() as i64;
-                record::encode(&mut buf, seq, record::SYNCED, 0, synced, -1, &[]);
-            }
-            offs.push(buf.len());
-            let p = vec![e as u8; 5000];
-            record::encode(&mut buf, seq, record::ENTRY, 1, e, e - 1, &[&entry_checksum(1, e, &p).to_le_bytes(), &p]);
-        }
+        let (mut buf, offs) = entries_synced_before(seq, 301, 300);
         // Entries 1 to 299 zeroed; the `SYNCED` record before entry 300 stays.
         let marker = offs[300] - record::encoded_len(0);
         assert!(marker - offs[1] > SCAN_WINDOW);

@@ -1205,18 +1205,15 @@ impl Inner {
         // the whole log (compaction takes logs that are mostly dead).
         let index = self.cf(INDEX)?;
         let mut records: Vec<(u64, i64, Location)> = Vec::new();
+        let mut seen = 0u64;
         for &ledger in &live {
-            if self.stopping.load(std::sync::atomic::Ordering::Relaxed) {
-                return Ok(false);
-            }
             let mut it = self.db.raw_iterator_cf(index);
             it.seek(entry_key(ledger, 0));
-            let mut seen = 0u64;
             while let (Some(k), Some(v)) = (it.key(), it.value()) {
-                seen += 1;
                 if seen.is_multiple_of(65_536) && self.stopping.load(std::sync::atomic::Ordering::Relaxed) {
                     return Ok(false);
                 }
+                seen += 1;
                 match super::parse_entry_key(k) {
                     Some((l, e)) if l == ledger => {
                         if let Some(at) = Location::decode(v).filter(|at| at.log == id) {
