@@ -4,9 +4,19 @@
 //! - the **writer** takes queued operations in order, checks them against the ledger's state
 //!   (master key, fence), appends their records to the current segment (into the page cache;
 //!   large payloads go from their request buffers to the file in one vectored write),
-//!   applies them to the entry store's memtable and the tail cache, and hands the batch to
+//!   stores them in the entry store unindexed ([`LedgerStorage::write_unindexed`]) and in the
+//!   tail cache, and hands the batch to
 //! - the **syncer**, which takes every batch handed over so far, `fdatasync`s the segment files
-//!   they touched, and only then runs their callbacks (the acks), in order.
+//!   they touched, indexes their entries ([`LedgerStorage::index_refs`]), and only then runs
+//!   their callbacks (the acks), in order.
+//!
+//! An entry is indexed only once its journal record is durable: RocksDB writes its memtable
+//! out whenever it fills, and an index entry must not reach the disk before the records that
+//! vouch for it, or a power loss that took the journal record and the entry-log record of an
+//! add (never acknowledged) could leave a pointer at garbage, which reads as corrupt rather
+//! than absent; a recovery meeting it on every replica could never decide where the ledger
+//! ends. Once the journal record is durable, replay writes the entry again if the entry-log
+//! record was lost (the checkpoint passes a record only after the entry store's flush).
 //!
 //! After each write the writer also asks the kernel to start writing the new pages out and to
 //! drop those of earlier, synced writes (`remove_pages_from_cache`): the journal is read only
@@ -16,11 +26,9 @@
 //! store first ([`LedgerStorage::write_ref`]) and the journal records only where they went
 //! (an `ENTRY_REF` record). A group holding such adds is acknowledged only after both the
 //! journal's fdatasync and the entry store's ([`LedgerStorage::sync_refs`], begun before the
-//! journal's and finished after it, so the two overlap). Such payloads are indexed only then,
-//! just before the acks ([`LedgerStorage::index_refs`]): RocksDB writes its memtable out
-//! whenever it fills, and an index entry must not reach the disk before the record it points
-//! at, or a power loss could leave a pointer at garbage that reads as corrupt rather than
-//! absent. Replay indexes the payloads the journal's records point at
+//! journal's and finished after it, so the two overlap), and such payloads are indexed only
+//! after both, as the entry-log record is then the only copy. Replay indexes the payloads the
+//! journal's records point at
 //! ([`LedgerStorage::adopt_ref`]); one that is not there belonged to an add whose group never
 //! finished syncing, which was never acknowledged. Every payload is thus
 //! written to the disk once instead of twice, which is what bounds a bookie's bandwidth for
@@ -36,10 +44,11 @@
 //!
 //! Invariant: a callback reporting success runs only after the record of its operation (and
 //! of every operation queued before it) is on disk, and the entry is readable from the entry
-//! store. Entries become readable from the tail cache (and small ones from the entry store)
-//! as soon as the writer applied them, before their ack: a recovery read may see an entry
-//! whose add is not yet acknowledged, which the protocol allows (recovery then writes it back
-//! everywhere).
+//! store. Entries become readable from the tail cache as soon as the writer applied them,
+//! before their ack: a recovery read may see an entry whose add is not yet acknowledged,
+//! which the protocol allows (recovery then writes it back everywhere). A fence is answered
+//! after its group's entries, and every earlier group's, are indexed, so the recovery reads
+//! that follow it find every add the fence let through in the store too.
 
 pub mod record;
 pub mod replay;
@@ -121,6 +130,7 @@ pub struct JournalMetrics {
     syncs: Arc<Counter>,
     bytes: Arc<Counter>,
     adds: Arc<Counter>,
+    index: Arc<Histogram>,
 }
 
 impl JournalMetrics {
@@ -144,7 +154,7 @@ impl JournalMetrics {
             ),
             // Stages of `JOURNAL_ADD_ENTRY`, in order: waiting for the writer, the writer's
             // segment write and entry-store write (per batch), waiting for the fdatasync (per
-            // batch), the fdatasync itself (`JOURNAL_SYNC`).
+            // batch), the fdatasync itself (`JOURNAL_SYNC`), indexing the synced entries.
             queue_latency: reg.histogram(
                 "bookie_journal_JOURNAL_QUEUE_LATENCY",
                 "Time an operation waits before the journal writer takes it (ms)",
@@ -159,7 +169,7 @@ impl JournalMetrics {
             ),
             apply: reg.histogram(
                 "bookie_journal_JOURNAL_APPLY_LATENCY",
-                "Time of the journal writer's write of one batch into the entry store's memtable (ms)",
+                "Time of the journal writer's write of one batch into the entry store (ms)",
                 l,
                 LATENCY_MS_BUCKETS,
             ),
@@ -179,6 +189,12 @@ impl JournalMetrics {
             syncs: reg.counter("bookie_journal_JOURNAL_SYNC_count_total", "Journal fdatasync calls", l),
             bytes: reg.counter("bookie_journal_JOURNAL_WRITE_BYTES", "Bytes written to the journal", l),
             adds: reg.counter("bookie_journal_JOURNAL_ADD_ENTRY_count_total", "Entries journaled", l),
+            index: reg.histogram(
+                "bookie_journal_JOURNAL_INDEX_LATENCY",
+                "Time of indexing the entries of the groups one fdatasync covered, before their acks (ms)",
+                l,
+                LATENCY_MS_BUCKETS,
+            ),
         }
     }
 }
@@ -250,6 +266,9 @@ struct Group {
     files: Vec<Arc<File>>,
     /// Adds whose payloads are in the entry store only, indexed once they are durable.
     refs: Vec<(u64, i64, crate::storage::EntryRef)>,
+    /// Adds whose payloads the journal holds, stored unindexed, indexed once the journal's
+    /// records are durable.
+    placed: Vec<(u64, i64, crate::storage::EntryRef)>,
     acks: Vec<(Ack, Instant)>,
     /// Operations in `acks`.
     ops: usize,
@@ -340,18 +359,23 @@ impl Shared {
             // groups may be acknowledged.
             tracing::error!(error = %err, "journal fdatasync failed");
         }
-        // Payloads stored by reference are indexed only now that their records, in the entry
-        // log and in the journal, are durable: RocksDB may write its memtable out at any
-        // moment, and an index entry it kept through a power loss that took the record would
-        // make the entry read as corrupt (a recovery could then never decide whether it
-        // exists) instead of absent.
+        // Entries are indexed only now that their records are durable: in the journal, and
+        // in the entry log for payloads stored by reference. RocksDB may write its memtable
+        // out at any moment, and an index entry it kept through a power loss that took the
+        // record would make the entry read as corrupt (a recovery could then never decide
+        // whether it exists) instead of absent. (A payload the journal holds may still be lost
+        // from the entry log; replay writes it again, as the checkpoint has not passed it.)
         let mut unindexed = None;
-        let refs: Vec<_> = groups.iter().flat_map(|g| g.refs.iter().copied()).collect();
+        let refs: Vec<_> = groups.iter().flat_map(|g| g.placed.iter().chain(&g.refs).copied()).collect();
         if failure.is_some() {
             self.storage.forget_refs(&refs);
-        } else if let Err(e) = self.storage.index_refs(&refs) {
-            tracing::error!(error = %e, "indexing entries failed");
-            unindexed = Some(e.to_string());
+        } else if !refs.is_empty() {
+            let indexing = Instant::now();
+            if let Err(e) = self.storage.index_refs(&refs) {
+                tracing::error!(error = %e, "indexing entries failed");
+                unindexed = Some(e.to_string());
+            }
+            m.index.observe_duration_ms(indexing.elapsed());
         }
         let end = groups.last().map(|g| g.end);
         if let (Some(end), None, true) = (end, &failure, sync) {
@@ -614,6 +638,9 @@ struct Batch {
     /// Adds whose payloads went to the entry store only, to index once their records are
     /// written: (ledger, entry, where).
     refs: Vec<(u64, i64, crate::storage::EntryRef)>,
+    /// Adds whose payloads the journal holds, in the entry store unindexed: (ledger, entry,
+    /// where).
+    placed: Vec<(u64, i64, crate::storage::EntryRef)>,
 }
 
 impl Writer {
@@ -677,12 +704,18 @@ impl Writer {
         let applying = Instant::now();
         self.shared.metrics.flush.observe_duration_ms(applying - writing);
         let states: Vec<(u64, LedgerMeta)> = b.states.drain().collect();
-        // Entries stored by reference are indexed after their group's sync (`sync_and_ack`).
-        if let Err(e) = self.ledgers.storage.write(&b.entries, &states) {
-            tracing::error!(error = %e, "entry store write failed");
-            self.ledgers.storage.forget_refs(&b.refs);
-            fail_all(&mut b, &e);
-            return b;
+        // Entries are indexed after their group's sync (`sync_and_ack`).
+        match self.ledgers.storage.write_unindexed(&b.entries, &states) {
+            Ok(None) => {}
+            Ok(Some(placed)) => {
+                b.placed = b.entries.iter().zip(placed).map(|(e, at)| (e.ledger, e.entry, at)).collect()
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "entry store write failed");
+                self.ledgers.storage.forget_refs(&b.refs);
+                fail_all(&mut b, &e);
+                return b;
+            }
         }
         self.ledgers.publish(&states);
         self.shared.metrics.apply.observe_duration_ms(applying.elapsed());
@@ -930,7 +963,15 @@ impl Writer {
             return;
         }
         let end = Position { segment: self.seg.seq, offset: self.seg.offset };
-        let group = Group { files: b.files, refs: b.refs, acks: b.acks, ops: b.ops, born: Instant::now(), end };
+        let group = Group {
+            files: b.files,
+            refs: b.refs,
+            placed: b.placed,
+            acks: b.acks,
+            ops: b.ops,
+            born: Instant::now(),
+            end,
+        };
         let mut q = self.shared.sync_q.lock().unwrap_or_else(|e| e.into_inner());
         let idle = q.groups.is_empty() && !q.syncing && self.shared.queued.load(Ordering::Relaxed) == 0;
         if self.inline_sync && idle && group.ops <= INLINE_SYNC_MAX_OPS {
@@ -956,6 +997,7 @@ fn fail_all(b: &mut Batch, e: &BookieError) {
     b.entries.clear();
     b.states.clear();
     b.refs.clear();
+    b.placed.clear();
 }
 
 fn op_bytes(op: &Op) -> usize {
@@ -1176,6 +1218,13 @@ mod tests {
         fn flush(&self) -> Result<()> {
             self.inner.flush()
         }
+        fn write_unindexed(
+            &self,
+            entries: &[EntryWrite],
+            states: &[(u64, LedgerMeta)],
+        ) -> Result<Option<Vec<crate::storage::EntryRef>>> {
+            self.inner.write_unindexed(entries, states)
+        }
         fn write_ref(&self, entry: &EntryWrite) -> Result<Option<crate::storage::EntryRef>> {
             self.inner.write_ref(entry)
         }
@@ -1297,7 +1346,8 @@ mod tests {
     }
 
     /// An entry-log store that notes which payloads stored by reference were indexed before a
-    /// sync covering them had finished.
+    /// sync covering them had finished, and can hold the syncer as it begins a reference sync
+    /// (before the journal's fdatasync).
     #[derive(Default)]
     struct SyncOrder {
         inner: Option<Arc<crate::storage::entrylog::EntryLogStorage>>,
@@ -1305,6 +1355,10 @@ mod tests {
         stored: Mutex<Vec<(u64, i64)>>,
         durable: Arc<Mutex<HashSet<(u64, i64)>>>,
         early: Mutex<Vec<(u64, i64)>>,
+        /// Stored through `write_unindexed`.
+        unindexed: Mutex<Vec<(u64, i64)>>,
+        /// The next reference sync says so on the first and waits for the second.
+        hold: Mutex<Option<(mpsc::Sender<()>, mpsc::Receiver<()>)>>,
     }
 
     impl SyncOrder {
@@ -1335,6 +1389,14 @@ mod tests {
         fn flush(&self) -> Result<()> {
             self.store().flush()
         }
+        fn write_unindexed(
+            &self,
+            entries: &[EntryWrite],
+            states: &[(u64, LedgerMeta)],
+        ) -> Result<Option<Vec<crate::storage::EntryRef>>> {
+            self.unindexed.lock().unwrap().extend(entries.iter().map(|e| (e.ledger, e.entry)));
+            self.store().write_unindexed(entries, states)
+        }
         fn write_ref(&self, entry: &EntryWrite) -> Result<Option<crate::storage::EntryRef>> {
             let at = self.store().write_ref(entry)?;
             self.stored.lock().unwrap().push((entry.ledger, entry.entry));
@@ -1342,11 +1404,18 @@ mod tests {
         }
         fn index_refs(&self, refs: &[(u64, i64, crate::storage::EntryRef)]) -> Result<()> {
             let durable = self.durable.lock().unwrap();
-            let early = refs.iter().map(|(l, e, _)| (*l, *e)).filter(|k| !durable.contains(k));
+            let unindexed = self.unindexed.lock().unwrap();
+            // Payloads the journal holds need no reference sync.
+            let early =
+                refs.iter().map(|(l, e, _)| (*l, *e)).filter(|k| !durable.contains(k) && !unindexed.contains(k));
             self.early.lock().unwrap().extend(early);
             self.store().index_refs(refs)
         }
         fn sync_refs(&self) -> Result<crate::storage::RefSync> {
+            if let Some((entered, go)) = self.hold.lock().unwrap().take() {
+                entered.send(()).unwrap();
+                go.recv().unwrap();
+            }
             // Taken before the store's sync begins: each of these is covered by it.
             let covered = std::mem::take(&mut *self.stored.lock().unwrap());
             let finish = self.store().sync_refs()?;
@@ -1370,7 +1439,8 @@ mod tests {
         let storage = Arc::new(SyncOrder { inner: Some(inner.clone()), ..Default::default() });
         let ledgers = Arc::new(Ledgers::new(storage.clone(), 1 << 20));
         let journal = start_journal(jdir.path(), &ledgers);
-        let payload = |e: i64| Bytes::from(vec![e as u8; 20_000 + e as usize]);
+        // Large payloads (stored by reference) and, every third, small ones (in the journal).
+        let payload = |e: i64| Bytes::from(vec![e as u8; if e % 3 == 0 { 1000 } else { 20_000 + e as usize }]);
         let (tx, rx) = mpsc::channel();
         let n = 300i64;
         for e in 0..n {
@@ -1390,8 +1460,57 @@ mod tests {
             assert_eq!(stored, Ok(Some(payload(e))), "entry {e} not readable from the store at its ack");
         }
         journal.stop();
-        assert_eq!(storage.durable.lock().unwrap().len(), n as usize, "every payload went through a sync");
+        assert_eq!(storage.durable.lock().unwrap().len(), 200, "every large payload went through a sync");
+        assert_eq!(storage.unindexed.lock().unwrap().len(), 100, "every small one was stored unindexed");
         assert_eq!(*storage.early.lock().unwrap(), vec![], "indexed before its sync finished");
+    }
+
+    /// An entry whose payload the journal holds is indexed only once its journal record is
+    /// durable: held while its group's sync begins (before the journal's fdatasync), the store
+    /// does not have it yet; the tail cache serves it meanwhile. An index entry written
+    /// earlier could reach the disk on its own and, after a power loss that took the journal
+    /// record (the add never acknowledged), point at a lost entry-log record: the entry would
+    /// read as corrupt, not absent.
+    #[test]
+    fn journaled_entries_are_indexed_only_once_their_records_are_durable() {
+        let (jdir, sdir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let inner = Arc::new(crate::storage::entrylog::EntryLogStorage::open(sdir.path(), &small_logs()).unwrap());
+        let ((entered_tx, entered), (go, go_rx)) = (mpsc::channel(), mpsc::channel());
+        let storage = Arc::new(SyncOrder {
+            inner: Some(inner.clone()),
+            hold: Mutex::new(Some((entered_tx, go_rx))),
+            ..Default::default()
+        });
+        let ledgers = Arc::new(Ledgers::new(storage.clone(), 1 << 20));
+        let journal = start_journal(jdir.path(), &ledgers);
+        // One group: small adds, then a large one, whose payload makes the group's sync begin
+        // with a reference sync.
+        let payload = |e: i64| Bytes::from(vec![e as u8 ^ 0x3c; if e < 20 { 500 } else { 30_000 }]);
+        let ops: Vec<Op> = (0..=20).map(|e| add_op(9, e, e - 1, payload(e), b"k", false)).collect();
+        let (tx, rx) = mpsc::channel();
+        journal.submit_batch(
+            ops,
+            Box::new(move |r| {
+                tx.send(r.into_iter().map(|r| r.map_err(|e| e.to_string())).collect::<Vec<_>>()).unwrap()
+            }),
+        );
+        entered.recv_timeout(Duration::from_secs(10)).unwrap();
+        for e in 0..=20 {
+            assert_eq!(inner.get_entry(9, e).unwrap(), None, "entry {e} indexed before its group synced");
+            assert_eq!(
+                ledgers.read_entry(9, e).unwrap().map(|s| s.payload),
+                Some(payload(e)),
+                "entry {e} from the tail cache"
+            );
+        }
+        go.send(()).unwrap();
+        let acked = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(acked, (0..=20).map(Ok).collect::<Vec<_>>());
+        for e in 0..=20 {
+            assert_eq!(inner.get_entry(9, e).unwrap().map(|s| s.payload), Some(payload(e)), "entry {e} after the ack");
+        }
+        journal.stop();
+        assert_eq!(inner.unindexed_logs(), 0, "every stored record was indexed");
     }
 
     /// Two journals over one store: the second one's large payloads fill the first logs, then

@@ -102,6 +102,17 @@ impl StoredEntry {
 pub trait LedgerStorage: Send + Sync + 'static {
     /// Stores entries and ledger states in one atomic batch (not yet durable).
     fn write(&self, entries: &[EntryWrite], states: &[(u64, LedgerMeta)]) -> Result<()>;
+    /// Stores entries and ledger states like [`LedgerStorage::write`], but leaves the entries
+    /// unindexed (unreadable from the store) and says where each went, in order, for
+    /// [`LedgerStorage::index_refs`] to index once their journal records are durable (or
+    /// [`LedgerStorage::forget_refs`] to give up). An index entry written earlier could reach
+    /// the disk before the record it points at (RocksDB writes its memtable out whenever it
+    /// fills) and, after a power loss that took both that record and its journal record, make
+    /// the entry read as corrupt instead of absent. `None` (the default): the store keeps
+    /// entries whole and has written and indexed them like `write`.
+    fn write_unindexed(&self, entries: &[EntryWrite], states: &[(u64, LedgerMeta)]) -> Result<Option<Vec<EntryRef>>> {
+        self.write(entries, states).map(|()| None)
+    }
     /// One entry, verified; `None` when it was never stored (or its ledger was deleted).
     fn get_entry(&self, ledger: u64, entry: i64) -> Result<Option<StoredEntry>>;
     /// A ledger's state, if the bookie knows the ledger.
@@ -123,15 +134,16 @@ pub trait LedgerStorage: Send + Sync + 'static {
     fn write_ref(&self, _entry: &EntryWrite) -> Result<Option<EntryRef>> {
         Ok(None)
     }
-    /// Indexes entries whose payloads [`LedgerStorage::write_ref`] stored, as `(ledger, entry,
-    /// where)`, except those of ledgers deleted since. Every payload stored by reference is
-    /// passed here once, after its sync (a store may keep its place from being reclaimed
+    /// Indexes entries that [`LedgerStorage::write_ref`] or
+    /// [`LedgerStorage::write_unindexed`] stored, as `(ledger, entry, where)`, except those of
+    /// ledgers deleted since. Every entry stored so is passed here or to
+    /// [`LedgerStorage::forget_refs`] once (a store may keep its place from being reclaimed
     /// until then).
     fn index_refs(&self, _refs: &[(u64, i64, EntryRef)]) -> Result<()> {
         Ok(())
     }
-    /// Payloads [`LedgerStorage::write_ref`] stored that will never be indexed: their adds
-    /// failed (a journal write or sync failed).
+    /// Entries [`LedgerStorage::write_ref`] or [`LedgerStorage::write_unindexed`] stored that
+    /// will never be indexed: their adds failed (a journal write or sync failed).
     fn forget_refs(&self, _refs: &[(u64, i64, EntryRef)]) {}
     /// Starts making every payload [`LedgerStorage::write_ref`] stored so far durable and
     /// returns what finishes it (waits for it): the journal runs its own fdatasync in between.

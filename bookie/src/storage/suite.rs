@@ -24,7 +24,7 @@ fn entry(ledger: u64, e: i64, payload: &[u8]) -> EntryWrite {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 pub fn run_all<S: LedgerStorage>(open: impl Fn(&Path) -> S, persistent: bool) {
     type Check<S> = fn(&dyn Fn(&Path) -> S, bool);
-    let checks: [(&str, Check<S>); 7] = [
+    let checks: [(&str, Check<S>); 8] = [
         ("absent_entries_and_ledgers", absent),
         ("round_trip_and_isolation", round_trip),
         ("ordering_is_numeric", ordering),
@@ -32,6 +32,7 @@ pub fn run_all<S: LedgerStorage>(open: impl Fn(&Path) -> S, persistent: bool) {
         ("corrupt_entries_are_errors", corrupt),
         ("delete_ledger", delete),
         ("flush_survives_reopen", reopen),
+        ("unindexed_writes", unindexed),
     ];
     for (name, check) in checks {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -133,5 +134,35 @@ pub fn run_all<S: LedgerStorage>(open: impl Fn(&Path) -> S, persistent: bool) {
         assert_eq!(&s.get_entry(1, 0).unwrap().unwrap().payload[..], b"durable");
         assert_eq!(s.get_entry(1, 1).unwrap().unwrap().payload.len(), 10_000);
         assert!(s.ledger_meta(1).unwrap().unwrap().fenced);
+    }
+
+    /// Entries stored unindexed are not readable until indexed (a store that keeps entries
+    /// whole indexes them at once); their ledger states are written at once; an entry of a
+    /// ledger deleted before the index write stays absent.
+    fn unindexed<S: LedgerStorage>(open: &dyn Fn(&Path) -> S, _: bool) {
+        let (_d, s) = with_dir(open);
+        let entries = [entry(4, 0, b"first"), entry(4, 1, &[7u8; 3000]), entry(5, 0, b"gone")];
+        let m = LedgerMeta { fenced: false, lac: 0, master_key: b"k".to_vec() };
+        let placed = s.write_unindexed(&entries, &[(4, m.clone())]).unwrap();
+        assert_eq!(s.ledger_meta(4).unwrap(), Some(m));
+        if let Some(placed) = placed {
+            assert_eq!(placed.len(), 3, "one place per entry");
+            for e in &entries {
+                assert!(
+                    s.get_entry(e.ledger, e.entry).unwrap().is_none(),
+                    "{}:{} readable before its index",
+                    e.ledger,
+                    e.entry
+                );
+            }
+            s.delete_ledger(5).unwrap();
+            let refs: Vec<_> = entries.iter().zip(placed).map(|(e, at)| (e.ledger, e.entry, at)).collect();
+            s.index_refs(&refs).unwrap();
+        } else {
+            s.delete_ledger(5).unwrap();
+        }
+        assert_eq!(&s.get_entry(4, 0).unwrap().unwrap().payload[..], b"first");
+        assert_eq!(&s.get_entry(4, 1).unwrap().unwrap().payload[..], &[7u8; 3000][..]);
+        assert!(s.get_entry(5, 0).unwrap().is_none(), "a deleted ledger's entry was revived");
     }
 }

@@ -968,6 +968,49 @@ impl Inner {
         }
     }
 
+    /// Appends `entries` to the current log and writes `states`, in one RocksDB write that
+    /// also indexes the entries when `index` is set; returns where the entries went. Unindexed,
+    /// their logs stay uncompactable until [`LedgerStorage::index_refs`] or
+    /// [`LedgerStorage::forget_refs`] passes them (or this fails).
+    fn store(&self, entries: &[EntryWrite], states: &[(u64, LedgerMeta)], index: bool) -> Result<Vec<Location>> {
+        let (icf, lcf) = (self.cf(INDEX)?, self.cf(LEDGERS)?);
+        let keys = if index { entries.len() } else { 0 };
+        let mut batch = WriteBatch::with_capacity_bytes(keys * 48 + states.len() * 64 + 64);
+        // Under the gate, so a ledger deleted meanwhile is not revived.
+        let gate = self.index_gate.read().unwrap_or_else(|e| e.into_inner());
+        let mut st = self.lock();
+        if let Some(e) = &st.failed {
+            return Err(failed(e));
+        }
+        let mut placed = Vec::with_capacity(entries.len());
+        let appended = entries.iter().try_for_each(|e| {
+            let at = self.append(&mut st, e.ledger, e.entry, e.checksum, &e.payload)?;
+            if index {
+                batch.put_cf(icf, entry_key(e.ledger, e.entry), at.encode());
+            }
+            *st.unindexed.entry(at.log).or_default() += 1;
+            placed.push(at);
+            Ok::<(), BookieError>(())
+        });
+        for (l, m) in states {
+            batch.put_cf(lcf, l.to_be_bytes(), m.encode());
+        }
+        drop(st);
+        let written = appended.and_then(|()| match batch.is_empty() {
+            true => Ok(()),
+            false => Ok(self.db.write_opt(batch, &self.no_wal)?),
+        });
+        drop(gate);
+        let mut st = self.lock();
+        if index || written.is_err() {
+            // Indexed now, or never will be.
+            let logs: Vec<u64> = placed.iter().map(|at| at.log).collect();
+            st.indexed(&logs);
+        }
+        drop(self.throttle(st));
+        written.map(|()| placed)
+    }
+
     /// See [`LedgerStorage::adopt_ref`].
     fn adopt_ref(&self, ledger: u64, entry: i64, checksum: u32, at: Location) -> Result<bool> {
         // RocksDB may have written the index out before a crash that lost the record it points
@@ -1323,33 +1366,16 @@ const ALIGN_SLACK: usize = 2 * record::ALIGN;
 
 impl LedgerStorage for EntryLogStorage {
     fn write(&self, entries: &[EntryWrite], states: &[(u64, LedgerMeta)]) -> Result<()> {
-        let inner = &self.inner;
-        let (icf, lcf) = (inner.cf(INDEX)?, inner.cf(LEDGERS)?);
-        let mut batch = WriteBatch::with_capacity_bytes(entries.len() * 48 + states.len() * 64 + 64);
-        // Under the gate, so a ledger deleted meanwhile is not revived.
-        let gate = inner.index_gate.read().unwrap_or_else(|e| e.into_inner());
-        let mut st = inner.lock();
-        if let Some(e) = &st.failed {
-            return Err(failed(e));
-        }
-        let mut logs: Vec<u64> = Vec::new();
-        let appended = entries.iter().try_for_each(|e| {
-            let at = inner.append(&mut st, e.ledger, e.entry, e.checksum, &e.payload)?;
-            batch.put_cf(icf, entry_key(e.ledger, e.entry), at.encode());
-            *st.unindexed.entry(at.log).or_default() += 1;
-            logs.push(at.log);
-            Ok::<(), BookieError>(())
-        });
-        for (l, m) in states {
-            batch.put_cf(lcf, l.to_be_bytes(), m.encode());
-        }
-        drop(st);
-        let written = appended.and_then(|()| Ok(inner.db.write_opt(batch, &inner.no_wal)?));
-        drop(gate);
-        let mut st = inner.lock();
-        st.indexed(&logs);
-        drop(inner.throttle(st));
-        written
+        self.inner.store(entries, states, true).map(|_| ())
+    }
+
+    fn write_unindexed(
+        &self,
+        entries: &[EntryWrite],
+        states: &[(u64, LedgerMeta)],
+    ) -> Result<Option<Vec<super::EntryRef>>> {
+        let placed = self.inner.store(entries, states, false)?;
+        Ok(Some(placed.iter().map(Location::encode).collect()))
     }
 
     fn get_entry(&self, ledger: u64, entry: i64) -> Result<Option<StoredEntry>> {
