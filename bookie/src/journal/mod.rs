@@ -299,9 +299,20 @@ struct Shared {
     /// Once an fdatasync fails, the page cache may have dropped the failed pages and a later
     /// fdatasync could "succeed" without them: nothing is acknowledged after that.
     failure: Mutex<Option<String>>,
+    /// Tests: runs once, on the syncing thread, just before the next journal fdatasync.
+    #[cfg(test)]
+    before_sync: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    /// Tests: the writer's next segment write fails.
+    #[cfg(test)]
+    fail_next_write: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
+    /// Records a failure that makes every later acknowledgement fail (see `failure`).
+    fn fail(&self, e: String) {
+        self.failure.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(e);
+    }
+
     /// Syncs the groups' files and runs their callbacks in order. Callers hold the `syncing`
     /// claim, so groups are acked in the order the writer produced them.
     fn sync_and_ack(&self, groups: Vec<Group>, sync: bool) {
@@ -326,6 +337,10 @@ impl Shared {
                 Ok(f) => refs = Some(f),
                 Err(e) => fail(&mut failure, e.to_string()),
             }
+        }
+        #[cfg(test)]
+        if let Some(hook) = self.before_sync.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            hook();
         }
         let mut synced: Vec<*const File> = Vec::new();
         for g in &groups {
@@ -372,8 +387,12 @@ impl Shared {
         } else if !refs.is_empty() {
             let indexing = Instant::now();
             if let Err(e) = self.storage.index_refs(&refs) {
-                tracing::error!(error = %e, "indexing entries failed");
-                unindexed = Some(e.to_string());
+                // Entries the store may not be able to serve: nothing is acknowledged from
+                // now on, and the checkpoint stays before them, so a restart replays them.
+                tracing::error!(error = %e, "indexing entries failed; the journal acknowledges nothing more");
+                let e = format!("indexing entries: {e}");
+                self.fail(e.clone());
+                unindexed = Some(e);
             }
             m.index.observe_duration_ms(indexing.elapsed());
         }
@@ -394,7 +413,7 @@ impl Shared {
             }
         }
         // The checkpoint's position: everything before it is in the entry store.
-        if let (Some(end), None) = (end, &failure) {
+        if let (Some(end), None, None) = (end, &failure, &unindexed) {
             let mut applied = self.applied.lock().unwrap_or_else(|e| e.into_inner());
             *applied = (*applied).max(end);
         }
@@ -433,6 +452,10 @@ impl Journal {
             synced: Mutex::new(Position { segment: first_segment, offset: 0 }),
             metrics,
             failure: Mutex::new(None),
+            #[cfg(test)]
+            before_sync: Mutex::new(None),
+            #[cfg(test)]
+            fail_next_write: std::sync::atomic::AtomicBool::new(false),
         });
         let file = alloc.take(first_segment)?;
         let (tx, rx) = mpsc::channel();
@@ -495,8 +518,8 @@ impl Journal {
         }
     }
 
-    /// The position up to which every record is applied to the entry store (payloads stored
-    /// by reference count once they are indexed, after their group's sync).
+    /// The position up to which every record is applied to the entry store: its entries are
+    /// indexed, which happens after their group's sync.
     pub fn applied(&self) -> Position {
         *self.shared.applied.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -641,6 +664,9 @@ struct Batch {
     /// Adds whose payloads the journal holds, in the entry store unindexed: (ledger, entry,
     /// where).
     placed: Vec<(u64, i64, crate::storage::EntryRef)>,
+    /// A segment write or roll failed partway through the batch: records of its earlier
+    /// operations may be lost, so none of it may be acknowledged.
+    broken: Option<BookieError>,
 }
 
 impl Writer {
@@ -695,8 +721,16 @@ impl Writer {
             }
         }
         let writing = Instant::now();
-        if let Err(e) = self.flush_buf(&mut b) {
+        let written = match b.broken.take() {
+            Some(e) => Err(e),
+            None => self.flush_buf(&mut b),
+        };
+        if let Err(e) = written {
             tracing::error!(error = %e, "journal write failed");
+            // Nothing of this batch may reach the segment with a later one.
+            self.buf.clear();
+            self.pieces.clear();
+            self.piece_bytes = 0;
             self.ledgers.storage.forget_refs(&b.refs);
             fail_all(&mut b, &e);
             return b;
@@ -747,6 +781,9 @@ impl Writer {
     }
 
     fn apply_op(&mut self, op: Op, b: &mut Batch) -> Result<i64> {
+        if let Some(e) = &b.broken {
+            return Err(BookieError::io("journal", std::io::Error::other(e.to_string())));
+        }
         match op {
             Op::Add { ledger, entry, lac, checksum, payload, master_key, recovery } => {
                 // The batch's copy of the ledger's state is updated in place (no clone of it
@@ -874,8 +911,11 @@ impl Writer {
             if self.seg.offset + (self.pending() + record::encoded_len(0)) as u64 <= self.size {
                 record::encode(&mut self.buf, self.seg.seq, record::SEGMENT_END, 0, -1, -1, &[]);
             }
-            self.flush_buf(b)?;
-            self.roll(b)?;
+            // The batch's earlier records went with that write: none of it may be acknowledged.
+            if let Err(e) = self.flush_buf(b).and_then(|()| self.roll(b)) {
+                b.broken = Some(BookieError::io("journal", std::io::Error::other(e.to_string())));
+                return Err(e);
+            }
         }
         record::encode_head(&mut self.buf, self.seg.seq, kind, ledger, entry, lac, head, tail.map_or(&[], |t| &t[..]));
         if let Some(t) = tail {
@@ -921,6 +961,10 @@ impl Writer {
 
     /// Writes `buf` with the pieces spliced in at their places, at the segment's offset.
     fn write_pending(&self) -> std::io::Result<()> {
+        #[cfg(test)]
+        if self.shared.fail_next_write.swap(false, Ordering::SeqCst) {
+            return Err(std::io::Error::other("injected segment write failure"));
+        }
         if self.pieces.is_empty() {
             return self.seg.file.write_all_at(&self.buf, self.seg.offset);
         }
@@ -942,10 +986,13 @@ impl Writer {
     fn roll(&mut self, b: &mut Batch) -> Result<()> {
         // The old segment is durable before anything lands in the new one, so after a crash
         // only the last segment holding records can end in a torn write (replay relies on it).
-        self.seg
-            .file
-            .sync_data()
-            .map_err(|e| BookieError::io(format!("syncing journal segment {}", self.seg.seq), e))?;
+        if let Err(e) = self.seg.file.sync_data() {
+            // As for the syncer's fdatasyncs: a later one could succeed without the lost pages.
+            let e = BookieError::io(format!("syncing journal segment {}", self.seg.seq), e);
+            tracing::error!(error = %e, "journal fdatasync failed; the journal acknowledges nothing more");
+            self.shared.fail(e.to_string());
+            return Err(e);
+        }
         if self.drop_pages {
             self.seg.advise_synced();
         }
@@ -1116,6 +1163,43 @@ mod tests {
         assert_eq!(replayed.ledger_meta(9).unwrap().unwrap().lac, n - 2);
     }
 
+    /// A segment write that fails partway through a batch (the one before a roll) fails the
+    /// whole batch: the records of the batch's earlier adds went with that write, so none of
+    /// them may be acknowledged. Every add acknowledged is in the journal.
+    #[test]
+    fn a_failed_write_before_a_roll_fails_the_whole_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = JournalSettings { segment_bytes: 256 << 10, ..Default::default() };
+        let ledgers = Arc::new(Ledgers::new(Arc::new(MemStorage::new()), 1 << 20));
+        let metrics = JournalMetrics::register(&Registry::new(), 0);
+        let journal = Journal::start(dir.path(), 1, &settings, 64 << 10, ledgers, metrics, Box::new(|| {})).unwrap();
+        let payload = |e: i64| Bytes::from(vec![e as u8; 10_000]);
+        // 400 KB in one batch: the segment fills partway through, and the write before the
+        // roll fails.
+        journal.shared.fail_next_write.store(true, Ordering::SeqCst);
+        let ops: Vec<Op> = (0..40).map(|e| add_op(4, e, e - 1, payload(e), b"k", false)).collect();
+        let (tx, rx) = mpsc::channel();
+        journal.submit_batch(
+            ops,
+            Box::new(move |r| tx.send(r.into_iter().map(|r| r.is_ok()).collect::<Vec<_>>()).unwrap()),
+        );
+        let first = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        // The journal goes on: a later batch is written and acknowledged.
+        let ops: Vec<Op> = (40..50).map(|e| add_op(4, e, e - 1, payload(e), b"k", false)).collect();
+        let (tx, rx) = mpsc::channel();
+        journal.submit_batch(ops, Box::new(move |r| tx.send(r.iter().all(|r| r.is_ok())).unwrap()));
+        assert!(rx.recv_timeout(Duration::from_secs(10)).unwrap(), "the next batch was acknowledged");
+        journal.stop();
+        let replayed = MemStorage::new();
+        replay::replay(dir.path(), Position { segment: 1, offset: 0 }, &replayed, 64 << 10).unwrap();
+        let acked: Vec<i64> = (0..40).filter(|e| first[*e as usize]).collect();
+        for e in acked.iter().copied().chain(40..50) {
+            let got = replayed.get_entry(4, e).unwrap().map(|s| s.payload);
+            assert!(got == Some(payload(e)), "entry {e} acknowledged but not in the journal");
+        }
+        assert_eq!(acked, Vec::<i64>::new(), "adds acknowledged from a batch whose write failed");
+    }
+
     /// Entry-log store settings for the write-once tests: small logs, no compaction.
     fn small_logs() -> crate::config::StorageSettings {
         crate::config::StorageSettings { entry_log_bytes: 4 << 20, compaction_interval_ms: 0, ..Default::default() }
@@ -1190,10 +1274,12 @@ mod tests {
         assert_eq!(replayed.ledger_meta(6).unwrap().unwrap().lac, n - 2);
     }
 
-    /// An entry-log store whose reference syncs fail once `fail` is set.
+    /// An entry-log store whose reference syncs fail once `fail` is set, and whose index
+    /// writes fail once `fail_index` is.
     struct FailingRefSync {
         inner: Arc<crate::storage::entrylog::EntryLogStorage>,
         fail: Arc<std::sync::atomic::AtomicBool>,
+        fail_index: std::sync::atomic::AtomicBool,
     }
 
     impl LedgerStorage for FailingRefSync {
@@ -1229,6 +1315,10 @@ mod tests {
             self.inner.write_ref(entry)
         }
         fn index_refs(&self, refs: &[(u64, i64, crate::storage::EntryRef)]) -> Result<()> {
+            if self.fail_index.load(Ordering::SeqCst) {
+                self.inner.forget_refs(refs);
+                return Err(BookieError::io("index write", std::io::Error::other("injected")));
+            }
             self.inner.index_refs(refs)
         }
         fn forget_refs(&self, refs: &[(u64, i64, crate::storage::EntryRef)]) {
@@ -1261,7 +1351,7 @@ mod tests {
         let (jdir, sdir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let inner = Arc::new(crate::storage::entrylog::EntryLogStorage::open(sdir.path(), &small_logs()).unwrap());
         let fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let storage = Arc::new(FailingRefSync { inner, fail: fail.clone() });
+        let storage = Arc::new(FailingRefSync { inner, fail: fail.clone(), fail_index: Default::default() });
         let ledgers = Arc::new(Ledgers::new(storage.clone(), 1 << 20));
         let journal = start_journal(jdir.path(), &ledgers);
         let large = |e: i64| Bytes::from(vec![e as u8; 20_000]);
@@ -1277,6 +1367,29 @@ mod tests {
         assert!(add_one(&journal, 3, 4, large(4)).is_err(), "acknowledged after a failed sync");
         journal.stop();
         // The payloads of the failed adds will never be indexed: their logs stay compactable.
+        assert_eq!(storage.inner.unindexed_logs(), 0);
+    }
+
+    /// A failed index write fails its adds and every later one, and the checkpoint position
+    /// stays before them: the store may not serve those entries, and only a replay after a
+    /// restart (which starts at the checkpoint) writes them again.
+    #[test]
+    fn a_failed_index_write_acknowledges_nothing_from_then_on() {
+        let (jdir, sdir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let inner = Arc::new(crate::storage::entrylog::EntryLogStorage::open(sdir.path(), &small_logs()).unwrap());
+        let storage = Arc::new(FailingRefSync { inner, fail: Default::default(), fail_index: Default::default() });
+        let ledgers = Arc::new(Ledgers::new(storage.clone(), 1 << 20));
+        let journal = start_journal(jdir.path(), &ledgers);
+        let small = |e: i64| Bytes::from(vec![e as u8; 100]);
+        assert_eq!(add_one(&journal, 3, 0, small(0)), Ok(0));
+        let checkpoint = journal.applied();
+        storage.fail_index.store(true, Ordering::SeqCst);
+        let err = add_one(&journal, 3, 1, small(1)).unwrap_err();
+        assert!(err.contains("indexing entries"), "{err}");
+        storage.fail_index.store(false, Ordering::SeqCst);
+        assert!(add_one(&journal, 3, 2, small(2)).is_err(), "acknowledged after a failed index write");
+        assert_eq!(journal.applied(), checkpoint, "the checkpoint passed entries never indexed");
+        journal.stop();
         assert_eq!(storage.inner.unindexed_logs(), 0);
     }
 
@@ -1346,8 +1459,7 @@ mod tests {
     }
 
     /// An entry-log store that notes which payloads stored by reference were indexed before a
-    /// sync covering them had finished, and can hold the syncer as it begins a reference sync
-    /// (before the journal's fdatasync).
+    /// sync covering them had finished.
     #[derive(Default)]
     struct SyncOrder {
         inner: Option<Arc<crate::storage::entrylog::EntryLogStorage>>,
@@ -1357,8 +1469,6 @@ mod tests {
         early: Mutex<Vec<(u64, i64)>>,
         /// Stored through `write_unindexed`.
         unindexed: Mutex<Vec<(u64, i64)>>,
-        /// The next reference sync says so on the first and waits for the second.
-        hold: Mutex<Option<(mpsc::Sender<()>, mpsc::Receiver<()>)>>,
     }
 
     impl SyncOrder {
@@ -1412,10 +1522,6 @@ mod tests {
             self.store().index_refs(refs)
         }
         fn sync_refs(&self) -> Result<crate::storage::RefSync> {
-            if let Some((entered, go)) = self.hold.lock().unwrap().take() {
-                entered.send(()).unwrap();
-                go.recv().unwrap();
-            }
             // Taken before the store's sync begins: each of these is covered by it.
             let covered = std::mem::take(&mut *self.stored.lock().unwrap());
             let finish = self.store().sync_refs()?;
@@ -1466,27 +1572,27 @@ mod tests {
     }
 
     /// An entry whose payload the journal holds is indexed only once its journal record is
-    /// durable: held while its group's sync begins (before the journal's fdatasync), the store
-    /// does not have it yet; the tail cache serves it meanwhile. An index entry written
+    /// durable: with the syncer held just before its fdatasync, the store does not have the
+    /// group's entries yet (the tail cache serves them meanwhile). An index entry written
     /// earlier could reach the disk on its own and, after a power loss that took the journal
     /// record (the add never acknowledged), point at a lost entry-log record: the entry would
     /// read as corrupt, not absent.
     #[test]
     fn journaled_entries_are_indexed_only_once_their_records_are_durable() {
         let (jdir, sdir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let inner = Arc::new(crate::storage::entrylog::EntryLogStorage::open(sdir.path(), &small_logs()).unwrap());
-        let ((entered_tx, entered), (go, go_rx)) = (mpsc::channel(), mpsc::channel());
-        let storage = Arc::new(SyncOrder {
-            inner: Some(inner.clone()),
-            hold: Mutex::new(Some((entered_tx, go_rx))),
-            ..Default::default()
-        });
-        let ledgers = Arc::new(Ledgers::new(storage.clone(), 1 << 20));
+        let store = Arc::new(crate::storage::entrylog::EntryLogStorage::open(sdir.path(), &small_logs()).unwrap());
+        let ledgers = Arc::new(Ledgers::new(store.clone(), 1 << 20));
         let journal = start_journal(jdir.path(), &ledgers);
-        // One group: small adds, then a large one, whose payload makes the group's sync begin
-        // with a reference sync.
-        let payload = |e: i64| Bytes::from(vec![e as u8 ^ 0x3c; if e < 20 { 500 } else { 30_000 }]);
-        let ops: Vec<Op> = (0..=20).map(|e| add_op(9, e, e - 1, payload(e), b"k", false)).collect();
+        let ((entered_tx, entered), (go, go_rx)) = (mpsc::channel(), mpsc::channel::<()>());
+        *journal.shared.before_sync.lock().unwrap() = Some(Box::new(move || {
+            entered_tx.send(()).unwrap();
+            // Released by the test, or by its end if it fails first.
+            let _ = go_rx.recv();
+        }));
+        // One group of small adds: more than the writer syncs itself, so the syncer takes it.
+        let n = 3 * INLINE_SYNC_MAX_OPS as i64;
+        let payload = |e: i64| Bytes::from(vec![e as u8 ^ 0x3c; 500 + e as usize]);
+        let ops: Vec<Op> = (0..n).map(|e| add_op(9, e, e - 1, payload(e), b"k", false)).collect();
         let (tx, rx) = mpsc::channel();
         journal.submit_batch(
             ops,
@@ -1495,22 +1601,27 @@ mod tests {
             }),
         );
         entered.recv_timeout(Duration::from_secs(10)).unwrap();
-        for e in 0..=20 {
-            assert_eq!(inner.get_entry(9, e).unwrap(), None, "entry {e} indexed before its group synced");
-            assert_eq!(
-                ledgers.read_entry(9, e).unwrap().map(|s| s.payload),
-                Some(payload(e)),
-                "entry {e} from the tail cache"
-            );
-        }
-        go.send(()).unwrap();
+        // Observed while held, asserted after the release (a failed assertion must not leave
+        // the syncer waiting while the journal's drop joins it).
+        let held: Vec<_> = (0..n)
+            .map(|e| {
+                let stored = store.get_entry(9, e).map(|s| s.is_some()).map_err(|e| e.to_string());
+                let cached = ledgers.read_entry(9, e).ok().flatten().map(|s| s.payload);
+                (e, stored, cached)
+            })
+            .collect();
+        drop(go);
         let acked = rx.recv_timeout(Duration::from_secs(10)).unwrap();
-        assert_eq!(acked, (0..=20).map(Ok).collect::<Vec<_>>());
-        for e in 0..=20 {
-            assert_eq!(inner.get_entry(9, e).unwrap().map(|s| s.payload), Some(payload(e)), "entry {e} after the ack");
+        for (e, stored, cached) in held {
+            assert_eq!(stored, Ok(false), "entry {e} indexed before its journal record was durable");
+            assert_eq!(cached, Some(payload(e)), "entry {e} from the tail cache meanwhile");
+        }
+        assert_eq!(acked, (0..n).map(Ok).collect::<Vec<_>>());
+        for e in 0..n {
+            assert_eq!(store.get_entry(9, e).unwrap().map(|s| s.payload), Some(payload(e)), "entry {e} after the ack");
         }
         journal.stop();
-        assert_eq!(inner.unindexed_logs(), 0, "every stored record was indexed");
+        assert_eq!(store.unindexed_logs(), 0, "every stored record was indexed");
     }
 
     /// Two journals over one store: the second one's large payloads fill the first logs, then

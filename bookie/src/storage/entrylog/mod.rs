@@ -192,8 +192,9 @@ struct State {
     ref_syncs_done: u64,
     inflight: VecDeque<Inflight>,
     inflight_bytes: usize,
-    /// Records appended and not yet indexed, per log: those stored by reference wait for their
-    /// sync, and any index write lands only after the state lock is released. Compaction,
+    /// Records appended and not yet indexed, per log: those the journal's adds store wait for
+    /// their group's sync (`write_ref`, `write_unindexed`), and any index write lands only
+    /// after the state lock is released. Compaction,
     /// which keeps the records the index points at, leaves such a log alone until then.
     unindexed: HashMap<u64, usize>,
     next_seq: u64,
