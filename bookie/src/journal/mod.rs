@@ -401,6 +401,12 @@ impl Shared {
             let mut synced = self.synced.lock().unwrap_or_else(|e| e.into_inner());
             *synced = (*synced).max(end);
         }
+        // The checkpoint's position: everything before it is in the entry store (advanced
+        // before the acks, so an acknowledged add is always behind it).
+        if let (Some(end), None, None) = (end, &failure, &unindexed) {
+            let mut applied = self.applied.lock().unwrap_or_else(|e| e.into_inner());
+            *applied = (*applied).max(end);
+        }
         for g in groups {
             for (mut ack, at) in g.acks {
                 m.add.observe_duration_ms_many(at.elapsed(), ack.ops() as u64);
@@ -411,11 +417,6 @@ impl Shared {
                 }
                 ack.run();
             }
-        }
-        // The checkpoint's position: everything before it is in the entry store.
-        if let (Some(end), None, None) = (end, &failure, &unindexed) {
-            let mut applied = self.applied.lock().unwrap_or_else(|e| e.into_inner());
-            *applied = (*applied).max(end);
         }
     }
 }
