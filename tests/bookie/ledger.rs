@@ -206,7 +206,7 @@ async fn add_on_fewer_than_qa_bookies_is_never_acked_beyond_the_end() {
 
 /// Recovery while a bookie of the last fragment is dead: the fence still reaches quorum
 /// coverage without it, and writing the recovered tail back replaces it (an ensemble change
-/// made by the recovering writer, on the IN_RECOVERY metadata).
+/// made by the recovering writer, saved with the close).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recovery_with_a_dead_bookie_replaces_it_while_writing_back() {
     let mut cluster = Cluster::new(4, &[], true).await;
@@ -234,6 +234,63 @@ async fn recovery_with_a_dead_bookie_replaces_it_while_writing_back() {
     let entries = new.open_reader(id).await.expect("reader").read(0, 99).await.expect("read");
     for (e, got) in entries.iter().enumerate() {
         assert_eq!(&got[..], &payload(id, e as i64, 1000)[..], "entry {e}");
+    }
+    cluster.shutdown().await;
+}
+
+/// A recovery that changes the ensemble while writing the tail back, then dies before closing,
+/// leaves the metadata as it found it (LEDGER_PROTOCOL.md, recovery step 7). Saved at once, its
+/// new fragment would name the replacements, which hold none of the tail: the next recovery
+/// would fence and read only them and could close the ledger before an entry the old writer
+/// had acknowledged. E=Qw=3, Qa=2 on five bookies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recovery_that_dies_after_an_ensemble_change_leaves_the_metadata_alone() {
+    let cluster = Cluster::new(5, &[], true).await;
+    let old = cluster.ledger_client_with_add_timeout(Duration::from_secs(120));
+    let w = old.create(LedgerConfig::new(3, 3, 2)).await.expect("create");
+    let id = w.id();
+    for e in 0..10 {
+        w.append(payload(id, e, 100)).await.expect("add");
+    }
+    let ens = w.metadata().fragments[0].bookies.clone();
+    let (x, y, z) = (ens[0].clone(), ens[1].clone(), ens[2].clone());
+    // Entry 10 reaches X and Y only: acknowledged (Qa = 2); the bookies' LAC stays 9.
+    old.faults().hold_adds(&z, 10);
+    w.append(payload(id, 10, 100)).await.expect("entry 10 acknowledged");
+    drop(w);
+
+    // The first recovery finds entry 10 and cannot write it back to X and Y: it replaces them
+    // with the two spares, whose copies are held too, and dies there.
+    let first = cluster.ledger_client_with_add_timeout(Duration::from_millis(500));
+    let spares: Vec<String> = cluster.bookies.iter().map(|b| b.id.clone()).filter(|b| !ens.contains(b)).collect();
+    assert_eq!(spares.len(), 2);
+    for b in [&x, &y].into_iter().chain(&spares) {
+        first.faults().hold_adds(b, 10);
+    }
+    let recovering = tokio::spawn({
+        let first = first.clone();
+        async move { first.recover(id).await }
+    });
+    let replaced = crate::support::wait_until(Duration::from_secs(20), || async {
+        first.faults().held_adds() >= 4 || recovering.is_finished()
+    })
+    .await;
+    assert!(replaced && !recovering.is_finished(), "the first recovery should be writing entry 10 to the spares");
+    recovering.abort();
+    drop(first);
+    let (md, _) = cluster.ledger_client().metadata(id).await.expect("metadata");
+    assert_eq!(md.fragments.len(), 1, "a recovery that did not close saved an ensemble change: {:?}", md.fragments);
+    assert_eq!(md.last_fragment().bookies, ens);
+
+    // The second recovery gets no answer to its reads from Z (slow): entry 10 is decided by
+    // X and Y, which hold it.
+    let second = cluster.ledger_client();
+    second.faults().drop_reads(&z);
+    let md = second.recover(id).await.unwrap_or_else(|e| panic!("recover: {e}\n{}", cluster.logs()));
+    assert_eq!(md.last_entry, 10, "entry 10 was acknowledged to the old writer");
+    let entries = second.open_reader(id).await.expect("reader").read(0, 10).await.expect("read");
+    for (e, got) in entries.iter().enumerate() {
+        assert_eq!(&got[..], &payload(id, e as i64, 100)[..], "entry {e}");
     }
     cluster.shutdown().await;
 }

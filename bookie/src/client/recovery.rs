@@ -10,8 +10,9 @@
 //!    recovered; `Qw - Qa + 1` "no such entry" answers from its write set end the ledger;
 //!    anything else is undecided and aborts (never "can't tell" taken as "not there");
 //! 6. write recovered entries back to their whole write set (recovery adds);
-//! 7. CAS IN_RECOVERY → CLOSED on the version written in step 1 (or by step 6's ensemble
-//!    changes).
+//! 7. CAS IN_RECOVERY → CLOSED on the version written in step 1, with step 6's ensemble
+//!    changes (kept in memory until then: a recovery that dies half-way leaves the metadata
+//!    as it found it).
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -11,7 +11,9 @@
 //! - a FENCED answer, or a CAS conflict after which the ledger is no longer in the state this
 //!   writer expects, fails every outstanding add: another writer owns the ledger now.
 //!
-//! The same task, started in recovery mode, writes recovered entries back during recovery.
+//! The same task, started in recovery mode, writes recovered entries back during recovery. Its
+//! ensemble changes stay in memory until the CAS that closes the ledger, which is made on the
+//! version recovery wrote when it began.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -494,7 +496,15 @@ impl Actor {
                     Some(last) if last.first_entry == first => last.bookies = new_ens,
                     _ => md.fragments.push(Fragment { first_entry: first, bookies: new_ens }),
                 }
-                match self.cas(&md).await {
+                // A recovering writer keeps its ensemble changes in memory: they go into the
+                // CAS that closes the ledger (LEDGER_PROTOCOL.md, recovery step 7). Its new
+                // fragment starts at entries not yet confirmed, which the old writer may have
+                // had acknowledged and the replacements do not hold: saved now, it would
+                // outlive a recovery that dies before closing, and the next recovery would
+                // fence and read only the replacements and could close the ledger before
+                // such an entry.
+                let saved = if self.recovery { Ok(()) } else { self.cas(&md).await };
+                match saved {
                     Ok(()) => break md,
                     Err(e) => return self.fail(e),
                 }
