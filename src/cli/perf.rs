@@ -553,7 +553,12 @@ mod tests {
         // 200 KB/s: 4 KiB writes (200 B per ms rounds up), 48.8 per second.
         let d = paced_fdatasync(dir.path(), 200_000.0, Duration::from_millis(600)).unwrap();
         assert_eq!(d.write_bytes, 4096);
-        assert!(d.rate > 20.0 && d.rate < 60.0, "{d:?}");
+        // Never faster than the pace; as fast when the disk keeps up (a busy disk, as under
+        // the rest of the test suite, can take hundreds of milliseconds per fdatasync).
+        assert!(d.rate < 60.0, "{d:?}");
+        if d.max < 10.0 {
+            assert!(d.rate > 20.0, "{d:?}");
+        }
         assert!(d.p50 > 0.0 && d.p50 <= d.p99 && d.p99 <= d.max, "{d:?}");
         // The probe file stays for the next probe (removing it mid-run would have the disk
         // discard its blocks during the measured phase), written in full.
