@@ -587,3 +587,88 @@ async fn terminate_topic() {
     let s = s.restart().await;
     super::pulsar_python::scenario(&s.url(), "terminated", "ending");
 }
+
+/// A broker that lost a topic to another one writes none of its cursors any more: here the
+/// "other broker" changes the topic's ledger list (as loading the topic does) and deletes a
+/// subscription. The first broker's next cursor write (the subscription moved by an admin
+/// skip) and its unload (which stores cursors) must not bring the subscription back, or it
+/// would hold the backlog for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_former_owner_writes_no_cursor() {
+    use magnetar_broker::protocol::names::TopicName;
+    use magnetar_broker::topic::{cursor_key, topic_key};
+    use magnetar_metastore::client::{MetaClient, PutOptions};
+
+    let s = standalone().await;
+    let w = &s.web;
+    produce(&s.url(), "taken", 5, false);
+    let base = "/admin/v2/persistent/public/default/taken";
+    assert_eq!(http(w, "PUT", &format!("{base}/subscription/s"), "").await.0, 204);
+    let meta = MetaClient::connect(std::slice::from_ref(&s.metastore)).expect("meta");
+    let name = TopicName::parse("taken").expect("name");
+    let (tkey, ckey) = (topic_key(&name), cursor_key(&name, "s"));
+    assert!(meta.get(&ckey).await.expect("get").is_some(), "the subscription is stored");
+
+    // Another broker takes the topic over and deletes the subscription.
+    let kv = meta.get(&tkey).await.expect("get").expect("topic");
+    meta.put(&tkey, kv.value, PutOptions { expected_version: Some(kv.version), session: 0 }).await.expect("take over");
+    assert!(meta.delete(&ckey, None).await.expect("delete"));
+
+    // The first broker moves the cursor, then unloads the topic.
+    assert_eq!(http(w, "POST", &format!("{base}/subscription/s/skip_all"), "").await.0, 204);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(http(w, "PUT", &format!("{base}/unload"), "").await.0, 204);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(meta.get(&ckey).await.expect("get").is_none(), "a former owner wrote the deleted subscription back");
+}
+
+/// A cursor write whose answer was lost (here: the cursor's version moved as if it had landed)
+/// does not stop the topic's cursor writes for good: the owner takes the version it finds and
+/// writes again, so the stored position keeps up with the acknowledgements (a restart would
+/// otherwise redeliver everything acknowledged since).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cursor_writes_go_on_after_a_lost_answer() {
+    use magnetar_broker::protocol::names::TopicName;
+    use magnetar_broker::topic::cursor::CursorInfo;
+    use magnetar_broker::topic::cursor_key;
+    use magnetar_metastore::client::{MetaClient, PutOptions};
+    use pulsar::{Pulsar, TokioExecutor};
+
+    let s = standalone().await;
+    let topic = "persistent://public/default/lost-answer";
+    let p: Pulsar<TokioExecutor> =
+        Pulsar::builder(format!("pulsar://{}", s.broker), TokioExecutor).build().await.expect("connect");
+    let exclusive = pulsar::message::proto::command_subscribe::SubType::Exclusive;
+    let mut consumer = super::rust_client::consumer(&p, topic, "s", exclusive).await;
+    let meta = MetaClient::connect(std::slice::from_ref(&s.metastore)).expect("meta");
+    let key = cursor_key(&TopicName::parse(topic).expect("name"), "s");
+    let kv = meta.get(&key).await.expect("get").expect("cursor");
+    meta.put(&key, kv.value, PutOptions { expected_version: Some(kv.version), session: 0 }).await.expect("bump");
+
+    let mut producer = p.producer().with_topic(topic).build().await.expect("producer");
+    let mut last = None;
+    for i in 0..5 {
+        let receipt =
+            producer.send_non_blocking(format!("m-{i}").into_bytes()).await.expect("send").await.expect("receipt");
+        last = receipt.message_id.map(|id| (id.ledger_id, id.entry_id as i64));
+    }
+    for i in 0..5 {
+        assert_eq!(super::rust_client::next_body(&mut consumer).await, format!("m-{i}"));
+    }
+    let stored = || async {
+        let kv = meta.get(&key).await.expect("get").expect("cursor");
+        serde_json::from_slice::<CursorInfo>(&kv.value)
+            .expect("cursor json")
+            .mark_delete
+            .map(|p| (p.ledger_id, p.entry_id))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while stored().await != last {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "acknowledgements never stored: {:?}, last {last:?}",
+            stored().await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

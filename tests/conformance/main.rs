@@ -170,6 +170,13 @@ async fn python_client_acks_redelivery_and_dead_letters() {
     scenario(&s.url(), "cumulative", "acks");
 }
 
+/// An admin unload: the topic's producer and consumer reconnect and go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_client_goes_on_after_an_unload() {
+    let s = standalone().await;
+    pulsar_python::scenario_with_web(&s.url(), &s.web, "unload", "unload");
+}
+
 /// Seek by id and by time, readers from earliest/latest/an id, last message id.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_client_seeks_and_reads() {

@@ -38,12 +38,17 @@ pub fn produce(url: &str, topic: &str, n: usize, batching: bool) -> Vec<(u64, u6
 /// the broker at `url`, with topic names starting with `prefix`; panics with its output when
 /// the scenario fails.
 pub fn scenario(url: &str, name: &str, prefix: &str) {
+    scenario_with_web(url, "", name, prefix)
+}
+
+/// [`scenario`] for scenarios that also use the broker's admin API, at `web` (host:port).
+pub fn scenario_with_web(url: &str, web: &str, name: &str, prefix: &str) {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/support/scenarios.py");
     let py = python();
     let out =
-        Command::new(&py).arg(&script).args([url, name, prefix]).output().unwrap_or_else(|e| {
-            panic!("running {} (the Pulsar Python client; `.ci/run` installs it): {e}", py.display())
-        });
+        Command::new(&py).arg(&script).args([url, name, prefix]).env("MAGNETAR_WEB", web).output().unwrap_or_else(
+            |e| panic!("running {} (the Pulsar Python client; `.ci/run` installs it): {e}", py.display()),
+        );
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::stream::{FuturesOrdered, StreamExt};
 use magnetar_bookie::client::{LedgerClient, LedgerError, LedgerReader, LedgerWriter};
-use magnetar_metastore::client::{ClientError, MetaClient, PutOptions};
+use magnetar_metastore::client::{ClientError, MetaClient, PutOptions, Txn};
 use tokio::sync::{mpsc, oneshot};
 
 use super::cursor::{Cursor, CursorInfo};
@@ -293,8 +293,10 @@ pub enum Cmd {
     Persisted {
         /// Subscription.
         sub: String,
-        /// New version, or why not.
-        result: Result<u64, String>,
+        /// Which subscription of that name wrote it ([`Sub::instance`]).
+        instance: u64,
+        /// How it ended.
+        result: CursorWrite,
     },
 }
 
@@ -405,6 +407,9 @@ struct Consumer {
 
 struct Sub {
     name: String,
+    /// Tells this subscription's cursor writes from those of an earlier one of the same name
+    /// (unsubscribed, then subscribed again).
+    instance: u64,
     durable: bool,
     sub_type: SubType,
     cursor: Cursor,
@@ -428,6 +433,46 @@ struct Sub {
     properties: BTreeMap<String, String>,
     msg_out: Rate,
     bytes_out: Rate,
+}
+
+/// Numbers [`Sub::instance`].
+static SUB_INSTANCES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// How a cursor write ended.
+#[derive(Debug)]
+pub enum CursorWrite {
+    /// Stored; the cursor's new version.
+    Stored(u64),
+    /// The topic's ledger list is not at the version this task holds: `actual` is its
+    /// version now. Unless this task moved it itself since, another broker owns the topic.
+    TopicMoved { actual: u64 },
+    /// The cursor is not at the version the write expected: an earlier write of this task
+    /// landed although its answer was lost (or was still in flight). `actual` is its version.
+    CursorMoved { actual: u64 },
+    /// No answer: it may or may not have landed.
+    Failed(String),
+}
+
+/// Writes a cursor if this task still owns the topic: one transaction that requires both the
+/// topic's ledger list at the version this task holds (a broker that took the topic over
+/// changed it when it loaded the topic) and the cursor at the version this task last wrote.
+/// A former owner writes nothing: it would undo the new owner's acknowledgements or seeks,
+/// or bring back a subscription the new owner deleted.
+async fn write_cursor(
+    meta: &MetaClient,
+    topic_key: &str,
+    topic_version: u64,
+    key: &str,
+    version: u64,
+    body: Vec<u8>,
+) -> CursorWrite {
+    let txn = Txn::default().compare(topic_key, topic_version).compare(key, version).put(key, body, 0);
+    match meta.txn(txn).await {
+        Ok(r) if r.succeeded => CursorWrite::Stored(r.revision),
+        Ok(r) if r.failed_compare == 0 => CursorWrite::TopicMoved { actual: r.actual_version },
+        Ok(r) => CursorWrite::CursorMoved { actual: r.actual_version },
+        Err(e) => CursorWrite::Failed(e.to_string()),
+    }
 }
 
 /// Tries at deleting a consumed ledger (1, 2, 4, 8 s apart).
@@ -673,7 +718,13 @@ impl Actor {
             }
             Cmd::Terminate { done } => {
                 let r = self.terminate().await;
+                let failed = r.is_err();
                 let _ = done.send(r);
+                if failed {
+                    // Its writer may be closed or gone: the topic stops, and clients load it
+                    // afresh.
+                    return false;
+                }
                 self.dispatch_all();
             }
             Cmd::SubAdmin { sub, op, done } => {
@@ -700,7 +751,14 @@ impl Actor {
                                             s.fetched.insert(p, Cached { entry, info });
                                         }
                                         Err(e) => {
-                                            tracing::error!(topic = %self.ml.name, position = %p, error = %e, "stored entry does not decode; skipping it")
+                                            // Nothing can deliver it: acknowledged for this
+                                            // subscription (as clients discard a message that
+                                            // fails validation), so dispatch goes past it
+                                            // instead of reading it again forever.
+                                            tracing::error!(topic = %self.ml.name, sub, position = %p, error = %e,
+                                                "stored entry does not decode; acknowledging it for the subscription");
+                                            s.cursor.ack(p, None, &self.ml.span);
+                                            s.dirty = true;
                                         }
                                     }
                                 }
@@ -712,15 +770,27 @@ impl Actor {
                     }
                 }
             }
-            Cmd::Persisted { sub, result } => {
-                if let Some(s) = self.subs.get_mut(&sub) {
-                    s.persisting = false;
-                    match result {
-                        Ok(v) => s.version = v,
-                        Err(e) => {
-                            s.dirty = true;
-                            tracing::warn!(topic = %self.ml.name, sub, error = %e, "storing the cursor failed");
-                        }
+            Cmd::Persisted { sub, instance, result } => {
+                let Some(s) = self.subs.get_mut(&sub).filter(|s| s.instance == instance) else { return true };
+                s.persisting = false;
+                match result {
+                    CursorWrite::Stored(v) => s.version = v,
+                    CursorWrite::CursorMoved { actual } => {
+                        // This task still owns the topic, so the cursor moved by its own hand:
+                        // written again on the next tick, on the version found.
+                        s.version = actual;
+                        s.dirty = true;
+                    }
+                    // This task changed the ledger list while the write was on its way.
+                    CursorWrite::TopicMoved { actual } if actual == self.ml.version => s.dirty = true,
+                    CursorWrite::TopicMoved { actual } => {
+                        tracing::warn!(topic = %self.ml.name, sub, held = self.ml.version, actual,
+                            "the topic's ledger list changed under this broker: another one owns the topic now; stopping it here");
+                        return false;
+                    }
+                    CursorWrite::Failed(e) => {
+                        s.dirty = true;
+                        tracing::warn!(topic = %self.ml.name, sub, error = %e, "storing the cursor failed");
                     }
                 }
             }
@@ -1089,6 +1159,10 @@ impl Actor {
         for (_, _, done) in self.held.drain(..) {
             let _ = done.send(Err(AppendError::from(format!("topic {} is closing", self.ml.name))));
         }
+        // Producers and consumers are told, so their clients look the topic up again and
+        // reconnect to wherever it loads next (consumers would otherwise wait on a connection
+        // that no longer feeds them).
+        self.disconnect_clients();
         tracing::info!(topic = %self.ml.name, "topic closed");
     }
 
@@ -1104,44 +1178,47 @@ impl Actor {
             sub.dirty = false;
             sub.persisting = true;
             let body = cursor_body(sub);
-            let (meta, key, version, tx, name) = (
+            let (meta, topic_key, topic_version, key, version, tx, name, instance) = (
                 self.ml.meta.clone(),
+                self.ml.key.clone(),
+                self.ml.version,
                 cursor_key(&self.ml.name, &sub.name),
                 sub.version,
                 self.ml.tx.clone(),
                 sub.name.clone(),
+                sub.instance,
             );
             tokio::spawn(async move {
-                let result = meta
-                    .put(&key, body, PutOptions { expected_version: Some(version), session: 0 })
-                    .await
-                    .map_err(|e| e.to_string());
-                let _ = tx.send(Cmd::Persisted { sub: name, result });
+                let result = write_cursor(&meta, &topic_key, topic_version, &key, version, body).await;
+                let _ = tx.send(Cmd::Persisted { sub: name, instance, result });
             });
         }
     }
 
-    /// Writes every changed cursor now (closing).
+    /// Writes every changed cursor now (closing), if this task still owns the topic.
     async fn store_cursors(&mut self) {
+        let (meta, topic_key, topic_version) = (self.ml.meta.clone(), self.ml.key.clone(), self.ml.version);
         for sub in self.subs.values_mut().filter(|s| s.durable && (s.dirty || s.persisting)) {
             let key = cursor_key(&self.ml.name, &sub.name);
-            // A write still in flight may have moved the version.
-            let version = match self.ml.meta.get(&key).await {
-                Ok(kv) => kv.map(|k| k.version).unwrap_or(0),
-                Err(_) => sub.version,
-            };
-            match self
-                .ml
-                .meta
-                .put(&key, cursor_body(sub), PutOptions { expected_version: Some(version), session: 0 })
-                .await
-            {
-                Ok(v) => {
-                    sub.version = v;
-                    sub.dirty = false;
-                }
-                Err(e) => {
-                    tracing::warn!(topic = %self.ml.name, sub = sub.name, error = %e, "storing the cursor failed")
+            // A write still in flight, or one whose answer was lost, may have moved the
+            // cursor's version: then it is taken and the write made again.
+            for attempt in 1..=3 {
+                match write_cursor(&meta, &topic_key, topic_version, &key, sub.version, cursor_body(sub)).await {
+                    CursorWrite::Stored(v) => {
+                        sub.version = v;
+                        sub.dirty = false;
+                        break;
+                    }
+                    CursorWrite::CursorMoved { actual } if attempt < 3 => sub.version = actual,
+                    CursorWrite::TopicMoved { actual } => {
+                        tracing::warn!(topic = %self.ml.name, held = topic_version, actual,
+                            "another broker owns the topic now: its cursors are left to it");
+                        return;
+                    }
+                    other => {
+                        tracing::warn!(topic = %self.ml.name, sub = sub.name, outcome = ?other, "storing the cursor failed");
+                        break;
+                    }
                 }
             }
         }
@@ -1281,6 +1358,7 @@ impl Actor {
         let md = cursor.mark_delete();
         Ok(Some(Sub {
             name: name.to_owned(),
+            instance: SUB_INSTANCES.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             durable,
             sub_type,
             cursor,
