@@ -332,3 +332,47 @@ async fn a_silent_bookie_is_replaced_after_the_add_timeout() {
     assert_eq!(client.faults().held_adds(), 5, "the silent bookie never got entries 5-9");
     cluster.shutdown().await;
 }
+
+/// A range read larger than what a bookie answers at once (32 MiB): the bookie marks the rest
+/// not sent, and the reader asks the same bookie again for it instead of counting it as a
+/// failed replica (with one replica, that failed the whole read, again on every retry).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn range_reads_larger_than_one_answer_come_back_whole() {
+    let cluster = Cluster::new(1, &[], true).await;
+    let client = cluster.ledger_client();
+    let w = client.create(LedgerConfig::new(1, 1, 1)).await.expect("create");
+    let id = w.id();
+    let (n, size) = (100i64, 1_000_000);
+    let total: usize = (0..n).map(|e| payload(id, e, size).len()).sum();
+    assert!(total > 40 << 20, "{total} bytes: more than one answer holds");
+    let adds: FuturesUnordered<_> = (0..n).map(|e| w.append(payload(id, e, size))).collect();
+    let acked: Vec<_> = adds.collect().await;
+    assert!(acked.iter().all(|r| r.is_ok()), "{acked:?}");
+    w.close().await.expect("close");
+    let entries = client.open_reader(id).await.expect("reader").read(0, n - 1).await.expect("one read");
+    assert_eq!(entries.len(), n as usize);
+    for (e, got) in entries.iter().enumerate() {
+        assert!(got[..] == payload(id, e as i64, size)[..], "entry {e}");
+    }
+    cluster.shutdown().await;
+}
+
+/// An add the bookies refuse as such (larger than their `max_entry_bytes`) fails the writer at
+/// once, with the bookie's reason, instead of replacing bookie after bookie that all refuse it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_the_bookies_refuse_fails_without_ensemble_changes() {
+    let cluster = Cluster::new(3, &["max_entry_bytes=100000"], true).await;
+    let client = cluster.ledger_client();
+    let w = client.create(LedgerConfig::new(2, 2, 2)).await.expect("create");
+    let id = w.id();
+    for e in 0..5 {
+        w.append(vec![e as u8; 1000]).await.expect("add");
+    }
+    match w.append(vec![7u8; 200_000]).await {
+        Err(LedgerError::Invalid(reason)) => assert!(reason.contains("max_entry_bytes"), "{reason}"),
+        other => panic!("an entry over the bookies' limit: {other:?}"),
+    }
+    let (md, _) = client.metadata(id).await.expect("metadata");
+    assert_eq!(md.fragments.len(), 1, "no ensemble change: {:?}", md.fragments);
+    cluster.shutdown().await;
+}

@@ -114,31 +114,53 @@ pub(crate) async fn read_entries(
             for chunk in ids.chunks(BATCH) {
                 let (ctx, b, chunk, id) = (ctx.clone(), b.clone(), chunk.to_vec(), md.id);
                 futs.push(async move {
-                    let r = async {
-                        let mut c = ctx.bookies.client(&b).await?;
-                        let req = ReadRequest {
-                            ledger_id: id,
-                            entry_ids: chunk.clone(),
-                            fence: false,
-                            master_key: Bytes::new(),
-                        };
-                        match tokio::time::timeout(ctx.opts.read_timeout, c.read(req)).await {
-                            Ok(Ok(r)) => Ok(r.into_inner()),
-                            Ok(Err(s)) => {
-                                Err(LedgerError::Bookie { bookie: b.clone(), reason: s.message().to_owned() })
+                    // A bookie answers at most so many bytes at once and marks the rest
+                    // `NOT_SENT`: those are asked for again, from the same bookie, as long as
+                    // each answer brings some entries.
+                    let mut got = Vec::with_capacity(chunk.len());
+                    let mut ask = chunk.clone();
+                    let r = loop {
+                        let resp = async {
+                            let mut c = ctx.bookies.client(&b).await?;
+                            let req = ReadRequest {
+                                ledger_id: id,
+                                entry_ids: ask.clone(),
+                                fence: false,
+                                master_key: Bytes::new(),
+                            };
+                            match tokio::time::timeout(ctx.opts.read_timeout, c.read(req)).await {
+                                Ok(Ok(r)) => Ok(r.into_inner()),
+                                Ok(Err(s)) => {
+                                    Err(LedgerError::Bookie { bookie: b.clone(), reason: s.message().to_owned() })
+                                }
+                                Err(_) => {
+                                    Err(LedgerError::Bookie { bookie: b.clone(), reason: "read timed out".into() })
+                                }
                             }
-                            Err(_) => Err(LedgerError::Bookie { bookie: b.clone(), reason: "read timed out".into() }),
                         }
-                    }
-                    .await;
+                        .await;
+                        let entries = match resp {
+                            Ok(r) => r.entries,
+                            Err(e) => break Err(e),
+                        };
+                        let (later, answered): (Vec<_>, Vec<_>) =
+                            entries.into_iter().partition(|er| er.code == Code::NotSent as i32);
+                        let progress = !answered.is_empty();
+                        got.extend(answered);
+                        if later.is_empty() || !progress {
+                            got.extend(later);
+                            break Ok(got);
+                        }
+                        ask = later.iter().map(|er| er.entry_id).collect();
+                    };
                     (b, chunk, r)
                 });
             }
         }
         while let Some((b, chunk, r)) = futs.next().await {
             match r {
-                Ok(resp) => {
-                    for er in resp.entries {
+                Ok(entries) => {
+                    for er in entries {
                         let Ok(i) = usize::try_from(er.entry_id - first) else { continue };
                         if i >= n || out[i].is_some() {
                             continue;

@@ -401,6 +401,12 @@ impl Actor {
                 Ok(Code::Unauthorized) => {
                     self.fail(LedgerError::Bookie { bookie: self.bookie(pos).to_owned(), reason: r.message })
                 }
+                // The add itself is refused (an entry larger than the bookies take): another
+                // bookie would refuse it too, and entries after it can never be confirmed.
+                Ok(Code::Invalid) => {
+                    let bookie = self.bookie(pos).to_owned();
+                    self.fail(LedgerError::Invalid(format!("{bookie} refused entry {}: {}", r.entry_id, r.message)))
+                }
                 _ => {
                     let bookie = self.bookie(pos).to_owned();
                     let (entry, code, message) = (r.entry_id, r.code, r.message);

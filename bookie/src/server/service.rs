@@ -218,7 +218,7 @@ impl BookieRpc for Service {
                     // The rest would make the answer too large: the client asks again.
                     pb::EntryResult {
                         entry_id: id,
-                        code: Code::Invalid as i32,
+                        code: Code::NotSent as i32,
                         message: "response size limit".into(),
                         ..Default::default()
                     }
