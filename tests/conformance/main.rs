@@ -177,6 +177,17 @@ async fn python_client_goes_on_after_an_unload() {
     pulsar_python::scenario_with_web(&s.url(), &s.web, "unload", "unload");
 }
 
+/// A SEEK is answered only once the reset subscription is stored: a broker killed right after
+/// answering comes back at the position sought (cursor writes otherwise wait for their
+/// interval, a minute here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seek_is_stored_before_it_is_answered() {
+    let s = standalone_with(&["cursor_persist_interval_ms=60000"]).await;
+    scenario(&s.url(), "seek_stored_before", "sk");
+    let s = s.restart_with("-KILL").await;
+    scenario(&s.url(), "seek_stored_after", "sk");
+}
+
 /// Seek by id and by time, readers from earliest/latest/an id, last message id.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_client_seeks_and_reads() {

@@ -476,6 +476,25 @@ def unload():
     other.close()
 
 
+def seek_stored_before():
+    """Acknowledges 10 messages, then seeks back to the 6th. The broker is killed right after
+    the answer; cursor writes wait a minute there, so only the seek's own write counts."""
+    topic = f"{PREFIX}-seek-kill"
+    c = client.subscribe(topic, "s")
+    p = client.create_producer(topic, batching_enabled=False)
+    ids = [p.send(f"k-{i}".encode()) for i in range(10)]
+    receive_n(c, 10)
+    c.seek(ids[5])
+
+
+def seek_stored_after():
+    """After the kill, the subscription is where the seek put it."""
+    c = client.subscribe(f"{PREFIX}-seek-kill", "s")
+    assert bodies(receive_n(c, 5)) == [f"k-{i}" for i in range(5, 10)]
+    nothing_more(c)
+    c.close()
+
+
 globals()[SCENARIO]()
 client.close()
 print(f"ok {SCENARIO}")

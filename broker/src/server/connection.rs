@@ -182,11 +182,25 @@ impl Conn {
     /// The topic of a consumer, or an ERROR for the request.
     fn consumer(&self, consumer_id: u64, request_id: u64) -> Option<&Topic> {
         let t = self.consumers.get(&consumer_id);
-        if t.is_none() {
-            reply(
+        match t {
+            None => reply(
                 &self.out,
                 error_command(request_id, pb::ServerError::ConsumerNotFound, format!("no consumer {consumer_id}")),
-            );
+            ),
+            // Its topic stopped (unloaded, or failed) and is telling the client to reconnect:
+            // a request sent meanwhile would never be answered.
+            Some(t) if t.is_closed() => {
+                reply(
+                    &self.out,
+                    error_command(
+                        request_id,
+                        pb::ServerError::ServiceNotReady,
+                        format!("the topic of consumer {consumer_id} is closing; reconnect"),
+                    ),
+                );
+                return None;
+            }
+            Some(_) => {}
         }
         t
     }

@@ -1197,28 +1197,40 @@ impl Actor {
 
     /// Writes every changed cursor now (closing), if this task still owns the topic.
     async fn store_cursors(&mut self) {
+        let names: Vec<String> =
+            self.subs.values().filter(|s| s.durable && (s.dirty || s.persisting)).map(|s| s.name.clone()).collect();
+        for name in names {
+            if let Err(CursorWrite::TopicMoved { .. }) = self.store_cursor(&name).await {
+                return;
+            }
+        }
+    }
+
+    /// Writes one subscription's cursor now, if this task still owns the topic. A write still
+    /// in flight, or one whose answer was lost, may have moved the cursor's version: then it
+    /// is taken and the write made again.
+    async fn store_cursor(&mut self, name: &str) -> Result<(), CursorWrite> {
         let (meta, topic_key, topic_version) = (self.ml.meta.clone(), self.ml.key.clone(), self.ml.version);
-        for sub in self.subs.values_mut().filter(|s| s.durable && (s.dirty || s.persisting)) {
-            let key = cursor_key(&self.ml.name, &sub.name);
-            // A write still in flight, or one whose answer was lost, may have moved the
-            // cursor's version: then it is taken and the write made again.
-            for attempt in 1..=3 {
-                match write_cursor(&meta, &topic_key, topic_version, &key, sub.version, cursor_body(sub)).await {
-                    CursorWrite::Stored(v) => {
-                        sub.version = v;
-                        sub.dirty = false;
-                        break;
-                    }
-                    CursorWrite::CursorMoved { actual } if attempt < 3 => sub.version = actual,
-                    CursorWrite::TopicMoved { actual } => {
-                        tracing::warn!(topic = %self.ml.name, held = topic_version, actual,
-                            "another broker owns the topic now: its cursors are left to it");
-                        return;
-                    }
-                    other => {
-                        tracing::warn!(topic = %self.ml.name, sub = sub.name, outcome = ?other, "storing the cursor failed");
-                        break;
-                    }
+        let key = cursor_key(&self.ml.name, name);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let Some(sub) = self.subs.get_mut(name) else { return Ok(()) };
+            match write_cursor(&meta, &topic_key, topic_version, &key, sub.version, cursor_body(sub)).await {
+                CursorWrite::Stored(v) => {
+                    sub.version = v;
+                    sub.dirty = false;
+                    return Ok(());
+                }
+                CursorWrite::CursorMoved { actual } if attempt < 3 => sub.version = actual,
+                CursorWrite::TopicMoved { actual } => {
+                    tracing::warn!(topic = %self.ml.name, held = topic_version, actual,
+                        "another broker owns the topic now: its cursors are left to it");
+                    return Err(CursorWrite::TopicMoved { actual });
+                }
+                other => {
+                    tracing::warn!(topic = %self.ml.name, sub = name, outcome = ?other, "storing the cursor failed");
+                    return Err(other);
                 }
             }
         }
@@ -1487,12 +1499,12 @@ impl Actor {
                 }
             },
         };
-        self.reset_sub(&name, md, Some((key, request_id)));
+        self.reset_sub(&name, md, Some((key, request_id))).await;
     }
 
-    /// Resets a subscription to `md` and closes its consumers so their clients reconnect
-    /// from there; `answer` is the SEEK to answer first.
-    pub(super) fn reset_sub(&mut self, name: &str, md: Pos, answer: Option<((u64, u64), u64)>) {
+    /// Resets a subscription to `md`, stores it, and closes its consumers so their clients
+    /// reconnect from there; `answer` is the SEEK to answer first.
+    pub(super) async fn reset_sub(&mut self, name: &str, md: Pos, answer: Option<((u64, u64), u64)>) {
         // Not past the end of the log: that would acknowledge messages not written yet.
         let md = md.min(self.ml.span.last());
         let Some(sub) = self.subs.get_mut(name) else { return };
@@ -1508,15 +1520,30 @@ impl Actor {
         let consumers = std::mem::take(&mut sub.consumers);
         sub.selector = KeySelector::default();
         sub.active = None;
+        let durable = sub.durable;
+        // Stored before anyone hears of it: a broker that died right after answering would
+        // otherwise bring the subscription back to where it was, past what the client sought.
+        let stored = match durable {
+            true => self.store_cursor(name).await,
+            false => Ok(()),
+        };
         for c in &consumers {
             if let Some((_, request_id)) = answer.filter(|(k, _)| *k == c.key) {
-                let _ = c.out.send(success(request_id));
+                let reply = match &stored {
+                    Ok(()) => success(request_id),
+                    Err(e) => Out::Cmd(error_command(
+                        request_id,
+                        pb::ServerError::MetadataError,
+                        format!("the reset subscription was not stored ({e:?}); it is stored again later"),
+                    )),
+                };
+                let _ = c.out.send(reply);
             }
             let _ = c.out.send(close_consumer(c.key.1));
             self.index.remove(&c.key);
         }
         tracing::info!(topic = %self.ml.name, sub = name, position = %md, "subscription reset");
-        if !sub.durable {
+        if !durable {
             self.subs.remove(name);
         }
     }

@@ -183,7 +183,7 @@ impl Actor {
             }
             SubOp::ResetToTime(_) => {
                 if let Some(p) = cutoff {
-                    self.reset_sub(&name, p, None);
+                    self.reset_sub(&name, p, None).await;
                 }
             }
             SubOp::Peek(n) => {
