@@ -295,6 +295,8 @@ pub enum Cmd {
         sub: String,
         /// Which subscription of that name wrote it ([`Sub::instance`]).
         instance: u64,
+        /// The version of the topic's ledger list the write required.
+        topic_version: u64,
         /// How it ended.
         result: CursorWrite,
     },
@@ -770,7 +772,7 @@ impl Actor {
                     }
                 }
             }
-            Cmd::Persisted { sub, instance, result } => {
+            Cmd::Persisted { sub, instance, topic_version, result } => {
                 let Some(s) = self.subs.get_mut(&sub).filter(|s| s.instance == instance) else { return true };
                 s.persisting = false;
                 match result {
@@ -781,8 +783,9 @@ impl Actor {
                         s.version = actual;
                         s.dirty = true;
                     }
-                    // This task changed the ledger list while the write was on its way.
-                    CursorWrite::TopicMoved { actual } if actual == self.ml.version => s.dirty = true,
+                    // This task changed the ledger list (perhaps more than once) while the write
+                    // was on its way: the next write requires the version it holds now.
+                    CursorWrite::TopicMoved { .. } if topic_version != self.ml.version => s.dirty = true,
                     CursorWrite::TopicMoved { actual } => {
                         tracing::warn!(topic = %self.ml.name, sub, held = self.ml.version, actual,
                             "the topic's ledger list changed under this broker: another one owns the topic now; stopping it here");
@@ -1190,7 +1193,7 @@ impl Actor {
             );
             tokio::spawn(async move {
                 let result = write_cursor(&meta, &topic_key, topic_version, &key, version, body).await;
-                let _ = tx.send(Cmd::Persisted { sub: name, instance, result });
+                let _ = tx.send(Cmd::Persisted { sub: name, instance, topic_version, result });
             });
         }
     }
@@ -1499,15 +1502,22 @@ impl Actor {
                 }
             },
         };
-        self.reset_sub(&name, md, Some((key, request_id))).await;
+        // A failure was answered to the client; the reset is stored again later.
+        let _ = self.reset_sub(&name, md, Some((key, request_id))).await;
     }
 
     /// Resets a subscription to `md`, stores it, and closes its consumers so their clients
-    /// reconnect from there; `answer` is the SEEK to answer first.
-    pub(super) async fn reset_sub(&mut self, name: &str, md: Pos, answer: Option<((u64, u64), u64)>) {
+    /// reconnect from there; `answer` is the SEEK to answer first. An error says the reset was
+    /// not stored: it holds in memory, and is stored again with the next writes.
+    pub(super) async fn reset_sub(
+        &mut self,
+        name: &str,
+        md: Pos,
+        answer: Option<((u64, u64), u64)>,
+    ) -> Result<(), CursorWrite> {
         // Not past the end of the log: that would acknowledge messages not written yet.
         let md = md.min(self.ml.span.last());
-        let Some(sub) = self.subs.get_mut(name) else { return };
+        let Some(sub) = self.subs.get_mut(name) else { return Ok(()) };
         sub.cursor.reset(md);
         sub.read_pos = md;
         sub.replay.clear();
@@ -1546,6 +1556,7 @@ impl Actor {
         if !durable {
             self.subs.remove(name);
         }
+        stored
     }
 
     /// The position before the first entry published at or after `t` (binary search over

@@ -183,7 +183,9 @@ impl Actor {
             }
             SubOp::ResetToTime(_) => {
                 if let Some(p) = cutoff {
-                    self.reset_sub(&name, p, None).await;
+                    self.reset_sub(&name, p, None)
+                        .await
+                        .map_err(|e| SubError::Failed(format!("the reset subscription was not stored: {e:?}")))?;
                 }
             }
             SubOp::Peek(n) => {
