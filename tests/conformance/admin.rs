@@ -672,3 +672,39 @@ async fn cursor_writes_go_on_after_a_lost_answer() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// An unload with requests for the topic arriving while it closes: they wait for the close to
+/// finish and then load the topic afresh. A second task loading the topic during the close
+/// would fence the ledger the first one is closing and leave its cursors unwritten.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_during_an_unload_wait_for_it() {
+    let s = standalone().await;
+    let w = s.web.clone();
+    produce(&s.url(), "racing", 5, false);
+    let base = "/admin/v2/persistent/public/default/racing";
+    assert_eq!(http(&w, "PUT", &format!("{base}/subscription/s"), "").await.0, 204);
+    for round in 0..5 {
+        let unload = {
+            let w = w.clone();
+            tokio::spawn(async move { http(&w, "PUT", &format!("{base}/unload"), "").await.0 })
+        };
+        let mut stats = Vec::new();
+        for _ in 0..20 {
+            let w = w.clone();
+            stats.push(tokio::spawn(async move { http(&w, "GET", &format!("{base}/internalStats"), "").await.0 }));
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        assert_eq!(unload.await.expect("join"), 204, "round {round}");
+        for st in stats {
+            assert_eq!(st.await.expect("join"), 200, "round {round}");
+        }
+    }
+    let log = std::fs::read_to_string(s._dir.path().join("standalone.log")).expect("log");
+    for bad in ["closing the ledger failed", "recording the closed ledger failed", "another broker owns the topic"] {
+        assert!(
+            !log.contains(bad),
+            "`{bad}` in the log:\n{}",
+            log.lines().filter(|l| l.contains("racing")).collect::<Vec<_>>().join("\n")
+        );
+    }
+}

@@ -272,6 +272,8 @@ pub struct Topic {
     /// Its name.
     pub name: TopicName,
     tx: mpsc::UnboundedSender<Cmd>,
+    /// An unload asked its task to close: loads wait for it to finish.
+    closing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Topic {
@@ -283,6 +285,11 @@ impl Topic {
     /// Whether the topic's task has stopped.
     pub fn is_closed(&self) -> bool {
         self.tx.is_closed()
+    }
+
+    /// Whether an unload asked its task to close (it may still be closing).
+    fn is_closing(&self) -> bool {
+        self.closing.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Appends an entry; resolves with its position once stored.
@@ -372,6 +379,12 @@ impl Topics {
             };
             let r = cell.get_or_try_init(|| self.load(name)).await;
             match r {
+                // Being unloaded: a second task loading the topic now would fence the ledger the
+                // first one is closing and find its cursors not yet stored.
+                Ok(t) if t.is_closing() => {
+                    t.tx.closed().await;
+                    continue;
+                }
                 Ok(t) if !t.is_closed() => return Ok(t.clone()),
                 Ok(_) => continue,
                 Err(e) => {
@@ -428,13 +441,21 @@ impl Topics {
         Ok(())
     }
 
-    /// Closes a loaded topic (cursors stored, ledger closed); the next use loads it again.
+    /// Closes a loaded topic (cursors stored, ledger closed); the next use loads it again, once
+    /// the close has finished.
     pub async fn unload(&self, name: &TopicName) -> bool {
-        let cell = self.loaded.lock().await.remove(name);
-        match cell.and_then(|c| c.get().cloned()) {
-            Some(t) => t.ask(|done| Cmd::Close { done }).await.is_ok(),
-            None => false,
+        let Some(cell) = self.loaded.lock().await.get(name).cloned() else { return false };
+        // Not loaded yet (a load is on its way): nothing to close.
+        let Some(t) = cell.get().cloned() else { return false };
+        t.closing.store(true, std::sync::atomic::Ordering::Release);
+        let closed = t.ask(|done| Cmd::Close { done }).await.is_ok();
+        // The task returns right after answering.
+        t.tx.closed().await;
+        let mut loaded = self.loaded.lock().await;
+        if loaded.get(name).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+            loaded.remove(name);
         }
+        closed
     }
 
     /// The topics loaded now.
@@ -508,7 +529,7 @@ impl Topics {
             span,
             writer,
         });
-        let topic = Topic { name: name.clone(), tx };
+        let topic = Topic { name: name.clone(), tx, closing: Arc::default() };
         if self.ownership.epoch() != epoch {
             // The session was lost while loading, after every loaded topic was unloaded:
             // this one must not stay either.
