@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use futures::stream::{FuturesUnordered, StreamExt};
-use magnetar_bookie::client::{LedgerConfig, LedgerError};
+use magnetar_bookie::client::{LedgerClient, LedgerConfig, LedgerError, LedgerWriter};
 
 use crate::support::{payload, Cluster};
 
@@ -187,12 +187,7 @@ async fn add_on_fewer_than_qa_bookies_is_never_acked_beyond_the_end() {
     let cluster = Cluster::new(3, &[], true).await;
     // No add timeout during the test: only the bookies' answers may end the old writer.
     let old = cluster.ledger_client_with_add_timeout(Duration::from_secs(120));
-    let w = old.create(LedgerConfig::new(3, 3, 2)).await.expect("create");
-    let id = w.id();
-    for e in 0..10 {
-        w.append(payload(id, e, 100)).await.expect("add");
-    }
-    let ens = w.metadata().fragments[0].bookies.clone();
+    let (w, id, ens) = ledger_with_ten_entries(&old).await;
     let (a, b, c) = (ens[0].clone(), ens[1].clone(), ens[2].clone());
     old.faults().hold_adds(&b, 10);
     old.faults().hold_adds(&c, 10);
@@ -253,6 +248,17 @@ async fn recovery_with_a_dead_bookie_replaces_it_while_writing_back() {
     cluster.shutdown().await;
 }
 
+/// A ledger with E=Qw=3, Qa=2 and entries 0-9 acknowledged: its writer, id and ensemble.
+async fn ledger_with_ten_entries(client: &LedgerClient) -> (LedgerWriter, u64, Vec<String>) {
+    let w = client.create(LedgerConfig::new(3, 3, 2)).await.expect("create");
+    let id = w.id();
+    for e in 0..10 {
+        w.append(payload(id, e, 100)).await.expect("add");
+    }
+    let ens = w.metadata().fragments[0].bookies.clone();
+    (w, id, ens)
+}
+
 /// A recovery that changes the ensemble while writing the tail back, then dies before closing,
 /// leaves the metadata as it found it (LEDGER_PROTOCOL.md, recovery step 7). Saved at once, its
 /// new fragment would name the replacements, which hold none of the tail: the next recovery
@@ -262,12 +268,7 @@ async fn recovery_with_a_dead_bookie_replaces_it_while_writing_back() {
 async fn a_recovery_that_dies_after_an_ensemble_change_leaves_the_metadata_alone() {
     let cluster = Cluster::new(5, &[], true).await;
     let old = cluster.ledger_client_with_add_timeout(Duration::from_secs(120));
-    let w = old.create(LedgerConfig::new(3, 3, 2)).await.expect("create");
-    let id = w.id();
-    for e in 0..10 {
-        w.append(payload(id, e, 100)).await.expect("add");
-    }
-    let ens = w.metadata().fragments[0].bookies.clone();
+    let (w, id, ens) = ledger_with_ten_entries(&old).await;
     let (x, y, z) = (ens[0].clone(), ens[1].clone(), ens[2].clone());
     // Entry 10 reaches X and Y only: acknowledged (Qa = 2); the bookies' LAC stays 9.
     old.faults().hold_adds(&z, 10);

