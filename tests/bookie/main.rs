@@ -9,5 +9,6 @@ mod local;
 mod ops;
 #[path = "../support/pulsar_python.rs"]
 mod pulsar_python;
+mod recovery;
 mod support;
 mod sync_errors;

@@ -130,6 +130,16 @@ impl BookieProc {
         }
     }
 
+    /// Freezes (`true`: SIGSTOP) or thaws (SIGCONT) the process: a frozen bookie keeps its
+    /// connections open and answers nothing.
+    pub fn freeze(&self, frozen: bool) {
+        if let Some(c) = &self.child {
+            let sig = if frozen { "-STOP" } else { "-CONT" };
+            let ok = Command::new("kill").arg(sig).arg(c.id().to_string()).status().is_ok_and(|s| s.success());
+            assert!(ok, "kill {sig} bookie {}", self.id);
+        }
+    }
+
     /// SIGTERM and wait for a clean exit.
     pub fn terminate(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -285,6 +295,15 @@ impl Cluster {
         if let Some(n) = self.node.take() {
             n.stop().await;
         }
+    }
+}
+
+/// Reads entries `0..=last` of ledger `id` and checks each against [`payload`] with `max`.
+pub async fn check_payloads(client: &LedgerClient, id: u64, last: i64, max: usize) {
+    let entries = client.open_reader(id).await.expect("reader").read(0, last).await.expect("read");
+    assert_eq!(entries.len() as i64, last + 1);
+    for (e, got) in entries.iter().enumerate() {
+        assert!(got[..] == payload(id, e as i64, max)[..], "entry {e} of ledger {id} differs");
     }
 }
 

@@ -1,5 +1,6 @@
 //! Fault injection for the ledger client, shared by tests: hold adds bound for a bookie,
-//! skip the fence request to a bookie during recovery, or drop recovery reads to a bookie.
+//! skip the fence request to a bookie during recovery, drop recovery reads to a bookie, or
+//! flip a byte in what a bookie answers to them.
 //! Off (and free) unless a test installs rules.
 
 use std::collections::HashSet;
@@ -15,6 +16,7 @@ struct Rules {
     held: Vec<(String, AddRequest, UnboundedSender<AddRequest>)>,
     skip_fence: HashSet<String>,
     drop_reads: HashSet<String>,
+    corrupt_reads: HashSet<String>,
     active: bool,
 }
 
@@ -86,6 +88,13 @@ impl Faults {
         r.drop_reads.insert(bookie.to_owned());
     }
 
+    /// Recovery reads answered by `bookie` arrive with one payload byte flipped.
+    pub fn corrupt_reads(&self, bookie: &str) {
+        let mut r = self.lock();
+        r.active = true;
+        r.corrupt_reads.insert(bookie.to_owned());
+    }
+
     /// Sends `req` to `bookie` through `tx` unless a rule holds it.
     pub(crate) fn send_add(&self, bookie: &str, req: AddRequest, tx: &UnboundedSender<AddRequest>) -> bool {
         {
@@ -106,5 +115,10 @@ impl Faults {
     pub(crate) fn drops_reads(&self, bookie: &str) -> bool {
         let r = self.lock();
         r.active && r.drop_reads.contains(bookie)
+    }
+
+    pub(crate) fn corrupts_reads(&self, bookie: &str) -> bool {
+        let r = self.lock();
+        r.active && r.corrupt_reads.contains(bookie)
     }
 }

@@ -35,7 +35,11 @@ pub(crate) async fn recover(ctx: &Arc<Ctx>, id: u64) -> Result<LedgerMetadata, L
             Err(LedgerError::RecoveryUndecided { reason, .. }) if attempt < ctx.opts.recovery_attempts => {
                 attempt += 1;
                 tracing::warn!(ledger = id, attempt, %reason, "ledger recovery undecided; retrying");
-                tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
+                // Random spread: recoveries that keep taking the ledger over from each other
+                // (each step 1 ends the other's attempt) fall out of step.
+                let base = 200 * u64::from(attempt);
+                let wait = base / 2 + rand::random_range(0..=base);
+                tokio::time::sleep(Duration::from_millis(wait)).await;
             }
             r => return r,
         }
@@ -142,10 +146,20 @@ async fn try_recover(ctx: &Arc<Ctx>, id: u64) -> Result<LedgerMetadata, LedgerEr
     }
     let writer = LedgerWriter::spawn(ctx.clone(), md, version, true, start);
     let adds: Vec<_> = recovered.into_iter().map(|p| writer.append(p)).collect();
-    for a in adds {
-        a.await?;
+    let written = async {
+        for a in adds {
+            a.await?;
+        }
+        writer.close().await
+    };
+    match written.await {
+        // Another recovery took the ledger over (its step 1) or closed it meanwhile: the next
+        // attempt returns the ledger it closed, or takes over again.
+        Err(LedgerError::Fenced(_) | LedgerError::MetadataConflict { .. }) => {
+            Err(undecided(id, "another recovery took the ledger over"))
+        }
+        r => r,
     }
-    writer.close().await
 }
 
 enum ReadOutcome {
@@ -172,7 +186,16 @@ async fn recovery_read(
                     let mut c = ctx.bookies.client(&b).await.map_err(|e| e.to_string())?;
                     let req = ReadRequest { ledger_id: id, entry_ids: vec![entry], fence: true, master_key: key };
                     match tokio::time::timeout(ctx.opts.read_timeout, c.read(req)).await {
-                        Ok(Ok(r)) => r.into_inner().entries.into_iter().next().ok_or_else(|| "empty answer".to_owned()),
+                        Ok(Ok(r)) => {
+                            let mut er =
+                                r.into_inner().entries.into_iter().next().ok_or_else(|| "empty answer".to_owned())?;
+                            if ctx.faults.corrupts_reads(&b) && !er.payload.is_empty() {
+                                let mut p = er.payload.to_vec();
+                                p[0] ^= 0xff;
+                                er.payload = p.into();
+                            }
+                            Ok(er)
+                        }
                         Ok(Err(s)) => Err(s.message().to_owned()),
                         Err(_) => Err("timed out".to_owned()),
                     }
