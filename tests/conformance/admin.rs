@@ -622,6 +622,34 @@ async fn a_former_owner_writes_no_cursor() {
     assert!(meta.get(&ckey).await.expect("get").is_none(), "a former owner wrote the deleted subscription back");
 }
 
+/// A topic delete that fails removes nothing: here another broker has taken the topic over
+/// (changed its ledger list) when this one deletes it. The delete must fail, and the
+/// subscription stay, or the topic's backlog would be held by nothing and deleted on its next
+/// load (and a former owner would delete the new owner's subscriptions).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_topic_delete_keeps_the_subscriptions() {
+    use magnetar_broker::protocol::names::TopicName;
+    use magnetar_broker::topic::{cursor_key, topic_key};
+    use magnetar_metastore::client::{MetaClient, PutOptions};
+
+    let s = standalone().await;
+    let w = &s.web;
+    produce(&s.url(), "delete-taken", 5, false);
+    let base = "/admin/v2/persistent/public/default/delete-taken";
+    assert_eq!(http(w, "PUT", &format!("{base}/subscription/s"), "").await.0, 204);
+    let meta = MetaClient::connect(std::slice::from_ref(&s.metastore)).expect("meta");
+    let name = TopicName::parse("delete-taken").expect("name");
+    let (tkey, ckey) = (topic_key(&name), cursor_key(&name, "s"));
+    assert!(meta.get(&ckey).await.expect("get").is_some(), "the subscription is stored");
+
+    let kv = meta.get(&tkey).await.expect("get").expect("topic");
+    meta.put(&tkey, kv.value, PutOptions { expected_version: Some(kv.version), session: 0 }).await.expect("take over");
+    let (code, body) = http(w, "DELETE", &format!("{base}?force=true"), "").await;
+    assert_ne!(code, 204, "a delete by a former owner succeeded: {body}");
+    assert!(meta.get(&ckey).await.expect("get").is_some(), "a failed delete removed the subscription");
+    assert!(meta.get(&tkey).await.expect("get").is_some(), "a failed delete removed the ledger list");
+}
+
 /// A cursor write whose answer was lost (here: the cursor's version moved as if it had landed)
 /// does not stop the topic's cursor writes for good: the owner takes the version it finds and
 /// writes again, so the stored position keeps up with the acknowledgements (a restart would

@@ -73,3 +73,39 @@ async fn rust_client_produces_and_consumes() {
     let mut again = consumer(&p, topic, "ex", SubType::Exclusive).await;
     assert_eq!(next_body(&mut again).await, "after");
 }
+
+/// A cumulative ack on a Shared subscription acknowledges nothing (Pulsar refuses it too; the
+/// official clients do not send one, this crate does): it would acknowledge messages other
+/// consumers hold, which would then never be delivered again if those consumers failed. The
+/// consumer that connects after it gets every message again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cumulative_ack_on_a_shared_subscription_acknowledges_nothing() {
+    let s = standalone().await;
+    let p: Pulsar<TokioExecutor> =
+        Pulsar::builder(format!("pulsar://{}", s.broker), TokioExecutor).build().await.expect("connect");
+    let topic = "persistent://public/default/rust-shared-cumulative";
+    let mut a = consumer(&p, topic, "sh", SubType::Shared).await;
+    let mut producer = p.producer().with_topic(topic).build().await.expect("producer");
+    for i in 0..5 {
+        producer.send_non_blocking(format!("c-{i}").into_bytes()).await.expect("send").await.expect("receipt");
+    }
+    let mut last = None;
+    for _ in 0..5 {
+        let m = tokio::time::timeout(std::time::Duration::from_secs(15), a.try_next())
+            .await
+            .expect("a message within 15 s")
+            .expect("receive")
+            .expect("stream open");
+        last = Some(m);
+    }
+    let _ = a.cumulative_ack(&last.expect("received")).await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    drop(a);
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let mut b = consumer(&p, topic, "sh", SubType::Shared).await;
+    let mut got = std::collections::BTreeSet::new();
+    for _ in 0..5 {
+        got.insert(next_body(&mut b).await);
+    }
+    assert_eq!(got, (0..5).map(|i| format!("c-{i}")).collect());
+}

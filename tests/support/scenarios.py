@@ -449,6 +449,12 @@ def spread_consume():
     c.close()
 
 
+def unload_topic(topic):
+    url = f"http://{os.environ['MAGNETAR_WEB']}/admin/v2/persistent/public/default/{topic}/unload"
+    with urllib.request.urlopen(urllib.request.Request(url, method="PUT"), timeout=20) as r:
+        assert r.status in (200, 204), r.status
+
+
 def unload():
     """An admin unload closes the topic: its producer and consumer are told, look it up again
     and go on where it loads next; the consumer receives what is sent after the unload."""
@@ -461,9 +467,7 @@ def unload():
     for i in range(5):
         p.send(f"a-{i}".encode())
     assert bodies(receive_n(c, 5)) == [f"a-{i}" for i in range(5)]
-    url = f"http://{os.environ['MAGNETAR_WEB']}/admin/v2/persistent/public/default/{topic}/unload"
-    with urllib.request.urlopen(urllib.request.Request(url, method="PUT"), timeout=20) as r:
-        assert r.status in (200, 204), r.status
+    unload_topic(topic)
     for i in range(5):
         p.send(f"b-{i}".encode())
     # Acknowledgements still on their way at the unload may bring some a-* back first.
@@ -493,6 +497,86 @@ def seek_stored_after():
     assert bodies(receive_n(c, 5)) == [f"k-{i}" for i in range(5, 10)]
     nothing_more(c)
     c.close()
+
+
+def redelivery_order():
+    """A consumer that closes with everything unacknowledged: the next one gets it all again in
+    publish order, though the oldest entries have left the broker's tail cache (run with a
+    1 MB cache) and are read from the bookie while the newest are still in memory, and though
+    there are more of them than the broker looks at in one pass. Exclusive, Failover, and
+    Key_Shared with one key."""
+    n, pad = 1000, "x" * 2000
+    for kind in (pulsar.ConsumerType.Exclusive, pulsar.ConsumerType.Failover, pulsar.ConsumerType.KeyShared):
+        topic = f"{PREFIX}-order-{kind}"
+        a = client.subscribe(topic, "s", consumer_type=kind, receiver_queue_size=n,
+                             initial_position=pulsar.InitialPosition.Earliest)
+        p = client.create_producer(topic, batching_enabled=False, max_pending_messages=n)
+        for i in range(n):
+            p.send_async(f"o-{i}-{pad}".encode(), None, partition_key="k")
+        p.flush()
+        p.close()
+        want = [f"o-{i}" for i in range(n)]
+        assert [b.split("-" + pad)[0] for b in bodies(receive_n(a, n, ack=False))] == want
+        a.close()
+        b = client.subscribe(topic, "s", consumer_type=kind, receiver_queue_size=n)
+        again = [m.split("-" + pad)[0] for m in bodies(receive_n(b, n))]
+        assert again == want, f"{kind}: redelivered out of order, first differences: " + str(
+            [(i, g) for i, (g, w) in enumerate(zip(again, want)) if g != w][:5])
+        nothing_more(b)
+        b.close()
+
+
+def key_shared_sticky_alone():
+    """Sticky Key_Shared with only the consumer of the lower half of the hash range connected:
+    it gets every message of its keys at once, though messages of keys no consumer owns come
+    between them. Those wait, and go in order to their owner when it connects."""
+    topic = f"{PREFIX}-sticky-alone"
+
+    def policy(ranges):
+        return pulsar.ConsumerKeySharedPolicy(key_shared_mode=pulsar.KeySharedMode.Sticky, sticky_ranges=ranges)
+    a = client.subscribe(topic, "s", consumer_type=pulsar.ConsumerType.KeyShared, consumer_name="a",
+                         initial_position=pulsar.InitialPosition.Earliest, key_shared_policy=policy([(0, 32767)]))
+    n = 100
+    produce(topic, n, keys=[f"key-{i % 10}" for i in range(n)])
+    alone = receive_all(a, 1500)
+    b = client.subscribe(topic, "s", consumer_type=pulsar.ConsumerType.KeyShared, consumer_name="b",
+                         key_shared_policy=policy([(32768, 65535)]))
+    later = receive_all(b, 1500)
+    more = receive_all(a, 500)
+    assert not more, f"a got {len(more)} of its messages only once b connected: {bodies(more)[:5]}"
+    assert alone and later, (len(alone), len(later))
+    assert len(alone) + len(later) == n, (len(alone), len(later))
+    assert not {m.partition_key() for m in alone} & {m.partition_key() for m in later}
+    for got in (alone, later):
+        seq = [int(x.split("-")[1]) for x in bodies(got)]
+        assert seq == sorted(seq), f"out of order: {seq}"
+    a.close()
+    b.close()
+
+
+def foreign_ack():
+    """A cumulative ack naming another topic's ledger, whose id lies between two of this
+    topic's own, acknowledges nothing: a consumer that connects next gets every message."""
+    topic = f"{PREFIX}-foreign"
+    # The subscription holds the backlog (a topic without one deletes its closed ledgers).
+    client.subscribe(topic, "s", initial_position=pulsar.InitialPosition.Earliest).close()
+    produce(topic, 5, prefix="f")
+    other = produce(f"{PREFIX}-other", 1)[0]
+    unload_topic(topic)
+    produce(topic, 5, prefix="g")
+    c = client.subscribe(topic, "s")
+    got = receive_n(c, 10, ack=False)
+    assert bodies(got) == [f"f-{i}" for i in range(5)] + [f"g-{i}" for i in range(5)], bodies(got)
+    ids = [m.message_id() for m in got]
+    assert ids[0].ledger_id() < other.ledger_id() < ids[-1].ledger_id(), (ids[0], other, ids[-1])
+    c.acknowledge_cumulative(pulsar.MessageId(-1, other.ledger_id(), other.entry_id(), -1))
+    time.sleep(0.5)
+    c.close()
+    d = client.subscribe(topic, "s")
+    again = bodies(receive_n(d, 10))
+    assert again == [f"f-{i}" for i in range(5)] + [f"g-{i}" for i in range(5)], again
+    nothing_more(d)
+    d.close()
 
 
 globals()[SCENARIO]()

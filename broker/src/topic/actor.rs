@@ -7,6 +7,7 @@
 //! precedes its first MESSAGE.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::ops::Bound;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -529,6 +530,27 @@ fn close_consumer(consumer_id: u64) -> Out {
     })
 }
 
+/// Answers an ack that asked for an answer (`request_id`), with `error` if it was refused.
+fn ack_response(sub: &Sub, key: (u64, u64), request_id: Option<u64>, error: Option<(pb::ServerError, &str)>) {
+    let Some(request_id) = request_id else { return };
+    if let Some(c) = sub.consumers.iter().find(|c| c.key == key) {
+        let _ = c.out.send(Out::Cmd(pb::BaseCommand {
+            ack_response: Some(Box::new(pb::CommandAckResponse {
+                consumer_id: key.1,
+                request_id: Some(request_id),
+                error: error.map(|(e, _)| e as i32),
+                message: error.map(|(_, m)| m.to_owned()),
+                ..Default::default()
+            })),
+            ..base(Type::AckResponse)
+        }));
+    }
+}
+
+/// Subscriptions deleted in the same metastore transaction as a deleted topic's ledger list
+/// (the metastore takes 256 compares and ops in one by default).
+const MAX_DELETES_WITH_LIST: usize = 200;
+
 /// Wire ids the clients use for "earliest" (-1:-1) and "latest" (i64::MAX:i64::MAX).
 fn special(id: &pb::MessageIdData) -> Option<bool> {
     if id.ledger_id == u64::MAX || id.ledger_id as i64 == -1 {
@@ -607,6 +629,9 @@ impl Actor {
             Ok(kvs) => kvs,
             Err(e) => {
                 tracing::warn!(topic = %self.ml.name, error = %e, "listing the subscriptions failed; they load on use");
+                // One stored since the last listing (by a task that no longer owns the topic)
+                // may be missing: no ledger is deleted until a listing succeeds.
+                self.ml.cursors_loaded = false;
                 return;
             }
         };
@@ -1094,10 +1119,26 @@ impl Actor {
         self.index.clear();
         let meta = self.ml.meta.clone();
         let prefix = format!("{}/cursors/", self.ml.key);
-        for kv in meta.list(&prefix).await.map_err(|e| e.to_string())? {
-            meta.delete(&kv.key, None).await.map_err(|e| e.to_string())?;
+        let cursors = meta.list(&prefix).await.map_err(|e| e.to_string())?;
+        // The ledger list goes first, compared at this task's version: that is what decides
+        // whether the topic is deleted. Subscriptions removed before it while it then failed
+        // (another broker took the topic over, or the metastore did not answer) would leave
+        // the topic's backlog held by nothing, and a former owner would delete the new
+        // owner's subscriptions. Up to a transaction's size, the subscriptions go with it.
+        let (with_list, rest) = cursors.split_at(cursors.len().min(MAX_DELETES_WITH_LIST));
+        let txn =
+            with_list.iter().fold(Txn::default().compare(&self.ml.key, self.ml.version), |t, kv| t.delete(&kv.key));
+        let done = meta.txn(txn.delete(&self.ml.key)).await.map_err(|e| e.to_string())?;
+        if !done.succeeded {
+            return Err(format!("topic {} changed meanwhile (another broker owns it now?)", self.ml.name));
         }
-        meta.delete(&self.ml.key, Some(self.ml.version)).await.map_err(|e| e.to_string())?;
+        // No cursor write lands after that (each compares the ledger list). Those listed
+        // beyond the transaction's size, and any whose first write landed after the listing,
+        // are removed now; keys newer than the deletion belong to a topic created since.
+        let stale = meta.list(&prefix).await.map_err(|e| e.to_string())?;
+        for kv in rest.iter().chain(&stale).filter(|kv| kv.version < done.revision) {
+            meta.delete(&kv.key, Some(kv.version)).await.map_err(|e| e.to_string())?;
+        }
         drop(self.ml.writer.take());
         for l in &self.ml.info.ledgers {
             if let Err(e) = self.ml.ledgers.delete(l.ledger_id).await {
@@ -1402,13 +1443,25 @@ impl Actor {
         let Some(name) = self.index.get(&key).cloned() else { return };
         let Some(sub) = self.subs.get_mut(&name) else { return };
         let cumulative = ack.ack_type == pb::command_ack::AckType::Cumulative as i32;
-        let last = self.ml.span.last();
+        if cumulative && matches!(sub.sub_type, SubType::Shared | SubType::KeyShared) {
+            // It would acknowledge what other consumers hold unacknowledged (and never
+            // redeliver it if they fail). Pulsar refuses it too; the official clients do not
+            // send it.
+            tracing::warn!(topic = %self.ml.name, sub = %name, "ignoring a cumulative ack on a shared subscription");
+            let error = (
+                pb::ServerError::NotAllowedError,
+                "cumulative ack is not allowed on a Shared or Key_Shared subscription",
+            );
+            ack_response(sub, key, ack.request_id, Some(error));
+            return;
+        }
         for id in &ack.message_id {
             let p = Pos::new(id.ledger_id, id.entry_id as i64);
-            if p > last {
-                // Never delivered: it would mark messages not written yet as acknowledged
-                // (and let their ledger be deleted unread).
-                tracing::debug!(topic = %self.ml.name, position = %p, "ignoring an ack beyond the last entry");
+            if !self.ml.span.contains(p) {
+                // Not an entry of this topic (never written yet, another topic's, or in a
+                // ledger already deleted): taken, it would mark messages as acknowledged that
+                // were never delivered, and let their ledger be deleted unread.
+                tracing::debug!(topic = %self.ml.name, position = %p, "ignoring an ack of no entry of the topic");
                 continue;
             }
             let set = (!id.ack_set.is_empty()).then_some(id.ack_set.as_slice());
@@ -1425,18 +1478,7 @@ impl Actor {
             }
         }
         sub.dirty = true;
-        if let Some(request_id) = ack.request_id {
-            if let Some(c) = sub.consumers.iter().find(|c| c.key == key) {
-                let _ = c.out.send(Out::Cmd(pb::BaseCommand {
-                    ack_response: Some(Box::new(pb::CommandAckResponse {
-                        consumer_id: key.1,
-                        request_id: Some(request_id),
-                        ..Default::default()
-                    })),
-                    ..base(Type::AckResponse)
-                }));
-            }
-        }
+        ack_response(sub, key, ack.request_id, None);
     }
 
     fn remove_consumer(&mut self, key: (u64, u64)) {
@@ -1653,7 +1695,10 @@ fn cursor_body(sub: &Sub) -> Vec<u8> {
 /// Puts `positions` back for delivery; `count` raises their redelivery counts.
 fn redeliver(sub: &mut Sub, positions: Vec<Pos>, count: bool) {
     for p in positions {
-        sub.pending.remove(&p);
+        // Once only, however often a request names it (each would count a redelivery).
+        if sub.pending.remove(&p).is_none() {
+            continue;
+        }
         if !sub.cursor.is_acked(p) {
             sub.replay.insert(p);
             if count {
@@ -1718,39 +1763,65 @@ fn dispatch(sub: &mut Sub, ml: &mut Ml) {
     let partition = ml.name.partition().map(|p| p as i32).unwrap_or(-1);
     let mut need: Vec<Pos> = Vec::new();
     let mut blocked: HashSet<u64> = HashSet::new();
-    // Deliver again.
-    let replay: Vec<Pos> = sub.replay.iter().take(4 * ml.settings.read_batch).copied().collect();
-    for p in replay {
-        if sub.cursor.is_acked(p) || !ml.span.contains(p) {
-            sub.replay.remove(&p);
-            continue;
-        }
-        if sub.consumers.iter().all(|c| c.permits <= 0) {
-            break;
-        }
-        let Some(c) = ml.cache.get(&p).or_else(|| sub.fetched.get(&p)).cloned() else {
-            if need.len() < ml.settings.read_batch {
-                need.push(p);
-            }
-            continue;
-        };
-        match pick(sub, &c.info, &blocked) {
-            Some(i) => {
+    // Deliver again, in order. Where order counts (every type but Shared), nothing goes out
+    // after an entry that must first be read from the bookies: later ones not in memory only
+    // join the same read. A Key_Shared entry whose consumer cannot take it blocks that
+    // consumer's later entries.
+    let ordered = sub.sub_type != SubType::Shared;
+    let mut waiting_read = false;
+    // Entries examined and left in place. Past the window the rest of the set stays unknown,
+    // and no new entry may overtake it; Key_Shared looks at all of it (which consumers it
+    // blocks decides who may take new entries) unless a read holds everything back anyway.
+    let (mut left, window) = (0usize, 4 * ml.settings.read_batch);
+    let mut cut = false;
+    let mut after: Option<Pos> = None;
+    'replay: loop {
+        let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let chunk: Vec<Pos> = sub.replay.range((lower, Bound::Unbounded)).take(64).copied().collect();
+        let Some(&last) = chunk.last() else { break };
+        after = Some(last);
+        for p in chunk {
+            if sub.cursor.is_acked(p) || !ml.span.contains(p) {
                 sub.replay.remove(&p);
-                send(sub, i, p, &c, partition);
+                continue;
             }
-            None => {
-                if let Some(cid) = owner(sub, &c.info) {
-                    blocked.insert(cid);
+            let unknown = left >= window && (sub.sub_type != SubType::KeyShared || waiting_read);
+            if unknown || sub.consumers.iter().all(|c| c.permits <= 0 || blocked.contains(&c.cid)) {
+                cut = true;
+                break 'replay;
+            }
+            let Some(c) = ml.cache.get(&p).or_else(|| sub.fetched.get(&p)).cloned() else {
+                if need.len() < ml.settings.read_batch {
+                    need.push(p);
                 }
-                if !matches!(sub.sub_type, SubType::KeyShared) {
-                    break;
+                waiting_read |= ordered;
+                left += 1;
+                continue;
+            };
+            if waiting_read {
+                left += 1;
+                continue;
+            }
+            match pick(sub, &c.info, &blocked) {
+                Some(i) => {
+                    sub.replay.remove(&p);
+                    send(sub, i, p, &c, partition);
+                }
+                None if sub.sub_type == SubType::KeyShared => {
+                    if let Some(cid) = owner(sub, &c.info) {
+                        blocked.insert(cid);
+                    }
+                    left += 1;
+                }
+                None => {
+                    cut = true;
+                    break 'replay;
                 }
             }
         }
     }
     // New entries.
-    while need.is_empty() && sub.replay.len() < MAX_STASHED {
+    while need.is_empty() && !cut && sub.replay.len() < MAX_STASHED {
         let Some(p) = ml.span.next(sub.read_pos) else { break };
         if sub.cursor.is_acked(p) {
             sub.read_pos = p;
@@ -1778,8 +1849,9 @@ fn dispatch(sub: &mut Sub, ml: &mut Ml) {
                 sub.read_pos = p;
                 send(sub, i, p, &c, partition);
             }
-            None if sub.sub_type == SubType::KeyShared && owner(sub, &c.info).is_some() => {
-                // Its consumer is busy: keep it for later, in order, and go on with others.
+            None if sub.sub_type == SubType::KeyShared => {
+                // Its consumer is busy, or no consumer owns its key now (sticky ranges with
+                // one down): keep it for later, in order, and go on with others.
                 sub.read_pos = p;
                 sub.replay.insert(p);
                 if let Some(cid) = owner(sub, &c.info) {

@@ -102,7 +102,9 @@ impl Actor {
             let initial = match at {
                 CreateAt::Earliest => self.ml.span.before_first(),
                 CreateAt::Latest => self.ml.span.last(),
-                CreateAt::Id(l, e) => Pos::new(l, e - 1),
+                // Never past the last entry: messages written later up to that id would count
+                // as acknowledged, and their ledgers could be deleted unread.
+                CreateAt::Id(l, e) => Pos::new(l, e - 1).min(self.ml.span.last()),
             };
             let sub = self
                 .open_sub_with(&name, true, SubType::Exclusive, initial, &none, true)
