@@ -432,4 +432,18 @@ impl Consumer {
         };
         self.out.send(Frame::Cmd(cmd)).map_err(|_| ClientError::Closed)
     }
+
+    /// Asks for these messages (a nack), or with none every unacknowledged one, to be
+    /// delivered again.
+    pub fn redeliver(&self, ids: Vec<pb::MessageIdData>) -> Result<(), ClientError> {
+        let cmd = pb::BaseCommand {
+            redeliver_unacknowledged_messages: Some(Box::new(pb::CommandRedeliverUnacknowledgedMessages {
+                consumer_id: self.consumer_id,
+                message_ids: ids,
+                ..Default::default()
+            })),
+            ..base(Type::RedeliverUnacknowledgedMessages)
+        };
+        self.out.send(Frame::Cmd(cmd)).map_err(|_| ClientError::Closed)
+    }
 }

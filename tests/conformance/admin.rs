@@ -588,6 +588,33 @@ async fn terminate_topic() {
     super::pulsar_python::scenario(&s.url(), "terminated", "ending");
 }
 
+/// A REDELIVER that names a message twice (the official clients name each once; others need
+/// not) delivers it again once, with its redelivery count up by one: counted twice, it would
+/// reach a dead-letter policy's limit early.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivery_request_counts_each_message_once() {
+    let s = standalone().await;
+    let topic = "persistent://public/default/nack-twice";
+    let ids = produce(&s.url(), topic, 2, false);
+    let client = Client::connect(&s.broker).await.expect("connect");
+    let mut c = client.subscribe(topic, "s", SubType::Shared, true).await.expect("subscribe");
+    c.flow(100).expect("flow");
+    async fn next(c: &mut magnetar_broker::client::Consumer) -> magnetar_broker::client::Message {
+        tokio::time::timeout(Duration::from_secs(10), c.next()).await.expect("message").expect("open")
+    }
+    for _ in 0..2 {
+        next(&mut c).await;
+    }
+    let first =
+        magnetar_broker::protocol::pb::MessageIdData { ledger_id: ids[0].0, entry_id: ids[0].1, ..Default::default() };
+    c.redeliver(vec![first.clone(), first]).expect("redeliver");
+    let again = next(&mut c).await.command;
+    assert_eq!((again.message_id.ledger_id, again.message_id.entry_id), (ids[0].0, ids[0].1));
+    assert_eq!(again.redelivery_count, Some(1));
+    let more = tokio::time::timeout(Duration::from_millis(500), c.next()).await;
+    assert!(more.is_err(), "delivered again twice");
+}
+
 /// A broker that lost a topic to another one writes none of its cursors any more: here the
 /// "other broker" changes the topic's ledger list (as loading the topic does) and deletes a
 /// subscription. The first broker's next cursor write (the subscription moved by an admin
@@ -648,6 +675,23 @@ async fn a_failed_topic_delete_keeps_the_subscriptions() {
     assert_ne!(code, 204, "a delete by a former owner succeeded: {body}");
     assert!(meta.get(&ckey).await.expect("get").is_some(), "a failed delete removed the subscription");
     assert!(meta.get(&tkey).await.expect("get").is_some(), "a failed delete removed the ledger list");
+}
+
+/// A subscription created through the admin API at an id past the last entry starts at the
+/// last entry: messages published later, up to that id, must not count as acknowledged (nor
+/// let their ledger be deleted unread).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_created_past_the_end_starts_at_the_last_entry() {
+    let s = standalone().await;
+    let w = &s.web;
+    let base = "/admin/v2/persistent/public/default/past-end";
+    produce(&s.url(), "past-end", 5, false);
+    let last = parse(&http(w, "GET", &format!("{base}/lastMessageId"), "").await.1);
+    let at = format!(r#"{{"ledgerId":{},"entryId":1000}}"#, last["ledgerId"]);
+    assert_eq!(http(w, "PUT", &format!("{base}/subscription/s"), &at).await.0, 204);
+    produce(&s.url(), "past-end", 3, false);
+    let st = parse(&http(w, "GET", &format!("{base}/stats"), "").await.1);
+    assert_eq!(st["subscriptions"]["s"]["msgBacklog"], 3, "{st}");
 }
 
 /// A cursor write whose answer was lost (here: the cursor's version moved as if it had landed)
