@@ -434,13 +434,14 @@ impl Consumer {
     }
 
     /// Asks for these messages (a nack), or with none every unacknowledged one, to be
-    /// delivered again.
-    pub fn redeliver(&self, ids: Vec<pb::MessageIdData>) -> Result<(), ClientError> {
+    /// delivered again; `epoch` is the consumer's new epoch, which messages sent from then on
+    /// carry.
+    pub fn redeliver(&self, ids: Vec<pb::MessageIdData>, epoch: Option<u64>) -> Result<(), ClientError> {
         let cmd = pb::BaseCommand {
             redeliver_unacknowledged_messages: Some(Box::new(pb::CommandRedeliverUnacknowledgedMessages {
                 consumer_id: self.consumer_id,
                 message_ids: ids,
-                ..Default::default()
+                consumer_epoch: epoch,
             })),
             ..base(Type::RedeliverUnacknowledgedMessages)
         };

@@ -588,6 +588,11 @@ async fn terminate_topic() {
     super::pulsar_python::scenario(&s.url(), "terminated", "ending");
 }
 
+/// The next MESSAGE command to `c`, within 10 s.
+async fn next_message(c: &mut magnetar_broker::client::Consumer) -> magnetar_broker::protocol::pb::CommandMessage {
+    tokio::time::timeout(Duration::from_secs(10), c.next()).await.expect("message").expect("open").command
+}
+
 /// A REDELIVER that names a message twice (the official clients name each once; others need
 /// not) delivers it again once, with its redelivery count up by one: counted twice, it would
 /// reach a dead-letter policy's limit early.
@@ -599,20 +604,40 @@ async fn a_redelivery_request_counts_each_message_once() {
     let client = Client::connect(&s.broker).await.expect("connect");
     let mut c = client.subscribe(topic, "s", SubType::Shared, true).await.expect("subscribe");
     c.flow(100).expect("flow");
-    async fn next(c: &mut magnetar_broker::client::Consumer) -> magnetar_broker::client::Message {
-        tokio::time::timeout(Duration::from_secs(10), c.next()).await.expect("message").expect("open")
-    }
     for _ in 0..2 {
-        next(&mut c).await;
+        next_message(&mut c).await;
     }
     let first =
         magnetar_broker::protocol::pb::MessageIdData { ledger_id: ids[0].0, entry_id: ids[0].1, ..Default::default() };
-    c.redeliver(vec![first.clone(), first]).expect("redeliver");
-    let again = next(&mut c).await.command;
+    c.redeliver(vec![first.clone(), first], Some(7)).expect("redeliver");
+    let again = next_message(&mut c).await;
     assert_eq!((again.message_id.ledger_id, again.message_id.entry_id), (ids[0].0, ids[0].1));
     assert_eq!(again.redelivery_count, Some(1));
+    assert_eq!(again.consumer_epoch, None, "a nack starts no epoch");
     let more = tokio::time::timeout(Duration::from_millis(500), c.next()).await;
     assert!(more.is_err(), "delivered again twice");
+}
+
+/// A consumer's epoch (Exclusive here): the client sends a new one with a request to deliver
+/// everything unacknowledged again, and drops messages that carry an older one (sent before the
+/// broker took the request, and coming again anyway). Every message sent after the request
+/// must carry the new epoch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_carry_the_consumer_epoch_of_the_last_redelivery() {
+    let s = standalone().await;
+    let topic = "persistent://public/default/epochs";
+    produce(&s.url(), topic, 3, false);
+    let client = Client::connect(&s.broker).await.expect("connect");
+    let mut c = client.subscribe(topic, "s", SubType::Exclusive, true).await.expect("subscribe");
+    c.flow(100).expect("flow");
+    for _ in 0..3 {
+        assert_eq!(next_message(&mut c).await.consumer_epoch, None);
+    }
+    c.redeliver(Vec::new(), Some(1)).expect("redeliver");
+    for e in 0..3 {
+        let m = next_message(&mut c).await;
+        assert_eq!((m.message_id.entry_id, m.consumer_epoch), (e, Some(1)));
+    }
 }
 
 /// A broker that lost a topic to another one writes none of its cursors any more: here the

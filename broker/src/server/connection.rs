@@ -322,7 +322,11 @@ impl Conn {
                     .redeliver_unacknowledged_messages
                     .ok_or_else(|| missing("REDELIVER_UNACKNOWLEDGED_MESSAGES"))?;
                 if let Some(t) = self.consumers.get(&r.consumer_id) {
-                    let _ = t.send(Cmd::Redeliver { key: (self.conn, r.consumer_id), ids: r.message_ids });
+                    let _ = t.send(Cmd::Redeliver {
+                        key: (self.conn, r.consumer_id),
+                        ids: r.message_ids,
+                        epoch: r.consumer_epoch,
+                    });
                 }
             }
             Ok(Type::CloseConsumer) => {
@@ -518,6 +522,7 @@ impl Conn {
             ranges,
             properties,
             protocol_version: self.session_version,
+            epoch: s.consumer_epoch,
             out: out.clone(),
         };
         if topic.send(Cmd::Subscribe(Box::new(spec))).is_err() {

@@ -141,6 +141,8 @@ pub struct ConsumerSpec {
     pub properties: BTreeMap<String, String>,
     /// The negotiated protocol version.
     pub protocol_version: i32,
+    /// The client's consumer epoch, echoed on every MESSAGE (see [`Cmd::Redeliver`]).
+    pub epoch: Option<u64>,
     /// The connection's outgoing queue.
     pub out: OutTx,
 }
@@ -200,6 +202,9 @@ pub enum Cmd {
         key: (u64, u64),
         /// Which.
         ids: Vec<pb::MessageIdData>,
+        /// The client's new consumer epoch: messages sent from now on carry it, and the
+        /// client drops those still on their way from before (they come again).
+        epoch: Option<u64>,
     },
     /// A consumer leaves; its unacknowledged messages go to others.
     CloseConsumer {
@@ -401,6 +406,8 @@ struct Consumer {
     priority: i32,
     permits: i64,
     protocol_version: i32,
+    /// Echoed on every MESSAGE.
+    epoch: Option<u64>,
     out: OutTx,
     /// REACHED_END_OF_TOPIC was sent.
     told_end: bool,
@@ -720,9 +727,16 @@ impl Actor {
                 }
             }
             Cmd::Ack { key, ack } => self.ack(key, ack),
-            Cmd::Redeliver { key, ids } => {
+            Cmd::Redeliver { key, ids, epoch } => {
                 if let Some(sub) = sub_of(&self.index, &mut self.subs, key) {
-                    let Some(cid) = sub.consumers.iter().find(|c| c.key == key).map(|c| c.cid) else { return true };
+                    let Some(c) = sub.consumers.iter_mut().find(|c| c.key == key) else { return true };
+                    // Only a request for everything starts a new epoch (the clients send one
+                    // then): a nack's epoch would make the client drop messages on their way
+                    // that the nack does not bring back.
+                    if ids.is_empty() && epoch > c.epoch {
+                        c.epoch = epoch;
+                    }
+                    let cid = c.cid;
                     let positions: Vec<Pos> = if ids.is_empty() {
                         sub.pending.iter().filter(|(_, c)| **c == cid).map(|(p, _)| *p).collect()
                     } else {
@@ -1331,6 +1345,7 @@ impl Actor {
             priority: spec.priority,
             permits: 0,
             protocol_version: spec.protocol_version,
+            epoch: spec.epoch,
             out: spec.out.clone(),
             told_end: false,
             msg_out: Rate::default(),
@@ -1923,7 +1938,7 @@ fn send(sub: &mut Sub, i: usize, p: Pos, c: &Cached, partition: i32) {
             message_id: message_id(p, partition),
             redelivery_count: (redelivery_count > 0).then_some(redelivery_count),
             ack_set,
-            consumer_epoch: None,
+            consumer_epoch: consumer.epoch,
         })),
         ..base(Type::Message)
     };
