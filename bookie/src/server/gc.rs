@@ -3,7 +3,8 @@
 //!
 //! Safe because ledger metadata is created before any entry is written: a ledger the bookie
 //! holds always had metadata, so its absence means deletion. The local listing is taken before
-//! the metastore's, so a ledger created between the two is never mistaken for a deleted one.
+//! the metastore's, so a ledger created between the two is never mistaken for a deleted one,
+//! and every ledger found missing is read again by its own key before it is deleted.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -51,7 +52,16 @@ async fn collect(meta: &MetaClient, core: &Arc<Core>) -> Result<usize, Box<dyn s
         .iter()
         .filter_map(|kv| kv.key.strip_prefix(LEDGERS_PREFIX)?.parse().ok())
         .collect();
-    let dead: Vec<u64> = local.into_iter().filter(|l| !live.contains(l)).collect();
+    // Each one is looked up again on its own before it goes: a listing that missed a key
+    // (a paging bug, a lagging read) must not delete a live ledger's only copy here.
+    let mut dead = Vec::new();
+    for l in local.into_iter().filter(|l| !live.contains(l)) {
+        if meta.get(&crate::client::metadata::ledger_key(l)).await?.is_some() {
+            tracing::warn!(ledger = l, "the metastore's listing missed a ledger that exists; kept");
+            continue;
+        }
+        dead.push(l);
+    }
     let n = dead.len();
     let c = core.clone();
     tokio::task::spawn_blocking(move || -> crate::error::Result<()> {
