@@ -60,7 +60,8 @@ impl Default for BookieConfig {
             disk_check_interval_ms: 10_000,
             session_ttl_ms: 10_000,
             gc_interval_ms: 60_000,
-            max_entry_bytes: 5 << 20,
+            // Pulsar's largest message (5 MiB) plus room for its metadata.
+            max_entry_bytes: (5 << 20) + (16 << 10),
         }
     }
 }

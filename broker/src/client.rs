@@ -327,6 +327,51 @@ impl Client {
         };
         self.request(request_id, cmd).await.map(|_| ())
     }
+
+    /// Moves `consumer`'s subscription to the message `id` (the broker then closes the
+    /// consumer, as clients resubscribe from the new position).
+    pub async fn seek(&self, consumer: &Consumer, id: pb::MessageIdData) -> Result<(), ClientError> {
+        let request_id = self.id();
+        let cmd = pb::BaseCommand {
+            seek: Some(Box::new(pb::CommandSeek {
+                consumer_id: consumer.consumer_id,
+                request_id,
+                message_id: Some(id),
+                ..Default::default()
+            })),
+            ..base(Type::Seek)
+        };
+        self.request(request_id, cmd).await.map(|_| ())
+    }
+
+    /// The topic's last message id, as seen by `consumer`.
+    pub async fn last_message_id(&self, consumer: &Consumer) -> Result<pb::MessageIdData, ClientError> {
+        let request_id = self.id();
+        let cmd = pb::BaseCommand {
+            get_last_message_id: Some(Box::new(pb::CommandGetLastMessageId {
+                consumer_id: consumer.consumer_id,
+                request_id,
+            })),
+            ..base(Type::GetLastMessageId)
+        };
+        let r = self.request(request_id, cmd).await?;
+        Ok(r.get_last_message_id_response.map(|r| r.last_message_id).unwrap_or_default())
+    }
+
+    /// Closes `producer`; the broker answers once every send before the close is answered, so
+    /// its receipts are all in [`Producer::receipt`]'s queue when this returns.
+    pub async fn close_producer(&self, producer: &Producer) -> Result<(), ClientError> {
+        let request_id = self.id();
+        let cmd = pb::BaseCommand {
+            close_producer: Some(Box::new(pb::CommandCloseProducer {
+                producer_id: producer.producer_id,
+                request_id,
+                ..Default::default()
+            })),
+            ..base(Type::CloseProducer)
+        };
+        self.request(request_id, cmd).await.map(|_| ())
+    }
 }
 
 /// A producer.
@@ -388,6 +433,11 @@ impl Producer {
     /// The next receipt, in send order; `None` once the connection closed.
     pub async fn receipt(&mut self) -> Option<Receipt> {
         self.receipts.recv().await
+    }
+
+    /// A receipt already received, if any.
+    pub fn try_receipt(&mut self) -> Option<Receipt> {
+        self.receipts.try_recv().ok()
     }
 }
 

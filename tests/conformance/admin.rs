@@ -588,6 +588,80 @@ async fn terminate_topic() {
     super::pulsar_python::scenario(&s.url(), "terminated", "ending");
 }
 
+/// An entry over the advertised message size plus room for metadata (a client that does not
+/// check the size itself) is refused with `NotAllowedError`, that message only: the producer's
+/// next send is stored. Passed on, the bookies would refuse it and fail the topic's ledger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_over_the_size_limit_fails_alone() {
+    use magnetar_broker::client::ClientError;
+    use magnetar_broker::protocol::pb::ServerError;
+
+    let s = standalone().await;
+    let client = Client::connect(&s.broker).await.expect("connect");
+    let mut p = client.producer("persistent://public/default/too-big").await.expect("producer");
+    p.send(b"before", 0).expect("send");
+    p.send(&vec![7u8; (5 << 20) + (20 << 10)], 0).expect("send");
+    p.send(b"after", 0).expect("send");
+    async fn receipt(p: &mut magnetar_broker::client::Producer) -> Option<magnetar_broker::client::Receipt> {
+        tokio::time::timeout(Duration::from_secs(20), p.receipt()).await.expect("receipt")
+    }
+    assert!(matches!(receipt(&mut p).await, Some((0, Ok(_)))));
+    match receipt(&mut p).await {
+        Some((1, Err(ClientError::Server { code: ServerError::NotAllowedError, message }))) => {
+            assert!(message.contains("maximum message size"), "{message}")
+        }
+        other => panic!("the oversized message: {other:?}"),
+    }
+    assert!(matches!(receipt(&mut p).await, Some((2, Ok(_)))), "the topic goes on after the refusal");
+}
+
+/// A producer closed right after its sends, without waiting for them: the broker answers the
+/// close only after every earlier send's receipt, as Pulsar does (a Java producer fails
+/// whatever is still pending once its close is answered, so stored messages would be
+/// reported failed, and resent as duplicates).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_close_is_answered_after_its_receipts() {
+    let s = standalone().await;
+    let client = Client::connect(&s.broker).await.expect("connect");
+    let mut p = client.producer("persistent://public/default/close-early").await.expect("producer");
+    let n = 300;
+    for i in 0..n {
+        p.send(format!("e-{i}").as_bytes(), 0).expect("send");
+    }
+    tokio::time::timeout(Duration::from_secs(20), client.close_producer(&p)).await.expect("answer").expect("close");
+    let mut receipts = Vec::new();
+    while let Some((seq, r)) = p.try_receipt() {
+        assert!(r.is_ok(), "send {seq}: {r:?}");
+        receipts.push(seq);
+    }
+    assert_eq!(receipts, (0..n).collect::<Vec<u64>>(), "every receipt before the close's answer");
+}
+
+/// A request for a consumer that a SEEK has just closed (its client has not resubscribed yet:
+/// a Java reader asks `hasMessageAvailable()` right after `seek()`) is answered at once with
+/// `ServiceNotReady`, which clients retry, rather than never.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_for_a_consumer_closed_by_a_seek_are_answered() {
+    use magnetar_broker::client::ClientError;
+    use magnetar_broker::protocol::pb::ServerError;
+
+    let s = standalone().await;
+    let topic = "persistent://public/default/seek-then-ask";
+    let ids = produce(&s.url(), topic, 3, false);
+    let client = Client::connect(&s.broker).await.expect("connect");
+    let c = client.subscribe(topic, "s", SubType::Exclusive, true).await.expect("subscribe");
+    let last = client.last_message_id(&c).await.expect("last message id");
+    assert_eq!((last.ledger_id, last.entry_id), (ids[2].0, ids[2].1));
+    let first =
+        magnetar_broker::protocol::pb::MessageIdData { ledger_id: ids[0].0, entry_id: ids[0].1, ..Default::default() };
+    client.seek(&c, first).await.expect("seek");
+    let asked = tokio::time::timeout(Duration::from_secs(5), client.last_message_id(&c)).await;
+    match asked.expect("an answer within 5 s") {
+        Err(ClientError::Server { code: ServerError::ServiceNotReady, .. }) => {}
+        other => panic!("a request for the closed consumer: {other:?}"),
+    }
+}
+
 /// The next MESSAGE command to `c`, within 10 s.
 async fn next_message(c: &mut magnetar_broker::client::Consumer) -> magnetar_broker::protocol::pb::CommandMessage {
     tokio::time::timeout(Duration::from_secs(10), c.next()).await.expect("message").expect("open").command

@@ -294,6 +294,7 @@ async fn python_client_produces_with_and_without_batching() {
     assert!(ids.iter().any(|(_, _, b)| *b > 0), "batching should put several messages in one entry");
     assert!(ids.windows(2).all(|w| (w[0].1, w[0].2) < (w[1].1, w[1].2)), "ids increase in send order");
     check_stored(&s.metastore, &ids).await;
+    scenario(&url, "largest_message", "produce");
 }
 
 /// Garbage on the broker port: random bytes, truncated frames, oversized lengths, wrong

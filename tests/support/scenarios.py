@@ -579,6 +579,32 @@ def foreign_ack():
     d.close()
 
 
+def largest_message():
+    """A message of exactly the largest size the broker advertises (5 MiB) is stored and
+    delivered whole, and the topic goes on (its stored entry, with metadata, is larger than
+    5 MiB, which bookies must take)."""
+    topic = f"{PREFIX}-largest"
+    c = client.subscribe(topic, "s", initial_position=pulsar.InitialPosition.Earliest)
+    p = client.create_producer(topic, batching_enabled=False, send_timeout_millis=20000)
+    # The client bounds metadata and payload together: the largest payload it takes.
+    size = 5 * 1024 * 1024
+    pattern = bytes(range(251)) * (size // 251 + 1)
+    while True:
+        big = pattern[:size]
+        try:
+            p.send(big)
+            break
+        except pulsar.MessageTooBig:
+            size -= 1
+            assert size > 5 * 1024 * 1024 - 1024, "the client takes nothing near 5 MiB"
+    p.send(b"after")
+    got = receive_n(c, 2)
+    assert got[0].data() == big, len(got[0].data())
+    assert got[1].data() == b"after"
+    p.close()
+    c.close()
+
+
 globals()[SCENARIO]()
 client.close()
 print(f"ok {SCENARIO}")

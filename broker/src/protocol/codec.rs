@@ -26,6 +26,12 @@ pub const MAGIC_BROKER_ENTRY_METADATA: u16 = 0x0e02;
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 5 * 1024 * 1024;
 /// Room for the command and headers on top of the largest message.
 pub const FRAME_HEADROOM: usize = 64 * 1024;
+/// Room for a stored entry's metadata on top of the largest message (clients bound only the
+/// payload): a larger entry is refused with `NotAllowedError`. Consumers' frame decoders take
+/// `max_message_size` + 10 KiB (Pulsar's frame padding), which must hold the entry and its
+/// MESSAGE command. Bookies must take entries of `max_message_size` plus this (their default
+/// `max_entry_bytes` is 5 MiB + 16 KiB).
+pub const ENTRY_HEADROOM: usize = 8 * 1024;
 
 /// A decoding failure. Each is answered by closing the connection, except
 /// [`CodecError::ChecksumMismatch`] on SEND, which the broker answers with `ChecksumError`.

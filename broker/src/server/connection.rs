@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 
 use super::{max_frame, Shared};
 use crate::ownership::Owner;
-use crate::protocol::codec::{base, CodecError};
+use crate::protocol::codec::{base, CodecError, ENTRY_HEADROOM};
 use crate::protocol::connection::{accept, error_command, ConnError, FrameReader, FrameWriter};
 use crate::protocol::names::TopicName;
 use crate::protocol::pb;
@@ -26,15 +26,29 @@ const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(30);
 /// Flush the outgoing buffer once it holds this much.
 const FLUSH_AT: usize = 256 * 1024;
 
-/// A send waiting for its append: sequence id, highest sequence id, the append.
-type PendingSend =
-    (u64, u64, futures::future::BoxFuture<'static, Result<crate::topic::position::Pos, crate::topic::AppendError>>);
+type Appended = futures::future::BoxFuture<'static, Result<crate::topic::position::Pos, crate::topic::AppendError>>;
+
+/// What a producer's answering task handles, in arrival order.
+enum PendingSend {
+    /// A send waiting for its append: sequence id, highest sequence id, the append.
+    Send(u64, u64, Appended),
+    /// CLOSE_PRODUCER: answered once every send before it is, as Pulsar does (a client fails
+    /// whatever is still pending when the close is answered).
+    Close(u64),
+}
 
 struct Producer {
     topic: Topic,
     name: String,
     /// Sends, in arrival order, to the task that awaits their appends and answers.
     queue: mpsc::UnboundedSender<PendingSend>,
+}
+
+/// Sends a request to a consumer's topic, answering it if the topic's task has stopped.
+fn forward(t: &Topic, cmd: Cmd, request_id: u64, out: &OutTx) {
+    if t.send(cmd).is_err() {
+        reply(out, error_command(request_id, pb::ServerError::ServiceNotReady, "the topic is closing; reconnect"));
+    }
 }
 
 fn reply(out: &OutTx, cmd: pb::BaseCommand) {
@@ -285,21 +299,42 @@ impl Conn {
             Ok(Type::Send) => {
                 let s = cmd.send.ok_or_else(|| missing("SEND"))?;
                 let Some(producer) = self.producers.get(&s.producer_id) else {
-                    tracing::debug!(producer = s.producer_id, "SEND for an unknown producer");
-                    return Ok(());
+                    // As Pulsar does: a client that sends for a producer it does not have open
+                    // is out of step with the broker, and reconnects.
+                    return Err(ConnError::Protocol(format!("SEND for producer {}, not open here", s.producer_id)));
                 };
                 let payload = frame.payload.ok_or_else(|| ConnError::Protocol("SEND without a payload".into()))?;
                 let highest = s.highest_sequence_id.unwrap_or(s.sequence_id);
-                let info = EntryInfo::from_entry(&payload.metadata, &payload.data);
-                let fut = producer.topic.append(payload.entry, info, Some((producer.name.clone(), highest)));
-                let _ = producer.queue.send((s.sequence_id, highest, Box::pin(fut)));
+                let fut: Appended = if payload.entry.len() > self.shared.max_message_size + ENTRY_HEADROOM {
+                    // Refused here, for this message only: the bookies would refuse the entry
+                    // and fail the topic's ledger with it.
+                    let e = crate::topic::AppendError {
+                        code: pb::ServerError::NotAllowedError,
+                        message: format!(
+                            "Exceed maximum message size: {} bytes stored, the limit is {} (max_message_size) + {ENTRY_HEADROOM}",
+                            payload.entry.len(),
+                            self.shared.max_message_size
+                        ),
+                    };
+                    Box::pin(std::future::ready(Err(e)))
+                } else {
+                    let info = EntryInfo::from_entry(&payload.metadata, &payload.data);
+                    Box::pin(producer.topic.append(payload.entry, info, Some((producer.name.clone(), highest))))
+                };
+                let _ = producer.queue.send(PendingSend::Send(s.sequence_id, highest, fut));
             }
             Ok(Type::CloseProducer) => {
                 let c = cmd.close_producer.ok_or_else(|| missing("CLOSE_PRODUCER"))?;
-                if let Some(p) = self.producers.remove(&c.producer_id) {
-                    let _ = p.topic.send(Cmd::RemoveProducer { conn: self.conn, producer_id: c.producer_id });
+                match self.producers.remove(&c.producer_id) {
+                    Some(p) => {
+                        let _ = p.topic.send(Cmd::RemoveProducer { conn: self.conn, producer_id: c.producer_id });
+                        if let Err(e) = p.queue.send(PendingSend::Close(c.request_id)) {
+                            let PendingSend::Close(request_id) = e.0 else { unreachable!("a close was sent") };
+                            reply(&out, success(request_id));
+                        }
+                    }
+                    None => reply(&out, success(c.request_id)),
                 }
-                reply(&out, success(c.request_id));
             }
             Ok(Type::Subscribe) => {
                 let s = cmd.subscribe.ok_or_else(|| missing("SUBSCRIBE"))?;
@@ -340,7 +375,13 @@ impl Conn {
                 let u = cmd.unsubscribe.ok_or_else(|| missing("UNSUBSCRIBE"))?;
                 if let Some(t) = self.consumer(u.consumer_id, u.request_id) {
                     let key = (self.conn, u.consumer_id);
-                    let _ = t.send(Cmd::Unsubscribe { key, request_id: u.request_id, force: u.force.unwrap_or(false) });
+                    let cmd = Cmd::Unsubscribe {
+                        key,
+                        request_id: u.request_id,
+                        out: out.clone(),
+                        force: u.force.unwrap_or(false),
+                    };
+                    forward(t, cmd, u.request_id, &out);
                 }
             }
             Ok(Type::Seek) => {
@@ -361,19 +402,35 @@ impl Conn {
                     }
                 };
                 if let Some(t) = self.consumer(s.consumer_id, s.request_id) {
-                    let _ = t.send(Cmd::Seek { key: (self.conn, s.consumer_id), request_id: s.request_id, target });
+                    let cmd = Cmd::Seek {
+                        key: (self.conn, s.consumer_id),
+                        request_id: s.request_id,
+                        out: out.clone(),
+                        target,
+                    };
+                    forward(t, cmd, s.request_id, &out);
                 }
             }
             Ok(Type::GetLastMessageId) => {
                 let g = cmd.get_last_message_id.ok_or_else(|| missing("GET_LAST_MESSAGE_ID"))?;
                 if let Some(t) = self.consumer(g.consumer_id, g.request_id) {
-                    let _ = t.send(Cmd::LastMessageId { key: (self.conn, g.consumer_id), request_id: g.request_id });
+                    let cmd = Cmd::LastMessageId {
+                        key: (self.conn, g.consumer_id),
+                        request_id: g.request_id,
+                        out: out.clone(),
+                    };
+                    forward(t, cmd, g.request_id, &out);
                 }
             }
             Ok(Type::ConsumerStats) => {
                 let c = cmd.consumer_stats.ok_or_else(|| missing("CONSUMER_STATS"))?;
                 if let Some(t) = self.consumer(c.consumer_id, c.request_id) {
-                    let _ = t.send(Cmd::ConsumerStats { key: (self.conn, c.consumer_id), request_id: c.request_id });
+                    let cmd = Cmd::ConsumerStats {
+                        key: (self.conn, c.consumer_id),
+                        request_id: c.request_id,
+                        out: out.clone(),
+                    };
+                    forward(t, cmd, c.request_id, &out);
                 }
             }
             Ok(Type::GetTopicsOfNamespace) => {
@@ -453,8 +510,17 @@ impl Conn {
         let (queue, mut rx) = mpsc::unbounded_channel::<PendingSend>();
         let (out2, producer_id) = (out.clone(), p.producer_id);
         tokio::spawn(async move {
-            while let Some((sequence_id, highest, fut)) = rx.recv().await {
+            while let Some(pending) = rx.recv().await {
+                let (sequence_id, highest, fut) = match pending {
+                    PendingSend::Send(sequence_id, highest, fut) => (sequence_id, highest, fut),
+                    PendingSend::Close(request_id) => {
+                        let _ = out2.send(Out::Cmd(success(request_id)));
+                        return;
+                    }
+                };
                 let r = match fut.await {
+                    // The producer is told to reconnect, and resends.
+                    Err(e) if e.is_closing() => continue,
                     Ok(pos) => pb::BaseCommand {
                         send_receipt: Some(Box::new(pb::CommandSendReceipt {
                             producer_id,

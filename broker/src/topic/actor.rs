@@ -98,6 +98,21 @@ impl From<String> for AppendError {
     }
 }
 
+impl AppendError {
+    /// The topic stopped (unloaded, failed, deleted) before the entry was stored. Its
+    /// producers are told with CLOSE_PRODUCER and resend what is pending once they reconnect,
+    /// so no SEND_ERROR goes out (with one, Java and C++ clients drop the whole connection,
+    /// every other producer and consumer on it included).
+    pub fn closing(message: String) -> Self {
+        AppendError { code: pb::ServerError::ServiceNotReady, message }
+    }
+
+    /// Whether it is [`AppendError::closing`].
+    pub fn is_closing(&self) -> bool {
+        self.code == pb::ServerError::ServiceNotReady
+    }
+}
+
 impl std::fmt::Display for AppendError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.message)
@@ -217,6 +232,8 @@ pub enum Cmd {
         key: (u64, u64),
         /// Request id.
         request_id: u64,
+        /// Where the answer goes if the consumer is gone.
+        out: OutTx,
         /// Even with other consumers connected.
         force: bool,
     },
@@ -226,6 +243,8 @@ pub enum Cmd {
         key: (u64, u64),
         /// Request id.
         request_id: u64,
+        /// Where the answer goes if the consumer is gone.
+        out: OutTx,
         /// Where.
         target: SeekTarget,
     },
@@ -235,6 +254,8 @@ pub enum Cmd {
         key: (u64, u64),
         /// Request id.
         request_id: u64,
+        /// Where the answer goes if the consumer is gone.
+        out: OutTx,
     },
     /// Consumer statistics (answered through the queue).
     ConsumerStats {
@@ -242,6 +263,8 @@ pub enum Cmd {
         key: (u64, u64),
         /// Request id.
         request_id: u64,
+        /// Where the answer goes if the consumer is gone.
+        out: OutTx,
     },
     /// Delete the topic: cursors, ledger list and ledgers. Without `force`, refused while
     /// producers or consumers are connected.
@@ -537,6 +560,34 @@ fn close_consumer(consumer_id: u64) -> Out {
     })
 }
 
+/// Stops the topic's queue and answers what is still in it: requests answered through a
+/// connection get `ServiceNotReady` (their clients reconnect), appends fail as
+/// [`AppendError::closing`]. Any other command's answer channel is dropped, which its sender
+/// takes as "topic unavailable".
+fn refuse_queued(rx: &mut mpsc::UnboundedReceiver<Cmd>, topic: &TopicName) {
+    rx.close();
+    while let Ok(cmd) = rx.try_recv() {
+        let why = || format!("topic {topic} is closing; reconnect");
+        let answer = |out: &OutTx, request_id: u64| {
+            let _ = out.send(Out::Cmd(error_command(request_id, pb::ServerError::ServiceNotReady, why())));
+        };
+        match cmd {
+            Cmd::Subscribe(spec) => answer(&spec.out, spec.request_id),
+            Cmd::Unsubscribe { request_id, out, .. }
+            | Cmd::Seek { request_id, out, .. }
+            | Cmd::LastMessageId { request_id, out, .. }
+            | Cmd::ConsumerStats { request_id, out, .. } => answer(&out, request_id),
+            Cmd::AddProducer { done, .. } => {
+                let _ = done.send(Err((pb::ServerError::ServiceNotReady, why())));
+            }
+            Cmd::Append { done, .. } => {
+                let _ = done.send(Err(AppendError::closing(why())));
+            }
+            _ => {}
+        }
+    }
+}
+
 /// Answers an ack that asked for an answer (`request_id`), with `error` if it was refused.
 fn ack_response(sub: &Sub, key: (u64, u64), request_id: Option<u64>, error: Option<(pb::ServerError, &str)>) {
     let Some(request_id) = request_id else { return };
@@ -581,6 +632,7 @@ impl Actor {
                     if let Cmd::Close { done } = cmd {
                         self.close().await;
                         let _ = done.send(());
+                        refuse_queued(&mut rx, &self.ml.name);
                         return;
                     }
                     if let Cmd::Delete { force, done } = cmd {
@@ -595,6 +647,7 @@ impl Actor {
                         if failed {
                             break;
                         }
+                        refuse_queued(&mut rx, &self.ml.name);
                         return;
                     }
                     if !self.handle(cmd).await {
@@ -625,6 +678,7 @@ impl Actor {
         }
         // Failed: stop taking work; clients reconnect and load the topic afresh.
         self.fail("the topic stopped").await;
+        refuse_queued(&mut rx, &self.ml.name);
     }
 
     /// Loads the topic's stored subscriptions (those not loaded yet), so their backlog counts
@@ -750,10 +804,26 @@ impl Actor {
                 }
             }
             Cmd::CloseConsumer { key } => self.remove_consumer(key),
-            Cmd::Unsubscribe { key, request_id, force } => self.unsubscribe(key, request_id, force).await,
-            Cmd::Seek { key, request_id, target } => self.seek(key, request_id, target).await,
-            Cmd::LastMessageId { key, request_id } => self.last_message_id(key, request_id).await,
-            Cmd::ConsumerStats { key, request_id } => self.consumer_stats(key, request_id),
+            Cmd::Unsubscribe { key, request_id, force, out } => {
+                if self.knows(key, request_id, &out) {
+                    self.unsubscribe(key, request_id, force).await
+                }
+            }
+            Cmd::Seek { key, request_id, target, out } => {
+                if self.knows(key, request_id, &out) {
+                    self.seek(key, request_id, target).await
+                }
+            }
+            Cmd::LastMessageId { key, request_id, out } => {
+                if self.knows(key, request_id, &out) {
+                    self.last_message_id(key, request_id).await
+                }
+            }
+            Cmd::ConsumerStats { key, request_id, out } => {
+                if self.knows(key, request_id, &out) {
+                    self.consumer_stats(key, request_id)
+                }
+            }
             Cmd::Stats { done } => {
                 let _ = done.send(self.stats());
             }
@@ -971,7 +1041,8 @@ impl Actor {
                     let _ = done.send(Ok(p));
                 }
                 Err(err) => {
-                    let _ = done.send(Err(AppendError::from(err.to_string())));
+                    // The topic stops with this failure and tells its producers.
+                    let _ = done.send(Err(AppendError::closing(err.to_string())));
                     tracing::error!(topic = %self.ml.name, error = %err, "append failed; unloading the topic");
                     return false;
                 }
@@ -1112,10 +1183,12 @@ impl Actor {
     async fn fail(&mut self, why: &str) {
         self.inflight_started.clear();
         for (_, _, done) in self.inflight_meta.drain(..).chain(self.held.drain(..)) {
-            let _ = done.send(Err(AppendError::from(format!("topic {}: {why}", self.ml.name))));
+            let _ = done.send(Err(AppendError::closing(format!("topic {}: {why}", self.ml.name))));
         }
-        self.disconnect_clients();
         self.store_cursors().await;
+        // Last, as in a close: a client told earlier could come back while the cursors are
+        // stored and find this task still loaded, and be bound to it as it stops.
+        self.disconnect_clients();
     }
 
     /// Disconnects clients, then removes cursors, the ledger list and the ledgers.
@@ -1126,7 +1199,7 @@ impl Actor {
             }
         }
         for (_, _, done) in self.held.drain(..) {
-            let _ = done.send(Err(AppendError::from(format!("topic {} was deleted", self.ml.name))));
+            let _ = done.send(Err(AppendError::closing(format!("topic {} was deleted", self.ml.name))));
         }
         self.disconnect_clients();
         self.subs.clear();
@@ -1215,7 +1288,7 @@ impl Actor {
             }
         }
         for (_, _, done) in self.held.drain(..) {
-            let _ = done.send(Err(AppendError::from(format!("topic {} is closing", self.ml.name))));
+            let _ = done.send(Err(AppendError::closing(format!("topic {} is closing", self.ml.name))));
         }
         // Producers and consumers are told, so their clients look the topic up again and
         // reconnect to wherever it loads next (consumers would otherwise wait on a connection
@@ -1451,6 +1524,21 @@ impl Actor {
             msg_out: Rate::default(),
             bytes_out: Rate::default(),
         }))
+    }
+
+    /// Whether consumer `key` is here; if not (a seek or a stop closed it, and its client is
+    /// reconnecting), answers its request so the client does not wait out its timeout.
+    fn knows(&self, key: (u64, u64), request_id: u64, out: &OutTx) -> bool {
+        let here = self
+            .index
+            .get(&key)
+            .and_then(|n| self.subs.get(n))
+            .is_some_and(|s| s.consumers.iter().any(|c| c.key == key));
+        if !here {
+            let why = format!("consumer {} of topic {} is closed; reconnect", key.1, self.ml.name);
+            let _ = out.send(Out::Cmd(error_command(request_id, pb::ServerError::ServiceNotReady, why)));
+        }
+        here
     }
 
     fn ack(&mut self, key: (u64, u64), ack: pb::CommandAck) {

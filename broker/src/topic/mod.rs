@@ -303,10 +303,12 @@ impl Topic {
         let sent = self.tx.send(Cmd::Append { entry, info, producer, done }).is_ok();
         let name = self.name.to_string();
         async move {
+            // The topic's task stopped and told its producers to reconnect.
+            let gone = || AppendError::closing(format!("topic {name} is not available"));
             if !sent {
-                return Err(format!("topic {name} is not available").into());
+                return Err(gone());
             }
-            rx.await.unwrap_or_else(|_| Err(format!("topic {name} is not available").into()))
+            rx.await.unwrap_or_else(|_| Err(gone()))
         }
     }
 
