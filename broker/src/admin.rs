@@ -31,6 +31,7 @@ use crate::topic::{
 pub(crate) struct Admin {
     pub(crate) meta: MetaClient,
     pub(crate) topics: Arc<Topics>,
+    pub(crate) connections: Arc<crate::server::Connections>,
     pub(crate) cluster: String,
     pub(crate) ownership: Arc<Ownership>,
     pub(crate) topic_level_metrics: bool,
@@ -963,6 +964,20 @@ async fn partitioned_stats(State(a): S, Path((t, ns, topic)): Path<(String, Stri
 /// Prometheus text: per-topic and per-subscription series with Pulsar's names and labels.
 async fn metrics(State(a): S) -> Response {
     let mut out = String::new();
+    let created = a.connections.created.load(std::sync::atomic::Ordering::Relaxed);
+    let closed = a.connections.closed.load(std::sync::atomic::Ordering::Relaxed);
+    let cluster = &a.cluster;
+    out.push_str(&format!(
+        "# HELP pulsar_active_connections Client connections open\n# TYPE pulsar_active_connections gauge\n\
+         pulsar_active_connections{{cluster=\"{cluster}\"}} {}\n\
+         # HELP pulsar_connection_created_total_count Client connections opened\n\
+         # TYPE pulsar_connection_created_total_count counter\n\
+         pulsar_connection_created_total_count{{cluster=\"{cluster}\"}} {created}\n\
+         # HELP pulsar_connection_closed_total_count Client connections closed\n\
+         # TYPE pulsar_connection_closed_total_count counter\n\
+         pulsar_connection_closed_total_count{{cluster=\"{cluster}\"}} {closed}\n",
+        created.saturating_sub(closed)
+    ));
     let loaded = a.topics.loaded().await;
     // Series are per topic, or per namespace when topic-level series are turned off.
     let mut rows: Vec<(String, crate::topic::stats::TopicStats)> = Vec::new();

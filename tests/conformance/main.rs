@@ -182,12 +182,13 @@ async fn python_client_acks_redelivery_and_dead_letters() {
 
 /// An admin unload: the topic's producer and consumer reconnect and go on. Then a cumulative
 /// ack that names another topic's ledger (between two of this topic's, made by an unload)
-/// acknowledges nothing.
+/// acknowledges nothing. Then an unload in the middle of asynchronous sends loses none.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_client_goes_on_after_an_unload() {
     let s = standalone().await;
     pulsar_python::scenario_with_web(&s.url(), &s.web, "unload", "unload");
     pulsar_python::scenario_with_web(&s.url(), &s.web, "foreign_ack", "unload");
+    pulsar_python::scenario_with_web(&s.url(), &s.web, "unload_while_sending", "unload");
 }
 
 /// A SEEK is answered only once the reset subscription is stored: a broker killed right after

@@ -449,6 +449,15 @@ def spread_consume():
     c.close()
 
 
+def connections_created():
+    url = f"http://{os.environ['MAGNETAR_WEB']}/metrics"
+    with urllib.request.urlopen(url, timeout=20) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("pulsar_connection_created_total_count"):
+                return int(line.split()[-1])
+    raise AssertionError("no pulsar_connection_created_total_count in /metrics")
+
+
 def unload_topic(topic):
     url = f"http://{os.environ['MAGNETAR_WEB']}/admin/v2/persistent/public/default/{topic}/unload"
     with urllib.request.urlopen(urllib.request.Request(url, method="PUT"), timeout=20) as r:
@@ -478,6 +487,37 @@ def unload():
     c.close()
     p.close()
     other.close()
+
+
+def unload_while_sending():
+    """Unloads a topic while a producer sends to it asynchronously, on the same connection as
+    a consumer of another topic: every send succeeds (what the unload interrupted is resent
+    after the producer reconnects), every message arrives, and the connection stays up (sends
+    the unload cut off get no SEND_ERROR, on which clients drop the whole connection)."""
+    topic = f"{PREFIX}-unload-sending"
+    c = client.subscribe(topic, "s", initial_position=pulsar.InitialPosition.Earliest)
+    bystander = client.subscribe(f"{PREFIX}-bystander", "s")
+    p = client.create_producer(topic, batching_enabled=False, send_timeout_millis=30000)
+    opened = connections_created()
+    assert opened >= 1, opened
+    results = []
+    n = 400
+    for i in range(n):
+        p.send_async(f"u-{i}".encode(), lambda res, _mid: results.append(res))
+        if i == n // 4:
+            unload_topic(topic)
+        time.sleep(0.002)
+    p.flush()
+    failed = [r for r in results if r != pulsar.Result.Ok]
+    assert len(results) == n and not failed, f"{len(results)} answered, failed: {failed[:3]} ({len(failed)})"
+    got = set()
+    while len(got) < n:
+        got.add(c.receive(timeout_millis=WAIT_MS).data().decode())
+    assert got == {f"u-{i}" for i in range(n)}
+    assert connections_created() == opened, "the client had to connect again"
+    p.close()
+    c.close()
+    bystander.close()
 
 
 def seek_stored_before():

@@ -71,6 +71,7 @@ pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>) -> Result<(), 
         .map_err(|_| ConnError::Protocol("no CONNECT within the handshake timeout".into()))??;
     tracing::debug!(client = %session.client_version, version = session.protocol_version, "client connected");
     let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+    shared.connections.created.fetch_add(1, Ordering::Relaxed);
 
     let (out, mut out_rx) = mpsc::unbounded_channel::<Out>();
     let write_task = tokio::spawn(async move {
@@ -149,6 +150,7 @@ pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>) -> Result<(), 
     drop(conn_state);
     drop(out);
     let _ = write_task.await;
+    shared.connections.closed.fetch_add(1, Ordering::Relaxed);
     result
 }
 

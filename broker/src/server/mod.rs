@@ -18,8 +18,16 @@ use crate::ownership::{BrokerInfo, Ownership};
 use crate::protocol::codec::FRAME_HEADROOM;
 use crate::topic::Topics;
 
+/// Client connections opened and closed (after the handshake), for `/metrics`.
+#[derive(Default)]
+pub(crate) struct Connections {
+    pub(crate) created: std::sync::atomic::AtomicU64,
+    pub(crate) closed: std::sync::atomic::AtomicU64,
+}
+
 pub(crate) struct Shared {
     pub(crate) topics: Arc<Topics>,
+    pub(crate) connections: Arc<Connections>,
     pub(crate) next_conn: std::sync::atomic::AtomicU64,
     pub(crate) service_url: String,
     pub(crate) max_message_size: usize,
@@ -112,6 +120,7 @@ impl Broker {
         };
         let shared = Arc::new(Shared {
             topics: Arc::new(Topics::new(meta.clone(), ledgers, cfg.topic_settings(), ownership.clone())),
+            connections: Arc::default(),
             next_conn: std::sync::atomic::AtomicU64::new(1),
             service_url: format!("pulsar://{advertise}"),
             max_message_size: cfg.max_message_size,
@@ -173,6 +182,7 @@ impl Broker {
                 let admin = crate::admin::Admin {
                     meta,
                     topics: kept.topics.clone(),
+                    connections: kept.connections.clone(),
                     ownership: ownership.clone(),
                     cluster: cfg.cluster_name.clone(),
                     topic_level_metrics: cfg.expose_topic_level_metrics_in_prometheus,
