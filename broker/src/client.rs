@@ -285,6 +285,19 @@ impl Client {
         sub_type: pb::command_subscribe::SubType,
         earliest: bool,
     ) -> Result<Consumer, ClientError> {
+        self.subscribe_with(topic, subscription, sub_type, earliest, true).await
+    }
+
+    /// [`Client::subscribe`]; with `create` false, a topic that does not exist is not created
+    /// (the broker answers `TopicNotFound`), as pattern consumers ask.
+    pub async fn subscribe_with(
+        &self,
+        topic: &str,
+        subscription: &str,
+        sub_type: pb::command_subscribe::SubType,
+        earliest: bool,
+        create: bool,
+    ) -> Result<Consumer, ClientError> {
         let (consumer_id, request_id) = (self.id(), self.id());
         let (tx, rx) = mpsc::unbounded_channel();
         let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -306,6 +319,7 @@ impl Client {
                 consumer_id,
                 request_id,
                 initial_position: Some(initial as i32),
+                force_topic_creation: Some(create),
                 ..Default::default()
             })),
             ..base(Type::Subscribe)

@@ -662,6 +662,30 @@ async fn requests_for_a_consumer_closed_by_a_seek_are_answered() {
     }
 }
 
+/// A SUBSCRIBE with `force_topic_creation=false` (what pattern consumers send) does not create
+/// a topic that does not exist: it is answered `TopicNotFound`, so a topic deleted through the
+/// admin API is not brought back by a pattern consumer. Once the topic exists, it subscribes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscribe_that_must_not_create_finds_no_topic() {
+    use magnetar_broker::client::ClientError;
+    use magnetar_broker::protocol::pb::ServerError;
+
+    let s = standalone().await;
+    let topic = "persistent://public/default/not-yet";
+    let client = Client::connect(&s.broker).await.expect("connect");
+    match client.subscribe_with(topic, "s", SubType::Shared, true, false).await {
+        Err(ClientError::Server { code: ServerError::TopicNotFound, .. }) => {}
+        Err(e) => panic!("a subscribe to a missing topic without creation: {e:?}"),
+        Ok(_) => panic!("a subscribe to a missing topic without creation succeeded"),
+    }
+    let (code, body) = http(&s.web, "GET", "/admin/v2/persistent/public/default/not-yet/stats", "").await;
+    assert_eq!(code, 404, "the topic was created: {body}");
+    produce(&s.url(), topic, 1, false);
+    let mut c = client.subscribe_with(topic, "s", SubType::Shared, true, false).await.expect("subscribe");
+    c.flow(10).expect("flow");
+    next_message(&mut c).await;
+}
+
 /// The next MESSAGE command to `c`, within 10 s.
 async fn next_message(c: &mut magnetar_broker::client::Consumer) -> magnetar_broker::protocol::pb::CommandMessage {
     tokio::time::timeout(Duration::from_secs(10), c.next()).await.expect("message").expect("open").command

@@ -158,6 +158,7 @@ async fn python_client_consumes_with_every_subscription_type_and_codec() {
     scenario(&s.url(), "failover", "types");
     scenario(&s.url(), "key_shared_sticky", "types");
     scenario(&s.url(), "key_shared_sticky_alone", "types");
+    scenario(&s.url(), "pattern", "types");
     scenario(&s.url(), "compression", "codec");
 }
 

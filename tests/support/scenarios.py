@@ -619,6 +619,20 @@ def foreign_ack():
     d.close()
 
 
+def pattern():
+    """A pattern (regex) consumer: the topics of the namespace that match, listed through
+    GET_TOPICS_OF_NAMESPACE, are all consumed; others are not."""
+    import re
+    for name in ("pat-a", "pat-b", "other"):
+        client.subscribe(f"{PREFIX}-{name}", "s", initial_position=pulsar.InitialPosition.Earliest).close()
+        produce(f"{PREFIX}-{name}", 3, prefix=name)
+    c = client.subscribe(re.compile(f"persistent://public/default/{PREFIX}-pat-.*"), "s",
+                         initial_position=pulsar.InitialPosition.Earliest)
+    got = sorted(bodies(receive_n(c, 6)))
+    assert got == sorted(f"{t}-{i}" for t in ("pat-a", "pat-b") for i in range(3)), got
+    nothing_more(c)
+    c.close()
+
 def largest_message():
     """A message of exactly the largest size the broker advertises (5 MiB) is stored and
     delivered whole, and the topic goes on (its stored entry, with metadata, is larger than

@@ -179,6 +179,13 @@ impl Conn {
     }
 
     async fn topic(&self, request_id: u64, name: &str) -> Option<Topic> {
+        self.topic_if(request_id, name, true).await
+    }
+
+    /// [`Conn::topic`]; with `create` false, a topic that does not exist yet is answered
+    /// `TopicNotFound` instead of being created (SUBSCRIBE with `force_topic_creation=false`,
+    /// as pattern consumers send, so a deleted topic is not brought back).
+    async fn topic_if(&self, request_id: u64, name: &str, create: bool) -> Option<Topic> {
         let name = match TopicName::parse(name) {
             Ok(n) => n,
             Err(e) => {
@@ -186,6 +193,20 @@ impl Conn {
                 return None;
             }
         };
+        if !create {
+            match self.shared.topics.exists(&name).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    let why = format!("topic {name} does not exist");
+                    reply(&self.out, error_command(request_id, pb::ServerError::TopicNotFound, why));
+                    return None;
+                }
+                Err(e) => {
+                    reply(&self.out, error_command(request_id, e.server_error(), e.to_string()));
+                    return None;
+                }
+            }
+        }
         match self.shared.topics.get_or_load(&name).await {
             Ok(t) => Some(t),
             Err(e) => {
@@ -437,7 +458,15 @@ impl Conn {
             }
             Ok(Type::GetTopicsOfNamespace) => {
                 let g = cmd.get_topics_of_namespace.ok_or_else(|| missing("GET_TOPICS_OF_NAMESPACE"))?;
-                let r = match self.shared.topics.list_namespace(&g.namespace).await {
+                // Every topic is persistent: a client asking for non-persistent ones gets none
+                // (not persistent ones it would then subscribe to as such).
+                use pb::command_get_topics_of_namespace::Mode;
+                let non_persistent = g.mode == Some(Mode::NonPersistent as i32);
+                let listed = match non_persistent {
+                    true => Ok(Vec::new()),
+                    false => self.shared.topics.list_namespace(&g.namespace).await,
+                };
+                let r = match listed {
                     Ok(topics) => pb::BaseCommand {
                         get_topics_of_namespace_response: Some(Box::new(pb::CommandGetTopicsOfNamespaceResponse {
                             request_id: g.request_id,
@@ -558,7 +587,8 @@ impl Conn {
     async fn subscribe(&mut self, s: pb::CommandSubscribe) {
         use pb::command_subscribe::{InitialPosition, SubType};
         let out = self.out.clone();
-        let Some(topic) = self.topic(s.request_id, &s.topic).await else { return };
+        let create = s.force_topic_creation.unwrap_or(true);
+        let Some(topic) = self.topic_if(s.request_id, &s.topic, create).await else { return };
         if let Some(old) = self.consumers.get(&s.consumer_id).filter(|old| old.name != topic.name) {
             // The id is reused for another topic: leave the old one.
             let _ = old.send(Cmd::CloseConsumer { key: (self.conn, s.consumer_id) });
@@ -615,5 +645,39 @@ fn producer_success(request_id: u64, producer_name: String, last_sequence_id: i6
 
 /// The request id of a command that expects an answer (0 when it carries none).
 fn request_id_of(cmd: &pb::BaseCommand) -> u64 {
-    cmd.get_or_create_schema.as_ref().map(|c| c.request_id).unwrap_or(0)
+    // Clients match the ERROR to their pending request by this id; with 0 they would wait out
+    // their operation timeout instead of failing at once.
+    let ids = [
+        cmd.get_or_create_schema.as_ref().map(|c| c.request_id),
+        cmd.new_txn.as_ref().map(|c| c.request_id),
+        cmd.add_partition_to_txn.as_ref().map(|c| c.request_id),
+        cmd.add_subscription_to_txn.as_ref().map(|c| c.request_id),
+        cmd.end_txn.as_ref().map(|c| c.request_id),
+        cmd.end_txn_on_partition.as_ref().map(|c| c.request_id),
+        cmd.end_txn_on_subscription.as_ref().map(|c| c.request_id),
+        cmd.tc_client_connect_request.as_ref().map(|c| c.request_id),
+        cmd.watch_topic_list.as_ref().map(|c| c.request_id),
+        cmd.watch_topic_list_close.as_ref().map(|c| c.request_id),
+    ];
+    ids.into_iter().flatten().next().unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unsupported_requests_are_refused_with_their_own_request_id() {
+        let tc = pb::BaseCommand {
+            tc_client_connect_request: Some(Box::new(pb::CommandTcClientConnectRequest { request_id: 42, tc_id: 0 })),
+            ..base(Type::TcClientConnectRequest)
+        };
+        assert_eq!(request_id_of(&tc), 42);
+        let close = pb::BaseCommand {
+            watch_topic_list_close: Some(Box::new(pb::CommandWatchTopicListClose { request_id: 7, watcher_id: 1 })),
+            ..base(Type::WatchTopicListClose)
+        };
+        assert_eq!(request_id_of(&close), 7);
+        assert_eq!(request_id_of(&base(Type::Ping)), 0);
+    }
 }

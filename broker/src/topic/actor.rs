@@ -1739,7 +1739,10 @@ impl Actor {
     }
 
     async fn last_message_id(&mut self, key: (u64, u64), request_id: u64) {
-        let id = self.last_id().await;
+        // With the partition index, as the consumer's message ids carry it (clients compare
+        // them when they ask whether a message is available).
+        let partition = self.ml.name.partition().map_or(-1, |p| p as i32);
+        let id = pb::MessageIdData { partition: Some(partition), ..self.last_id().await };
         let Some(sub) = sub_of(&self.index, &mut self.subs, key) else { return };
         let md = sub.cursor.mark_delete();
         let Some(c) = sub.consumers.iter().find(|c| c.key == key) else { return };

@@ -401,6 +401,19 @@ impl Topics {
         Err(TopicError::Unavailable(name.to_string()))
     }
 
+    /// Whether topic `name` exists: it has a ledger list, or it is a partition of a
+    /// partitioned topic (a partition's list is made on its first use).
+    pub async fn exists(&self, name: &TopicName) -> Result<bool, TopicError> {
+        if self.meta.get(&topic_key(name)).await?.is_some() {
+            return Ok(true);
+        }
+        let Some(i) = name.partition() else { return Ok(false) };
+        let Some(kv) = self.meta.get(&partitioned_key(&name.partitioned_parent())).await? else { return Ok(false) };
+        let md: PartitionedMetadata = serde_json::from_slice(&kv.value)
+            .map_err(|e| TopicError::BadMetadata { topic: name.to_string(), reason: e.to_string() })?;
+        Ok(i < md.partitions)
+    }
+
     /// The partition count of `name` (0: not partitioned). With auto-creation of partitioned
     /// topics on, a topic that does not exist yet is created partitioned.
     pub async fn partitions(&self, name: &TopicName) -> Result<u32, TopicError> {
@@ -468,12 +481,26 @@ impl Topics {
 
     /// Closes every loaded topic: stores cursors and closes ledgers.
     pub async fn close_all(&self) {
-        let topics: Vec<Topic> = {
-            let mut loaded = self.loaded.lock().await;
-            loaded.drain().filter_map(|(_, c)| c.get().cloned()).collect()
+        let topics: Vec<(TopicName, Arc<OnceCell<Topic>>, Topic)> = {
+            let loaded = self.loaded.lock().await;
+            loaded.iter().filter_map(|(n, c)| c.get().map(|t| (n.clone(), c.clone(), t.clone()))).collect()
         };
-        let closes = topics.iter().map(|t| t.ask(|done| Cmd::Close { done }));
+        // As in an unload: requests meanwhile wait for the close instead of loading a second
+        // task, which would fence the ledger being closed and refuse its cursor writes.
+        for (_, _, t) in &topics {
+            t.closing.store(true, std::sync::atomic::Ordering::Release);
+        }
+        let closes = topics.iter().map(|(_, _, t)| async move {
+            let _ = t.ask(|done| Cmd::Close { done }).await;
+            t.tx.closed().await;
+        });
         futures::future::join_all(closes).await;
+        let mut loaded = self.loaded.lock().await;
+        for (name, cell, _) in topics {
+            if loaded.get(&name).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+                loaded.remove(&name);
+            }
+        }
     }
 
     async fn load(&self, name: &TopicName) -> Result<Topic, TopicError> {
