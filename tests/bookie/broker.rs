@@ -302,3 +302,54 @@ async fn broker_unloads_its_topics_when_its_session_is_lost() {
     drop(broker);
     cluster.shutdown().await;
 }
+
+/// A topic whose load is slow (its last ledger is unclosed and its only bookie frozen, so
+/// recovery waits out timeouts and retries) holds up nothing else on the client's connection:
+/// a producer of another topic on it keeps getting receipts meanwhile. Once the bookie thaws,
+/// the slow topic loads and takes messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_topic_load_holds_up_nothing_else_on_the_connection() {
+    use magnetar_broker::client::Client;
+
+    let cluster = Cluster::new(3, &[], true).await;
+    let sets = ["ensemble_size=1", "write_quorum=1", "ack_quorum=1"];
+    let broker = cluster.start_broker("broker", None, &sets).await;
+    let (addr, web) = (broker.addr.clone(), broker.web.clone());
+    let ids = produce(&broker.url(), "slow", 1, false);
+    drop(broker);
+    let (md, _) = cluster.ledger_client().metadata(ids[0].0).await.expect("metadata");
+    let frozen = cluster.index_of(&md.fragments[0].bookies[0]);
+    cluster.bookies[frozen].freeze(true);
+    // New ledgers go elsewhere once its registration has lapsed.
+    let key = magnetar_bookie::server::available_key(&cluster.bookies[frozen].id);
+    let meta = cluster.meta();
+    let lapsed = wait_until(Duration::from_secs(20), || async { matches!(meta.get(&key).await, Ok(None)) }).await;
+    assert!(lapsed, "the frozen bookie's registration never lapsed");
+    let broker = cluster.start_broker("broker", Some((&addr, &web)), &sets).await;
+
+    let client = Client::connect(&broker.addr).await.expect("connect");
+    let mut fast = client.producer("persistent://public/default/fast").await.expect("fast producer");
+    let slow = tokio::spawn({
+        let client = client.clone();
+        async move { client.producer("persistent://public/default/slow").await.map(|_| ()) }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!slow.is_finished(), "the slow topic should still be loading");
+    for i in 0..10u64 {
+        fast.send(format!("f-{i}").as_bytes(), 0).expect("send");
+        let r = tokio::time::timeout(Duration::from_secs(3), fast.receipt()).await;
+        let (seq, result) = r.expect("a receipt while another topic loads").expect("connection open");
+        assert_eq!(seq, i);
+        result.expect("stored");
+    }
+    assert!(!slow.is_finished(), "the slow topic's load should not have finished with its bookie frozen");
+
+    cluster.bookies[frozen].freeze(false);
+    let first = tokio::time::timeout(Duration::from_secs(90), slow).await.expect("the slow load ends").expect("join");
+    if first.is_err() {
+        // Its recovery gave up while the bookie was frozen: the next use loads it.
+        client.producer("persistent://public/default/slow").await.expect("slow producer");
+    }
+    drop(broker);
+    cluster.shutdown().await;
+}

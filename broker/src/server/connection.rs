@@ -93,10 +93,12 @@ pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>) -> Result<(), 
         }
     });
 
+    let (loaded_tx, mut loaded_rx) = mpsc::unbounded_channel();
     let mut conn_state = Conn {
         shared: shared.clone(),
         conn,
         out: out.clone(),
+        loaded: loaded_tx,
         session_version: session.protocol_version,
         producers: HashMap::new(),
         consumers: HashMap::new(),
@@ -104,7 +106,18 @@ pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>) -> Result<(), 
     let mut silent = 0u32;
     let result = loop {
         // Keep-alive: a PING after a quiet interval; a client silent for two is gone.
-        let next = match tokio::time::timeout(KEEPALIVE, reader.next()).await {
+        let read = tokio::select! {
+            biased;
+            Some(cmd) = loaded_rx.recv() => {
+                // A PRODUCER or SUBSCRIBE whose topic has loaded meanwhile.
+                if let Err(e) = conn_state.after_load(cmd).await {
+                    break Err(e);
+                }
+                continue;
+            }
+            r = tokio::time::timeout(KEEPALIVE, reader.next()) => r,
+        };
+        let next = match read {
             Ok(r) => {
                 silent = 0;
                 r
@@ -158,6 +171,8 @@ struct Conn {
     shared: Arc<Shared>,
     conn: u64,
     out: OutTx,
+    /// PRODUCER and SUBSCRIBE commands handed back once their topic has loaded.
+    loaded: mpsc::UnboundedSender<pb::BaseCommand>,
     session_version: i32,
     producers: HashMap<u64, Producer>,
     consumers: HashMap<u64, Topic>,
@@ -214,6 +229,52 @@ impl Conn {
                 None
             }
         }
+    }
+
+    /// A PRODUCER or SUBSCRIBE (`cmd`) for `topic`: returned, to be served now, when the topic
+    /// is loaded already (or its name is invalid, which serving it answers). Otherwise the
+    /// topic loads in a task of its own, which hands `cmd` back through `loaded` (or answers
+    /// the load's error): a load can take long (recovering a ledger whose bookies are down),
+    /// and meanwhile the connection's other producers and consumers, and its keep-alive, go
+    /// on. Clients wait for the answer before using the producer or consumer.
+    async fn load_first(
+        &self,
+        request_id: u64,
+        topic: &str,
+        create: bool,
+        cmd: pb::BaseCommand,
+    ) -> Option<pb::BaseCommand> {
+        let Ok(name) = TopicName::parse(topic) else { return Some(cmd) };
+        let topics = self.shared.topics.clone();
+        if topics.is_serving(&name).await {
+            return Some(cmd);
+        }
+        let (out, loaded) = (self.out.clone(), self.loaded.clone());
+        tokio::spawn(async move {
+            let ready = async {
+                if !create && !topics.exists(&name).await? {
+                    return Err(crate::topic::TopicError::NotFound(name.to_string()));
+                }
+                topics.get_or_load(&name).await.map(|_| ())
+            };
+            match ready.await {
+                Ok(()) => {
+                    let _ = loaded.send(cmd);
+                }
+                Err(e) => reply(&out, error_command(request_id, e.server_error(), e.to_string())),
+            }
+        });
+        None
+    }
+
+    /// Serves a PRODUCER or SUBSCRIBE.
+    async fn after_load(&mut self, cmd: pb::BaseCommand) -> Result<(), ConnError> {
+        match (cmd.producer, cmd.subscribe) {
+            (Some(p), _) => self.add_producer(*p).await,
+            (_, Some(s)) => self.subscribe(*s).await,
+            _ => return Err(ConnError::Protocol("neither PRODUCER nor SUBSCRIBE".into())),
+        }
+        Ok(())
     }
 
     /// The topic of a consumer, or an ERROR for the request.
@@ -317,7 +378,11 @@ impl Conn {
             }
             Ok(Type::Producer) => {
                 let p = cmd.producer.ok_or_else(|| missing("PRODUCER"))?;
-                self.add_producer(*p).await;
+                let (request_id, topic) = (p.request_id, p.topic.clone());
+                let again = pb::BaseCommand { producer: Some(p), ..base(Type::Producer) };
+                if let Some(again) = self.load_first(request_id, &topic, true, again).await {
+                    self.after_load(again).await?;
+                }
             }
             Ok(Type::Send) => {
                 let s = cmd.send.ok_or_else(|| missing("SEND"))?;
@@ -361,7 +426,12 @@ impl Conn {
             }
             Ok(Type::Subscribe) => {
                 let s = cmd.subscribe.ok_or_else(|| missing("SUBSCRIBE"))?;
-                self.subscribe(*s).await;
+                let (request_id, topic, create) =
+                    (s.request_id, s.topic.clone(), s.force_topic_creation.unwrap_or(true));
+                let again = pb::BaseCommand { subscribe: Some(s), ..base(Type::Subscribe) };
+                if let Some(again) = self.load_first(request_id, &topic, create, again).await {
+                    self.after_load(again).await?;
+                }
             }
             Ok(Type::Flow) => {
                 let f = cmd.flow.ok_or_else(|| missing("FLOW"))?;

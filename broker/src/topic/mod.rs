@@ -401,6 +401,13 @@ impl Topics {
         Err(TopicError::Unavailable(name.to_string()))
     }
 
+    /// Whether `name` is loaded and serving (not closing): [`Topics::get_or_load`] then answers
+    /// at once.
+    pub async fn is_serving(&self, name: &TopicName) -> bool {
+        let loaded = self.loaded.lock().await;
+        loaded.get(name).and_then(|c| c.get()).is_some_and(|t| !t.is_closed() && !t.is_closing())
+    }
+
     /// Whether topic `name` exists: it has a ledger list, or it is a partition of a
     /// partitioned topic (a partition's list is made on its first use).
     pub async fn exists(&self, name: &TopicName) -> Result<bool, TopicError> {
