@@ -155,6 +155,11 @@ impl LocalCluster {
         }
     }
 
+    /// The process id of node `i` (index), while it runs.
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.nodes[i].child.as_ref().map(|c| c.id())
+    }
+
     /// SIGKILLs node `i` (index) and reaps it.
     pub fn kill(&mut self, i: usize) {
         if let Some(mut c) = self.nodes[i].child.take() {

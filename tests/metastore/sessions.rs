@@ -61,3 +61,28 @@ async fn a_session_survives_a_leader_change_and_reports_loss_when_closed() {
     assert!(tokio::time::timeout(Duration::from_secs(10), session.lost()).await.is_ok(), "owner not told of loss");
     assert!(wait_until(Duration::from_secs(5), || async { c.get("/owner").await.ok().flatten().is_none() }).await);
 }
+
+/// A leader cut off from the other nodes stays leader (in openraft) until it hears a higher
+/// term. Here both followers are frozen (SIGSTOP), so the client still reaches the leader, but
+/// the leader has no quorum: it must not keep extending the session, which a new leader
+/// elected on the other side would expire (deleting its ephemeral keys while their owner
+/// believes it still holds them). The client must report the session lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_without_a_quorum_extends_no_session() {
+    let t = cluster(3, &[]).await;
+    let c = t.c.client();
+    let session = c.session(Duration::from_millis(2000)).await.expect("session");
+    let leader = t.leader().await;
+    let followers: Vec<u32> = (0..3).filter(|i| *i != leader).filter_map(|i| t.c.pid(i)).collect();
+    assert_eq!(followers.len(), 2);
+    let signal = |sig: &str| {
+        for pid in &followers {
+            let ok = std::process::Command::new("kill").arg(sig).arg(pid.to_string()).status();
+            assert!(ok.is_ok_and(|s| s.success()), "kill {sig} {pid}");
+        }
+    };
+    signal("-STOP");
+    let lost = tokio::time::timeout(Duration::from_secs(15), session.lost()).await;
+    signal("-CONT");
+    assert!(lost.is_ok(), "a leader without a quorum kept the session alive\n{}", t.logs());
+}

@@ -398,19 +398,19 @@ impl Metastore for Api {
                 let reply = if !leading {
                     Err(Status::from(MetaError::NotLeader { leader_id: None, leader_addr: None }))
                 } else {
-                    let mut ttl = leases.touch(&sm, msg.session_id);
-                    if ttl.is_none() {
-                        // A new leader may not have applied the session's creation yet: catch
-                        // up to the commit point before calling the session gone.
-                        if reads.wait().await.is_ok() {
-                            ttl = leases.touch(&sm, msg.session_id);
-                        } else {
-                            let e = MetaError::Unavailable { reason: "cannot confirm leadership".into() };
-                            let _ = tx.send(Err(e.into())).await;
-                            return;
-                        }
+                    // Leadership is confirmed with a quorum (a read-index round begun after the
+                    // keep-alive arrived) before the lease is extended: a leader cut off from
+                    // the others stays leader until it hears a higher term, and acknowledging
+                    // there would keep a session alive that the new leader expires (its
+                    // ephemeral keys deleted, its owner still believing it holds them). The
+                    // round also catches up to the commit point, so a new leader knows a
+                    // session created just before it took over.
+                    if reads.wait().await.is_err() {
+                        let e = MetaError::Unavailable { reason: "cannot confirm leadership".into() };
+                        let _ = tx.send(Err(e.into())).await;
+                        return;
                     }
-                    match ttl {
+                    match leases.touch(&sm, msg.session_id) {
                         Some(ttl_ms) => Ok(pb::KeepAliveResponse { session_id: msg.session_id, ttl_ms }),
                         None => Err(MetaError::NoSuchSession(msg.session_id).into()),
                     }
