@@ -800,6 +800,30 @@ async fn a_failed_topic_delete_keeps_the_subscriptions() {
     assert!(meta.get(&tkey).await.expect("get").is_some(), "a failed delete removed the ledger list");
 }
 
+/// A broker that lost a topic deletes no subscription of it: here the "other broker" changed
+/// the topic's ledger list before the first one is asked to delete a subscription (admin API;
+/// UNSUBSCRIBE takes the same path). The delete fails, and the new owner's subscription stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_former_owner_deletes_no_subscription() {
+    use magnetar_broker::protocol::names::TopicName;
+    use magnetar_broker::topic::{cursor_key, topic_key};
+    use magnetar_metastore::client::{MetaClient, PutOptions};
+
+    let s = standalone().await;
+    let w = &s.web;
+    produce(&s.url(), "taken-unsub", 5, false);
+    let base = "/admin/v2/persistent/public/default/taken-unsub";
+    assert_eq!(http(w, "PUT", &format!("{base}/subscription/s"), "").await.0, 204);
+    let meta = MetaClient::connect(std::slice::from_ref(&s.metastore)).expect("meta");
+    let name = TopicName::parse("taken-unsub").expect("name");
+    let (tkey, ckey) = (topic_key(&name), cursor_key(&name, "s"));
+    let kv = meta.get(&tkey).await.expect("get").expect("topic");
+    meta.put(&tkey, kv.value, PutOptions { expected_version: Some(kv.version), session: 0 }).await.expect("take over");
+    let (code, body) = http(w, "DELETE", &format!("{base}/subscription/s"), "").await;
+    assert_ne!(code, 204, "a former owner deleted a subscription: {body}");
+    assert!(meta.get(&ckey).await.expect("get").is_some(), "the new owner's subscription is gone");
+}
+
 /// A subscription created through the admin API at an id past the last entry starts at the
 /// last entry: messages published later, up to that id, must not count as acknowledged (nor
 /// let their ledger be deleted unread).

@@ -1613,8 +1613,8 @@ impl Actor {
             return;
         }
         if sub.durable {
-            if let Err(e) = self.ml.meta.delete(&cursor_key(&self.ml.name, &name), None).await {
-                let _ = me.send(Out::Cmd(error_command(request_id, pb::ServerError::MetadataError, e.to_string())));
+            if let Err(e) = self.delete_cursor(&name).await {
+                let _ = me.send(Out::Cmd(error_command(request_id, pb::ServerError::MetadataError, e)));
                 return;
             }
         }
@@ -1627,6 +1627,21 @@ impl Actor {
         }
         let _ = me.send(success(request_id));
         tracing::info!(topic = %self.ml.name, sub = name, "subscription deleted");
+    }
+
+    /// Deletes subscription `name`'s stored cursor, only while the topic's ledger list is at
+    /// the version this task holds: a broker that lost the topic must not delete the new
+    /// owner's subscription (and its backlog with it).
+    pub(super) fn delete_cursor(&self, name: &str) -> impl std::future::Future<Output = Result<(), String>> + Send {
+        let txn = Txn::default().compare(&self.ml.key, self.ml.version).delete(cursor_key(&self.ml.name, name));
+        let (meta, topic) = (self.ml.meta.clone(), self.ml.name.to_string());
+        async move {
+            match meta.txn(txn).await {
+                Ok(r) if r.succeeded => Ok(()),
+                Ok(_) => Err(format!("topic {topic} changed meanwhile (another broker owns it now?)")),
+                Err(e) => Err(e.to_string()),
+            }
+        }
     }
 
     async fn seek(&mut self, key: (u64, u64), request_id: u64, target: SeekTarget) {

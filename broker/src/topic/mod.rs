@@ -532,8 +532,13 @@ impl Topics {
         for l in info.ledgers.iter_mut().filter(|l| l.last_entry.is_some() && l.timestamp.is_none()) {
             l.timestamp = Some(now_ms());
         }
-        // Fence and close whatever a previous owner was writing.
+        // Fence and close whatever a previous owner was writing. Not once this broker's session
+        // is lost: the topic may have a new owner whose ledger this would fence.
+        let lost = || not_owned("the broker's metastore session was lost while loading".into());
         for l in info.ledgers.iter_mut().filter(|l| l.last_entry.is_none()) {
+            if self.ownership.epoch() != epoch {
+                return Err(lost());
+            }
             let md = self.ledgers.recover(l.ledger_id).await?;
             l.last_entry = Some(md.last_entry);
             l.timestamp = Some(now_ms());
@@ -544,6 +549,9 @@ impl Topics {
             TopicError::Meta(ClientError::BadVersion { .. }) => TopicError::Conflict(name.to_string()),
             e => e,
         };
+        if self.ownership.epoch() != epoch {
+            return Err(lost());
+        }
         let (writer, info, version) = if info.terminated {
             let version = put_info(&self.meta, &key, &info, version).await.map_err(conflict)?;
             (None, info, version)
@@ -570,7 +578,7 @@ impl Topics {
             // The session was lost while loading, after every loaded topic was unloaded:
             // this one must not stay either.
             let _ = topic.ask(|done| Cmd::Close { done }).await;
-            return Err(not_owned("the broker's metastore session was lost while loading".into()));
+            return Err(lost());
         }
         Ok(topic)
     }

@@ -147,11 +147,7 @@ impl Actor {
                     return Err(SubError::Precondition(format!("Subscription {name} has active connected consumers")));
                 }
                 if sub.durable {
-                    self.ml
-                        .meta
-                        .delete(&cursor_key(&self.ml.name, &name), None)
-                        .await
-                        .map_err(|e| SubError::Failed(e.to_string()))?;
+                    self.delete_cursor(&name).await.map_err(SubError::Failed)?;
                 }
                 if let Some(sub) = self.subs.remove(&name) {
                     for c in &sub.consumers {
