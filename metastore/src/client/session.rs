@@ -85,7 +85,7 @@ async fn keep_alive(client: MetaClient, id: u64, ttl: Duration, lost: watch::Sen
         }
         let target = client.pick(Route::Leader);
         let acked_before = last_ack;
-        match stream_once(&client, &target, id, interval, &mut last_ack, &cancel).await {
+        match stream_once(&client, &target, id, (interval, ttl), &mut last_ack, &cancel).await {
             StreamEnd::Cancelled => return,
             StreamEnd::Gone => {
                 tracing::warn!(session = id, "the leader no longer knows this session; session lost");
@@ -114,11 +114,14 @@ enum StreamEnd {
     Broken,
 }
 
+/// One keep-alive stream to `target`, until it breaks. No wait in it outlasts the lease
+/// (`last_ack` + `ttl`): once that has run out the caller reports the session lost, even if an
+/// answer to an older keep-alive arrives later.
 async fn stream_once(
     client: &MetaClient,
     target: &str,
     id: u64,
-    interval: Duration,
+    (interval, ttl): (Duration, Duration),
     last_ack: &mut Instant,
     cancel: &CancellationToken,
 ) -> StreamEnd {
@@ -126,11 +129,18 @@ async fn stream_once(
         return StreamEnd::Broken;
     };
     let (tx, rx) = mpsc::channel::<pb::KeepAliveRequest>(4);
+    // The leader's deadline starts when it handles a keep-alive, after we sent it: counting
+    // from the send keeps our view of the lease no longer than the leader's.
+    let mut sent_at = Instant::now();
     if tx.send(pb::KeepAliveRequest { session_id: id }).await.is_err() {
         return StreamEnd::Broken;
     }
-    let opened =
-        tokio::time::timeout(client.options().attempt_timeout, rpc.session_keep_alive(ReceiverStream::new(rx))).await;
+    let left = |last_ack: &Instant| ttl.saturating_sub(last_ack.elapsed());
+    let opened = tokio::time::timeout(
+        client.options().attempt_timeout.min(left(last_ack)),
+        rpc.session_keep_alive(ReceiverStream::new(rx)),
+    )
+    .await;
     let mut inbound = match opened {
         Ok(Ok(r)) => r.into_inner(),
         Ok(Err(status)) => return on_status(client, status, target),
@@ -139,15 +149,15 @@ async fn stream_once(
             return StreamEnd::Broken;
         }
     };
-    // The leader's deadline starts when it handles a keep-alive, after we sent it: counting
-    // from the send keeps our view of the lease no longer than the leader's.
-    let mut sent_at = Instant::now();
     loop {
         let reply = tokio::select! {
             _ = cancel.cancelled() => return StreamEnd::Cancelled,
-            r = tokio::time::timeout(interval, inbound.next()) => r,
+            r = tokio::time::timeout(interval.min(left(last_ack)), inbound.next()) => r,
         };
         match reply {
+            // The lease ran out before this answer came (a stalled process, a slow network):
+            // lost, whatever the leader says now.
+            Ok(Some(Ok(_))) if left(last_ack).is_zero() => return StreamEnd::Broken,
             Ok(Some(Ok(_))) => {
                 *last_ack = sent_at;
                 client.set_leader(Some(target.to_owned()));

@@ -77,6 +77,14 @@ impl SmShared {
         self.sessions.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
+    /// Opens a session as if its creation had been applied (tests of the lease logic).
+    #[cfg(test)]
+    pub(crate) fn open_session_for_test(&self, id: u64, ttl_ms: u64) {
+        if let Ok(mut s) = self.sessions.lock() {
+            s.insert(id, ttl_ms);
+        }
+    }
+
     /// A session's TTL if it is open.
     pub fn session_ttl(&self, id: u64) -> Option<u64> {
         self.sessions.lock().ok().and_then(|s| s.get(&id).copied())
