@@ -298,6 +298,30 @@ impl Client {
         earliest: bool,
         create: bool,
     ) -> Result<Consumer, ClientError> {
+        let cmd = pb::CommandSubscribe { force_topic_creation: Some(create), ..Default::default() };
+        self.subscribe_cmd(topic, subscription, sub_type, earliest, cmd).await
+    }
+
+    /// A reader (a non-durable subscription) starting at the first message published
+    /// `rollback_secs` seconds ago or later.
+    pub async fn reader_from_rollback(&self, topic: &str, rollback_secs: u64) -> Result<Consumer, ClientError> {
+        let cmd = pb::CommandSubscribe {
+            durable: Some(false),
+            start_message_rollback_duration_sec: Some(rollback_secs),
+            ..Default::default()
+        };
+        let sub = format!("reader-{}", self.id());
+        self.subscribe_cmd(topic, &sub, pb::command_subscribe::SubType::Exclusive, false, cmd).await
+    }
+
+    async fn subscribe_cmd(
+        &self,
+        topic: &str,
+        subscription: &str,
+        sub_type: pb::command_subscribe::SubType,
+        earliest: bool,
+        fields: pb::CommandSubscribe,
+    ) -> Result<Consumer, ClientError> {
         let (consumer_id, request_id) = (self.id(), self.id());
         let (tx, rx) = mpsc::unbounded_channel();
         let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -319,8 +343,7 @@ impl Client {
                 consumer_id,
                 request_id,
                 initial_position: Some(initial as i32),
-                force_topic_creation: Some(create),
-                ..Default::default()
+                ..fields
             })),
             ..base(Type::Subscribe)
         };

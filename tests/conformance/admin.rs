@@ -686,6 +686,36 @@ async fn a_subscribe_that_must_not_create_finds_no_topic() {
     next_message(&mut c).await;
 }
 
+/// A reader started from a rollback duration (Java's `startMessageFromRollbackDuration`) gets
+/// the messages published within that duration, neither older ones nor only new ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_from_a_rollback_duration_starts_that_far_back() {
+    let s = standalone().await;
+    let topic = "persistent://public/default/rollback";
+    let client = Client::connect(&s.broker).await.expect("connect");
+    let mut p = client.producer(topic).await.expect("producer");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as u64;
+    for i in 0..3 {
+        p.send(format!("old-{i}").as_bytes(), now - 60_000).expect("send");
+    }
+    for i in 0..2 {
+        p.send(format!("new-{i}").as_bytes(), now).expect("send");
+    }
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        let (_, r) = tokio::time::timeout(Duration::from_secs(10), p.receipt()).await.expect("receipt").expect("open");
+        let id = r.expect("stored");
+        ids.push((id.ledger_id, id.entry_id));
+    }
+    let mut reader = client.reader_from_rollback(topic, 30).await.expect("reader");
+    reader.flow(10).expect("flow");
+    for want in &ids[3..] {
+        let m = next_message(&mut reader).await;
+        assert_eq!((m.message_id.ledger_id, m.message_id.entry_id), *want);
+    }
+    assert!(tokio::time::timeout(Duration::from_millis(500), reader.next()).await.is_err(), "more than the last 30 s");
+}
+
 /// The next MESSAGE command to `c`, within 10 s.
 async fn next_message(c: &mut magnetar_broker::client::Consumer) -> magnetar_broker::protocol::pb::CommandMessage {
     tokio::time::timeout(Duration::from_secs(10), c.next()).await.expect("message").expect("open").command

@@ -687,6 +687,7 @@ impl Conn {
             durable: s.durable.unwrap_or(true),
             earliest: s.initial_position == Some(InitialPosition::Earliest as i32),
             start: s.start_message_id,
+            rollback_secs: s.start_message_rollback_duration_sec.unwrap_or(0),
             ranges,
             properties,
             protocol_version: self.session_version,

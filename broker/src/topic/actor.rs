@@ -150,6 +150,8 @@ pub struct ConsumerSpec {
     pub earliest: bool,
     /// A reader's start message id.
     pub start: Option<pb::MessageIdData>,
+    /// A reader starts at the first message published this many seconds ago or later (0: off).
+    pub rollback_secs: u64,
     /// Sticky hash ranges (Key_Shared sticky mode).
     pub ranges: Vec<(u32, u32)>,
     /// Subscription properties.
@@ -1441,6 +1443,13 @@ impl Actor {
                 None => Pos::new(id.ledger_id, id.entry_id as i64 - 1),
             },
             _ => initial,
+        };
+        // A reader started from a rollback duration (Java's `startMessageFromRollbackDuration`).
+        let start = match spec.rollback_secs {
+            d if d > 0 && !spec.durable => {
+                self.find_by_time(super::now_ms().saturating_sub(d.saturating_mul(1000))).await?
+            }
+            _ => start,
         };
         self.open_sub_with(&spec.subscription, spec.durable, spec.sub_type, start, &spec.properties, true)
             .await?
