@@ -221,13 +221,8 @@ async fn add_on_fewer_than_qa_bookies_is_never_acked_beyond_the_end() {
 async fn recovery_with_a_dead_bookie_replaces_it_while_writing_back() {
     let mut cluster = Cluster::new(4, &[], true).await;
     let old = cluster.ledger_client();
-    let w = old.create(LedgerConfig::new(3, 2, 2)).await.expect("create");
-    let id = w.id();
-    for e in 0..100 {
-        w.append(payload(id, e, 1000)).await.expect("add");
-    }
+    let (w, id, ensemble) = ledger_with(&old, LedgerConfig::new(3, 2, 2), 100, 1000).await;
     // Entry 99's write set is the first two bookies of the ensemble; kill the first.
-    let ensemble = w.metadata().fragments[0].bookies.clone();
     assert_eq!(w.metadata().write_set(99), vec![ensemble[0].clone(), ensemble[1].clone()]);
     let victim = ensemble[0].clone();
     let i = cluster.index_of(&victim);
@@ -248,15 +243,26 @@ async fn recovery_with_a_dead_bookie_replaces_it_while_writing_back() {
     cluster.shutdown().await;
 }
 
-/// A ledger with E=Qw=3, Qa=2 and entries 0-9 acknowledged: its writer, id and ensemble.
-pub(crate) async fn ledger_with_ten_entries(client: &LedgerClient) -> (LedgerWriter, u64, Vec<String>) {
-    let w = client.create(LedgerConfig::new(3, 3, 2)).await.expect("create");
+/// A ledger with `cfg` and entries `0..n` (payloads of up to `max` bytes) acknowledged one at
+/// a time: its writer, id and first ensemble.
+pub(crate) async fn ledger_with(
+    client: &LedgerClient,
+    cfg: LedgerConfig,
+    n: i64,
+    max: usize,
+) -> (LedgerWriter, u64, Vec<String>) {
+    let w = client.create(cfg).await.expect("create");
     let id = w.id();
-    for e in 0..10 {
-        w.append(payload(id, e, 100)).await.expect("add");
+    for e in 0..n {
+        w.append(payload(id, e, max)).await.expect("add");
     }
     let ens = w.metadata().fragments[0].bookies.clone();
     (w, id, ens)
+}
+
+/// A ledger with E=Qw=3, Qa=2 and entries 0-9 acknowledged: its writer, id and ensemble.
+pub(crate) async fn ledger_with_ten_entries(client: &LedgerClient) -> (LedgerWriter, u64, Vec<String>) {
+    ledger_with(client, LedgerConfig::new(3, 3, 2), 10, 100).await
 }
 
 /// [`ledger_with_ten_entries`], then entry 10 acknowledged on the ensemble's first two bookies

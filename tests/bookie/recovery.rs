@@ -8,7 +8,7 @@ use std::time::Duration;
 use magnetar_bookie::client::{LedgerClient, LedgerConfig, LedgerError, LedgerMetadata, LedgerOptions, LedgerState};
 use magnetar_metastore::client::PutOptions;
 
-use crate::ledger::ledger_with_entry_10_on_two;
+use crate::ledger::{ledger_with, ledger_with_entry_10_on_two};
 use crate::support::{check_payloads, payload, wait_until, Cluster};
 
 /// E=Qw=3, Qa=2, entry 10 acknowledged on X and Y only. The first recovery gets no answer from
@@ -100,11 +100,7 @@ async fn racing_recoveries_agree_on_the_end() {
 async fn an_ensemble_change_that_meets_a_recovery_stops_the_writer() {
     let cluster = Cluster::new(4, &[], true).await;
     let old = cluster.ledger_client_with_add_timeout(Duration::from_millis(500));
-    let w = old.create(LedgerConfig::new(3, 2, 2)).await.expect("create");
-    let id = w.id();
-    for e in 0..10 {
-        w.append(payload(id, e, 100)).await.expect("add");
-    }
+    let (w, id, _) = ledger_with(&old, LedgerConfig::new(3, 2, 2), 10, 100).await;
     let meta = cluster.meta();
     let key = magnetar_bookie::client::metadata::ledger_key(id);
     let kv = meta.get(&key).await.expect("get").expect("ledger metadata");
@@ -143,12 +139,7 @@ async fn an_ensemble_change_that_meets_a_recovery_stops_the_writer() {
 async fn recovery_times_out_a_frozen_bookie_and_replaces_it() {
     let cluster = Cluster::new(4, &[], true).await;
     let old = cluster.ledger_client();
-    let w = old.create(LedgerConfig::new(3, 2, 2)).await.expect("create");
-    let id = w.id();
-    for e in 0..100 {
-        w.append(payload(id, e, 1000)).await.expect("add");
-    }
-    let ensemble = w.metadata().fragments[0].bookies.clone();
+    let (w, id, ensemble) = ledger_with(&old, LedgerConfig::new(3, 2, 2), 100, 1000).await;
     assert_eq!(w.metadata().write_set(99), vec![ensemble[0].clone(), ensemble[1].clone()]);
     drop(w);
     let frozen = cluster.index_of(&ensemble[0]);

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use magnetar_broker::client::Client;
 use magnetar_broker::protocol::pb::command_subscribe::SubType;
+use magnetar_metastore::client::MetaClient;
 use serde_json::Value;
 
 use super::{produce, standalone, standalone_with};
@@ -768,6 +769,27 @@ async fn messages_carry_the_consumer_epoch_of_the_last_redelivery() {
     }
 }
 
+/// Topic `local` of `public/default` with 5 messages and a stored subscription `s`, then taken
+/// over by "another broker": its ledger list rewritten at a new version, as loading it
+/// elsewhere does, while this broker still has it loaded. The metastore client, the ledger
+/// list's key, the subscription's key and the topic's admin path.
+async fn taken_over(s: &super::Standalone, local: &str) -> (MetaClient, String, String, String) {
+    use magnetar_broker::protocol::names::TopicName;
+    use magnetar_broker::topic::{cursor_key, topic_key};
+    use magnetar_metastore::client::PutOptions;
+
+    produce(&s.url(), local, 5, false);
+    let base = format!("/admin/v2/persistent/public/default/{local}");
+    assert_eq!(http(&s.web, "PUT", &format!("{base}/subscription/s"), "").await.0, 204);
+    let meta = MetaClient::connect(std::slice::from_ref(&s.metastore)).expect("meta");
+    let name = TopicName::parse(local).expect("name");
+    let (tkey, ckey) = (topic_key(&name), cursor_key(&name, "s"));
+    assert!(meta.get(&ckey).await.expect("get").is_some(), "the subscription is stored");
+    let kv = meta.get(&tkey).await.expect("get").expect("topic");
+    meta.put(&tkey, kv.value, PutOptions { expected_version: Some(kv.version), session: 0 }).await.expect("take over");
+    (meta, tkey, ckey, base)
+}
+
 /// A broker that lost a topic to another one writes none of its cursors any more: here the
 /// "other broker" changes the topic's ledger list (as loading the topic does) and deletes a
 /// subscription. The first broker's next cursor write (the subscription moved by an admin
@@ -775,23 +797,10 @@ async fn messages_carry_the_consumer_epoch_of_the_last_redelivery() {
 /// would hold the backlog for good.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_former_owner_writes_no_cursor() {
-    use magnetar_broker::protocol::names::TopicName;
-    use magnetar_broker::topic::{cursor_key, topic_key};
-    use magnetar_metastore::client::{MetaClient, PutOptions};
-
     let s = standalone().await;
     let w = &s.web;
-    produce(&s.url(), "taken", 5, false);
-    let base = "/admin/v2/persistent/public/default/taken";
-    assert_eq!(http(w, "PUT", &format!("{base}/subscription/s"), "").await.0, 204);
-    let meta = MetaClient::connect(std::slice::from_ref(&s.metastore)).expect("meta");
-    let name = TopicName::parse("taken").expect("name");
-    let (tkey, ckey) = (topic_key(&name), cursor_key(&name, "s"));
-    assert!(meta.get(&ckey).await.expect("get").is_some(), "the subscription is stored");
-
-    // Another broker takes the topic over and deletes the subscription.
-    let kv = meta.get(&tkey).await.expect("get").expect("topic");
-    meta.put(&tkey, kv.value, PutOptions { expected_version: Some(kv.version), session: 0 }).await.expect("take over");
+    let (meta, _, ckey, base) = taken_over(&s, "taken").await;
+    // The other broker deletes the subscription.
     assert!(meta.delete(&ckey, None).await.expect("delete"));
 
     // The first broker moves the cursor, then unloads the topic.
@@ -808,22 +817,9 @@ async fn a_former_owner_writes_no_cursor() {
 /// load (and a former owner would delete the new owner's subscriptions).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_topic_delete_keeps_the_subscriptions() {
-    use magnetar_broker::protocol::names::TopicName;
-    use magnetar_broker::topic::{cursor_key, topic_key};
-    use magnetar_metastore::client::{MetaClient, PutOptions};
-
     let s = standalone().await;
     let w = &s.web;
-    produce(&s.url(), "delete-taken", 5, false);
-    let base = "/admin/v2/persistent/public/default/delete-taken";
-    assert_eq!(http(w, "PUT", &format!("{base}/subscription/s"), "").await.0, 204);
-    let meta = MetaClient::connect(std::slice::from_ref(&s.metastore)).expect("meta");
-    let name = TopicName::parse("delete-taken").expect("name");
-    let (tkey, ckey) = (topic_key(&name), cursor_key(&name, "s"));
-    assert!(meta.get(&ckey).await.expect("get").is_some(), "the subscription is stored");
-
-    let kv = meta.get(&tkey).await.expect("get").expect("topic");
-    meta.put(&tkey, kv.value, PutOptions { expected_version: Some(kv.version), session: 0 }).await.expect("take over");
+    let (meta, tkey, ckey, base) = taken_over(&s, "delete-taken").await;
     let (code, body) = http(w, "DELETE", &format!("{base}?force=true"), "").await;
     assert_ne!(code, 204, "a delete by a former owner succeeded: {body}");
     assert!(meta.get(&ckey).await.expect("get").is_some(), "a failed delete removed the subscription");
@@ -835,20 +831,9 @@ async fn a_failed_topic_delete_keeps_the_subscriptions() {
 /// UNSUBSCRIBE takes the same path). The delete fails, and the new owner's subscription stays.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_former_owner_deletes_no_subscription() {
-    use magnetar_broker::protocol::names::TopicName;
-    use magnetar_broker::topic::{cursor_key, topic_key};
-    use magnetar_metastore::client::{MetaClient, PutOptions};
-
     let s = standalone().await;
     let w = &s.web;
-    produce(&s.url(), "taken-unsub", 5, false);
-    let base = "/admin/v2/persistent/public/default/taken-unsub";
-    assert_eq!(http(w, "PUT", &format!("{base}/subscription/s"), "").await.0, 204);
-    let meta = MetaClient::connect(std::slice::from_ref(&s.metastore)).expect("meta");
-    let name = TopicName::parse("taken-unsub").expect("name");
-    let (tkey, ckey) = (topic_key(&name), cursor_key(&name, "s"));
-    let kv = meta.get(&tkey).await.expect("get").expect("topic");
-    meta.put(&tkey, kv.value, PutOptions { expected_version: Some(kv.version), session: 0 }).await.expect("take over");
+    let (meta, _, ckey, base) = taken_over(&s, "taken-unsub").await;
     let (code, body) = http(w, "DELETE", &format!("{base}/subscription/s"), "").await;
     assert_ne!(code, 204, "a former owner deleted a subscription: {body}");
     assert!(meta.get(&ckey).await.expect("get").is_some(), "the new owner's subscription is gone");
