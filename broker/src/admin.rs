@@ -978,6 +978,23 @@ async fn metrics(State(a): S) -> Response {
          pulsar_connection_closed_total_count{{cluster=\"{cluster}\"}} {closed}\n",
         created.saturating_sub(closed)
     ));
+    let t = a.connections.throttling();
+    out.push_str(&format!(
+        "# HELP pulsar_broker_throttled_connections Connections not read now: too many of their sends, or of all \
+         sends, wait for their appends\n# TYPE pulsar_broker_throttled_connections gauge\n\
+         pulsar_broker_throttled_connections{{cluster=\"{cluster}\"}} {}\n\
+         # HELP pulsar_broker_throttled_connections_global_limit Connections not read now because of \
+         max_message_publish_buffer_size_in_mb\n\
+         # TYPE pulsar_broker_throttled_connections_global_limit gauge\n\
+         pulsar_broker_throttled_connections_global_limit{{cluster=\"{cluster}\"}} {}\n\
+         # HELP magnetar_broker_publish_pending Sends waiting for their appends\n\
+         # TYPE magnetar_broker_publish_pending gauge\n\
+         magnetar_broker_publish_pending{{cluster=\"{cluster}\"}} {}\n\
+         # HELP magnetar_broker_publish_buffer_bytes Bytes of the sends waiting for their appends\n\
+         # TYPE magnetar_broker_publish_buffer_bytes gauge\n\
+         magnetar_broker_publish_buffer_bytes{{cluster=\"{cluster}\"}} {}\n",
+        t.throttled, t.throttled_global, t.pending, t.buffer_bytes
+    ));
     let loaded = a.topics.loaded().await;
     // Series are per topic, or per namespace when topic-level series are turned off.
     let mut rows: Vec<(String, crate::topic::stats::TopicStats)> = Vec::new();

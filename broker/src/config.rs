@@ -71,6 +71,12 @@ pub struct BrokerConfig {
     pub orphan_ledger_check_interval_in_seconds: u64,
     /// Ledgers younger than this are not deleted by that look, seconds.
     pub orphan_ledger_min_age_in_seconds: u64,
+    /// Sends of one connection waiting for their appends at which the broker stops reading
+    /// that connection, until half of them are answered.
+    pub max_pending_publish_requests_per_connection: usize,
+    /// MiB of sends waiting for their appends, over all connections, at which the broker stops
+    /// reading every connection until half of that is answered (-1: no limit).
+    pub max_message_publish_buffer_size_in_mb: i64,
 }
 
 impl Default for BrokerConfig {
@@ -102,6 +108,8 @@ impl Default for BrokerConfig {
             retention_check_interval_in_seconds: 120,
             orphan_ledger_check_interval_in_seconds: 600,
             orphan_ledger_min_age_in_seconds: 600,
+            max_pending_publish_requests_per_connection: 1000,
+            max_message_publish_buffer_size_in_mb: 512,
         }
     }
 }
@@ -125,6 +133,8 @@ pub const ENV_ALIASES: &[(&str, &str)] = &[
     ("defaultRetentionTimeInMinutes", "default_retention_time_in_minutes"),
     ("defaultRetentionSizeInMB", "default_retention_size_in_mb"),
     ("retentionCheckIntervalInSeconds", "retention_check_interval_in_seconds"),
+    ("maxPendingPublishRequestsPerConnection", "max_pending_publish_requests_per_connection"),
+    ("maxMessagePublishBufferSizeInMB", "max_message_publish_buffer_size_in_mb"),
 ];
 
 impl BrokerConfig {
@@ -188,6 +198,12 @@ impl Validate for BrokerConfig {
         }
         if self.metadata_store_session_timeout_ms < 1000 {
             return bad("metadata_store_session_timeout_ms", "must be at least 1000");
+        }
+        if self.max_pending_publish_requests_per_connection == 0 {
+            return bad("max_pending_publish_requests_per_connection", "must be at least 1");
+        }
+        if self.max_message_publish_buffer_size_in_mb == 0 || self.max_message_publish_buffer_size_in_mb < -1 {
+            return bad("max_message_publish_buffer_size_in_mb", "must be -1 (no limit) or at least 1");
         }
         if self.metastore.is_empty() {
             return bad("metastore", "at least one metastore endpoint is needed");

@@ -353,3 +353,91 @@ async fn a_slow_topic_load_holds_up_nothing_else_on_the_connection() {
     drop(broker);
     cluster.shutdown().await;
 }
+
+/// Back-pressure: while a topic's bookie is frozen, a connection stops being read once
+/// `max_pending_publish_requests_per_connection` of its sends wait, and every connection once
+/// the sends waiting across the broker hold `max_message_publish_buffer_size_in_mb`; once the
+/// bookie answers, reading resumes and every send is acknowledged, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_stops_reading_producers_that_outrun_its_bookies() {
+    use magnetar_broker::client::Client;
+
+    let cluster = Cluster::new(3, &[], true).await;
+    let sets = [
+        "ensemble_size=1",
+        "write_quorum=1",
+        "ack_quorum=1",
+        "max_pending_publish_requests_per_connection=10",
+        "max_message_publish_buffer_size_in_mb=1",
+    ];
+    let broker = cluster.start_broker("broker", None, &sets).await;
+    let web = broker.web.clone();
+    let gauges = || async {
+        let (_, text) = crate::support::http_get(&web, "/metrics").await.expect("metrics");
+        let m = crate::support::scrape(&text);
+        let g = |name: &str| m.get(&format!("{name}{{cluster=\"local\"}}")).copied().unwrap_or(-1.0) as i64;
+        (
+            g("magnetar_broker_publish_pending"),
+            g("magnetar_broker_publish_buffer_bytes"),
+            g("pulsar_broker_throttled_connections"),
+            g("pulsar_broker_throttled_connections_global_limit"),
+        )
+    };
+    let topic = "persistent://public/default/pressure";
+    let (a, b) =
+        (Client::connect(&broker.addr).await.expect("connect"), Client::connect(&broker.addr).await.expect("connect"));
+    let (mut pa, mut pb) = (a.producer(topic).await.expect("producer"), b.producer(topic).await.expect("producer"));
+    pa.send(b"first", 0).expect("send");
+    let (_, first) = pa.receipt().await.expect("receipt");
+    let ledger = first.expect("stored").ledger_id;
+    let (md, _) = cluster.ledger_client().metadata(ledger).await.expect("metadata");
+    let frozen = cluster.index_of(&md.fragments[0].bookies[0]);
+
+    // The per-connection limit: 100 small sends, of which the broker reads 10.
+    cluster.bookies[frozen].freeze(true);
+    for i in 0..100 {
+        pa.send(format!("small-{i}").as_bytes(), 0).expect("send");
+    }
+    let held = wait_until(Duration::from_secs(3), || async {
+        let (pending, _, throttled, global) = gauges().await;
+        (pending, throttled, global) == (10, 1, 0)
+    })
+    .await;
+    let (pending, bytes, throttled, global) = gauges().await;
+    assert!(held, "pending {pending}, throttled {throttled}, global {global}");
+    assert!(bytes > 0 && bytes < 10 * 200, "{bytes} bytes for 10 small sends");
+    cluster.bookies[frozen].freeze(false);
+    for i in 1..=100u64 {
+        let r = tokio::time::timeout(Duration::from_secs(30), pa.receipt()).await;
+        let (seq, result) = r.expect("a receipt").expect("connection open");
+        assert_eq!(seq, i, "receipts in order");
+        result.unwrap_or_else(|e| panic!("send {seq} failed: {e}"));
+    }
+    assert_eq!(gauges().await, (0, 0, 0, 0));
+
+    // The broker-wide limit: 200 KiB sends from two connections stop both at about 1 MiB.
+    cluster.bookies[frozen].freeze(true);
+    let big = vec![7u8; 200 << 10];
+    for _ in 0..8 {
+        pa.send(&big, 0).expect("send");
+        pb.send(&big, 0).expect("send");
+    }
+    let held = wait_until(Duration::from_secs(3), || async { gauges().await.3 == 2 }).await;
+    let (pending, bytes, throttled, global) = gauges().await;
+    assert!(held, "pending {pending}, {bytes} bytes, throttled {throttled}, global {global}");
+    assert_eq!(throttled, 2);
+    // Each connection may have read one more send while the other filled the budget.
+    assert!((1 << 20..(1 << 20) + 2 * (210 << 10)).contains(&bytes), "{bytes} bytes held, {pending} sends");
+    cluster.bookies[frozen].freeze(false);
+    for (p, from) in [(&mut pa, 101u64), (&mut pb, 0)] {
+        for i in 0..8 {
+            let r = tokio::time::timeout(Duration::from_secs(30), p.receipt()).await;
+            let (seq, result) = r.expect("a receipt").expect("connection open");
+            assert_eq!(seq, from + i, "receipts in order");
+            result.unwrap_or_else(|e| panic!("send {seq} failed: {e}"));
+        }
+    }
+    assert_eq!(gauges().await, (0, 0, 0, 0));
+    drop(broker);
+    cluster.shutdown().await;
+}

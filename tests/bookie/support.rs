@@ -2,6 +2,7 @@
 //! processes, which can be killed), bookies as real `magnetar bookie` processes on free ports
 //! (so they can be SIGKILLed), and helpers.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -22,6 +23,17 @@ pub fn bin() -> PathBuf {
 #[path = "../support/wait.rs"]
 mod wait;
 pub use wait::wait_until;
+
+/// Prometheus text → (series with labels) → value.
+pub fn scrape(text: &str) -> HashMap<String, f64> {
+    let mut out = HashMap::new();
+    for line in text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
+        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("bad line {line}"));
+        let v: f64 = value.parse().unwrap_or_else(|_| panic!("bad value in {line}"));
+        out.insert(series.to_owned(), v);
+    }
+    out
+}
 
 /// A GET over HTTP/1.1; returns (status, body).
 pub async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {

@@ -1,7 +1,6 @@
 //! The broker's HTTP service over real HTTP against a standalone: status codes, JSON shapes and
 //! effects of the admin API endpoints built so far, and `/metrics` parsed as Prometheus text.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use magnetar_broker::client::Client;
@@ -9,6 +8,7 @@ use magnetar_broker::protocol::pb::command_subscribe::SubType;
 use magnetar_metastore::client::MetaClient;
 use serde_json::Value;
 
+use super::cluster::scrape;
 use super::{produce, standalone, standalone_with};
 
 /// One HTTP/1.1 request, following redirects to other brokers as pulsar-admin does; returns
@@ -91,17 +91,6 @@ impl Target {
 
 fn parse(body: &str) -> Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
-}
-
-/// Prometheus text → (series with labels) → value.
-fn scrape(text: &str) -> HashMap<String, f64> {
-    let mut out = HashMap::new();
-    for line in text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
-        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("bad line {line}"));
-        let v: f64 = value.parse().unwrap_or_else(|_| panic!("bad value in {line}"));
-        out.insert(series.to_owned(), v);
-    }
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -30,8 +30,9 @@ type Appended = futures::future::BoxFuture<'static, Result<crate::topic::positio
 
 /// What a producer's answering task handles, in arrival order.
 enum PendingSend {
-    /// A send waiting for its append: sequence id, highest sequence id, the append.
-    Send(u64, u64, Appended),
+    /// A send waiting for its append: sequence id, highest sequence id, the append, and its
+    /// place in the connection's back-pressure count until answered.
+    Send(u64, u64, Appended, super::throttle::InFlight),
     /// CLOSE_PRODUCER: answered once every send before it is, as Pulsar does (a client fails
     /// whatever is still pending when the close is answered).
     Close(u64),
@@ -94,7 +95,12 @@ pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>) -> Result<(), 
     });
 
     let (loaded_tx, mut loaded_rx) = mpsc::unbounded_channel();
+    let throttle = super::throttle::ConnThrottle::new(
+        shared.connections.max_pending_per_connection,
+        shared.connections.publish.clone(),
+    );
     let mut conn_state = Conn {
+        throttle: throttle.clone(),
         shared: shared.clone(),
         conn,
         out: out.clone(),
@@ -115,7 +121,12 @@ pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>) -> Result<(), 
                 }
                 continue;
             }
-            r = tokio::time::timeout(KEEPALIVE, reader.next()) => r,
+            // Not read while too many sends wait for their appends; the keep-alive interval
+            // counts from when reading resumes.
+            r = async {
+                throttle.readable().await;
+                tokio::time::timeout(KEEPALIVE, reader.next()).await
+            } => r,
         };
         let next = match read {
             Ok(r) => {
@@ -171,6 +182,8 @@ struct Conn {
     shared: Arc<Shared>,
     conn: u64,
     out: OutTx,
+    /// This connection's unanswered sends, for back-pressure.
+    throttle: Arc<super::throttle::ConnThrottle>,
     /// PRODUCER and SUBSCRIBE commands handed back once their topic has loaded.
     loaded: mpsc::UnboundedSender<pb::BaseCommand>,
     session_version: i32,
@@ -393,6 +406,7 @@ impl Conn {
                 };
                 let payload = frame.payload.ok_or_else(|| ConnError::Protocol("SEND without a payload".into()))?;
                 let highest = s.highest_sequence_id.unwrap_or(s.sequence_id);
+                let in_flight = self.throttle.start(payload.entry.len());
                 let fut: Appended = if payload.entry.len() > self.shared.max_message_size + ENTRY_HEADROOM {
                     // Refused here, for this message only: the bookies would refuse the entry
                     // and fail the topic's ledger with it.
@@ -409,7 +423,7 @@ impl Conn {
                     let info = EntryInfo::from_entry(&payload.metadata, &payload.data);
                     Box::pin(producer.topic.append(payload.entry, info, Some((producer.name.clone(), highest))))
                 };
-                let _ = producer.queue.send(PendingSend::Send(s.sequence_id, highest, fut));
+                let _ = producer.queue.send(PendingSend::Send(s.sequence_id, highest, fut, in_flight));
             }
             Ok(Type::CloseProducer) => {
                 let c = cmd.close_producer.ok_or_else(|| missing("CLOSE_PRODUCER"))?;
@@ -612,8 +626,8 @@ impl Conn {
         let (out2, producer_id) = (out.clone(), p.producer_id);
         tokio::spawn(async move {
             while let Some(pending) = rx.recv().await {
-                let (sequence_id, highest, fut) = match pending {
-                    PendingSend::Send(sequence_id, highest, fut) => (sequence_id, highest, fut),
+                let (sequence_id, highest, fut, _in_flight) = match pending {
+                    PendingSend::Send(sequence_id, highest, fut, in_flight) => (sequence_id, highest, fut, in_flight),
                     PendingSend::Close(request_id) => {
                         let _ = out2.send(Out::Cmd(success(request_id)));
                         return;

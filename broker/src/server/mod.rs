@@ -2,6 +2,7 @@
 //! the handshake and serves each connection in its own task ([`connection`]).
 
 mod connection;
+mod throttle;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,11 +19,31 @@ use crate::ownership::{BrokerInfo, Ownership};
 use crate::protocol::codec::FRAME_HEADROOM;
 use crate::topic::Topics;
 
-/// Client connections opened and closed (after the handshake), for `/metrics`.
-#[derive(Default)]
+/// Client connections opened and closed (after the handshake), and the sends they have
+/// waiting for their appends, for back-pressure and `/metrics`.
 pub(crate) struct Connections {
     pub(crate) created: std::sync::atomic::AtomicU64,
     pub(crate) closed: std::sync::atomic::AtomicU64,
+    /// The broker-wide budget of bytes in unanswered sends.
+    pub(crate) publish: Arc<throttle::PublishBuffer>,
+    /// Unanswered sends at which a connection stops reading.
+    pub(crate) max_pending_per_connection: usize,
+}
+
+impl Connections {
+    fn new(cfg: &BrokerConfig) -> Self {
+        Connections {
+            created: Default::default(),
+            closed: Default::default(),
+            publish: Arc::new(throttle::PublishBuffer::new(cfg.max_message_publish_buffer_size_in_mb)),
+            max_pending_per_connection: cfg.max_pending_publish_requests_per_connection,
+        }
+    }
+
+    /// What `/metrics` shows of publish back-pressure.
+    pub(crate) fn throttling(&self) -> throttle::ThrottleGauges {
+        self.publish.gauges()
+    }
 }
 
 pub(crate) struct Shared {
@@ -120,7 +141,7 @@ impl Broker {
         };
         let shared = Arc::new(Shared {
             topics: Arc::new(Topics::new(meta.clone(), ledgers, cfg.topic_settings(), ownership.clone())),
-            connections: Arc::default(),
+            connections: Arc::new(Connections::new(&cfg)),
             next_conn: std::sync::atomic::AtomicU64::new(1),
             service_url: format!("pulsar://{advertise}"),
             max_message_size: cfg.max_message_size,
