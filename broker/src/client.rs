@@ -260,6 +260,11 @@ impl Client {
 
     /// Creates a producer on `topic`.
     pub async fn producer(&self, topic: &str) -> Result<Producer, ClientError> {
+        self.producer_named(topic, None).await
+    }
+
+    /// Creates a producer on `topic` under the name `name` (None: the broker picks one).
+    pub async fn producer_named(&self, topic: &str, name: Option<&str>) -> Result<Producer, ClientError> {
         let (producer_id, request_id) = (self.id(), self.id());
         let (tx, rx) = mpsc::unbounded_channel();
         lock(&self.routes).producers.insert(producer_id, tx);
@@ -268,6 +273,7 @@ impl Client {
                 topic: topic.into(),
                 producer_id,
                 request_id,
+                producer_name: name.map(str::to_owned),
                 ..Default::default()
             })),
             ..base(Type::Producer)

@@ -931,3 +931,111 @@ async fn requests_during_an_unload_wait_for_it() {
         );
     }
 }
+
+/// A client that registers `cmd` (PRODUCER or SUBSCRIBE) on a connection of its own, then
+/// goes silent, as if its machine died: the connection stays open and nothing is read from it.
+/// Returns the connection, to hold on to.
+async fn silent_client(
+    broker: &str,
+    cmd: magnetar_broker::protocol::pb::BaseCommand,
+) -> (
+    magnetar_broker::protocol::connection::FrameReader<tokio::net::tcp::OwnedReadHalf>,
+    magnetar_broker::protocol::connection::FrameWriter<tokio::net::tcp::OwnedWriteHalf>,
+) {
+    use magnetar_broker::protocol::codec::base;
+    use magnetar_broker::protocol::connection::{FrameReader, FrameWriter};
+    use magnetar_broker::protocol::pb::{self, base_command::Type};
+
+    let stream = tokio::net::TcpStream::connect(broker).await.expect("connect");
+    let (r, w) = stream.into_split();
+    let (mut reader, mut writer) = (FrameReader::new(r, 6 << 20), FrameWriter::new(w));
+    let connect =
+        pb::CommandConnect { client_version: "silent".into(), protocol_version: Some(20), ..Default::default() };
+    for (cmd, answer) in [
+        (pb::BaseCommand { connect: Some(Box::new(connect)), ..base(Type::Connect) }, Type::Connected),
+        (cmd.clone(), if cmd.producer.is_some() { Type::ProducerSuccess } else { Type::Success }),
+    ] {
+        writer.send(&cmd).await.expect("send");
+        let got = loop {
+            let f = reader.next().await.expect("read").expect("open");
+            if f.command.r#type != Type::Ping as i32 {
+                break f.command;
+            }
+        };
+        assert_eq!(got.r#type, answer as i32, "{got:?}");
+    }
+    (reader, writer)
+}
+
+/// A client whose machine died leaves its connection open until the keep-alive gives up. The
+/// same application started again must not get `ProducerBusy` for its producer's name, or
+/// `ConsumerBusy` for its exclusive subscription, all that time: the broker PINGs the old
+/// connection, closes it when no PONG comes within 5 s, and serves the new one. A holder that
+/// answers keeps both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_client_gives_up_its_producer_name_and_exclusive_subscription() {
+    use magnetar_broker::client::ClientError;
+    use magnetar_broker::protocol::codec::base;
+    use magnetar_broker::protocol::pb::{self, base_command::Type, ServerError};
+
+    let s = standalone().await;
+    let topic = "persistent://public/default/silent";
+    // Two silent clients: one with the producer named "fixed", one with the exclusive
+    // consumer of "excl".
+    let producer = pb::CommandProducer {
+        topic: topic.into(),
+        producer_id: 1,
+        request_id: 1,
+        producer_name: Some("fixed".into()),
+        ..Default::default()
+    };
+    let mut gone_producer =
+        silent_client(&s.broker, pb::BaseCommand { producer: Some(Box::new(producer)), ..base(Type::Producer) }).await;
+    let subscribe = pb::CommandSubscribe {
+        topic: topic.into(),
+        subscription: "excl".into(),
+        sub_type: SubType::Exclusive as i32,
+        consumer_id: 1,
+        request_id: 1,
+        ..Default::default()
+    };
+    let mut gone_consumer =
+        silent_client(&s.broker, pb::BaseCommand { subscribe: Some(Box::new(subscribe)), ..base(Type::Subscribe) })
+            .await;
+
+    // A client that answers keeps its name and its subscription.
+    let first = Client::connect(&s.broker).await.expect("connect");
+    let _kept = first.producer_named(topic, Some("kept")).await.expect("producer kept");
+    let _excl = first.subscribe(topic, "kept-excl", SubType::Exclusive, true).await.expect("consumer");
+    let second = Client::connect(&s.broker).await.expect("connect");
+    let busy = |r: Result<_, ClientError>| match r {
+        Err(ClientError::Server { code, .. }) => code,
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("served while the holder answers"),
+    };
+    assert_eq!(busy(second.producer_named(topic, Some("kept")).await.map(|_| ())), ServerError::ProducerBusy);
+    let r = second.subscribe(topic, "kept-excl", SubType::Exclusive, true).await;
+    assert_eq!(busy(r.map(|_| ())), ServerError::ConsumerBusy);
+
+    // The silent clients' name and subscription go to the new one once they failed the check.
+    let started = std::time::Instant::now();
+    let r = tokio::time::timeout(Duration::from_secs(20), second.producer_named(topic, Some("fixed"))).await;
+    let mut p = r.expect("an answer").expect("the name of a silent client is free again");
+    assert!(started.elapsed() >= Duration::from_secs(4), "served after the check, {:?}", started.elapsed());
+    let started = std::time::Instant::now();
+    let r = tokio::time::timeout(Duration::from_secs(20), second.subscribe(topic, "excl", SubType::Exclusive, true));
+    let mut c = r.await.expect("an answer").expect("the exclusive subscription of a silent client is free again");
+    assert!(started.elapsed() >= Duration::from_secs(4), "served after the check, {:?}", started.elapsed());
+    p.send(b"after", 0).expect("send");
+    p.receipt().await.expect("receipt").1.expect("stored");
+    c.flow(10).expect("flow");
+    let m = tokio::time::timeout(Duration::from_secs(10), c.next()).await.expect("a message").expect("open");
+    assert_eq!(&m.payload.data[..], b"after");
+    // The broker closed both silent connections: what is left to read ends.
+    for (reader, _) in [&mut gone_producer, &mut gone_consumer] {
+        let ended =
+            tokio::time::timeout(Duration::from_secs(5), async { while let Ok(Some(_)) = reader.next().await {} });
+        ended.await.expect("the silent connection was closed");
+    }
+    drop(s);
+}

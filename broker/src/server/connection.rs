@@ -16,7 +16,7 @@ use crate::protocol::codec::{base, CodecError, ENTRY_HEADROOM};
 use crate::protocol::connection::{accept, error_command, ConnError, FrameReader, FrameWriter};
 use crate::protocol::names::TopicName;
 use crate::protocol::pb;
-use crate::topic::{Cmd, ConsumerSpec, EntryInfo, Out, OutTx, SeekTarget, Topic};
+use crate::topic::{Cmd, ConsumerSpec, EntryInfo, Liveness, Out, OutTx, SeekTarget, Topic};
 use pb::base_command::Type;
 
 /// How long a new connection may take to send CONNECT.
@@ -99,8 +99,13 @@ pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>) -> Result<(), 
         shared.connections.max_pending_per_connection,
         shared.connections.publish.clone(),
     );
+    let live = Liveness::new(out.clone(), {
+        let throttle = throttle.clone();
+        move || throttle.paused()
+    });
     let mut conn_state = Conn {
         throttle: throttle.clone(),
+        live: live.clone(),
         shared: shared.clone(),
         conn,
         out: out.clone(),
@@ -121,6 +126,7 @@ pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>) -> Result<(), 
                 }
                 continue;
             }
+            _ = live.killed() => break Err(ConnError::Protocol("the client did not answer a liveness check".into())),
             // Not read while too many sends wait for their appends; the keep-alive interval
             // counts from when reading resumes.
             r = async {
@@ -170,7 +176,9 @@ pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>) -> Result<(), 
             break Err(e);
         }
     };
+    live.closing();
     conn_state.close();
+    live.closed();
     drop(conn_state);
     drop(out);
     let _ = write_task.await;
@@ -184,6 +192,8 @@ struct Conn {
     out: OutTx,
     /// This connection's unanswered sends, for back-pressure.
     throttle: Arc<super::throttle::ConnThrottle>,
+    /// Whether the client is still there, for topics that ask.
+    live: Liveness,
     /// PRODUCER and SUBSCRIBE commands handed back once their topic has loaded.
     loaded: mpsc::UnboundedSender<pb::BaseCommand>,
     session_version: i32,
@@ -351,7 +361,7 @@ impl Conn {
         let out = self.out.clone();
         match Type::try_from(cmd.r#type) {
             Ok(Type::Ping) => reply(&out, base(Type::Pong)),
-            Ok(Type::Pong) => {}
+            Ok(Type::Pong) => self.live.pong(),
             Ok(Type::Lookup) => {
                 let l = cmd.lookup_topic.ok_or_else(|| missing("LOOKUP"))?;
                 let r = self.lookup(&l).await;
@@ -614,6 +624,8 @@ impl Conn {
                 producer_id: p.producer_id,
                 name: p.producer_name.clone(),
                 out: out.clone(),
+                live: self.live.clone(),
+                checked: false,
                 done,
             })
             .await;
@@ -707,6 +719,8 @@ impl Conn {
             protocol_version: self.session_version,
             epoch: s.consumer_epoch,
             out: out.clone(),
+            live: self.live.clone(),
+            checked: false,
         };
         if topic.send(Cmd::Subscribe(Box::new(spec))).is_err() {
             reply(&out, error_command(s.request_id, pb::ServerError::ServiceNotReady, "topic is not available"));

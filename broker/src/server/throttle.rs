@@ -109,6 +109,11 @@ impl ConnThrottle {
         InFlight { conn: self.clone(), bytes }
     }
 
+    /// Whether the connection is not being read now (or will not be at its next frame).
+    pub(crate) fn paused(&self) -> bool {
+        self.full.load(Ordering::Acquire) || self.buffer.full.load(Ordering::Acquire)
+    }
+
     fn blocked(&self) -> bool {
         if !self.full.load(Ordering::Acquire) {
             return false;

@@ -162,6 +162,10 @@ pub struct ConsumerSpec {
     pub epoch: Option<u64>,
     /// The connection's outgoing queue.
     pub out: OutTx,
+    /// The connection's liveness, checked before an exclusive subscription is refused.
+    pub live: super::Liveness,
+    /// Served again after the holder of the exclusive subscription failed its check.
+    pub checked: bool,
 }
 
 /// Commands to a topic's task.
@@ -187,6 +191,10 @@ pub enum Cmd {
         name: Option<String>,
         /// Its connection's queue (to close it when the topic fails).
         out: OutTx,
+        /// Its connection's liveness, checked before its name is refused as taken.
+        live: super::Liveness,
+        /// Served again after the holder of the name failed its check.
+        checked: bool,
         /// Answer.
         done: oneshot::Sender<Result<(String, i64), (pb::ServerError, String)>>,
     },
@@ -434,6 +442,8 @@ struct Consumer {
     /// Echoed on every MESSAGE.
     epoch: Option<u64>,
     out: OutTx,
+    /// Its connection's liveness.
+    live: super::Liveness,
     /// REACHED_END_OF_TOPIC was sent.
     told_end: bool,
     msg_out: Rate,
@@ -524,7 +534,7 @@ struct Actor {
     write_latency: stats::WriteLatency,
     held: VecDeque<Waiting>,
     rolling: bool,
-    producers: HashMap<(u64, u64), (String, OutTx)>,
+    producers: HashMap<(u64, u64), (String, OutTx, super::Liveness)>,
     last_sequence: HashMap<String, i64>,
     subs: HashMap<String, Sub>,
     index: HashMap<(u64, u64), String>,
@@ -744,7 +754,7 @@ impl Actor {
                     self.submit(c, producer, done);
                 }
             }
-            Cmd::AddProducer { conn, producer_id, name, out, done } => {
+            Cmd::AddProducer { conn, producer_id, name, out, live, checked, done } => {
                 let name = name.filter(|n| !n.is_empty()).unwrap_or_else(|| {
                     format!(
                         "magnetar-{}-{}-{}",
@@ -758,14 +768,44 @@ impl Actor {
                         pb::ServerError::TopicTerminatedError,
                         format!("topic {} is terminated", self.ml.name),
                     )));
-                } else if self.producers.values().any(|(n, _)| *n == name) {
-                    let _ = done.send(Err((
+                } else if live.is_closing() {
+                    // Its connection left while the holder of the name was checked.
+                } else if let Some(((holder, _), (_, _, holder_live))) =
+                    self.producers.iter().find(|(_, (n, _, _))| *n == name)
+                {
+                    let busy = (
                         pb::ServerError::ProducerBusy,
                         format!("producer {name} is already connected to {}", self.ml.name),
-                    )));
+                    );
+                    if *holder == conn || checked {
+                        let _ = done.send(Err(busy));
+                    } else {
+                        // The holder's client may be gone with its connection still open: ask
+                        // it, and serve this again once a silent one has left.
+                        let (holder_live, tx) = (holder_live.clone(), self.ml.tx.clone());
+                        tokio::spawn(async move {
+                            if holder_live.check(super::LIVENESS_TIMEOUT).await {
+                                let _ = done.send(Err(busy));
+                            } else {
+                                let again = Cmd::AddProducer {
+                                    conn,
+                                    producer_id,
+                                    name: Some(name),
+                                    out,
+                                    live,
+                                    checked: true,
+                                    done,
+                                };
+                                if let Err(mpsc::error::SendError(Cmd::AddProducer { done, .. })) = tx.send(again) {
+                                    let _ = done
+                                        .send(Err((pb::ServerError::ServiceNotReady, "the topic is closing".into())));
+                                }
+                            }
+                        });
+                    }
                 } else {
                     let last = self.last_sequence.get(&name).copied().unwrap_or(-1);
-                    self.producers.insert((conn, producer_id), (name.clone(), out));
+                    self.producers.insert((conn, producer_id), (name.clone(), out, live));
                     let _ = done.send(Ok((name, last)));
                 }
             }
@@ -968,7 +1008,7 @@ impl Actor {
             write_latency: self.write_latency.clone(),
             ..Default::default()
         };
-        for (&(_, producer_id), (name, _)) in &self.producers {
+        for (&(_, producer_id), (name, _, _)) in &self.producers {
             let (m, b) = self.producer_rates.get(name).map(|(m, b)| (m.rate, b.rate)).unwrap_or_default();
             st.publishers.push(stats::PublisherStats {
                 producer_name: name.clone(),
@@ -1163,7 +1203,7 @@ impl Actor {
     /// Tells every producer and consumer to reconnect (CLOSE_PRODUCER / CLOSE_CONSUMER) and
     /// forgets the producers.
     fn disconnect_clients(&mut self) {
-        for ((_, producer_id), (_, out)) in self.producers.drain() {
+        for ((_, producer_id), (_, out, _)) in self.producers.drain() {
             let _ = out.send(Out::Cmd(pb::BaseCommand {
                 close_producer: Some(Box::new(pb::CommandCloseProducer {
                     producer_id,
@@ -1374,6 +1414,10 @@ impl Actor {
             let _ = spec.out.send(Out::Cmd(error_command(spec.request_id, code, msg)));
         };
         let key = (spec.conn, spec.consumer_id);
+        if spec.checked && spec.live.is_closing() {
+            // Its connection left while the exclusive consumer before it was checked.
+            return;
+        }
         if let Some(existing) = self.index.get(&key) {
             if *existing == spec.subscription {
                 // A retry of a SUBSCRIBE already served.
@@ -1400,10 +1444,30 @@ impl Actor {
                 );
             }
             if spec.sub_type == SubType::Exclusive {
-                return fail(
-                    pb::ServerError::ConsumerBusy,
-                    format!("exclusive consumer is already connected to subscription {}", sub.name),
-                );
+                let why = format!("exclusive consumer is already connected to subscription {}", sub.name);
+                let holder = &sub.consumers[0];
+                if holder.key.0 == spec.conn || spec.checked {
+                    return fail(pb::ServerError::ConsumerBusy, why);
+                }
+                // The holder's client may be gone with its connection still open: ask it, and
+                // serve this again once a silent one has left.
+                let (holder_live, tx) = (holder.live.clone(), self.ml.tx.clone());
+                tokio::spawn(async move {
+                    if holder_live.check(super::LIVENESS_TIMEOUT).await {
+                        let _ =
+                            spec.out.send(Out::Cmd(error_command(spec.request_id, pb::ServerError::ConsumerBusy, why)));
+                    } else if let Err(mpsc::error::SendError(Cmd::Subscribe(spec))) =
+                        tx.send(Cmd::Subscribe(Box::new(ConsumerSpec { checked: true, ..spec })))
+                    {
+                        let why = "the topic is closing; reconnect";
+                        let _ = spec.out.send(Out::Cmd(error_command(
+                            spec.request_id,
+                            pb::ServerError::ServiceNotReady,
+                            why,
+                        )));
+                    }
+                });
+                return;
             }
         }
         sub.sub_type = spec.sub_type;
@@ -1422,6 +1486,7 @@ impl Actor {
             protocol_version: spec.protocol_version,
             epoch: spec.epoch,
             out: spec.out.clone(),
+            live: spec.live.clone(),
             told_end: false,
             msg_out: Rate::default(),
             bytes_out: Rate::default(),

@@ -13,6 +13,7 @@
 mod actor;
 pub mod cursor;
 pub mod keys;
+pub mod liveness;
 pub mod orphans;
 pub mod position;
 pub mod stats;
@@ -33,6 +34,7 @@ use crate::protocol::pb;
 pub use actor::{
     AppendError, Cmd, ConsumerSpec, CreateAt, EntryInfo, Out, OutTx, SeekTarget, SubAnswer, SubError, SubOp,
 };
+pub use liveness::{Liveness, LIVENESS_TIMEOUT};
 use position::{LedgerSpan, Pos};
 
 /// The metastore key of a topic's managed-ledger metadata.
