@@ -441,3 +441,72 @@ async fn a_broker_stops_reading_producers_that_outrun_its_bookies() {
     drop(broker);
     cluster.shutdown().await;
 }
+
+/// A producer and a consumer closed by their client while their topic still loads (a client
+/// that timed out waiting, or closed at once) are not registered once it has loaded: the name
+/// and the exclusive subscription are free for the next producer and consumer, even on the
+/// same connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_client_closes_while_its_topic_loads_is_not_registered() {
+    use magnetar_broker::protocol::codec::base;
+    use magnetar_broker::protocol::pb::{self, base_command::Type, command_subscribe::SubType};
+
+    let cluster = Cluster::new(1, &[], true).await;
+    let sets = ["ensemble_size=1", "write_quorum=1", "ack_quorum=1"];
+    let broker = cluster.start_broker("broker", None, &sets).await;
+    let (addr, web) = (broker.addr.clone(), broker.web.clone());
+    produce(&broker.url(), "early", 1, false);
+    drop(broker);
+    // Loading the topic again recovers its ledger, which waits for the frozen bookie.
+    cluster.bookies[0].freeze(true);
+    let broker = cluster.start_broker("broker", Some((&addr, &web)), &sets).await;
+    let topic = "persistent://public/default/early";
+    let producer = |producer_id: u64, request_id: u64| pb::BaseCommand {
+        producer: Some(Box::new(pb::CommandProducer {
+            topic: topic.into(),
+            producer_id,
+            request_id,
+            producer_name: Some("early".into()),
+            ..Default::default()
+        })),
+        ..base(Type::Producer)
+    };
+    let subscribe = |consumer_id: u64, request_id: u64| pb::BaseCommand {
+        subscribe: Some(Box::new(pb::CommandSubscribe {
+            topic: topic.into(),
+            subscription: "early-sub".into(),
+            sub_type: SubType::Exclusive as i32,
+            consumer_id,
+            request_id,
+            ..Default::default()
+        })),
+        ..base(Type::Subscribe)
+    };
+    let mut c = crate::support::RawConn::connect(&broker.addr).await;
+    c.send(producer(1, 1)).await;
+    c.send(subscribe(1, 2)).await;
+    let close_producer = pb::CommandCloseProducer { producer_id: 1, request_id: 3, ..Default::default() };
+    c.send(pb::BaseCommand { close_producer: Some(Box::new(close_producer)), ..base(Type::CloseProducer) }).await;
+    let close_consumer = pb::CommandCloseConsumer { consumer_id: 1, request_id: 4, ..Default::default() };
+    c.send(pb::BaseCommand { close_consumer: Some(Box::new(close_consumer)), ..base(Type::CloseConsumer) }).await;
+    let mut answers = Vec::new();
+    for _ in 0..2 {
+        let a = tokio::time::timeout(Duration::from_secs(5), c.next()).await.expect("closes answered").expect("open");
+        answers.push((a.r#type, a.success.map(|s| s.request_id)));
+    }
+    assert_eq!(answers, [(Type::Success as i32, Some(3)), (Type::Success as i32, Some(4))]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    cluster.bookies[0].freeze(false);
+    // The topic loads; the closed producer and consumer are refused, not registered.
+    for request_id in [1, 2] {
+        let a = tokio::time::timeout(Duration::from_secs(60), c.next()).await.expect("an answer").expect("open");
+        let e = a.error.clone().unwrap_or_else(|| panic!("request {request_id} served after its close: {a:?}"));
+        assert_eq!((e.request_id, e.error), (request_id, pb::ServerError::ServiceNotReady as i32), "{e:?}");
+    }
+    let a = c.ask(producer(2, 5)).await;
+    assert_eq!(a.r#type, Type::ProducerSuccess as i32, "the name is free: {a:?}");
+    let a = c.ask(subscribe(2, 6)).await;
+    assert_eq!(a.r#type, Type::Success as i32, "the subscription is free: {a:?}");
+    drop(broker);
+    cluster.shutdown().await;
+}

@@ -24,6 +24,58 @@ pub fn bin() -> PathBuf {
 mod wait;
 pub use wait::wait_until;
 
+/// A Pulsar protocol connection driven frame by frame (for clients that misbehave: go
+/// silent, close what is not ready yet).
+pub struct RawConn {
+    reader: magnetar_broker::protocol::connection::FrameReader<tokio::net::tcp::OwnedReadHalf>,
+    writer: magnetar_broker::protocol::connection::FrameWriter<tokio::net::tcp::OwnedWriteHalf>,
+}
+
+impl RawConn {
+    /// Connects and completes the handshake.
+    pub async fn connect(broker: &str) -> RawConn {
+        use magnetar_broker::protocol::codec::base;
+        use magnetar_broker::protocol::connection::{FrameReader, FrameWriter};
+        use magnetar_broker::protocol::pb::{self, base_command::Type};
+
+        let stream = tokio::net::TcpStream::connect(broker).await.expect("connect");
+        let (r, w) = stream.into_split();
+        let mut c = RawConn { reader: FrameReader::new(r, 6 << 20), writer: FrameWriter::new(w) };
+        let connect =
+            pb::CommandConnect { client_version: "raw".into(), protocol_version: Some(20), ..Default::default() };
+        c.send(pb::BaseCommand { connect: Some(Box::new(connect)), ..base(Type::Connect) }).await;
+        let answer = c.next().await.expect("CONNECTED");
+        assert_eq!(answer.r#type, Type::Connected as i32, "{answer:?}");
+        c
+    }
+
+    /// Sends one command.
+    pub async fn send(&mut self, cmd: magnetar_broker::protocol::pb::BaseCommand) {
+        self.writer.send(&cmd).await.expect("send");
+    }
+
+    /// The next command other than PING; None once the broker closed the connection.
+    pub async fn next(&mut self) -> Option<magnetar_broker::protocol::pb::BaseCommand> {
+        use magnetar_broker::protocol::pb::base_command::Type;
+        loop {
+            match self.reader.next().await {
+                Ok(Some(f)) if f.command.r#type == Type::Ping as i32 => continue,
+                Ok(Some(f)) => return Some(f.command),
+                _ => return None,
+            }
+        }
+    }
+
+    /// Sends `cmd` and returns the next command.
+    pub async fn ask(
+        &mut self,
+        cmd: magnetar_broker::protocol::pb::BaseCommand,
+    ) -> magnetar_broker::protocol::pb::BaseCommand {
+        self.send(cmd).await;
+        self.next().await.expect("an answer")
+    }
+}
+
 /// Prometheus text → (series with labels) → value.
 pub fn scrape(text: &str) -> HashMap<String, f64> {
     let mut out = HashMap::new();

@@ -8,7 +8,7 @@ use magnetar_broker::protocol::pb::command_subscribe::SubType;
 use magnetar_metastore::client::MetaClient;
 use serde_json::Value;
 
-use super::cluster::scrape;
+use super::cluster::{scrape, RawConn};
 use super::{produce, standalone, standalone_with};
 
 /// One HTTP/1.1 request, following redirects to other brokers as pulsar-admin does; returns
@@ -935,36 +935,14 @@ async fn requests_during_an_unload_wait_for_it() {
 /// A client that registers `cmd` (PRODUCER or SUBSCRIBE) on a connection of its own, then
 /// goes silent, as if its machine died: the connection stays open and nothing is read from it.
 /// Returns the connection, to hold on to.
-async fn silent_client(
-    broker: &str,
-    cmd: magnetar_broker::protocol::pb::BaseCommand,
-) -> (
-    magnetar_broker::protocol::connection::FrameReader<tokio::net::tcp::OwnedReadHalf>,
-    magnetar_broker::protocol::connection::FrameWriter<tokio::net::tcp::OwnedWriteHalf>,
-) {
-    use magnetar_broker::protocol::codec::base;
-    use magnetar_broker::protocol::connection::{FrameReader, FrameWriter};
-    use magnetar_broker::protocol::pb::{self, base_command::Type};
+async fn silent_client(broker: &str, cmd: magnetar_broker::protocol::pb::BaseCommand) -> RawConn {
+    use magnetar_broker::protocol::pb::base_command::Type;
 
-    let stream = tokio::net::TcpStream::connect(broker).await.expect("connect");
-    let (r, w) = stream.into_split();
-    let (mut reader, mut writer) = (FrameReader::new(r, 6 << 20), FrameWriter::new(w));
-    let connect =
-        pb::CommandConnect { client_version: "silent".into(), protocol_version: Some(20), ..Default::default() };
-    for (cmd, answer) in [
-        (pb::BaseCommand { connect: Some(Box::new(connect)), ..base(Type::Connect) }, Type::Connected),
-        (cmd.clone(), if cmd.producer.is_some() { Type::ProducerSuccess } else { Type::Success }),
-    ] {
-        writer.send(&cmd).await.expect("send");
-        let got = loop {
-            let f = reader.next().await.expect("read").expect("open");
-            if f.command.r#type != Type::Ping as i32 {
-                break f.command;
-            }
-        };
-        assert_eq!(got.r#type, answer as i32, "{got:?}");
-    }
-    (reader, writer)
+    let mut c = RawConn::connect(broker).await;
+    let want = if cmd.producer.is_some() { Type::ProducerSuccess } else { Type::Success };
+    let got = c.ask(cmd).await;
+    assert_eq!(got.r#type, want as i32, "{got:?}");
+    c
 }
 
 /// A client whose machine died leaves its connection open until the keep-alive gives up. The
@@ -1022,19 +1000,36 @@ async fn a_silent_client_gives_up_its_producer_name_and_exclusive_subscription()
     let r = tokio::time::timeout(Duration::from_secs(20), second.producer_named(topic, Some("fixed"))).await;
     let mut p = r.expect("an answer").expect("the name of a silent client is free again");
     assert!(started.elapsed() >= Duration::from_secs(4), "served after the check, {:?}", started.elapsed());
+    // A consumer closed by its client while the silent holder is checked takes nothing.
+    let mut closing = RawConn::connect(&s.broker).await;
+    let subscribe = pb::CommandSubscribe {
+        topic: topic.into(),
+        subscription: "excl".into(),
+        sub_type: SubType::Exclusive as i32,
+        consumer_id: 7,
+        request_id: 1,
+        ..Default::default()
+    };
+    closing.send(pb::BaseCommand { subscribe: Some(Box::new(subscribe)), ..base(Type::Subscribe) }).await;
+    let close = pb::CommandCloseConsumer { consumer_id: 7, request_id: 2, ..Default::default() };
+    let a = closing.ask(pb::BaseCommand { close_consumer: Some(Box::new(close)), ..base(Type::CloseConsumer) }).await;
+    assert_eq!(a.success.map(|x| x.request_id), Some(2), "the close is answered at once");
     let started = std::time::Instant::now();
+    let a = tokio::time::timeout(Duration::from_secs(20), closing.next()).await.expect("an answer").expect("open");
+    let e = a.error.clone().unwrap_or_else(|| panic!("a consumer closed during the check was registered: {a:?}"));
+    assert_eq!((e.request_id, e.error), (1, ServerError::ServiceNotReady as i32), "{e:?}");
+    assert!(started.elapsed() >= Duration::from_secs(3), "answered after the check, {:?}", started.elapsed());
+    // The silent client has gone with that check: the subscription is free.
     let r = tokio::time::timeout(Duration::from_secs(20), second.subscribe(topic, "excl", SubType::Exclusive, true));
     let mut c = r.await.expect("an answer").expect("the exclusive subscription of a silent client is free again");
-    assert!(started.elapsed() >= Duration::from_secs(4), "served after the check, {:?}", started.elapsed());
     p.send(b"after", 0).expect("send");
     p.receipt().await.expect("receipt").1.expect("stored");
     c.flow(10).expect("flow");
     let m = tokio::time::timeout(Duration::from_secs(10), c.next()).await.expect("a message").expect("open");
     assert_eq!(&m.payload.data[..], b"after");
     // The broker closed both silent connections: what is left to read ends.
-    for (reader, _) in [&mut gone_producer, &mut gone_consumer] {
-        let ended =
-            tokio::time::timeout(Duration::from_secs(5), async { while let Ok(Some(_)) = reader.next().await {} });
+    for conn in [&mut gone_producer, &mut gone_consumer] {
+        let ended = tokio::time::timeout(Duration::from_secs(5), async { while conn.next().await.is_some() {} });
         ended.await.expect("the silent connection was closed");
     }
     drop(s);

@@ -23,6 +23,8 @@ use pb::base_command::Type;
 const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Quiet time after which the broker pings a client (Pulsar's keepAliveIntervalSeconds).
 const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long a closing connection's writer may take to send what is queued.
+const WRITER_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 /// Flush the outgoing buffer once it holds this much.
 const FLUSH_AT: usize = 256 * 1024;
 
@@ -99,10 +101,7 @@ pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>) -> Result<(), 
         shared.connections.max_pending_per_connection,
         shared.connections.publish.clone(),
     );
-    let live = Liveness::new(out.clone(), {
-        let throttle = throttle.clone();
-        move || throttle.paused()
-    });
+    let live = Liveness::new(out.clone());
     let mut conn_state = Conn {
         throttle: throttle.clone(),
         live: live.clone(),
@@ -110,6 +109,7 @@ pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>) -> Result<(), 
         conn,
         out: out.clone(),
         loaded: loaded_tx,
+        loading: HashMap::new(),
         session_version: session.protocol_version,
         producers: HashMap::new(),
         consumers: HashMap::new(),
@@ -121,7 +121,17 @@ pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>) -> Result<(), 
             biased;
             Some(cmd) = loaded_rx.recv() => {
                 // A PRODUCER or SUBSCRIBE whose topic has loaded meanwhile.
-                if let Err(e) = conn_state.after_load(cmd).await {
+                if let Some((waiter, request_id)) = Waiter::of(&cmd) {
+                    if conn_state.loading.remove(&waiter) == Some(true) {
+                        let why = "closed by the client before it was ready";
+                        reply(&out, error_command(request_id, pb::ServerError::ServiceNotReady, why));
+                        continue;
+                    }
+                }
+                live.busy(true);
+                let r = conn_state.after_load(cmd).await;
+                live.busy(false);
+                if let Err(e) = r {
                     break Err(e);
                 }
                 continue;
@@ -130,7 +140,11 @@ pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>) -> Result<(), 
             // Not read while too many sends wait for their appends; the keep-alive interval
             // counts from when reading resumes.
             r = async {
-                throttle.readable().await;
+                if throttle.paused() {
+                    live.busy(true);
+                    throttle.readable().await;
+                }
+                live.busy(false);
                 tokio::time::timeout(KEEPALIVE, reader.next()).await
             } => r,
         };
@@ -172,7 +186,11 @@ pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>) -> Result<(), 
             }
             Err(e) => break Err(e),
         };
-        if let Err(e) = conn_state.command(frame).await {
+        live.heard();
+        live.busy(true);
+        let r = conn_state.command(frame).await;
+        live.busy(false);
+        if let Err(e) = r {
             break Err(e);
         }
     };
@@ -181,7 +199,12 @@ pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>) -> Result<(), 
     live.closed();
     drop(conn_state);
     drop(out);
-    let _ = write_task.await;
+    // The writer ends once the topics have dropped this connection's queue; a peer that takes
+    // nothing more (gone without closing) does not hold it longer than this.
+    let mut write_task = write_task;
+    if tokio::time::timeout(WRITER_GRACE, &mut write_task).await.is_err() {
+        write_task.abort();
+    }
     shared.connections.closed.fetch_add(1, Ordering::Relaxed);
     result
 }
@@ -196,9 +219,29 @@ struct Conn {
     live: Liveness,
     /// PRODUCER and SUBSCRIBE commands handed back once their topic has loaded.
     loaded: mpsc::UnboundedSender<pb::BaseCommand>,
+    /// Producers and consumers whose PRODUCER or SUBSCRIBE waits for its topic to load: true
+    /// once the client closed them meanwhile (they are then not registered when it has).
+    loading: HashMap<Waiter, bool>,
     session_version: i32,
     producers: HashMap<u64, Producer>,
     consumers: HashMap<u64, Topic>,
+}
+
+/// A producer or consumer id of this connection.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+enum Waiter {
+    Producer(u64),
+    Consumer(u64),
+}
+
+impl Waiter {
+    fn of(cmd: &pb::BaseCommand) -> Option<(Waiter, u64)> {
+        match (&cmd.producer, &cmd.subscribe) {
+            (Some(p), _) => Some((Waiter::Producer(p.producer_id), p.request_id)),
+            (_, Some(s)) => Some((Waiter::Consumer(s.consumer_id), s.request_id)),
+            _ => None,
+        }
+    }
 }
 
 fn missing(what: &str) -> ConnError {
@@ -261,7 +304,7 @@ impl Conn {
     /// and meanwhile the connection's other producers and consumers, and its keep-alive, go
     /// on. Clients wait for the answer before using the producer or consumer.
     async fn load_first(
-        &self,
+        &mut self,
         request_id: u64,
         topic: &str,
         create: bool,
@@ -271,6 +314,9 @@ impl Conn {
         let topics = self.shared.topics.clone();
         if topics.is_serving(&name).await {
             return Some(cmd);
+        }
+        if let Some((waiter, _)) = Waiter::of(&cmd) {
+            self.loading.insert(waiter, false);
         }
         let (out, loaded) = (self.out.clone(), self.loaded.clone());
         tokio::spawn(async move {
@@ -445,7 +491,13 @@ impl Conn {
                             reply(&out, success(request_id));
                         }
                     }
-                    None => reply(&out, success(c.request_id)),
+                    None => {
+                        // Closed while its topic loads: it will not be registered.
+                        if let Some(closed) = self.loading.get_mut(&Waiter::Producer(c.producer_id)) {
+                            *closed = true;
+                        }
+                        reply(&out, success(c.request_id))
+                    }
                 }
             }
             Ok(Type::Subscribe) => {
@@ -485,6 +537,10 @@ impl Conn {
                 let c = cmd.close_consumer.ok_or_else(|| missing("CLOSE_CONSUMER"))?;
                 if let Some(t) = self.consumers.remove(&c.consumer_id) {
                     let _ = t.send(Cmd::CloseConsumer { key: (self.conn, c.consumer_id) });
+                }
+                if let Some(closed) = self.loading.get_mut(&Waiter::Consumer(c.consumer_id)) {
+                    // Closed while its topic loads: it will not be registered.
+                    *closed = true;
                 }
                 reply(&out, success(c.request_id));
             }

@@ -387,6 +387,7 @@ pub(super) fn spawn(init: Init) -> mpsc::UnboundedSender<Cmd> {
         last_sequence: HashMap::new(),
         subs: HashMap::new(),
         index: HashMap::new(),
+        checking: HashMap::new(),
         next_cid: 1,
         msg_in: Rate::default(),
         bytes_in: Rate::default(),
@@ -538,6 +539,9 @@ struct Actor {
     last_sequence: HashMap<String, i64>,
     subs: HashMap<String, Sub>,
     index: HashMap<(u64, u64), String>,
+    /// Consumers whose SUBSCRIBE waits for a liveness check of the exclusive consumer before
+    /// them: true once closed meanwhile (the SUBSCRIBE served again then registers nothing).
+    checking: HashMap<(u64, u64), bool>,
     next_cid: u64,
     msg_in: Rate,
     bytes_in: Rate,
@@ -781,25 +785,22 @@ impl Actor {
                         let _ = done.send(Err(busy));
                     } else {
                         // The holder's client may be gone with its connection still open: ask
-                        // it, and serve this again once a silent one has left.
+                        // it (a silent one is closed and leaves), then serve this again, once.
                         let (holder_live, tx) = (holder_live.clone(), self.ml.tx.clone());
                         tokio::spawn(async move {
-                            if holder_live.check(super::LIVENESS_TIMEOUT).await {
-                                let _ = done.send(Err(busy));
-                            } else {
-                                let again = Cmd::AddProducer {
-                                    conn,
-                                    producer_id,
-                                    name: Some(name),
-                                    out,
-                                    live,
-                                    checked: true,
-                                    done,
-                                };
-                                if let Err(mpsc::error::SendError(Cmd::AddProducer { done, .. })) = tx.send(again) {
-                                    let _ = done
-                                        .send(Err((pb::ServerError::ServiceNotReady, "the topic is closing".into())));
-                                }
+                            holder_live.check(super::LIVENESS_TIMEOUT).await;
+                            let again = Cmd::AddProducer {
+                                conn,
+                                producer_id,
+                                name: Some(name),
+                                out,
+                                live,
+                                checked: true,
+                                done,
+                            };
+                            if let Err(mpsc::error::SendError(Cmd::AddProducer { done, .. })) = tx.send(again) {
+                                let _ =
+                                    done.send(Err((pb::ServerError::ServiceNotReady, "the topic is closing".into())));
                             }
                         });
                     }
@@ -845,7 +846,12 @@ impl Actor {
                     dispatch(sub, &mut self.ml);
                 }
             }
-            Cmd::CloseConsumer { key } => self.remove_consumer(key),
+            Cmd::CloseConsumer { key } => {
+                if let Some(closed) = self.checking.get_mut(&key) {
+                    *closed = true;
+                }
+                self.remove_consumer(key)
+            }
             Cmd::Unsubscribe { key, request_id, force, out } => {
                 if self.knows(key, request_id, &out) {
                     self.unsubscribe(key, request_id, force).await
@@ -1414,9 +1420,10 @@ impl Actor {
             let _ = spec.out.send(Out::Cmd(error_command(spec.request_id, code, msg)));
         };
         let key = (spec.conn, spec.consumer_id);
-        if spec.checked && spec.live.is_closing() {
-            // Its connection left while the exclusive consumer before it was checked.
-            return;
+        if spec.checked && (self.checking.remove(&key) == Some(true) || spec.live.is_closing()) {
+            // It was closed, or its connection left, while the exclusive consumer before it
+            // was checked.
+            return fail(pb::ServerError::ServiceNotReady, "the consumer was closed before it was ready".into());
         }
         if let Some(existing) = self.index.get(&key) {
             if *existing == spec.subscription {
@@ -1449,14 +1456,13 @@ impl Actor {
                 if holder.key.0 == spec.conn || spec.checked {
                     return fail(pb::ServerError::ConsumerBusy, why);
                 }
-                // The holder's client may be gone with its connection still open: ask it, and
-                // serve this again once a silent one has left.
+                // The holder's client may be gone with its connection still open: ask it (a
+                // silent one is closed and leaves), then serve this again, once.
                 let (holder_live, tx) = (holder.live.clone(), self.ml.tx.clone());
+                self.checking.insert(key, false);
                 tokio::spawn(async move {
-                    if holder_live.check(super::LIVENESS_TIMEOUT).await {
-                        let _ =
-                            spec.out.send(Out::Cmd(error_command(spec.request_id, pb::ServerError::ConsumerBusy, why)));
-                    } else if let Err(mpsc::error::SendError(Cmd::Subscribe(spec))) =
+                    holder_live.check(super::LIVENESS_TIMEOUT).await;
+                    if let Err(mpsc::error::SendError(Cmd::Subscribe(spec))) =
                         tx.send(Cmd::Subscribe(Box::new(ConsumerSpec { checked: true, ..spec })))
                     {
                         let why = "the topic is closing; reconnect";

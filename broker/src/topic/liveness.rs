@@ -6,7 +6,7 @@
 //! [`LIVENESS_TIMEOUT`] is closed, its producers and consumers leave their topics, and the new
 //! one takes their place.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -39,21 +39,25 @@ struct Inner {
     closing: AtomicBool,
     /// Cancelled once it has left them.
     gone: CancellationToken,
-    /// Whether the connection is not being read now (back-pressure), so a PONG could not be
-    /// seen: it is busy, not gone.
-    paused: Box<dyn Fn() -> bool + Send + Sync>,
+    /// Frames read, and times the connection stopped reading (to serve a command, or held
+    /// back by back-pressure): a check that sees this move heard from the client, or could
+    /// not have seen its PONG.
+    heard: AtomicU64,
+    /// The connection is not reading now: its PONG could not be seen; it is busy, not gone.
+    busy: AtomicBool,
 }
 
 impl Liveness {
     /// The liveness of a connection whose outgoing queue is `out`.
-    pub(crate) fn new(out: OutTx, paused: impl Fn() -> bool + Send + Sync + 'static) -> Self {
+    pub(crate) fn new(out: OutTx) -> Self {
         Liveness(Arc::new(Inner {
             out: out.downgrade(),
             waiting: Mutex::new(Vec::new()),
             kill: CancellationToken::new(),
             closing: AtomicBool::new(false),
             gone: CancellationToken::new(),
-            paused: Box::new(paused),
+            heard: AtomicU64::new(0),
+            busy: AtomicBool::new(false),
         }))
     }
 
@@ -66,6 +70,20 @@ impl Liveness {
         for tx in self.waiting().drain(..) {
             let _ = tx.send(());
         }
+    }
+
+    /// The connection read a frame.
+    pub(crate) fn heard(&self) {
+        self.0.heard.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// The connection stops reading (`true`: it serves a command, or back-pressure holds it
+    /// back) or reads again.
+    pub(crate) fn busy(&self, busy: bool) {
+        if busy {
+            self.0.heard.fetch_add(1, Ordering::AcqRel);
+        }
+        self.0.busy.store(busy, Ordering::Release);
     }
 
     /// Resolves when a check found the client gone: the connection must close.
@@ -91,8 +109,9 @@ impl Liveness {
         self.0.closing.load(Ordering::Acquire)
     }
 
-    /// PINGs the client and waits up to `timeout` for its PONG. True if it answered (or the
-    /// connection is held back by back-pressure, which also holds back the PONG). If not, the
+    /// PINGs the client and waits up to `timeout` for its PONG. True if it answered, or the
+    /// connection read anything else meanwhile, or stopped reading meanwhile (serving a
+    /// command, or held back by back-pressure: its PONG could not be seen). If not, the
     /// connection is closed, and this returns false once it has left its topics.
     pub async fn check(&self, timeout: Duration) -> bool {
         if self.is_closing() {
@@ -101,9 +120,13 @@ impl Liveness {
         }
         let (tx, rx) = oneshot::channel();
         self.waiting().push(tx);
+        let before = self.0.heard.load(Ordering::Acquire);
         let sent = self.0.out.upgrade().is_some_and(|out| out.send(Out::Cmd(base(Type::Ping))).is_ok());
         let answered = sent && matches!(tokio::time::timeout(timeout, rx).await, Ok(Ok(())));
-        if answered || (!self.is_closing() && (self.0.paused)()) {
+        // A waiter left by a check that timed out goes.
+        self.waiting().retain(|tx| !tx.is_closed());
+        let busy = self.0.heard.load(Ordering::Acquire) != before || self.0.busy.load(Ordering::Acquire);
+        if answered || (sent && !self.is_closing() && busy) {
             return true;
         }
         if !self.is_closing() {
@@ -124,7 +147,7 @@ mod tests {
     async fn a_connection_that_answers_stays_and_one_that_does_not_is_closed() {
         // The connection holds its queue's sender; the liveness only a weak one.
         let (out, mut rx) = mpsc::unbounded_channel();
-        let live = Liveness::new(out.clone(), || false);
+        let live = Liveness::new(out.clone());
         // The connection: answers the first PING, then goes quiet.
         let conn = live.clone();
         let peer = tokio::spawn(async move {
@@ -156,11 +179,23 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_connection_held_back_by_back_pressure_counts_as_there() {
+    async fn a_connection_that_is_not_reading_or_reads_other_frames_counts_as_there() {
         let (out, _rx) = mpsc::unbounded_channel();
-        let live = Liveness::new(out.clone(), || true);
+        let live = Liveness::new(out.clone());
+        // Held back by back-pressure, or serving a command, the whole time.
+        live.busy(true);
         assert!(live.check(Duration::from_millis(100)).await);
+        live.busy(false);
+        // Other frames read meanwhile.
+        let reading = live.clone();
+        let other = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            reading.heard();
+        });
+        assert!(live.check(Duration::from_millis(100)).await);
+        other.await.expect("join");
         assert!(!live.is_closing());
+        assert!(live.waiting().is_empty(), "no waiter left behind");
         drop(out);
     }
 }
