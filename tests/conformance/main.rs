@@ -162,6 +162,24 @@ async fn python_client_consumes_with_every_subscription_type_and_codec() {
     scenario(&s.url(), "compression", "codec");
 }
 
+/// Producer access modes with the Python client: Exclusive, WaitForExclusive and
+/// ExclusiveWithFencing (see the `access_modes` scenario). Each producer that took exclusive
+/// access moved the topic epoch on, and the epoch is stored with the topic, so a fenced
+/// producer stays fenced wherever the topic loads next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_client_producer_access_modes() {
+    use magnetar_broker::protocol::names::TopicName;
+    use magnetar_broker::topic::{topic_key, ManagedLedgerInfo};
+
+    let s = standalone().await;
+    scenario(&s.url(), "access_modes", "access");
+    let meta = magnetar_metastore::client::MetaClient::connect(std::slice::from_ref(&s.metastore)).expect("meta");
+    let key = topic_key(&TopicName::parse("access-access").expect("name"));
+    let kv = meta.get(&key).await.expect("get").expect("the topic is stored");
+    let info: ManagedLedgerInfo = serde_json::from_slice(&kv.value).expect("json");
+    assert_eq!(info.topic_epoch, 3, "three producers took exclusive access");
+}
+
 /// Messages redelivered after a consumer closes come back in publish order for every type
 /// that keeps order, when some are still in the tail cache (1 MB here) and the older ones must
 /// be read from the bookie.

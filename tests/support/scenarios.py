@@ -659,6 +659,65 @@ def largest_message():
     c.close()
 
 
+
+def access_modes():
+    """Producer access modes (PIP-68): an Exclusive producer keeps others out; a
+    WaitForExclusive producer gets the topic once it is free; ExclusiveWithFencing takes it
+    from whoever has it, and the producer it took it from can no longer publish."""
+    import threading
+    Mode = pulsar.ProducerAccessMode
+    topic = f"{PREFIX}-access"
+    c = client.subscribe(topic, "s", initial_position=pulsar.InitialPosition.Earliest)
+
+    def producer(mode, **kw):
+        return client.create_producer(topic, access_mode=mode, batching_enabled=False, **kw)
+
+    first = producer(Mode.Exclusive)
+    first.send(b"first")
+    for mode, error in ((Mode.Shared, pulsar.ProducerBusy), (Mode.Exclusive, pulsar.ProducerBusy)):
+        try:
+            producer(mode)
+            raise AssertionError(f"a {mode} producer was let in next to an exclusive one")
+        except error:
+            pass
+    waited = {}
+
+    def wait():
+        waited["p"] = producer(Mode.WaitForExclusive, send_timeout_millis=3000)
+    t = threading.Thread(target=wait)
+    t.start()
+    time.sleep(1.5)
+    assert "p" not in waited, "WaitForExclusive got the topic while another producer had it"
+    first.close()
+    t.join(15)
+    assert "p" in waited, "WaitForExclusive never got the topic once it was free"
+    second = waited["p"]
+    second.send(b"second")
+    # A shared producer is kept out while the exclusive one is there.
+    try:
+        producer(Mode.Shared)
+        raise AssertionError("a shared producer was let in next to an exclusive one")
+    except pulsar.ProducerBusy:
+        pass
+    third = producer(Mode.ExclusiveWithFencing)
+    third.send(b"third")
+    # The fenced producer reconnects with its old epoch and is refused for good.
+    fenced = False
+    for _ in range(20):
+        try:
+            second.send(b"fenced")
+        except Exception:
+            fenced = True
+            break
+        time.sleep(0.2)
+    assert fenced, "the fenced producer could still publish"
+    third.close()
+    got = bodies(receive_n(c, 3))
+    assert got == ["first", "second", "third"], got
+    nothing_more(c)
+    c.close()
+
+
 globals()[SCENARIO]()
 client.close()
 print(f"ok {SCENARIO}")

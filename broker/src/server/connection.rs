@@ -16,7 +16,7 @@ use crate::protocol::codec::{base, CodecError, ENTRY_HEADROOM};
 use crate::protocol::connection::{accept, error_command, ConnError, FrameReader, FrameWriter};
 use crate::protocol::names::TopicName;
 use crate::protocol::pb;
-use crate::topic::{Cmd, ConsumerSpec, EntryInfo, Liveness, Out, OutTx, SeekTarget, Topic};
+use crate::topic::{Cmd, ConsumerSpec, EntryInfo, Liveness, Out, OutTx, ProducerRequest, SeekTarget, Topic};
 use pb::base_command::Type;
 
 /// How long a new connection may take to send CONNECT.
@@ -45,6 +45,10 @@ struct Producer {
     name: String,
     /// Sends, in arrival order, to the task that awaits their appends and answers.
     queue: mpsc::UnboundedSender<PendingSend>,
+    /// False while a `WaitForExclusive` producer waits for the topic.
+    ready: Arc<std::sync::atomic::AtomicBool>,
+    /// Set by the topic when it closes the producer (CLOSE_PRODUCER).
+    closed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Sends a request to a consumer's topic, answering it if the topic's task has stopped.
@@ -460,6 +464,15 @@ impl Conn {
                     // is out of step with the broker, and reconnects.
                     return Err(ConnError::Protocol(format!("SEND for producer {}, not open here", s.producer_id)));
                 };
+                if producer.closed.load(Ordering::Acquire) {
+                    // Sent before the client saw the topic's CLOSE_PRODUCER (a fenced producer):
+                    // not stored; the client resends what it still wants once it reconnects.
+                    return Ok(());
+                }
+                if !producer.ready.load(Ordering::Acquire) {
+                    // As Pulsar does: the client was told the producer is not ready yet.
+                    return Err(ConnError::Protocol(format!("SEND for producer {}, not ready yet", s.producer_id)));
+                }
                 let payload = frame.payload.ok_or_else(|| ConnError::Protocol("SEND without a payload".into()))?;
                 let highest = s.highest_sequence_id.unwrap_or(s.sequence_id);
                 let in_flight = self.throttle.start(payload.entry.len());
@@ -663,7 +676,7 @@ impl Conn {
 
     async fn add_producer(&mut self, p: pb::CommandProducer) {
         let out = self.out.clone();
-        if self.producers.get(&p.producer_id).is_some_and(|x| x.topic.is_closed()) {
+        if self.producers.get(&p.producer_id).is_some_and(|x| x.topic.is_closed() || x.closed.load(Ordering::Acquire)) {
             // Its topic stopped and told the client to reconnect the producer.
             self.producers.remove(&p.producer_id);
         }
@@ -674,22 +687,31 @@ impl Conn {
             return;
         }
         let Some(topic) = self.topic(p.request_id, &p.topic).await else { return };
+        let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let access = pb::ProducerAccessMode::try_from(p.producer_access_mode.unwrap_or(0))
+            .unwrap_or(pb::ProducerAccessMode::Shared);
         let answer = topic
-            .ask(|done| Cmd::AddProducer {
-                conn: self.conn,
-                producer_id: p.producer_id,
-                name: p.producer_name.clone(),
-                out: out.clone(),
-                live: self.live.clone(),
-                checked: false,
-                done,
+            .ask(|done| {
+                Cmd::AddProducer(Box::new(ProducerRequest {
+                    conn: self.conn,
+                    producer_id: p.producer_id,
+                    name: p.producer_name.clone(),
+                    out: out.clone(),
+                    live: self.live.clone(),
+                    checked: false,
+                    access,
+                    topic_epoch: p.topic_epoch,
+                    closed: closed.clone(),
+                    done,
+                }))
             })
             .await;
-        let (name, last) = match answer {
+        let answer = match answer {
             Ok(Ok(x)) => x,
             Ok(Err((code, message))) => return reply(&out, error_command(p.request_id, code, message)),
             Err(e) => return reply(&out, error_command(p.request_id, e.server_error(), e.to_string())),
         };
+        let (name, last) = (answer.name, answer.last_sequence);
         let (queue, mut rx) = mpsc::unbounded_channel::<PendingSend>();
         let (out2, producer_id) = (out.clone(), p.producer_id);
         tokio::spawn(async move {
@@ -732,8 +754,46 @@ impl Conn {
                 }
             }
         });
-        self.producers.insert(p.producer_id, Producer { topic, name: name.clone(), queue });
-        reply(&out, producer_success(p.request_id, name, last));
+        let ready = Arc::new(std::sync::atomic::AtomicBool::new(answer.wait.is_none()));
+        self.producers
+            .insert(p.producer_id, Producer { topic, name: name.clone(), queue, ready: ready.clone(), closed });
+        let mut ok = producer_success(p.request_id, name, last);
+        let Some(wait) = answer.wait else {
+            if let Some(s) = ok.producer_success.as_mut() {
+                s.topic_epoch = answer.topic_epoch;
+            }
+            return reply(&out, ok);
+        };
+        // WaitForExclusive while others produce: "not ready" now, the same answer with
+        // `producer_ready` once it has the topic.
+        if let Some(s) = ok.producer_success.as_mut() {
+            s.producer_ready = Some(false);
+        }
+        reply(&out, ok.clone());
+        let (request_id, producer_id) = (p.request_id, p.producer_id);
+        tokio::spawn(async move {
+            let cmd = match wait.await {
+                Ok(Ok(epoch)) => {
+                    ready.store(true, Ordering::Release);
+                    if let Some(s) = ok.producer_success.as_mut() {
+                        s.producer_ready = Some(true);
+                        s.topic_epoch = Some(epoch);
+                    }
+                    ok
+                }
+                Ok(Err((code, message))) => error_command(request_id, code, message),
+                // The topic stopped: the client reconnects the producer, and asks again.
+                Err(_) => pb::BaseCommand {
+                    close_producer: Some(Box::new(pb::CommandCloseProducer {
+                        producer_id,
+                        request_id: u64::MAX,
+                        ..Default::default()
+                    })),
+                    ..base(Type::CloseProducer)
+                },
+            };
+            let _ = out.send(Out::Cmd(cmd));
+        });
     }
 
     async fn subscribe(&mut self, s: pb::CommandSubscribe) {

@@ -168,6 +168,70 @@ pub struct ConsumerSpec {
     pub checked: bool,
 }
 
+/// A PRODUCER, as its topic serves it.
+pub struct ProducerRequest {
+    /// Connection id.
+    pub conn: u64,
+    /// Producer id.
+    pub producer_id: u64,
+    /// Requested name.
+    pub name: Option<String>,
+    /// Its connection's queue (to close it when the topic fails).
+    pub out: OutTx,
+    /// Its connection's liveness, checked before its name is refused as taken.
+    pub live: super::Liveness,
+    /// Served again after the holder of the name failed its check.
+    pub checked: bool,
+    /// The access it asks for.
+    pub access: pb::ProducerAccessMode,
+    /// The topic epoch it had (an exclusive producer reconnecting).
+    pub topic_epoch: Option<u64>,
+    /// Set when the topic closes the producer (fenced, or the topic stops).
+    pub closed: Arc<std::sync::atomic::AtomicBool>,
+    /// Answer.
+    pub done: oneshot::Sender<Result<ProducerAnswer, (pb::ServerError, String)>>,
+}
+
+/// A producer registered, or waiting for exclusive access.
+pub struct ProducerAnswer {
+    /// Its name.
+    pub name: String,
+    /// The last sequence id stored under that name (-1: none).
+    pub last_sequence: i64,
+    /// The topic epoch of an exclusive producer.
+    pub topic_epoch: Option<u64>,
+    /// `WaitForExclusive` while others produce: it is registered once they have gone, and
+    /// this then carries its topic epoch (or why it was refused).
+    pub wait: Option<oneshot::Receiver<Result<u64, (pb::ServerError, String)>>>,
+}
+
+/// A producer of the topic.
+struct Registered {
+    name: String,
+    /// Its connection's queue.
+    out: OutTx,
+    live: super::Liveness,
+    /// Set when the topic closes it (CLOSE_PRODUCER): its connection then takes no more
+    /// sends for it, and serves its reconnect anew.
+    closed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Registered {
+    /// Closes the producer: its client reconnects it.
+    fn close(self, producer_id: u64) {
+        self.closed.store(true, std::sync::atomic::Ordering::Release);
+        let _ = self.out.send(close_producer(producer_id));
+    }
+}
+
+/// A `WaitForExclusive` producer waiting for the topic.
+struct Queued {
+    key: (u64, u64),
+    producer: Registered,
+    topic_epoch: Option<u64>,
+    ready: oneshot::Sender<Result<u64, (pb::ServerError, String)>>,
+}
+
 /// Commands to a topic's task.
 pub enum Cmd {
     /// Append an entry.
@@ -181,23 +245,8 @@ pub enum Cmd {
         /// The position once stored.
         done: oneshot::Sender<Result<Pos, AppendError>>,
     },
-    /// Register a producer: the answer is its name and last sequence id.
-    AddProducer {
-        /// Connection id.
-        conn: u64,
-        /// Producer id.
-        producer_id: u64,
-        /// Requested name.
-        name: Option<String>,
-        /// Its connection's queue (to close it when the topic fails).
-        out: OutTx,
-        /// Its connection's liveness, checked before its name is refused as taken.
-        live: super::Liveness,
-        /// Served again after the holder of the name failed its check.
-        checked: bool,
-        /// Answer.
-        done: oneshot::Sender<Result<(String, i64), (pb::ServerError, String)>>,
-    },
+    /// Register a producer.
+    AddProducer(Box<ProducerRequest>),
     /// Unregister a producer.
     RemoveProducer {
         /// Connection id.
@@ -384,6 +433,8 @@ pub(super) fn spawn(init: Init) -> mpsc::UnboundedSender<Cmd> {
         held: VecDeque::new(),
         rolling: false,
         producers: HashMap::new(),
+        exclusive: None,
+        waiting_exclusive: VecDeque::new(),
         last_sequence: HashMap::new(),
         subs: HashMap::new(),
         index: HashMap::new(),
@@ -535,7 +586,11 @@ struct Actor {
     write_latency: stats::WriteLatency,
     held: VecDeque<Waiting>,
     rolling: bool,
-    producers: HashMap<(u64, u64), (String, OutTx, super::Liveness)>,
+    producers: HashMap<(u64, u64), Registered>,
+    /// The producer with exclusive access, if one has it.
+    exclusive: Option<(u64, u64)>,
+    /// `WaitForExclusive` producers, in arrival order.
+    waiting_exclusive: VecDeque<Queued>,
     last_sequence: HashMap<String, i64>,
     subs: HashMap<String, Sub>,
     index: HashMap<(u64, u64), String>,
@@ -562,6 +617,17 @@ fn success(request_id: u64) -> Out {
     Out::Cmd(pb::BaseCommand {
         success: Some(Box::new(pb::CommandSuccess { request_id, schema: None })),
         ..base(Type::Success)
+    })
+}
+
+fn close_producer(producer_id: u64) -> Out {
+    Out::Cmd(pb::BaseCommand {
+        close_producer: Some(Box::new(pb::CommandCloseProducer {
+            producer_id,
+            request_id: u64::MAX,
+            ..Default::default()
+        })),
+        ..base(Type::CloseProducer)
     })
 }
 
@@ -593,8 +659,8 @@ fn refuse_queued(rx: &mut mpsc::UnboundedReceiver<Cmd>, topic: &TopicName) {
             | Cmd::Seek { request_id, out, .. }
             | Cmd::LastMessageId { request_id, out, .. }
             | Cmd::ConsumerStats { request_id, out, .. } => answer(&out, request_id),
-            Cmd::AddProducer { done, .. } => {
-                let _ = done.send(Err((pb::ServerError::ServiceNotReady, why())));
+            Cmd::AddProducer(r) => {
+                let _ = r.done.send(Err((pb::ServerError::ServiceNotReady, why())));
             }
             Cmd::Append { done, .. } => {
                 let _ = done.send(Err(AppendError::closing(why())));
@@ -758,60 +824,15 @@ impl Actor {
                     self.submit(c, producer, done);
                 }
             }
-            Cmd::AddProducer { conn, producer_id, name, out, live, checked, done } => {
-                let name = name.filter(|n| !n.is_empty()).unwrap_or_else(|| {
-                    format!(
-                        "magnetar-{}-{}-{}",
-                        self.ml.writer.as_ref().map(|w| w.id()).unwrap_or(0),
-                        conn,
-                        producer_id
-                    )
-                });
-                if self.ml.info.terminated {
-                    let _ = done.send(Err((
-                        pb::ServerError::TopicTerminatedError,
-                        format!("topic {} is terminated", self.ml.name),
-                    )));
-                } else if live.is_closing() {
-                    // Its connection left while the holder of the name was checked.
-                } else if let Some(((holder, _), (_, _, holder_live))) =
-                    self.producers.iter().find(|(_, (n, _, _))| *n == name)
-                {
-                    let busy = (
-                        pb::ServerError::ProducerBusy,
-                        format!("producer {name} is already connected to {}", self.ml.name),
-                    );
-                    if *holder == conn || checked {
-                        let _ = done.send(Err(busy));
-                    } else {
-                        // The holder's client may be gone with its connection still open: ask
-                        // it (a silent one is closed and leaves), then serve this again, once.
-                        let (holder_live, tx) = (holder_live.clone(), self.ml.tx.clone());
-                        tokio::spawn(async move {
-                            holder_live.check(super::LIVENESS_TIMEOUT).await;
-                            let again = Cmd::AddProducer {
-                                conn,
-                                producer_id,
-                                name: Some(name),
-                                out,
-                                live,
-                                checked: true,
-                                done,
-                            };
-                            if let Err(mpsc::error::SendError(Cmd::AddProducer { done, .. })) = tx.send(again) {
-                                let _ =
-                                    done.send(Err((pb::ServerError::ServiceNotReady, "the topic is closing".into())));
-                            }
-                        });
-                    }
-                } else {
-                    let last = self.last_sequence.get(&name).copied().unwrap_or(-1);
-                    self.producers.insert((conn, producer_id), (name.clone(), out, live));
-                    let _ = done.send(Ok((name, last)));
-                }
-            }
+            Cmd::AddProducer(r) => self.add_producer(*r).await,
             Cmd::RemoveProducer { conn, producer_id } => {
-                self.producers.remove(&(conn, producer_id));
+                let key = (conn, producer_id);
+                self.producers.remove(&key);
+                self.waiting_exclusive.retain(|q| q.key != key);
+                if self.exclusive == Some(key) {
+                    self.exclusive = None;
+                }
+                self.next_exclusive().await;
             }
             Cmd::Subscribe(spec) => self.subscribe(*spec).await,
             Cmd::Flow { key, permits } => {
@@ -1014,7 +1035,7 @@ impl Actor {
             write_latency: self.write_latency.clone(),
             ..Default::default()
         };
-        for (&(_, producer_id), (name, _, _)) in &self.producers {
+        for (&(_, producer_id), Registered { name, .. }) in &self.producers {
             let (m, b) = self.producer_rates.get(name).map(|(m, b)| (m.rate, b.rate)).unwrap_or_default();
             st.publishers.push(stats::PublisherStats {
                 producer_name: name.clone(),
@@ -1209,15 +1230,11 @@ impl Actor {
     /// Tells every producer and consumer to reconnect (CLOSE_PRODUCER / CLOSE_CONSUMER) and
     /// forgets the producers.
     fn disconnect_clients(&mut self) {
-        for ((_, producer_id), (_, out, _)) in self.producers.drain() {
-            let _ = out.send(Out::Cmd(pb::BaseCommand {
-                close_producer: Some(Box::new(pb::CommandCloseProducer {
-                    producer_id,
-                    request_id: u64::MAX,
-                    ..Default::default()
-                })),
-                ..base(Type::CloseProducer)
-            }));
+        // Waiting producers hear it through their dropped answer, and reconnect.
+        self.waiting_exclusive.clear();
+        self.exclusive = None;
+        for ((_, producer_id), p) in self.producers.drain() {
+            p.close(producer_id);
         }
         for sub in self.subs.values() {
             for c in &sub.consumers {
@@ -1410,6 +1427,166 @@ impl Actor {
                 other => {
                     tracing::warn!(topic = %self.ml.name, sub = name, outcome = ?other, "storing the cursor failed");
                     return Err(other);
+                }
+            }
+        }
+    }
+
+    /// Serves a PRODUCER: its name must be free, and its access mode (Pulsar's PIP-68) must
+    /// allow it next to the producers there are.
+    async fn add_producer(&mut self, r: ProducerRequest) {
+        use pb::ProducerAccessMode as Mode;
+        let name = r.name.clone().filter(|n| !n.is_empty()).unwrap_or_else(|| {
+            format!("magnetar-{}-{}-{}", self.ml.writer.as_ref().map(|w| w.id()).unwrap_or(0), r.conn, r.producer_id)
+        });
+        let key = (r.conn, r.producer_id);
+        let refuse = |done: oneshot::Sender<_>, code: pb::ServerError, why: String| {
+            let _ = done.send(Err((code, why)));
+        };
+        if self.ml.info.terminated {
+            return refuse(
+                r.done,
+                pb::ServerError::TopicTerminatedError,
+                format!("topic {} is terminated", self.ml.name),
+            );
+        }
+        if r.live.is_closing() {
+            // Its connection left while the holder of the name was checked.
+            return;
+        }
+        if let Some(((holder, _), Registered { live: holder_live, .. })) =
+            self.producers.iter().find(|(_, p)| p.name == name)
+        {
+            let busy = format!("producer {name} is already connected to {}", self.ml.name);
+            if *holder == r.conn || r.checked {
+                return refuse(r.done, pb::ServerError::ProducerBusy, busy);
+            }
+            // The holder's client may be gone with its connection still open: ask it (a
+            // silent one is closed and leaves), then serve this again, once.
+            let (holder_live, tx) = (holder_live.clone(), self.ml.tx.clone());
+            tokio::spawn(async move {
+                holder_live.check(super::LIVENESS_TIMEOUT).await;
+                let again = Cmd::AddProducer(Box::new(ProducerRequest { checked: true, ..r }));
+                if let Err(mpsc::error::SendError(Cmd::AddProducer(r))) = tx.send(again) {
+                    let _ = r.done.send(Err((pb::ServerError::ServiceNotReady, "the topic is closing".into())));
+                }
+            });
+            return;
+        }
+        let topic_epoch = self.ml.info.topic_epoch;
+        let moved = r.topic_epoch.is_some_and(|e| e < topic_epoch);
+        let fenced =
+            || format!("topic epoch has moved on: the topic is at {topic_epoch}, the producer at {:?}", r.topic_epoch);
+        let exclusive_holder = self.exclusive.and_then(|k| self.producers.get(&k)).map(|p| p.name.clone());
+        match r.access {
+            Mode::Shared => {
+                if let Some(holder) = exclusive_holder {
+                    let why = format!("topic {} has an exclusive producer: {holder}", self.ml.name);
+                    return refuse(r.done, pb::ServerError::ProducerBusy, why);
+                }
+                if !self.waiting_exclusive.is_empty() {
+                    let why = format!("a producer waits for exclusive access to {}", self.ml.name);
+                    return refuse(r.done, pb::ServerError::ProducerBusy, why);
+                }
+            }
+            Mode::Exclusive => {
+                if let Some(holder) = exclusive_holder {
+                    let why = format!("topic {} has an exclusive producer: {holder}", self.ml.name);
+                    return refuse(r.done, pb::ServerError::ProducerBusy, why);
+                }
+                if !self.producers.is_empty() {
+                    let why = format!("topic {} has shared producers", self.ml.name);
+                    return refuse(r.done, pb::ServerError::ProducerFenced, why);
+                }
+                if moved {
+                    return refuse(r.done, pb::ServerError::ProducerFenced, fenced());
+                }
+            }
+            Mode::WaitForExclusive => {
+                if !self.producers.is_empty() || !self.waiting_exclusive.is_empty() {
+                    let (tx, rx) = oneshot::channel();
+                    let last = self.last_sequence.get(&name).copied().unwrap_or(-1);
+                    let answer =
+                        ProducerAnswer { name: name.clone(), last_sequence: last, topic_epoch: None, wait: Some(rx) };
+                    let producer = Registered { name, out: r.out, live: r.live, closed: r.closed };
+                    self.waiting_exclusive.push_back(Queued { key, producer, topic_epoch: r.topic_epoch, ready: tx });
+                    let _ = r.done.send(Ok(answer));
+                    return;
+                }
+                if moved {
+                    return refuse(r.done, pb::ServerError::ProducerFenced, fenced());
+                }
+            }
+            Mode::ExclusiveWithFencing => {
+                // Everyone else is out: producers are closed (their reconnects are fenced by
+                // the new epoch), waiting ones refused.
+                for q in self.waiting_exclusive.drain(..) {
+                    let _ = q.ready.send(Err((
+                        pb::ServerError::ProducerFenced,
+                        "fenced by an ExclusiveWithFencing producer".into(),
+                    )));
+                }
+                for ((_, producer_id), p) in self.producers.drain() {
+                    p.close(producer_id);
+                }
+                self.exclusive = None;
+            }
+        }
+        let exclusive = r.access != Mode::Shared;
+        let epoch = if exclusive {
+            // ExclusiveWithFencing always moves the epoch on; the others keep the one they had.
+            let keep = r.topic_epoch.filter(|_| r.access != Mode::ExclusiveWithFencing);
+            match self.take_exclusive(keep).await {
+                Ok(e) => Some(e),
+                Err(why) => return refuse(r.done, pb::ServerError::MetadataError, why),
+            }
+        } else {
+            None
+        };
+        let last = self.last_sequence.get(&name).copied().unwrap_or(-1);
+        self.producers.insert(key, Registered { name: name.clone(), out: r.out, live: r.live, closed: r.closed });
+        if exclusive {
+            self.exclusive = Some(key);
+        }
+        let _ = r.done.send(Ok(ProducerAnswer { name, last_sequence: last, topic_epoch: epoch, wait: None }));
+    }
+
+    /// Sets the topic epoch for a producer taking exclusive access: the one it had
+    /// (reconnecting), or the next. Stored before it is used, so no other broker hands out the
+    /// same epoch again.
+    async fn take_exclusive(&mut self, keep: Option<u64>) -> Result<u64, String> {
+        let epoch = keep.unwrap_or(self.ml.info.topic_epoch + 1).max(self.ml.info.topic_epoch);
+        if epoch != self.ml.info.topic_epoch {
+            let mut info = self.ml.info.clone();
+            info.topic_epoch = epoch;
+            self.ml.version = put_info(&self.ml.meta, &self.ml.key, &info, self.ml.version)
+                .await
+                .map_err(|e| format!("storing the topic epoch: {e}"))?;
+            self.ml.info = info;
+        }
+        Ok(epoch)
+    }
+
+    /// Once no producer is left, the first `WaitForExclusive` producer gets the topic.
+    async fn next_exclusive(&mut self) {
+        while self.producers.is_empty() {
+            let Some(q) = self.waiting_exclusive.pop_front() else { return };
+            if q.producer.live.is_closing() || q.ready.is_closed() {
+                continue;
+            }
+            if q.topic_epoch.is_some_and(|e| e < self.ml.info.topic_epoch) {
+                let why = format!("topic epoch has moved on: the topic is at {}", self.ml.info.topic_epoch);
+                let _ = q.ready.send(Err((pb::ServerError::ProducerFenced, why)));
+                continue;
+            }
+            match self.take_exclusive(q.topic_epoch).await {
+                Ok(epoch) => {
+                    self.producers.insert(q.key, q.producer);
+                    self.exclusive = Some(q.key);
+                    let _ = q.ready.send(Ok(epoch));
+                }
+                Err(why) => {
+                    let _ = q.ready.send(Err((pb::ServerError::MetadataError, why)));
                 }
             }
         }

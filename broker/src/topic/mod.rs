@@ -32,7 +32,8 @@ use crate::ownership::{Owner, Ownership};
 use crate::protocol::names::TopicName;
 use crate::protocol::pb;
 pub use actor::{
-    AppendError, Cmd, ConsumerSpec, CreateAt, EntryInfo, Out, OutTx, SeekTarget, SubAnswer, SubError, SubOp,
+    AppendError, Cmd, ConsumerSpec, CreateAt, EntryInfo, Out, OutTx, ProducerAnswer, ProducerRequest, SeekTarget,
+    SubAnswer, SubError, SubOp,
 };
 pub use liveness::{Liveness, LIVENESS_TIMEOUT};
 use position::{LedgerSpan, Pos};
@@ -159,6 +160,14 @@ pub struct ManagedLedgerInfo {
     /// they have everything.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub terminated: bool,
+    /// Moves on each time a producer takes exclusive access (Pulsar's topic epoch): an
+    /// exclusive producer that lost the topic and reconnects with an older one is fenced.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub topic_epoch: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A partitioned topic's metadata.
