@@ -177,7 +177,7 @@ async fn python_client_producer_access_modes() {
     let key = topic_key(&TopicName::parse("access-access").expect("name"));
     let kv = meta.get(&key).await.expect("get").expect("the topic is stored");
     let info: ManagedLedgerInfo = serde_json::from_slice(&kv.value).expect("json");
-    assert_eq!(info.topic_epoch, 3, "three producers took exclusive access");
+    assert_eq!(info.topic_epoch, 4, "four producers took exclusive access");
 }
 
 /// Messages redelivered after a consumer closes come back in publish order for every type

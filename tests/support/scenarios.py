@@ -674,7 +674,7 @@ def access_modes():
 
     first = producer(Mode.Exclusive)
     first.send(b"first")
-    for mode, error in ((Mode.Shared, pulsar.ProducerBusy), (Mode.Exclusive, pulsar.ProducerBusy)):
+    for mode, error in ((Mode.Shared, pulsar.ProducerBusy), (Mode.Exclusive, pulsar.ProducerFenced)):
         try:
             producer(mode)
             raise AssertionError(f"a {mode} producer was let in next to an exclusive one")
@@ -699,21 +699,26 @@ def access_modes():
         raise AssertionError("a shared producer was let in next to an exclusive one")
     except pulsar.ProducerBusy:
         pass
-    third = producer(Mode.ExclusiveWithFencing)
+    def fenced(p):
+        # A fenced producer reconnects with its old epoch and is refused for good.
+        for _ in range(20):
+            try:
+                p.send(b"fenced")
+            except Exception:
+                return True
+            time.sleep(0.2)
+        return False
+    third = producer(Mode.ExclusiveWithFencing, send_timeout_millis=3000)
     third.send(b"third")
-    # The fenced producer reconnects with its old epoch and is refused for good.
-    fenced = False
-    for _ in range(20):
-        try:
-            second.send(b"fenced")
-        except Exception:
-            fenced = True
-            break
-        time.sleep(0.2)
-    assert fenced, "the fenced producer could still publish"
-    third.close()
-    got = bodies(receive_n(c, 3))
-    assert got == ["first", "second", "third"], got
+    assert fenced(second), "the fenced producer could still publish"
+    # A second fencing producer takes the topic from the first, which does not take it back.
+    fourth = producer(Mode.ExclusiveWithFencing)
+    fourth.send(b"fourth")
+    assert fenced(third), "the producer fenced by another fencing one could still publish"
+    fourth.send(b"fourth-again")
+    fourth.close()
+    got = bodies(receive_n(c, 5))
+    assert got == ["first", "second", "third", "fourth", "fourth-again"], got
     nothing_more(c)
     c.close()
 

@@ -16,7 +16,10 @@ use crate::protocol::codec::{base, CodecError, ENTRY_HEADROOM};
 use crate::protocol::connection::{accept, error_command, ConnError, FrameReader, FrameWriter};
 use crate::protocol::names::TopicName;
 use crate::protocol::pb;
-use crate::topic::{Cmd, ConsumerSpec, EntryInfo, Liveness, Out, OutTx, ProducerRequest, SeekTarget, Topic};
+use crate::topic::{
+    producer_success, Cmd, ConsumerSpec, EntryInfo, Liveness, Out, OutTx, ProducerRequest, ProducerState, SeekTarget,
+    Topic,
+};
 use pb::base_command::Type;
 
 /// How long a new connection may take to send CONNECT.
@@ -45,10 +48,8 @@ struct Producer {
     name: String,
     /// Sends, in arrival order, to the task that awaits their appends and answers.
     queue: mpsc::UnboundedSender<PendingSend>,
-    /// False while a `WaitForExclusive` producer waits for the topic.
-    ready: Arc<std::sync::atomic::AtomicBool>,
-    /// Set by the topic when it closes the producer (CLOSE_PRODUCER).
-    closed: Arc<std::sync::atomic::AtomicBool>,
+    /// What its topic tells about it: ready to send, closed, its topic epoch.
+    state: Arc<ProducerState>,
 }
 
 /// Sends a request to a consumer's topic, answering it if the topic's task has stopped.
@@ -464,12 +465,12 @@ impl Conn {
                     // is out of step with the broker, and reconnects.
                     return Err(ConnError::Protocol(format!("SEND for producer {}, not open here", s.producer_id)));
                 };
-                if producer.closed.load(Ordering::Acquire) {
+                if producer.state.closed.load(Ordering::Acquire) {
                     // Sent before the client saw the topic's CLOSE_PRODUCER (a fenced producer):
                     // not stored; the client resends what it still wants once it reconnects.
                     return Ok(());
                 }
-                if !producer.ready.load(Ordering::Acquire) {
+                if !producer.state.ready.load(Ordering::Acquire) {
                     // As Pulsar does: the client was told the producer is not ready yet.
                     return Err(ConnError::Protocol(format!("SEND for producer {}, not ready yet", s.producer_id)));
                 }
@@ -676,18 +677,25 @@ impl Conn {
 
     async fn add_producer(&mut self, p: pb::CommandProducer) {
         let out = self.out.clone();
-        if self.producers.get(&p.producer_id).is_some_and(|x| x.topic.is_closed() || x.closed.load(Ordering::Acquire)) {
+        if self
+            .producers
+            .get(&p.producer_id)
+            .is_some_and(|x| x.topic.is_closed() || x.state.closed.load(Ordering::Acquire))
+        {
             // Its topic stopped and told the client to reconnect the producer.
             self.producers.remove(&p.producer_id);
         }
         if self.producers.contains_key(&p.producer_id) {
             // A retry of a PRODUCER this connection already served.
-            let name = self.producers.get(&p.producer_id).map(|x| x.name.clone()).unwrap_or_default();
-            reply(&out, producer_success(p.request_id, name, -1));
+            if let Some(x) = self.producers.get(&p.producer_id) {
+                let epoch = Some(x.state.topic_epoch.load(Ordering::Acquire)).filter(|e| *e > 0);
+                let ready = x.state.ready.load(Ordering::Acquire);
+                reply(&out, producer_success(p.request_id, x.name.clone(), -1, epoch, ready));
+            }
             return;
         }
         let Some(topic) = self.topic(p.request_id, &p.topic).await else { return };
-        let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let state = Arc::new(ProducerState::default());
         let access = pb::ProducerAccessMode::try_from(p.producer_access_mode.unwrap_or(0))
             .unwrap_or(pb::ProducerAccessMode::Shared);
         let answer = topic
@@ -695,23 +703,26 @@ impl Conn {
                 Cmd::AddProducer(Box::new(ProducerRequest {
                     conn: self.conn,
                     producer_id: p.producer_id,
+                    request_id: p.request_id,
                     name: p.producer_name.clone(),
                     out: out.clone(),
                     live: self.live.clone(),
                     checked: false,
                     access,
                     topic_epoch: p.topic_epoch,
-                    closed: closed.clone(),
+                    state: state.clone(),
                     done,
                 }))
             })
             .await;
-        let answer = match answer {
-            Ok(Ok(x)) => x,
+        // The topic answered PRODUCER_SUCCESS itself, in order with anything else it tells
+        // about this producer; the client sends nothing for it before that answer, and this
+        // connection reads nothing more before it is registered here.
+        let name = match answer {
+            Ok(Ok(name)) => name,
             Ok(Err((code, message))) => return reply(&out, error_command(p.request_id, code, message)),
             Err(e) => return reply(&out, error_command(p.request_id, e.server_error(), e.to_string())),
         };
-        let (name, last) = (answer.name, answer.last_sequence);
         let (queue, mut rx) = mpsc::unbounded_channel::<PendingSend>();
         let (out2, producer_id) = (out.clone(), p.producer_id);
         tokio::spawn(async move {
@@ -754,46 +765,7 @@ impl Conn {
                 }
             }
         });
-        let ready = Arc::new(std::sync::atomic::AtomicBool::new(answer.wait.is_none()));
-        self.producers
-            .insert(p.producer_id, Producer { topic, name: name.clone(), queue, ready: ready.clone(), closed });
-        let mut ok = producer_success(p.request_id, name, last);
-        let Some(wait) = answer.wait else {
-            if let Some(s) = ok.producer_success.as_mut() {
-                s.topic_epoch = answer.topic_epoch;
-            }
-            return reply(&out, ok);
-        };
-        // WaitForExclusive while others produce: "not ready" now, the same answer with
-        // `producer_ready` once it has the topic.
-        if let Some(s) = ok.producer_success.as_mut() {
-            s.producer_ready = Some(false);
-        }
-        reply(&out, ok.clone());
-        let (request_id, producer_id) = (p.request_id, p.producer_id);
-        tokio::spawn(async move {
-            let cmd = match wait.await {
-                Ok(Ok(epoch)) => {
-                    ready.store(true, Ordering::Release);
-                    if let Some(s) = ok.producer_success.as_mut() {
-                        s.producer_ready = Some(true);
-                        s.topic_epoch = Some(epoch);
-                    }
-                    ok
-                }
-                Ok(Err((code, message))) => error_command(request_id, code, message),
-                // The topic stopped: the client reconnects the producer, and asks again.
-                Err(_) => pb::BaseCommand {
-                    close_producer: Some(Box::new(pb::CommandCloseProducer {
-                        producer_id,
-                        request_id: u64::MAX,
-                        ..Default::default()
-                    })),
-                    ..base(Type::CloseProducer)
-                },
-            };
-            let _ = out.send(Out::Cmd(cmd));
-        });
+        self.producers.insert(p.producer_id, Producer { topic, name, queue, state });
     }
 
     async fn subscribe(&mut self, s: pb::CommandSubscribe) {
@@ -843,18 +815,6 @@ impl Conn {
             return;
         }
         self.consumers.insert(s.consumer_id, topic);
-    }
-}
-
-fn producer_success(request_id: u64, producer_name: String, last_sequence_id: i64) -> pb::BaseCommand {
-    pb::BaseCommand {
-        producer_success: Some(Box::new(pb::CommandProducerSuccess {
-            request_id,
-            producer_name,
-            last_sequence_id: Some(last_sequence_id),
-            ..Default::default()
-        })),
-        ..base(Type::ProducerSuccess)
     }
 }
 

@@ -168,12 +168,16 @@ pub struct ConsumerSpec {
     pub checked: bool,
 }
 
-/// A PRODUCER, as its topic serves it.
+/// A PRODUCER, as its topic serves it. The topic answers it (PRODUCER_SUCCESS, or ERROR for
+/// a `WaitForExclusive` producer refused later) through the connection's queue, so that the
+/// answer and a CLOSE_PRODUCER for the same producer go out in the order they happened.
 pub struct ProducerRequest {
     /// Connection id.
     pub conn: u64,
     /// Producer id.
     pub producer_id: u64,
+    /// The PRODUCER's request id.
+    pub request_id: u64,
     /// Requested name.
     pub name: Option<String>,
     /// Its connection's queue (to close it when the topic fails).
@@ -186,41 +190,69 @@ pub struct ProducerRequest {
     pub access: pb::ProducerAccessMode,
     /// The topic epoch it had (an exclusive producer reconnecting).
     pub topic_epoch: Option<u64>,
-    /// Set when the topic closes the producer (fenced, or the topic stops).
-    pub closed: Arc<std::sync::atomic::AtomicBool>,
-    /// Answer.
-    pub done: oneshot::Sender<Result<ProducerAnswer, (pb::ServerError, String)>>,
+    /// What the topic tells the connection about it.
+    pub state: Arc<ProducerState>,
+    /// Registered (or queued for exclusive access, answered "not ready"), under this name; or
+    /// why not (the connection answers that).
+    pub done: oneshot::Sender<Result<String, (pb::ServerError, String)>>,
 }
 
-/// A producer registered, or waiting for exclusive access.
-pub struct ProducerAnswer {
-    /// Its name.
-    pub name: String,
-    /// The last sequence id stored under that name (-1: none).
-    pub last_sequence: i64,
-    /// The topic epoch of an exclusive producer.
-    pub topic_epoch: Option<u64>,
-    /// `WaitForExclusive` while others produce: it is registered once they have gone, and
-    /// this then carries its topic epoch (or why it was refused).
-    pub wait: Option<oneshot::Receiver<Result<u64, (pb::ServerError, String)>>>,
+/// What a producer's topic tells its connection.
+#[derive(Debug, Default)]
+pub struct ProducerState {
+    /// It may send (false while a `WaitForExclusive` producer waits).
+    pub ready: std::sync::atomic::AtomicBool,
+    /// The topic closed it (fenced, or the topic stops): its connection takes no more sends
+    /// for it, and serves its reconnect anew.
+    pub closed: std::sync::atomic::AtomicBool,
+    /// The topic epoch of an exclusive producer (0: none).
+    pub topic_epoch: std::sync::atomic::AtomicU64,
+}
+
+/// PRODUCER_SUCCESS.
+pub fn producer_success(request_id: u64, name: String, last: i64, epoch: Option<u64>, ready: bool) -> pb::BaseCommand {
+    pb::BaseCommand {
+        producer_success: Some(Box::new(pb::CommandProducerSuccess {
+            request_id,
+            producer_name: name,
+            last_sequence_id: Some(last),
+            topic_epoch: epoch,
+            producer_ready: (!ready).then_some(false),
+            ..Default::default()
+        })),
+        ..base(Type::ProducerSuccess)
+    }
 }
 
 /// A producer of the topic.
 struct Registered {
     name: String,
+    request_id: u64,
     /// Its connection's queue.
     out: OutTx,
     live: super::Liveness,
-    /// Set when the topic closes it (CLOSE_PRODUCER): its connection then takes no more
-    /// sends for it, and serves its reconnect anew.
-    closed: Arc<std::sync::atomic::AtomicBool>,
+    state: Arc<ProducerState>,
 }
 
 impl Registered {
     /// Closes the producer: its client reconnects it.
     fn close(self, producer_id: u64) {
-        self.closed.store(true, std::sync::atomic::Ordering::Release);
+        self.state.closed.store(true, std::sync::atomic::Ordering::Release);
         let _ = self.out.send(close_producer(producer_id));
+    }
+
+    /// Refuses a producer that was answered "not ready".
+    fn refuse(self, code: pb::ServerError, why: String) {
+        self.state.closed.store(true, std::sync::atomic::Ordering::Release);
+        let _ = self.out.send(Out::Cmd(error_command(self.request_id, code, why)));
+    }
+
+    /// Answers its PRODUCER: it may send.
+    fn grant(&self, last: i64, epoch: Option<u64>) {
+        use std::sync::atomic::Ordering;
+        self.state.topic_epoch.store(epoch.unwrap_or(0), Ordering::Release);
+        self.state.ready.store(true, Ordering::Release);
+        let _ = self.out.send(Out::Cmd(producer_success(self.request_id, self.name.clone(), last, epoch, true)));
     }
 }
 
@@ -229,7 +261,6 @@ struct Queued {
     key: (u64, u64),
     producer: Registered,
     topic_epoch: Option<u64>,
-    ready: oneshot::Sender<Result<u64, (pb::ServerError, String)>>,
 }
 
 /// Commands to a topic's task.
@@ -1230,8 +1261,9 @@ impl Actor {
     /// Tells every producer and consumer to reconnect (CLOSE_PRODUCER / CLOSE_CONSUMER) and
     /// forgets the producers.
     fn disconnect_clients(&mut self) {
-        // Waiting producers hear it through their dropped answer, and reconnect.
-        self.waiting_exclusive.clear();
+        for q in self.waiting_exclusive.drain(..) {
+            q.producer.close(q.key.1);
+        }
         self.exclusive = None;
         for ((_, producer_id), p) in self.producers.drain() {
             p.close(producer_id);
@@ -1454,6 +1486,24 @@ impl Actor {
             // Its connection left while the holder of the name was checked.
             return;
         }
+        let topic_epoch = self.ml.info.topic_epoch;
+        // An exclusive producer reconnecting after another took the topic in between.
+        if r.topic_epoch.is_some_and(|e| e < topic_epoch) && r.access != Mode::Shared {
+            let why =
+                format!("topic epoch has moved on: the topic is at {topic_epoch}, the producer at {:?}", r.topic_epoch);
+            return refuse(r.done, pb::ServerError::ProducerFenced, why);
+        }
+        if r.access == Mode::ExclusiveWithFencing {
+            // Everyone else is out, the holder of this name included: producers are closed
+            // (their reconnects are fenced by the new epoch), waiting ones refused.
+            for q in self.waiting_exclusive.drain(..) {
+                q.producer.refuse(pb::ServerError::ProducerFenced, "fenced by an ExclusiveWithFencing producer".into());
+            }
+            for ((_, producer_id), p) in self.producers.drain() {
+                p.close(producer_id);
+            }
+            self.exclusive = None;
+        }
         if let Some(((holder, _), Registered { live: holder_live, .. })) =
             self.producers.iter().find(|(_, p)| p.name == name)
         {
@@ -1473,82 +1523,55 @@ impl Actor {
             });
             return;
         }
-        let topic_epoch = self.ml.info.topic_epoch;
-        let moved = r.topic_epoch.is_some_and(|e| e < topic_epoch);
-        let fenced =
-            || format!("topic epoch has moved on: the topic is at {topic_epoch}, the producer at {:?}", r.topic_epoch);
         let exclusive_holder = self.exclusive.and_then(|k| self.producers.get(&k)).map(|p| p.name.clone());
+        let last = self.last_sequence.get(&name).copied().unwrap_or(-1);
+        let producer =
+            Registered { name: name.clone(), request_id: r.request_id, out: r.out, live: r.live, state: r.state };
         match r.access {
             Mode::Shared => {
-                if let Some(holder) = exclusive_holder {
+                if exclusive_holder.is_some() || !self.waiting_exclusive.is_empty() {
+                    let holder = exclusive_holder.unwrap_or_else(|| "(one waiting)".into());
                     let why = format!("topic {} has an exclusive producer: {holder}", self.ml.name);
-                    return refuse(r.done, pb::ServerError::ProducerBusy, why);
-                }
-                if !self.waiting_exclusive.is_empty() {
-                    let why = format!("a producer waits for exclusive access to {}", self.ml.name);
                     return refuse(r.done, pb::ServerError::ProducerBusy, why);
                 }
             }
             Mode::Exclusive => {
-                if let Some(holder) = exclusive_holder {
+                if exclusive_holder.is_some() || !self.waiting_exclusive.is_empty() {
+                    let holder = exclusive_holder.unwrap_or_else(|| "(one waiting)".into());
                     let why = format!("topic {} has an exclusive producer: {holder}", self.ml.name);
-                    return refuse(r.done, pb::ServerError::ProducerBusy, why);
+                    return refuse(r.done, pb::ServerError::ProducerFenced, why);
                 }
                 if !self.producers.is_empty() {
                     let why = format!("topic {} has shared producers", self.ml.name);
                     return refuse(r.done, pb::ServerError::ProducerFenced, why);
                 }
-                if moved {
-                    return refuse(r.done, pb::ServerError::ProducerFenced, fenced());
-                }
             }
             Mode::WaitForExclusive => {
                 if !self.producers.is_empty() || !self.waiting_exclusive.is_empty() {
-                    let (tx, rx) = oneshot::channel();
-                    let last = self.last_sequence.get(&name).copied().unwrap_or(-1);
-                    let answer =
-                        ProducerAnswer { name: name.clone(), last_sequence: last, topic_epoch: None, wait: Some(rx) };
-                    let producer = Registered { name, out: r.out, live: r.live, closed: r.closed };
-                    self.waiting_exclusive.push_back(Queued { key, producer, topic_epoch: r.topic_epoch, ready: tx });
-                    let _ = r.done.send(Ok(answer));
+                    producer.state.ready.store(false, std::sync::atomic::Ordering::Release);
+                    let _ =
+                        producer.out.send(Out::Cmd(producer_success(r.request_id, name.clone(), last, None, false)));
+                    self.waiting_exclusive.push_back(Queued { key, producer, topic_epoch: r.topic_epoch });
+                    let _ = r.done.send(Ok(name));
                     return;
                 }
-                if moved {
-                    return refuse(r.done, pb::ServerError::ProducerFenced, fenced());
-                }
             }
-            Mode::ExclusiveWithFencing => {
-                // Everyone else is out: producers are closed (their reconnects are fenced by
-                // the new epoch), waiting ones refused.
-                for q in self.waiting_exclusive.drain(..) {
-                    let _ = q.ready.send(Err((
-                        pb::ServerError::ProducerFenced,
-                        "fenced by an ExclusiveWithFencing producer".into(),
-                    )));
-                }
-                for ((_, producer_id), p) in self.producers.drain() {
-                    p.close(producer_id);
-                }
-                self.exclusive = None;
-            }
+            Mode::ExclusiveWithFencing => {}
         }
-        let exclusive = r.access != Mode::Shared;
-        let epoch = if exclusive {
-            // ExclusiveWithFencing always moves the epoch on; the others keep the one they had.
-            let keep = r.topic_epoch.filter(|_| r.access != Mode::ExclusiveWithFencing);
-            match self.take_exclusive(keep).await {
+        let epoch = if r.access == Mode::Shared {
+            None
+        } else {
+            match self.take_exclusive(r.topic_epoch).await {
                 Ok(e) => Some(e),
                 Err(why) => return refuse(r.done, pb::ServerError::MetadataError, why),
             }
-        } else {
-            None
         };
-        let last = self.last_sequence.get(&name).copied().unwrap_or(-1);
-        self.producers.insert(key, Registered { name: name.clone(), out: r.out, live: r.live, closed: r.closed });
-        if exclusive {
+        producer.grant(last, epoch);
+        self.producers.insert(key, producer);
+        if epoch.is_some() {
             self.exclusive = Some(key);
         }
-        let _ = r.done.send(Ok(ProducerAnswer { name, last_sequence: last, topic_epoch: epoch, wait: None }));
+        let _ = r.done.send(Ok(name));
     }
 
     /// Sets the topic epoch for a producer taking exclusive access: the one it had
@@ -1571,23 +1594,27 @@ impl Actor {
     async fn next_exclusive(&mut self) {
         while self.producers.is_empty() {
             let Some(q) = self.waiting_exclusive.pop_front() else { return };
-            if q.producer.live.is_closing() || q.ready.is_closed() {
+            if q.producer.live.is_closing() {
+                continue;
+            }
+            if self.ml.info.terminated {
+                q.producer
+                    .refuse(pb::ServerError::TopicTerminatedError, format!("topic {} is terminated", self.ml.name));
                 continue;
             }
             if q.topic_epoch.is_some_and(|e| e < self.ml.info.topic_epoch) {
                 let why = format!("topic epoch has moved on: the topic is at {}", self.ml.info.topic_epoch);
-                let _ = q.ready.send(Err((pb::ServerError::ProducerFenced, why)));
+                q.producer.refuse(pb::ServerError::ProducerFenced, why);
                 continue;
             }
             match self.take_exclusive(q.topic_epoch).await {
                 Ok(epoch) => {
+                    let last = self.last_sequence.get(&q.producer.name).copied().unwrap_or(-1);
+                    q.producer.grant(last, Some(epoch));
                     self.producers.insert(q.key, q.producer);
                     self.exclusive = Some(q.key);
-                    let _ = q.ready.send(Ok(epoch));
                 }
-                Err(why) => {
-                    let _ = q.ready.send(Err((pb::ServerError::MetadataError, why)));
-                }
+                Err(why) => q.producer.refuse(pb::ServerError::MetadataError, why),
             }
         }
     }

@@ -32,8 +32,8 @@ use crate::ownership::{Owner, Ownership};
 use crate::protocol::names::TopicName;
 use crate::protocol::pb;
 pub use actor::{
-    AppendError, Cmd, ConsumerSpec, CreateAt, EntryInfo, Out, OutTx, ProducerAnswer, ProducerRequest, SeekTarget,
-    SubAnswer, SubError, SubOp,
+    producer_success, AppendError, Cmd, ConsumerSpec, CreateAt, EntryInfo, Out, OutTx, ProducerRequest, ProducerState,
+    SeekTarget, SubAnswer, SubError, SubOp,
 };
 pub use liveness::{Liveness, LIVENESS_TIMEOUT};
 use position::{LedgerSpan, Pos};
