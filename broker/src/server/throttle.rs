@@ -66,6 +66,11 @@ impl PublishBuffer {
         if self.used.load(Ordering::Acquire) <= self.max / 2 {
             // The release that got it there may have run before `full` was set.
             self.full.store(false, Ordering::Release);
+            if self.used.load(Ordering::Acquire) >= self.max {
+                // Filled again meanwhile, by a send whose mark the store above overwrote.
+                self.full.store(true, Ordering::Release);
+                return true;
+            }
             self.open.notify_waiters();
             return false;
         }
@@ -120,6 +125,10 @@ impl ConnThrottle {
         }
         if self.pending.load(Ordering::Acquire) <= self.max / 2 {
             self.full.store(false, Ordering::Release);
+            if self.pending.load(Ordering::Acquire) >= self.max {
+                self.full.store(true, Ordering::Release);
+                return true;
+            }
             return false;
         }
         true
@@ -198,12 +207,19 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         let conn = &self.conn;
         if conn.pending.fetch_sub(1, Ordering::AcqRel) - 1 <= conn.max / 2 && conn.full.swap(false, Ordering::AcqRel) {
+            if conn.pending.load(Ordering::Acquire) >= conn.max {
+                // Filled again meanwhile, by a send whose mark the swap above took away.
+                conn.full.store(true, Ordering::Release);
+            }
             conn.open.notify_waiters();
         }
         let buffer = &conn.buffer;
         buffer.pending.fetch_sub(1, Ordering::Relaxed);
         let used = buffer.used.fetch_sub(self.bytes, Ordering::AcqRel) - self.bytes;
         if used <= buffer.max / 2 && buffer.full.swap(false, Ordering::AcqRel) {
+            if buffer.used.load(Ordering::Acquire) >= buffer.max {
+                buffer.full.store(true, Ordering::Release);
+            }
             buffer.open.notify_waiters();
         }
     }
