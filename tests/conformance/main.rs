@@ -162,6 +162,13 @@ async fn python_client_consumes_with_every_subscription_type_and_codec() {
     scenario(&s.url(), "compression", "codec");
 }
 
+/// Delayed delivery with the Python client (see the `delayed_delivery` scenario).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_client_delayed_delivery() {
+    let s = standalone().await;
+    scenario(&s.url(), "delayed_delivery", "delay");
+}
+
 /// Producer access modes with the Python client: Exclusive, WaitForExclusive and
 /// ExclusiveWithFencing (see the `access_modes` scenario). Each producer that took exclusive
 /// access moved the topic epoch on, and the epoch is stored with the topic, so a fenced

@@ -723,6 +723,39 @@ def access_modes():
     c.close()
 
 
+
+def delayed_delivery():
+    """Delayed delivery (deliver_after / deliver_at): a Shared subscription gets a delayed
+    message only once it is due, and the messages around it at once; Key_Shared likewise; an
+    Exclusive subscription gets everything at once, as in Pulsar."""
+    import datetime
+    topic = f"{PREFIX}-delayed"
+    shared = client.subscribe(topic, "shared", consumer_type=pulsar.ConsumerType.Shared)
+    keyed = client.subscribe(topic, "keyed", consumer_type=pulsar.ConsumerType.KeyShared)
+    exclusive = client.subscribe(topic, "exclusive", consumer_type=pulsar.ConsumerType.Exclusive)
+    p = client.create_producer(topic, batching_enabled=False)
+    p.send(b"now-1", partition_key="k")
+    sent = time.time()
+    p.send(b"later", partition_key="k", deliver_after=datetime.timedelta(seconds=3))
+    p.send(b"at", partition_key="k", deliver_at=int((sent + 2) * 1000))
+    p.send(b"now-2", partition_key="k")
+    got = bodies(receive_n(exclusive, 4))
+    assert got == ["now-1", "later", "at", "now-2"], got
+    for c in (shared, keyed):
+        first = bodies(receive_n(c, 2, timeout_ms=1500))
+        assert first == ["now-1", "now-2"], first
+        m = c.receive(timeout_millis=5000)
+        c.acknowledge(m)
+        assert m.data() == b"at" and time.time() - sent >= 1.8, (m.data(), time.time() - sent)
+        m = c.receive(timeout_millis=5000)
+        c.acknowledge(m)
+        assert m.data() == b"later" and time.time() - sent >= 2.8, (m.data(), time.time() - sent)
+        nothing_more(c)
+    p.close()
+    for c in (shared, keyed, exclusive):
+        c.close()
+
+
 globals()[SCENARIO]()
 client.close()
 print(f"ok {SCENARIO}")

@@ -56,6 +56,10 @@ pub struct EntryInfo {
     pub slot: u32,
     /// Whether the entry is a batch.
     pub batched: bool,
+    /// Not to be delivered before this time (ms since the epoch; 0: at once): Pulsar's
+    /// delayed delivery (`deliverAfter` / `deliverAt`), for Shared and Key_Shared
+    /// subscriptions.
+    pub deliver_at: u64,
 }
 
 impl EntryInfo {
@@ -79,6 +83,7 @@ impl EntryInfo {
             publish_time: md.publish_time,
             slot: keys::slot(&key),
             batched,
+            deliver_at: md.deliver_at_time.unwrap_or(0).max(0) as u64,
         }
     }
 }
@@ -545,6 +550,9 @@ struct Sub {
     read_pos: Pos,
     /// Positions to deliver (again) before new ones.
     replay: BTreeSet<Pos>,
+    /// Entries held back until their delivery time: (time in ms, position). Not stored: the
+    /// mark-delete position stays before them, so a reloaded topic reads and holds them again.
+    delayed: BTreeSet<(u64, Pos)>,
     /// Delivered and unacknowledged: position → consumer.
     pending: HashMap<Pos, u64>,
     redeliveries: HashMap<Pos, u32>,
@@ -784,6 +792,10 @@ impl Actor {
                         if self.inflight.is_empty() && !self.roll().await {
                             break;
                         }
+                    }
+                    let now = super::now_ms();
+                    for sub in self.subs.values_mut() {
+                        release_delayed(sub, now);
                     }
                     self.dispatch_all();
                 }
@@ -1095,6 +1107,7 @@ impl Actor {
                 msg_backlog: backlog,
                 backlog_size: (backlog as f64 * avg_entry) as u64,
                 unacked_messages: sub.pending.len() as u64,
+                msg_delayed: sub.delayed.len() as u64,
                 sub_type: sub_type_name(sub.sub_type).into(),
                 is_durable: sub.durable,
                 consumers,
@@ -1792,6 +1805,7 @@ impl Actor {
             cursor,
             read_pos: md,
             replay: BTreeSet::new(),
+            delayed: BTreeSet::new(),
             pending: HashMap::new(),
             redeliveries: HashMap::new(),
             consumers: Vec::new(),
@@ -1965,6 +1979,7 @@ impl Actor {
         sub.cursor.reset(md);
         sub.read_pos = md;
         sub.replay.clear();
+        sub.delayed.clear();
         sub.pending.clear();
         sub.redeliveries.clear();
         sub.fetched.clear();
@@ -2153,7 +2168,7 @@ fn update_active(sub: &mut Sub, partition: Option<u32>, joined: bool) {
 /// again, then new entries. Entries not in the tail cache are read from the bookies.
 fn dispatch(sub: &mut Sub, ml: &mut Ml) {
     // A terminated topic whose every entry this subscription has read: consumers hear it.
-    if ml.info.terminated && sub.replay.is_empty() && ml.span.next(sub.read_pos).is_none() {
+    if ml.info.terminated && sub.replay.is_empty() && sub.delayed.is_empty() && ml.span.next(sub.read_pos).is_none() {
         for c in sub.consumers.iter_mut().filter(|c| !c.told_end) {
             c.told_end = true;
             let _ = c.out.send(Out::Cmd(pb::BaseCommand {
@@ -2166,6 +2181,7 @@ fn dispatch(sub: &mut Sub, ml: &mut Ml) {
         return;
     }
     let partition = ml.name.partition().map(|p| p as i32).unwrap_or(-1);
+    let now = super::now_ms();
     let mut need: Vec<Pos> = Vec::new();
     let mut blocked: HashSet<u64> = HashSet::new();
     // Deliver again, in order. Where order counts (every type but Shared), nothing goes out
@@ -2205,6 +2221,10 @@ fn dispatch(sub: &mut Sub, ml: &mut Ml) {
             };
             if waiting_read {
                 left += 1;
+                continue;
+            }
+            if hold(sub, p, &c.info, now) {
+                sub.replay.remove(&p);
                 continue;
             }
             match pick(sub, &c.info, &blocked) {
@@ -2249,6 +2269,10 @@ fn dispatch(sub: &mut Sub, ml: &mut Ml) {
             }
             break;
         };
+        if hold(sub, p, &c.info, now) {
+            sub.read_pos = p;
+            continue;
+        }
         match pick(sub, &c.info, &blocked) {
             Some(i) => {
                 sub.read_pos = p;
@@ -2274,6 +2298,35 @@ fn dispatch(sub: &mut Sub, ml: &mut Ml) {
         if !need.is_empty() {
             ml.start_read(sub, need);
         }
+    }
+}
+
+/// Whether a subscription of this type holds delayed entries back (Pulsar delays them for
+/// Shared and Key_Shared only; the others get them at once).
+fn delays(t: SubType) -> bool {
+    matches!(t, SubType::Shared | SubType::KeyShared)
+}
+
+/// Holds back an entry that is not due yet; true if it did.
+fn hold(sub: &mut Sub, p: Pos, info: &EntryInfo, now: u64) -> bool {
+    if info.deliver_at <= now || !delays(sub.sub_type) {
+        return false;
+    }
+    sub.delayed.insert((info.deliver_at, p));
+    sub.fetched.remove(&p);
+    true
+}
+
+/// Moves the delayed entries that are due (all of them, if the subscription's type no longer
+/// delays) to the positions to deliver.
+fn release_delayed(sub: &mut Sub, now: u64) {
+    let all = !delays(sub.sub_type);
+    while let Some(&(at, p)) = sub.delayed.first() {
+        if at > now && !all {
+            break;
+        }
+        sub.delayed.pop_first();
+        sub.replay.insert(p);
     }
 }
 

@@ -86,6 +86,8 @@ pub struct SubscriptionStats {
     pub backlog_size: u64,
     /// Delivered and not acknowledged.
     pub unacked_messages: u64,
+    /// Entries held back until their delivery time (delayed delivery).
+    pub msg_delayed: u64,
     /// Exclusive, Shared, Failover or Key_Shared.
     #[serde(rename = "type")]
     pub sub_type: String,
