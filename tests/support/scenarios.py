@@ -751,8 +751,20 @@ def delayed_delivery():
         c.acknowledge(m)
         assert m.data() == b"later" and time.time() - sent >= 2.8, (m.data(), time.time() - sent)
         nothing_more(c)
+    # A subscription whose Shared consumers leave, taken over by an Exclusive one: what it
+    # held comes first, at once.
+    switch = client.subscribe(topic, "switch", consumer_type=pulsar.ConsumerType.Shared)
+    p.send(b"held", deliver_after=datetime.timedelta(seconds=60))
+    p.send(b"after")
+    got = bodies(receive_n(switch, 1))
+    assert got == ["after"], got
+    switch.close()
+    switch = client.subscribe(topic, "switch", consumer_type=pulsar.ConsumerType.Exclusive)
+    got = bodies(receive_n(switch, 1, timeout_ms=3000))
+    assert got == ["held"], got
+    nothing_more(switch)
     p.close()
-    for c in (shared, keyed, exclusive):
+    for c in (shared, keyed, exclusive, switch):
         c.close()
 
 

@@ -460,6 +460,7 @@ pub(super) fn spawn(init: Init) -> mpsc::UnboundedSender<Cmd> {
             last_info: None,
             tx: tx.clone(),
             next_trim_check: None,
+            next_delayed: u64::MAX,
             cursors_loaded: false,
         },
         inflight: FuturesOrdered::new(),
@@ -516,6 +517,9 @@ struct Ml {
     /// Consumed ledgers are kept by retention: look again (and read the namespace's policy
     /// again) only after this.
     next_trim_check: Option<Instant>,
+    /// The earliest delivery time of an entry a subscription holds back (ms; `u64::MAX`:
+    /// none), for the topic's timer.
+    next_delayed: u64,
     /// Every stored subscription is loaded (see `Actor::load_cursors`).
     cursors_loaded: bool,
 }
@@ -746,7 +750,16 @@ impl Actor {
         self.load_cursors().await;
         let mut tick = tokio::time::interval(self.ml.settings.cursor_persist_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Wakes the topic when the earliest held delayed entry is due.
+        let delay_timer = tokio::time::sleep(std::time::Duration::from_secs(3600));
+        tokio::pin!(delay_timer);
+        let mut armed = u64::MAX;
         loop {
+            if self.ml.next_delayed < armed {
+                armed = self.ml.next_delayed;
+                let wait = std::time::Duration::from_millis(armed.saturating_sub(super::now_ms()));
+                delay_timer.as_mut().reset(tokio::time::Instant::now() + wait);
+            }
             tokio::select! {
                 cmd = rx.recv() => {
                     let Some(cmd) = cmd else { break };
@@ -793,10 +806,13 @@ impl Actor {
                             break;
                         }
                     }
-                    let now = super::now_ms();
-                    for sub in self.subs.values_mut() {
-                        release_delayed(sub, now);
-                    }
+                    self.ml.next_delayed = release_all_delayed(&mut self.subs, super::now_ms());
+                    self.dispatch_all();
+                }
+                _ = &mut delay_timer, if armed != u64::MAX => {
+                    // Held entries that are due now go out.
+                    armed = u64::MAX;
+                    self.ml.next_delayed = release_all_delayed(&mut self.subs, super::now_ms());
                     self.dispatch_all();
                 }
             }
@@ -1694,6 +1710,8 @@ impl Actor {
             }
         }
         sub.sub_type = spec.sub_type;
+        // Held delayed entries go first to a type that does not delay (before anything newer).
+        release_delayed(sub, super::now_ms());
         if spec.sub_type == SubType::KeyShared {
             if let Err(e) = sub.selector.add(cid, &spec.name, &spec.ranges) {
                 return fail(pb::ServerError::ConsumerAssignError, e.to_string());
@@ -2224,6 +2242,7 @@ fn dispatch(sub: &mut Sub, ml: &mut Ml) {
                 continue;
             }
             if hold(sub, p, &c.info, now) {
+                ml.next_delayed = ml.next_delayed.min(c.info.deliver_at);
                 sub.replay.remove(&p);
                 continue;
             }
@@ -2270,6 +2289,7 @@ fn dispatch(sub: &mut Sub, ml: &mut Ml) {
             break;
         };
         if hold(sub, p, &c.info, now) {
+            ml.next_delayed = ml.next_delayed.min(c.info.deliver_at);
             sub.read_pos = p;
             continue;
         }
@@ -2315,6 +2335,18 @@ fn hold(sub: &mut Sub, p: Pos, info: &EntryInfo, now: u64) -> bool {
     sub.delayed.insert((info.deliver_at, p));
     sub.fetched.remove(&p);
     true
+}
+
+/// Releases what is due in every subscription; returns the next delivery time still held.
+fn release_all_delayed(subs: &mut HashMap<String, Sub>, now: u64) -> u64 {
+    let mut next = u64::MAX;
+    for sub in subs.values_mut() {
+        release_delayed(sub, now);
+        if let Some(&(at, _)) = sub.delayed.first() {
+            next = next.min(at);
+        }
+    }
+    next
 }
 
 /// Moves the delayed entries that are due (all of them, if the subscription's type no longer

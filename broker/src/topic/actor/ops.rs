@@ -78,6 +78,7 @@ fn forget_acked(sub: &mut Sub) {
     sub.pending.retain(|p, _| !cursor.is_acked(*p));
     sub.redeliveries.retain(|p, _| !cursor.is_acked(*p));
     sub.replay.retain(|p| !cursor.is_acked(*p));
+    sub.delayed.retain(|(_, p)| !cursor.is_acked(*p));
     if sub.read_pos < cursor.mark_delete() {
         sub.read_pos = cursor.mark_delete();
     }
