@@ -978,7 +978,7 @@ async fn metrics(State(a): S) -> Response {
          pulsar_connection_closed_total_count{{cluster=\"{cluster}\"}} {closed}\n",
         created.saturating_sub(closed)
     ));
-    let t = a.connections.throttling();
+    let t = a.connections.publish.gauges();
     out.push_str(&format!(
         "# HELP pulsar_broker_throttled_connections Connections not read now: too many of their sends, or of all \
          sends, wait for their appends\n# TYPE pulsar_broker_throttled_connections gauge\n\

@@ -39,11 +39,6 @@ impl Connections {
             max_pending_per_connection: cfg.max_pending_publish_requests_per_connection,
         }
     }
-
-    /// What `/metrics` shows of publish back-pressure.
-    pub(crate) fn throttling(&self) -> throttle::ThrottleGauges {
-        self.publish.gauges()
-    }
 }
 
 pub(crate) struct Shared {

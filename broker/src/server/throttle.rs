@@ -9,15 +9,68 @@ use std::sync::Arc;
 
 use tokio::sync::Notify;
 
-/// The broker-wide budget of bytes in sends not yet answered, and the gauges `/metrics` shows.
-pub(crate) struct PublishBuffer {
-    /// Bytes at which every connection stops reading (`usize::MAX`: no limit).
+/// A count with a limit, with hysteresis: full once the count reaches `max`, open again once
+/// it has fallen to half.
+struct Gate {
+    /// `usize::MAX`: no limit.
     max: usize,
-    used: AtomicUsize,
+    count: AtomicUsize,
     /// Set at `max`, cleared at half of it.
     full: AtomicBool,
     /// Woken when `full` clears.
     open: Notify,
+}
+
+impl Gate {
+    fn new(max: usize) -> Self {
+        Gate { max, count: AtomicUsize::new(0), full: AtomicBool::new(false), open: Notify::new() }
+    }
+
+    fn add(&self, n: usize) {
+        if self.count.fetch_add(n, Ordering::AcqRel).saturating_add(n) >= self.max {
+            self.full.store(true, Ordering::Release);
+        }
+    }
+
+    fn sub(&self, n: usize) {
+        if self.count.fetch_sub(n, Ordering::AcqRel) - n <= self.max / 2 && self.full.swap(false, Ordering::AcqRel) {
+            self.refill_or_open();
+        }
+    }
+
+    fn is_full(&self) -> bool {
+        self.full.load(Ordering::Acquire)
+    }
+
+    /// Whether it is full and not yet back to half.
+    fn blocked(&self) -> bool {
+        if !self.is_full() {
+            return false;
+        }
+        if self.count.load(Ordering::Acquire) > self.max / 2 {
+            return true;
+        }
+        // The release that got it there may have run before `full` was set.
+        self.full.store(false, Ordering::Release);
+        self.refill_or_open()
+    }
+
+    /// After clearing `full`: sets it again if the count reached `max` meanwhile (a mark the
+    /// clearing overwrote), else wakes the waiters. Returns whether it is full.
+    fn refill_or_open(&self) -> bool {
+        if self.count.load(Ordering::Acquire) >= self.max {
+            self.full.store(true, Ordering::Release);
+            return true;
+        }
+        self.open.notify_waiters();
+        false
+    }
+}
+
+/// The broker-wide budget of bytes in sends not yet answered, and the gauges `/metrics` shows.
+pub(crate) struct PublishBuffer {
+    /// Bytes at which every connection stops reading.
+    bytes: Gate,
     /// Sends not yet answered, over all connections.
     pending: AtomicUsize,
     /// Connections not reading now, for either limit.
@@ -39,10 +92,7 @@ impl PublishBuffer {
     pub(crate) fn new(max_mb: i64) -> Self {
         let max = if max_mb < 0 { usize::MAX } else { (max_mb as usize).saturating_mul(1 << 20).max(1) };
         PublishBuffer {
-            max,
-            used: AtomicUsize::new(0),
-            full: AtomicBool::new(false),
-            open: Notify::new(),
+            bytes: Gate::new(max),
             pending: AtomicUsize::new(0),
             throttled: AtomicUsize::new(0),
             throttled_global: AtomicUsize::new(0),
@@ -52,102 +102,53 @@ impl PublishBuffer {
     pub(crate) fn gauges(&self) -> ThrottleGauges {
         ThrottleGauges {
             pending: self.pending.load(Ordering::Relaxed),
-            buffer_bytes: self.used.load(Ordering::Relaxed),
+            buffer_bytes: self.bytes.count.load(Ordering::Relaxed),
             throttled: self.throttled.load(Ordering::Relaxed),
             throttled_global: self.throttled_global.load(Ordering::Relaxed),
         }
-    }
-
-    /// Whether connections must not read: full, and not yet back to half.
-    fn blocked(&self) -> bool {
-        if !self.full.load(Ordering::Acquire) {
-            return false;
-        }
-        if self.used.load(Ordering::Acquire) <= self.max / 2 {
-            // The release that got it there may have run before `full` was set.
-            self.full.store(false, Ordering::Release);
-            if self.used.load(Ordering::Acquire) >= self.max {
-                // Filled again meanwhile, by a send whose mark the store above overwrote.
-                self.full.store(true, Ordering::Release);
-                return true;
-            }
-            self.open.notify_waiters();
-            return false;
-        }
-        true
     }
 }
 
 /// One connection's count of sends not yet answered.
 pub(crate) struct ConnThrottle {
     /// Sends at which this connection stops reading.
-    max: usize,
-    pending: AtomicUsize,
-    /// Set at `max`, cleared at half of it.
-    full: AtomicBool,
-    /// Woken when `full` clears.
-    open: Notify,
+    sends: Gate,
     buffer: Arc<PublishBuffer>,
 }
 
 impl ConnThrottle {
     pub(crate) fn new(max: usize, buffer: Arc<PublishBuffer>) -> Arc<Self> {
-        Arc::new(ConnThrottle {
-            max: max.max(1),
-            pending: AtomicUsize::new(0),
-            full: AtomicBool::new(false),
-            open: Notify::new(),
-            buffer,
-        })
+        Arc::new(ConnThrottle { sends: Gate::new(max.max(1)), buffer })
     }
 
     /// Counts a send of `bytes` read from the connection until the returned guard is dropped
     /// (when the send is answered, or given up).
     pub(crate) fn start(self: &Arc<Self>, bytes: usize) -> InFlight {
-        if self.pending.fetch_add(1, Ordering::AcqRel) + 1 >= self.max {
-            self.full.store(true, Ordering::Release);
-        }
+        self.sends.add(1);
         self.buffer.pending.fetch_add(1, Ordering::Relaxed);
-        if self.buffer.used.fetch_add(bytes, Ordering::AcqRel).saturating_add(bytes) >= self.buffer.max {
-            self.buffer.full.store(true, Ordering::Release);
-        }
+        self.buffer.bytes.add(bytes);
         InFlight { conn: self.clone(), bytes }
     }
 
     /// Whether the connection is not being read now (or will not be at its next frame).
     pub(crate) fn paused(&self) -> bool {
-        self.full.load(Ordering::Acquire) || self.buffer.full.load(Ordering::Acquire)
-    }
-
-    fn blocked(&self) -> bool {
-        if !self.full.load(Ordering::Acquire) {
-            return false;
-        }
-        if self.pending.load(Ordering::Acquire) <= self.max / 2 {
-            self.full.store(false, Ordering::Release);
-            if self.pending.load(Ordering::Acquire) >= self.max {
-                self.full.store(true, Ordering::Release);
-                return true;
-            }
-            return false;
-        }
-        true
+        self.sends.is_full() || self.buffer.bytes.is_full()
     }
 
     /// Returns once the connection may read its next frame: at once unless a limit was
     /// reached, else when what is pending has fallen to half of it.
     pub(crate) async fn readable(&self) {
-        if !self.full.load(Ordering::Acquire) && !self.buffer.full.load(Ordering::Acquire) {
+        if !self.paused() {
             return;
         }
         let mut counted: Option<Counted<'_>> = None;
         loop {
-            let (mine, everyone) = (self.open.notified(), self.buffer.open.notified());
+            let (mine, everyone) = (self.sends.open.notified(), self.buffer.bytes.open.notified());
             tokio::pin!(mine, everyone);
             // Registered before looking, so a release in between still wakes this wait.
             mine.as_mut().enable();
             everyone.as_mut().enable();
-            let (local, global) = (self.blocked(), self.buffer.blocked());
+            let (local, global) = (self.sends.blocked(), self.buffer.bytes.blocked());
             if !local && !global {
                 return;
             }
@@ -205,23 +206,9 @@ pub(crate) struct InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        let conn = &self.conn;
-        if conn.pending.fetch_sub(1, Ordering::AcqRel) - 1 <= conn.max / 2 && conn.full.swap(false, Ordering::AcqRel) {
-            if conn.pending.load(Ordering::Acquire) >= conn.max {
-                // Filled again meanwhile, by a send whose mark the swap above took away.
-                conn.full.store(true, Ordering::Release);
-            }
-            conn.open.notify_waiters();
-        }
-        let buffer = &conn.buffer;
-        buffer.pending.fetch_sub(1, Ordering::Relaxed);
-        let used = buffer.used.fetch_sub(self.bytes, Ordering::AcqRel) - self.bytes;
-        if used <= buffer.max / 2 && buffer.full.swap(false, Ordering::AcqRel) {
-            if buffer.used.load(Ordering::Acquire) >= buffer.max {
-                buffer.full.store(true, Ordering::Release);
-            }
-            buffer.open.notify_waiters();
-        }
+        self.conn.sends.sub(1);
+        self.conn.buffer.pending.fetch_sub(1, Ordering::Relaxed);
+        self.conn.buffer.bytes.sub(self.bytes);
     }
 }
 
