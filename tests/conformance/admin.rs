@@ -958,8 +958,8 @@ async fn a_silent_client_gives_up_its_producer_name_and_exclusive_subscription()
 
     let s = standalone().await;
     let topic = "persistent://public/default/silent";
-    // Two silent clients: one with the producer named "fixed", one with the exclusive
-    // consumer of "excl".
+    // Silent clients: two with the producers named "fixed" and "fixed-too", one with the
+    // exclusive consumer of "excl".
     let producer = pb::CommandProducer {
         topic: topic.into(),
         producer_id: 1,
@@ -968,6 +968,15 @@ async fn a_silent_client_gives_up_its_producer_name_and_exclusive_subscription()
         ..Default::default()
     };
     let mut gone_producer =
+        silent_client(&s.broker, pb::BaseCommand { producer: Some(Box::new(producer)), ..base(Type::Producer) }).await;
+    let producer = pb::CommandProducer {
+        topic: topic.into(),
+        producer_id: 1,
+        request_id: 1,
+        producer_name: Some("fixed-too".into()),
+        ..Default::default()
+    };
+    let mut gone_too =
         silent_client(&s.broker, pb::BaseCommand { producer: Some(Box::new(producer)), ..base(Type::Producer) }).await;
     let subscribe = pb::CommandSubscribe {
         topic: topic.into(),
@@ -996,10 +1005,45 @@ async fn a_silent_client_gives_up_its_producer_name_and_exclusive_subscription()
     assert_eq!(busy(r.map(|_| ())), ServerError::ConsumerBusy);
 
     // The silent clients' name and subscription go to the new one once they failed the check.
+    // Meanwhile the new producer's connection serves the client's other producers.
+    let elsewhere = "persistent://public/default/silent-other";
+    let mut other = second.producer_named(elsewhere, Some("other")).await.expect("producer other");
     let started = std::time::Instant::now();
-    let r = tokio::time::timeout(Duration::from_secs(20), second.producer_named(topic, Some("fixed"))).await;
+    let named = async {
+        let r = tokio::time::timeout(Duration::from_secs(20), second.producer_named(topic, Some("fixed"))).await;
+        (r, started.elapsed())
+    };
+    let meanwhile = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        other.send(b"meanwhile", 0).expect("send");
+        other.receipt().await.expect("receipt").1.expect("stored");
+        started.elapsed()
+    };
+    let ((r, named_after), receipt_after) = tokio::join!(named, meanwhile);
     let mut p = r.expect("an answer").expect("the name of a silent client is free again");
-    assert!(started.elapsed() >= Duration::from_secs(4), "served after the check, {:?}", started.elapsed());
+    assert!(named_after >= Duration::from_secs(4), "served after the check, {named_after:?}");
+    assert!(receipt_after < named_after, "a send waited for the check: {receipt_after:?} vs {named_after:?}");
+    // A producer closed by its client while the silent holder of its name is checked takes
+    // nothing, and its connection answers the close at once.
+    let mut closing = RawConn::connect(&s.broker).await;
+    let producer = pb::CommandProducer {
+        topic: topic.into(),
+        producer_id: 7,
+        request_id: 1,
+        producer_name: Some("fixed-too".into()),
+        ..Default::default()
+    };
+    closing.send(pb::BaseCommand { producer: Some(Box::new(producer)), ..base(Type::Producer) }).await;
+    let close = pb::CommandCloseProducer { producer_id: 7, request_id: 2, ..Default::default() };
+    let started = std::time::Instant::now();
+    let a = closing.ask(pb::BaseCommand { close_producer: Some(Box::new(close)), ..base(Type::CloseProducer) }).await;
+    assert_eq!(a.success.map(|x| x.request_id), Some(2), "the close is answered first");
+    let a = tokio::time::timeout(Duration::from_secs(20), closing.next()).await.expect("an answer").expect("open");
+    let e = a.error.clone().unwrap_or_else(|| panic!("a producer closed during the check was registered: {a:?}"));
+    assert_eq!((e.request_id, e.error), (1, ServerError::ServiceNotReady as i32), "{e:?}");
+    assert!(started.elapsed() >= Duration::from_secs(3), "answered after the check, {:?}", started.elapsed());
+    let r = tokio::time::timeout(Duration::from_secs(20), second.producer_named(topic, Some("fixed-too"))).await;
+    r.expect("an answer").expect("the name is free: its silent holder is gone and the closed producer took nothing");
     // A consumer closed by its client while the silent holder is checked takes nothing.
     let mut closing = RawConn::connect(&s.broker).await;
     let subscribe = pb::CommandSubscribe {
@@ -1028,7 +1072,7 @@ async fn a_silent_client_gives_up_its_producer_name_and_exclusive_subscription()
     let m = tokio::time::timeout(Duration::from_secs(10), c.next()).await.expect("a message").expect("open");
     assert_eq!(&m.payload.data[..], b"after");
     // The broker closed both silent connections: what is left to read ends.
-    for conn in [&mut gone_producer, &mut gone_consumer] {
+    for conn in [&mut gone_producer, &mut gone_too, &mut gone_consumer] {
         let ended = tokio::time::timeout(Duration::from_secs(5), async { while conn.next().await.is_some() {} });
         ended.await.expect("the silent connection was closed");
     }

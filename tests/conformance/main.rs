@@ -164,11 +164,14 @@ async fn python_client_consumes_with_every_subscription_type_and_codec() {
 
 /// Delayed delivery with the Python client (see the `delayed_delivery` scenario). Cursors are
 /// stored only every minute here: held entries must come out on their own timer, not on that
-/// tick.
+/// tick. A message still held when the broker restarts is held again until it is due.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_client_delayed_delivery() {
     let s = standalone_with(&["cursor_persist_interval_ms=60000"]).await;
     scenario(&s.url(), "delayed_delivery", "delay");
+    scenario(&s.url(), "delayed_before_restart", "delay");
+    let s = s.restart().await;
+    scenario(&s.url(), "delayed_after_restart", "delay");
 }
 
 /// Producer access modes with the Python client: Exclusive, WaitForExclusive and

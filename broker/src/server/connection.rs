@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use super::{max_frame, Shared};
 use crate::ownership::Owner;
@@ -45,7 +45,6 @@ enum PendingSend {
 
 struct Producer {
     topic: Topic,
-    name: String,
     /// Sends, in arrival order, to the task that awaits their appends and answers.
     queue: mpsc::UnboundedSender<PendingSend>,
     /// What its topic tells about it: ready to send, closed, its topic epoch.
@@ -470,10 +469,11 @@ impl Conn {
                     // not stored; the client resends what it still wants once it reconnects.
                     return Ok(());
                 }
-                if !producer.state.ready.load(Ordering::Acquire) {
-                    // As Pulsar does: the client was told the producer is not ready yet.
+                let (Some(name), true) = (producer.state.name.get(), producer.state.ready.load(Ordering::Acquire))
+                else {
+                    // As Pulsar does: the client was not told (yet) that the producer may send.
                     return Err(ConnError::Protocol(format!("SEND for producer {}, not ready yet", s.producer_id)));
-                }
+                };
                 let payload = frame.payload.ok_or_else(|| ConnError::Protocol("SEND without a payload".into()))?;
                 let highest = s.highest_sequence_id.unwrap_or(s.sequence_id);
                 let in_flight = self.throttle.start(payload.entry.len());
@@ -491,7 +491,7 @@ impl Conn {
                     Box::pin(std::future::ready(Err(e)))
                 } else {
                     let info = EntryInfo::from_entry(&payload.metadata, &payload.data);
-                    Box::pin(producer.topic.append(payload.entry, info, Some((producer.name.clone(), highest))))
+                    Box::pin(producer.topic.append(payload.entry, info, Some((name.clone(), highest))))
                 };
                 let _ = producer.queue.send(PendingSend::Send(s.sequence_id, highest, fut, in_flight));
             }
@@ -499,6 +499,8 @@ impl Conn {
                 let c = cmd.close_producer.ok_or_else(|| missing("CLOSE_PRODUCER"))?;
                 match self.producers.remove(&c.producer_id) {
                     Some(p) => {
+                        // Not registered if its PRODUCER is still being served.
+                        p.state.closed.store(true, Ordering::Release);
                         let _ = p.topic.send(Cmd::RemoveProducer { conn: self.conn, producer_id: c.producer_id });
                         if let Err(e) = p.queue.send(PendingSend::Close(c.request_id)) {
                             let PendingSend::Close(request_id) = e.0 else { unreachable!("a close was sent") };
@@ -685,44 +687,58 @@ impl Conn {
             // Its topic stopped and told the client to reconnect the producer.
             self.producers.remove(&p.producer_id);
         }
-        if self.producers.contains_key(&p.producer_id) {
-            // A retry of a PRODUCER this connection already served.
-            if let Some(x) = self.producers.get(&p.producer_id) {
-                let epoch = Some(x.state.topic_epoch.load(Ordering::Acquire)).filter(|e| *e > 0);
-                let ready = x.state.ready.load(Ordering::Acquire);
-                reply(&out, producer_success(p.request_id, x.name.clone(), -1, epoch, ready));
-            }
-            return;
+        if let Some(x) = self.producers.get(&p.producer_id) {
+            // A retry of a PRODUCER this connection served, or is serving.
+            let answer = match x.state.name.get() {
+                Some(name) => {
+                    let epoch = Some(x.state.topic_epoch.load(Ordering::Acquire)).filter(|e| *e > 0);
+                    let ready = x.state.ready.load(Ordering::Acquire);
+                    producer_success(p.request_id, name.clone(), -1, epoch, ready)
+                }
+                None => error_command(
+                    p.request_id,
+                    pb::ServerError::ServiceNotReady,
+                    format!("producer {} is already being created on this connection", p.producer_id),
+                ),
+            };
+            return reply(&out, answer);
         }
         let Some(topic) = self.topic(p.request_id, &p.topic).await else { return };
         let state = Arc::new(ProducerState::default());
         let access = pb::ProducerAccessMode::try_from(p.producer_access_mode.unwrap_or(0))
             .unwrap_or(pb::ProducerAccessMode::Shared);
-        let answer = topic
-            .ask(|done| {
-                Cmd::AddProducer(Box::new(ProducerRequest {
-                    conn: self.conn,
-                    producer_id: p.producer_id,
-                    request_id: p.request_id,
-                    name: p.producer_name.clone(),
-                    out: out.clone(),
-                    live: self.live.clone(),
-                    checked: false,
-                    access,
-                    topic_epoch: p.topic_epoch,
-                    state: state.clone(),
-                    done,
-                }))
-            })
-            .await;
-        // The topic answered PRODUCER_SUCCESS itself, in order with anything else it tells
-        // about this producer; the client sends nothing for it before that answer, and this
-        // connection reads nothing more before it is registered here.
-        let name = match answer {
-            Ok(Ok(name)) => name,
-            Ok(Err((code, message))) => return reply(&out, error_command(p.request_id, code, message)),
-            Err(e) => return reply(&out, error_command(p.request_id, e.server_error(), e.to_string())),
+        let (done, answer) = oneshot::channel();
+        let request = ProducerRequest {
+            conn: self.conn,
+            producer_id: p.producer_id,
+            request_id: p.request_id,
+            name: p.producer_name.clone(),
+            out: out.clone(),
+            live: self.live.clone(),
+            checked: false,
+            access,
+            topic_epoch: p.topic_epoch,
+            state: state.clone(),
+            done,
         };
+        if let Err(e) = topic.send(Cmd::AddProducer(Box::new(request))) {
+            return reply(&out, error_command(p.request_id, e.server_error(), e.to_string()));
+        }
+        // The topic answers PRODUCER_SUCCESS itself, in order with anything else it tells about
+        // this producer, and sets its name first: the client sends nothing for it before that
+        // answer. Meanwhile (the holder of its name may be checked for seconds) this connection
+        // serves its other producers and consumers; a refusal is answered here.
+        let (refused, request_id) = (state.clone(), p.request_id);
+        let out2 = out.clone();
+        tokio::spawn(async move {
+            let (code, message) = match answer.await {
+                Ok(Ok(_)) => return,
+                Ok(Err(e)) => e,
+                Err(_) => (pb::ServerError::ServiceNotReady, "the topic is not available".to_owned()),
+            };
+            refused.closed.store(true, Ordering::Release);
+            reply(&out2, error_command(request_id, code, message));
+        });
         let (queue, mut rx) = mpsc::unbounded_channel::<PendingSend>();
         let (out2, producer_id) = (out.clone(), p.producer_id);
         tokio::spawn(async move {
@@ -765,7 +781,7 @@ impl Conn {
                 }
             }
         });
-        self.producers.insert(p.producer_id, Producer { topic, name, queue, state });
+        self.producers.insert(p.producer_id, Producer { topic, queue, state });
     }
 
     async fn subscribe(&mut self, s: pb::CommandSubscribe) {

@@ -212,6 +212,8 @@ pub struct ProducerState {
     pub closed: std::sync::atomic::AtomicBool,
     /// The topic epoch of an exclusive producer (0: none).
     pub topic_epoch: std::sync::atomic::AtomicU64,
+    /// Its name, set before PRODUCER_SUCCESS is sent (unset while its PRODUCER is served).
+    pub name: std::sync::OnceLock<String>,
 }
 
 /// PRODUCER_SUCCESS.
@@ -254,10 +256,15 @@ impl Registered {
 
     /// Answers its PRODUCER: it may send.
     fn grant(&self, last: i64, epoch: Option<u64>) {
-        use std::sync::atomic::Ordering;
-        self.state.topic_epoch.store(epoch.unwrap_or(0), Ordering::Release);
-        self.state.ready.store(true, Ordering::Release);
-        let _ = self.out.send(Out::Cmd(producer_success(self.request_id, self.name.clone(), last, epoch, true)));
+        self.state.topic_epoch.store(epoch.unwrap_or(0), std::sync::atomic::Ordering::Release);
+        self.answer(last, epoch, true);
+    }
+
+    /// PRODUCER_SUCCESS, `ready` or not; its connection knows the name before the client does.
+    fn answer(&self, last: i64, epoch: Option<u64>, ready: bool) {
+        let _ = self.state.name.set(self.name.clone());
+        self.state.ready.store(ready, std::sync::atomic::Ordering::Release);
+        let _ = self.out.send(Out::Cmd(producer_success(self.request_id, self.name.clone(), last, epoch, ready)));
     }
 }
 
@@ -1515,6 +1522,11 @@ impl Actor {
             // Its connection left while the holder of the name was checked.
             return;
         }
+        if r.state.closed.load(std::sync::atomic::Ordering::Acquire) {
+            // Its client closed it while the holder of the name was checked.
+            let why = "closed by the client before it was ready".into();
+            return refuse(r.done, pb::ServerError::ServiceNotReady, why);
+        }
         let topic_epoch = self.ml.info.topic_epoch;
         // An exclusive producer reconnecting after another took the topic in between.
         if r.topic_epoch.is_some_and(|e| e < topic_epoch) && r.access != Mode::Shared {
@@ -1577,9 +1589,7 @@ impl Actor {
             }
             Mode::WaitForExclusive => {
                 if !self.producers.is_empty() || !self.waiting_exclusive.is_empty() {
-                    producer.state.ready.store(false, std::sync::atomic::Ordering::Release);
-                    let _ =
-                        producer.out.send(Out::Cmd(producer_success(r.request_id, name.clone(), last, None, false)));
+                    producer.answer(last, None, false);
                     self.waiting_exclusive.push_back(Queued { key, producer, topic_epoch: r.topic_epoch });
                     let _ = r.done.send(Ok(name));
                     return;
