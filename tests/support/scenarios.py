@@ -769,12 +769,12 @@ def delayed_delivery():
 
 
 def delayed_before_restart():
-    """Before a broker restart: a Shared subscription holds a message due in 20 s (its due
+    """Before a broker restart: a Shared subscription holds a message due in 30 s (its due
     time, in ms, is its body) and gets the one after it."""
     topic = f"{PREFIX}-delayed-restart"
     c = client.subscribe(topic, "s", consumer_type=pulsar.ConsumerType.Shared)
     p = client.create_producer(topic, batching_enabled=False)
-    due = int((time.time() + 20) * 1000)
+    due = int((time.time() + 30) * 1000)
     p.send(str(due).encode(), deliver_at=due)
     p.send(b"plain")
     got = bodies(receive_n(c, 1))
@@ -788,9 +788,12 @@ def delayed_after_restart():
     """After the restart: the held message is held again until it is due, then delivered."""
     topic = f"{PREFIX}-delayed-restart"
     c = client.subscribe(topic, "s", consumer_type=pulsar.ConsumerType.Shared)
-    m = c.receive(timeout_millis=40000)
+    subscribed = time.time() * 1000
+    m = c.receive(timeout_millis=60000)
     c.acknowledge(m)
     due = int(m.data())
+    # Shows nothing unless the topic was back before the message was due.
+    assert subscribed < due - 5000, f"the restart took too long: subscribed {due - subscribed:.0f} ms before due"
     now = time.time() * 1000
     assert now >= due - 200, f"delivered {due - now:.0f} ms before it was due"
     nothing_more(c)

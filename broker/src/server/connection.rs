@@ -101,6 +101,7 @@ pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>) -> Result<(), 
     });
 
     let (loaded_tx, mut loaded_rx) = mpsc::unbounded_channel();
+    let (refused_tx, mut refused_rx) = mpsc::unbounded_channel::<(u64, Arc<ProducerState>)>();
     let throttle = super::throttle::ConnThrottle::new(
         shared.connections.max_pending_per_connection,
         shared.connections.publish.clone(),
@@ -113,6 +114,7 @@ pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>) -> Result<(), 
         conn,
         out: out.clone(),
         loaded: loaded_tx,
+        refused: refused_tx,
         loading: HashMap::new(),
         session_version: session.protocol_version,
         producers: HashMap::new(),
@@ -137,6 +139,13 @@ pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>) -> Result<(), 
                 live.busy(false);
                 if let Err(e) = r {
                     break Err(e);
+                }
+                continue;
+            }
+            Some((producer_id, state)) = refused_rx.recv() => {
+                // A producer the topic refused is forgotten (unless its id was reused since).
+                if conn_state.producers.get(&producer_id).is_some_and(|p| Arc::ptr_eq(&p.state, &state)) {
+                    conn_state.producers.remove(&producer_id);
                 }
                 continue;
             }
@@ -223,6 +232,8 @@ struct Conn {
     live: Liveness,
     /// PRODUCER and SUBSCRIBE commands handed back once their topic has loaded.
     loaded: mpsc::UnboundedSender<pb::BaseCommand>,
+    /// Producers the topic refused, to be forgotten.
+    refused: mpsc::UnboundedSender<(u64, Arc<ProducerState>)>,
     /// Producers and consumers whose PRODUCER or SUBSCRIBE waits for its topic to load: true
     /// once the client closed them meanwhile (they are then not registered when it has).
     loading: HashMap<Waiter, bool>,
@@ -499,8 +510,7 @@ impl Conn {
                 let c = cmd.close_producer.ok_or_else(|| missing("CLOSE_PRODUCER"))?;
                 match self.producers.remove(&c.producer_id) {
                     Some(p) => {
-                        // Not registered if its PRODUCER is still being served.
-                        p.state.closed.store(true, Ordering::Release);
+                        // Unregistered, or not registered if its PRODUCER is still served.
                         let _ = p.topic.send(Cmd::RemoveProducer { conn: self.conn, producer_id: c.producer_id });
                         if let Err(e) = p.queue.send(PendingSend::Close(c.request_id)) {
                             let PendingSend::Close(request_id) = e.0 else { unreachable!("a close was sent") };
@@ -728,8 +738,8 @@ impl Conn {
         // this producer, and sets its name first: the client sends nothing for it before that
         // answer. Meanwhile (the holder of its name may be checked for seconds) this connection
         // serves its other producers and consumers; a refusal is answered here.
-        let (refused, request_id) = (state.clone(), p.request_id);
-        let out2 = out.clone();
+        let (refused, request_id, producer_id) = (state.clone(), p.request_id, p.producer_id);
+        let (out2, forget) = (out.clone(), self.refused.clone());
         tokio::spawn(async move {
             let (code, message) = match answer.await {
                 Ok(Ok(_)) => return,
@@ -738,6 +748,7 @@ impl Conn {
             };
             refused.closed.store(true, Ordering::Release);
             reply(&out2, error_command(request_id, code, message));
+            let _ = forget.send((producer_id, refused));
         });
         let (queue, mut rx) = mpsc::unbounded_channel::<PendingSend>();
         let (out2, producer_id) = (out.clone(), p.producer_id);

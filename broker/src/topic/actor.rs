@@ -207,8 +207,8 @@ pub struct ProducerRequest {
 pub struct ProducerState {
     /// It may send (false while a `WaitForExclusive` producer waits).
     pub ready: std::sync::atomic::AtomicBool,
-    /// The topic closed it (fenced, or the topic stops): its connection takes no more sends
-    /// for it, and serves its reconnect anew.
+    /// The topic closed it (fenced, or the topic stops) or refused it: its connection takes no
+    /// more sends for it, and serves its reconnect anew.
     pub closed: std::sync::atomic::AtomicBool,
     /// The topic epoch of an exclusive producer (0: none).
     pub topic_epoch: std::sync::atomic::AtomicU64,
@@ -262,8 +262,8 @@ impl Registered {
 
     /// PRODUCER_SUCCESS, `ready` or not; its connection knows the name before the client does.
     fn answer(&self, last: i64, epoch: Option<u64>, ready: bool) {
-        let _ = self.state.name.set(self.name.clone());
         self.state.ready.store(ready, std::sync::atomic::Ordering::Release);
+        let _ = self.state.name.set(self.name.clone());
         let _ = self.out.send(Out::Cmd(producer_success(self.request_id, self.name.clone(), last, epoch, ready)));
     }
 }
@@ -483,6 +483,7 @@ pub(super) fn spawn(init: Init) -> mpsc::UnboundedSender<Cmd> {
         subs: HashMap::new(),
         index: HashMap::new(),
         checking: HashMap::new(),
+        checking_producers: HashMap::new(),
         next_cid: 1,
         msg_in: Rate::default(),
         bytes_in: Rate::default(),
@@ -647,6 +648,9 @@ struct Actor {
     /// Consumers whose SUBSCRIBE waits for a liveness check of the exclusive consumer before
     /// them: true once closed meanwhile (the SUBSCRIBE served again then registers nothing).
     checking: HashMap<(u64, u64), bool>,
+    /// Producers whose PRODUCER waits for a liveness check of the holder of their name: true
+    /// once closed meanwhile (the PRODUCER served again then registers nothing).
+    checking_producers: HashMap<(u64, u64), bool>,
     next_cid: u64,
     msg_in: Rate,
     bytes_in: Rate,
@@ -893,6 +897,9 @@ impl Actor {
             Cmd::AddProducer(r) => self.add_producer(*r).await,
             Cmd::RemoveProducer { conn, producer_id } => {
                 let key = (conn, producer_id);
+                if let Some(closed) = self.checking_producers.get_mut(&key) {
+                    *closed = true;
+                }
                 self.producers.remove(&key);
                 self.waiting_exclusive.retain(|q| q.key != key);
                 if self.exclusive == Some(key) {
@@ -1508,6 +1515,7 @@ impl Actor {
             format!("magnetar-{}-{}-{}", self.ml.writer.as_ref().map(|w| w.id()).unwrap_or(0), r.conn, r.producer_id)
         });
         let key = (r.conn, r.producer_id);
+        let closed_meanwhile = r.checked && self.checking_producers.remove(&key) == Some(true);
         let refuse = |done: oneshot::Sender<_>, code: pb::ServerError, why: String| {
             let _ = done.send(Err((code, why)));
         };
@@ -1522,7 +1530,7 @@ impl Actor {
             // Its connection left while the holder of the name was checked.
             return;
         }
-        if r.state.closed.load(std::sync::atomic::Ordering::Acquire) {
+        if closed_meanwhile {
             // Its client closed it while the holder of the name was checked.
             let why = "closed by the client before it was ready".into();
             return refuse(r.done, pb::ServerError::ServiceNotReady, why);
@@ -1555,6 +1563,7 @@ impl Actor {
             // The holder's client may be gone with its connection still open: ask it (a
             // silent one is closed and leaves), then serve this again, once.
             let (holder_live, tx) = (holder_live.clone(), self.ml.tx.clone());
+            self.checking_producers.insert(key, false);
             tokio::spawn(async move {
                 holder_live.check(super::LIVENESS_TIMEOUT).await;
                 let again = Cmd::AddProducer(Box::new(ProducerRequest { checked: true, ..r }));
