@@ -120,7 +120,7 @@ impl Client {
                 while let Some(f) = next {
                     match &f {
                         Frame::Cmd(c) => writer.queue(c),
-                        Frame::Send(c, entry) => writer.queue_with_entry(c, entry),
+                        Frame::Send(c, entry) => writer.queue_with_entry(c, entry, None),
                     }
                     if writer.buffered() >= 256 * 1024 && writer.flush().await.is_err() {
                         return;

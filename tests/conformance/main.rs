@@ -382,7 +382,7 @@ async fn bad_frames_close_only_their_connection() {
         send: Some(Box::new(pb::CommandSend { producer_id: 1, sequence_id: 0, ..Default::default() })),
         ..base(pb::base_command::Type::Send)
     };
-    codec::encode_with_entry(&cmd, &entry, &mut send);
+    codec::encode_with_entry(&cmd, &entry, None, &mut send);
     let n = send.len();
     send[n - 1] ^= 0xff;
     v.extend_from_slice(&send);

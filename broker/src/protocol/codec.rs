@@ -74,8 +74,9 @@ pub struct Payload {
     /// `[metadataSize][MessageMetadata][payload]` exactly as received: what a ledger entry
     /// stores, so dispatch needs no re-encoding.
     pub entry: Bytes,
-    /// Whether the frame carried a checksum (all clients since protocol v6 do).
-    pub had_checksum: bool,
+    /// The CRC32C of `entry` the frame carried, verified (all clients since protocol v6 send
+    /// one): dispatch sends it on instead of computing it again.
+    pub checksum: Option<u32>,
 }
 
 /// A decoded frame.
@@ -167,13 +168,14 @@ pub fn decode_payload(rest: Bytes) -> Result<Payload, CodecError> {
                 .map_err(|e| CodecError::BadCommand(format!("broker entry metadata: {e}")))?,
         );
     }
-    let had_checksum = peek_magic(r) == Some(MAGIC_CRC32C);
-    if had_checksum {
+    let mut checksum = None;
+    if peek_magic(r) == Some(MAGIC_CRC32C) {
         take(&mut r, 2, "truncated checksum magic")?;
         let crc = be_u32(take(&mut r, 4, "truncated checksum")?) as u32;
         if crc32c::crc32c(r) != crc {
             return Err(CodecError::ChecksumMismatch { consumed: 0, command: None });
         }
+        checksum = Some(crc);
     }
     let entry = rest.slice(rest.len() - r.len()..);
     let meta_size = be_u32(take(&mut r, 4, "truncated metadata size")?);
@@ -181,7 +183,7 @@ pub fn decode_payload(rest: Bytes) -> Result<Payload, CodecError> {
     let metadata =
         pb::MessageMetadata::decode(meta).map_err(|e| CodecError::BadCommand(format!("message metadata: {e}")))?;
     let data = entry.slice(4 + meta_size..);
-    Ok(Payload { broker_entry_metadata, metadata, data, entry, had_checksum })
+    Ok(Payload { broker_entry_metadata, metadata, data, entry, checksum })
 }
 
 /// Splits a stored entry (`[metadataSize][MessageMetadata][payload]`) into metadata and payload.
@@ -205,8 +207,9 @@ pub fn encode_command(cmd: &pb::BaseCommand, out: &mut BytesMut) {
 }
 
 /// Appends a payload frame whose entry part (`[metadataSize][MessageMetadata][payload]`) is
-/// already encoded (as stored in a ledger), adding the checksum.
-pub fn encode_with_entry(cmd: &pb::BaseCommand, entry: &[u8], out: &mut BytesMut) {
+/// already encoded (as stored in a ledger), adding the checksum: `crc` when it is known (the
+/// CRC32C of `entry`), else computed.
+pub fn encode_with_entry(cmd: &pb::BaseCommand, entry: &[u8], crc: Option<u32>, out: &mut BytesMut) {
     let cmd_size = cmd.encoded_len();
     let total = 4 + cmd_size + 2 + 4 + entry.len();
     out.reserve(4 + total);
@@ -214,7 +217,7 @@ pub fn encode_with_entry(cmd: &pb::BaseCommand, entry: &[u8], out: &mut BytesMut
     out.put_u32(cmd_size as u32);
     let _ = cmd.encode(out);
     out.put_u16(MAGIC_CRC32C);
-    out.put_u32(crc32c::crc32c(entry));
+    out.put_u32(crc.unwrap_or_else(|| crc32c::crc32c(entry)));
     out.extend_from_slice(entry);
 }
 
@@ -324,12 +327,17 @@ mod tests {
     fn payload_frame_round_trip_and_checksum() {
         let entry = encode_entry(&metadata(), b"hello");
         let mut b = BytesMut::new();
-        encode_with_entry(&send_cmd(), &entry, &mut b);
+        encode_with_entry(&send_cmd(), &entry, None, &mut b);
         let (f, n) = decode(&b, MAX).unwrap().unwrap();
         assert_eq!(n, b.len());
         let p = f.payload.unwrap();
-        assert_eq!((&p.data[..], p.metadata.sequence_id, p.had_checksum), (&b"hello"[..], 7, true));
+        let crc = crc32c::crc32c(&entry);
+        assert_eq!((&p.data[..], p.metadata.sequence_id, p.checksum), (&b"hello"[..], 7, Some(crc)));
         assert_eq!(p.entry, entry);
+        // The checksum a frame carried, sent on, makes the same frame.
+        let mut again = BytesMut::new();
+        encode_with_entry(&send_cmd(), &p.entry, p.checksum, &mut again);
+        assert_eq!(again, b);
         let mut bad = b.clone();
         let last = bad.len() - 1;
         bad[last] ^= 1;
@@ -381,7 +389,7 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         let entry = encode_entry(&metadata(), &[5u8; 300]);
         let mut good = BytesMut::new();
-        encode_with_entry(&send_cmd(), &entry, &mut good);
+        encode_with_entry(&send_cmd(), &entry, None, &mut good);
         for _ in 0..20_000 {
             let mut b = good.to_vec();
             for _ in 0..rng.random_range(1..6) {

@@ -88,8 +88,8 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     }
 
     /// Queues a payload command carrying a stored entry.
-    pub fn queue_with_entry(&mut self, cmd: &pb::BaseCommand, entry: &[u8]) {
-        codec::encode_with_entry(cmd, entry, &mut self.buf);
+    pub fn queue_with_entry(&mut self, cmd: &pb::BaseCommand, entry: &[u8], crc: Option<u32>) {
+        codec::encode_with_entry(cmd, entry, crc, &mut self.buf);
     }
 
     /// Bytes queued and not yet written.
@@ -254,7 +254,7 @@ mod tests {
         let mut w = FrameWriter::new(client);
         let entry = codec::encode_entry(&pb::MessageMetadata::default(), b"x");
         let mut bad = BytesMut::new();
-        codec::encode_with_entry(&codec::base(Type::Send), &entry, &mut bad);
+        codec::encode_with_entry(&codec::base(Type::Send), &entry, None, &mut bad);
         let n = bad.len();
         bad[n - 1] ^= 1;
         w.io.write_all(&bad).await.unwrap();

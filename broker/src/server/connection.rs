@@ -87,7 +87,7 @@ pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>) -> Result<(), 
             while let Some(o) = next {
                 match &o {
                     Out::Cmd(c) => writer.queue(c),
-                    Out::Msg(c, entry) => writer.queue_with_entry(c, entry),
+                    Out::Msg(c, entry, crc) => writer.queue_with_entry(c, entry, *crc),
                 }
                 if writer.buffered() >= FLUSH_AT && writer.flush().await.is_err() {
                     return;
@@ -501,7 +501,8 @@ impl Conn {
                     };
                     Box::pin(std::future::ready(Err(e)))
                 } else {
-                    let info = EntryInfo::from_entry(&payload.metadata, &payload.data);
+                    let info =
+                        EntryInfo { crc: payload.checksum, ..EntryInfo::from_entry(&payload.metadata, &payload.data) };
                     Box::pin(producer.topic.append(payload.entry, info, Some((name.clone(), highest))))
                 };
                 let _ = producer.queue.send(PendingSend::Send(s.sequence_id, highest, fut, in_flight));

@@ -38,8 +38,9 @@ pub use ops::{CreateAt, SubAnswer, SubError, SubOp};
 pub enum Out {
     /// A command without payload.
     Cmd(pb::BaseCommand),
-    /// A command followed by a stored entry (`[metadataSize][MessageMetadata][payload]`).
-    Msg(pb::BaseCommand, Bytes),
+    /// A command followed by a stored entry (`[metadataSize][MessageMetadata][payload]`) and
+    /// its CRC32C when known.
+    Msg(pb::BaseCommand, Bytes, Option<u32>),
 }
 
 /// A connection's outgoing queue.
@@ -60,6 +61,9 @@ pub struct EntryInfo {
     /// delayed delivery (`deliverAfter` / `deliverAt`), for Shared and Key_Shared
     /// subscriptions.
     pub deliver_at: u64,
+    /// The entry's CRC32C, when its producer's frame carried it (entries read back from the
+    /// bookies have it computed again as they are sent).
+    pub crc: Option<u32>,
 }
 
 impl EntryInfo {
@@ -84,6 +88,7 @@ impl EntryInfo {
             slot: keys::slot(&key),
             batched,
             deliver_at: md.deliver_at_time.unwrap_or(0).max(0) as u64,
+            crc: None,
         }
     }
 }
@@ -2436,7 +2441,7 @@ fn send(sub: &mut Sub, i: usize, p: Pos, c: &Cached, partition: i32) {
         })),
         ..base(Type::Message)
     };
-    let _ = consumer.out.send(Out::Msg(cmd, c.entry.clone()));
+    let _ = consumer.out.send(Out::Msg(cmd, c.entry.clone(), c.info.crc));
 }
 
 impl Ml {
