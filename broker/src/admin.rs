@@ -369,7 +369,7 @@ async fn policy_get(State(a): S, Path((t, ns, segment)): Path<(String, String, S
 }
 
 /// Stores one policy (CAS on the namespace's version). Topics apply retention (see
-/// `topic::Retention`); TTL, deduplication and quotas are kept so tools and later versions
+/// `topic::Retention`) and the message TTL; deduplication and quotas are kept so tools and later versions
 /// see them.
 async fn policy_set(State(a): S, Path((t, ns, segment)): Path<(String, String, String)>, body: Bytes) -> Response {
     let Some((field, kind)) = policy(&segment) else {

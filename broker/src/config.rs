@@ -66,6 +66,11 @@ pub struct BrokerConfig {
     /// How often topics look for consumed ledgers that retention no longer keeps, seconds
     /// (they also look at each ledger rollover and whenever acknowledgements free a ledger).
     pub retention_check_interval_in_seconds: u64,
+    /// Message TTL of namespaces without a `messageTTL` policy, seconds (0: none): messages
+    /// published longer ago are acknowledged on every subscription.
+    pub ttl_duration_default_in_seconds: u64,
+    /// How often topics expire messages past their namespace's TTL, minutes (fractions allowed).
+    pub message_expiry_check_interval_in_minutes: f64,
     /// How often the broker looks for ledgers no topic lists (left by a broker that died
     /// while deleting them) and deletes them, seconds (0: never).
     pub orphan_ledger_check_interval_in_seconds: u64,
@@ -106,6 +111,8 @@ impl Default for BrokerConfig {
             default_retention_time_in_minutes: 0,
             default_retention_size_in_mb: 0,
             retention_check_interval_in_seconds: 120,
+            ttl_duration_default_in_seconds: 0,
+            message_expiry_check_interval_in_minutes: 5.0,
             orphan_ledger_check_interval_in_seconds: 600,
             orphan_ledger_min_age_in_seconds: 600,
             max_pending_publish_requests_per_connection: 1000,
@@ -133,6 +140,8 @@ pub const ENV_ALIASES: &[(&str, &str)] = &[
     ("defaultRetentionTimeInMinutes", "default_retention_time_in_minutes"),
     ("defaultRetentionSizeInMB", "default_retention_size_in_mb"),
     ("retentionCheckIntervalInSeconds", "retention_check_interval_in_seconds"),
+    ("ttlDurationDefaultInSeconds", "ttl_duration_default_in_seconds"),
+    ("messageExpiryCheckIntervalInMinutes", "message_expiry_check_interval_in_minutes"),
     ("maxPendingPublishRequestsPerConnection", "max_pending_publish_requests_per_connection"),
     ("maxMessagePublishBufferSizeInMB", "max_message_publish_buffer_size_in_mb"),
 ];
@@ -159,6 +168,10 @@ impl BrokerConfig {
                 self.default_retention_size_in_mb,
             ),
             retention_check_interval: std::time::Duration::from_secs(self.retention_check_interval_in_seconds.max(1)),
+            message_ttl: self.ttl_duration_default_in_seconds,
+            expiry_check_interval: std::time::Duration::from_secs_f64(
+                self.message_expiry_check_interval_in_minutes * 60.0,
+            ),
         }
     }
 }
@@ -174,6 +187,10 @@ impl Validate for BrokerConfig {
         }
         if self.default_retention_size_in_mb < -1 {
             return bad("default_retention_size_in_mb", "must be -1 (no limit) or at least 0");
+        }
+        let expiry = self.message_expiry_check_interval_in_minutes;
+        if !(expiry.is_finite() && (0.001..=10_000.0).contains(&expiry)) {
+            return bad("message_expiry_check_interval_in_minutes", "must be between 0.001 and 10000");
         }
         if self.ensemble_size > magnetar_bookie::client::metadata::MAX_ENSEMBLE {
             return bad("ensemble_size", "must be at most 64");

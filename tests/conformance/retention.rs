@@ -291,3 +291,51 @@ async fn ledgers_no_topic_lists_are_deleted() {
     assert!(lost.is_none());
     assert_eq!(meta.list(LEDGERS_PREFIX).await.expect("list").len(), before);
 }
+
+/// The backlog of subscription `sub` of `topic`, from the admin API's topic stats.
+async fn backlog(web: &str, topic: &str, sub: &str) -> u64 {
+    let path = format!("/admin/v2/{}/stats", topic.replace("://", "/"));
+    let r = magnetar_broker::http::request_following(&format!("http://{web}"), "GET", &path, "").await.expect("stats");
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v: serde_json::Value = serde_json::from_str(&r.body).expect("json");
+    v["subscriptions"][sub]["msgBacklog"].as_u64().unwrap_or_else(|| panic!("no backlog for {sub}: {v}"))
+}
+
+/// Pulsar's message TTL: the periodic expiry check acknowledges, on every subscription, the
+/// messages published longer ago than the namespace's `messageTTL`; newer ones stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_past_the_namespace_ttl_expire() {
+    let s = standalone_with(&["message_expiry_check_interval_in_minutes=0.01"]).await;
+    let r = magnetar_broker::http::request_following(
+        &format!("http://{}", s.web),
+        "POST",
+        "/admin/v2/namespaces/public/default/messageTTL",
+        "5",
+    )
+    .await
+    .expect("set the TTL");
+    assert_eq!(r.status, 204, "{}", r.body);
+    let p: Pulsar<TokioExecutor> = Pulsar::builder(s.url(), TokioExecutor).build().await.expect("connect");
+    let topic = "persistent://public/default/ttl";
+    // Two subscriptions with no consumer connected hold what is sent.
+    drop(consumer(&p, topic, "one", SubType::Exclusive).await);
+    drop(consumer(&p, topic, "two", SubType::Shared).await);
+    send_all(&p, topic, 0, 5).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(backlog(&s.web, topic, "one").await, 5, "nothing expires before its TTL");
+    // Gone from both once past the TTL (checked every 0.6 s here).
+    let start = Instant::now();
+    for sub in ["one", "two"] {
+        while backlog(&s.web, topic, sub).await > 0 {
+            assert!(start.elapsed() < Duration::from_secs(30), "{sub} still holds messages past their TTL");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    assert!(start.elapsed() >= Duration::from_secs(3), "expired {:?} after the TTL's start", start.elapsed());
+    // What is sent after is delivered.
+    send_all(&p, topic, 5, 8).await;
+    let mut one = consumer(&p, topic, "one", SubType::Exclusive).await;
+    for i in 5..8 {
+        assert_eq!(next_body(&mut one).await, format!("m-{i}"));
+    }
+}

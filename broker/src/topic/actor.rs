@@ -453,6 +453,7 @@ pub(super) struct Init {
 /// Starts the task; returns its command channel.
 pub(super) fn spawn(init: Init) -> mpsc::UnboundedSender<Cmd> {
     let (tx, rx) = mpsc::unbounded_channel();
+    let next_expiry_check = Instant::now() + init.settings.expiry_check_interval;
     let actor = Actor {
         ml: Ml {
             name: init.name,
@@ -489,6 +490,7 @@ pub(super) fn spawn(init: Init) -> mpsc::UnboundedSender<Cmd> {
         index: HashMap::new(),
         checking: HashMap::new(),
         checking_producers: HashMap::new(),
+        next_expiry_check,
         next_cid: 1,
         msg_in: Rate::default(),
         bytes_in: Rate::default(),
@@ -656,6 +658,8 @@ struct Actor {
     /// Producers whose PRODUCER waits for a liveness check of the holder of their name: true
     /// once closed meanwhile (the PRODUCER served again then registers nothing).
     checking_producers: HashMap<(u64, u64), bool>,
+    /// When messages past the namespace's TTL are next expired.
+    next_expiry_check: Instant,
     next_cid: u64,
     msg_in: Rate,
     bytes_in: Rate,
@@ -810,6 +814,10 @@ impl Actor {
                     }
                 }
                 _ = tick.tick() => {
+                    if Instant::now() >= self.next_expiry_check {
+                        self.next_expiry_check = Instant::now() + self.ml.settings.expiry_check_interval;
+                        self.expire_by_ttl().await;
+                    }
                     self.persist_cursors();
                     self.tick_rates();
                     self.trim().await;

@@ -257,6 +257,10 @@ pub struct TopicSettings {
     /// How often a topic checks for consumed ledgers that retention no longer keeps (it also
     /// checks at each rollover and when a subscription's position moves).
     pub retention_check_interval: Duration,
+    /// Message TTL of namespaces without a TTL policy, seconds (0: none).
+    pub message_ttl: u64,
+    /// How often a topic expires messages past their TTL.
+    pub expiry_check_interval: Duration,
 }
 
 impl Default for TopicSettings {
@@ -273,6 +277,8 @@ impl Default for TopicSettings {
             read_batch: 100,
             retention: Retention::NOTHING,
             retention_check_interval: Duration::from_secs(120),
+            message_ttl: 0,
+            expiry_check_interval: Duration::from_secs(300),
         }
     }
 }

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 use serde_json::json;
 
-use super::{close_consumer, cursor_key, read_positions, Actor, Pos, Sub, SubType};
+use super::{close_consumer, cursor_key, read_positions, Actor, Pos, Sub, SubType, TopicName};
 
 /// Where a subscription created through the admin API starts.
 #[derive(Clone, Copy, Debug)]
@@ -72,6 +72,14 @@ pub enum SubError {
     Failed(String),
 }
 
+/// The namespace's `messageTTL` policy, seconds (`None`: it has none, or it was not read).
+async fn message_ttl(meta: &magnetar_metastore::client::MetaClient, topic: &TopicName) -> Option<u64> {
+    let key = format!("/namespaces/{}/{}", topic.tenant, topic.namespace);
+    let kv = meta.get(&key).await.ok()??;
+    let policies: serde_json::Value = serde_json::from_slice(&kv.value).ok()?;
+    policies.get("message_ttl_in_seconds")?.as_u64()
+}
+
 /// Forgets delivery state of entries the cursor now covers.
 fn forget_acked(sub: &mut Sub) {
     let cursor = &sub.cursor;
@@ -86,6 +94,33 @@ fn forget_acked(sub: &mut Sub) {
 }
 
 impl Actor {
+    /// Pulsar's message TTL: on every subscription, acknowledges the messages published
+    /// longer ago than the namespace's `messageTTL` (or the broker's default TTL).
+    pub(super) async fn expire_by_ttl(&mut self) {
+        if self.subs.is_empty() {
+            return;
+        }
+        let ttl = message_ttl(&self.ml.meta, &self.ml.name).await.unwrap_or(self.ml.settings.message_ttl);
+        if ttl == 0 {
+            return;
+        }
+        let cutoff = match self.find_by_time(super::super::now_ms().saturating_sub(ttl.saturating_mul(1000))).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(topic = %self.ml.name, error = %e, "finding the messages past their TTL failed");
+                return;
+            }
+        };
+        let span = self.ml.span.clone();
+        for (name, sub) in &mut self.subs {
+            if cutoff > sub.cursor.mark_delete() {
+                sub.cursor.ack_cumulative(cutoff, None, &span);
+                forget_acked(sub);
+                tracing::debug!(topic = %self.ml.name, sub = %name, up_to = %cutoff, ttl, "expired messages past their TTL");
+            }
+        }
+    }
+
     pub(super) async fn sub_admin(&mut self, name: String, op: SubOp) -> Result<SubAnswer, SubError> {
         let none = BTreeMap::new();
         if let SubOp::Create(at) = op {
