@@ -417,6 +417,24 @@ async fn policy_set(State(a): S, Path((t, ns, segment)): Path<(String, String, S
     .await
 }
 
+/// Removes one policy (`remove-message-ttl`, `remove-retention`, …): the broker's defaults
+/// apply again.
+async fn policy_delete(State(a): S, Path((t, ns, segment)): Path<(String, String, String)>) -> Response {
+    let Some((field, _)) = policy(&segment) else {
+        return fail(StatusCode::NOT_FOUND, format!("unknown namespace policy {segment}"));
+    };
+    if segment == "bundles" {
+        return fail(StatusCode::PRECONDITION_FAILED, "bundles are set when the namespace is created");
+    }
+    update_json(&a.meta, &format!("/namespaces/{t}/{ns}"), &format!("Namespace {t}/{ns}"), |mut policies| {
+        if let Some(o) = policies.as_object_mut() {
+            o.remove(field);
+        }
+        Ok(policies)
+    })
+    .await
+}
+
 /// Grants `role` actions on a namespace (stored in `auth_policies`; enforced once
 /// authorization exists).
 async fn permission_grant(State(a): S, Path((t, ns, role)): Path<(String, String, String)>, body: Bytes) -> Response {
@@ -1159,7 +1177,10 @@ pub(crate) fn serve(listener: tokio::net::TcpListener, admin: Admin, cancel: Can
         )
         .route("/admin/v2/namespaces/{tenant}/{namespace}/permissions", get(permissions_get))
         .route("/admin/v2/namespaces/{tenant}/{namespace}/permissions/{role}", axum::routing::post(permission_grant))
-        .route("/admin/v2/namespaces/{tenant}/{namespace}/{policy}", get(policy_get).post(policy_set))
+        .route(
+            "/admin/v2/namespaces/{tenant}/{namespace}/{policy}",
+            get(policy_get).post(policy_set).delete(policy_delete),
+        )
         .route("/admin/v2/persistent/{tenant}/{namespace}", get(topics_list))
         .route("/admin/v2/persistent/{tenant}/{namespace}/partitioned", get(partitioned_list))
         .route(

@@ -72,12 +72,12 @@ pub enum SubError {
     Failed(String),
 }
 
-/// The namespace's `messageTTL` policy, seconds (`None`: it has none, or it was not read).
-async fn message_ttl(meta: &magnetar_metastore::client::MetaClient, topic: &TopicName) -> Option<u64> {
+/// The namespace's `messageTTL` policy, seconds (`None`: it has none).
+async fn message_ttl(meta: &magnetar_metastore::client::MetaClient, topic: &TopicName) -> Result<Option<u64>, String> {
     let key = format!("/namespaces/{}/{}", topic.tenant, topic.namespace);
-    let kv = meta.get(&key).await.ok()??;
-    let policies: serde_json::Value = serde_json::from_slice(&kv.value).ok()?;
-    policies.get("message_ttl_in_seconds")?.as_u64()
+    let Some(kv) = meta.get(&key).await.map_err(|e| e.to_string())? else { return Ok(None) };
+    let policies: serde_json::Value = serde_json::from_slice(&kv.value).map_err(|e| e.to_string())?;
+    Ok(policies.get("message_ttl_in_seconds").and_then(|v| v.as_u64()))
 }
 
 /// Forgets delivery state of entries the cursor now covers.
@@ -97,18 +97,47 @@ impl Actor {
     /// Pulsar's message TTL: on every subscription, acknowledges the messages published
     /// longer ago than the namespace's `messageTTL` (or the broker's default TTL).
     pub(super) async fn expire_by_ttl(&mut self) {
-        if self.subs.is_empty() {
+        let last = self.ml.span.last();
+        if self.ml.cursors_loaded && self.subs.values().all(|s| s.cursor.mark_delete() >= last) {
+            // No backlog anywhere.
             return;
         }
-        let ttl = message_ttl(&self.ml.meta, &self.ml.name).await.unwrap_or(self.ml.settings.message_ttl);
+        let ttl = match message_ttl(&self.ml.meta, &self.ml.name).await {
+            Ok(ttl) => ttl.unwrap_or(self.ml.settings.message_ttl),
+            Err(e) => {
+                // Never expire on a guess: the namespace may have a longer TTL, or none.
+                tracing::debug!(topic = %self.ml.name, error = %e, "reading the namespace's message TTL failed");
+                return;
+            }
+        };
         if ttl == 0 {
             return;
         }
-        let cutoff = match self.find_by_time(super::super::now_ms().saturating_sub(ttl.saturating_mul(1000))).await {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::warn!(topic = %self.ml.name, error = %e, "finding the messages past their TTL failed");
-                return;
+        if !self.ml.cursors_loaded {
+            // Stored subscriptions not in use expire too.
+            self.load_cursors().await;
+        }
+        let Some(oldest) = self.subs.values().map(|s| s.cursor.mark_delete()).min().filter(|m| *m < last) else {
+            return;
+        };
+        let cutoff_ms = super::super::now_ms().saturating_sub(ttl.saturating_mul(1000));
+        let cutoff = if self.ml.last_info.is_some_and(|(p, i)| p == last && i.publish_time < cutoff_ms) {
+            // Everything is past its TTL: no entry needs reading.
+            last
+        } else {
+            // Nothing is while the oldest entry a subscription holds is not (one read).
+            let Some(first) = self.ml.span.next(oldest) else { return };
+            let found = match self.ml.entry_info(first).await {
+                Ok(info) if info.publish_time >= cutoff_ms => return,
+                Ok(_) => self.find_by_time(cutoff_ms).await,
+                Err(e) => Err(e),
+            };
+            match found {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(topic = %self.ml.name, error = %e, "finding the messages past their TTL failed");
+                    return;
+                }
             }
         };
         let span = self.ml.span.clone();
