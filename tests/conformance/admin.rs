@@ -960,35 +960,32 @@ async fn a_silent_client_gives_up_its_producer_name_and_exclusive_subscription()
     let topic = "persistent://public/default/silent";
     // Silent clients: two with the producers named "fixed" and "fixed-too", one with the
     // exclusive consumer of "excl".
-    let producer = pb::CommandProducer {
-        topic: topic.into(),
-        producer_id: 1,
-        request_id: 1,
-        producer_name: Some("fixed".into()),
-        ..Default::default()
+    // PRODUCER with request id 1.
+    let producer = |producer_id: u64, name: &str| {
+        let p = pb::CommandProducer {
+            topic: topic.into(),
+            producer_id,
+            request_id: 1,
+            producer_name: Some(name.into()),
+            ..Default::default()
+        };
+        pb::BaseCommand { producer: Some(Box::new(p)), ..base(Type::Producer) }
     };
-    let mut gone_producer =
-        silent_client(&s.broker, pb::BaseCommand { producer: Some(Box::new(producer)), ..base(Type::Producer) }).await;
-    let producer = pb::CommandProducer {
-        topic: topic.into(),
-        producer_id: 1,
-        request_id: 1,
-        producer_name: Some("fixed-too".into()),
-        ..Default::default()
+    let mut gone_producer = silent_client(&s.broker, producer(1, "fixed")).await;
+    let mut gone_too = silent_client(&s.broker, producer(1, "fixed-too")).await;
+    // SUBSCRIBE to the exclusive subscription "excl", with request id 1.
+    let subscribe = |consumer_id: u64| {
+        let c = pb::CommandSubscribe {
+            topic: topic.into(),
+            subscription: "excl".into(),
+            sub_type: SubType::Exclusive as i32,
+            consumer_id,
+            request_id: 1,
+            ..Default::default()
+        };
+        pb::BaseCommand { subscribe: Some(Box::new(c)), ..base(Type::Subscribe) }
     };
-    let mut gone_too =
-        silent_client(&s.broker, pb::BaseCommand { producer: Some(Box::new(producer)), ..base(Type::Producer) }).await;
-    let subscribe = pb::CommandSubscribe {
-        topic: topic.into(),
-        subscription: "excl".into(),
-        sub_type: SubType::Exclusive as i32,
-        consumer_id: 1,
-        request_id: 1,
-        ..Default::default()
-    };
-    let mut gone_consumer =
-        silent_client(&s.broker, pb::BaseCommand { subscribe: Some(Box::new(subscribe)), ..base(Type::Subscribe) })
-            .await;
+    let mut gone_consumer = silent_client(&s.broker, subscribe(1)).await;
 
     // A client that answers keeps its name and its subscription.
     let first = Client::connect(&s.broker).await.expect("connect");
@@ -1026,14 +1023,7 @@ async fn a_silent_client_gives_up_its_producer_name_and_exclusive_subscription()
     // A producer closed by its client while the silent holder of its name is checked takes
     // nothing, and its connection answers the close at once.
     let mut closing = RawConn::connect(&s.broker).await;
-    let producer = pb::CommandProducer {
-        topic: topic.into(),
-        producer_id: 7,
-        request_id: 1,
-        producer_name: Some("fixed-too".into()),
-        ..Default::default()
-    };
-    closing.send(pb::BaseCommand { producer: Some(Box::new(producer)), ..base(Type::Producer) }).await;
+    closing.send(producer(7, "fixed-too")).await;
     let close = pb::CommandCloseProducer { producer_id: 7, request_id: 2, ..Default::default() };
     let started = std::time::Instant::now();
     let a = closing.ask(pb::BaseCommand { close_producer: Some(Box::new(close)), ..base(Type::CloseProducer) }).await;
@@ -1046,15 +1036,7 @@ async fn a_silent_client_gives_up_its_producer_name_and_exclusive_subscription()
     r.expect("an answer").expect("the name is free: its silent holder is gone and the closed producer took nothing");
     // A consumer closed by its client while the silent holder is checked takes nothing.
     let mut closing = RawConn::connect(&s.broker).await;
-    let subscribe = pb::CommandSubscribe {
-        topic: topic.into(),
-        subscription: "excl".into(),
-        sub_type: SubType::Exclusive as i32,
-        consumer_id: 7,
-        request_id: 1,
-        ..Default::default()
-    };
-    closing.send(pb::BaseCommand { subscribe: Some(Box::new(subscribe)), ..base(Type::Subscribe) }).await;
+    closing.send(subscribe(7)).await;
     let close = pb::CommandCloseConsumer { consumer_id: 7, request_id: 2, ..Default::default() };
     let a = closing.ask(pb::BaseCommand { close_consumer: Some(Box::new(close)), ..base(Type::CloseConsumer) }).await;
     assert_eq!(a.success.map(|x| x.request_id), Some(2), "the close is answered at once");

@@ -2538,16 +2538,18 @@ impl Ml {
     }
 }
 
+/// The policies stored with `topic`'s namespace (`Null` when it has none).
+async fn namespace_policies(meta: &MetaClient, topic: &TopicName) -> Result<serde_json::Value, String> {
+    let key = format!("/namespaces/{}/{}", topic.tenant, topic.namespace);
+    let kv = meta.get(&key).await.map_err(|e| e.to_string())?;
+    Ok(kv.and_then(|kv| serde_json::from_slice(&kv.value).ok()).unwrap_or(serde_json::Value::Null))
+}
+
 /// The retention of `topic`'s namespace: its policy, else `default`. When the policy cannot
 /// be read, everything is kept for now.
 async fn retention(meta: &MetaClient, topic: &TopicName, default: Retention) -> Retention {
-    let key = format!("/namespaces/{}/{}", topic.tenant, topic.namespace);
-    match meta.get(&key).await {
-        Ok(Some(kv)) => serde_json::from_slice::<serde_json::Value>(&kv.value)
-            .ok()
-            .and_then(|v| Retention::from_policy(&v))
-            .unwrap_or(default),
-        Ok(None) => default,
+    match namespace_policies(meta, topic).await {
+        Ok(policies) => Retention::from_policy(&policies).unwrap_or(default),
         Err(e) => {
             tracing::debug!(topic = %topic, error = %e, "reading the namespace's retention failed");
             Retention { time: None, size: None }

@@ -74,9 +74,7 @@ pub enum SubError {
 
 /// The namespace's `messageTTL` policy, seconds (`None`: it has none).
 async fn message_ttl(meta: &magnetar_metastore::client::MetaClient, topic: &TopicName) -> Result<Option<u64>, String> {
-    let key = format!("/namespaces/{}/{}", topic.tenant, topic.namespace);
-    let Some(kv) = meta.get(&key).await.map_err(|e| e.to_string())? else { return Ok(None) };
-    let policies: serde_json::Value = serde_json::from_slice(&kv.value).map_err(|e| e.to_string())?;
+    let policies = super::namespace_policies(meta, topic).await?;
     Ok(policies.get("message_ttl_in_seconds").and_then(|v| v.as_u64()))
 }
 
