@@ -64,7 +64,17 @@ pub enum OwnershipError {
     /// The broker has no live session right now (it is opening a new one).
     #[error("the broker is re-registering with the metastore; retry shortly")]
     NoSession,
+    /// A live broker at another address is registered under this broker's id.
+    #[error(
+        "broker id `{}` is registered by a live broker at {}: give every broker its own broker_id",
+        .0.broker_id,
+        .0.broker_url
+    )]
+    Taken(BrokerInfo),
 }
+
+/// How often a broker whose id is registered by another session looks again.
+const REGISTER_POLL: Duration = Duration::from_millis(250);
 
 /// The bundle range `[lo, hi)` of `hash` among `n` equal bundles, named as Pulsar names them.
 pub fn bundle_name(hash: u32, n: u32) -> String {
@@ -82,6 +92,8 @@ pub struct Ownership {
     meta: MetaClient,
     me: BrokerInfo,
     ttl: Duration,
+    /// The only broker of its metastore (a standalone): see [`open`].
+    sole: bool,
     /// The live session id (0 while re-registering).
     session: watch::Sender<u64>,
     /// Bundle keys held under the current session.
@@ -98,13 +110,39 @@ impl Ownership {
         meta: MetaClient,
         me: BrokerInfo,
         ttl: Duration,
+        sole: bool,
         cancel: CancellationToken,
-    ) -> Result<Arc<Self>, ClientError> {
-        let first = open(&meta, &me, ttl).await?;
+    ) -> Result<Arc<Self>, OwnershipError> {
+        // A record of another address under this id is either a broker restarted elsewhere
+        // (its old session expires within its timeout) or another live broker given the
+        // same id: wait out one session timeout and a half, then refuse to start.
+        let deadline = tokio::time::Instant::now() + ttl + ttl / 2;
+        let mut warned = false;
+        let first = loop {
+            match open(&meta, &me, ttl, sole).await {
+                Ok(s) => break s,
+                // Taken, or registered by someone else between the look and the write.
+                Err(e @ (OwnershipError::Taken(_) | OwnershipError::Meta(ClientError::BadVersion { .. })))
+                    if tokio::time::Instant::now() < deadline =>
+                {
+                    if let (OwnershipError::Taken(other), false) = (&e, warned) {
+                        tracing::warn!(broker = %me.broker_id, other = %other.broker_url,
+                            "another broker is registered under this id; waiting for its session to end");
+                        warned = true;
+                    }
+                    tokio::select! {
+                        _ = cancel.cancelled() => return Err(OwnershipError::NoSession),
+                        _ = tokio::time::sleep(REGISTER_POLL) => {}
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        };
         let own = Arc::new(Ownership {
             meta,
             me,
             ttl,
+            sole,
             session: watch::Sender::new(first.id()),
             held: Mutex::new(HashSet::new()),
             losses: watch::Sender::new(0),
@@ -257,12 +295,30 @@ enum Judged {
     TakeOver,
 }
 
-/// Opens a session and registers the broker under it.
-async fn open(meta: &MetaClient, me: &BrokerInfo, ttl: Duration) -> Result<Session, ClientError> {
+/// Opens a session and registers the broker under it. A record under the same id left by
+/// this broker's address (an earlier run), or by any address when the broker is `sole`, is
+/// taken over; one naming another address is `Taken` while its session lives.
+async fn open(meta: &MetaClient, me: &BrokerInfo, ttl: Duration, sole: bool) -> Result<Session, OwnershipError> {
+    let key = format!("/brokers/{}", me.broker_id);
+    let expected = match meta.get(&key).await? {
+        None => 0,
+        Some(kv) => match serde_json::from_slice::<BrokerInfo>(&kv.value) {
+            Ok(other) if !sole && kv.session != 0 && other.broker_url != me.broker_url => {
+                return Err(OwnershipError::Taken(other));
+            }
+            _ => kv.version,
+        },
+    };
     let session = meta.session(ttl).await?;
     let body = serde_json::to_vec(me).unwrap_or_default();
-    let key = format!("/brokers/{}", me.broker_id);
-    meta.put(&key, body, PutOptions { expected_version: None, session: session.id() }).await?;
+    // Conditional on what was read: a broker registering meanwhile makes this fail and the
+    // caller look again.
+    if let Err(e) = meta.put(&key, body, PutOptions { expected_version: Some(expected), session: session.id() }).await {
+        if let Err(close) = meta.close_session(session.id()).await {
+            tracing::debug!(error = %close, "closing an unused metastore session");
+        }
+        return Err(e.into());
+    }
     tracing::info!(broker = %me.broker_id, session = session.id(), "registered with the metastore");
     Ok(session)
 }
@@ -281,7 +337,7 @@ async fn supervise(own: Arc<Ownership>, mut session: Session) {
         own.losses.send_modify(|n| *n += 1);
         let mut backoff = Duration::from_millis(100);
         session = loop {
-            match open(&own.meta, &own.me, own.ttl).await {
+            match open(&own.meta, &own.me, own.ttl, own.sole).await {
                 Ok(s) => break s,
                 Err(e) => {
                     tracing::warn!(error = %e, "re-registering with the metastore");

@@ -303,6 +303,53 @@ async fn broker_unloads_its_topics_when_its_session_is_lost() {
     cluster.shutdown().await;
 }
 
+/// Two brokers given the same id: the second refuses to start once the first's registration
+/// outlives one session timeout and a half, and the first keeps its registration. A broker
+/// restarted under that id at another address after the first died starts once the dead
+/// one's session expires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_id_held_by_a_live_broker_is_refused() {
+    let cluster = Cluster::new(1, &[], true).await;
+    let settings = ["broker_id=same", "metadata_store_session_timeout_ms=2000"];
+    let mut first = cluster.start_broker("first", None, &settings).await;
+    let meta = cluster.meta();
+    let registered = meta.get("/brokers/same").await.expect("get").expect("registered");
+
+    let started = std::time::Instant::now();
+    let mut second = cluster.spawn_broker("second", None, &settings);
+    let status = second.exited_within(Duration::from_secs(20)).await;
+    let log = second.log();
+    assert!(status.is_some_and(|s| !s.success()), "the second broker exits with an error: {status:?}\n{log}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(2500),
+        "it waited out the first's session timeout: {:?}",
+        started.elapsed()
+    );
+    assert!(
+        log.contains("broker id `same` is registered by a live broker at") && log.contains(&first.url()),
+        "the error names the id and the live broker: {log}"
+    );
+    let now = meta.get("/brokers/same").await.expect("get").expect("still registered");
+    assert_eq!(
+        (now.session, now.version),
+        (registered.session, registered.version),
+        "the first keeps its registration"
+    );
+    assert!(first.exited_within(Duration::ZERO).await.is_none(), "the first broker still runs");
+    produce(&first.url(), "persistent://public/default/still-served", 2, false);
+
+    // The first dies; a broker under the same id at another address waits for its session
+    // to expire, then registers.
+    drop(first);
+    let third = cluster.start_broker("third", None, &settings).await;
+    let now = meta.get("/brokers/same").await.expect("get").expect("registered");
+    assert_ne!(now.session, registered.session);
+    assert!(String::from_utf8_lossy(&now.value).contains(&third.url()), "{:?}", String::from_utf8_lossy(&now.value));
+    produce(&third.url(), "persistent://public/default/still-served", 2, false);
+    drop(third);
+    cluster.shutdown().await;
+}
+
 /// A topic whose load is slow (its last ledger is unclosed and its only bookie frozen, so
 /// recovery waits out timeouts and retries) holds up nothing else on the client's connection:
 /// a producer of another topic on it keeps getting receipts meanwhile. Once the bookie thaws,

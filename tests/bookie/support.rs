@@ -376,12 +376,31 @@ pub struct BrokerProc {
     child: std::process::Child,
     pub addr: String,
     pub web: String,
+    log: std::path::PathBuf,
 }
 
 impl Cluster {
     /// Starts a broker (cluster `local`) on `addr`/`web` (fresh ports when `None`) with extra
     /// `--set`s and waits for its port.
     pub async fn start_broker(&self, name: &str, ports: Option<(&str, &str)>, sets: &[&str]) -> BrokerProc {
+        let broker = self.spawn_broker(name, ports, sets);
+        // The ports are bound before the broker registers with the metastore; its HTTP
+        // server starts answering only once it has registered and serves the protocol.
+        let w = broker.web.clone();
+        assert!(
+            wait_until(Duration::from_secs(30), || {
+                let w = w.clone();
+                async move { matches!(http_get(&w, "/admin/v2/brokers/health").await, Some((200, _))) }
+            })
+            .await,
+            "broker {name} never became ready"
+        );
+        broker
+    }
+
+    /// Starts a broker process without waiting for it; it logs to `<name>.log` in the
+    /// cluster's directory.
+    pub fn spawn_broker(&self, name: &str, ports: Option<(&str, &str)>, sets: &[&str]) -> BrokerProc {
         let cluster = self;
         let (addr, web) = match ports {
             Some((a, w)) => (a.to_owned(), w.to_owned()),
@@ -406,24 +425,32 @@ impl Cluster {
             .stderr(log)
             .spawn()
             .expect("start broker");
-        // The ports are bound before the broker registers with the metastore; its HTTP
-        // server starts answering only once it has registered and serves the protocol.
-        let w = web.clone();
-        assert!(
-            wait_until(Duration::from_secs(30), || {
-                let w = w.clone();
-                async move { matches!(http_get(&w, "/admin/v2/brokers/health").await, Some((200, _))) }
-            })
-            .await,
-            "broker {name} never became ready"
-        );
-        BrokerProc { child, addr, web }
+        BrokerProc { child, addr, web, log: cluster.dir.path().join(format!("{name}.log")) }
     }
 }
 
 impl BrokerProc {
     pub fn url(&self) -> String {
         format!("pulsar://{}", self.addr)
+    }
+
+    /// Its exit status once it exits within `timeout`.
+    pub async fn exited_within(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let until = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return Some(status);
+            }
+            if std::time::Instant::now() >= until {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// What it logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
 

@@ -126,7 +126,10 @@ impl Broker {
         };
         let cancel = shutdown.child_token();
         let ttl = std::time::Duration::from_millis(cfg.metadata_store_session_timeout_ms);
-        let ownership = Ownership::start(meta.clone(), me, ttl, cancel.child_token())
+        // A standalone (its bookie in this process) is the only broker of its metastore: a
+        // record under its id is an earlier run's, taken over at once whatever its address.
+        let sole = bookie.is_some();
+        let ownership = Ownership::start(meta.clone(), me, ttl, sole, cancel.child_token())
             .await
             .map_err(|e| BrokerError::Metastore(e.to_string()))?;
         let opts = LedgerOptions { created_by: format!("broker {advertise}"), ..Default::default() };
