@@ -24,8 +24,8 @@ use tokio_util::task::TaskTracker;
 use crate::ownership::{BrokerInfo, Owner, Ownership};
 use crate::protocol::names::TopicName;
 use crate::topic::{
-    partitioned_key, topic_key, Cmd, CreateAt, PartitionedMetadata, SubAnswer, SubError, SubOp, Topic, TopicError,
-    Topics,
+    partitioned_key, topic_key, topic_policies_key, Cmd, CreateAt, PartitionedMetadata, SubAnswer, SubError, SubOp,
+    Topic, TopicError, Topics,
 };
 
 pub(crate) struct Admin {
@@ -106,18 +106,29 @@ async fn update_json(
     what: &str,
     change: impl FnOnce(Value) -> Result<Value, Response>,
 ) -> Response {
-    let kv = match meta.get(key).await {
-        Ok(Some(kv)) => kv,
+    change_json(meta, key, what, false, change).await
+}
+
+/// As [`update_json`]; with `create`, a missing key starts as `{}`.
+async fn change_json(
+    meta: &MetaClient,
+    key: &str,
+    what: &str,
+    create: bool,
+    change: impl FnOnce(Value) -> Result<Value, Response>,
+) -> Response {
+    let (old, version) = match meta.get(key).await {
+        Ok(Some(kv)) => (serde_json::from_slice(&kv.value).unwrap_or_else(|_| serde_json::json!({})), kv.version),
+        Ok(None) if create => (serde_json::json!({}), 0),
         Ok(None) => return fail(StatusCode::NOT_FOUND, format!("{what} does not exist")),
         Err(e) => return meta_error(e),
     };
-    let old: Value = serde_json::from_slice(&kv.value).unwrap_or_else(|_| serde_json::json!({}));
     let new = match change(old) {
         Ok(v) => v,
         Err(r) => return r,
     };
     let body = serde_json::to_vec(&new).unwrap_or_default();
-    match meta.put(key, body, PutOptions { expected_version: Some(kv.version), session: 0 }).await {
+    match meta.put(key, body, PutOptions { expected_version: Some(version), session: 0 }).await {
         Ok(_) => StatusCode::NO_CONTENT.into_response(),
         Err(ClientError::BadVersion { .. }) => fail(StatusCode::CONFLICT, format!("{what} was changed concurrently")),
         Err(e) => meta_error(e),
@@ -480,6 +491,76 @@ fn name(t: &str, ns: &str, topic: &str) -> Result<TopicName, Response> {
         .map_err(|e| fail(StatusCode::PRECONDITION_FAILED, e.to_string()))
 }
 
+/// A topic's own `messageTTL` (`pulsar-admin topics get-message-ttl`), `null` when it has
+/// none. Topic policies live in the metastore, so any broker serves them.
+async fn topic_ttl_get(State(a): S, Path((t, ns, topic)): Path<(String, String, String)>) -> Response {
+    let n = match name(&t, &ns, &topic) {
+        Ok(n) => n,
+        Err(r) => return r,
+    };
+    match a.meta.get(&topic_policies_key(&n)).await {
+        Ok(kv) => {
+            let policies: Value = kv.and_then(|kv| serde_json::from_slice(&kv.value).ok()).unwrap_or_default();
+            json(StatusCode::OK, &policies.get("messageTTL").cloned().unwrap_or(Value::Null))
+        }
+        Err(e) => meta_error(e),
+    }
+}
+
+/// `POST …/messageTTL?messageTTL=<seconds>` (`topics set-message-ttl`): overrides the
+/// namespace's TTL for this topic (for every partition, when set on a partitioned topic); 0
+/// turns expiry off for it.
+async fn topic_ttl_set(
+    State(a): S,
+    Path((t, ns, topic)): Path<(String, String, String)>,
+    axum::extract::RawQuery(q): axum::extract::RawQuery,
+) -> Response {
+    let n = match name(&t, &ns, &topic) {
+        Ok(n) => n,
+        Err(r) => return r,
+    };
+    let ttl = q.as_deref().unwrap_or("").split('&').find_map(|kv| kv.strip_prefix("messageTTL="));
+    let Some(ttl) = ttl.and_then(|v| v.parse::<u64>().ok()) else {
+        return fail(StatusCode::PRECONDITION_FAILED, "messageTTL must be given as a number of seconds, 0 or more");
+    };
+    let found = match (exists(&a.meta, &topic_key(&n)).await, exists(&a.meta, &partitioned_key(&n)).await) {
+        (Ok(a), Ok(b)) => a || b,
+        (Err(e), _) | (_, Err(e)) => return meta_error(e),
+    };
+    if !found {
+        return fail(StatusCode::NOT_FOUND, format!("Topic {n} not found"));
+    }
+    change_json(&a.meta, &topic_policies_key(&n), &format!("Topic policies of {n}"), true, |mut policies| {
+        if let Some(o) = policies.as_object_mut() {
+            o.insert("messageTTL".into(), ttl.into());
+        }
+        Ok(policies)
+    })
+    .await
+}
+
+/// `topics remove-message-ttl`: the namespace's TTL applies to the topic again.
+async fn topic_ttl_delete(State(a): S, Path((t, ns, topic)): Path<(String, String, String)>) -> Response {
+    let n = match name(&t, &ns, &topic) {
+        Ok(n) => n,
+        Err(r) => return r,
+    };
+    let key = topic_policies_key(&n);
+    match a.meta.get(&key).await {
+        Ok(None) => StatusCode::NO_CONTENT.into_response(),
+        Ok(Some(_)) => {
+            change_json(&a.meta, &key, &format!("Topic policies of {n}"), false, |mut policies| {
+                if let Some(o) = policies.as_object_mut() {
+                    o.remove("messageTTL");
+                }
+                Ok(policies)
+            })
+            .await
+        }
+        Err(e) => meta_error(e),
+    }
+}
+
 async fn topics_list(State(a): S, Path((t, ns)): Path<(String, String)>) -> Response {
     if let Some(r) = check_namespace(&a, &t, &ns).await {
         return r;
@@ -572,6 +653,11 @@ async fn partitions_delete(
             Ok(()) | Err(TopicError::NotFound(_)) => {}
             Err(e) => return topic_error(e),
         }
+    }
+    // Its policies first: a policy left behind would apply to a topic created later under
+    // the same name.
+    if let Err(e) = a.meta.delete(&topic_policies_key(&n), None).await {
+        return meta_error(e);
     }
     match a.meta.delete(&partitioned_key(&n), None).await {
         Ok(_) => StatusCode::NO_CONTENT.into_response(),
@@ -1159,6 +1245,7 @@ pub(crate) fn serve(listener: tokio::net::TcpListener, admin: Admin, cancel: Can
         .route("/status.html", get(status))
         .route("/metrics", get(metrics))
         .route("/admin/v2/brokers/health", get(health))
+        .route(&format!("{topic}/messageTTL"), get(topic_ttl_get).post(topic_ttl_set).delete(topic_ttl_delete))
         .route("/admin/v2/brokers/{cluster}", get(brokers))
         .route("/admin/v2/clusters", get(clusters))
         .route(

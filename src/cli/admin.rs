@@ -163,6 +163,17 @@ enum TopicsCmd {
         #[arg(long, short = 'f')]
         force: bool,
     },
+    /// Set the topic's own message TTL, over its namespace's (0: none for this topic).
+    SetMessageTtl {
+        topic: String,
+        /// Seconds.
+        #[arg(long)]
+        ttl: u64,
+    },
+    /// Show the topic's own message TTL (`null`: its namespace's applies).
+    GetMessageTtl { topic: String },
+    /// Remove the topic's own message TTL: its namespace's applies again.
+    RemoveMessageTtl { topic: String },
     /// Delete a partitioned topic and its partitions.
     DeletePartitionedTopic {
         topic: String,
@@ -396,6 +407,15 @@ pub async fn run(a: AdminArgs) -> anyhow::Result<()> {
         ),
         Group::Namespaces { cmd: NamespacesCmd::Permissions { namespace } } => {
             ("GET", format!("/admin/v2/namespaces/{}/permissions", namespace_path(namespace)?), String::new())
+        }
+        Group::Topics { cmd: TopicsCmd::SetMessageTtl { topic, ttl } } => {
+            ("POST", format!("/admin/v2/persistent/{}/messageTTL?messageTTL={ttl}", topic_path(topic)?), String::new())
+        }
+        Group::Topics { cmd: TopicsCmd::GetMessageTtl { topic } } => {
+            ("GET", format!("/admin/v2/persistent/{}/messageTTL", topic_path(topic)?), String::new())
+        }
+        Group::Topics { cmd: TopicsCmd::RemoveMessageTtl { topic } } => {
+            ("DELETE", format!("/admin/v2/persistent/{}/messageTTL", topic_path(topic)?), String::new())
         }
         Group::Topics { cmd: TopicsCmd::InternalStats { topic } } => {
             ("GET", format!("/admin/v2/persistent/{}/internalStats", topic_path(topic)?), String::new())

@@ -369,11 +369,17 @@ async fn cli_round_trip(s: &Target) {
     ok(admin(&["topics", "unsubscribe", "shop/orders/flat", "-s", "audit"]));
     ok(admin(&["namespaces", "set-message-ttl", "shop/orders", "--ttl", "120"]));
     assert_eq!(ok(admin(&["namespaces", "get-message-ttl", "shop/orders"])).trim(), "120");
+    ok(admin(&["topics", "set-message-ttl", "shop/orders/flat", "--ttl", "30"]));
+    assert_eq!(ok(admin(&["topics", "get-message-ttl", "shop/orders/flat"])).trim(), "30");
+    ok(admin(&["topics", "remove-message-ttl", "shop/orders/flat"]));
+    assert_eq!(ok(admin(&["topics", "get-message-ttl", "shop/orders/flat"])).trim(), "null");
+    ok(admin(&["topics", "set-message-ttl", "shop/orders/o", "--ttl", "45"]));
     ok(admin(&["namespaces", "grant-permission", "shop/orders", "--role", "app", "--actions", "produce,consume"]));
     assert!(ok(admin(&["namespaces", "permissions", "shop/orders"])).contains("\"app\""));
     ok(admin(&["topics", "terminate", "shop/orders/flat"]));
     ok(admin(&["topics", "delete", "shop/orders/flat"]));
     ok(admin(&["topics", "delete-partitioned-topic", "shop/orders/o"]));
+    assert_eq!(ok(admin(&["topics", "get-message-ttl", "shop/orders/o"])).trim(), "null", "deleted with its topic");
     assert_eq!(ok(admin(&["topics", "list", "shop/orders"])).trim(), "");
     ok(admin(&["namespaces", "delete", "shop/orders"]));
     ok(admin(&["tenants", "delete", "shop"]));

@@ -361,3 +361,65 @@ async fn messages_past_the_namespace_ttl_expire() {
     let r = magnetar_broker::http::request_following(&web, "GET", path, "").await.expect("get");
     assert_eq!((r.status, r.body.trim()), (200, "null"));
 }
+
+/// A topic's own message TTL (`topics set-message-ttl`) overrides its namespace's; set on a
+/// partitioned topic it applies to every partition. Removing it, or deleting the topic, takes
+/// it away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_ttl_overrides_the_namespace_ttl() {
+    let s = standalone_with(&["message_expiry_check_interval_in_minutes=0.01"]).await;
+    let web = format!("http://{}", s.web);
+    let admin = |method: &'static str, path: String, body: &'static str| {
+        let web = web.clone();
+        async move {
+            let r = magnetar_broker::http::request_following(&web, method, &path, body).await.expect("admin");
+            (r.status, r.body.trim().to_owned())
+        }
+    };
+    let ttl_path = |topic: &str| format!("/admin/v2/persistent/public/default/{topic}/messageTTL");
+    // The namespace keeps messages for an hour.
+    assert_eq!(admin("POST", "/admin/v2/namespaces/public/default/messageTTL".into(), "3600").await.0, 204);
+    let (topic, other) = ("persistent://public/default/ttl-own", "persistent://public/default/ttl-namespace");
+    let parts =
+        ["persistent://public/default/ttl-parts-partition-0", "persistent://public/default/ttl-parts-partition-1"];
+    // A topic-level policy needs its topic.
+    let set = |topic: &str, v: &str| admin("POST", format!("{}?messageTTL={v}", ttl_path(topic)), "");
+    assert_eq!(set("ttl-own", "2").await.0, 404);
+    assert_eq!(admin("PUT", "/admin/v2/persistent/public/default/ttl-parts/partitions".into(), "2").await.0, 204);
+    let p: Pulsar<TokioExecutor> = Pulsar::builder(s.url(), TokioExecutor).build().await.expect("connect");
+    for t in [topic, other, parts[0], parts[1]] {
+        drop(consumer(&p, t, "sub", SubType::Exclusive).await);
+    }
+    assert_eq!(set("ttl-own", "2").await.0, 204);
+    assert_eq!(set("ttl-parts", "2").await.0, 204);
+    assert_eq!(set("ttl-own", "-1").await.0, 412, "a TTL is 0 or more seconds");
+    assert_eq!(admin("GET", ttl_path("ttl-own"), "").await, (200, "2".into()));
+    assert_eq!(admin("GET", ttl_path("ttl-namespace"), "").await, (200, "null".into()));
+
+    let sent = Instant::now();
+    for t in [topic, other, parts[0], parts[1]] {
+        send_all(&p, t, 0, 3).await;
+    }
+    for t in [topic, parts[0], parts[1]] {
+        while backlog(&s.web, t, "sub").await > 0 {
+            assert!(sent.elapsed() < Duration::from_secs(30), "{t} still holds messages past its topic TTL");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    assert!(sent.elapsed() >= Duration::from_millis(1900), "expired {:?} after sending", sent.elapsed());
+    assert_eq!(backlog(&s.web, other, "sub").await, 3, "the namespace's hour holds the other topic's messages");
+
+    // `remove-message-ttl`: the namespace's hour applies again.
+    assert_eq!(admin("DELETE", ttl_path("ttl-own"), "").await.0, 204);
+    assert_eq!(admin("GET", ttl_path("ttl-own"), "").await, (200, "null".into()));
+    let resent = Instant::now();
+    send_all(&p, topic, 3, 5).await;
+    tokio::time::sleep(Duration::from_secs(3).saturating_sub(resent.elapsed())).await;
+    assert_eq!(backlog(&s.web, topic, "sub").await, 2, "without its own TTL the topic keeps its messages");
+    // A deleted topic's policy goes with it.
+    assert_eq!(
+        admin("DELETE", "/admin/v2/persistent/public/default/ttl-parts/partitions?force=true".into(), "").await.0,
+        204
+    );
+    assert_eq!(admin("GET", ttl_path("ttl-parts"), "").await, (200, "null".into()));
+}

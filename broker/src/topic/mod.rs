@@ -43,6 +43,12 @@ pub fn topic_key(name: &TopicName) -> String {
     format!("/topics/{}/{}/{}/{}", name.domain, name.tenant, name.namespace, name.local)
 }
 
+/// The metastore key of a topic's own policies (Pulsar's topic-level policies: `messageTTL`).
+/// Kept apart from the topic's keys, so that policies can be set on a partitioned topic's name.
+pub fn topic_policies_key(name: &TopicName) -> String {
+    format!("/topic-policies/{}/{}/{}/{}", name.domain, name.tenant, name.namespace, name.local)
+}
+
 /// The metastore key of a subscription's cursor.
 pub fn cursor_key(name: &TopicName, subscription: &str) -> String {
     format!("{}/cursors/{}", topic_key(name), encode_segment(subscription))
@@ -473,6 +479,9 @@ impl Topics {
         }
         let topic = self.get_or_load(name).await?;
         topic.ask(|done| Cmd::Delete { force, done }).await?.map_err(TopicError::Refused)?;
+        // Its policies go with it: they would otherwise apply to a topic created later under
+        // the same name.
+        self.meta.delete(&topic_policies_key(name), None).await?;
         let mut loaded = self.loaded.lock().await;
         if loaded.get(name).and_then(|c| c.get()).is_some_and(|t| t.is_closed()) {
             loaded.remove(name);

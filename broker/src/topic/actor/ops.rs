@@ -72,8 +72,20 @@ pub enum SubError {
     Failed(String),
 }
 
-/// The namespace's `messageTTL` policy, seconds (`None`: it has none).
+/// The `messageTTL` policy that applies, seconds (`None`: there is none): the topic's own,
+/// else (for a partition) its partitioned topic's, else its namespace's.
 async fn message_ttl(meta: &magnetar_metastore::client::MetaClient, topic: &TopicName) -> Result<Option<u64>, String> {
+    let mut names = vec![topic.clone()];
+    if topic.partition().is_some() {
+        names.push(topic.partitioned_parent());
+    }
+    for n in &names {
+        let kv = meta.get(&crate::topic::topic_policies_key(n)).await.map_err(|e| e.to_string())?;
+        let policies: serde_json::Value = kv.and_then(|kv| serde_json::from_slice(&kv.value).ok()).unwrap_or_default();
+        if let Some(ttl) = policies.get("messageTTL").and_then(|v| v.as_u64()) {
+            return Ok(Some(ttl));
+        }
+    }
     let policies = super::namespace_policies(meta, topic).await?;
     Ok(policies.get("message_ttl_in_seconds").and_then(|v| v.as_u64()))
 }
@@ -93,7 +105,8 @@ fn forget_acked(sub: &mut Sub) {
 
 impl Actor {
     /// Pulsar's message TTL: on every subscription, acknowledges the messages published
-    /// longer ago than the namespace's `messageTTL` (or the broker's default TTL).
+    /// longer ago than the topic's or its namespace's `messageTTL` (or the broker's default
+    /// TTL).
     pub(super) async fn expire_by_ttl(&mut self) {
         let last = self.ml.span.last();
         if self.ml.cursors_loaded && self.subs.values().all(|s| s.cursor.mark_delete() >= last) {
@@ -103,8 +116,8 @@ impl Actor {
         let ttl = match message_ttl(&self.ml.meta, &self.ml.name).await {
             Ok(ttl) => ttl.unwrap_or(self.ml.settings.message_ttl),
             Err(e) => {
-                // Never expire on a guess: the namespace may have a longer TTL, or none.
-                tracing::debug!(topic = %self.ml.name, error = %e, "reading the namespace's message TTL failed");
+                // Never expire on a guess: the policies may set a longer TTL, or none.
+                tracing::debug!(topic = %self.ml.name, error = %e, "reading the message TTL policies failed");
                 return;
             }
         };
