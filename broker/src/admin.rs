@@ -150,8 +150,14 @@ async fn status() -> &'static str {
     "OK"
 }
 
-async fn health() -> &'static str {
-    "ok"
+/// `ok` while the broker is registered with the metastore (and so may own topics); 503
+/// while it has no session (it is opening a new one, or its id is held by another broker).
+async fn health(State(a): S) -> Response {
+    if a.ownership.registered() {
+        "ok".into_response()
+    } else {
+        fail(StatusCode::SERVICE_UNAVAILABLE, "the broker is not registered with the metastore")
+    }
 }
 
 async fn clusters(State(a): S) -> Response {
@@ -351,6 +357,7 @@ const POLICIES: &[(&str, &str, Kind)] = &[
     ("messageTTL", "message_ttl_in_seconds", Kind::Number),
     ("deduplication", "deduplicationEnabled", Kind::Bool),
     ("backlogQuota", "backlog_quota_map", Kind::Object),
+    ("backlogQuotaMap", "backlog_quota_map", Kind::Object),
     ("bundles", "bundles", Kind::Object),
 ];
 
@@ -382,10 +389,21 @@ async fn policy_get(State(a): S, Path((t, ns, segment)): Path<(String, String, S
 /// Stores one policy (CAS on the namespace's version). Topics apply retention (see
 /// `topic::Retention`) and the message TTL; deduplication and quotas are kept so tools and later versions
 /// see them.
-async fn policy_set(State(a): S, Path((t, ns, segment)): Path<(String, String, String)>, body: Bytes) -> Response {
+async fn policy_set(
+    State(a): S,
+    Path((t, ns, segment)): Path<(String, String, String)>,
+    axum::extract::RawQuery(q): axum::extract::RawQuery,
+    body: Bytes,
+) -> Response {
     let Some((field, kind)) = policy(&segment) else {
         return fail(StatusCode::NOT_FOUND, format!("unknown namespace policy {segment}"));
     };
+    if segment == "backlogQuotaMap" {
+        return fail(StatusCode::METHOD_NOT_ALLOWED, "set quotas through backlogQuota");
+    }
+    if segment == "backlogQuota" {
+        return backlog_quota_set(&a, &t, &ns, q.as_deref(), &body).await;
+    }
     if segment == "bundles" {
         // Topics' owners are found by bundle: the count is fixed when the namespace is made.
         return fail(StatusCode::PRECONDITION_FAILED, "bundles are set when the namespace is created");
@@ -430,16 +448,76 @@ async fn policy_set(State(a): S, Path((t, ns, segment)): Path<(String, String, S
 
 /// Removes one policy (`remove-message-ttl`, `remove-retention`, …): the broker's defaults
 /// apply again.
-async fn policy_delete(State(a): S, Path((t, ns, segment)): Path<(String, String, String)>) -> Response {
+async fn policy_delete(
+    State(a): S,
+    Path((t, ns, segment)): Path<(String, String, String)>,
+    axum::extract::RawQuery(q): axum::extract::RawQuery,
+) -> Response {
     let Some((field, _)) = policy(&segment) else {
         return fail(StatusCode::NOT_FOUND, format!("unknown namespace policy {segment}"));
     };
     if segment == "bundles" {
         return fail(StatusCode::PRECONDITION_FAILED, "bundles are set when the namespace is created");
     }
+    // `remove-backlog-quota` removes one type's quota (`destination_storage` by default).
+    let quota_type = (segment == "backlogQuota").then(|| backlog_quota_type(q.as_deref()));
     update_json(&a.meta, &format!("/namespaces/{t}/{ns}"), &format!("Namespace {t}/{ns}"), |mut policies| {
         if let Some(o) = policies.as_object_mut() {
-            o.remove(field);
+            match quota_type {
+                Some(kind) => {
+                    if let Some(m) = o.get_mut(field).and_then(Value::as_object_mut) {
+                        m.remove(kind);
+                    }
+                }
+                None => {
+                    o.remove(field);
+                }
+            }
+        }
+        Ok(policies)
+    })
+    .await
+}
+
+/// The quota type a request names (`?backlogQuotaType=`), `destination_storage` by default.
+fn backlog_quota_type(q: Option<&str>) -> &str {
+    q.unwrap_or("").split('&').find_map(|kv| kv.strip_prefix("backlogQuotaType=")).unwrap_or("destination_storage")
+}
+
+/// `namespaces set-backlog-quota`: the body is one quota (`{"limitSize", "limitTime",
+/// "policy"}`) for the type the query names, stored in `backlog_quota_map` under it as Pulsar
+/// stores it; a whole map (`{"destination_storage": {…}}`) is taken too. Only the
+/// `destination_storage` (size) quota is enforced.
+async fn backlog_quota_set(a: &Admin, t: &str, ns: &str, q: Option<&str>, body: &Bytes) -> Response {
+    let value: Value = match serde_json::from_slice(body) {
+        Ok(v @ Value::Object(_)) => v,
+        Ok(v) => return fail(StatusCode::PRECONDITION_FAILED, format!("invalid value for backlogQuota: {v}")),
+        Err(e) => return fail(StatusCode::BAD_REQUEST, format!("invalid JSON: {e}")),
+    };
+    const TYPES: [&str; 2] = ["destination_storage", "message_age"];
+    let quotas: Vec<(String, Value)> = match value.as_object() {
+        Some(m) if TYPES.iter().any(|k| m.contains_key(*k)) => m.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        _ => vec![(backlog_quota_type(q).to_owned(), value)],
+    };
+    for (kind, quota) in &quotas {
+        if !TYPES.contains(&kind.as_str()) {
+            return fail(StatusCode::PRECONDITION_FAILED, format!("unknown backlog quota type {kind}"));
+        }
+        if kind == "destination_storage" {
+            if let Err(e) = crate::topic::quota::BacklogQuota::from_json(quota) {
+                return fail(StatusCode::PRECONDITION_FAILED, e);
+            }
+        }
+    }
+    update_json(&a.meta, &format!("/namespaces/{t}/{ns}"), &format!("Namespace {t}/{ns}"), |mut policies| {
+        if let Some(o) = policies.as_object_mut() {
+            let map = o.entry("backlog_quota_map").or_insert_with(|| serde_json::json!({}));
+            if !map.is_object() {
+                *map = serde_json::json!({});
+            }
+            if let Some(m) = map.as_object_mut() {
+                m.extend(quotas);
+            }
         }
         Ok(policies)
     })
@@ -498,12 +576,24 @@ async fn topic_ttl_get(State(a): S, Path((t, ns, topic)): Path<(String, String, 
         Ok(n) => n,
         Err(r) => return r,
     };
+    if let Err(r) = topic_or_partitioned(&a, &n).await {
+        return r;
+    }
     match a.meta.get(&topic_policies_key(&n)).await {
         Ok(kv) => {
             let policies: Value = kv.and_then(|kv| serde_json::from_slice(&kv.value).ok()).unwrap_or_default();
             json(StatusCode::OK, &policies.get("messageTTL").cloned().unwrap_or(Value::Null))
         }
         Err(e) => meta_error(e),
+    }
+}
+
+/// 404 unless `n` is a topic or a partitioned topic.
+async fn topic_or_partitioned(a: &Admin, n: &TopicName) -> Result<(), Response> {
+    match (exists(&a.meta, &topic_key(n)).await, exists(&a.meta, &partitioned_key(n)).await) {
+        (Ok(false), Ok(false)) => Err(fail(StatusCode::NOT_FOUND, format!("Topic {n} not found"))),
+        (Ok(_), Ok(_)) => Ok(()),
+        (Err(e), _) | (_, Err(e)) => Err(meta_error(e)),
     }
 }
 
@@ -523,12 +613,8 @@ async fn topic_ttl_set(
     let Some(ttl) = ttl.and_then(|v| v.parse::<u64>().ok()) else {
         return fail(StatusCode::PRECONDITION_FAILED, "messageTTL must be given as a number of seconds, 0 or more");
     };
-    let found = match (exists(&a.meta, &topic_key(&n)).await, exists(&a.meta, &partitioned_key(&n)).await) {
-        (Ok(a), Ok(b)) => a || b,
-        (Err(e), _) | (_, Err(e)) => return meta_error(e),
-    };
-    if !found {
-        return fail(StatusCode::NOT_FOUND, format!("Topic {n} not found"));
+    if let Err(r) = topic_or_partitioned(&a, &n).await {
+        return r;
     }
     change_json(&a.meta, &topic_policies_key(&n), &format!("Topic policies of {n}"), true, |mut policies| {
         if let Some(o) = policies.as_object_mut() {

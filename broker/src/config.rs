@@ -71,6 +71,17 @@ pub struct BrokerConfig {
     pub ttl_duration_default_in_seconds: u64,
     /// How often topics expire messages past their namespace's TTL, minutes (fractions allowed).
     pub message_expiry_check_interval_in_minutes: f64,
+    /// Backlog quota of namespaces without one, bytes a subscription may leave unacknowledged
+    /// (-1: none).
+    pub backlog_quota_default_limit_bytes: i64,
+    /// What happens past that quota: producer_request_hold, producer_exception or
+    /// consumer_backlog_eviction.
+    pub backlog_quota_default_retention_policy: String,
+    /// Whether topics enforce backlog quotas.
+    pub backlog_quota_check_enabled: bool,
+    /// How often topics check their backlog against the quota (and read their namespace's
+    /// quota again), seconds.
+    pub backlog_quota_check_interval_in_seconds: u64,
     /// How often the broker looks for ledgers no topic lists (left by a broker that died
     /// while deleting them) and deletes them, seconds (0: never).
     pub orphan_ledger_check_interval_in_seconds: u64,
@@ -113,6 +124,10 @@ impl Default for BrokerConfig {
             retention_check_interval_in_seconds: 120,
             ttl_duration_default_in_seconds: 0,
             message_expiry_check_interval_in_minutes: 5.0,
+            backlog_quota_default_limit_bytes: -1,
+            backlog_quota_default_retention_policy: "producer_request_hold".into(),
+            backlog_quota_check_enabled: true,
+            backlog_quota_check_interval_in_seconds: 60,
             orphan_ledger_check_interval_in_seconds: 600,
             orphan_ledger_min_age_in_seconds: 600,
             max_pending_publish_requests_per_connection: 1000,
@@ -142,6 +157,10 @@ pub const ENV_ALIASES: &[(&str, &str)] = &[
     ("retentionCheckIntervalInSeconds", "retention_check_interval_in_seconds"),
     ("ttlDurationDefaultInSeconds", "ttl_duration_default_in_seconds"),
     ("messageExpiryCheckIntervalInMinutes", "message_expiry_check_interval_in_minutes"),
+    ("backlogQuotaDefaultLimitBytes", "backlog_quota_default_limit_bytes"),
+    ("backlogQuotaDefaultRetentionPolicy", "backlog_quota_default_retention_policy"),
+    ("backlogQuotaCheckEnabled", "backlog_quota_check_enabled"),
+    ("backlogQuotaCheckIntervalInSeconds", "backlog_quota_check_interval_in_seconds"),
     ("maxPendingPublishRequestsPerConnection", "max_pending_publish_requests_per_connection"),
     ("maxMessagePublishBufferSizeInMB", "max_message_publish_buffer_size_in_mb"),
 ];
@@ -172,6 +191,11 @@ impl BrokerConfig {
             expiry_check_interval: std::time::Duration::from_secs_f64(
                 self.message_expiry_check_interval_in_minutes * 60.0,
             ),
+            backlog_quota: crate::topic::quota::QuotaPolicy::parse(&self.backlog_quota_default_retention_policy)
+                .and_then(|p| crate::topic::quota::BacklogQuota::from_limit(self.backlog_quota_default_limit_bytes, p)),
+            quota_check_interval: self
+                .backlog_quota_check_enabled
+                .then(|| std::time::Duration::from_secs(self.backlog_quota_check_interval_in_seconds.max(1))),
         }
     }
 }
@@ -212,6 +236,15 @@ impl Validate for BrokerConfig {
                 "cursor_persist_interval_ms",
                 "cursor_persist_interval_ms and dispatcher_max_read_batch_size must be at least 1",
             );
+        }
+        if crate::topic::quota::QuotaPolicy::parse(&self.backlog_quota_default_retention_policy).is_none() {
+            return bad(
+                "backlog_quota_default_retention_policy",
+                "must be producer_request_hold, producer_exception or consumer_backlog_eviction",
+            );
+        }
+        if self.backlog_quota_check_interval_in_seconds == 0 {
+            return bad("backlog_quota_check_interval_in_seconds", "must be at least 1");
         }
         if self.metadata_store_session_timeout_ms < 1000 {
             return bad("metadata_store_session_timeout_ms", "must be at least 1000");

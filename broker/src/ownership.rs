@@ -73,6 +73,10 @@ pub enum OwnershipError {
     Taken(BrokerInfo),
 }
 
+/// Beyond twice its session timeout, how long a starting broker waits for another session's
+/// registration under its id to go.
+const TAKEN_GRACE: Duration = Duration::from_secs(5);
+
 /// How often a broker whose id is registered by another session looks again.
 const REGISTER_POLL: Duration = Duration::from_millis(250);
 
@@ -114,9 +118,10 @@ impl Ownership {
         cancel: CancellationToken,
     ) -> Result<Arc<Self>, OwnershipError> {
         // A record of another address under this id is either a broker restarted elsewhere
-        // (its old session expires within its timeout) or another live broker given the
-        // same id: wait out one session timeout and a half, then refuse to start.
-        let deadline = tokio::time::Instant::now() + ttl + ttl / 2;
+        // (its old session expires within its timeout, longer if the metastore's leader
+        // changes meanwhile) or another live broker given the same id: wait out twice the
+        // session timeout and 5 s more, then refuse to start.
+        let deadline = tokio::time::Instant::now() + 2 * ttl + TAKEN_GRACE;
         let mut warned = false;
         let first = loop {
             match open(&meta, &me, ttl, sole).await {
@@ -155,6 +160,11 @@ impl Ownership {
     /// This broker.
     pub fn me(&self) -> &BrokerInfo {
         &self.me
+    }
+
+    /// Registered under a live session now (false while it opens a new one).
+    pub fn registered(&self) -> bool {
+        *self.session.borrow() != 0
     }
 
     /// Counts lost sessions; a change means every topic must be unloaded.
@@ -340,7 +350,14 @@ async fn supervise(own: Arc<Ownership>, mut session: Session) {
             match open(&own.meta, &own.me, own.ttl, own.sole).await {
                 Ok(s) => break s,
                 Err(e) => {
-                    tracing::warn!(error = %e, "re-registering with the metastore");
+                    if let OwnershipError::Taken(_) = e {
+                        // Another broker registered under this id while this one had no
+                        // session: this one serves nothing (its health check fails) until
+                        // that one goes.
+                        tracing::error!(error = %e, "re-registering with the metastore");
+                    } else {
+                        tracing::warn!(error = %e, "re-registering with the metastore");
+                    }
                     tokio::select! {
                         _ = own.cancel.cancelled() => return,
                         _ = tokio::time::sleep(backoff) => {}

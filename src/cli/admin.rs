@@ -113,6 +113,20 @@ enum NamespacesCmd {
     },
     /// Show the message TTL.
     GetMessageTtl { namespace: String },
+    /// Set the backlog quota (the size quota, `destination_storage`).
+    SetBacklogQuota {
+        namespace: String,
+        /// Bytes a subscription may leave unacknowledged (-1: no limit).
+        #[arg(long)]
+        limit: i64,
+        /// producer_request_hold, producer_exception or consumer_backlog_eviction.
+        #[arg(long, default_value = "producer_request_hold")]
+        policy: String,
+    },
+    /// Show the backlog quotas.
+    GetBacklogQuotas { namespace: String },
+    /// Remove the backlog quota: the broker's default applies again.
+    RemoveBacklogQuota { namespace: String },
     /// Turn deduplication on or off.
     SetDeduplication {
         namespace: String,
@@ -397,6 +411,25 @@ pub async fn run(a: AdminArgs) -> anyhow::Result<()> {
         Group::Namespaces { cmd: NamespacesCmd::GetMessageTtl { namespace } } => {
             ("GET", format!("/admin/v2/namespaces/{}/messageTTL", namespace_path(namespace)?), String::new())
         }
+        Group::Namespaces { cmd: NamespacesCmd::SetBacklogQuota { namespace, limit, policy } } => (
+            "POST",
+            format!(
+                "/admin/v2/namespaces/{}/backlogQuota?backlogQuotaType=destination_storage",
+                namespace_path(namespace)?
+            ),
+            serde_json::json!({ "limitSize": limit, "limitTime": -1, "policy": policy }).to_string(),
+        ),
+        Group::Namespaces { cmd: NamespacesCmd::GetBacklogQuotas { namespace } } => {
+            ("GET", format!("/admin/v2/namespaces/{}/backlogQuotaMap", namespace_path(namespace)?), String::new())
+        }
+        Group::Namespaces { cmd: NamespacesCmd::RemoveBacklogQuota { namespace } } => (
+            "DELETE",
+            format!(
+                "/admin/v2/namespaces/{}/backlogQuota?backlogQuotaType=destination_storage",
+                namespace_path(namespace)?
+            ),
+            String::new(),
+        ),
         Group::Namespaces { cmd: NamespacesCmd::SetDeduplication { namespace, enable } } => {
             ("POST", format!("/admin/v2/namespaces/{}/deduplication", namespace_path(namespace)?), enable.to_string())
         }

@@ -369,6 +369,21 @@ async fn cli_round_trip(s: &Target) {
     ok(admin(&["topics", "unsubscribe", "shop/orders/flat", "-s", "audit"]));
     ok(admin(&["namespaces", "set-message-ttl", "shop/orders", "--ttl", "120"]));
     assert_eq!(ok(admin(&["namespaces", "get-message-ttl", "shop/orders"])).trim(), "120");
+    ok(admin(&[
+        "namespaces",
+        "set-backlog-quota",
+        "shop/orders",
+        "--limit",
+        "1048576",
+        "--policy",
+        "producer_exception",
+    ]));
+    let quotas = parse(&ok(admin(&["--json", "namespaces", "get-backlog-quotas", "shop/orders"])));
+    assert_eq!(quotas["destination_storage"]["limitSize"], 1048576, "{quotas}");
+    assert_eq!(quotas["destination_storage"]["policy"], "producer_exception", "{quotas}");
+    ok(admin(&["namespaces", "remove-backlog-quota", "shop/orders"]));
+    let quotas = parse(&ok(admin(&["--json", "namespaces", "get-backlog-quotas", "shop/orders"])));
+    assert!(quotas.get("destination_storage").is_none(), "{quotas}");
     ok(admin(&["topics", "set-message-ttl", "shop/orders/flat", "--ttl", "30"]));
     assert_eq!(ok(admin(&["topics", "get-message-ttl", "shop/orders/flat"])).trim(), "30");
     ok(admin(&["topics", "remove-message-ttl", "shop/orders/flat"]));
@@ -379,7 +394,9 @@ async fn cli_round_trip(s: &Target) {
     ok(admin(&["topics", "terminate", "shop/orders/flat"]));
     ok(admin(&["topics", "delete", "shop/orders/flat"]));
     ok(admin(&["topics", "delete-partitioned-topic", "shop/orders/o"]));
+    ok(admin(&["topics", "create-partitioned-topic", "persistent://shop/orders/o", "-p", "2"]));
     assert_eq!(ok(admin(&["topics", "get-message-ttl", "shop/orders/o"])).trim(), "null", "deleted with its topic");
+    ok(admin(&["topics", "delete-partitioned-topic", "shop/orders/o"]));
     assert_eq!(ok(admin(&["topics", "list", "shop/orders"])).trim(), "");
     ok(admin(&["namespaces", "delete", "shop/orders"]));
     ok(admin(&["tenants", "delete", "shop"]));

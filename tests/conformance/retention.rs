@@ -368,14 +368,7 @@ async fn messages_past_the_namespace_ttl_expire() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_topic_ttl_overrides_the_namespace_ttl() {
     let s = standalone_with(&["message_expiry_check_interval_in_minutes=0.01"]).await;
-    let web = format!("http://{}", s.web);
-    let admin = |method: &'static str, path: String, body: &'static str| {
-        let web = web.clone();
-        async move {
-            let r = magnetar_broker::http::request_following(&web, method, &path, body).await.expect("admin");
-            (r.status, r.body.trim().to_owned())
-        }
-    };
+    let admin = |method: &'static str, path: String, body: &'static str| admin_call(&s.web, method, path, body);
     let ttl_path = |topic: &str| format!("/admin/v2/persistent/public/default/{topic}/messageTTL");
     // The namespace keeps messages for an hour.
     assert_eq!(admin("POST", "/admin/v2/namespaces/public/default/messageTTL".into(), "3600").await.0, 204);
@@ -414,12 +407,115 @@ async fn a_topic_ttl_overrides_the_namespace_ttl() {
     assert_eq!(admin("GET", ttl_path("ttl-own"), "").await, (200, "null".into()));
     let resent = Instant::now();
     send_all(&p, topic, 3, 5).await;
-    tokio::time::sleep(Duration::from_secs(3).saturating_sub(resent.elapsed())).await;
+    tokio::time::sleep(Duration::from_secs(5).saturating_sub(resent.elapsed())).await;
     assert_eq!(backlog(&s.web, topic, "sub").await, 2, "without its own TTL the topic keeps its messages");
-    // A deleted topic's policy goes with it.
-    assert_eq!(
-        admin("DELETE", "/admin/v2/persistent/public/default/ttl-parts/partitions?force=true".into(), "").await.0,
-        204
-    );
+    // A deleted topic's policy goes with it: a topic made again under the name has none.
+    let parts_path = "/admin/v2/persistent/public/default/ttl-parts/partitions";
+    assert_eq!(admin("DELETE", format!("{parts_path}?force=true"), "").await.0, 204);
+    assert_eq!(admin("GET", ttl_path("ttl-parts"), "").await.0, 404);
+    assert_eq!(admin("DELETE", "/admin/v2/persistent/public/default/ttl-own?force=true".into(), "").await.0, 204);
+    assert_eq!(admin("PUT", parts_path.into(), "2").await.0, 204);
+    assert_eq!(admin("PUT", "/admin/v2/persistent/public/default/ttl-own".into(), "").await.0, 204);
     assert_eq!(admin("GET", ttl_path("ttl-parts"), "").await, (200, "null".into()));
+    assert_eq!(admin("GET", ttl_path("ttl-own"), "").await, (200, "null".into()));
+}
+
+/// `method path` on the admin API at `web`: the status and the trimmed body.
+async fn admin_call(web: &str, method: &str, path: String, body: &str) -> (u16, String) {
+    let r =
+        magnetar_broker::http::request_following(&format!("http://{web}"), method, &path, body).await.expect("admin");
+    (r.status, r.body.trim().to_owned())
+}
+
+/// Backlog quotas as in Pulsar: past its namespace's `destination_storage` limit a topic
+/// closes its producers and refuses new ones (`producer_exception`) until the backlog is
+/// consumed; with `consumer_backlog_eviction` (here the broker's default, for a namespace
+/// without a quota of its own) the oldest messages are acknowledged until it is within the
+/// limit, and producers go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backlog_quotas_hold_producers_off_or_evict() {
+    use magnetar_broker::client::{Client, ClientError};
+    use magnetar_broker::protocol::pb::ServerError;
+    let s = standalone_with(&[
+        "backlog_quota_check_interval_in_seconds=1",
+        "backlog_quota_default_limit_bytes=10000",
+        "backlog_quota_default_retention_policy=consumer_backlog_eviction",
+    ])
+    .await;
+    let admin =
+        |method: &'static str, path: &str, body: &'static str| admin_call(&s.web, method, path.to_owned(), body);
+    let quota_path = "/admin/v2/namespaces/public/default/backlogQuota?backlogQuotaType=destination_storage";
+    let bad = r#"{"limitSize": 10000, "policy": "drop_everything"}"#;
+    assert_eq!(admin("POST", quota_path, bad).await.0, 412);
+    let quota = r#"{"limitSize": 10000, "limitTime": -1, "policy": "producer_exception"}"#;
+    assert_eq!(admin("POST", quota_path, quota).await.0, 204);
+    let (st, map) = admin("GET", "/admin/v2/namespaces/public/default/backlogQuotaMap", "").await;
+    let map: serde_json::Value = serde_json::from_str(&map).expect("json");
+    assert_eq!((st, &map["destination_storage"]["policy"]), (200, &serde_json::json!("producer_exception")), "{map}");
+    assert_eq!(admin("PUT", "/admin/v2/namespaces/public/evict", "").await.0, 204);
+
+    let p: Pulsar<TokioExecutor> = Pulsar::builder(s.url(), TokioExecutor).build().await.expect("connect");
+    let (held, evicted) = ("persistent://public/default/quota-held", "persistent://public/evict/quota-evicted");
+    for t in [held, evicted] {
+        drop(consumer(&p, t, "slow", SubType::Exclusive).await);
+    }
+    let client = Client::connect(&s.broker).await.expect("connect");
+    let publishers = |topic: &'static str| {
+        let web = s.web.clone();
+        async move {
+            let path = format!("/admin/v2/{}/stats", topic.replace("://", "/"));
+            let st: serde_json::Value = serde_json::from_str(&admin_call(&web, "GET", path, "").await.1).expect("json");
+            st["publishers"].as_array().map_or(0, |a| a.len())
+        }
+    };
+    // 30 entries of 1 KiB on each: three times the 10000-byte quota.
+    let mut producers = Vec::new();
+    for t in [held, evicted] {
+        let mut producer = client.producer_named(t, Some("first")).await.expect("producer");
+        for _ in 0..30 {
+            producer.send(&[7u8; 1024], 0).expect("send");
+        }
+        for _ in 0..30 {
+            producer.receipt().await.expect("receipt").1.expect("stored");
+        }
+        producers.push(producer);
+    }
+
+    // producer_exception: within a check or two the producer is closed, and new ones are
+    // refused while the backlog lasts.
+    let start = Instant::now();
+    while publishers(held).await > 0 {
+        assert!(start.elapsed() < Duration::from_secs(20), "the producer over the quota is still connected");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    match client.producer_named(held, Some("second")).await {
+        Err(ClientError::Server { code, .. }) => assert_eq!(code, ServerError::ProducerBlockedQuotaExceededException),
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("a producer was served over the quota"),
+    }
+    assert_eq!(backlog(&s.web, held, "slow").await, 30, "nothing is evicted under producer_exception");
+    let skip = "/admin/v2/persistent/public/default/quota-held/subscription/slow/skip_all";
+    assert_eq!(admin("POST", skip, "").await.0, 204);
+    client.producer_named(held, Some("second")).await.expect("served once the backlog is consumed");
+
+    // consumer_backlog_eviction (the broker's default): the oldest entries go until the
+    // backlog fits (9 of these entries), and the producer stays.
+    let start = Instant::now();
+    let left = loop {
+        let n = backlog(&s.web, evicted, "slow").await;
+        if n < 30 {
+            break n;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "nothing was evicted over the quota");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!((1..=9).contains(&left), "{left} entries left: within the quota, the newest kept");
+    assert_eq!(publishers(evicted).await, 1, "eviction leaves the producer connected");
+    client.producer_named(evicted, Some("second")).await.expect("served under eviction");
+
+    // `remove-backlog-quota` takes the namespace's quota away.
+    assert_eq!(admin("DELETE", quota_path, "").await.0, 204);
+    let (_, map) = admin("GET", "/admin/v2/namespaces/public/default/backlogQuotaMap", "").await;
+    assert!(!map.contains("destination_storage"), "{map}");
+    drop(producers);
 }

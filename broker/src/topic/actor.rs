@@ -454,6 +454,8 @@ pub(super) struct Init {
 pub(super) fn spawn(init: Init) -> mpsc::UnboundedSender<Cmd> {
     let (tx, rx) = mpsc::unbounded_channel();
     let next_expiry_check = Instant::now() + init.settings.expiry_check_interval;
+    // The namespace's quota is read on the first tick; the broker's default until then.
+    let quota = init.settings.backlog_quota;
     let actor = Actor {
         ml: Ml {
             name: init.name,
@@ -491,6 +493,8 @@ pub(super) fn spawn(init: Init) -> mpsc::UnboundedSender<Cmd> {
         checking: HashMap::new(),
         checking_producers: HashMap::new(),
         next_expiry_check,
+        quota,
+        next_quota_check: Instant::now(),
         next_cid: 1,
         msg_in: Rate::default(),
         bytes_in: Rate::default(),
@@ -660,6 +664,10 @@ struct Actor {
     checking_producers: HashMap<(u64, u64), bool>,
     /// When messages past the namespace's TTL are next expired.
     next_expiry_check: Instant,
+    /// The backlog quota in force (the namespace's, else the broker's default), as last read.
+    quota: Option<super::quota::BacklogQuota>,
+    /// When the backlog is next checked against it.
+    next_quota_check: Instant,
     next_cid: u64,
     msg_in: Rate,
     bytes_in: Rate,
@@ -817,6 +825,10 @@ impl Actor {
                     if Instant::now() >= self.next_expiry_check {
                         self.next_expiry_check = Instant::now() + self.ml.settings.expiry_check_interval;
                         self.expire_by_ttl().await;
+                    }
+                    if let Some(every) = self.ml.settings.quota_check_interval.filter(|_| Instant::now() >= self.next_quota_check) {
+                        self.next_quota_check = Instant::now() + every;
+                        self.check_backlog_quota().await;
                     }
                     self.persist_cursors();
                     self.tick_rates();
@@ -1101,11 +1113,31 @@ impl Actor {
         }
     }
 
-    fn stats(&self) -> TopicStats {
-        let stored: u64 = self.ml.info.ledgers.iter().filter_map(|l| l.size).sum::<u64>()
-            + if self.ml.writer.is_some() { self.ml.ledger_bytes } else { 0 };
+    /// Bytes the topic stores.
+    fn stored_bytes(&self) -> u64 {
+        self.ml.info.ledgers.iter().filter_map(|l| l.size).sum::<u64>()
+            + if self.ml.writer.is_some() { self.ml.ledger_bytes } else { 0 }
+    }
+
+    /// The mean size of its entries, bytes.
+    fn avg_entry_bytes(&self) -> f64 {
         let entries = self.ml.span.total_entries();
-        let avg_entry = if entries > 0 { stored as f64 / entries as f64 } else { 0.0 };
+        if entries > 0 {
+            self.stored_bytes() as f64 / entries as f64
+        } else {
+            0.0
+        }
+    }
+
+    /// Entries `sub` has not acknowledged.
+    fn backlog_entries(&self, sub: &Sub) -> u64 {
+        self.ml.span.entries_after(sub.cursor.mark_delete()).saturating_sub(sub.cursor.acked_count())
+    }
+
+    fn stats(&self) -> TopicStats {
+        let stored = self.stored_bytes();
+        let entries = self.ml.span.total_entries();
+        let avg_entry = self.avg_entry_bytes();
         let mut st = TopicStats {
             msg_rate_in: self.msg_in.rate,
             msg_throughput_in: self.bytes_in.rate,
@@ -1131,7 +1163,7 @@ impl Actor {
             });
         }
         for sub in self.subs.values() {
-            let backlog = self.ml.span.entries_after(sub.cursor.mark_delete()).saturating_sub(sub.cursor.acked_count());
+            let backlog = self.backlog_entries(sub);
             let consumers = sub
                 .consumers
                 .iter()
@@ -1368,6 +1400,9 @@ impl Actor {
         let (with_list, rest) = cursors.split_at(cursors.len().min(MAX_DELETES_WITH_LIST));
         let txn =
             with_list.iter().fold(Txn::default().compare(&self.ml.key, self.ml.version), |t, kv| t.delete(&kv.key));
+        // Its topic-level policies go with it: they would apply to a topic made later under
+        // the same name.
+        let txn = txn.delete(super::topic_policies_key(&self.ml.name));
         let done = meta.txn(txn.delete(&self.ml.key)).await.map_err(|e| e.to_string())?;
         if !done.succeeded {
             return Err(format!("topic {} changed meanwhile (another broker owns it now?)", self.ml.name));
@@ -1542,6 +1577,9 @@ impl Actor {
         if r.live.is_closing() {
             // Its connection left while the holder of the name was checked.
             return;
+        }
+        if let Some((code, why)) = self.quota_refusal() {
+            return refuse(r.done, code, why);
         }
         if closed_meanwhile {
             // Its client closed it while the holder of the name was checked.

@@ -16,6 +16,7 @@ pub mod keys;
 pub mod liveness;
 pub mod orphans;
 pub mod position;
+pub mod quota;
 pub mod stats;
 
 use std::collections::HashMap;
@@ -267,6 +268,10 @@ pub struct TopicSettings {
     pub message_ttl: u64,
     /// How often a topic expires messages past their TTL.
     pub expiry_check_interval: Duration,
+    /// Backlog quota of namespaces without one.
+    pub backlog_quota: Option<quota::BacklogQuota>,
+    /// How often a topic checks its backlog quota (`None`: quotas are not enforced).
+    pub quota_check_interval: Option<Duration>,
 }
 
 impl Default for TopicSettings {
@@ -285,6 +290,8 @@ impl Default for TopicSettings {
             retention_check_interval: Duration::from_secs(120),
             message_ttl: 0,
             expiry_check_interval: Duration::from_secs(300),
+            backlog_quota: None,
+            quota_check_interval: Some(Duration::from_secs(60)),
         }
     }
 }
@@ -479,9 +486,6 @@ impl Topics {
         }
         let topic = self.get_or_load(name).await?;
         topic.ask(|done| Cmd::Delete { force, done }).await?.map_err(TopicError::Refused)?;
-        // Its policies go with it: they would otherwise apply to a topic created later under
-        // the same name.
-        self.meta.delete(&topic_policies_key(name), None).await?;
         let mut loaded = self.loaded.lock().await;
         if loaded.get(name).and_then(|c| c.get()).is_some_and(|t| t.is_closed()) {
             loaded.remove(name);

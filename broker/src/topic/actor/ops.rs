@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 use serde_json::json;
 
-use super::{close_consumer, cursor_key, read_positions, Actor, Pos, Sub, SubType, TopicName};
+use super::{close_consumer, cursor_key, pb, read_positions, Actor, Pos, Sub, SubType, TopicName};
+use crate::topic::quota::{BacklogQuota, QuotaPolicy};
 
 /// Where a subscription created through the admin API starts.
 #[derive(Clone, Copy, Debug)]
@@ -157,6 +158,87 @@ impl Actor {
                 sub.cursor.ack_cumulative(cutoff, None, &span);
                 forget_acked(sub);
                 tracing::debug!(topic = %self.ml.name, sub = %name, up_to = %cutoff, ttl, "expired messages past their TTL");
+            }
+        }
+    }
+
+    /// The backlog bytes of the subscriptions over `limit`: (name, estimated bytes, entries).
+    /// Non-durable ones (readers) hold nothing and do not count, as in Pulsar.
+    fn over_quota(&self, limit: u64) -> Vec<(String, u64, u64)> {
+        let avg = self.avg_entry_bytes();
+        self.subs
+            .iter()
+            .filter(|(_, sub)| sub.durable)
+            .map(|(name, sub)| {
+                let entries = self.backlog_entries(sub);
+                (name.clone(), (entries as f64 * avg) as u64, entries)
+            })
+            .filter(|(_, bytes, _)| *bytes > limit)
+            .collect()
+    }
+
+    /// Why a new producer is refused: its topic's backlog is over a quota that holds
+    /// producers off.
+    pub(super) fn quota_refusal(&self) -> Option<(pb::ServerError, String)> {
+        let q = self.quota.filter(|q| q.policy.blocks_producers())?;
+        if self.over_quota(q.limit_bytes).is_empty() {
+            return None;
+        }
+        let code = match q.policy {
+            QuotaPolicy::ProducerException => pb::ServerError::ProducerBlockedQuotaExceededException,
+            _ => pb::ServerError::ProducerBlockedQuotaExceededError,
+        };
+        let why = format!("Cannot create producer on topic with backlog quota exceeded ({} bytes)", q.limit_bytes);
+        Some((code, why))
+    }
+
+    /// Pulsar's backlog quota check: reads the namespace's quota again, then, past it,
+    /// closes the producers (whose reconnects are refused while it lasts) or evicts the
+    /// oldest messages of the subscriptions over it.
+    pub(super) async fn check_backlog_quota(&mut self) {
+        match super::namespace_policies(&self.ml.meta, &self.ml.name).await {
+            Ok(policies) => {
+                self.quota = BacklogQuota::from_policies(&policies).unwrap_or(self.ml.settings.backlog_quota)
+            }
+            // The last quota read stays in force.
+            Err(e) => {
+                tracing::debug!(topic = %self.ml.name, error = %e, "reading the namespace's backlog quota failed")
+            }
+        }
+        let Some(q) = self.quota else { return };
+        if !self.ml.cursors_loaded {
+            // Stored subscriptions not in use hold a backlog too.
+            self.load_cursors().await;
+        }
+        let over = self.over_quota(q.limit_bytes);
+        if over.is_empty() {
+            return;
+        }
+        if q.policy.blocks_producers() {
+            if !self.producers.is_empty() {
+                tracing::warn!(topic = %self.ml.name, limit = q.limit_bytes, subscriptions = ?over,
+                    "backlog quota exceeded: closing the producers");
+            }
+            for ((_, producer_id), p) in self.producers.drain() {
+                p.close(producer_id);
+            }
+            for w in self.waiting_exclusive.drain(..) {
+                let why = "backlog quota exceeded".to_string();
+                w.producer.refuse(pb::ServerError::ProducerBlockedQuotaExceededException, why);
+            }
+            self.exclusive = None;
+            return;
+        }
+        let avg = self.avg_entry_bytes().max(1.0);
+        for (name, bytes, entries) in over {
+            // The oldest entries beyond the limit, at the mean entry size (rounded up).
+            let n = (((bytes - q.limit_bytes) as f64 / avg).ceil() as u64).clamp(1, entries);
+            match self.sub_admin(name.clone(), SubOp::Skip(n)).await {
+                Ok(_) => tracing::info!(topic = %self.ml.name, sub = %name, entries = n, limit = q.limit_bytes,
+                    "backlog quota exceeded: evicted the oldest entries"),
+                Err(e) => {
+                    tracing::warn!(topic = %self.ml.name, sub = %name, error = ?e, "evicting over the backlog quota failed")
+                }
             }
         }
     }
