@@ -399,7 +399,7 @@ async fn policy_set(
         return fail(StatusCode::NOT_FOUND, format!("unknown namespace policy {segment}"));
     };
     if segment == "backlogQuotaMap" {
-        return fail(StatusCode::METHOD_NOT_ALLOWED, "set quotas through backlogQuota");
+        return fail(StatusCode::METHOD_NOT_ALLOWED, "quotas are set through backlogQuota");
     }
     if segment == "backlogQuota" {
         return backlog_quota_set(&a, &t, &ns, q.as_deref(), &body).await;
@@ -459,8 +459,14 @@ async fn policy_delete(
     if segment == "bundles" {
         return fail(StatusCode::PRECONDITION_FAILED, "bundles are set when the namespace is created");
     }
+    if segment == "backlogQuotaMap" {
+        return fail(StatusCode::METHOD_NOT_ALLOWED, "quotas are removed through backlogQuota");
+    }
     // `remove-backlog-quota` removes one type's quota (`destination_storage` by default).
     let quota_type = (segment == "backlogQuota").then(|| backlog_quota_type(q.as_deref()));
+    if let Some(kind) = quota_type.filter(|k| !QUOTA_TYPES.contains(k)) {
+        return fail(StatusCode::PRECONDITION_FAILED, format!("unknown backlog quota type {kind}"));
+    }
     update_json(&a.meta, &format!("/namespaces/{t}/{ns}"), &format!("Namespace {t}/{ns}"), |mut policies| {
         if let Some(o) = policies.as_object_mut() {
             match quota_type {
@@ -479,6 +485,9 @@ async fn policy_delete(
     .await
 }
 
+/// Pulsar's backlog quota types: by size (enforced) and by message age (stored).
+const QUOTA_TYPES: [&str; 2] = ["destination_storage", "message_age"];
+
 /// The quota type a request names (`?backlogQuotaType=`), `destination_storage` by default.
 fn backlog_quota_type(q: Option<&str>) -> &str {
     q.unwrap_or("").split('&').find_map(|kv| kv.strip_prefix("backlogQuotaType=")).unwrap_or("destination_storage")
@@ -494,13 +503,14 @@ async fn backlog_quota_set(a: &Admin, t: &str, ns: &str, q: Option<&str>, body: 
         Ok(v) => return fail(StatusCode::PRECONDITION_FAILED, format!("invalid value for backlogQuota: {v}")),
         Err(e) => return fail(StatusCode::BAD_REQUEST, format!("invalid JSON: {e}")),
     };
-    const TYPES: [&str; 2] = ["destination_storage", "message_age"];
     let quotas: Vec<(String, Value)> = match value.as_object() {
-        Some(m) if TYPES.iter().any(|k| m.contains_key(*k)) => m.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        Some(m) if QUOTA_TYPES.iter().any(|k| m.contains_key(*k)) => {
+            m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        }
         _ => vec![(backlog_quota_type(q).to_owned(), value)],
     };
     for (kind, quota) in &quotas {
-        if !TYPES.contains(&kind.as_str()) {
+        if !QUOTA_TYPES.contains(&kind.as_str()) {
             return fail(StatusCode::PRECONDITION_FAILED, format!("unknown backlog quota type {kind}"));
         }
         if kind == "destination_storage" {
@@ -588,9 +598,11 @@ async fn topic_ttl_get(State(a): S, Path((t, ns, topic)): Path<(String, String, 
     }
 }
 
-/// 404 unless `n` is a topic or a partitioned topic.
+/// 404 unless `n` is a topic, a partitioned topic or a partition of one (partitions are
+/// stored once first loaded).
 async fn topic_or_partitioned(a: &Admin, n: &TopicName) -> Result<(), Response> {
-    match (exists(&a.meta, &topic_key(n)).await, exists(&a.meta, &partitioned_key(n)).await) {
+    let whole = if n.partition().is_some() { partitioned_key(&n.partitioned_parent()) } else { partitioned_key(n) };
+    match (exists(&a.meta, &topic_key(n)).await, exists(&a.meta, &whole).await) {
         (Ok(false), Ok(false)) => Err(fail(StatusCode::NOT_FOUND, format!("Topic {n} not found"))),
         (Ok(_), Ok(_)) => Ok(()),
         (Err(e), _) | (_, Err(e)) => Err(meta_error(e)),

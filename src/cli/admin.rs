@@ -96,10 +96,10 @@ enum NamespacesCmd {
     SetRetention {
         namespace: String,
         /// Minutes (-1: forever).
-        #[arg(long)]
+        #[arg(long, allow_negative_numbers = true)]
         time: i64,
         /// MiB (-1: unlimited).
-        #[arg(long)]
+        #[arg(long, allow_negative_numbers = true)]
         size: i64,
     },
     /// Show the retention policy.
@@ -117,7 +117,7 @@ enum NamespacesCmd {
     SetBacklogQuota {
         namespace: String,
         /// Bytes a subscription may leave unacknowledged (-1: no limit).
-        #[arg(long)]
+        #[arg(long, allow_negative_numbers = true)]
         limit: i64,
         /// producer_request_hold, producer_exception or consumer_backlog_eviction.
         #[arg(long, default_value = "producer_request_hold")]

@@ -381,6 +381,9 @@ async fn cli_round_trip(s: &Target) {
     let quotas = parse(&ok(admin(&["--json", "namespaces", "get-backlog-quotas", "shop/orders"])));
     assert_eq!(quotas["destination_storage"]["limitSize"], 1048576, "{quotas}");
     assert_eq!(quotas["destination_storage"]["policy"], "producer_exception", "{quotas}");
+    ok(admin(&["namespaces", "set-backlog-quota", "shop/orders", "--limit", "-1"]));
+    let quotas = parse(&ok(admin(&["--json", "namespaces", "get-backlog-quotas", "shop/orders"])));
+    assert_eq!(quotas["destination_storage"]["limitSize"], -1, "{quotas}");
     ok(admin(&["namespaces", "remove-backlog-quota", "shop/orders"]));
     let quotas = parse(&ok(admin(&["--json", "namespaces", "get-backlog-quotas", "shop/orders"])));
     assert!(quotas.get("destination_storage").is_none(), "{quotas}");

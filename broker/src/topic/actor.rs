@@ -454,8 +454,6 @@ pub(super) struct Init {
 pub(super) fn spawn(init: Init) -> mpsc::UnboundedSender<Cmd> {
     let (tx, rx) = mpsc::unbounded_channel();
     let next_expiry_check = Instant::now() + init.settings.expiry_check_interval;
-    // The namespace's quota is read on the first tick; the broker's default until then.
-    let quota = init.settings.backlog_quota;
     let actor = Actor {
         ml: Ml {
             name: init.name,
@@ -493,7 +491,8 @@ pub(super) fn spawn(init: Init) -> mpsc::UnboundedSender<Cmd> {
         checking: HashMap::new(),
         checking_producers: HashMap::new(),
         next_expiry_check,
-        quota,
+        // Read (with the namespace's) on the first tick: nothing is enforced on a guess.
+        quota: None,
         next_quota_check: Instant::now(),
         next_cid: 1,
         msg_in: Rate::default(),
@@ -664,7 +663,8 @@ struct Actor {
     checking_producers: HashMap<(u64, u64), bool>,
     /// When messages past the namespace's TTL are next expired.
     next_expiry_check: Instant,
-    /// The backlog quota in force (the namespace's, else the broker's default), as last read.
+    /// The backlog quota in force (the namespace's, else the broker's default), as last read
+    /// (`None` until read, and while quotas are not enforced).
     quota: Option<super::quota::BacklogQuota>,
     /// When the backlog is next checked against it.
     next_quota_check: Instant,
@@ -1119,11 +1119,22 @@ impl Actor {
             + if self.ml.writer.is_some() { self.ml.ledger_bytes } else { 0 }
     }
 
-    /// The mean size of its entries, bytes.
+    /// The mean size of its entries, bytes, over the ledgers whose size is known (a ledger
+    /// closed by recovery, after a broker died, has none).
     fn avg_entry_bytes(&self) -> f64 {
-        let entries = self.ml.span.total_entries();
+        let (mut bytes, mut entries) = (0u64, 0u64);
+        for l in &self.ml.info.ledgers {
+            if let (Some(size), Some(last)) = (l.size, l.last_entry) {
+                bytes += size;
+                entries += (last + 1).max(0) as u64;
+            }
+        }
+        if self.ml.writer.is_some() {
+            bytes += self.ml.ledger_bytes;
+            entries += self.ml.ledger_entries;
+        }
         if entries > 0 {
-            self.stored_bytes() as f64 / entries as f64
+            bytes as f64 / entries as f64
         } else {
             0.0
         }

@@ -52,7 +52,8 @@ impl BacklogQuota {
     /// A quota as Pulsar's admin API sends it: `{"limitSize": bytes, "policy": "…"}` (the
     /// older `limit` for the size is read too). `Err` says what is wrong.
     pub fn from_json(v: &Value) -> Result<Option<Self>, String> {
-        let size = v.get("limitSize").or_else(|| v.get("limit"));
+        let present = |k: &str| v.get(k).filter(|x| !x.is_null());
+        let size = present("limitSize").or_else(|| present("limit"));
         let Some(limit) = size.and_then(Value::as_i64) else {
             return Err("the quota needs a whole-number limitSize (bytes; -1: no limit)".into());
         };
@@ -65,11 +66,13 @@ impl BacklogQuota {
         Ok(BacklogQuota::from_limit(limit, policy))
     }
 
-    /// The `destination_storage` quota a namespace's stored policies set: `None` when they set
-    /// none (the broker's default applies), `Some(None)` when they set no limit.
-    pub fn from_policies(policies: &Value) -> Option<Option<Self>> {
-        let quota = policies.get("backlog_quota_map")?.get("destination_storage")?;
-        BacklogQuota::from_json(quota).ok()
+    /// The `destination_storage` quota a namespace's stored policies set: `Ok(None)` when
+    /// they set none (the broker's default applies), `Ok(Some(None))` when they set no limit.
+    pub fn from_policies(policies: &Value) -> Result<Option<Option<Self>>, String> {
+        match policies.get("backlog_quota_map").and_then(|m| m.get("destination_storage")) {
+            Some(quota) => BacklogQuota::from_json(quota).map(Some),
+            None => Ok(None),
+        }
     }
 }
 
@@ -94,6 +97,10 @@ mod tests {
             Ok(Some(BacklogQuota { limit_bytes: 5, policy: QuotaPolicy::ProducerRequestHold }))
         );
         assert_eq!(q(json!({"limitSize": -1, "policy": "producer_exception"})), Ok(None), "-1: no limit");
+        assert_eq!(
+            q(json!({"limitSize": null, "limit": 3})),
+            Ok(Some(BacklogQuota { limit_bytes: 3, policy: QuotaPolicy::ProducerRequestHold }))
+        );
         assert!(q(json!({"limitSize": 5, "policy": "drop_everything"})).is_err());
         assert!(q(json!({"policy": "producer_exception"})).is_err());
         assert!(q(json!({"limitSize": "big"})).is_err());
@@ -104,11 +111,14 @@ mod tests {
         let stored =
             json!({"backlog_quota_map": {"destination_storage": {"limitSize": 7, "policy": "producer_exception"}}});
         let quota = BacklogQuota { limit_bytes: 7, policy: QuotaPolicy::ProducerException };
-        assert_eq!(BacklogQuota::from_policies(&stored), Some(Some(quota)));
+        assert_eq!(BacklogQuota::from_policies(&stored), Ok(Some(Some(quota))));
         let unlimited = json!({"backlog_quota_map": {"destination_storage": {"limitSize": -1}}});
-        assert_eq!(BacklogQuota::from_policies(&unlimited), Some(None));
-        assert_eq!(BacklogQuota::from_policies(&json!({"backlog_quota_map": {"message_age": {"limitTime": 5}}})), None);
-        assert_eq!(BacklogQuota::from_policies(&json!({})), None);
+        assert_eq!(BacklogQuota::from_policies(&unlimited), Ok(Some(None)));
+        let age_only = json!({"backlog_quota_map": {"message_age": {"limitTime": 5}}});
+        assert_eq!(BacklogQuota::from_policies(&age_only), Ok(None));
+        assert_eq!(BacklogQuota::from_policies(&json!({})), Ok(None));
+        let broken = json!({"backlog_quota_map": {"destination_storage": {"policy": "producer_exception"}}});
+        assert!(BacklogQuota::from_policies(&broken).is_err());
         assert!(QuotaPolicy::ProducerRequestHold.blocks_producers());
         assert!(!QuotaPolicy::ConsumerBacklogEviction.blocks_producers());
     }

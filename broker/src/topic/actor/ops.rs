@@ -91,6 +91,9 @@ async fn message_ttl(meta: &magnetar_metastore::client::MetaClient, topic: &Topi
     Ok(policies.get("message_ttl_in_seconds").and_then(|v| v.as_u64()))
 }
 
+/// Eviction over a backlog quota goes down to this share of the limit.
+const EVICT_TO: f64 = 0.9;
+
 /// Forgets delivery state of entries the cursor now covers.
 fn forget_acked(sub: &mut Sub) {
     let cursor = &sub.cursor;
@@ -196,11 +199,23 @@ impl Actor {
     /// closes the producers (whose reconnects are refused while it lasts) or evicts the
     /// oldest messages of the subscriptions over it.
     pub(super) async fn check_backlog_quota(&mut self) {
+        let last = self.ml.span.last();
+        if self.ml.cursors_loaded && self.subs.values().all(|s| s.cursor.mark_delete() >= last) {
+            // No backlog anywhere: nothing to read or do.
+            return;
+        }
         match super::namespace_policies(&self.ml.meta, &self.ml.name).await {
             Ok(policies) => {
-                self.quota = BacklogQuota::from_policies(&policies).unwrap_or(self.ml.settings.backlog_quota)
+                self.quota = match BacklogQuota::from_policies(&policies) {
+                    Ok(Some(q)) => q,
+                    Ok(None) => self.ml.settings.backlog_quota,
+                    Err(e) => {
+                        tracing::warn!(topic = %self.ml.name, error = %e, "the namespace's backlog quota does not parse; the broker's default applies");
+                        self.ml.settings.backlog_quota
+                    }
+                }
             }
-            // The last quota read stays in force.
+            // Never acted on a guess: the last quota read stays (none before the first read).
             Err(e) => {
                 tracing::debug!(topic = %self.ml.name, error = %e, "reading the namespace's backlog quota failed")
             }
@@ -214,7 +229,7 @@ impl Actor {
         if over.is_empty() {
             return;
         }
-        if q.policy.blocks_producers() {
+        if let Some((code, why)) = self.quota_refusal() {
             if !self.producers.is_empty() {
                 tracing::warn!(topic = %self.ml.name, limit = q.limit_bytes, subscriptions = ?over,
                     "backlog quota exceeded: closing the producers");
@@ -223,23 +238,24 @@ impl Actor {
                 p.close(producer_id);
             }
             for w in self.waiting_exclusive.drain(..) {
-                let why = "backlog quota exceeded".to_string();
-                w.producer.refuse(pb::ServerError::ProducerBlockedQuotaExceededException, why);
+                w.producer.refuse(code, why.clone());
             }
             self.exclusive = None;
             return;
         }
+        // Eviction, as in Pulsar down to 90% of the limit (so that it does not come back for
+        // a sliver at every check): everything but the newest entries that fit is
+        // acknowledged, at the topic's mean entry size.
         let avg = self.avg_entry_bytes().max(1.0);
-        for (name, bytes, entries) in over {
-            // The oldest entries beyond the limit, at the mean entry size (rounded up).
-            let n = (((bytes - q.limit_bytes) as f64 / avg).ceil() as u64).clamp(1, entries);
-            match self.sub_admin(name.clone(), SubOp::Skip(n)).await {
-                Ok(_) => tracing::info!(topic = %self.ml.name, sub = %name, entries = n, limit = q.limit_bytes,
-                    "backlog quota exceeded: evicted the oldest entries"),
-                Err(e) => {
-                    tracing::warn!(topic = %self.ml.name, sub = %name, error = ?e, "evicting over the backlog quota failed")
-                }
-            }
+        let keep = (q.limit_bytes as f64 * EVICT_TO / avg) as u64;
+        let span = self.ml.span.clone();
+        let Some(cut) = span.total_entries().checked_sub(keep + 1).and_then(|i| span.nth(i)) else { return };
+        for (name, bytes, _) in over {
+            let Some(sub) = self.subs.get_mut(&name).filter(|s| cut > s.cursor.mark_delete()) else { continue };
+            sub.cursor.ack_cumulative(cut, None, &span);
+            forget_acked(sub);
+            tracing::info!(topic = %self.ml.name, sub = %name, backlog_bytes = bytes, limit = q.limit_bytes, up_to = %cut,
+                "backlog quota exceeded: evicted the oldest entries");
         }
     }
 
