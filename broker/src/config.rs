@@ -71,6 +71,11 @@ pub struct BrokerConfig {
     pub ttl_duration_default_in_seconds: u64,
     /// How often topics expire messages past their namespace's TTL, minutes (fractions allowed).
     pub message_expiry_check_interval_in_minutes: f64,
+    /// Deduplication of messages in namespaces without a `deduplicationEnabled` policy.
+    pub broker_deduplication_enabled: bool,
+    /// Entries stored between two snapshots of a topic's deduplication state (a topic loading
+    /// replays at most about this many).
+    pub broker_deduplication_entries_interval: u64,
     /// Backlog quota of namespaces without one, bytes a subscription may leave unacknowledged
     /// (-1: none).
     pub backlog_quota_default_limit_bytes: i64,
@@ -124,6 +129,8 @@ impl Default for BrokerConfig {
             retention_check_interval_in_seconds: 120,
             ttl_duration_default_in_seconds: 0,
             message_expiry_check_interval_in_minutes: 5.0,
+            broker_deduplication_enabled: false,
+            broker_deduplication_entries_interval: 1000,
             backlog_quota_default_limit_bytes: -1,
             backlog_quota_default_retention_policy: "producer_request_hold".into(),
             backlog_quota_check_enabled: true,
@@ -157,6 +164,8 @@ pub const ENV_ALIASES: &[(&str, &str)] = &[
     ("retentionCheckIntervalInSeconds", "retention_check_interval_in_seconds"),
     ("ttlDurationDefaultInSeconds", "ttl_duration_default_in_seconds"),
     ("messageExpiryCheckIntervalInMinutes", "message_expiry_check_interval_in_minutes"),
+    ("brokerDeduplicationEnabled", "broker_deduplication_enabled"),
+    ("brokerDeduplicationEntriesInterval", "broker_deduplication_entries_interval"),
     ("backlogQuotaDefaultLimitBytes", "backlog_quota_default_limit_bytes"),
     ("backlogQuotaDefaultRetentionPolicy", "backlog_quota_default_retention_policy"),
     ("backlogQuotaCheckEnabled", "backlog_quota_check_enabled"),
@@ -193,6 +202,8 @@ impl BrokerConfig {
             ),
             backlog_quota: crate::topic::quota::QuotaPolicy::parse(&self.backlog_quota_default_retention_policy)
                 .and_then(|p| crate::topic::quota::BacklogQuota::from_limit(self.backlog_quota_default_limit_bytes, p)),
+            deduplication: self.broker_deduplication_enabled,
+            dedup_snapshot_entries: self.broker_deduplication_entries_interval,
             quota_check_interval: self
                 .backlog_quota_check_enabled
                 .then(|| std::time::Duration::from_secs(self.backlog_quota_check_interval_in_seconds.max(1))),
@@ -242,6 +253,9 @@ impl Validate for BrokerConfig {
                 "backlog_quota_default_retention_policy",
                 "must be producer_request_hold, producer_exception or consumer_backlog_eviction",
             );
+        }
+        if self.broker_deduplication_entries_interval == 0 {
+            return bad("broker_deduplication_entries_interval", "must be at least 1");
         }
         if self.backlog_quota_check_interval_in_seconds == 0 {
             return bad("backlog_quota_check_interval_in_seconds", "must be at least 1");

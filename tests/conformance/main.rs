@@ -296,6 +296,35 @@ async fn restart_keeps_subscription_positions() {
     scenario(&s.url(), "restart_after", "keep");
 }
 
+/// Message deduplication through the Python client: on for `public/default` by the
+/// namespace's policy, a resent sequence id is answered as sent and stored once, also after a
+/// SIGKILL (the last snapshot, every 4 entries here, and a replay of the entries after it);
+/// off in another namespace, a resend is stored again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_client_deduplication() {
+    let s = standalone_with(&["broker_deduplication_entries_interval=4"]).await;
+    let web = format!("http://{}", s.web);
+    for (method, path, body) in [
+        ("POST", "/admin/v2/namespaces/public/default/deduplication", "true"),
+        ("PUT", "/admin/v2/namespaces/public/nodedup", ""),
+    ] {
+        let r = magnetar_broker::http::request_following(&web, method, path, body).await.expect("admin");
+        assert_eq!(r.status, 204, "{path}: {}", r.body);
+    }
+    scenario(&s.url(), "dedup_before_restart", "dedup");
+    let s = s.restart_with("-KILL").await;
+    // A snapshot was stored (after the 4th or the 8th entry), so the restarted topic had to
+    // replay the entries after it to know sequence id 9.
+    let meta = MetaClient::connect(std::slice::from_ref(&s.metastore)).expect("meta");
+    let name =
+        magnetar_broker::protocol::names::TopicName::parse("persistent://public/default/dedup-dedup").expect("name");
+    let snap = meta.get(&magnetar_broker::topic::dedup_key(&name)).await.expect("get").expect("a snapshot");
+    let snap: serde_json::Value = serde_json::from_slice(&snap.value).expect("json");
+    assert!([3, 7].contains(&snap["producers"]["dedup-p"].as_i64().unwrap_or(-1)), "{snap}");
+    scenario(&s.url(), "dedup_after_restart", "dedup");
+    scenario(&s.url(), "dedup_off", "dedup");
+}
+
 /// A SIGKILLed standalone: journal replay, ledger recovery and the stored cursor bring back
 /// every unacknowledged message (acknowledgements of the last moments may be redelivered).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

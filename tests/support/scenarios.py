@@ -800,6 +800,59 @@ def delayed_after_restart():
     c.close()
 
 
+def dedup_before_restart():
+    """Deduplication on: a resent sequence id is answered as sent (-1:-1) and stored once."""
+    topic = f"{PREFIX}-dedup"
+    c = client.subscribe(topic, "s", initial_position=pulsar.InitialPosition.Earliest)
+    p = client.create_producer(topic, producer_name="dedup-p", batching_enabled=False)
+    for i in range(10):
+        mid = p.send(f"m-{i}".encode(), sequence_id=i)
+        assert mid.ledger_id() >= 0 and mid.entry_id() >= 0, f"m-{i}: {mid}"
+    for i in (3, 9):
+        mid = p.send(f"again-{i}".encode(), sequence_id=i)
+        assert (mid.ledger_id(), mid.entry_id()) == (-1, -1), f"resent {i}: {mid}"
+    assert p.last_sequence_id() == 9, p.last_sequence_id()
+    p.close()
+    got = receive_n(c, 10)
+    assert bodies(got) == [f"m-{i}" for i in range(10)], bodies(got)
+    nothing_more(c)
+    c.close()
+
+
+def dedup_after_restart():
+    """After the restart: the producer name resumes at its last stored sequence id, and a
+    resend of an old one is still answered as sent, not stored."""
+    topic = f"{PREFIX}-dedup"
+    c = client.subscribe(topic, "s")
+    p = client.create_producer(topic, producer_name="dedup-p", batching_enabled=False)
+    assert p.last_sequence_id() == 9, p.last_sequence_id()
+    mid = p.send(b"again-8", sequence_id=8)
+    assert (mid.ledger_id(), mid.entry_id()) == (-1, -1), f"resent 8: {mid}"
+    mid = p.send(b"m-10", sequence_id=10)
+    assert mid.ledger_id() >= 0, mid
+    p.close()
+    got = receive_n(c, 1)
+    assert bodies(got) == ["m-10"], bodies(got)
+    nothing_more(c)
+    c.close()
+
+
+def dedup_off():
+    """Without deduplication (namespace public/nodedup, broker default off), a resent
+    sequence id is stored again."""
+    topic = f"persistent://public/nodedup/{PREFIX}-dup"
+    c = client.subscribe(topic, "s", initial_position=pulsar.InitialPosition.Earliest)
+    p = client.create_producer(topic, producer_name="plain-p", batching_enabled=False)
+    for i in (0, 1, 1):
+        mid = p.send(f"m-{i}".encode(), sequence_id=i)
+        assert mid.ledger_id() >= 0, mid
+    p.close()
+    got = receive_n(c, 3)
+    assert bodies(got) == ["m-0", "m-1", "m-1"], bodies(got)
+    nothing_more(c)
+    c.close()
+
+
 globals()[SCENARIO]()
 client.close()
 print(f"ok {SCENARIO}")

@@ -503,7 +503,7 @@ impl Conn {
                 } else {
                     let info =
                         EntryInfo { crc: payload.checksum, ..EntryInfo::from_entry(&payload.metadata, &payload.data) };
-                    Box::pin(producer.topic.append(payload.entry, info, Some((name.clone(), highest))))
+                    Box::pin(producer.topic.append(payload.entry, info, Some((name.clone(), s.sequence_id, highest))))
                 };
                 let _ = producer.queue.send(PendingSend::Send(s.sequence_id, highest, fut, in_flight));
             }

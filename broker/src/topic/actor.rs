@@ -30,7 +30,10 @@ use crate::protocol::pb;
 use pb::base_command::Type;
 use pb::command_subscribe::SubType;
 
+mod dedup;
 mod ops;
+
+pub use dedup::dedup_key;
 pub use ops::{CreateAt, SubAnswer, SubError, SubOp};
 
 /// What a connection writes: a command, or a MESSAGE with its stored entry.
@@ -289,7 +292,8 @@ pub enum Cmd {
         /// Its dispatch facts.
         info: EntryInfo,
         /// The producer's name and the entry's highest sequence id.
-        producer: Option<(String, u64)>,
+        /// Its producer's name and the sequence ids of its first and last message.
+        producer: Option<(String, u64, u64)>,
         /// The position once stored.
         done: oneshot::Sender<Result<Pos, AppendError>>,
     },
@@ -494,6 +498,9 @@ pub(super) fn spawn(init: Init) -> mpsc::UnboundedSender<Cmd> {
         // Read (with the namespace's) on the first tick: nothing is enforced on a guess.
         quota: None,
         next_quota_check: Instant::now(),
+        dedup: None,
+        dedup_unknown: false,
+        next_dedup_check: Instant::now() + dedup::POLICY_CHECK,
         next_cid: 1,
         msg_in: Rate::default(),
         bytes_in: Rate::default(),
@@ -505,7 +512,7 @@ pub(super) fn spawn(init: Init) -> mpsc::UnboundedSender<Cmd> {
 
 type Done = oneshot::Sender<Result<Pos, AppendError>>;
 /// An append: the entry, its producer's name and sequence id, and who waits for it.
-type Waiting = (Cached, Option<(String, u64)>, Done);
+type Waiting = (Cached, Option<(String, u64, u64)>, Done);
 
 /// An entry and its facts.
 #[derive(Clone)]
@@ -668,6 +675,12 @@ struct Actor {
     quota: Option<super::quota::BacklogQuota>,
     /// When the backlog is next checked against it.
     next_quota_check: Instant,
+    /// Deduplication state, while it is on and recovered.
+    dedup: Option<dedup::Dedup>,
+    /// Deduplication is on but its state could not be recovered: sends are refused.
+    dedup_unknown: bool,
+    /// When the namespace's deduplication policy is next read.
+    next_dedup_check: Instant,
     next_cid: u64,
     msg_in: Rate,
     bytes_in: Rate,
@@ -776,6 +789,8 @@ fn special(id: &pb::MessageIdData) -> Option<bool> {
 impl Actor {
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Cmd>) {
         self.load_cursors().await;
+        // Before any send is served: with deduplication on, its state is recovered first.
+        self.check_dedup().await;
         let mut tick = tokio::time::interval(self.ml.settings.cursor_persist_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Wakes the topic when the earliest held delayed entry is due.
@@ -825,6 +840,10 @@ impl Actor {
                     if Instant::now() >= self.next_expiry_check {
                         self.next_expiry_check = Instant::now() + self.ml.settings.expiry_check_interval;
                         self.expire_by_ttl().await;
+                    }
+                    if Instant::now() >= self.next_dedup_check {
+                        self.next_dedup_check = Instant::now() + dedup::POLICY_CHECK;
+                        self.check_dedup().await;
                     }
                     if let Some(every) = self.ml.settings.quota_check_interval.filter(|_| Instant::now() >= self.next_quota_check) {
                         self.next_quota_check = Instant::now() + every;
@@ -908,6 +927,28 @@ impl Actor {
         match cmd {
             Cmd::Append { entry, info, producer, done } => {
                 let c = Cached { entry, info };
+                if let Some(e) = self.dedup_refusal() {
+                    let _ = done.send(Err(e));
+                    return true;
+                }
+                if let Some((name, first, highest)) = &producer {
+                    match self.dedup_verdict(name, *first, *highest) {
+                        dedup::Verdict::New => {}
+                        dedup::Verdict::Duplicate => {
+                            let _ = done.send(Ok(dedup::DUPLICATE));
+                            return true;
+                        }
+                        dedup::Verdict::Unknown => {
+                            let _ = done.send(Err(AppendError {
+                                code: pb::ServerError::PersistenceError,
+                                message: format!(
+                                    "cannot tell yet whether message {first} of producer {name} is a duplicate: it is being stored"
+                                ),
+                            }));
+                            return true;
+                        }
+                    }
+                }
                 if self.ml.info.terminated {
                     let _ = done.send(Err(AppendError {
                         code: pb::ServerError::TopicTerminatedError,
@@ -1078,11 +1119,11 @@ impl Actor {
         true
     }
 
-    fn count_in(&mut self, c: &Cached, producer: Option<(String, u64)>) {
+    fn count_in(&mut self, c: &Cached, producer: Option<(String, u64, u64)>) {
         let (n, b) = (c.info.num_messages as u64, c.entry.len() as u64);
         self.msg_in.add(n);
         self.bytes_in.add(b);
-        if let Some((name, seq)) = producer {
+        if let Some((name, _, seq)) = producer {
             let r = self.producer_rates.entry(name.clone()).or_default();
             r.0.add(n);
             r.1.add(b);
@@ -1207,7 +1248,7 @@ impl Actor {
         st
     }
 
-    fn submit(&mut self, c: Cached, producer: Option<(String, u64)>, done: Done) {
+    fn submit(&mut self, c: Cached, producer: Option<(String, u64, u64)>, done: Done) {
         let Some(w) = self.ml.writer.as_ref() else {
             let _ = done.send(Err(AppendError::from(format!("topic {} has no ledger", self.ml.name))));
             return;
@@ -1236,6 +1277,7 @@ impl Actor {
                     self.ml.span.set_last(ledger, e);
                     self.ml.last_info = Some((p, c.info));
                     self.count_in(&c, producer);
+                    self.dedup_stored();
                     self.ml.insert_cache(p, c);
                     let _ = done.send(Ok(p));
                 }
@@ -1311,6 +1353,13 @@ impl Actor {
         let slowest = self.slowest_position();
         let n = super::trimmable(&self.ml.info.ledgers, current, slowest, retention, now);
         if n == 0 {
+            self.ml.defer_trim();
+            return;
+        }
+        // A replay could not read the deleted ledgers: the deduplication snapshot covers them
+        // first.
+        if let Err(e) = self.store_dedup_snapshot().await {
+            tracing::warn!(topic = %self.ml.name, error = %e, "storing the deduplication snapshot before deleting ledgers failed");
             self.ml.defer_trim();
             return;
         }
@@ -1413,7 +1462,7 @@ impl Actor {
             with_list.iter().fold(Txn::default().compare(&self.ml.key, self.ml.version), |t, kv| t.delete(&kv.key));
         // Its topic-level policies go with it: they would apply to a topic made later under
         // the same name.
-        let txn = txn.delete(super::topic_policies_key(&self.ml.name));
+        let txn = txn.delete(super::topic_policies_key(&self.ml.name)).delete(dedup_key(&self.ml.name));
         let done = meta.txn(txn.delete(&self.ml.key)).await.map_err(|e| e.to_string())?;
         if !done.succeeded {
             return Err(format!("topic {} changed meanwhile (another broker owns it now?)", self.ml.name));
@@ -1474,6 +1523,9 @@ impl Actor {
             }
         }
         self.store_cursors().await;
+        if let Err(e) = self.store_dedup_snapshot().await {
+            tracing::warn!(topic = %self.ml.name, error = %e, "storing the deduplication snapshot failed; the next load replays more");
+        }
         if let Some(w) = self.ml.writer.take() {
             let id = w.id();
             match w.close().await {

@@ -33,8 +33,8 @@ use crate::ownership::{Owner, Ownership};
 use crate::protocol::names::TopicName;
 use crate::protocol::pb;
 pub use actor::{
-    producer_success, AppendError, Cmd, ConsumerSpec, CreateAt, EntryInfo, Out, OutTx, ProducerRequest, ProducerState,
-    SeekTarget, SubAnswer, SubError, SubOp,
+    dedup_key, producer_success, AppendError, Cmd, ConsumerSpec, CreateAt, EntryInfo, Out, OutTx, ProducerRequest,
+    ProducerState, SeekTarget, SubAnswer, SubError, SubOp,
 };
 pub use liveness::{Liveness, LIVENESS_TIMEOUT};
 use position::{LedgerSpan, Pos};
@@ -272,6 +272,10 @@ pub struct TopicSettings {
     pub backlog_quota: Option<quota::BacklogQuota>,
     /// How often a topic checks its backlog quota (`None`: quotas are not enforced).
     pub quota_check_interval: Option<Duration>,
+    /// Deduplication in namespaces without a `deduplicationEnabled` policy.
+    pub deduplication: bool,
+    /// Entries between two deduplication snapshots.
+    pub dedup_snapshot_entries: u64,
 }
 
 impl Default for TopicSettings {
@@ -292,6 +296,8 @@ impl Default for TopicSettings {
             expiry_check_interval: Duration::from_secs(300),
             backlog_quota: None,
             quota_check_interval: Some(Duration::from_secs(60)),
+            deduplication: false,
+            dedup_snapshot_entries: 1000,
         }
     }
 }
@@ -327,7 +333,7 @@ impl Topic {
         &self,
         entry: Bytes,
         info: EntryInfo,
-        producer: Option<(String, u64)>,
+        producer: Option<(String, u64, u64)>,
     ) -> impl std::future::Future<Output = Result<Pos, AppendError>> + Send + 'static {
         let (done, rx) = oneshot::channel();
         let sent = self.tx.send(Cmd::Append { entry, info, producer, done }).is_ok();
