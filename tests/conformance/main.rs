@@ -298,31 +298,78 @@ async fn restart_keeps_subscription_positions() {
 
 /// Message deduplication through the Python client: on for `public/default` by the
 /// namespace's policy, a resent sequence id is answered as sent and stored once, also after a
-/// SIGKILL (the last snapshot, every 4 entries here, and a replay of the entries after it);
-/// off in another namespace, a resend is stored again.
+/// SIGKILL (the last snapshot, every 3 entries here and on close, and a replay of the entries
+/// after it); off in another namespace, a resend is stored again; turned on for a topic with
+/// messages, it starts from the topic's end; turned off, the snapshot goes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_client_deduplication() {
-    let s = standalone_with(&["broker_deduplication_entries_interval=4"]).await;
+    let s = standalone_with(&["broker_deduplication_entries_interval=3"]).await;
     let web = format!("http://{}", s.web);
     for (method, path, body) in [
         ("POST", "/admin/v2/namespaces/public/default/deduplication", "true"),
+        // Consumed ledgers stay: deleting them stores a snapshot first, which would race with
+        // the sends the test keeps out of any snapshot.
+        (
+            "POST",
+            "/admin/v2/namespaces/public/default/retention",
+            r#"{"retentionTimeInMinutes":-1,"retentionSizeInMB":-1}"#,
+        ),
         ("PUT", "/admin/v2/namespaces/public/nodedup", ""),
     ] {
         let r = magnetar_broker::http::request_following(&web, method, path, body).await.expect("admin");
         assert_eq!(r.status, 204, "{path}: {}", r.body);
     }
     scenario(&s.url(), "dedup_before_restart", "dedup");
-    let s = s.restart_with("-KILL").await;
-    // A snapshot was stored (after the 4th or the 8th entry), so the restarted topic had to
-    // replay the entries after it to know sequence id 9.
+    // A snapshot is stored once 3 entries are past the last one (one of these 10 at least),
+    // and one of all 10 when the topic closes (an unload). Two more entries stay out of any,
+    // so the restarted topic must replay them.
     let meta = MetaClient::connect(std::slice::from_ref(&s.metastore)).expect("meta");
     let name =
         magnetar_broker::protocol::names::TopicName::parse("persistent://public/default/dedup-dedup").expect("name");
-    let snap = meta.get(&magnetar_broker::topic::dedup_key(&name)).await.expect("get").expect("a snapshot");
-    let snap: serde_json::Value = serde_json::from_slice(&snap.value).expect("json");
-    assert!([3, 7].contains(&snap["producers"]["dedup-p"].as_i64().unwrap_or(-1)), "{snap}");
+    let key = magnetar_broker::topic::dedup_key(&name);
+    let snapshot_of = |meta: MetaClient, key: String| async move {
+        let kv = meta.get(&key).await.expect("get")?;
+        let snap: serde_json::Value = serde_json::from_slice(&kv.value).expect("json");
+        snap["producers"]["dedup-p"].as_i64()
+    };
+    let start = std::time::Instant::now();
+    while snapshot_of(meta.clone(), key.clone()).await.is_none_or(|seq| seq < 2) {
+        assert!(start.elapsed() < Duration::from_secs(10), "no snapshot every 3 entries");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let path = "/admin/v2/persistent/public/default/dedup-dedup/unload";
+    let r = magnetar_broker::http::request_following(&web, "PUT", path, "").await.expect("unload");
+    assert_eq!(r.status, 204, "{}", r.body);
+    assert_eq!(snapshot_of(meta.clone(), key.clone()).await, Some(9), "a snapshot of all 10 on close");
+    scenario(&s.url(), "dedup_two_more", "dedup");
+    assert_eq!(snapshot_of(meta.clone(), key.clone()).await, Some(9), "the last two are not in a snapshot");
+    let s = s.restart_with("-KILL").await;
+    let meta = MetaClient::connect(std::slice::from_ref(&s.metastore)).expect("meta");
     scenario(&s.url(), "dedup_after_restart", "dedup");
     scenario(&s.url(), "dedup_off", "dedup");
+    // Turned on for that topic (its next load reads the policy), then off again: off, its
+    // snapshot goes.
+    let web = format!("http://{}", s.web);
+    let other =
+        magnetar_broker::protocol::names::TopicName::parse("persistent://public/nodedup/dedup-dup").expect("name");
+    let policy_then_unload = |on: &'static str| {
+        let web = web.clone();
+        async move {
+            let path = "/admin/v2/namespaces/public/nodedup/deduplication";
+            let r = magnetar_broker::http::request_following(&web, "POST", path, on).await.expect("policy");
+            assert_eq!(r.status, 204, "{}", r.body);
+            let path = "/admin/v2/persistent/public/nodedup/dedup-dup/unload";
+            let r = magnetar_broker::http::request_following(&web, "PUT", path, "").await.expect("unload");
+            assert_eq!(r.status, 204, "{}", r.body);
+        }
+    };
+    policy_then_unload("true").await;
+    scenario(&s.url(), "dedup_turned_on", "dedup");
+    assert!(meta.get(&magnetar_broker::topic::dedup_key(&other)).await.expect("get").is_some(), "a snapshot when on");
+    policy_then_unload("false").await;
+    // The topic loads (and reads the policy) on its next use.
+    produce(&s.url(), "persistent://public/nodedup/dedup-dup", 1, false);
+    assert!(meta.get(&magnetar_broker::topic::dedup_key(&other)).await.expect("get").is_none(), "no snapshot when off");
 }
 
 /// A SIGKILLed standalone: journal replay, ledger recovery and the stored cursor bring back

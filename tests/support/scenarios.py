@@ -819,20 +819,32 @@ def dedup_before_restart():
     c.close()
 
 
+def dedup_two_more():
+    """Two more messages (sequence ids 10 and 11), fewer than a snapshot waits for."""
+    topic = f"{PREFIX}-dedup"
+    p = client.create_producer(topic, producer_name="dedup-p", batching_enabled=False)
+    assert p.last_sequence_id() == 9, p.last_sequence_id()
+    for i in (10, 11):
+        mid = p.send(f"m-{i}".encode(), sequence_id=i)
+        assert mid.ledger_id() >= 0, f"m-{i}: {mid}"
+    p.close()
+
+
 def dedup_after_restart():
-    """After the restart: the producer name resumes at its last stored sequence id, and a
-    resend of an old one is still answered as sent, not stored."""
+    """After the restart: the producer name resumes at its last stored sequence id, and
+    resends of old ones are still answered as sent, not stored."""
     topic = f"{PREFIX}-dedup"
     c = client.subscribe(topic, "s")
     p = client.create_producer(topic, producer_name="dedup-p", batching_enabled=False)
-    assert p.last_sequence_id() == 9, p.last_sequence_id()
-    mid = p.send(b"again-8", sequence_id=8)
-    assert (mid.ledger_id(), mid.entry_id()) == (-1, -1), f"resent 8: {mid}"
-    mid = p.send(b"m-10", sequence_id=10)
+    assert p.last_sequence_id() == 11, p.last_sequence_id()
+    for i in (8, 11):
+        mid = p.send(f"again-{i}".encode(), sequence_id=i)
+        assert (mid.ledger_id(), mid.entry_id()) == (-1, -1), f"resent {i}: {mid}"
+    mid = p.send(b"m-12", sequence_id=12)
     assert mid.ledger_id() >= 0, mid
     p.close()
-    got = receive_n(c, 1)
-    assert bodies(got) == ["m-10"], bodies(got)
+    got = receive_n(c, 3)
+    assert bodies(got) == ["m-10", "m-11", "m-12"], bodies(got)
     nothing_more(c)
     c.close()
 
@@ -849,6 +861,25 @@ def dedup_off():
     p.close()
     got = receive_n(c, 3)
     assert bodies(got) == ["m-0", "m-1", "m-1"], bodies(got)
+    nothing_more(c)
+    c.close()
+
+
+def dedup_turned_on():
+    """Deduplication turned on for a topic that stored messages without it: it starts from the
+    topic's end, so a producer told to number from 0 is not taken for a duplicate."""
+    topic = f"persistent://public/nodedup/{PREFIX}-dup"
+    c = client.subscribe(topic, "s")
+    p = client.create_producer(topic, producer_name="plain-p", batching_enabled=False)
+    assert p.last_sequence_id() == -1, p.last_sequence_id()
+    # (The Python client takes sequence_id=0 for "none given"; 1 was stored before.)
+    mid = p.send(b"new-1", sequence_id=1)
+    assert mid.ledger_id() >= 0, f"new-1 taken for a duplicate: {mid}"
+    mid = p.send(b"again-1", sequence_id=1)
+    assert (mid.ledger_id(), mid.entry_id()) == (-1, -1), f"resent 1: {mid}"
+    p.close()
+    got = receive_n(c, 1)
+    assert bodies(got) == ["new-1"], bodies(got)
     nothing_more(c)
     c.close()
 

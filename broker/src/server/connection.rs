@@ -18,7 +18,7 @@ use crate::protocol::names::TopicName;
 use crate::protocol::pb;
 use crate::topic::{
     producer_success, Cmd, ConsumerSpec, EntryInfo, Liveness, Out, OutTx, ProducerRequest, ProducerState, SeekTarget,
-    Topic,
+    SentBy, Topic,
 };
 use pb::base_command::Type;
 
@@ -486,7 +486,7 @@ impl Conn {
                     return Err(ConnError::Protocol(format!("SEND for producer {}, not ready yet", s.producer_id)));
                 };
                 let payload = frame.payload.ok_or_else(|| ConnError::Protocol("SEND without a payload".into()))?;
-                let highest = s.highest_sequence_id.unwrap_or(s.sequence_id);
+                let highest = s.highest_sequence_id.unwrap_or(0).max(s.sequence_id);
                 let in_flight = self.throttle.start(payload.entry.len());
                 let fut: Appended = if payload.entry.len() > self.shared.max_message_size + ENTRY_HEADROOM {
                     // Refused here, for this message only: the bookies would refuse the entry
@@ -503,7 +503,12 @@ impl Conn {
                 } else {
                     let info =
                         EntryInfo { crc: payload.checksum, ..EntryInfo::from_entry(&payload.metadata, &payload.data) };
-                    Box::pin(producer.topic.append(payload.entry, info, Some((name.clone(), s.sequence_id, highest))))
+                    // Every chunk of a chunked message carries its sequence id: only the last
+                    // one is judged by deduplication.
+                    let md = &payload.metadata;
+                    let dedup = md.num_chunks_from_msg.is_none_or(|n| md.chunk_id.unwrap_or(0) + 1 >= n);
+                    let sent = SentBy { name: name.clone(), first: s.sequence_id, highest, dedup };
+                    Box::pin(producer.topic.append(payload.entry, info, Some(sent)))
                 };
                 let _ = producer.queue.send(PendingSend::Send(s.sequence_id, highest, fut, in_flight));
             }

@@ -292,8 +292,8 @@ pub enum Cmd {
         /// Its dispatch facts.
         info: EntryInfo,
         /// The producer's name and the entry's highest sequence id.
-        /// Its producer's name and the sequence ids of its first and last message.
-        producer: Option<(String, u64, u64)>,
+        /// Who sent it.
+        producer: Option<SentBy>,
         /// The position once stored.
         done: oneshot::Sender<Result<Pos, AppendError>>,
     },
@@ -500,6 +500,7 @@ pub(super) fn spawn(init: Init) -> mpsc::UnboundedSender<Cmd> {
         next_quota_check: Instant::now(),
         dedup: None,
         dedup_unknown: false,
+        dedup_read: false,
         next_dedup_check: Instant::now() + dedup::POLICY_CHECK,
         next_cid: 1,
         msg_in: Rate::default(),
@@ -512,7 +513,21 @@ pub(super) fn spawn(init: Init) -> mpsc::UnboundedSender<Cmd> {
 
 type Done = oneshot::Sender<Result<Pos, AppendError>>;
 /// An append: the entry, its producer's name and sequence id, and who waits for it.
-type Waiting = (Cached, Option<(String, u64, u64)>, Done);
+type Waiting = (Cached, Option<SentBy>, Done);
+
+/// Who sent an entry.
+#[derive(Clone, Debug)]
+pub struct SentBy {
+    /// Its producer's name.
+    pub name: String,
+    /// The sequence id of its first message.
+    pub first: u64,
+    /// The highest sequence id in it.
+    pub highest: u64,
+    /// Deduplication judges it: not the chunks of a chunked message before its last (they
+    /// all carry the message's sequence id), as in Pulsar.
+    pub dedup: bool,
+}
 
 /// An entry and its facts.
 #[derive(Clone)]
@@ -677,8 +692,10 @@ struct Actor {
     next_quota_check: Instant,
     /// Deduplication state, while it is on and recovered.
     dedup: Option<dedup::Dedup>,
-    /// Deduplication is on but its state could not be recovered: sends are refused.
+    /// Whether deduplication is on, or its state, is not known: sends are refused.
     dedup_unknown: bool,
+    /// The deduplication policy was read (since the topic loaded).
+    dedup_read: bool,
     /// When the namespace's deduplication policy is next read.
     next_dedup_check: Instant,
     next_cid: u64,
@@ -841,9 +858,14 @@ impl Actor {
                         self.next_expiry_check = Instant::now() + self.ml.settings.expiry_check_interval;
                         self.expire_by_ttl().await;
                     }
-                    if Instant::now() >= self.next_dedup_check {
+                    if Instant::now() >= self.next_dedup_check || (self.dedup_unknown && !self.dedup_read) {
                         self.next_dedup_check = Instant::now() + dedup::POLICY_CHECK;
                         self.check_dedup().await;
+                    }
+                    if self.dedup_snapshot_due() {
+                        if let Err(e) = self.store_dedup_snapshot().await {
+                            tracing::debug!(topic = %self.ml.name, error = %e, "storing the deduplication snapshot failed");
+                        }
                     }
                     if let Some(every) = self.ml.settings.quota_check_interval.filter(|_| Instant::now() >= self.next_quota_check) {
                         self.next_quota_check = Instant::now() + every;
@@ -931,7 +953,7 @@ impl Actor {
                     let _ = done.send(Err(e));
                     return true;
                 }
-                if let Some((name, first, highest)) = &producer {
+                if let Some(SentBy { name, first, highest, dedup: true }) = &producer {
                     match self.dedup_verdict(name, *first, *highest) {
                         dedup::Verdict::New => {}
                         dedup::Verdict::Duplicate => {
@@ -1119,15 +1141,19 @@ impl Actor {
         true
     }
 
-    fn count_in(&mut self, c: &Cached, producer: Option<(String, u64, u64)>) {
+    fn count_in(&mut self, c: &Cached, producer: Option<SentBy>) {
         let (n, b) = (c.info.num_messages as u64, c.entry.len() as u64);
         self.msg_in.add(n);
         self.bytes_in.add(b);
-        if let Some((name, _, seq)) = producer {
+        if let Some(SentBy { name, highest: seq, .. }) = producer {
             let r = self.producer_rates.entry(name.clone()).or_default();
             r.0.add(n);
             r.1.add(b);
-            self.last_sequence.insert(name, seq as i64);
+            if let Some(d) = self.dedup.as_mut() {
+                d.stored(&name, seq as i64);
+            }
+            let last = self.last_sequence.entry(name).or_insert(seq as i64);
+            *last = (*last).max(seq as i64);
         }
     }
 
@@ -1248,7 +1274,7 @@ impl Actor {
         st
     }
 
-    fn submit(&mut self, c: Cached, producer: Option<(String, u64, u64)>, done: Done) {
+    fn submit(&mut self, c: Cached, producer: Option<SentBy>, done: Done) {
         let Some(w) = self.ml.writer.as_ref() else {
             let _ = done.send(Err(AppendError::from(format!("topic {} has no ledger", self.ml.name))));
             return;
@@ -1277,7 +1303,6 @@ impl Actor {
                     self.ml.span.set_last(ledger, e);
                     self.ml.last_info = Some((p, c.info));
                     self.count_in(&c, producer);
-                    self.dedup_stored();
                     self.ml.insert_cache(p, c);
                     let _ = done.send(Ok(p));
                 }

@@ -34,7 +34,7 @@ use crate::protocol::names::TopicName;
 use crate::protocol::pb;
 pub use actor::{
     dedup_key, producer_success, AppendError, Cmd, ConsumerSpec, CreateAt, EntryInfo, Out, OutTx, ProducerRequest,
-    ProducerState, SeekTarget, SubAnswer, SubError, SubOp,
+    ProducerState, SeekTarget, SentBy, SubAnswer, SubError, SubOp,
 };
 pub use liveness::{Liveness, LIVENESS_TIMEOUT};
 use position::{LedgerSpan, Pos};
@@ -333,7 +333,7 @@ impl Topic {
         &self,
         entry: Bytes,
         info: EntryInfo,
-        producer: Option<(String, u64, u64)>,
+        producer: Option<SentBy>,
     ) -> impl std::future::Future<Output = Result<Pos, AppendError>> + Send + 'static {
         let (done, rx) = oneshot::channel();
         let sent = self.tx.send(Cmd::Append { entry, info, producer, done }).is_ok();

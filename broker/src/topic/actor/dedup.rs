@@ -8,11 +8,16 @@
 //! The highest stored sequence id per producer name survives the topic moving or the broker
 //! dying: a snapshot of them, with the position it covers, is stored in the metastore every
 //! `broker_deduplication_entries_interval` entries, on a clean close and before consumed
-//! ledgers are deleted; loading replays the entries after it.
+//! ledgers are deleted; loading replays the entries after it. Turned on for a topic without
+//! a snapshot, deduplication starts from the topic's end (what was stored before, with it
+//! off, does not count: its producers were told to number from their last id in this
+//! topic's life, or from 0); turned off, the snapshot is deleted.
 
 use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
+
+use magnetar_metastore::client::Txn;
 
 use super::{decode_entry, pb, read_positions, Actor, AppendError, Pos, TopicName};
 
@@ -24,6 +29,10 @@ pub(super) const DUPLICATE: Pos = Pos { ledger_id: u64::MAX, entry_id: -1 };
 
 /// Entries read at once while replaying.
 const REPLAY_BATCH: usize = 100;
+
+/// Producer names a snapshot keeps at most (Pulsar's `brokerDeduplicationMaxNumberOfProducers`):
+/// far below what the metastore takes in one value.
+const MAX_PRODUCERS: usize = 10_000;
 
 /// The metastore key of a topic's deduplication snapshot.
 pub fn dedup_key(name: &TopicName) -> String {
@@ -57,18 +66,35 @@ pub(super) enum Verdict {
     Unknown,
 }
 
+impl Dedup {
+    /// An entry of `name` up to `seq` was stored.
+    pub(super) fn stored(&mut self, name: &str, seq: i64) {
+        self.since_snapshot += 1;
+        match self.pushed.get_mut(name) {
+            Some(p) => *p = (*p).max(seq),
+            None => {
+                self.pushed.insert(name.to_owned(), seq);
+            }
+        }
+    }
+}
+
 impl Actor {
     /// Reads whether deduplication is on for the topic; turned on, its state is recovered
-    /// (sends wait meanwhile, in this task's queue); turned off, it is dropped.
+    /// (sends wait meanwhile, in this task's queue); turned off, it is dropped with its
+    /// snapshot. Until the first read succeeds, sends are refused.
     pub(super) async fn check_dedup(&mut self) {
         let on = match super::namespace_policies(&self.ml.meta, &self.ml.name).await {
             Ok(p) => p.get("deduplicationEnabled").and_then(|v| v.as_bool()).unwrap_or(self.ml.settings.deduplication),
             Err(e) => {
-                // As it was; a topic that has not read it yet refuses sends until it has.
+                if !self.dedup_read {
+                    self.dedup_unknown = true;
+                }
                 tracing::debug!(topic = %self.ml.name, error = %e, "reading the namespace's deduplication policy failed");
                 return;
             }
         };
+        let first = !std::mem::replace(&mut self.dedup_read, true);
         match (on, self.dedup.is_some()) {
             (true, false) => match self.recover_dedup().await {
                 Ok(d) => {
@@ -80,21 +106,47 @@ impl Actor {
                     self.dedup_unknown = true;
                 }
             },
-            (false, _) => {
-                self.dedup = None;
-                self.dedup_unknown = false;
+            (false, had) if had || first => {
+                // A snapshot left from when it was on would count, were it turned on again,
+                // the sequence ids stored meanwhile without it.
+                match self.forget_dedup_snapshot(had).await {
+                    Ok(()) => {
+                        self.dedup = None;
+                        self.dedup_unknown = false;
+                    }
+                    Err(e) => {
+                        tracing::warn!(topic = %self.ml.name, error = %e, "deleting the deduplication snapshot failed; sends are refused until it is deleted");
+                        self.dedup_read = false;
+                        self.dedup_unknown = true;
+                    }
+                }
             }
+            (false, _) => self.dedup_unknown = false,
             (true, true) => {}
         }
     }
 
-    /// The state from the last snapshot and the entries stored after it.
+    /// Deletes the snapshot (looked for first unless `known`: a topic loading with
+    /// deduplication off reads rather than writes).
+    async fn forget_dedup_snapshot(&mut self, known: bool) -> Result<(), String> {
+        let key = dedup_key(&self.ml.name);
+        if !known && self.ml.meta.get(&key).await.map_err(|e| e.to_string())?.is_none() {
+            return Ok(());
+        }
+        self.ml.meta.txn(Txn::default().delete(key)).await.map(|_| ()).map_err(|e| e.to_string())
+    }
+
+    /// The state from the last snapshot and the entries stored after it; without a snapshot,
+    /// from the topic's end (and a snapshot of it stored).
     async fn recover_dedup(&mut self) -> Result<Dedup, String> {
         let kv = self.ml.meta.get(&dedup_key(&self.ml.name)).await.map_err(|e| e.to_string())?;
-        let snap: Snapshot = match kv {
-            Some(kv) => serde_json::from_slice(&kv.value).map_err(|e| format!("the deduplication snapshot: {e}"))?,
-            None => Snapshot { ledger_id: 0, entry_id: -1, ..Default::default() },
+        let Some(kv) = kv else {
+            self.write_dedup_snapshot().await?;
+            tracing::info!(topic = %self.ml.name, "deduplication on, from the topic's end");
+            return Ok(Dedup { pushed: self.last_sequence.clone(), since_snapshot: 0 });
         };
+        let snap: Snapshot =
+            serde_json::from_slice(&kv.value).map_err(|e| format!("the deduplication snapshot: {e}"))?;
         let mut highest = snap.producers;
         let mut at = Pos::new(snap.ledger_id, snap.entry_id);
         let mut replayed = 0u64;
@@ -113,8 +165,15 @@ impl Actor {
             }
             let Some(&last) = positions.last() else { break };
             let current = self.ml.current_reader(last.ledger_id);
-            for (_, entry) in read_positions(self.ml.ledgers.clone(), current, positions).await? {
-                let (md, _) = decode_entry(&entry).map_err(|e| e.to_string())?;
+            for (p, entry) in read_positions(self.ml.ledgers.clone(), current, positions).await? {
+                let md = match decode_entry(&entry) {
+                    Ok((md, _)) => md,
+                    Err(e) => {
+                        // Nothing delivers it either (see `ReadDone`): it counts for nothing.
+                        tracing::warn!(topic = %self.ml.name, position = %p, error = %e, "stored entry does not decode; deduplication skips it");
+                        continue;
+                    }
+                };
                 let seq = md.sequence_id.max(md.highest_sequence_id.unwrap_or(0)) as i64;
                 let h = highest.entry(md.producer_name).or_insert(seq);
                 *h = (*h).max(seq);
@@ -153,43 +212,43 @@ impl Actor {
         })
     }
 
-    /// After an entry was stored: a snapshot every so many entries.
-    pub(super) fn dedup_stored(&mut self) {
-        let every = self.ml.settings.dedup_snapshot_entries;
-        let Some(d) = self.dedup.as_mut() else { return };
-        d.since_snapshot += 1;
-        if d.since_snapshot >= every {
-            d.since_snapshot = 0;
-            let (meta, key, value) = (self.ml.meta.clone(), dedup_key(&self.ml.name), self.dedup_snapshot());
-            let name = self.ml.name.clone();
-            // Snapshots landing out of order are harmless: an older one only replays more.
-            tokio::spawn(async move {
-                let put = magnetar_metastore::client::PutOptions { expected_version: None, session: 0 };
-                if let Err(e) = meta.put(&key, value, put).await {
-                    tracing::debug!(topic = %name, error = %e, "storing the deduplication snapshot failed");
-                }
-            });
-        }
+    /// Whether a snapshot is due (every so many entries; stored on the next tick, one at a
+    /// time, in order).
+    pub(super) fn dedup_snapshot_due(&self) -> bool {
+        self.dedup.as_ref().is_some_and(|d| d.since_snapshot >= self.ml.settings.dedup_snapshot_entries)
     }
 
-    /// Stores a snapshot of everything stored so far and waits for it: before a clean close,
-    /// and before consumed ledgers (which a replay could no longer read) are deleted.
+    /// Stores a snapshot of everything stored so far and waits for it: when due, before a
+    /// clean close, and before consumed ledgers (which a replay could no longer read) are
+    /// deleted.
     pub(super) async fn store_dedup_snapshot(&mut self) -> Result<(), String> {
         if self.dedup.is_none() {
             return Ok(());
         }
-        let put = magnetar_metastore::client::PutOptions { expected_version: None, session: 0 };
-        self.ml.meta.put(&dedup_key(&self.ml.name), self.dedup_snapshot(), put).await.map_err(|e| e.to_string())?;
+        self.write_dedup_snapshot().await?;
         if let Some(d) = self.dedup.as_mut() {
             d.since_snapshot = 0;
         }
         Ok(())
     }
 
-    fn dedup_snapshot(&self) -> Vec<u8> {
+    /// Writes the snapshot if this task still owns the topic (its ledger list is at the
+    /// version this task holds), so a former owner never overwrites the new owner's.
+    async fn write_dedup_snapshot(&mut self) -> Result<(), String> {
         let last = self.ml.span.last();
-        let snap =
-            Snapshot { ledger_id: last.ledger_id, entry_id: last.entry_id, producers: self.last_sequence.clone() };
-        serde_json::to_vec(&snap).unwrap_or_default()
+        let mut producers = self.last_sequence.clone();
+        if producers.len() > MAX_PRODUCERS {
+            tracing::warn!(topic = %self.ml.name, producers = producers.len(), kept = MAX_PRODUCERS,
+                "more producer names than a deduplication snapshot keeps; the rest are not deduplicated after a reload");
+            producers = producers.into_iter().take(MAX_PRODUCERS).collect();
+        }
+        let snap = Snapshot { ledger_id: last.ledger_id, entry_id: last.entry_id, producers };
+        let body = serde_json::to_vec(&snap).map_err(|e| e.to_string())?;
+        let txn = Txn::default().compare(&self.ml.key, self.ml.version).put(dedup_key(&self.ml.name), body, 0);
+        match self.ml.meta.txn(txn).await {
+            Ok(r) if r.succeeded => Ok(()),
+            Ok(_) => Err(format!("the ledger list of {} changed under this broker", self.ml.name)),
+            Err(e) => Err(e.to_string()),
+        }
     }
 }
