@@ -242,6 +242,7 @@ impl Bookie {
             let (c, d) = (core.clone(), ledger_dir.clone());
             tokio::task::spawn_blocking(move || c.checkpoint(&d)).await.map_err(join_err)??;
         }
+        core.ledgers.storage.replay_done();
         {
             // Weak: the registry lives in the core, and a strong handle here would keep the
             // core (and the entry store's lock) alive after the bookie stops.

@@ -162,6 +162,10 @@ pub trait LedgerStorage: Send + Sync + 'static {
     fn reusable_bytes(&self) -> u64 {
         0
     }
+    /// The journals' replay is flushed: background work that moves or frees stored data may
+    /// start. Before that, the store's files must stay as they are: the index the replay
+    /// rebuilds is not all there yet, and what it lacks looks dead.
+    fn replay_done(&self) {}
     /// Gauges for `/metrics`: name, help, value.
     fn gauges(&self) -> Vec<(&'static str, &'static str, f64)> {
         Vec::new()

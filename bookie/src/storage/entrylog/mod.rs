@@ -230,6 +230,12 @@ struct Inner {
     compaction_rate: u64,
     /// The store is closing: compaction stops.
     stopping: std::sync::atomic::AtomicBool,
+    /// The journals' replay is flushed ([`LedgerStorage::replay_done`]): periodic compaction
+    /// waits for it. Run during the replay, it took logs whose records the index did not
+    /// point at yet (their adds were indexed after the last flush) for dead, compacted them
+    /// away and sent them to the pool, and the replay then found acknowledged entries' logs
+    /// gone.
+    replayed: std::sync::atomic::AtomicBool,
     /// Tests hold it to keep the writer from writing.
     #[cfg(test)]
     gate: Mutex<()>,
@@ -333,6 +339,7 @@ impl EntryLogStorage {
             compacting: Mutex::new(()),
             compaction_rate: settings.compaction_bytes_per_second,
             stopping: std::sync::atomic::AtomicBool::new(false),
+            replayed: std::sync::atomic::AtomicBool::new(false),
             #[cfg(test)]
             gate: Mutex::new(()),
             readers: Mutex::new(HashMap::new()),
@@ -1192,6 +1199,9 @@ impl Inner {
                     return;
                 }
             }
+            if !self.replayed.load(std::sync::atomic::Ordering::Acquire) {
+                continue;
+            }
             // A log sealed less than an interval ago may soon be empty anyway (the ledgers of a
             // topic whose consumers keep up are deleted a few seconds after they close).
             match self.compact(threshold, every) {
@@ -1490,6 +1500,10 @@ impl LedgerStorage for EntryLogStorage {
     fn adopt_ref(&self, ledger: u64, entry: i64, checksum: u32, at: &super::EntryRef) -> Result<bool> {
         let Some(at) = Location::decode(at) else { return Ok(false) };
         self.inner.adopt_ref(ledger, entry, checksum, at)
+    }
+
+    fn replay_done(&self) {
+        self.inner.replayed.store(true, std::sync::atomic::Ordering::Release);
     }
 
     fn reusable_bytes(&self) -> u64 {
