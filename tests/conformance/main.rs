@@ -303,7 +303,8 @@ async fn restart_keeps_subscription_positions() {
 /// messages, it starts from the topic's end; turned off, the snapshot goes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_client_deduplication() {
-    let s = standalone_with(&["broker_deduplication_entries_interval=3"]).await;
+    // Messages over 100 kB go in chunks.
+    let s = standalone_with(&["broker_deduplication_entries_interval=3", "max_message_size=100000"]).await;
     let web = format!("http://{}", s.web);
     for (method, path, body) in [
         ("POST", "/admin/v2/namespaces/public/default/deduplication", "true"),
@@ -319,6 +320,7 @@ async fn python_client_deduplication() {
         let r = magnetar_broker::http::request_following(&web, method, path, body).await.expect("admin");
         assert_eq!(r.status, 204, "{path}: {}", r.body);
     }
+    scenario(&s.url(), "dedup_chunked", "dedup");
     scenario(&s.url(), "dedup_before_restart", "dedup");
     // A snapshot is stored once 3 entries are past the last one (one of these 10 at least),
     // and one of all 10 when the topic closes (an unload). Two more entries stay out of any,

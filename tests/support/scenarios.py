@@ -865,6 +865,23 @@ def dedup_off():
     c.close()
 
 
+def dedup_chunked():
+    """Deduplication on: a message sent in chunks (every chunk carries its sequence id) is
+    stored whole, once."""
+    topic = f"{PREFIX}-dedup-chunked"
+    c = client.subscribe(topic, "s", initial_position=pulsar.InitialPosition.Earliest)
+    p = client.create_producer(topic, producer_name="chunky", batching_enabled=False, chunking_enabled=True)
+    body = bytes(range(256)) * 1400
+    p.send(body)
+    p.send(b"after")
+    p.close()
+    got = receive_n(c, 2)
+    assert len(got[0].data()) == len(body) and got[0].data() == body, len(got[0].data())
+    assert got[1].data() == b"after", got[1].data()
+    nothing_more(c)
+    c.close()
+
+
 def dedup_turned_on():
     """Deduplication turned on for a topic that stored messages without it: it starts from the
     topic's end, so a producer told to number from 0 is not taken for a duplicate."""

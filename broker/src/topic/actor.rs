@@ -858,7 +858,7 @@ impl Actor {
                         self.next_expiry_check = Instant::now() + self.ml.settings.expiry_check_interval;
                         self.expire_by_ttl().await;
                     }
-                    if Instant::now() >= self.next_dedup_check || (self.dedup_unknown && !self.dedup_read) {
+                    if Instant::now() >= self.next_dedup_check || self.dedup_unknown {
                         self.next_dedup_check = Instant::now() + dedup::POLICY_CHECK;
                         self.check_dedup().await;
                     }
@@ -1145,15 +1145,21 @@ impl Actor {
         let (n, b) = (c.info.num_messages as u64, c.entry.len() as u64);
         self.msg_in.add(n);
         self.bytes_in.add(b);
-        if let Some(SentBy { name, highest: seq, .. }) = producer {
+        if let Some(d) = self.dedup.as_mut() {
+            d.since_snapshot += 1;
+        }
+        if let Some(SentBy { name, highest: seq, dedup: whole, .. }) = producer {
             let r = self.producer_rates.entry(name.clone()).or_default();
             r.0.add(n);
             r.1.add(b);
-            if let Some(d) = self.dedup.as_mut() {
-                d.stored(&name, seq as i64);
+            // A chunk before a message's last does not make the message stored.
+            if whole {
+                if let Some(d) = self.dedup.as_mut() {
+                    d.stored(&name, seq as i64);
+                }
+                let last = self.last_sequence.entry(name).or_insert(seq as i64);
+                *last = (*last).max(seq as i64);
             }
-            let last = self.last_sequence.entry(name).or_insert(seq as i64);
-            *last = (*last).max(seq as i64);
         }
     }
 
@@ -1382,7 +1388,11 @@ impl Actor {
             return;
         }
         // A replay could not read the deleted ledgers: the deduplication snapshot covers them
-        // first.
+        // first (and none go while the state it would cover is not known).
+        if self.dedup_unknown {
+            self.ml.defer_trim();
+            return;
+        }
         if let Err(e) = self.store_dedup_snapshot().await {
             tracing::warn!(topic = %self.ml.name, error = %e, "storing the deduplication snapshot before deleting ledgers failed");
             self.ml.defer_trim();
@@ -1668,6 +1678,12 @@ impl Actor {
         }
         if let Some((code, why)) = self.quota_refusal() {
             return refuse(r.done, code, why);
+        }
+        if self.dedup_unknown {
+            // Its last sequence id is not known yet: a producer told a wrong one would number
+            // its messages from it.
+            let why = format!("deduplication state of {} is not recovered yet", self.ml.name);
+            return refuse(r.done, pb::ServerError::ServiceNotReady, why);
         }
         if closed_meanwhile {
             // Its client closed it while the holder of the name was checked.

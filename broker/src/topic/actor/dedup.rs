@@ -53,7 +53,7 @@ pub(super) struct Dedup {
     /// The highest sequence id per producer name accepted for storing (stored, or on its way).
     pushed: HashMap<String, i64>,
     /// Entries stored since the last snapshot.
-    since_snapshot: u64,
+    pub(super) since_snapshot: u64,
 }
 
 /// What deduplication makes of a send.
@@ -67,9 +67,8 @@ pub(super) enum Verdict {
 }
 
 impl Dedup {
-    /// An entry of `name` up to `seq` was stored.
+    /// A message of `name` up to `seq` was stored.
     pub(super) fn stored(&mut self, name: &str, seq: i64) {
-        self.since_snapshot += 1;
         match self.pushed.get_mut(name) {
             Some(p) => *p = (*p).max(seq),
             None => {
@@ -113,6 +112,11 @@ impl Actor {
                     Ok(()) => {
                         self.dedup = None;
                         self.dedup_unknown = false;
+                        // As a reload would: turned on again, it starts from the end with
+                        // none of the ids stored before.
+                        if had {
+                            self.last_sequence.clear();
+                        }
                     }
                     Err(e) => {
                         tracing::warn!(topic = %self.ml.name, error = %e, "deleting the deduplication snapshot failed; sends are refused until it is deleted");
@@ -122,7 +126,7 @@ impl Actor {
                 }
             }
             (false, _) => self.dedup_unknown = false,
-            (true, true) => {}
+            (true, true) => self.dedup_unknown = false,
         }
     }
 
@@ -133,7 +137,13 @@ impl Actor {
         if !known && self.ml.meta.get(&key).await.map_err(|e| e.to_string())?.is_none() {
             return Ok(());
         }
-        self.ml.meta.txn(Txn::default().delete(key)).await.map(|_| ()).map_err(|e| e.to_string())
+        // Only while this task owns the topic: a former owner must not delete the new one's.
+        let txn = Txn::default().compare(&self.ml.key, self.ml.version).delete(key);
+        match self.ml.meta.txn(txn).await {
+            Ok(r) if r.succeeded => Ok(()),
+            Ok(_) => Err(format!("the ledger list of {} changed under this broker", self.ml.name)),
+            Err(e) => Err(e.to_string()),
+        }
     }
 
     /// The state from the last snapshot and the entries stored after it; without a snapshot,
@@ -145,8 +155,16 @@ impl Actor {
             tracing::info!(topic = %self.ml.name, "deduplication on, from the topic's end");
             return Ok(Dedup { pushed: self.last_sequence.clone(), since_snapshot: 0 });
         };
-        let snap: Snapshot =
-            serde_json::from_slice(&kv.value).map_err(|e| format!("the deduplication snapshot: {e}"))?;
+        let snap: Snapshot = match serde_json::from_slice(&kv.value) {
+            Ok(s) => s,
+            Err(e) => {
+                // Refusing every send until someone repairs it would stop the topic: it starts
+                // from the end instead (resends of older messages may then be stored again).
+                tracing::error!(topic = %self.ml.name, error = %e, "the deduplication snapshot does not parse; deduplication starts from the topic's end");
+                self.write_dedup_snapshot().await?;
+                return Ok(Dedup { pushed: self.last_sequence.clone(), since_snapshot: 0 });
+            }
+        };
         let mut highest = snap.producers;
         let mut at = Pos::new(snap.ledger_id, snap.entry_id);
         let mut replayed = 0u64;
@@ -174,6 +192,10 @@ impl Actor {
                         continue;
                     }
                 };
+                if md.num_chunks_from_msg.is_some_and(|n| md.chunk_id.unwrap_or(0) + 1 < n) {
+                    // A chunk before its message's last: the message was not stored by it.
+                    continue;
+                }
                 let seq = md.sequence_id.max(md.highest_sequence_id.unwrap_or(0)) as i64;
                 let h = highest.entry(md.producer_name).or_insert(seq);
                 *h = (*h).max(seq);
