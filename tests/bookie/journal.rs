@@ -136,6 +136,9 @@ async fn checkpoints_for_filled_segments_keep_their_gap_until_segments_pile_up()
     let most = counts.iter().copied().max().unwrap_or(0);
     assert!(most >= 5, "segments are not kept while the gap lasts: counts {counts:?}");
     assert!(recycled, "past {SEGMENTS_PER_CHECKPOINT} filled segments a checkpoint runs: counts {counts:?}");
-    assert!(most <= SEGMENTS_PER_CHECKPOINT + 4, "the cap holds: counts {counts:?}");
+    // Writes go on while that checkpoint flushes, more of them on a loaded machine (13
+    // segments were seen with both cores busy elsewhere); without the cap the count would
+    // grow past 60.
+    assert!(most <= SEGMENTS_PER_CHECKPOINT + 8, "the cap holds: counts {counts:?}");
     cluster.shutdown().await;
 }
