@@ -386,27 +386,47 @@ async fn policy_get(State(a): S, Path((t, ns, segment)): Path<(String, String, S
     }
 }
 
+/// [`update_json`] on namespace `t/ns`'s policies.
+async fn update_namespace(
+    a: &Admin,
+    t: &str,
+    ns: &str,
+    change: impl FnOnce(Value) -> Result<Value, Response>,
+) -> Response {
+    update_json(&a.meta, &format!("/namespaces/{t}/{ns}"), &format!("Namespace {t}/{ns}"), change).await
+}
+
+/// The stored field (and kind) of a namespace policy that requests may change (`verb`: "set" or
+/// "removed"), or why not.
+fn changeable_policy(segment: &str, verb: &str) -> Result<(&'static str, Kind), Response> {
+    let Some((field, kind)) = policy(segment) else {
+        return Err(fail(StatusCode::NOT_FOUND, format!("unknown namespace policy {segment}")));
+    };
+    match segment {
+        // Topics' owners are found by bundle: the count is fixed when the namespace is made.
+        "bundles" => Err(fail(StatusCode::PRECONDITION_FAILED, "bundles are set when the namespace is created")),
+        "backlogQuotaMap" => {
+            Err(fail(StatusCode::METHOD_NOT_ALLOWED, format!("quotas are {verb} through backlogQuota")))
+        }
+        _ => Ok((field, kind)),
+    }
+}
+
 /// Stores one policy (CAS on the namespace's version). Topics apply retention (see
-/// `topic::Retention`) and the message TTL; deduplication and quotas are kept so tools and later versions
-/// see them.
+/// `topic::Retention`), the message TTL, deduplication and the backlog quota; permissions are
+/// kept so tools and later versions see them.
 async fn policy_set(
     State(a): S,
     Path((t, ns, segment)): Path<(String, String, String)>,
     axum::extract::RawQuery(q): axum::extract::RawQuery,
     body: Bytes,
 ) -> Response {
-    let Some((field, kind)) = policy(&segment) else {
-        return fail(StatusCode::NOT_FOUND, format!("unknown namespace policy {segment}"));
+    let (field, kind) = match changeable_policy(&segment, "set") {
+        Ok(f) => f,
+        Err(r) => return r,
     };
-    if segment == "backlogQuotaMap" {
-        return fail(StatusCode::METHOD_NOT_ALLOWED, "quotas are set through backlogQuota");
-    }
     if segment == "backlogQuota" {
         return backlog_quota_set(&a, &t, &ns, q.as_deref(), &body).await;
-    }
-    if segment == "bundles" {
-        // Topics' owners are found by bundle: the count is fixed when the namespace is made.
-        return fail(StatusCode::PRECONDITION_FAILED, "bundles are set when the namespace is created");
     }
     let value: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
@@ -437,7 +457,7 @@ async fn policy_set(
             );
         }
     }
-    update_json(&a.meta, &format!("/namespaces/{t}/{ns}"), &format!("Namespace {t}/{ns}"), |mut policies| {
+    update_namespace(&a, &t, &ns, |mut policies| {
         if let Some(o) = policies.as_object_mut() {
             o.insert(field.into(), value);
         }
@@ -453,21 +473,16 @@ async fn policy_delete(
     Path((t, ns, segment)): Path<(String, String, String)>,
     axum::extract::RawQuery(q): axum::extract::RawQuery,
 ) -> Response {
-    let Some((field, _)) = policy(&segment) else {
-        return fail(StatusCode::NOT_FOUND, format!("unknown namespace policy {segment}"));
+    let (field, _) = match changeable_policy(&segment, "removed") {
+        Ok(f) => f,
+        Err(r) => return r,
     };
-    if segment == "bundles" {
-        return fail(StatusCode::PRECONDITION_FAILED, "bundles are set when the namespace is created");
-    }
-    if segment == "backlogQuotaMap" {
-        return fail(StatusCode::METHOD_NOT_ALLOWED, "quotas are removed through backlogQuota");
-    }
     // `remove-backlog-quota` removes one type's quota (`destination_storage` by default).
     let quota_type = (segment == "backlogQuota").then(|| backlog_quota_type(q.as_deref()));
     if let Some(kind) = quota_type.filter(|k| !QUOTA_TYPES.contains(k)) {
         return fail(StatusCode::PRECONDITION_FAILED, format!("unknown backlog quota type {kind}"));
     }
-    update_json(&a.meta, &format!("/namespaces/{t}/{ns}"), &format!("Namespace {t}/{ns}"), |mut policies| {
+    update_namespace(&a, &t, &ns, |mut policies| {
         if let Some(o) = policies.as_object_mut() {
             match quota_type {
                 Some(kind) => {
@@ -519,7 +534,7 @@ async fn backlog_quota_set(a: &Admin, t: &str, ns: &str, q: Option<&str>, body: 
             }
         }
     }
-    update_json(&a.meta, &format!("/namespaces/{t}/{ns}"), &format!("Namespace {t}/{ns}"), |mut policies| {
+    update_namespace(a, t, ns, |mut policies| {
         if let Some(o) = policies.as_object_mut() {
             let map = o.entry("backlog_quota_map").or_insert_with(|| serde_json::json!({}));
             if !map.is_object() {
@@ -547,7 +562,7 @@ async fn permission_grant(State(a): S, Path((t, ns, role)): Path<(String, String
     {
         return fail(StatusCode::PRECONDITION_FAILED, format!("unknown action {bad}"));
     }
-    update_json(&a.meta, &format!("/namespaces/{t}/{ns}"), &format!("Namespace {t}/{ns}"), |mut policies| {
+    update_namespace(&a, &t, &ns, |mut policies| {
         policies["auth_policies"]["namespace_auth"][role.as_str()] = serde_json::json!(actions);
         Ok(policies)
     })

@@ -800,33 +800,50 @@ def delayed_after_restart():
     c.close()
 
 
-def dedup_before_restart():
-    """Deduplication on: a resent sequence id is answered as sent (-1:-1) and stored once."""
-    topic = f"{PREFIX}-dedup"
-    c = client.subscribe(topic, "s", initial_position=pulsar.InitialPosition.Earliest)
-    p = client.create_producer(topic, producer_name="dedup-p", batching_enabled=False)
-    for i in range(10):
-        mid = p.send(f"m-{i}".encode(), sequence_id=i)
-        assert mid.ledger_id() >= 0 and mid.entry_id() >= 0, f"m-{i}: {mid}"
-    for i in (3, 9):
-        mid = p.send(f"again-{i}".encode(), sequence_id=i)
-        assert (mid.ledger_id(), mid.entry_id()) == (-1, -1), f"resent {i}: {mid}"
-    assert p.last_sequence_id() == 9, p.last_sequence_id()
-    p.close()
-    got = receive_n(c, 10)
-    assert bodies(got) == [f"m-{i}" for i in range(10)], bodies(got)
+def send_stored(p, body, seq):
+    """Sends with an explicit sequence id; the message must be stored."""
+    mid = p.send(body, sequence_id=seq)
+    assert mid.ledger_id() >= 0 and mid.entry_id() >= 0, f"{body[:20]!r} (sequence id {seq}) not stored: {mid}"
+
+
+def send_duplicate(p, body, seq):
+    """Sends with an explicit sequence id; the broker must answer it as a duplicate (-1:-1)."""
+    mid = p.send(body, sequence_id=seq)
+    assert (mid.ledger_id(), mid.entry_id()) == (-1, -1), f"resent {seq}: {mid}"
+
+
+def exactly(c, expected):
+    """`c` receives exactly the messages `expected` (bodies), then nothing; closes it."""
+    got = receive_n(c, len(expected))
+    assert bodies(got) == expected, bodies(got)
     nothing_more(c)
     c.close()
 
 
+def dedup_producer(topic, name, **kw):
+    return client.create_producer(topic, producer_name=name, batching_enabled=False, **kw)
+
+
+def dedup_before_restart():
+    """Deduplication on: a resent sequence id is answered as sent (-1:-1) and stored once."""
+    topic = f"{PREFIX}-dedup"
+    c = client.subscribe(topic, "s", initial_position=pulsar.InitialPosition.Earliest)
+    p = dedup_producer(topic, "dedup-p")
+    for i in range(10):
+        send_stored(p, f"m-{i}".encode(), i)
+    for i in (3, 9):
+        send_duplicate(p, f"again-{i}".encode(), i)
+    assert p.last_sequence_id() == 9, p.last_sequence_id()
+    p.close()
+    exactly(c, [f"m-{i}" for i in range(10)])
+
+
 def dedup_two_more():
     """Two more messages (sequence ids 10 and 11), fewer than a snapshot waits for."""
-    topic = f"{PREFIX}-dedup"
-    p = client.create_producer(topic, producer_name="dedup-p", batching_enabled=False)
+    p = dedup_producer(f"{PREFIX}-dedup", "dedup-p")
     assert p.last_sequence_id() == 9, p.last_sequence_id()
     for i in (10, 11):
-        mid = p.send(f"m-{i}".encode(), sequence_id=i)
-        assert mid.ledger_id() >= 0, f"m-{i}: {mid}"
+        send_stored(p, f"m-{i}".encode(), i)
     p.close()
 
 
@@ -835,18 +852,13 @@ def dedup_after_restart():
     resends of old ones are still answered as sent, not stored."""
     topic = f"{PREFIX}-dedup"
     c = client.subscribe(topic, "s")
-    p = client.create_producer(topic, producer_name="dedup-p", batching_enabled=False)
+    p = dedup_producer(topic, "dedup-p")
     assert p.last_sequence_id() == 11, p.last_sequence_id()
     for i in (8, 11):
-        mid = p.send(f"again-{i}".encode(), sequence_id=i)
-        assert (mid.ledger_id(), mid.entry_id()) == (-1, -1), f"resent {i}: {mid}"
-    mid = p.send(b"m-12", sequence_id=12)
-    assert mid.ledger_id() >= 0, mid
+        send_duplicate(p, f"again-{i}".encode(), i)
+    send_stored(p, b"m-12", 12)
     p.close()
-    got = receive_n(c, 3)
-    assert bodies(got) == ["m-10", "m-11", "m-12"], bodies(got)
-    nothing_more(c)
-    c.close()
+    exactly(c, ["m-10", "m-11", "m-12"])
 
 
 def dedup_off():
@@ -854,15 +866,11 @@ def dedup_off():
     sequence id is stored again."""
     topic = f"persistent://public/nodedup/{PREFIX}-dup"
     c = client.subscribe(topic, "s", initial_position=pulsar.InitialPosition.Earliest)
-    p = client.create_producer(topic, producer_name="plain-p", batching_enabled=False)
+    p = dedup_producer(topic, "plain-p")
     for i in (0, 1, 1):
-        mid = p.send(f"m-{i}".encode(), sequence_id=i)
-        assert mid.ledger_id() >= 0, mid
+        send_stored(p, f"m-{i}".encode(), i)
     p.close()
-    got = receive_n(c, 3)
-    assert bodies(got) == ["m-0", "m-1", "m-1"], bodies(got)
-    nothing_more(c)
-    c.close()
+    exactly(c, ["m-0", "m-1", "m-1"])
 
 
 def dedup_chunked():
@@ -870,7 +878,7 @@ def dedup_chunked():
     stored whole, once."""
     topic = f"{PREFIX}-dedup-chunked"
     c = client.subscribe(topic, "s", initial_position=pulsar.InitialPosition.Earliest)
-    p = client.create_producer(topic, producer_name="chunky", batching_enabled=False, chunking_enabled=True)
+    p = dedup_producer(topic, "chunky", chunking_enabled=True)
     body = bytes(range(256)) * 1400
     p.send(body)
     p.send(b"after")
@@ -887,18 +895,13 @@ def dedup_turned_on():
     topic's end, so a producer told to number from 0 is not taken for a duplicate."""
     topic = f"persistent://public/nodedup/{PREFIX}-dup"
     c = client.subscribe(topic, "s")
-    p = client.create_producer(topic, producer_name="plain-p", batching_enabled=False)
+    p = dedup_producer(topic, "plain-p")
     assert p.last_sequence_id() == -1, p.last_sequence_id()
     # (The Python client takes sequence_id=0 for "none given"; 1 was stored before.)
-    mid = p.send(b"new-1", sequence_id=1)
-    assert mid.ledger_id() >= 0, f"new-1 taken for a duplicate: {mid}"
-    mid = p.send(b"again-1", sequence_id=1)
-    assert (mid.ledger_id(), mid.entry_id()) == (-1, -1), f"resent 1: {mid}"
+    send_stored(p, b"new-1", 1)
+    send_duplicate(p, b"again-1", 1)
     p.close()
-    got = receive_n(c, 1)
-    assert bodies(got) == ["new-1"], bodies(got)
-    nothing_more(c)
-    c.close()
+    exactly(c, ["new-1"])
 
 
 globals()[SCENARIO]()
