@@ -335,13 +335,17 @@ async fn run_in(a: &BookiePerf, dir: &Path) -> anyhow::Result<()> {
         let max = Result1 { size, label: "max".into(), adds, secs, hist, steal: steal.cell() };
         println!("  {}", max.line());
         let half = max.rate() * a.paced_fraction;
-        // The paced phase measures a bookie settled at that load: after full load, the entry
-        // store is still flushing a backlog for a second or two (and slows writes meanwhile).
-        paced(&w, payload.clone(), half, Duration::from_secs(a.warmup)).await?;
-        // The disk alone at the same byte rate, just before: the floor under the paced phase.
+        // The disk alone at the same byte rate, just before the paced load: the floor under
+        // the paced phase.
         let disk = disk_floor(dir, half * size as f64).await?;
         println!("{size} B: the disk alone at the same byte rate: {}", disk.describe());
         disks.push((size, disk));
+        // The paced phase measures a bookie settled at that load: after full load, the entry
+        // store is still flushing a backlog for a second or two (and slows writes meanwhile),
+        // and load resuming after the disk probe's seconds of idleness backs adds up for a few
+        // hundred milliseconds (see `docs/benchmarks.md`). The warm-up at the paced rate comes
+        // last, right before the measured phase.
+        paced(&w, payload.clone(), half, Duration::from_secs(a.warmup)).await?;
         println!("{size} B: paced at {half:.0}/s …");
         let before = server_latency_buckets(&http).await;
         let steal = Steal::start();
@@ -413,7 +417,7 @@ async fn run_in(a: &BookiePerf, dir: &Path) -> anyhow::Result<()> {
     }
     for (size, d) in &disks {
         table.push_str(&format!(
-            "- {size} B at {paced_load}, the disk alone at the same byte rate (measured just before): {}.\n",
+            "- {size} B at {paced_load}, the disk alone at the same byte rate (measured just before the paced warm-up): {}.\n",
             d.describe()
         ));
     }
