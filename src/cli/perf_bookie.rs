@@ -61,6 +61,10 @@ pub struct BookiePerf {
     /// Write the results into this markdown file (section `perf-bookie`).
     #[arg(long)]
     record: Option<PathBuf>,
+    /// After each paced phase, list its 50-ms windows (by when adds were issued) whose slowest
+    /// add took over this many ms: where in the phase the tail sits.
+    #[arg(long, value_name = "MS")]
+    timeline: Option<f64>,
 }
 
 struct Result1 {
@@ -157,10 +161,16 @@ async fn paced(
     payload: Bytes,
     rate: f64,
     dur: Duration,
+    timeline: Option<f64>,
 ) -> anyhow::Result<(u64, f64, Histogram<u64>)> {
     // Latency is taken in the add's callback, when the ledger client confirms it (as
     // BookKeeper's own benchmark takes it), not when this task next gets to run.
-    let outcomes = Arc::new(std::sync::Mutex::new(Outcomes { hist: latency_histogram(), done: 0, answered: 0 }));
+    let outcomes = Arc::new(std::sync::Mutex::new(Outcomes {
+        hist: latency_histogram(),
+        done: 0,
+        answered: 0,
+        windows: Windows::default(),
+    }));
     let answered = Arc::new(Notify::new());
     let pacer = Pacer::start(PACE_SLICE).context("starting the pacing thread")?;
     let start = Instant::now();
@@ -177,6 +187,7 @@ async fn paced(
                 if r.is_ok() {
                     o.done += 1;
                     let _ = o.hist.record(lat.as_nanos() as u64);
+                    o.windows.add(t - start, lat);
                 }
                 o.answered += 1;
                 answered.notify_one();
@@ -194,6 +205,9 @@ async fn paced(
     }
     let secs = start.elapsed().as_secs_f64();
     let o = outcomes.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(ms) = timeline {
+        print!("{}", o.windows.describe(Duration::from_secs_f64(ms / 1e3)));
+    }
     Ok((o.done, secs, o.hist.clone()))
 }
 
@@ -204,6 +218,57 @@ struct Outcomes {
     done: u64,
     /// Adds answered either way.
     answered: u64,
+    windows: Windows,
+}
+
+/// Confirmed adds per [`WINDOW`] of the phase, by when they were issued: (adds, adds over
+/// [`SLOW`], the slowest).
+#[derive(Default)]
+struct Windows(Vec<(u64, u64, Duration)>);
+
+/// The span of a [`Windows`] entry.
+const WINDOW: Duration = Duration::from_millis(50);
+/// What [`Windows`] counts as slow: the bookie's latency target.
+const SLOW: Duration = Duration::from_millis(2);
+
+impl Windows {
+    fn add(&mut self, issued: Duration, lat: Duration) {
+        let i = (issued.as_micros() / WINDOW.as_micros()) as usize;
+        if self.0.len() <= i {
+            self.0.resize(i + 1, (0, 0, Duration::ZERO));
+        }
+        let w = &mut self.0[i];
+        w.0 += 1;
+        w.1 += u64::from(lat > SLOW);
+        w.2 = w.2.max(lat);
+    }
+
+    /// The share of adds over [`SLOW`] and the windows whose slowest add took over `over`.
+    fn describe(&self, over: Duration) -> String {
+        let adds: u64 = self.0.iter().map(|w| w.0).sum();
+        let slow: u64 = self.0.iter().map(|w| w.1).sum();
+        let worst: Vec<_> = self.0.iter().enumerate().filter(|(_, w)| w.2 > over).collect();
+        let mut out = format!(
+            "  timeline: {slow} of {adds} adds over {} ms ({:.1}%); {} of {} windows of {} ms had an add over {} ms\n",
+            SLOW.as_millis(),
+            100.0 * slow as f64 / adds.max(1) as f64,
+            worst.len(),
+            self.0.len(),
+            WINDOW.as_millis(),
+            over.as_secs_f64() * 1e3,
+        );
+        for (i, w) in worst {
+            let from = i as u128 * WINDOW.as_millis();
+            out.push_str(&format!(
+                "    {from:>6} ms: {} adds, {} over {} ms, slowest {:.1} ms\n",
+                w.0,
+                w.1,
+                SLOW.as_millis(),
+                w.2.as_secs_f64() * 1e3
+            ));
+        }
+        out
+    }
 }
 
 /// How often the paced load issues the adds due.
@@ -345,12 +410,12 @@ async fn run_in(a: &BookiePerf, dir: &Path) -> anyhow::Result<()> {
         // and load resuming after the disk probe's seconds of idleness backs adds up for a few
         // hundred milliseconds (see `docs/benchmarks.md`). The warm-up at the paced rate comes
         // last, right before the measured phase.
-        paced(&w, payload.clone(), half, Duration::from_secs(a.warmup)).await?;
+        paced(&w, payload.clone(), half, Duration::from_secs(a.warmup), None).await?;
         println!("{size} B: paced at {half:.0}/s …");
         let before = server_latency_buckets(&http).await;
         let steal = Steal::start();
         let probe = WakeProbe::start()?;
-        let (adds, secs, hist) = paced(&w, payload.clone(), half, dur).await?;
+        let (adds, secs, hist) = paced(&w, payload.clone(), half, dur, a.timeline).await?;
         let wake = probe.finish();
         println!("  the CPU meanwhile: {}", wake.describe());
         wakes.push((size, wake));
@@ -474,7 +539,27 @@ fn bucket_quantile(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> Optio
 
 #[cfg(test)]
 mod tests {
-    use super::paced_label;
+    use super::{paced_label, Windows};
+    use std::time::Duration;
+
+    /// Adds land in the window they were issued in; only windows with an add over the bound
+    /// are listed, and the share of slow adds counts every window.
+    #[test]
+    fn the_timeline_lists_the_windows_holding_slow_adds() {
+        let mut w = Windows::default();
+        let ms = Duration::from_millis;
+        w.add(ms(10), ms(1));
+        w.add(ms(20), ms(1));
+        w.add(ms(120), ms(30));
+        w.add(ms(130), ms(3));
+        let text = w.describe(ms(10));
+        assert!(
+            text.contains("2 of 4 adds over 2 ms (50.0%); 1 of 3 windows of 50 ms had an add over 10 ms"),
+            "{text}"
+        );
+        assert!(text.contains("100 ms: 2 adds, 2 over 2 ms, slowest 30.0 ms"), "{text}");
+        assert!(!text.contains("    0 ms:"), "{text}");
+    }
 
     /// The paced phase is named after the fraction it ran at, so a run at a quarter of the
     /// maximum is not reported as one at half.
