@@ -24,8 +24,8 @@ use tokio_util::task::TaskTracker;
 use crate::ownership::{BrokerInfo, Owner, Ownership};
 use crate::protocol::names::TopicName;
 use crate::topic::{
-    partitioned_key, topic_key, topic_policies_key, Cmd, CreateAt, PartitionedMetadata, SubAnswer, SubError, SubOp,
-    Topic, TopicError, Topics,
+    partitioned_key, schema::schema_key, topic_key, topic_policies_key, Cmd, CreateAt, PartitionedMetadata, SubAnswer,
+    SubError, SubOp, Topic, TopicError, Topics,
 };
 
 pub(crate) struct Admin {
@@ -613,6 +613,61 @@ async fn topic_ttl_get(State(a): S, Path((t, ns, topic)): Path<(String, String, 
     }
 }
 
+/// `pulsar-admin schemas get` (`GET /admin/v2/schemas/{tenant}/{namespace}/{topic}/schema`):
+/// the topic's latest schema, 404 when it has none.
+async fn schema_get(State(a): S, Path((t, ns, topic)): Path<(String, String, String)>) -> Response {
+    schema_answer(&a, &t, &ns, &topic, None).await
+}
+
+/// `pulsar-admin schemas get --version N`.
+async fn schema_get_version(
+    State(a): S,
+    Path((t, ns, topic, version)): Path<(String, String, String, String)>,
+) -> Response {
+    match version.parse::<u64>() {
+        Ok(v) => schema_answer(&a, &t, &ns, &topic, Some(v)).await,
+        Err(_) => fail(StatusCode::PRECONDITION_FAILED, "a schema version is a number"),
+    }
+}
+
+async fn schema_answer(a: &Admin, t: &str, ns: &str, topic: &str, version: Option<u64>) -> Response {
+    let n = match name(t, ns, topic) {
+        Ok(n) => n,
+        Err(r) => return r,
+    };
+    match crate::topic::schema::get(&a.meta, &n, version).await {
+        Ok(Some((v, s))) => {
+            let properties: serde_json::Map<String, Value> =
+                s.properties.iter().map(|(k, v)| (k.clone(), Value::from(v.clone()))).collect();
+            json(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "version": v,
+                    "type": crate::topic::schema::type_name(s.kind),
+                    "timestamp": s.timestamp,
+                    "data": String::from_utf8_lossy(&s.data()),
+                    "properties": properties,
+                }),
+            )
+        }
+        Ok(None) => fail(StatusCode::NOT_FOUND, format!("No schema found for {n}")),
+        Err((_, why)) => fail(StatusCode::INTERNAL_SERVER_ERROR, why),
+    }
+}
+
+/// `pulsar-admin schemas delete`: every version goes; the next producer with a schema
+/// registers version 0 again.
+async fn schema_delete(State(a): S, Path((t, ns, topic)): Path<(String, String, String)>) -> Response {
+    let n = match name(&t, &ns, &topic) {
+        Ok(n) => n,
+        Err(r) => return r,
+    };
+    match a.meta.delete(&schema_key(&n), None).await {
+        Ok(_) => json(StatusCode::OK, &serde_json::json!({ "version": Value::Null })),
+        Err(e) => meta_error(e),
+    }
+}
+
 /// 404 unless `n` is a topic, a partitioned topic or a partition of one (partitions are
 /// stored once first loaded).
 async fn topic_or_partitioned(a: &Admin, n: &TopicName) -> Result<(), Response> {
@@ -767,10 +822,12 @@ async fn partitions_delete(
             Err(e) => return topic_error(e),
         }
     }
-    // Its policies first: a policy left behind would apply to a topic created later under
-    // the same name.
-    if let Err(e) = a.meta.delete(&topic_policies_key(&n), None).await {
-        return meta_error(e);
+    // Its policies and schemas first: left behind, they would apply to a topic created later
+    // under the same name.
+    for key in [topic_policies_key(&n), schema_key(&n)] {
+        if let Err(e) = a.meta.delete(&key, None).await {
+            return meta_error(e);
+        }
     }
     match a.meta.delete(&partitioned_key(&n), None).await {
         Ok(_) => StatusCode::NO_CONTENT.into_response(),
@@ -1359,6 +1416,8 @@ pub(crate) fn serve(listener: tokio::net::TcpListener, admin: Admin, cancel: Can
         .route("/metrics", get(metrics))
         .route("/admin/v2/brokers/health", get(health))
         .route(&format!("{topic}/messageTTL"), get(topic_ttl_get).post(topic_ttl_set).delete(topic_ttl_delete))
+        .route("/admin/v2/schemas/{tenant}/{namespace}/{topic}/schema", get(schema_get).delete(schema_delete))
+        .route("/admin/v2/schemas/{tenant}/{namespace}/{topic}/schema/{version}", get(schema_get_version))
         .route("/admin/v2/brokers/{cluster}", get(brokers))
         .route("/admin/v2/clusters", get(clusters))
         .route(

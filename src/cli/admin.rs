@@ -44,6 +44,23 @@ enum Group {
         #[command(subcommand)]
         cmd: TopicsCmd,
     },
+    /// Topic schemas.
+    Schemas {
+        #[command(subcommand)]
+        cmd: SchemasCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum SchemasCmd {
+    /// Show a topic's latest schema, or one version of it.
+    Get {
+        topic: String,
+        #[arg(long)]
+        version: Option<u64>,
+    },
+    /// Delete every version of a topic's schema.
+    Delete { topic: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -443,6 +460,13 @@ pub async fn run(a: AdminArgs) -> anyhow::Result<()> {
         }
         Group::Topics { cmd: TopicsCmd::SetMessageTtl { topic, ttl } } => {
             ("POST", format!("/admin/v2/persistent/{}/messageTTL?messageTTL={ttl}", topic_path(topic)?), String::new())
+        }
+        Group::Schemas { cmd: SchemasCmd::Get { topic, version } } => {
+            let at = version.map(|v| format!("/{v}")).unwrap_or_default();
+            ("GET", format!("/admin/v2/schemas/{}/schema{at}", topic_path(topic)?), String::new())
+        }
+        Group::Schemas { cmd: SchemasCmd::Delete { topic } } => {
+            ("DELETE", format!("/admin/v2/schemas/{}/schema", topic_path(topic)?), String::new())
         }
         Group::Topics { cmd: TopicsCmd::GetMessageTtl { topic } } => {
             ("GET", format!("/admin/v2/persistent/{}/messageTTL", topic_path(topic)?), String::new())

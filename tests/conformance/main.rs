@@ -374,6 +374,49 @@ async fn python_client_deduplication() {
     assert!(meta.get(&magnetar_broker::topic::dedup_key(&other)).await.expect("get").is_none(), "no snapshot when off");
 }
 
+/// Schemas with the official Python client (see the `schemas` scenario), then through the
+/// admin API: the latest version and an older one by number, and none once the topic (or the
+/// partitioned topic, whose partitions share its schemas) is deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_client_schemas() {
+    let s = standalone().await;
+    let web = format!("http://{}", s.web);
+    let http = |method: &'static str, path: String| {
+        let web = web.clone();
+        async move { magnetar_broker::http::request_following(&web, method, &path, "").await.expect("admin") }
+    };
+    let parts = "/admin/v2/persistent/public/default/schema-json-parts";
+    let r = magnetar_broker::http::request_following(&web, "PUT", &format!("{parts}/partitions"), "2").await;
+    assert_eq!(r.expect("partitions").status, 204);
+    scenario(&s.url(), "schemas", "schema");
+    let schema = "/admin/v2/schemas/public/default";
+    let r = http("GET", format!("{schema}/schema-json/schema")).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let latest: serde_json::Value = serde_json::from_str(&r.body).expect("json");
+    assert_eq!((latest["version"].as_u64(), latest["type"].as_str()), (Some(1), Some("JSON")), "{latest}");
+    assert!(latest["data"].as_str().is_some_and(|d| d.contains("email")), "{latest}");
+    // An older version by number, through `magnetar admin` as users ask for it.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_magnetar"))
+        .args(["admin", "--url", &web, "--json", "schemas", "get", "schema-json", "--version", "0"])
+        .output()
+        .expect("run magnetar admin");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let first: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(first["version"].as_u64(), Some(0), "{first}");
+    assert!(first["data"].as_str().is_some_and(|d| d.contains("age") && !d.contains("email")), "{first}");
+    assert_eq!(http("GET", format!("{schema}/schema-json/schema/2")).await.status, 404);
+    let r = http("GET", format!("{schema}/schema-json-parts/schema")).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    // Deleting the topics deletes their schemas: a topic made later under the name starts
+    // without one.
+    let r = http("DELETE", "/admin/v2/persistent/public/default/schema-json?force=true".into()).await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    assert_eq!(http("GET", format!("{schema}/schema-json/schema")).await.status, 404);
+    let r = http("DELETE", format!("{parts}/partitions?force=true")).await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    assert_eq!(http("GET", format!("{schema}/schema-json-parts/schema")).await.status, 404);
+}
+
 /// A SIGKILLed standalone: journal replay, ledger recovery and the stored cursor bring back
 /// every unacknowledged message (acknowledgements of the last moments may be redelivered).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

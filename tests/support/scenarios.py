@@ -904,6 +904,65 @@ def dedup_turned_on():
     exactly(c, ["new-1"])
 
 
+def schemas():
+    """A producer's schema is registered as the topic's version 0, and its messages carry that
+    version; the same schema again gets the same version, a changed one of the same type the
+    next; a producer or consumer with a schema of another type is refused; a partitioned
+    topic's partitions share one set of versions."""
+    from pulsar.schema import Integer, JsonSchema, Record, String, StringSchema
+
+    class User(Record):
+        name = String()
+        age = Integer()
+
+    class UserV2(Record):
+        name = String()
+        age = Integer()
+        email = String()
+
+    def refused(make):
+        try:
+            make()
+        except pulsar.IncompatibleSchema:
+            return
+        raise AssertionError("a schema of another type was accepted")
+
+    topic = f"{PREFIX}-json"
+    c = client.subscribe(topic, "s", schema=JsonSchema(User))
+    p = client.create_producer(topic, schema=JsonSchema(User))
+    p.send(User(name="ann", age=3))
+    m = c.receive(timeout_millis=WAIT_MS)
+    assert (m.value().name, m.value().age) == ("ann", 3), m.value()
+    # The version as the broker sends it: 8 big-endian bytes.
+    v0, v1 = "\x00" * 8, "\x00" * 7 + "\x01"
+    assert m.schema_version() == v0, repr(m.schema_version())
+    c.acknowledge(m)
+    again = client.create_producer(topic, schema=JsonSchema(User))
+    again.send(User(name="bob", age=4))
+    assert c.receive(timeout_millis=WAIT_MS).schema_version() == v0
+    v2 = client.create_producer(topic, schema=JsonSchema(UserV2))
+    v2.send(UserV2(name="cy", age=5, email="c@y"))
+    m = client.subscribe(topic, "v2", schema=JsonSchema(UserV2),
+                         initial_position=pulsar.InitialPosition.Earliest)
+    got = [m.receive(timeout_millis=WAIT_MS) for _ in range(3)]
+    assert [g.schema_version() for g in got] == [v0, v0, v1], [g.schema_version() for g in got]
+    assert got[2].value().email == "c@y", got[2].value()
+    refused(lambda: client.create_producer(topic, schema=StringSchema()))
+    refused(lambda: client.subscribe(topic, "str", schema=StringSchema()))
+    # Raw bytes are not checked.
+    raw = client.create_producer(topic)
+    raw.send(b"{}")
+    for x in (p, again, v2, raw, c, m):
+        x.close()
+
+    parts = f"{PREFIX}-json-parts"
+    p = client.create_producer(parts, schema=JsonSchema(User))
+    for i in range(4):
+        p.send(User(name=f"u{i}", age=i), partition_key=f"k{i}")
+    p.close()
+    refused(lambda: client.create_producer(f"{parts}-partition-1", schema=StringSchema()))
+
+
 globals()[SCENARIO]()
 client.close()
 print(f"ok {SCENARIO}")

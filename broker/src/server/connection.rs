@@ -16,6 +16,7 @@ use crate::protocol::codec::{base, CodecError, ENTRY_HEADROOM};
 use crate::protocol::connection::{accept, error_command, ConnError, FrameReader, FrameWriter};
 use crate::protocol::names::TopicName;
 use crate::protocol::pb;
+use crate::topic::schema;
 use crate::topic::{
     producer_success, Cmd, ConsumerSpec, EntryInfo, Liveness, Out, OutTx, ProducerRequest, ProducerState, SeekTarget,
     SentBy, Topic,
@@ -664,19 +665,62 @@ impl Conn {
             }
             Ok(Type::GetSchema) => {
                 let g = cmd.get_schema.ok_or_else(|| missing("GET_SCHEMA"))?;
-                // Schemas are not stored yet: every topic reads as having none.
-                reply(
-                    &out,
-                    pb::BaseCommand {
-                        get_schema_response: Some(Box::new(pb::CommandGetSchemaResponse {
-                            request_id: g.request_id,
-                            error_code: Some(pb::ServerError::TopicNotFound as i32),
-                            error_message: Some(format!("no schema for {}", g.topic)),
-                            ..Default::default()
-                        })),
-                        ..base(Type::GetSchemaResponse)
+                let version = g.schema_version.as_deref().map(schema::version_number);
+                let found = match (TopicName::parse(&g.topic), version) {
+                    (Err(e), _) => Err((pb::ServerError::InvalidTopicName, e.to_string())),
+                    (_, Some(None)) => Err((pb::ServerError::IncompatibleSchema, "a schema version is 8 bytes".into())),
+                    (Ok(n), Some(Some(v))) => schema::get(self.shared.topics.meta(), &n, Some(v)).await,
+                    (Ok(n), None) => schema::get(self.shared.topics.meta(), &n, None).await,
+                };
+                let answer = match found {
+                    Ok(Some((v, s))) => pb::CommandGetSchemaResponse {
+                        request_id: g.request_id,
+                        schema: Some(s.to_wire(&g.topic)),
+                        schema_version: Some(schema::version_bytes(v)),
+                        ..Default::default()
                     },
-                );
+                    // Pulsar's answer for a topic without (that version of) a schema.
+                    Ok(None) => pb::CommandGetSchemaResponse {
+                        request_id: g.request_id,
+                        error_code: Some(pb::ServerError::TopicNotFound as i32),
+                        error_message: Some(format!("no schema for {}", g.topic)),
+                        ..Default::default()
+                    },
+                    Err((code, why)) => pb::CommandGetSchemaResponse {
+                        request_id: g.request_id,
+                        error_code: Some(code as i32),
+                        error_message: Some(why),
+                        ..Default::default()
+                    },
+                };
+                let cmd =
+                    pb::BaseCommand { get_schema_response: Some(Box::new(answer)), ..base(Type::GetSchemaResponse) };
+                reply(&out, cmd);
+            }
+            Ok(Type::GetOrCreateSchema) => {
+                let g = cmd.get_or_create_schema.ok_or_else(|| missing("GET_OR_CREATE_SCHEMA"))?;
+                let r = match TopicName::parse(&g.topic) {
+                    Err(e) => Err((pb::ServerError::InvalidTopicName, e.to_string())),
+                    Ok(n) => schema::get_or_create(self.shared.topics.meta(), &n, &g.schema).await,
+                };
+                let answer = match r {
+                    Ok(v) => pb::CommandGetOrCreateSchemaResponse {
+                        request_id: g.request_id,
+                        schema_version: Some(schema::version_bytes(v)),
+                        ..Default::default()
+                    },
+                    Err((code, why)) => pb::CommandGetOrCreateSchemaResponse {
+                        request_id: g.request_id,
+                        error_code: Some(code as i32),
+                        error_message: Some(why),
+                        ..Default::default()
+                    },
+                };
+                let cmd = pb::BaseCommand {
+                    get_or_create_schema_response: Some(Box::new(answer)),
+                    ..base(Type::GetOrCreateSchemaResponse)
+                };
+                reply(&out, cmd);
             }
             other => {
                 tracing::debug!(command = ?other, "command not supported");
@@ -709,7 +753,8 @@ impl Conn {
                 Some(name) => {
                     let epoch = Some(x.state.topic_epoch.load(Ordering::Acquire)).filter(|e| *e > 0);
                     let ready = x.state.ready.load(Ordering::Acquire);
-                    producer_success(p.request_id, name.clone(), -1, epoch, ready)
+                    let version = x.state.schema_version.get().copied();
+                    producer_success(p.request_id, name.clone(), -1, epoch, ready, version)
                 }
                 None => error_command(
                     p.request_id,
@@ -721,6 +766,14 @@ impl Conn {
         }
         let Some(topic) = self.topic(p.request_id, &p.topic).await else { return };
         let state = Arc::new(ProducerState::default());
+        if let Some(s) = p.schema.as_ref().filter(|s| schema::is_checked(s)) {
+            match schema::get_or_create(self.shared.topics.meta(), &topic.name, s).await {
+                Ok(v) => {
+                    let _ = state.schema_version.set(v);
+                }
+                Err((code, why)) => return reply(&out, error_command(p.request_id, code, why)),
+            }
+        }
         let access = pb::ProducerAccessMode::try_from(p.producer_access_mode.unwrap_or(0))
             .unwrap_or(pb::ProducerAccessMode::Shared);
         let (done, answer) = oneshot::channel();
@@ -806,6 +859,11 @@ impl Conn {
         let out = self.out.clone();
         let create = s.force_topic_creation.unwrap_or(true);
         let Some(topic) = self.topic_if(s.request_id, &s.topic, create).await else { return };
+        if let Some(schema) = s.schema.as_ref().filter(|s| schema::is_concrete(s)) {
+            if let Err((code, why)) = schema::check_consumer(self.shared.topics.meta(), &topic.name, schema).await {
+                return reply(&out, error_command(s.request_id, code, why));
+            }
+        }
         if let Some(old) = self.consumers.get(&s.consumer_id).filter(|old| old.name != topic.name) {
             // The id is reused for another topic: leave the old one.
             let _ = old.send(Cmd::CloseConsumer { key: (self.conn, s.consumer_id) });

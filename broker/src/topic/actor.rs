@@ -222,10 +222,20 @@ pub struct ProducerState {
     pub topic_epoch: std::sync::atomic::AtomicU64,
     /// Its name, set before PRODUCER_SUCCESS is sent (unset while its PRODUCER is served).
     pub name: std::sync::OnceLock<String>,
+    /// The version of the schema it registered (see [`super::schema`]), set before its
+    /// PRODUCER reaches the topic; unset for producers without a schema.
+    pub schema_version: std::sync::OnceLock<u64>,
 }
 
 /// PRODUCER_SUCCESS.
-pub fn producer_success(request_id: u64, name: String, last: i64, epoch: Option<u64>, ready: bool) -> pb::BaseCommand {
+pub fn producer_success(
+    request_id: u64,
+    name: String,
+    last: i64,
+    epoch: Option<u64>,
+    ready: bool,
+    schema_version: Option<u64>,
+) -> pb::BaseCommand {
     pb::BaseCommand {
         producer_success: Some(Box::new(pb::CommandProducerSuccess {
             request_id,
@@ -233,7 +243,7 @@ pub fn producer_success(request_id: u64, name: String, last: i64, epoch: Option<
             last_sequence_id: Some(last),
             topic_epoch: epoch,
             producer_ready: (!ready).then_some(false),
-            ..Default::default()
+            schema_version: schema_version.map(super::schema::version_bytes),
         })),
         ..base(Type::ProducerSuccess)
     }
@@ -272,7 +282,9 @@ impl Registered {
     fn answer(&self, last: i64, epoch: Option<u64>, ready: bool) {
         self.state.ready.store(ready, std::sync::atomic::Ordering::Release);
         let _ = self.state.name.set(self.name.clone());
-        let _ = self.out.send(Out::Cmd(producer_success(self.request_id, self.name.clone(), last, epoch, ready)));
+        let version = self.state.schema_version.get().copied();
+        let _ =
+            self.out.send(Out::Cmd(producer_success(self.request_id, self.name.clone(), last, epoch, ready, version)));
     }
 }
 
@@ -1498,6 +1510,11 @@ impl Actor {
         // Its topic-level policies go with it: they would apply to a topic made later under
         // the same name.
         let txn = txn.delete(super::topic_policies_key(&self.ml.name)).delete(dedup_key(&self.ml.name));
+        // So do its schemas, unless they are its partitioned topic's (deleted with it).
+        let txn = match self.ml.name.partition() {
+            None => txn.delete(super::schema::schema_key(&self.ml.name)),
+            Some(_) => txn,
+        };
         let done = meta.txn(txn.delete(&self.ml.key)).await.map_err(|e| e.to_string())?;
         if !done.succeeded {
             return Err(format!("topic {} changed meanwhile (another broker owns it now?)", self.ml.name));

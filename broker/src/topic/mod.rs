@@ -17,6 +17,7 @@ pub mod liveness;
 pub mod orphans;
 pub mod position;
 pub mod quota;
+pub mod schema;
 pub mod stats;
 
 use std::collections::HashMap;

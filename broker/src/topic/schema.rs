@@ -1,0 +1,240 @@
+//! Topic schemas: the schemas producers register, versioned per topic.
+//!
+//! A topic's schemas live in the metastore under `/schemas/…`, one JSON document listing every
+//! version (a partitioned topic's partitions share their parent's, as in Pulsar). A producer
+//! that brings a schema gets the version of an identical one (same type and definition), or
+//! registers a new version when its type matches the latest version's; a schema of another
+//! type is refused with `IncompatibleSchema`. Compatibility of definitions within one type
+//! (Pulsar's `schemaCompatibilityStrategy`) is not checked. Producers without a schema (bytes)
+//! are not checked, as in Pulsar with `isSchemaValidationEnforced=false`.
+
+use magnetar_metastore::client::{ClientError, MetaClient, PutOptions};
+use serde::{Deserialize, Serialize};
+
+use crate::protocol::names::TopicName;
+use crate::protocol::pb;
+
+/// The metastore key of the schemas of `name` (its partitioned parent's for a partition).
+pub fn schema_key(name: &TopicName) -> String {
+    let n = if name.partition().is_some() { name.partitioned_parent() } else { name.clone() };
+    format!("/schemas/{}/{}/{}/{}", n.domain, n.tenant, n.namespace, n.local)
+}
+
+/// One registered version.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Version {
+    /// `Schema.Type` as sent on the wire.
+    #[serde(rename = "type")]
+    pub kind: i32,
+    /// The definition, hex-encoded (JSON and Avro schemas are text, Protobuf-native ones not).
+    pub data: String,
+    pub properties: Vec<(String, String)>,
+    /// When it was registered (ms since the epoch).
+    pub timestamp: u64,
+}
+
+/// A topic's versions, the first registered first: a version's number is its index.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Stored {
+    pub versions: Vec<Version>,
+}
+
+/// A schema version as Pulsar sends it: the number as 8 big-endian bytes.
+pub fn version_bytes(v: u64) -> Vec<u8> {
+    v.to_be_bytes().to_vec()
+}
+
+/// The version number of `bytes` (`None` unless 8 bytes).
+pub fn version_number(bytes: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(bytes.try_into().ok()?))
+}
+
+/// Pulsar's name of a schema type (`pulsar-admin schemas get`).
+pub fn type_name(kind: i32) -> &'static str {
+    use pb::schema::Type as T;
+    match T::try_from(kind) {
+        Ok(T::None) => "NONE",
+        Ok(T::String) => "STRING",
+        Ok(T::Json) => "JSON",
+        Ok(T::Protobuf) => "PROTOBUF",
+        Ok(T::Avro) => "AVRO",
+        Ok(T::Bool) => "BOOLEAN",
+        Ok(T::Int8) => "INT8",
+        Ok(T::Int16) => "INT16",
+        Ok(T::Int32) => "INT32",
+        Ok(T::Int64) => "INT64",
+        Ok(T::Float) => "FLOAT",
+        Ok(T::Double) => "DOUBLE",
+        Ok(T::Date) => "DATE",
+        Ok(T::Time) => "TIME",
+        Ok(T::Timestamp) => "TIMESTAMP",
+        Ok(T::KeyValue) => "KEY_VALUE",
+        Ok(T::Instant) => "INSTANT",
+        Ok(T::LocalDate) => "LOCAL_DATE",
+        Ok(T::LocalTime) => "LOCAL_TIME",
+        Ok(T::LocalDateTime) => "LOCAL_DATE_TIME",
+        Ok(T::ProtobufNative) => "PROTOBUF_NATIVE",
+        Err(_) => "UNKNOWN",
+    }
+}
+
+fn hex(data: &[u8]) -> String {
+    data.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Vec<u8> {
+    (0..s.len() / 2).filter_map(|i| s.get(2 * i..2 * i + 2)).filter_map(|h| u8::from_str_radix(h, 16).ok()).collect()
+}
+
+impl Version {
+    fn of(s: &pb::Schema) -> Version {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        Version {
+            kind: s.r#type,
+            data: hex(&s.schema_data),
+            properties: s.properties.iter().map(|kv| (kv.key.clone(), kv.value.clone())).collect(),
+            timestamp: now.as_millis() as u64,
+        }
+    }
+
+    /// The definition's bytes.
+    pub fn data(&self) -> Vec<u8> {
+        unhex(&self.data)
+    }
+
+    /// As the wire's `Schema`, named after the topic.
+    pub fn to_wire(&self, topic: &str) -> pb::Schema {
+        pb::Schema {
+            name: topic.to_owned(),
+            schema_data: self.data(),
+            r#type: self.kind,
+            properties: self
+                .properties
+                .iter()
+                .map(|(k, v)| pb::KeyValue { key: k.clone(), value: v.clone() })
+                .collect(),
+        }
+    }
+}
+
+/// Why a schema was not registered: the code and message for the client.
+pub type Refusal = (pb::ServerError, String);
+
+/// Whether `s` is a schema the broker checks: producers of raw bytes send none, or `None`.
+pub fn is_checked(s: &pb::Schema) -> bool {
+    s.r#type != pb::schema::Type::None as i32
+}
+
+/// Whether a consumer's `s` names a type: not `None`, nor `AUTO_CONSUME` (21), which takes
+/// whatever the topic has.
+pub fn is_concrete(s: &pb::Schema) -> bool {
+    (1..=pb::schema::Type::ProtobufNative as i32).contains(&s.r#type)
+}
+
+/// The stored versions of `name`'s topic, with the record's version for a later change.
+pub async fn load(meta: &MetaClient, name: &TopicName) -> Result<(Stored, u64), Refusal> {
+    let unavailable = |e: ClientError| (pb::ServerError::MetadataError, format!("reading the schemas: {e}"));
+    match meta.get(&schema_key(name)).await.map_err(unavailable)? {
+        None => Ok((Stored::default(), 0)),
+        Some(kv) => match serde_json::from_slice::<Stored>(&kv.value) {
+            Ok(s) => Ok((s, kv.version)),
+            Err(e) => {
+                Err((pb::ServerError::MetadataError, format!("the stored schemas of {name} are unreadable: {e}")))
+            }
+        },
+    }
+}
+
+/// The version of `schema` for `name`'s topic: an identical version's, or a new one when its
+/// type matches the latest version's (or the topic has none).
+pub async fn get_or_create(meta: &MetaClient, name: &TopicName, schema: &pb::Schema) -> Result<u64, Refusal> {
+    let new = Version::of(schema);
+    // Two producers registering at once: the loser of the compare-and-set reads again.
+    for _ in 0..8 {
+        let (mut stored, at) = load(meta, name).await?;
+        if let Some(i) = stored.versions.iter().position(|v| v.kind == new.kind && v.data == new.data) {
+            return Ok(i as u64);
+        }
+        if let Some(latest) = stored.versions.last() {
+            if latest.kind != new.kind {
+                return Err((
+                    pb::ServerError::IncompatibleSchema,
+                    format!(
+                        "{name} has a {} schema; a {} schema is incompatible with it",
+                        type_name(latest.kind),
+                        type_name(new.kind)
+                    ),
+                ));
+            }
+        }
+        stored.versions.push(new.clone());
+        let body = serde_json::to_vec(&stored).unwrap_or_default();
+        match meta.put(&schema_key(name), body, PutOptions { expected_version: Some(at), session: 0 }).await {
+            Ok(_) => return Ok(stored.versions.len() as u64 - 1),
+            Err(ClientError::BadVersion { .. }) => continue,
+            Err(e) => return Err((pb::ServerError::MetadataError, format!("storing the schema: {e}"))),
+        }
+    }
+    Err((pb::ServerError::ServiceNotReady, format!("the schemas of {name} kept changing; retry")))
+}
+
+/// Whether a consumer with `schema` may read `name`'s topic: its type must be the latest
+/// version's when the topic has schemas.
+pub async fn check_consumer(meta: &MetaClient, name: &TopicName, schema: &pb::Schema) -> Result<(), Refusal> {
+    let (stored, _) = load(meta, name).await?;
+    match stored.versions.last() {
+        Some(latest) if latest.kind != schema.r#type => Err((
+            pb::ServerError::IncompatibleSchema,
+            format!(
+                "{name} has a {} schema; a consumer with a {} schema cannot read it",
+                type_name(latest.kind),
+                type_name(schema.r#type)
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Version `version` of `name`'s schemas (the latest without one), with its number.
+pub async fn get(meta: &MetaClient, name: &TopicName, version: Option<u64>) -> Result<Option<(u64, Version)>, Refusal> {
+    let (stored, _) = load(meta, name).await?;
+    let n = match version {
+        Some(v) => v,
+        None => match stored.versions.len() {
+            0 => return Ok(None),
+            len => len as u64 - 1,
+        },
+    };
+    Ok(stored.versions.get(n as usize).map(|v| (n, v.clone())))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_and_definitions_round_trip() {
+        assert_eq!(version_bytes(3), vec![0, 0, 0, 0, 0, 0, 0, 3]);
+        assert_eq!(version_number(&version_bytes(258)), Some(258));
+        assert_eq!(version_number(&[1, 2]), None);
+        let s = pb::Schema {
+            name: "t".into(),
+            schema_data: vec![0, 0x7b, 0xff],
+            r#type: pb::schema::Type::Json as i32,
+            properties: vec![pb::KeyValue { key: "k".into(), value: "v".into() }],
+        };
+        let v = Version::of(&s);
+        assert_eq!(v.data, "007bff");
+        assert_eq!(v.to_wire("t"), s);
+        assert_eq!(type_name(v.kind), "JSON");
+    }
+
+    #[test]
+    fn partitions_share_their_parents_schemas() {
+        let p = TopicName::parse("persistent://a/b/c-partition-2").unwrap();
+        let whole = TopicName::parse("persistent://a/b/c").unwrap();
+        assert_eq!(schema_key(&p), schema_key(&whole));
+        assert_eq!(schema_key(&whole), "/schemas/persistent/a/b/c");
+    }
+}
