@@ -656,15 +656,16 @@ async fn schema_answer(a: &Admin, t: &str, ns: &str, topic: &str, version: Optio
 }
 
 /// `pulsar-admin schemas delete`: every version goes; the next producer with a schema
-/// registers version 0 again.
+/// registers the next number (messages stored with an old one may remain), as in Pulsar.
+/// Answers the last version deleted (`null` when there was none).
 async fn schema_delete(State(a): S, Path((t, ns, topic)): Path<(String, String, String)>) -> Response {
     let n = match name(&t, &ns, &topic) {
         Ok(n) => n,
         Err(r) => return r,
     };
-    match a.meta.delete(&schema_key(&n), None).await {
-        Ok(_) => json(StatusCode::OK, &serde_json::json!({ "version": Value::Null })),
-        Err(e) => meta_error(e),
+    match crate::topic::schema::delete_all(&a.meta, &n).await {
+        Ok(v) => json(StatusCode::OK, &serde_json::json!({ "version": v })),
+        Err((_, why)) => fail(StatusCode::INTERNAL_SERVER_ERROR, why),
     }
 }
 

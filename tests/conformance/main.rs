@@ -405,8 +405,20 @@ async fn python_client_schemas() {
     assert_eq!(first["version"].as_u64(), Some(0), "{first}");
     assert!(first["data"].as_str().is_some_and(|d| d.contains("age") && !d.contains("email")), "{first}");
     assert_eq!(http("GET", format!("{schema}/schema-json/schema/2")).await.status, 404);
+    // The partitioned topic's versions: 0 through the topic, 1 through one partition.
     let r = http("GET", format!("{schema}/schema-json-parts/schema")).await;
     assert_eq!(r.status, 200, "{}", r.body);
+    let parts_latest: serde_json::Value = serde_json::from_str(&r.body).expect("json");
+    assert_eq!(parts_latest["version"].as_u64(), Some(1), "{parts_latest}");
+    // Deleted through the admin API, the versions go but their count stays.
+    let r = http("DELETE", format!("{schema}/schema-json/schema")).await;
+    assert_eq!((r.status, r.body.contains(r#""version":1"#)), (200, true), "{}", r.body);
+    assert_eq!(http("GET", format!("{schema}/schema-json/schema")).await.status, 404);
+    assert_eq!(http("GET", format!("{schema}/schema-json/schema/0")).await.status, 404);
+    scenario(&s.url(), "schemas_after_delete", "schema");
+    let r = http("GET", format!("{schema}/schema-json/schema")).await;
+    let after: serde_json::Value = serde_json::from_str(&r.body).expect("json");
+    assert_eq!(after["version"].as_u64(), Some(2), "{after}");
     // Deleting the topics deletes their schemas: a topic made later under the name starts
     // without one.
     let r = http("DELETE", "/admin/v2/persistent/public/default/schema-json?force=true".into()).await;

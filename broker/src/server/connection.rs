@@ -126,7 +126,7 @@ pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>) -> Result<(), 
         // Keep-alive: a PING after a quiet interval; a client silent for two is gone.
         let read = tokio::select! {
             biased;
-            Some(cmd) = loaded_rx.recv() => {
+            Some((cmd, schema_version)) = loaded_rx.recv() => {
                 // A PRODUCER or SUBSCRIBE whose topic has loaded meanwhile.
                 if let Some((waiter, request_id)) = Waiter::of(&cmd) {
                     if conn_state.loading.remove(&waiter) == Some(true) {
@@ -136,7 +136,7 @@ pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>) -> Result<(), 
                     }
                 }
                 live.busy(true);
-                let r = conn_state.after_load(cmd).await;
+                let r = conn_state.after_load(cmd, schema_version).await;
                 live.busy(false);
                 if let Err(e) = r {
                     break Err(e);
@@ -231,8 +231,9 @@ struct Conn {
     throttle: Arc<super::throttle::ConnThrottle>,
     /// Whether the client is still there, for topics that ask.
     live: Liveness,
-    /// PRODUCER and SUBSCRIBE commands handed back once their topic has loaded.
-    loaded: mpsc::UnboundedSender<pb::BaseCommand>,
+    /// PRODUCER and SUBSCRIBE commands handed back once their topic has loaded (and a
+    /// producer's schema is registered: its version).
+    loaded: mpsc::UnboundedSender<(pb::BaseCommand, Option<u64>)>,
     /// Producers the topic refused, to be forgotten.
     refused: mpsc::UnboundedSender<(u64, Arc<ProducerState>)>,
     /// Producers and consumers whose PRODUCER or SUBSCRIBE waits for its topic to load: true
@@ -319,17 +320,23 @@ impl Conn {
     /// the load's error): a load can take long (recovering a ledger whose bookies are down),
     /// and meanwhile the connection's other producers and consumers, and its keep-alive, go
     /// on. Clients wait for the answer before using the producer or consumer.
+    ///
+    /// A producer's schema is registered (a consumer's checked) in that task too, after the
+    /// load, for the same reason: the metastore may be slow to answer.
     async fn load_first(
         &mut self,
         request_id: u64,
         topic: &str,
         create: bool,
         cmd: pb::BaseCommand,
-    ) -> Option<pb::BaseCommand> {
-        let Ok(name) = TopicName::parse(topic) else { return Some(cmd) };
+    ) -> Option<(pb::BaseCommand, Option<u64>)> {
+        let Ok(name) = TopicName::parse(topic) else { return Some((cmd, None)) };
         let topics = self.shared.topics.clone();
-        if topics.is_serving(&name).await {
-            return Some(cmd);
+        let producer_schema = cmd.producer.as_ref().and_then(|p| p.schema.clone()).filter(schema::is_checked);
+        let consumer_schema = cmd.subscribe.as_ref().and_then(|s| s.schema.clone()).filter(schema::is_concrete);
+        let serving = topics.is_serving(&name).await;
+        if serving && producer_schema.is_none() && consumer_schema.is_none() {
+            return Some((cmd, None));
         }
         if let Some((waiter, _)) = Waiter::of(&cmd) {
             self.loading.insert(waiter, false);
@@ -337,25 +344,36 @@ impl Conn {
         let (out, loaded) = (self.out.clone(), self.loaded.clone());
         tokio::spawn(async move {
             let ready = async {
-                if !create && !topics.exists(&name).await? {
-                    return Err(crate::topic::TopicError::NotFound(name.to_string()));
+                if !serving {
+                    if !create && !topics.exists(&name).await? {
+                        return Err(crate::topic::TopicError::NotFound(name.to_string()));
+                    }
+                    topics.get_or_load(&name).await?;
                 }
-                topics.get_or_load(&name).await.map(|_| ())
+                Ok(())
             };
-            match ready.await {
-                Ok(()) => {
-                    let _ = loaded.send(cmd);
+            if let Err(e) = ready.await {
+                return reply(&out, error_command(request_id, e.server_error(), e.to_string()));
+            }
+            let version = match (&producer_schema, &consumer_schema) {
+                (Some(s), _) => schema::get_or_create(topics.meta(), &name, s).await.map(Some),
+                (_, Some(s)) => schema::check_consumer(topics.meta(), &name, s).await.map(|()| None),
+                (None, None) => Ok(None),
+            };
+            match version {
+                Ok(v) => {
+                    let _ = loaded.send((cmd, v));
                 }
-                Err(e) => reply(&out, error_command(request_id, e.server_error(), e.to_string())),
+                Err((code, why)) => reply(&out, error_command(request_id, code, why)),
             }
         });
         None
     }
 
-    /// Serves a PRODUCER or SUBSCRIBE.
-    async fn after_load(&mut self, cmd: pb::BaseCommand) -> Result<(), ConnError> {
+    /// Serves a PRODUCER (with its schema's version, registered) or SUBSCRIBE.
+    async fn after_load(&mut self, cmd: pb::BaseCommand, schema_version: Option<u64>) -> Result<(), ConnError> {
         match (cmd.producer, cmd.subscribe) {
-            (Some(p), _) => self.add_producer(*p).await,
+            (Some(p), _) => self.add_producer(*p, schema_version).await,
             (_, Some(s)) => self.subscribe(*s).await,
             _ => return Err(ConnError::Protocol("neither PRODUCER nor SUBSCRIBE".into())),
         }
@@ -465,8 +483,8 @@ impl Conn {
                 let p = cmd.producer.ok_or_else(|| missing("PRODUCER"))?;
                 let (request_id, topic) = (p.request_id, p.topic.clone());
                 let again = pb::BaseCommand { producer: Some(p), ..base(Type::Producer) };
-                if let Some(again) = self.load_first(request_id, &topic, true, again).await {
-                    self.after_load(again).await?;
+                if let Some((again, version)) = self.load_first(request_id, &topic, true, again).await {
+                    self.after_load(again, version).await?;
                 }
             }
             Ok(Type::Send) => {
@@ -538,8 +556,8 @@ impl Conn {
                 let (request_id, topic, create) =
                     (s.request_id, s.topic.clone(), s.force_topic_creation.unwrap_or(true));
                 let again = pb::BaseCommand { subscribe: Some(s), ..base(Type::Subscribe) };
-                if let Some(again) = self.load_first(request_id, &topic, create, again).await {
-                    self.after_load(again).await?;
+                if let Some((again, version)) = self.load_first(request_id, &topic, create, again).await {
+                    self.after_load(again, version).await?;
                 }
             }
             Ok(Type::Flow) => {
@@ -665,62 +683,77 @@ impl Conn {
             }
             Ok(Type::GetSchema) => {
                 let g = cmd.get_schema.ok_or_else(|| missing("GET_SCHEMA"))?;
-                let version = g.schema_version.as_deref().map(schema::version_number);
-                let found = match (TopicName::parse(&g.topic), version) {
-                    (Err(e), _) => Err((pb::ServerError::InvalidTopicName, e.to_string())),
-                    (_, Some(None)) => Err((pb::ServerError::IncompatibleSchema, "a schema version is 8 bytes".into())),
-                    (Ok(n), Some(Some(v))) => schema::get(self.shared.topics.meta(), &n, Some(v)).await,
-                    (Ok(n), None) => schema::get(self.shared.topics.meta(), &n, None).await,
-                };
-                let answer = match found {
-                    Ok(Some((v, s))) => pb::CommandGetSchemaResponse {
-                        request_id: g.request_id,
-                        schema: Some(s.to_wire(&g.topic)),
-                        schema_version: Some(schema::version_bytes(v)),
-                        ..Default::default()
-                    },
-                    // Pulsar's answer for a topic without (that version of) a schema.
-                    Ok(None) => pb::CommandGetSchemaResponse {
-                        request_id: g.request_id,
-                        error_code: Some(pb::ServerError::TopicNotFound as i32),
-                        error_message: Some(format!("no schema for {}", g.topic)),
-                        ..Default::default()
-                    },
-                    Err((code, why)) => pb::CommandGetSchemaResponse {
-                        request_id: g.request_id,
-                        error_code: Some(code as i32),
-                        error_message: Some(why),
-                        ..Default::default()
-                    },
-                };
-                let cmd =
-                    pb::BaseCommand { get_schema_response: Some(Box::new(answer)), ..base(Type::GetSchemaResponse) };
-                reply(&out, cmd);
+                // Answered from a task: the metastore may be slow, and the connection goes on.
+                let topics = self.shared.topics.clone();
+                tokio::spawn(async move {
+                    let found = match (TopicName::parse(&g.topic), g.schema_version.as_deref()) {
+                        (Err(e), _) => Err((pb::ServerError::InvalidTopicName, e.to_string())),
+                        (Ok(n), None) => schema::get(topics.meta(), &n, None).await,
+                        (Ok(n), Some(v)) => match schema::version_number(v) {
+                            Some(v) => schema::get(topics.meta(), &n, Some(v)).await,
+                            None => Err((pb::ServerError::InvalidTopicName, "a schema version is 8 bytes".into())),
+                        },
+                    };
+                    let mut answer = pb::CommandGetSchemaResponse { request_id: g.request_id, ..Default::default() };
+                    match found {
+                        Ok(Some((v, s))) => {
+                            answer.schema = Some(s.to_wire(&g.topic));
+                            answer.schema_version = Some(schema::version_bytes(v));
+                        }
+                        // Pulsar's answer for a topic without (that version of) a schema.
+                        Ok(None) => {
+                            answer.error_code = Some(pb::ServerError::TopicNotFound as i32);
+                            answer.error_message = Some(format!("no schema for {}", g.topic));
+                        }
+                        Err((code, why)) => {
+                            answer.error_code = Some(code as i32);
+                            answer.error_message = Some(why);
+                        }
+                    }
+                    let cmd = pb::BaseCommand {
+                        get_schema_response: Some(Box::new(answer)),
+                        ..base(Type::GetSchemaResponse)
+                    };
+                    reply(&out, cmd);
+                });
             }
             Ok(Type::GetOrCreateSchema) => {
                 let g = cmd.get_or_create_schema.ok_or_else(|| missing("GET_OR_CREATE_SCHEMA"))?;
-                let r = match TopicName::parse(&g.topic) {
-                    Err(e) => Err((pb::ServerError::InvalidTopicName, e.to_string())),
-                    Ok(n) => schema::get_or_create(self.shared.topics.meta(), &n, &g.schema).await,
-                };
-                let answer = match r {
-                    Ok(v) => pb::CommandGetOrCreateSchemaResponse {
-                        request_id: g.request_id,
-                        schema_version: Some(schema::version_bytes(v)),
-                        ..Default::default()
-                    },
-                    Err((code, why)) => pb::CommandGetOrCreateSchemaResponse {
-                        request_id: g.request_id,
-                        error_code: Some(code as i32),
-                        error_message: Some(why),
-                        ..Default::default()
-                    },
-                };
-                let cmd = pb::BaseCommand {
-                    get_or_create_schema_response: Some(Box::new(answer)),
-                    ..base(Type::GetOrCreateSchemaResponse)
-                };
-                reply(&out, cmd);
+                let topics = self.shared.topics.clone();
+                tokio::spawn(async move {
+                    let registered = async {
+                        let n = TopicName::parse(&g.topic)
+                            .map_err(|e| (pb::ServerError::InvalidTopicName, e.to_string()))?;
+                        // Only for a topic that exists (producers send it once connected): a
+                        // schema registered for none would outlive any topic deletion.
+                        match topics.exists(&n).await {
+                            Ok(true) => {}
+                            Ok(false) => {
+                                return Err((pb::ServerError::TopicNotFound, format!("topic {n} does not exist")))
+                            }
+                            Err(e) => return Err((e.server_error(), e.to_string())),
+                        }
+                        // Raw bytes have no version and are not registered.
+                        match schema::is_checked(&g.schema) {
+                            true => schema::get_or_create(topics.meta(), &n, &g.schema).await.map(Some),
+                            false => Ok(None),
+                        }
+                    };
+                    let mut answer =
+                        pb::CommandGetOrCreateSchemaResponse { request_id: g.request_id, ..Default::default() };
+                    match registered.await {
+                        Ok(v) => answer.schema_version = v.map(schema::version_bytes),
+                        Err((code, why)) => {
+                            answer.error_code = Some(code as i32);
+                            answer.error_message = Some(why);
+                        }
+                    }
+                    let cmd = pb::BaseCommand {
+                        get_or_create_schema_response: Some(Box::new(answer)),
+                        ..base(Type::GetOrCreateSchemaResponse)
+                    };
+                    reply(&out, cmd);
+                });
             }
             other => {
                 tracing::debug!(command = ?other, "command not supported");
@@ -737,7 +770,7 @@ impl Conn {
         Ok(())
     }
 
-    async fn add_producer(&mut self, p: pb::CommandProducer) {
+    async fn add_producer(&mut self, p: pb::CommandProducer, schema_version: Option<u64>) {
         let out = self.out.clone();
         if self
             .producers
@@ -766,13 +799,8 @@ impl Conn {
         }
         let Some(topic) = self.topic(p.request_id, &p.topic).await else { return };
         let state = Arc::new(ProducerState::default());
-        if let Some(s) = p.schema.as_ref().filter(|s| schema::is_checked(s)) {
-            match schema::get_or_create(self.shared.topics.meta(), &topic.name, s).await {
-                Ok(v) => {
-                    let _ = state.schema_version.set(v);
-                }
-                Err((code, why)) => return reply(&out, error_command(p.request_id, code, why)),
-            }
+        if let Some(v) = schema_version {
+            let _ = state.schema_version.set(v);
         }
         let access = pb::ProducerAccessMode::try_from(p.producer_access_mode.unwrap_or(0))
             .unwrap_or(pb::ProducerAccessMode::Shared);
@@ -859,11 +887,6 @@ impl Conn {
         let out = self.out.clone();
         let create = s.force_topic_creation.unwrap_or(true);
         let Some(topic) = self.topic_if(s.request_id, &s.topic, create).await else { return };
-        if let Some(schema) = s.schema.as_ref().filter(|s| schema::is_concrete(s)) {
-            if let Err((code, why)) = schema::check_consumer(self.shared.topics.meta(), &topic.name, schema).await {
-                return reply(&out, error_command(s.request_id, code, why));
-            }
-        }
         if let Some(old) = self.consumers.get(&s.consumer_id).filter(|old| old.name != topic.name) {
             // The id is reused for another topic: leave the old one.
             let _ = old.send(Cmd::CloseConsumer { key: (self.conn, s.consumer_id) });

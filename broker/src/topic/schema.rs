@@ -4,7 +4,8 @@
 //! version (a partitioned topic's partitions share their parent's, as in Pulsar). A producer
 //! that brings a schema gets the version of an identical one (same type and definition), or
 //! registers a new version when its type matches the latest version's; a schema of another
-//! type is refused with `IncompatibleSchema`. Compatibility of definitions within one type
+//! type is refused with `IncompatibleSchema`. Deleting the schemas (admin) keeps the count, so
+//! a version number never names two definitions while messages carrying it may remain. Compatibility of definitions within one type
 //! (Pulsar's `schemaCompatibilityStrategy`) is not checked. Producers without a schema (bytes)
 //! are not checked, as in Pulsar with `isSchemaValidationEnforced=false`.
 
@@ -26,16 +27,23 @@ pub struct Version {
     /// `Schema.Type` as sent on the wire.
     #[serde(rename = "type")]
     pub kind: i32,
-    /// The definition, hex-encoded (JSON and Avro schemas are text, Protobuf-native ones not).
+    /// The definition: as is when it is text (JSON and Avro definitions), else hex-encoded
+    /// (`hex`; Protobuf-native descriptors, key/value pairs).
     pub data: String,
+    #[serde(default)]
+    pub hex: bool,
     pub properties: Vec<(String, String)>,
     /// When it was registered (ms since the epoch).
     pub timestamp: u64,
 }
 
-/// A topic's versions, the first registered first: a version's number is its index.
+/// A topic's versions, the first registered first: a version's number is `first` plus its
+/// index.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Stored {
+    /// The number of `versions[0]`: versions deleted before it are not reused.
+    #[serde(default)]
+    pub first: u64,
     pub versions: Vec<Version>,
 }
 
@@ -89,9 +97,14 @@ fn unhex(s: &str) -> Vec<u8> {
 impl Version {
     fn of(s: &pb::Schema) -> Version {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let (data, hex) = match std::str::from_utf8(&s.schema_data) {
+            Ok(text) => (text.to_owned(), false),
+            Err(_) => (hex(&s.schema_data), true),
+        };
         Version {
             kind: s.r#type,
-            data: hex(&s.schema_data),
+            data,
+            hex,
             properties: s.properties.iter().map(|kv| (kv.key.clone(), kv.value.clone())).collect(),
             timestamp: now.as_millis() as u64,
         }
@@ -99,7 +112,10 @@ impl Version {
 
     /// The definition's bytes.
     pub fn data(&self) -> Vec<u8> {
-        unhex(&self.data)
+        match self.hex {
+            true => unhex(&self.data),
+            false => self.data.as_bytes().to_vec(),
+        }
     }
 
     /// As the wire's `Schema`, named after the topic.
@@ -153,7 +169,7 @@ pub async fn get_or_create(meta: &MetaClient, name: &TopicName, schema: &pb::Sch
     for _ in 0..8 {
         let (mut stored, at) = load(meta, name).await?;
         if let Some(i) = stored.versions.iter().position(|v| v.kind == new.kind && v.data == new.data) {
-            return Ok(i as u64);
+            return Ok(stored.first + i as u64);
         }
         if let Some(latest) = stored.versions.last() {
             if latest.kind != new.kind {
@@ -170,7 +186,7 @@ pub async fn get_or_create(meta: &MetaClient, name: &TopicName, schema: &pb::Sch
         stored.versions.push(new.clone());
         let body = serde_json::to_vec(&stored).unwrap_or_default();
         match meta.put(&schema_key(name), body, PutOptions { expected_version: Some(at), session: 0 }).await {
-            Ok(_) => return Ok(stored.versions.len() as u64 - 1),
+            Ok(_) => return Ok(stored.first + stored.versions.len() as u64 - 1),
             Err(ClientError::BadVersion { .. }) => continue,
             Err(e) => return Err((pb::ServerError::MetadataError, format!("storing the schema: {e}"))),
         }
@@ -202,10 +218,31 @@ pub async fn get(meta: &MetaClient, name: &TopicName, version: Option<u64>) -> R
         Some(v) => v,
         None => match stored.versions.len() {
             0 => return Ok(None),
-            len => len as u64 - 1,
+            len => stored.first + len as u64 - 1,
         },
     };
-    Ok(stored.versions.get(n as usize).map(|v| (n, v.clone())))
+    let at = n.checked_sub(stored.first).and_then(|i| stored.versions.get(i as usize));
+    Ok(at.map(|v| (n, v.clone())))
+}
+
+/// Deletes every version of `name`'s schemas, keeping their count (see the module docs);
+/// answers the last one deleted.
+pub async fn delete_all(meta: &MetaClient, name: &TopicName) -> Result<Option<u64>, Refusal> {
+    for _ in 0..8 {
+        let (mut stored, at) = load(meta, name).await?;
+        if stored.versions.is_empty() {
+            return Ok(None);
+        }
+        stored.first += stored.versions.len() as u64;
+        stored.versions.clear();
+        let body = serde_json::to_vec(&stored).unwrap_or_default();
+        match meta.put(&schema_key(name), body, PutOptions { expected_version: Some(at), session: 0 }).await {
+            Ok(_) => return Ok(Some(stored.first - 1)),
+            Err(ClientError::BadVersion { .. }) => continue,
+            Err(e) => return Err((pb::ServerError::MetadataError, format!("deleting the schemas: {e}"))),
+        }
+    }
+    Err((pb::ServerError::ServiceNotReady, format!("the schemas of {name} kept changing; retry")))
 }
 
 #[cfg(test)]
@@ -225,9 +262,13 @@ mod tests {
             properties: vec![pb::KeyValue { key: "k".into(), value: "v".into() }],
         };
         let v = Version::of(&s);
-        assert_eq!(v.data, "007bff");
+        assert_eq!((v.data.as_str(), v.hex), ("007bff", true));
         assert_eq!(v.to_wire("t"), s);
         assert_eq!(type_name(v.kind), "JSON");
+        let text = pb::Schema { schema_data: br#"{"type":"record"}"#.to_vec(), ..s };
+        let v = Version::of(&text);
+        assert_eq!((v.data.as_str(), v.hex), (r#"{"type":"record"}"#, false));
+        assert_eq!(v.to_wire("t"), text);
     }
 
     #[test]
