@@ -594,23 +594,106 @@ fn name(t: &str, ns: &str, topic: &str) -> Result<TopicName, Response> {
         .map_err(|e| fail(StatusCode::PRECONDITION_FAILED, e.to_string()))
 }
 
-/// A topic's own `messageTTL` (`pulsar-admin topics get-message-ttl`), `null` when it has
-/// none. Topic policies live in the metastore, so any broker serves them.
-async fn topic_ttl_get(State(a): S, Path((t, ns, topic)): Path<(String, String, String)>) -> Response {
+/// A topic's own policy `key` (`pulsar-admin topics get-message-ttl`, `get-deduplication`),
+/// `null` when it has none. Topic policies live in the metastore, so any broker serves them.
+async fn topic_policy_get(a: &Admin, (t, ns, topic): (String, String, String), key: &str) -> Response {
     let n = match name(&t, &ns, &topic) {
         Ok(n) => n,
         Err(r) => return r,
     };
-    if let Err(r) = topic_or_partitioned(&a, &n).await {
+    if let Err(r) = topic_or_partitioned(a, &n).await {
         return r;
     }
     match a.meta.get(&topic_policies_key(&n)).await {
         Ok(kv) => {
             let policies: Value = kv.and_then(|kv| serde_json::from_slice(&kv.value).ok()).unwrap_or_default();
-            json(StatusCode::OK, &policies.get("messageTTL").cloned().unwrap_or(Value::Null))
+            json(StatusCode::OK, &policies.get(key).cloned().unwrap_or(Value::Null))
         }
         Err(e) => meta_error(e),
     }
+}
+
+/// Sets a topic's own policy `key` over its namespace's (for every partition, when set on a
+/// partitioned topic); 404 for a topic that does not exist.
+async fn topic_policy_set(a: &Admin, (t, ns, topic): (String, String, String), key: &str, value: Value) -> Response {
+    let n = match name(&t, &ns, &topic) {
+        Ok(n) => n,
+        Err(r) => return r,
+    };
+    if let Err(r) = topic_or_partitioned(a, &n).await {
+        return r;
+    }
+    change_json(&a.meta, &topic_policies_key(&n), &format!("Topic policies of {n}"), true, |mut policies| {
+        if let Some(o) = policies.as_object_mut() {
+            o.insert(key.into(), value);
+        }
+        Ok(policies)
+    })
+    .await
+}
+
+/// Removes a topic's own policy `key`: its namespace's applies again.
+async fn topic_policy_remove(a: &Admin, (t, ns, topic): (String, String, String), key: &str) -> Response {
+    let n = match name(&t, &ns, &topic) {
+        Ok(n) => n,
+        Err(r) => return r,
+    };
+    let policies = topic_policies_key(&n);
+    match a.meta.get(&policies).await {
+        Ok(None) => StatusCode::NO_CONTENT.into_response(),
+        Ok(Some(_)) => {
+            change_json(&a.meta, &policies, &format!("Topic policies of {n}"), false, |mut p| {
+                if let Some(o) = p.as_object_mut() {
+                    o.remove(key);
+                }
+                Ok(p)
+            })
+            .await
+        }
+        Err(e) => meta_error(e),
+    }
+}
+
+async fn topic_ttl_get(State(a): S, Path(p): TopicPath) -> Response {
+    topic_policy_get(&a, p, "messageTTL").await
+}
+
+/// `POST …/messageTTL?messageTTL=<seconds>` (`topics set-message-ttl`): overrides the
+/// namespace's TTL for this topic; 0 turns expiry off for it.
+async fn topic_ttl_set(
+    State(a): S,
+    Path(p): TopicPath,
+    axum::extract::RawQuery(q): axum::extract::RawQuery,
+) -> Response {
+    let ttl = q.as_deref().unwrap_or("").split('&').find_map(|kv| kv.strip_prefix("messageTTL="));
+    let Some(ttl) = ttl.and_then(|v| v.parse::<u64>().ok()) else {
+        return fail(StatusCode::PRECONDITION_FAILED, "messageTTL must be given as a number of seconds, 0 or more");
+    };
+    topic_policy_set(&a, p, "messageTTL", ttl.into()).await
+}
+
+/// `topics remove-message-ttl`.
+async fn topic_ttl_delete(State(a): S, Path(p): TopicPath) -> Response {
+    topic_policy_remove(&a, p, "messageTTL").await
+}
+
+/// `topics get-deduplication`: the topic's own `deduplicationEnabled`, `null` when unset.
+async fn topic_dedup_get(State(a): S, Path(p): TopicPath) -> Response {
+    topic_policy_get(&a, p, "deduplicationEnabled").await
+}
+
+/// `POST …/deduplicationEnabled` with body `true` or `false` (`topics set-deduplication
+/// --enable|--disable`): over the namespace's policy and the broker's default.
+async fn topic_dedup_set(State(a): S, Path(p): TopicPath, body: Bytes) -> Response {
+    match serde_json::from_slice::<Value>(&body) {
+        Ok(Value::Bool(on)) => topic_policy_set(&a, p, "deduplicationEnabled", on.into()).await,
+        _ => fail(StatusCode::PRECONDITION_FAILED, "the body must be true or false"),
+    }
+}
+
+/// `topics remove-deduplication`.
+async fn topic_dedup_delete(State(a): S, Path(p): TopicPath) -> Response {
+    topic_policy_remove(&a, p, "deduplicationEnabled").await
 }
 
 /// `pulsar-admin schemas get` (`GET /admin/v2/schemas/{tenant}/{namespace}/{topic}/schema`):
@@ -677,56 +760,6 @@ async fn topic_or_partitioned(a: &Admin, n: &TopicName) -> Result<(), Response> 
         (Ok(false), Ok(false)) => Err(fail(StatusCode::NOT_FOUND, format!("Topic {n} not found"))),
         (Ok(_), Ok(_)) => Ok(()),
         (Err(e), _) | (_, Err(e)) => Err(meta_error(e)),
-    }
-}
-
-/// `POST …/messageTTL?messageTTL=<seconds>` (`topics set-message-ttl`): overrides the
-/// namespace's TTL for this topic (for every partition, when set on a partitioned topic); 0
-/// turns expiry off for it.
-async fn topic_ttl_set(
-    State(a): S,
-    Path((t, ns, topic)): Path<(String, String, String)>,
-    axum::extract::RawQuery(q): axum::extract::RawQuery,
-) -> Response {
-    let n = match name(&t, &ns, &topic) {
-        Ok(n) => n,
-        Err(r) => return r,
-    };
-    let ttl = q.as_deref().unwrap_or("").split('&').find_map(|kv| kv.strip_prefix("messageTTL="));
-    let Some(ttl) = ttl.and_then(|v| v.parse::<u64>().ok()) else {
-        return fail(StatusCode::PRECONDITION_FAILED, "messageTTL must be given as a number of seconds, 0 or more");
-    };
-    if let Err(r) = topic_or_partitioned(&a, &n).await {
-        return r;
-    }
-    change_json(&a.meta, &topic_policies_key(&n), &format!("Topic policies of {n}"), true, |mut policies| {
-        if let Some(o) = policies.as_object_mut() {
-            o.insert("messageTTL".into(), ttl.into());
-        }
-        Ok(policies)
-    })
-    .await
-}
-
-/// `topics remove-message-ttl`: the namespace's TTL applies to the topic again.
-async fn topic_ttl_delete(State(a): S, Path((t, ns, topic)): Path<(String, String, String)>) -> Response {
-    let n = match name(&t, &ns, &topic) {
-        Ok(n) => n,
-        Err(r) => return r,
-    };
-    let key = topic_policies_key(&n);
-    match a.meta.get(&key).await {
-        Ok(None) => StatusCode::NO_CONTENT.into_response(),
-        Ok(Some(_)) => {
-            change_json(&a.meta, &key, &format!("Topic policies of {n}"), false, |mut policies| {
-                if let Some(o) = policies.as_object_mut() {
-                    o.remove("messageTTL");
-                }
-                Ok(policies)
-            })
-            .await
-        }
-        Err(e) => meta_error(e),
     }
 }
 
@@ -1417,6 +1450,10 @@ pub(crate) fn serve(listener: tokio::net::TcpListener, admin: Admin, cancel: Can
         .route("/metrics", get(metrics))
         .route("/admin/v2/brokers/health", get(health))
         .route(&format!("{topic}/messageTTL"), get(topic_ttl_get).post(topic_ttl_set).delete(topic_ttl_delete))
+        .route(
+            &format!("{topic}/deduplicationEnabled"),
+            get(topic_dedup_get).post(topic_dedup_set).delete(topic_dedup_delete),
+        )
         .route("/admin/v2/schemas/{tenant}/{namespace}/{topic}/schema", get(schema_get).delete(schema_delete))
         .route("/admin/v2/schemas/{tenant}/{namespace}/{topic}/schema/{version}", get(schema_get_version))
         .route("/admin/v2/brokers/{cluster}", get(brokers))

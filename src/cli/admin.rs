@@ -205,6 +205,18 @@ enum TopicsCmd {
     GetMessageTtl { topic: String },
     /// Remove the topic's own message TTL: its namespace's applies again.
     RemoveMessageTtl { topic: String },
+    /// Turn deduplication on or off for the topic, over its namespace's policy.
+    SetDeduplication {
+        topic: String,
+        #[arg(long, conflicts_with = "disable", required_unless_present = "disable")]
+        enable: bool,
+        #[arg(long)]
+        disable: bool,
+    },
+    /// Show the topic's own deduplication policy (`null`: its namespace's applies).
+    GetDeduplication { topic: String },
+    /// Remove the topic's own deduplication policy.
+    RemoveDeduplication { topic: String },
     /// Delete a partitioned topic and its partitions.
     DeletePartitionedTopic {
         topic: String,
@@ -467,6 +479,15 @@ pub async fn run(a: AdminArgs) -> anyhow::Result<()> {
         }
         Group::Schemas { cmd: SchemasCmd::Delete { topic } } => {
             ("DELETE", format!("/admin/v2/schemas/{}/schema", topic_path(topic)?), String::new())
+        }
+        Group::Topics { cmd: TopicsCmd::SetDeduplication { topic, enable, .. } } => {
+            ("POST", format!("/admin/v2/persistent/{}/deduplicationEnabled", topic_path(topic)?), enable.to_string())
+        }
+        Group::Topics { cmd: TopicsCmd::GetDeduplication { topic } } => {
+            ("GET", format!("/admin/v2/persistent/{}/deduplicationEnabled", topic_path(topic)?), String::new())
+        }
+        Group::Topics { cmd: TopicsCmd::RemoveDeduplication { topic } } => {
+            ("DELETE", format!("/admin/v2/persistent/{}/deduplicationEnabled", topic_path(topic)?), String::new())
         }
         Group::Topics { cmd: TopicsCmd::GetMessageTtl { topic } } => {
             ("GET", format!("/admin/v2/persistent/{}/messageTTL", topic_path(topic)?), String::new())

@@ -319,18 +319,7 @@ async fn admin_cli_round_trip_on_a_two_broker_cluster() {
 
 async fn cli_round_trip(s: &Target) {
     let url = format!("http://{}", s.web);
-    let admin = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_magnetar"))
-            .args(["admin", "--url", &url])
-            .args(args)
-            .output()
-            .expect("run magnetar admin");
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).to_string(),
-            String::from_utf8_lossy(&out.stderr).to_string(),
-        )
-    };
+    let admin = |args: &[&str]| super::magnetar_admin(&url, args);
     let ok = |r: (bool, String, String)| {
         assert!(r.0, "failed: {}", r.2);
         r.1

@@ -149,6 +149,17 @@ impl Standalone {
     }
 }
 
+/// Runs `magnetar admin --url <web> <args>`: (success, stdout, stderr).
+fn magnetar_admin(web: &str, args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_magnetar"))
+        .args(["admin", "--url", web])
+        .args(args)
+        .output()
+        .expect("run magnetar admin");
+    let text = |b: &[u8]| String::from_utf8_lossy(b).to_string();
+    (out.status.success(), text(&out.stdout), text(&out.stderr))
+}
+
 /// Exclusive, Shared, Failover and Key_Shared subscriptions with batching off and on, and
 /// every compression codec.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -374,6 +385,54 @@ async fn python_client_deduplication() {
     assert!(meta.get(&magnetar_broker::topic::dedup_key(&other)).await.expect("get").is_none(), "no snapshot when off");
 }
 
+/// A topic's own deduplication policy (and a partitioned topic's, for its partitions)
+/// overrides its namespace's; removed, the namespace's applies again. Through the admin API
+/// and `magnetar admin`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_deduplication_policy_overrides_the_namespace() {
+    let s = standalone().await;
+    let web = format!("http://{}", s.web);
+    let http = |method: &'static str, path: &str, body: &str| {
+        let (web, path, body) = (web.clone(), path.to_owned(), body.to_owned());
+        async move { magnetar_broker::http::request_following(&web, method, &path, &body).await.expect("admin") }
+    };
+    let base = "/admin/v2/persistent/public/tdedup";
+    assert_eq!(http("PUT", "/admin/v2/namespaces/public/tdedup", "").await.status, 204);
+    // A topic that does not exist has no policy to set.
+    assert_eq!(http("POST", &format!("{base}/tdedup-on/deduplicationEnabled"), "true").await.status, 404);
+    for (path, body) in [("tdedup-on", ""), ("tdedup-off", ""), ("tdedup-parts/partitions", "2")] {
+        let r = http("PUT", &format!("{base}/{path}"), body).await;
+        assert_eq!(r.status, 204, "{path}: {}", r.body);
+    }
+    assert_eq!(http("POST", &format!("{base}/tdedup-on/deduplicationEnabled"), "yes").await.status, 412);
+    let admin = |args: &[&str]| {
+        let (ok, out, err) = magnetar_admin(&web, args);
+        assert!(ok, "{args:?}: {err}");
+        out.trim().to_owned()
+    };
+    admin(&["topics", "set-deduplication", "public/tdedup/tdedup-on", "--enable"]);
+    admin(&["topics", "set-deduplication", "public/tdedup/tdedup-parts", "--enable"]);
+    assert_eq!(admin(&["--json", "topics", "get-deduplication", "public/tdedup/tdedup-on"]), "true");
+    assert_eq!(admin(&["--json", "topics", "get-deduplication", "public/tdedup/tdedup-off"]), "null");
+    // Created topics are loaded, and read their policies when they load (and every minute).
+    for topic in ["tdedup-on", "tdedup-off"] {
+        assert_eq!(http("PUT", &format!("{base}/{topic}/unload"), "").await.status, 204);
+    }
+    scenario(&s.url(), "dedup_topic_level", "tdedup");
+    // Removed, the namespace's policy (none: the broker's default, off) applies once the
+    // topic reads its policies again (on its next load).
+    admin(&["topics", "remove-deduplication", "public/tdedup/tdedup-on"]);
+    assert_eq!(admin(&["--json", "topics", "get-deduplication", "public/tdedup/tdedup-on"]), "null");
+    assert_eq!(http("PUT", &format!("{base}/tdedup-on/unload"), "").await.status, 204);
+    let meta = MetaClient::connect(std::slice::from_ref(&s.metastore)).expect("meta");
+    let on = magnetar_broker::protocol::names::TopicName::parse("persistent://public/tdedup/tdedup-on").expect("name");
+    produce(&s.url(), "persistent://public/tdedup/tdedup-on", 1, false);
+    assert!(
+        meta.get(&magnetar_broker::topic::dedup_key(&on)).await.expect("get").is_none(),
+        "deduplication still on (its snapshot kept) after the topic's policy was removed"
+    );
+}
+
 /// Schemas with the official Python client (see the `schemas` scenario), then through the
 /// admin API: the latest version and an older one by number, and none once the topic (or the
 /// partitioned topic, whose partitions share its schemas) is deleted.
@@ -396,12 +455,9 @@ async fn python_client_schemas() {
     assert_eq!((latest["version"].as_u64(), latest["type"].as_str()), (Some(1), Some("JSON")), "{latest}");
     assert!(latest["data"].as_str().is_some_and(|d| d.contains("email")), "{latest}");
     // An older version by number, through `magnetar admin` as users ask for it.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_magnetar"))
-        .args(["admin", "--url", &web, "--json", "schemas", "get", "schema-json", "--version", "0"])
-        .output()
-        .expect("run magnetar admin");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let first: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let (ok, out, err) = magnetar_admin(&web, &["--json", "schemas", "get", "schema-json", "--version", "0"]);
+    assert!(ok, "{err}");
+    let first: serde_json::Value = serde_json::from_str(&out).expect("json");
     assert_eq!(first["version"].as_u64(), Some(0), "{first}");
     assert!(first["data"].as_str().is_some_and(|d| d.contains("age") && !d.contains("email")), "{first}");
     assert_eq!(http("GET", format!("{schema}/schema-json/schema/2")).await.status, 404);

@@ -994,6 +994,22 @@ def schemas_after_delete():
     c.close()
 
 
+def dedup_topic_level():
+    """In a namespace without deduplication, one topic has it on by its own policy (a
+    resend is answered as sent and stored once) and one partitioned topic by its policy (so
+    its partitions have it); another topic does not (the resend is stored again)."""
+    ns = "persistent://public/tdedup"
+    for topic, on in ((f"{ns}/{PREFIX}-on", True), (f"{ns}/{PREFIX}-parts-partition-1", True),
+                      (f"{ns}/{PREFIX}-off", False)):
+        c = client.subscribe(topic, "s", initial_position=pulsar.InitialPosition.Earliest)
+        p = dedup_producer(topic, "tp")
+        send_stored(p, b"m-1", 1)
+        (send_duplicate if on else send_stored)(p, b"m-1", 1)
+        send_stored(p, b"m-2", 2)
+        p.close()
+        exactly(c, ["m-1", "m-2"] if on else ["m-1", "m-1", "m-2"])
+
+
 globals()[SCENARIO]()
 client.close()
 print(f"ok {SCENARIO}")

@@ -2698,6 +2698,23 @@ impl Ml {
 }
 
 /// The policies stored with `topic`'s namespace (`Null` when it has none).
+/// Topic-level policy `key` of `topic`: its own, else (for a partition) its partitioned
+/// topic's; `None` when neither sets it (the namespace's or the broker's applies).
+async fn topic_policy(meta: &MetaClient, topic: &TopicName, key: &str) -> Result<Option<serde_json::Value>, String> {
+    let mut names = vec![topic.clone()];
+    if topic.partition().is_some() {
+        names.push(topic.partitioned_parent());
+    }
+    for n in &names {
+        let kv = meta.get(&super::topic_policies_key(n)).await.map_err(|e| e.to_string())?;
+        let policies: serde_json::Value = kv.and_then(|kv| serde_json::from_slice(&kv.value).ok()).unwrap_or_default();
+        if let Some(v) = policies.get(key).filter(|v| !v.is_null()) {
+            return Ok(Some(v.clone()));
+        }
+    }
+    Ok(None)
+}
+
 async fn namespace_policies(meta: &MetaClient, topic: &TopicName) -> Result<serde_json::Value, String> {
     let key = format!("/namespaces/{}/{}", topic.tenant, topic.namespace);
     let kv = meta.get(&key).await.map_err(|e| e.to_string())?;

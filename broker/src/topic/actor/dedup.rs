@@ -1,5 +1,6 @@
 //! Message deduplication, as Pulsar's brokers do it: with it on (the namespace's
-//! `deduplicationEnabled`, else `broker_deduplication_enabled`), a message whose sequence id
+//! `deduplicationEnabled`, else `broker_deduplication_enabled`; a topic's own
+//! `deduplicationEnabled`, or its partitioned topic's, over both), a message whose sequence id
 //! is not above the highest one its producer name has had accepted is not stored again. One
 //! already stored is answered with the message id -1:-1 (the clients count it as sent); one
 //! still on its way to the bookies cannot be told apart yet and is refused, so that the
@@ -21,7 +22,7 @@ use magnetar_metastore::client::Txn;
 
 use super::{decode_entry, pb, read_positions, Actor, AppendError, Pos, TopicName};
 
-/// How often a loaded topic reads its namespace's `deduplicationEnabled` again.
+/// How often a loaded topic reads its own and its namespace's `deduplicationEnabled` again.
 pub(super) const POLICY_CHECK: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The message id a duplicate is answered with (-1:-1).
@@ -83,13 +84,21 @@ impl Actor {
     /// (sends wait meanwhile, in this task's queue); turned off, it is dropped with its
     /// snapshot. Until the first read succeeds, sends are refused.
     pub(super) async fn check_dedup(&mut self) {
-        let on = match super::namespace_policies(&self.ml.meta, &self.ml.name).await {
-            Ok(p) => p.get("deduplicationEnabled").and_then(|v| v.as_bool()).unwrap_or(self.ml.settings.deduplication),
+        let (meta, name) = (&self.ml.meta, &self.ml.name);
+        let policy = async {
+            if let Some(on) = super::topic_policy(meta, name, "deduplicationEnabled").await?.and_then(|v| v.as_bool()) {
+                return Ok(Some(on));
+            }
+            let p = super::namespace_policies(meta, name).await?;
+            Ok::<_, String>(p.get("deduplicationEnabled").and_then(|v| v.as_bool()))
+        };
+        let on = match policy.await {
+            Ok(on) => on.unwrap_or(self.ml.settings.deduplication),
             Err(e) => {
                 if !self.dedup_read {
                     self.dedup_unknown = true;
                 }
-                tracing::debug!(topic = %self.ml.name, error = %e, "reading the namespace's deduplication policy failed");
+                tracing::debug!(topic = %self.ml.name, error = %e, "reading the deduplication policies failed");
                 return;
             }
         };

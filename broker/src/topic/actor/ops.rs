@@ -76,16 +76,8 @@ pub enum SubError {
 /// The `messageTTL` policy that applies, seconds (`None`: there is none): the topic's own,
 /// else (for a partition) its partitioned topic's, else its namespace's.
 async fn message_ttl(meta: &magnetar_metastore::client::MetaClient, topic: &TopicName) -> Result<Option<u64>, String> {
-    let mut names = vec![topic.clone()];
-    if topic.partition().is_some() {
-        names.push(topic.partitioned_parent());
-    }
-    for n in &names {
-        let kv = meta.get(&crate::topic::topic_policies_key(n)).await.map_err(|e| e.to_string())?;
-        let policies: serde_json::Value = kv.and_then(|kv| serde_json::from_slice(&kv.value).ok()).unwrap_or_default();
-        if let Some(ttl) = policies.get("messageTTL").and_then(|v| v.as_u64()) {
-            return Ok(Some(ttl));
-        }
+    if let Some(ttl) = super::topic_policy(meta, topic, "messageTTL").await?.and_then(|v| v.as_u64()) {
+        return Ok(Some(ttl));
     }
     let policies = super::namespace_policies(meta, topic).await?;
     Ok(policies.get("message_ttl_in_seconds").and_then(|v| v.as_u64()))
