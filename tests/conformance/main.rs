@@ -398,6 +398,9 @@ async fn a_topic_deduplication_policy_overrides_the_namespace() {
     };
     let base = "/admin/v2/persistent/public/tdedup";
     assert_eq!(http("PUT", "/admin/v2/namespaces/public/tdedup", "").await.status, 204);
+    // The namespace has it on; `tdedup-off` turns it off for itself.
+    let r = http("POST", "/admin/v2/namespaces/public/tdedup/deduplication", "true").await;
+    assert_eq!(r.status, 204, "{}", r.body);
     // A topic that does not exist has no policy to set.
     assert_eq!(http("POST", &format!("{base}/tdedup-on/deduplicationEnabled"), "true").await.status, 404);
     for (path, body) in [("tdedup-on", ""), ("tdedup-off", ""), ("tdedup-parts/partitions", "2")] {
@@ -412,25 +415,40 @@ async fn a_topic_deduplication_policy_overrides_the_namespace() {
     };
     admin(&["topics", "set-deduplication", "public/tdedup/tdedup-on", "--enable"]);
     admin(&["topics", "set-deduplication", "public/tdedup/tdedup-parts", "--enable"]);
-    assert_eq!(admin(&["--json", "topics", "get-deduplication", "public/tdedup/tdedup-on"]), "true");
     assert_eq!(admin(&["--json", "topics", "get-deduplication", "public/tdedup/tdedup-off"]), "null");
+    admin(&["topics", "set-deduplication", "public/tdedup/tdedup-off", "--disable"]);
+    assert_eq!(admin(&["--json", "topics", "get-deduplication", "public/tdedup/tdedup-on"]), "true");
+    assert_eq!(admin(&["--json", "topics", "get-deduplication", "public/tdedup/tdedup-off"]), "false");
     // Created topics are loaded, and read their policies when they load (and every minute).
     for topic in ["tdedup-on", "tdedup-off"] {
         assert_eq!(http("PUT", &format!("{base}/{topic}/unload"), "").await.status, 204);
     }
     scenario(&s.url(), "dedup_topic_level", "tdedup");
-    // Removed, the namespace's policy (none: the broker's default, off) applies once the
-    // topic reads its policies again (on its next load).
-    admin(&["topics", "remove-deduplication", "public/tdedup/tdedup-on"]);
-    assert_eq!(admin(&["--json", "topics", "get-deduplication", "public/tdedup/tdedup-on"]), "null");
-    assert_eq!(http("PUT", &format!("{base}/tdedup-on/unload"), "").await.status, 204);
+    // Removed, the namespace's policy applies once the topic reads its policies again (on
+    // its next load): off for `tdedup-on` once the namespace's is off, on for `tdedup-off`.
+    let r = http("POST", "/admin/v2/namespaces/public/tdedup/deduplication", "false").await;
+    assert_eq!(r.status, 204, "{}", r.body);
     let meta = MetaClient::connect(std::slice::from_ref(&s.metastore)).expect("meta");
-    let on = magnetar_broker::protocol::names::TopicName::parse("persistent://public/tdedup/tdedup-on").expect("name");
+    use magnetar_broker::protocol::names::TopicName;
+    let snapshot = |topic: &str| {
+        let (meta, key) = (meta.clone(), magnetar_broker::topic::dedup_key(&TopicName::parse(topic).expect("name")));
+        async move { meta.get(&key).await.expect("get").is_some() }
+    };
+    for topic in ["tdedup-on", "tdedup-off"] {
+        admin(&["topics", "remove-deduplication", &format!("public/tdedup/{topic}")]);
+        assert_eq!(admin(&["--json", "topics", "get-deduplication", &format!("public/tdedup/{topic}")]), "null");
+        assert_eq!(http("PUT", &format!("{base}/{topic}/unload"), "").await.status, 204);
+    }
+    let r = http("POST", "/admin/v2/namespaces/public/tdedup/deduplication", "true").await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    produce(&s.url(), "persistent://public/tdedup/tdedup-off", 1, false);
+    // With deduplication on, closing the topic stores a snapshot.
+    assert_eq!(http("PUT", &format!("{base}/tdedup-off/unload"), "").await.status, 204);
+    assert!(snapshot("persistent://public/tdedup/tdedup-off").await, "the namespace's policy (on) does not apply");
+    let r = http("POST", "/admin/v2/namespaces/public/tdedup/deduplication", "false").await;
+    assert_eq!(r.status, 204, "{}", r.body);
     produce(&s.url(), "persistent://public/tdedup/tdedup-on", 1, false);
-    assert!(
-        meta.get(&magnetar_broker::topic::dedup_key(&on)).await.expect("get").is_none(),
-        "deduplication still on (its snapshot kept) after the topic's policy was removed"
-    );
+    assert!(!snapshot("persistent://public/tdedup/tdedup-on").await, "the namespace's policy (off) does not apply");
 }
 
 /// Schemas with the official Python client (see the `schemas` scenario), then through the

@@ -2697,10 +2697,15 @@ impl Ml {
     }
 }
 
-/// The policies stored with `topic`'s namespace (`Null` when it has none).
-/// Topic-level policy `key` of `topic`: its own, else (for a partition) its partitioned
-/// topic's; `None` when neither sets it (the namespace's or the broker's applies).
-async fn topic_policy(meta: &MetaClient, topic: &TopicName, key: &str) -> Result<Option<serde_json::Value>, String> {
+/// Topic-level policy `key` of `topic`, as `read` takes it: its own, else (for a partition)
+/// its partitioned topic's; `None` when neither sets it (the namespace's or the broker's
+/// applies). A value `read` does not take (of another type) counts as unset.
+async fn topic_policy<T>(
+    meta: &MetaClient,
+    topic: &TopicName,
+    key: &str,
+    read: impl Fn(&serde_json::Value) -> Option<T>,
+) -> Result<Option<T>, String> {
     let mut names = vec![topic.clone()];
     if topic.partition().is_some() {
         names.push(topic.partitioned_parent());
@@ -2708,13 +2713,14 @@ async fn topic_policy(meta: &MetaClient, topic: &TopicName, key: &str) -> Result
     for n in &names {
         let kv = meta.get(&super::topic_policies_key(n)).await.map_err(|e| e.to_string())?;
         let policies: serde_json::Value = kv.and_then(|kv| serde_json::from_slice(&kv.value).ok()).unwrap_or_default();
-        if let Some(v) = policies.get(key).filter(|v| !v.is_null()) {
-            return Ok(Some(v.clone()));
+        if let Some(v) = policies.get(key).and_then(&read) {
+            return Ok(Some(v));
         }
     }
     Ok(None)
 }
 
+/// The policies stored with `topic`'s namespace (`Null` when it has none).
 async fn namespace_policies(meta: &MetaClient, topic: &TopicName) -> Result<serde_json::Value, String> {
     let key = format!("/namespaces/{}/{}", topic.tenant, topic.namespace);
     let kv = meta.get(&key).await.map_err(|e| e.to_string())?;

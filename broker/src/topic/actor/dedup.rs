@@ -86,7 +86,9 @@ impl Actor {
     pub(super) async fn check_dedup(&mut self) {
         let (meta, name) = (&self.ml.meta, &self.ml.name);
         let policy = async {
-            if let Some(on) = super::topic_policy(meta, name, "deduplicationEnabled").await?.and_then(|v| v.as_bool()) {
+            if let Some(on) =
+                super::topic_policy(meta, name, "deduplicationEnabled", serde_json::Value::as_bool).await?
+            {
                 return Ok(Some(on));
             }
             let p = super::namespace_policies(meta, name).await?;
