@@ -856,14 +856,14 @@ async fn partitions_delete(
             Err(e) => return topic_error(e),
         }
     }
-    // Its policies and schemas first: left behind, they would apply to a topic created later
-    // under the same name.
-    for key in [topic_policies_key(&n), schema_key(&n)] {
-        if let Err(e) = a.meta.delete(&key, None).await {
-            return meta_error(e);
-        }
+    // Its policies first: left behind, they would apply to a topic created later under the
+    // same name. Its schemas go with the partition count, in one transaction: a producer
+    // registering a schema meanwhile compares the count's record (see `schema::get_or_create`).
+    if let Err(e) = a.meta.delete(&topic_policies_key(&n), None).await {
+        return meta_error(e);
     }
-    match a.meta.delete(&partitioned_key(&n), None).await {
+    let txn = magnetar_metastore::client::Txn::default().delete(schema_key(&n)).delete(partitioned_key(&n));
+    match a.meta.txn(txn).await {
         Ok(_) => StatusCode::NO_CONTENT.into_response(),
         Err(e) => meta_error(e),
     }

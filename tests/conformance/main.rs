@@ -501,6 +501,19 @@ async fn python_client_schemas() {
     let r = http("DELETE", format!("{parts}/partitions?force=true")).await;
     assert_eq!(r.status, 204, "{}", r.body);
     assert_eq!(http("GET", format!("{schema}/schema-json-parts/schema")).await.status, 404);
+    // A schema is stored only while its topic exists (the put compares the topic's record):
+    // registering for a deleted topic is refused and leaves nothing behind.
+    let meta = MetaClient::connect(std::slice::from_ref(&s.metastore)).expect("meta");
+    let gone = magnetar_broker::protocol::names::TopicName::parse("schema-json").expect("name");
+    let json = magnetar_broker::protocol::pb::Schema {
+        name: "schema-json".into(),
+        schema_data: br#"{"type":"record","name":"X","fields":[]}"#.to_vec(),
+        r#type: magnetar_broker::protocol::pb::schema::Type::Json as i32,
+        properties: vec![],
+    };
+    let r = magnetar_broker::topic::schema::get_or_create(&meta, &gone, &json).await;
+    assert_eq!(r.map_err(|(code, _)| code), Err(magnetar_broker::protocol::pb::ServerError::TopicNotFound));
+    assert!(meta.get(&magnetar_broker::topic::schema::schema_key(&gone)).await.expect("get").is_none());
 }
 
 /// A SIGKILLed standalone: journal replay, ledger recovery and the stored cursor bring back

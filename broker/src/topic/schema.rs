@@ -9,7 +9,7 @@
 //! (Pulsar's `schemaCompatibilityStrategy`) is not checked. Producers without a schema (bytes)
 //! are not checked, as in Pulsar with `isSchemaValidationEnforced=false`.
 
-use magnetar_metastore::client::{ClientError, MetaClient, PutOptions};
+use magnetar_metastore::client::{ClientError, MetaClient, PutOptions, Txn};
 use serde::{Deserialize, Serialize};
 
 use crate::protocol::names::TopicName;
@@ -161,10 +161,29 @@ pub async fn load(meta: &MetaClient, name: &TopicName) -> Result<(Stored, u64), 
     }
 }
 
+/// The record whose deletion deletes `name`'s topic, with the schemas in the same
+/// transaction: a partitioned topic's partition count for a partition of one, else the
+/// topic's ledger list. With its version (`None`: the topic does not exist).
+async fn anchor(meta: &MetaClient, name: &TopicName) -> Result<(String, Option<u64>), Refusal> {
+    let unavailable = |e: ClientError| (pb::ServerError::MetadataError, format!("reading the topic: {e}"));
+    if name.partition().is_some() {
+        let key = super::partitioned_key(&name.partitioned_parent());
+        if let Some(kv) = meta.get(&key).await.map_err(unavailable)? {
+            return Ok((key, Some(kv.version)));
+        }
+    }
+    let key = super::topic_key(name);
+    let version = meta.get(&key).await.map_err(unavailable)?.map(|kv| kv.version);
+    Ok((key, version))
+}
+
 /// The version of `schema` for `name`'s topic: an identical version's, or a new one when its
-/// type matches the latest version's (or the topic has none).
+/// type matches the latest version's (or the topic has none). A new version is stored only
+/// while the topic exists: the put compares the record whose deletion deletes the topic with
+/// its schemas, so a topic deleted meanwhile leaves no schema behind.
 pub async fn get_or_create(meta: &MetaClient, name: &TopicName, schema: &pb::Schema) -> Result<u64, Refusal> {
     let new = Version::of(schema);
+    let gone = || (pb::ServerError::TopicNotFound, format!("topic {name} does not exist"));
     // Two producers registering at once: the loser of the compare-and-set reads again.
     for _ in 0..8 {
         let (mut stored, at) = load(meta, name).await?;
@@ -183,11 +202,16 @@ pub async fn get_or_create(meta: &MetaClient, name: &TopicName, schema: &pb::Sch
                 ));
             }
         }
+        let (anchor, Some(anchor_version)) = anchor(meta, name).await? else { return Err(gone()) };
         stored.versions.push(new.clone());
         let body = serde_json::to_vec(&stored).unwrap_or_default();
-        match meta.put(&schema_key(name), body, PutOptions { expected_version: Some(at), session: 0 }).await {
-            Ok(_) => return Ok(stored.first + stored.versions.len() as u64 - 1),
-            Err(ClientError::BadVersion { .. }) => continue,
+        let key = schema_key(name);
+        let txn = Txn::default().compare(&key, at).compare(&anchor, anchor_version).put(&key, body, 0);
+        match meta.txn(txn).await {
+            Ok(r) if r.succeeded => return Ok(stored.first + stored.versions.len() as u64 - 1),
+            Ok(r) if r.failed_compare == 1 && r.actual_version == 0 => return Err(gone()),
+            // The schemas or the topic's record changed meanwhile (a rollover): read again.
+            Ok(_) => continue,
             Err(e) => return Err((pb::ServerError::MetadataError, format!("storing the schema: {e}"))),
         }
     }
