@@ -654,7 +654,44 @@ async fn topic_policy_remove(a: &Admin, (t, ns, topic): (String, String, String)
     }
 }
 
-async fn topic_ttl_get(State(a): S, Path(p): TopicPath) -> Response {
+/// Whether a GET asks for the policy in effect (`?applied=true`, `pulsar-admin … --applied`)
+/// rather than the topic's own.
+fn applied(q: &Option<String>) -> bool {
+    q.as_deref().unwrap_or("").split('&').any(|kv| kv == "applied=true")
+}
+
+/// The policy in effect for a topic: its own `key`, its partitioned topic's, its namespace's
+/// `namespace_key`, else the broker's `default`.
+async fn applied_get<T: Into<Value>>(
+    a: &Admin,
+    (t, ns, topic): (String, String, String),
+    key: &str,
+    namespace_key: &str,
+    read: fn(&Value) -> Option<T>,
+    default: T,
+) -> Response {
+    let n = match name(&t, &ns, &topic) {
+        Ok(n) => n,
+        Err(r) => return r,
+    };
+    if let Err(r) = topic_or_partitioned(a, &n).await {
+        return r;
+    }
+    match crate::topic::applied_policy(&a.meta, &n, key, namespace_key, read).await {
+        Ok(v) => json(StatusCode::OK, &v.unwrap_or(default).into()),
+        Err(e) => fail(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}
+
+async fn topic_ttl_get(
+    State(a): S,
+    Path(p): TopicPath,
+    axum::extract::RawQuery(q): axum::extract::RawQuery,
+) -> Response {
+    if applied(&q) {
+        let default = a.topics.settings().message_ttl;
+        return applied_get(&a, p, "messageTTL", "message_ttl_in_seconds", Value::as_u64, default).await;
+    }
     topic_policy_get(&a, p, "messageTTL").await
 }
 
@@ -677,8 +714,17 @@ async fn topic_ttl_delete(State(a): S, Path(p): TopicPath) -> Response {
     topic_policy_remove(&a, p, "messageTTL").await
 }
 
-/// `topics get-deduplication`: the topic's own `deduplicationEnabled`, `null` when unset.
-async fn topic_dedup_get(State(a): S, Path(p): TopicPath) -> Response {
+/// `topics get-deduplication`: the topic's own `deduplicationEnabled`, `null` when unset
+/// (with `?applied=true`, the policy in effect).
+async fn topic_dedup_get(
+    State(a): S,
+    Path(p): TopicPath,
+    axum::extract::RawQuery(q): axum::extract::RawQuery,
+) -> Response {
+    if applied(&q) {
+        let (key, default) = ("deduplicationEnabled", a.topics.settings().deduplication);
+        return applied_get(&a, p, key, key, Value::as_bool, default).await;
+    }
     topic_policy_get(&a, p, "deduplicationEnabled").await
 }
 

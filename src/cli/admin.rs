@@ -202,7 +202,13 @@ enum TopicsCmd {
         ttl: u64,
     },
     /// Show the topic's own message TTL (`null`: its namespace's applies).
-    GetMessageTtl { topic: String },
+    GetMessageTtl {
+        topic: String,
+        /// The TTL in effect: the topic's, its partitioned topic's, its namespace's or the
+        /// broker's default.
+        #[arg(long, visible_alias = "ap")]
+        applied: bool,
+    },
     /// Remove the topic's own message TTL: its namespace's applies again.
     RemoveMessageTtl { topic: String },
     /// Turn deduplication on or off for the topic, over its namespace's policy.
@@ -214,7 +220,13 @@ enum TopicsCmd {
         disable: bool,
     },
     /// Show the topic's own deduplication policy (`null`: its namespace's applies).
-    GetDeduplication { topic: String },
+    GetDeduplication {
+        topic: String,
+        /// The policy in effect: the topic's, its partitioned topic's, its namespace's or the
+        /// broker's default.
+        #[arg(long, visible_alias = "ap")]
+        applied: bool,
+    },
     /// Remove the topic's own deduplication policy.
     RemoveDeduplication { topic: String },
     /// Delete a partitioned topic and its partitions.
@@ -483,14 +495,16 @@ pub async fn run(a: AdminArgs) -> anyhow::Result<()> {
         Group::Topics { cmd: TopicsCmd::SetDeduplication { topic, enable, .. } } => {
             ("POST", format!("/admin/v2/persistent/{}/deduplicationEnabled", topic_path(topic)?), enable.to_string())
         }
-        Group::Topics { cmd: TopicsCmd::GetDeduplication { topic } } => {
-            ("GET", format!("/admin/v2/persistent/{}/deduplicationEnabled", topic_path(topic)?), String::new())
-        }
+        Group::Topics { cmd: TopicsCmd::GetDeduplication { topic, applied } } => (
+            "GET",
+            format!("/admin/v2/persistent/{}/deduplicationEnabled?applied={applied}", topic_path(topic)?),
+            String::new(),
+        ),
         Group::Topics { cmd: TopicsCmd::RemoveDeduplication { topic } } => {
             ("DELETE", format!("/admin/v2/persistent/{}/deduplicationEnabled", topic_path(topic)?), String::new())
         }
-        Group::Topics { cmd: TopicsCmd::GetMessageTtl { topic } } => {
-            ("GET", format!("/admin/v2/persistent/{}/messageTTL", topic_path(topic)?), String::new())
+        Group::Topics { cmd: TopicsCmd::GetMessageTtl { topic, applied } } => {
+            ("GET", format!("/admin/v2/persistent/{}/messageTTL?applied={applied}", topic_path(topic)?), String::new())
         }
         Group::Topics { cmd: TopicsCmd::RemoveMessageTtl { topic } } => {
             ("DELETE", format!("/admin/v2/persistent/{}/messageTTL", topic_path(topic)?), String::new())

@@ -441,6 +441,12 @@ async fn a_topic_deduplication_policy_overrides_the_namespace() {
     }
     let r = http("POST", "/admin/v2/namespaces/public/tdedup/deduplication", "true").await;
     assert_eq!(r.status, 204, "{}", r.body);
+    // In effect (`--applied`): the namespace's now, the partitioned topic's for a partition.
+    let applied = |topic: &str| admin(&["--json", "topics", "get-deduplication", topic, "--applied"]);
+    assert_eq!(applied("public/tdedup/tdedup-off"), "true");
+    assert_eq!(applied("public/tdedup/tdedup-parts-partition-0"), "true");
+    admin(&["topics", "set-deduplication", "public/tdedup/tdedup-parts", "--disable"]);
+    assert_eq!(applied("public/tdedup/tdedup-parts-partition-0"), "false");
     produce(&s.url(), "persistent://public/tdedup/tdedup-off", 1, false);
     // With deduplication on, closing the topic stores a snapshot.
     assert_eq!(http("PUT", &format!("{base}/tdedup-off/unload"), "").await.status, 204);
@@ -449,6 +455,12 @@ async fn a_topic_deduplication_policy_overrides_the_namespace() {
     assert_eq!(r.status, 204, "{}", r.body);
     produce(&s.url(), "persistent://public/tdedup/tdedup-on", 1, false);
     assert!(!snapshot("persistent://public/tdedup/tdedup-on").await, "the namespace's policy (off) does not apply");
+    // Neither sets it in namespace `public/default`: the broker's default (off).
+    let r = http("PUT", "/admin/v2/persistent/public/default/plain", "").await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    assert_eq!(applied("public/default/plain"), "false");
+    let r = http("GET", "/admin/v2/persistent/public/default/plain/messageTTL?applied=true", "").await;
+    assert_eq!((r.status, r.body.trim()), (200, "0"), "no TTL anywhere: the broker's default (none)");
 }
 
 /// Schemas with the official Python client (see the `schemas` scenario), then through the

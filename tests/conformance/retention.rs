@@ -388,6 +388,11 @@ async fn a_topic_ttl_overrides_the_namespace_ttl() {
     assert_eq!(set("ttl-own", "-1").await.0, 412, "a TTL is 0 or more seconds");
     assert_eq!(admin("GET", ttl_path("ttl-own"), "").await, (200, "2".into()));
     assert_eq!(admin("GET", ttl_path("ttl-namespace"), "").await, (200, "null".into()));
+    // In effect (`--applied`): the topic's own, the partitioned topic's, else the namespace's.
+    let applied = |topic: &str| admin("GET", format!("{}?applied=true", ttl_path(topic)), "");
+    assert_eq!(applied("ttl-own").await, (200, "2".into()));
+    assert_eq!(applied("ttl-parts-partition-1").await, (200, "2".into()));
+    assert_eq!(applied("ttl-namespace").await, (200, "3600".into()));
 
     let sent = Instant::now();
     for t in [topic, other, parts[0], parts[1]] {

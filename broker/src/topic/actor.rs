@@ -2720,6 +2720,22 @@ async fn topic_policy<T>(
     Ok(None)
 }
 
+/// The policy in effect for `topic` (`pulsar-admin topics get-… --applied`), as `read` takes
+/// it: its own `key`, its partitioned topic's, else its namespace's `namespace_key`; `None`
+/// when none sets it (the broker's default applies).
+pub async fn applied_policy<T>(
+    meta: &MetaClient,
+    topic: &TopicName,
+    key: &str,
+    namespace_key: &str,
+    read: impl Fn(&serde_json::Value) -> Option<T>,
+) -> Result<Option<T>, String> {
+    if let Some(v) = topic_policy(meta, topic, key, &read).await? {
+        return Ok(Some(v));
+    }
+    Ok(namespace_policies(meta, topic).await?.get(namespace_key).and_then(&read))
+}
+
 /// The policies stored with `topic`'s namespace (`Null` when it has none).
 async fn namespace_policies(meta: &MetaClient, topic: &TopicName) -> Result<serde_json::Value, String> {
     let key = format!("/namespaces/{}/{}", topic.tenant, topic.namespace);

@@ -34,8 +34,8 @@ use crate::ownership::{Owner, Ownership};
 use crate::protocol::names::TopicName;
 use crate::protocol::pb;
 pub use actor::{
-    dedup_key, producer_success, AppendError, Cmd, ConsumerSpec, CreateAt, EntryInfo, Out, OutTx, ProducerRequest,
-    ProducerState, SeekTarget, SentBy, SubAnswer, SubError, SubOp,
+    applied_policy, dedup_key, producer_success, AppendError, Cmd, ConsumerSpec, CreateAt, EntryInfo, Out, OutTx,
+    ProducerRequest, ProducerState, SeekTarget, SentBy, SubAnswer, SubError, SubOp,
 };
 pub use liveness::{Liveness, LIVENESS_TIMEOUT};
 use position::{LedgerSpan, Pos};
@@ -384,6 +384,11 @@ impl Topics {
     /// This broker's bundle ownership.
     pub fn ownership(&self) -> &Arc<Ownership> {
         &self.ownership
+    }
+
+    /// The settings topics run with (the broker's policy defaults among them).
+    pub fn settings(&self) -> &TopicSettings {
+        &self.settings
     }
 
     /// The metastore client.

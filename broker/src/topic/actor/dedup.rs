@@ -84,16 +84,8 @@ impl Actor {
     /// (sends wait meanwhile, in this task's queue); turned off, it is dropped with its
     /// snapshot. Until the first read succeeds, sends are refused.
     pub(super) async fn check_dedup(&mut self) {
-        let (meta, name) = (&self.ml.meta, &self.ml.name);
-        let policy = async {
-            if let Some(on) =
-                super::topic_policy(meta, name, "deduplicationEnabled", serde_json::Value::as_bool).await?
-            {
-                return Ok(Some(on));
-            }
-            let p = super::namespace_policies(meta, name).await?;
-            Ok::<_, String>(p.get("deduplicationEnabled").and_then(|v| v.as_bool()))
-        };
+        let key = "deduplicationEnabled";
+        let policy = super::applied_policy(&self.ml.meta, &self.ml.name, key, key, serde_json::Value::as_bool);
         let on = match policy.await {
             Ok(on) => on.unwrap_or(self.ml.settings.deduplication),
             Err(e) => {

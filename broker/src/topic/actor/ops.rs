@@ -76,11 +76,7 @@ pub enum SubError {
 /// The `messageTTL` policy that applies, seconds (`None`: there is none): the topic's own,
 /// else (for a partition) its partitioned topic's, else its namespace's.
 async fn message_ttl(meta: &magnetar_metastore::client::MetaClient, topic: &TopicName) -> Result<Option<u64>, String> {
-    if let Some(ttl) = super::topic_policy(meta, topic, "messageTTL", serde_json::Value::as_u64).await? {
-        return Ok(Some(ttl));
-    }
-    let policies = super::namespace_policies(meta, topic).await?;
-    Ok(policies.get("message_ttl_in_seconds").and_then(|v| v.as_u64()))
+    super::applied_policy(meta, topic, "messageTTL", "message_ttl_in_seconds", serde_json::Value::as_u64).await
 }
 
 /// Eviction over a backlog quota goes down to this share of the limit.
