@@ -724,16 +724,9 @@ impl Conn {
                     let registered = async {
                         let n = TopicName::parse(&g.topic)
                             .map_err(|e| (pb::ServerError::InvalidTopicName, e.to_string()))?;
-                        // Only for a topic that exists (producers send it once connected): a
-                        // schema registered for none would outlive any topic deletion.
-                        match topics.exists(&n).await {
-                            Ok(true) => {}
-                            Ok(false) => {
-                                return Err((pb::ServerError::TopicNotFound, format!("topic {n} does not exist")))
-                            }
-                            Err(e) => return Err((e.server_error(), e.to_string())),
-                        }
-                        // Raw bytes have no version and are not registered.
+                        // Only for a topic that exists: `get_or_create` stores a new version
+                        // only while the topic's record does (`TopicNotFound` otherwise). Raw
+                        // bytes have no version and are not registered.
                         match schema::is_checked(&g.schema) {
                             true => schema::get_or_create(topics.meta(), &n, &g.schema).await.map(Some),
                             false => Ok(None),
