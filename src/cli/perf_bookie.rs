@@ -174,6 +174,7 @@ async fn paced(
     let answered = Arc::new(Notify::new());
     let pacer = Pacer::start(PACE_SLICE).context("starting the pacing thread")?;
     let start = Instant::now();
+    let began = std::time::SystemTime::now();
     let mut issued = 0u64;
     while start.elapsed() < dur {
         pacer.tick.notified().await;
@@ -206,9 +207,15 @@ async fn paced(
     let secs = start.elapsed().as_secs_f64();
     let o = outcomes.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(ms) = timeline {
-        print!("{}", o.windows.describe(Duration::from_secs_f64(ms / 1e3)));
+        print!("  the phase began at {} UTC\n{}", clock(began), o.windows.describe(Duration::from_secs_f64(ms / 1e3)));
     }
     Ok((o.done, secs, o.hist.clone()))
+}
+
+/// `t` as the UTC time of day (`HH:MM:SS.mmm`), to match the timeline with the bookie's log.
+fn clock(t: std::time::SystemTime) -> String {
+    let ms = t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis()) % 86_400_000;
+    format!("{:02}:{:02}:{:02}.{:03}", ms / 3_600_000, ms / 60_000 % 60, ms / 1000 % 60, ms % 1000)
 }
 
 /// What the paced phase's callbacks gathered.
@@ -539,7 +546,7 @@ fn bucket_quantile(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> Optio
 
 #[cfg(test)]
 mod tests {
-    use super::{paced_label, Windows};
+    use super::{clock, paced_label, Windows};
     use std::time::Duration;
 
     /// Adds land in the window they were issued in; only windows with an add over the bound
@@ -559,6 +566,13 @@ mod tests {
         );
         assert!(text.contains("100 ms: 2 adds, 2 over 2 ms, slowest 30.0 ms"), "{text}");
         assert!(!text.contains("    0 ms:"), "{text}");
+    }
+
+    /// The phase's start is printed as the UTC time of day the bookie's log uses.
+    #[test]
+    fn the_phase_start_reads_as_a_utc_time_of_day() {
+        let t = std::time::UNIX_EPOCH + Duration::from_millis(3 * 86_400_000 + 3_723_004);
+        assert_eq!(clock(t), "01:02:03.004");
     }
 
     /// The paced phase is named after the fraction it ran at, so a run at a quarter of the

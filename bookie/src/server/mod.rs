@@ -327,7 +327,7 @@ impl Bookie {
                     filled.store(0, Ordering::Relaxed);
                     let (c, d) = (c.clone(), d.clone());
                     match tokio::task::spawn_blocking(move || c.checkpoint(&d)).await {
-                        Ok(Ok(())) => {}
+                        Ok(Ok(())) => tracing::debug!(took_ms = last.elapsed().as_millis() as u64, "checkpoint done"),
                         Ok(Err(e)) => tracing::error!(error = %e, "checkpoint failed"),
                         Err(e) => tracing::error!(error = %e, "checkpoint task failed"),
                     }
