@@ -17,6 +17,8 @@ pub mod journal;
 pub mod ledgers;
 pub mod server;
 pub mod storage;
+#[cfg(test)]
+mod test_util;
 
 /// The largest HTTP/2 frame each side of the bookie protocol accepts: an entry of up to this
 /// size crosses in one frame instead of 16 KiB pieces (HTTP/2's default), each a separate

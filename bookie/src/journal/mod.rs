@@ -1097,6 +1097,7 @@ mod tests {
     use crate::checksum::entry_checksum;
     use crate::storage::mem::MemStorage;
     use crate::storage::LedgerStorage;
+    use crate::test_util::resident_bytes;
     use std::collections::HashSet;
 
     /// An add of `payload` with its checksum.
@@ -1664,16 +1665,6 @@ mod tests {
 
     /// Bytes of `path` resident in the page cache, as util-linux's `fincore` reports them.
     /// (The temp dir must be on a disk-backed file system: tmpfs pages cannot be dropped.)
-    fn resident_bytes(path: &Path) -> u64 {
-        let out = std::process::Command::new("fincore")
-            .args(["--bytes", "--noheadings", "--output", "RES"])
-            .arg(path)
-            .output()
-            .expect("running fincore (util-linux)");
-        assert!(out.status.success(), "fincore failed: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
-    }
-
     /// Writes `n` adds of `size` bytes one after another (each synced and acked before the
     /// next); returns the path of the first segment.
     fn write_one_at_a_time(dir: &Path, settings: &JournalSettings, n: i64, size: usize) -> PathBuf {

@@ -2510,6 +2510,50 @@ fn dispatch(sub: &mut Sub, ml: &mut Ml) {
             ml.start_read(sub, need);
         }
     }
+    prefetch(sub, ml);
+}
+
+/// A catching-up subscription reads its next entries from the bookies while it still sends
+/// the ones it has (see [`prefetch_positions`]). Without it, reading and sending took turns,
+/// and a consumer that had fallen behind caught up more slowly than a producer at half the
+/// broker's peak rate published.
+fn prefetch(sub: &mut Sub, ml: &mut Ml) {
+    if sub.reading || !sub.replay.is_empty() || sub.consumers.is_empty() {
+        return;
+    }
+    let need = prefetch_positions(sub.fetched.keys().copied(), sub.read_pos, &ml.span, ml.settings.read_batch, |p| {
+        ml.cache.contains_key(p)
+    });
+    if !need.is_empty() {
+        ml.start_read(sub, need);
+    }
+}
+
+/// What to read ahead: once fewer than half a read batch of `fetched` entries lie past
+/// `read_pos`, the entries after the last of them, up to a batch, within its ledger, and
+/// only until one is in the tail cache (`cached`). Nothing when no fetched entry lies ahead:
+/// dispatch then reads what it needs itself.
+fn prefetch_positions(
+    fetched: impl Iterator<Item = Pos>,
+    read_pos: Pos,
+    span: &LedgerSpan,
+    batch: usize,
+    cached: impl Fn(&Pos) -> bool,
+) -> Vec<Pos> {
+    let ahead = fetched.filter(|p| *p > read_pos);
+    let (count, last) = ahead.fold((0usize, None::<Pos>), |(n, m), p| (n + 1, m.max(Some(p))));
+    let Some(mut q) = last.filter(|_| count < batch / 2) else { return Vec::new() };
+    let mut need = Vec::new();
+    while need.len() < batch {
+        match span.next(q) {
+            Some(n) if n.ledger_id == q.ledger_id && !cached(&n) => {
+                need.push(n);
+                q = n;
+            }
+            _ => break,
+        }
+    }
+    need
 }
 
 /// Whether a subscription of this type holds delayed entries back (Pulsar delays them for
@@ -2788,4 +2832,42 @@ async fn read_positions(
         i = j;
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{prefetch_positions, LedgerSpan, Pos};
+
+    fn range(ledger: u64, entries: std::ops::Range<i64>) -> Vec<Pos> {
+        entries.map(|e| Pos::new(ledger, e)).collect()
+    }
+
+    /// A catching-up subscription reads ahead once less than half a batch of fetched entries
+    /// lies ahead: the entries after the last fetched one, a batch at most, within its ledger
+    /// and short of the tail cache.
+    #[test]
+    fn catch_up_reads_ahead_before_the_fetched_entries_run_out() {
+        let span = LedgerSpan::new(vec![(1, 999), (2, 99)]);
+        let none = |_: &Pos| false;
+        // 60 fetched entries ahead of the read position (10..=69): no read yet.
+        let fetched = range(1, 0..70);
+        assert!(prefetch_positions(fetched.iter().copied(), Pos::new(1, 9), &span, 100, none).is_empty());
+        // 40 ahead (30..=69): the next batch, 70..=169.
+        let got = prefetch_positions(fetched.iter().copied(), Pos::new(1, 29), &span, 100, none);
+        assert_eq!(got, range(1, 70..170));
+        // Nothing ahead: dispatch reads what it needs itself.
+        assert!(prefetch_positions(fetched.iter().copied(), Pos::new(1, 69), &span, 100, none).is_empty());
+        // The read stops at the ledger's end...
+        let fetched = range(1, 950..970);
+        assert_eq!(
+            prefetch_positions(fetched.iter().copied(), Pos::new(1, 955), &span, 100, none),
+            range(1, 970..1000)
+        );
+        // ...and where the tail cache starts.
+        let cached = |p: &Pos| p.ledger_id == 1 && p.entry_id >= 980;
+        assert_eq!(
+            prefetch_positions(fetched.iter().copied(), Pos::new(1, 955), &span, 100, cached),
+            range(1, 970..980)
+        );
+    }
 }

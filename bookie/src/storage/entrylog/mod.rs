@@ -30,6 +30,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -251,6 +252,10 @@ struct Inner {
     /// Record bytes compaction has read.
     compaction_read: std::sync::atomic::AtomicU64,
     readers: Mutex<HashMap<u64, Arc<File>>>,
+    /// The same logs opened for direct reads (records of at least [`DIRECT_READ_BYTES`]).
+    direct_readers: Mutex<HashMap<u64, Arc<File>>>,
+    /// Off once the file system refused a direct read.
+    direct_reads: AtomicBool,
     log_bytes: u64,
     pool_min: usize,
 }
@@ -266,6 +271,9 @@ pub struct EntryLogStorage {
 fn log_name(id: u64) -> String {
     format!("{id:016x}.log")
 }
+
+/// Records at least this big are read with direct I/O (see [`Inner::read_at`]).
+const DIRECT_READ_BYTES: usize = 64 << 10;
 
 fn pool_name(id: u64) -> String {
     format!("{id:016x}.free")
@@ -343,6 +351,8 @@ impl EntryLogStorage {
             #[cfg(test)]
             gate: Mutex::new(()),
             readers: Mutex::new(HashMap::new()),
+            direct_readers: Mutex::new(HashMap::new()),
+            direct_reads: AtomicBool::new(true),
             log_bytes: settings.entry_log_bytes.max(CHUNK as u64),
             pool_min: settings.entry_log_pool,
         });
@@ -391,7 +401,7 @@ impl Drop for EntryLogStorage {
         {
             let (lock, cv) = &*self.stop;
             let _g = lock.lock().unwrap_or_else(|e| e.into_inner());
-            self.inner.stopping.store(true, std::sync::atomic::Ordering::Relaxed);
+            self.inner.stopping.store(true, Ordering::Relaxed);
             cv.notify_all();
         }
         // Closing the channel ends the writer once it has written what it was given.
@@ -874,6 +884,61 @@ impl Inner {
 
     fn forget_reader(&self, log: u64) {
         self.readers.lock().unwrap_or_else(|e| e.into_inner()).remove(&log);
+        self.direct_readers.lock().unwrap_or_else(|e| e.into_inner()).remove(&log);
+    }
+
+    /// Reads a record from its log file. Records of at least [`DIRECT_READ_BYTES`] are read
+    /// with direct I/O: from the disk straight into the buffer that is handed on, with no
+    /// page-cache copy in between. Logs are written with direct I/O too, so a catch-up read
+    /// finds nothing cached; through the page cache, copying freshly read pages out took
+    /// about half of a standalone's CPU while a consumer caught up (see docs/benchmarks.md).
+    fn read_file(&self, at: Location) -> std::io::Result<bytes::Bytes> {
+        if at.len as usize >= DIRECT_READ_BYTES && self.direct_reads.load(Ordering::Relaxed) {
+            match self.read_direct(at) {
+                Ok(r) => return Ok(r),
+                Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
+                    tracing::warn!(error = %e, dir = %self.dir.display(), "no direct reads of entry logs here; reading through the page cache");
+                    self.direct_reads.store(false, Ordering::Relaxed);
+                }
+                // A log that ends short of the aligned span around a record: read it as it is.
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let mut r = vec![0u8; at.len as usize];
+        self.reader(at.log)?.read_exact_at(&mut r, at.offset)?;
+        Ok(r.into())
+    }
+
+    /// Reads the aligned span around a record with direct I/O; returns the record's bytes
+    /// (a slice of the buffer read into).
+    fn read_direct(&self, at: Location) -> std::io::Result<bytes::Bytes> {
+        let start = record::round_down(at.offset);
+        let skip = (at.offset - start) as usize;
+        let len = record::round_up(skip + at.len as usize);
+        let mut raw = vec![0u8; len + record::ALIGN];
+        let base = raw.as_ptr().align_offset(record::ALIGN);
+        let span = raw.get_mut(base..base + len).ok_or_else(|| std::io::Error::other("unaligned buffer"))?;
+        self.direct_reader(at.log)?.read_exact_at(span, start)?;
+        Ok(bytes::Bytes::from(raw).slice(base + skip..base + skip + at.len as usize))
+    }
+
+    fn direct_reader(&self, log: u64) -> std::io::Result<Arc<File>> {
+        let mut r = self.direct_readers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = r.get(&log) {
+            return Ok(f.clone());
+        }
+        if r.len() >= MAX_READERS {
+            r.clear();
+        }
+        let f = Arc::new(
+            OpenOptions::new()
+                .read(true)
+                .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
+                .open(self.path(log))?,
+        );
+        r.insert(log, f.clone());
+        Ok(f)
     }
 
     fn location(&self, ledger: u64, entry: i64) -> Result<Option<Location>> {
@@ -884,21 +949,15 @@ impl Inner {
     }
 
     fn read_at(&self, ledger: u64, entry: i64, at: Location) -> Result<StoredEntry> {
-        let in_memory = Self::buffered(&self.lock(), at);
-        let rec = match in_memory {
-            Some(r) => r,
-            None => {
-                let mut r = vec![0u8; at.len as usize];
-                let f = self.reader(at.log).map_err(io_err(format!("opening entry log {}", log_name(at.log))))?;
-                match f.read_exact_at(&mut r, at.offset) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                        return Err(BookieError::Corrupt { ledger, entry })
-                    }
-                    Err(e) => return Err(BookieError::io(format!("reading entry log {}", log_name(at.log)), e)),
+        let rec: bytes::Bytes = match Self::buffered(&self.lock(), at) {
+            Some(r) => r.into(),
+            None => match self.read_file(at) {
+                Ok(r) => r,
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    return Err(BookieError::Corrupt { ledger, entry })
                 }
-                r
-            }
+                Err(e) => return Err(BookieError::io(format!("reading entry log {}", log_name(at.log)), e)),
+            },
         };
         record::decode(rec, ledger, entry)
     }
@@ -1190,7 +1249,7 @@ impl Inner {
 
     fn compact_periodically(&self, stop: &(Mutex<()>, Condvar), every: Duration, threshold: f64) {
         let (lock, cv) = stop;
-        let stopping = || self.stopping.load(std::sync::atomic::Ordering::Relaxed);
+        let stopping = || self.stopping.load(Ordering::Relaxed);
         loop {
             {
                 let g = lock.lock().unwrap_or_else(|e| e.into_inner());
@@ -1264,7 +1323,7 @@ impl Inner {
             let mut it = self.db.raw_iterator_cf(index);
             it.seek(entry_key(ledger, 0));
             while let (Some(k), Some(v)) = (it.key(), it.value()) {
-                if seen.is_multiple_of(65_536) && self.stopping.load(std::sync::atomic::Ordering::Relaxed) {
+                if seen.is_multiple_of(65_536) && self.stopping.load(Ordering::Relaxed) {
                     return Ok(false);
                 }
                 seen += 1;
@@ -1296,7 +1355,7 @@ impl Inner {
                 }
                 let mut rec = vec![0u8; at.len as usize];
                 file.read_exact_at(&mut rec, at.offset).map_err(io_err(ctx()))?;
-                self.compaction_read.fetch_add(u64::from(at.len), std::sync::atomic::Ordering::Relaxed);
+                self.compaction_read.fetch_add(u64::from(at.len), Ordering::Relaxed);
                 match record::decode(rec, ledger, entry) {
                     Ok(e) => copies.push((ledger, entry, at, e)),
                     Err(_) => return give_up("a record does not match its checksum"),
@@ -1362,13 +1421,13 @@ impl Pacer {
         if self.rate > 0 {
             let due = Duration::from_secs_f64(self.bytes as f64 / self.rate as f64);
             while self.start.elapsed() + Duration::from_millis(5) < due {
-                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if stop.load(Ordering::Relaxed) {
                     return false;
                 }
                 std::thread::sleep(due.saturating_sub(self.start.elapsed()).min(Duration::from_millis(50)));
             }
         }
-        !stop.load(std::sync::atomic::Ordering::Relaxed)
+        !stop.load(Ordering::Relaxed)
     }
 }
 
@@ -1522,7 +1581,7 @@ impl LedgerStorage for EntryLogStorage {
             (
                 "bookie_entry_log_compaction_read_bytes",
                 "Bytes of live records compaction has read since the bookie started",
-                self.inner.compaction_read.load(std::sync::atomic::Ordering::Relaxed) as f64,
+                self.inner.compaction_read.load(Ordering::Relaxed) as f64,
             ),
         ]
     }

@@ -61,13 +61,14 @@ impl Header {
 
 /// Checks that `rec` is the whole record of `(ledger, entry)` and its payload matches its
 /// checksum; the payload is returned without a copy.
-pub fn decode(rec: Vec<u8>, ledger: u64, entry: i64) -> Result<StoredEntry> {
+pub fn decode(rec: impl Into<Bytes>, ledger: u64, entry: i64) -> Result<StoredEntry> {
+    let rec: Bytes = rec.into();
     let corrupt = BookieError::Corrupt { ledger, entry };
     let Some(h) = Header::parse(&rec) else { return Err(corrupt) };
     if h.ledger != ledger || h.entry != entry || h.record_len() != rec.len() as u64 {
         return Err(corrupt);
     }
-    StoredEntry::verified(ledger, entry, h.checksum, Bytes::from(rec).slice(HEADER..))
+    StoredEntry::verified(ledger, entry, h.checksum, rec.slice(HEADER..))
 }
 
 /// Where a record lives: log id, offset, record length.

@@ -398,3 +398,78 @@ fn compaction_waits_for_references_to_be_indexed() {
     drop(s);
     check(&open(d.path(), 4 << 20), 5, 0..1, 20_000);
 }
+
+/// The log files' bytes in the page cache.
+fn logs_resident(dir: &Path) -> u64 {
+    let logs = std::fs::read_dir(dir.join("logs")).unwrap().map(|e| e.unwrap().path());
+    logs.filter(|p| p.extension().is_some_and(|x| x == "log")).map(|p| crate::test_util::resident_bytes(&p)).sum()
+}
+
+/// Drops the log files' pages from the page cache.
+fn evict_logs(dir: &Path) {
+    for e in std::fs::read_dir(dir.join("logs")).unwrap() {
+        let f = std::fs::File::open(e.unwrap().path()).unwrap();
+        rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+    }
+}
+
+/// Large records are read from the disk with direct I/O, byte for byte, wherever they start
+/// (here between small records, so at offsets off the 4 KiB grid), without passing through
+/// the page cache; small ones go through it as before.
+#[test]
+fn large_records_are_read_directly_from_the_disk() {
+    let d = tempfile::tempdir().unwrap();
+    let size = |e: i64| if e % 2 == 0 { 1000 + e as usize * 13 } else { DIRECT_READ_BYTES + e as usize * 1237 };
+    let n = 60i64;
+    {
+        let s = open(d.path(), 16 << 20);
+        for e in 0..n {
+            s.write(&[entry(6, e, size(e))], &[]).unwrap();
+        }
+        s.flush().unwrap();
+    }
+    let s = open(d.path(), 16 << 20);
+    evict_logs(d.path());
+    assert_eq!(logs_resident(d.path()), 0, "the logs are still cached");
+    let large: u64 = (0..n).filter(|e| e % 2 == 1).map(|e| size(e) as u64).sum();
+    let mut off_grid = 0;
+    for e in (1..n).step_by(2) {
+        let at = s.inner.location(6, e).unwrap().unwrap();
+        off_grid += usize::from(!at.offset.is_multiple_of(record::ALIGN as u64));
+        check(&s, 6, e..e + 1, size(e));
+    }
+    assert!(off_grid >= 25, "only {off_grid} large records start off the 4 KiB grid");
+    let cached = logs_resident(d.path());
+    assert!(cached < large / 16, "{cached} bytes cached after reading {large} bytes of large records");
+    for e in (0..n).step_by(2) {
+        check(&s, 6, e..e + 1, size(e));
+    }
+}
+
+/// A large record damaged on the disk reads as corrupt, not as other bytes.
+#[test]
+fn a_damaged_large_record_reads_as_corrupt() {
+    let d = tempfile::tempdir().unwrap();
+    let big = DIRECT_READ_BYTES + 5000;
+    let at = {
+        let s = open(d.path(), 16 << 20);
+        s.write(&[entry(7, 0, 3000), entry(7, 1, big), entry(7, 2, 3000)], &[]).unwrap();
+        s.flush().unwrap();
+        s.inner.location(7, 1).unwrap().unwrap()
+    };
+    let f =
+        std::fs::OpenOptions::new().read(true).write(true).open(d.path().join("logs").join(log_name(at.log))).unwrap();
+    let mut b = [0u8; 1];
+    let off = at.offset + at.len as u64 - 100;
+    f.read_exact_at(&mut b, off).unwrap();
+    f.write_all_at(&[b[0] ^ 0x10], off).unwrap();
+    f.sync_all().unwrap();
+    let s = open(d.path(), 16 << 20);
+    assert!(
+        matches!(s.get_entry(7, 1), Err(BookieError::Corrupt { ledger: 7, entry: 1 })),
+        "{:?}",
+        s.get_entry(7, 1).map(|e| e.map(|e| e.payload.len()))
+    );
+    check(&s, 7, 0..1, 3000);
+    check(&s, 7, 2..3, 3000);
+}
