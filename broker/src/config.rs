@@ -54,6 +54,9 @@ pub struct BrokerConfig {
     pub cursor_persist_interval_ms: u64,
     /// Entries per catch-up read from the bookies.
     pub dispatcher_max_read_batch_size: usize,
+    /// Bytes per catch-up read from the bookies (fewer entries are read when the entries
+    /// read so far were large), bytes.
+    pub dispatcher_max_read_size_bytes: usize,
     /// Per-topic (and per-subscription) series in `/metrics`; off, series are per namespace
     /// (for clusters with very many topics).
     pub expose_topic_level_metrics_in_prometheus: bool,
@@ -123,6 +126,7 @@ impl Default for BrokerConfig {
             managed_ledger_cache_size_mb: 32,
             cursor_persist_interval_ms: 200,
             dispatcher_max_read_batch_size: 100,
+            dispatcher_max_read_size_bytes: 5 << 20,
             expose_topic_level_metrics_in_prometheus: true,
             default_retention_time_in_minutes: 0,
             default_retention_size_in_mb: 0,
@@ -158,6 +162,7 @@ pub const ENV_ALIASES: &[(&str, &str)] = &[
     ("managedLedgerMaxSizePerLedgerMbytes", "managed_ledger_max_size_per_ledger_mb"),
     ("managedLedgerMaxLedgerRolloverTimeMinutes", "managed_ledger_max_ledger_rollover_time_minutes"),
     ("dispatcherMaxReadBatchSize", "dispatcher_max_read_batch_size"),
+    ("dispatcherMaxReadSizeBytes", "dispatcher_max_read_size_bytes"),
     ("exposeTopicLevelMetricsInPrometheus", "expose_topic_level_metrics_in_prometheus"),
     ("defaultRetentionTimeInMinutes", "default_retention_time_in_minutes"),
     ("defaultRetentionSizeInMB", "default_retention_size_in_mb"),
@@ -191,6 +196,7 @@ impl BrokerConfig {
             cache_bytes: (self.managed_ledger_cache_size_mb << 20) as usize,
             cursor_persist_interval: std::time::Duration::from_millis(self.cursor_persist_interval_ms),
             read_batch: self.dispatcher_max_read_batch_size,
+            read_bytes: self.dispatcher_max_read_size_bytes,
             retention: crate::topic::Retention::from_pulsar(
                 self.default_retention_time_in_minutes,
                 self.default_retention_size_in_mb,
@@ -242,10 +248,13 @@ impl Validate for BrokerConfig {
         if self.managed_ledger_max_entries_per_ledger == 0 || self.managed_ledger_max_size_per_ledger_mb == 0 {
             return bad("managed_ledger_max_entries_per_ledger", "ledger rollover limits must be at least 1");
         }
-        if self.cursor_persist_interval_ms == 0 || self.dispatcher_max_read_batch_size == 0 {
+        if self.cursor_persist_interval_ms == 0
+            || self.dispatcher_max_read_batch_size == 0
+            || self.dispatcher_max_read_size_bytes == 0
+        {
             return bad(
                 "cursor_persist_interval_ms",
-                "cursor_persist_interval_ms and dispatcher_max_read_batch_size must be at least 1",
+                "cursor_persist_interval_ms, dispatcher_max_read_batch_size and dispatcher_max_read_size_bytes must be at least 1",
             );
         }
         if crate::topic::quota::QuotaPolicy::parse(&self.backlog_quota_default_retention_policy).is_none() {

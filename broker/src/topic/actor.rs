@@ -618,6 +618,8 @@ struct Sub {
     selector: KeySelector,
     fetched: HashMap<Pos, Cached>,
     reading: bool,
+    /// Mean size of the entries of the last catch-up read (0 before one): sizes the next.
+    read_entry_bytes: usize,
     generation: u64,
     dirty: bool,
     persisting: bool,
@@ -1097,6 +1099,8 @@ impl Actor {
                         s.reading = false;
                         match result {
                             Ok(entries) => {
+                                let bytes: usize = entries.iter().map(|(_, e)| e.len()).sum();
+                                s.read_entry_bytes = bytes / entries.len().max(1);
                                 for (p, entry) in entries {
                                     match decode_entry(&entry) {
                                         Ok((md, data)) => {
@@ -2022,6 +2026,7 @@ impl Actor {
             active: None,
             selector: KeySelector::default(),
             fetched: HashMap::new(),
+            read_entry_bytes: 0,
             reading: false,
             generation: 0,
             dirty: false,
@@ -2402,6 +2407,7 @@ fn dispatch(sub: &mut Sub, ml: &mut Ml) {
     // Entries examined and left in place. Past the window the rest of the set stays unknown,
     // and no new entry may overtake it; Key_Shared looks at all of it (which consumers it
     // blocks decides who may take new entries) unless a read holds everything back anyway.
+    let batch = read_batch(sub, ml);
     let (mut left, window) = (0usize, 4 * ml.settings.read_batch);
     let mut cut = false;
     let mut after: Option<Pos> = None;
@@ -2421,7 +2427,7 @@ fn dispatch(sub: &mut Sub, ml: &mut Ml) {
                 break 'replay;
             }
             let Some(c) = ml.cache.get(&p).or_else(|| sub.fetched.get(&p)).cloned() else {
-                if need.len() < ml.settings.read_batch {
+                if need.len() < batch {
                     need.push(p);
                 }
                 waiting_read |= ordered;
@@ -2468,7 +2474,7 @@ fn dispatch(sub: &mut Sub, ml: &mut Ml) {
         let Some(c) = ml.cache.get(&p).or_else(|| sub.fetched.get(&p)).cloned() else {
             let mut q = p;
             need.push(q);
-            while need.len() < ml.settings.read_batch {
+            while need.len() < batch {
                 match ml.span.next(q) {
                     Some(n) if n.ledger_id == p.ledger_id && !ml.cache.contains_key(&n) => {
                         need.push(n);
@@ -2513,6 +2519,17 @@ fn dispatch(sub: &mut Sub, ml: &mut Ml) {
     prefetch(sub, ml);
 }
 
+/// Entries per catch-up read: `dispatcher_max_read_batch_size`, fewer when the entries of
+/// the last read were so large that as many would pass `dispatcher_max_read_size_bytes`.
+fn read_batch(sub: &Sub, ml: &Ml) -> usize {
+    batch_size(ml.settings.read_batch, ml.settings.read_bytes, sub.read_entry_bytes)
+}
+
+/// At most `entries`, and no more than fit in `bytes` at `entry_bytes` each; at least one.
+fn batch_size(entries: usize, bytes: usize, entry_bytes: usize) -> usize {
+    entries.min(bytes / entry_bytes.max(1)).max(1)
+}
+
 /// A catching-up subscription reads its next entries from the bookies while it still sends
 /// the ones it has (see [`prefetch_positions`]). Without it, reading and sending took turns,
 /// and a consumer that had fallen behind caught up more slowly than a producer at half the
@@ -2521,15 +2538,15 @@ fn prefetch(sub: &mut Sub, ml: &mut Ml) {
     if sub.reading || !sub.replay.is_empty() || sub.consumers.is_empty() {
         return;
     }
-    let need = prefetch_positions(sub.fetched.keys().copied(), sub.read_pos, &ml.span, ml.settings.read_batch, |p| {
-        ml.cache.contains_key(p)
-    });
+    let batch = read_batch(sub, ml);
+    let need =
+        prefetch_positions(sub.fetched.keys().copied(), sub.read_pos, &ml.span, batch, |p| ml.cache.contains_key(p));
     if !need.is_empty() {
         ml.start_read(sub, need);
     }
 }
 
-/// What to read ahead: once fewer than half a read batch of `fetched` entries lie past
+/// What to read ahead: once fewer than a read batch of `fetched` entries lie past
 /// `read_pos`, the entries after the last of them, up to a batch, within its ledger, and
 /// only until one is in the tail cache (`cached`). Nothing when no fetched entry lies ahead:
 /// dispatch then reads what it needs itself.
@@ -2542,7 +2559,7 @@ fn prefetch_positions(
 ) -> Vec<Pos> {
     let ahead = fetched.filter(|p| *p > read_pos);
     let (count, last) = ahead.fold((0usize, None::<Pos>), |(n, m), p| (n + 1, m.max(Some(p))));
-    let Some(mut q) = last.filter(|_| count < batch / 2) else { return Vec::new() };
+    let Some(mut q) = last.filter(|_| count < batch) else { return Vec::new() };
     let mut need = Vec::new();
     while need.len() < batch {
         match span.next(q) {
@@ -2836,27 +2853,27 @@ async fn read_positions(
 
 #[cfg(test)]
 mod tests {
-    use super::{prefetch_positions, LedgerSpan, Pos};
+    use super::{batch_size, prefetch_positions, LedgerSpan, Pos};
 
     fn range(ledger: u64, entries: std::ops::Range<i64>) -> Vec<Pos> {
         entries.map(|e| Pos::new(ledger, e)).collect()
     }
 
-    /// A catching-up subscription reads ahead once less than half a batch of fetched entries
-    /// lies ahead: the entries after the last fetched one, a batch at most, within its ledger
-    /// and short of the tail cache.
+    /// A catching-up subscription reads ahead once less than a batch of fetched entries lies
+    /// ahead: the entries after the last fetched one, a batch at most, within its ledger and
+    /// short of the tail cache.
     #[test]
     fn catch_up_reads_ahead_before_the_fetched_entries_run_out() {
         let span = LedgerSpan::new(vec![(1, 999), (2, 99)]);
         let none = |_: &Pos| false;
-        // 60 fetched entries ahead of the read position (10..=69): no read yet.
-        let fetched = range(1, 0..70);
-        assert!(prefetch_positions(fetched.iter().copied(), Pos::new(1, 9), &span, 100, none).is_empty());
-        // 40 ahead (30..=69): the next batch, 70..=169.
-        let got = prefetch_positions(fetched.iter().copied(), Pos::new(1, 29), &span, 100, none);
-        assert_eq!(got, range(1, 70..170));
+        // 120 fetched entries ahead of the read position (30..=149): no read yet.
+        let fetched = range(1, 0..150);
+        assert!(prefetch_positions(fetched.iter().copied(), Pos::new(1, 29), &span, 100, none).is_empty());
+        // 80 ahead (70..=149): the next batch, 150..=249.
+        let got = prefetch_positions(fetched.iter().copied(), Pos::new(1, 69), &span, 100, none);
+        assert_eq!(got, range(1, 150..250));
         // Nothing ahead: dispatch reads what it needs itself.
-        assert!(prefetch_positions(fetched.iter().copied(), Pos::new(1, 69), &span, 100, none).is_empty());
+        assert!(prefetch_positions(fetched.iter().copied(), Pos::new(1, 149), &span, 100, none).is_empty());
         // The read stops at the ledger's end...
         let fetched = range(1, 950..970);
         assert_eq!(
@@ -2869,5 +2886,16 @@ mod tests {
             prefetch_positions(fetched.iter().copied(), Pos::new(1, 955), &span, 100, cached),
             range(1, 970..980)
         );
+    }
+
+    /// A catch-up read holds `dispatcherMaxReadBatchSize` entries, fewer when entries as large
+    /// as the last read's would pass `dispatcherMaxReadSizeBytes`, and at least one.
+    #[test]
+    fn catch_up_reads_are_bounded_in_bytes() {
+        assert_eq!(batch_size(100, 5 << 20, 0), 100, "before any read");
+        assert_eq!(batch_size(100, 5 << 20, 1024), 100);
+        assert_eq!(batch_size(100, 5 << 20, 128 << 10), 40);
+        assert_eq!(batch_size(100, 5 << 20, 5 << 20), 1);
+        assert_eq!(batch_size(100, 5 << 20, 64 << 20), 1, "an entry larger than the bound");
     }
 }

@@ -260,6 +260,8 @@ pub struct TopicSettings {
     pub cursor_persist_interval: Duration,
     /// Entries per catch-up read.
     pub read_batch: usize,
+    /// Bytes per catch-up read (see [`crate::topic::actor`]'s `read_batch`).
+    pub read_bytes: usize,
     /// Retention of namespaces without a retention policy.
     pub retention: Retention,
     /// How often a topic checks for consumed ledgers that retention no longer keeps (it also
@@ -291,6 +293,7 @@ impl Default for TopicSettings {
             cache_bytes: 32 << 20,
             cursor_persist_interval: Duration::from_millis(200),
             read_batch: 100,
+            read_bytes: 5 << 20,
             retention: Retention::NOTHING,
             retention_check_interval: Duration::from_secs(120),
             message_ttl: 0,
