@@ -677,6 +677,9 @@ async fn suite_in(a: &BrokerPerf, dir: &std::path::Path) -> anyhow::Result<()> {
     if let Some(note) = &shortfall {
         println!("  {note}");
     }
+    let catch_up =
+        catch_up(&s.broker, &ProducePerf { topic: "perf-catch-up".into(), consumers: 0, ..p.clone() }).await?;
+    println!("  {catch_up}");
     drop(s);
     let setup = if a.cluster {
         "Local cluster: 3 metastore nodes, 3 bookies and a broker, each its own process, ledgers \
@@ -690,7 +693,7 @@ async fn suite_in(a: &BrokerPerf, dir: &std::path::Path) -> anyhow::Result<()> {
          | case | msg/s | MB/s | publish p50 ms | publish p99 ms | end-to-end p50 ms | end-to-end p99 ms | host steal % |\n\
          |---|---|---|---|---|---|---|---|\n{}\n\n\
          The disk alone at the half-peak byte rate, measured just before that case: {}.\n\n\
-         The CPU during that case (an idle thread's wake-ups, see `docs/benchmarks.md`): {}.\n{}",
+         The CPU during that case (an idle thread's wake-ups, see `docs/benchmarks.md`): {}.\n\n{catch_up}\n{}",
         a.duration,
         a.warmup,
         rows.join("\n"),
@@ -704,6 +707,40 @@ async fn suite_in(a: &BrokerPerf, dir: &std::path::Path) -> anyhow::Result<()> {
         println!("recorded in {}", path.display());
     }
     Ok(())
+}
+
+/// A backlog published as `p` says (with a subscription whose consumer takes nothing yet),
+/// then read back from the start for half the publishing time: how fast a consumer that fell
+/// behind catches up, its entries long gone from the tail cache.
+async fn catch_up(broker: &str, p: &ProducePerf) -> anyhow::Result<String> {
+    println!("1 KiB, batched, a backlog published at {:.0} msg/s, then read back …", p.rate);
+    let c = Client::connect_for(&addr(broker), &p.topic).await?;
+    let consumer = c.subscribe(&p.topic, "perf-catch-up", pb::command_subscribe::SubType::Exclusive, false).await?;
+    let backlog = produce(p).await?;
+    let window = Duration::from_secs((p.duration / 2).max(1));
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let start = Instant::now();
+    let reader = tokio::spawn(consume_loop(consumer, tx, start + window));
+    let mut read = 0u64;
+    while let Some(ev) = rx.recv().await {
+        if let Event::Consumed { lat } = ev {
+            read += lat.len() as u64;
+        }
+    }
+    let secs = start.elapsed().as_secs_f64().min(window.as_secs_f64());
+    let consumer = reader.await??;
+    if let Err(e) = c.unsubscribe(&consumer).await {
+        eprintln!("removing subscription perf-catch-up failed: {e}");
+    }
+    Ok(format!(
+        "A consumer catching up on a backlog (published at {:.0} msg/s; {} messages in the measured {} s) read {:.0} msg/s ({:.1} MB/s) over its first {:.0} s, from the bookies.",
+        backlog.rate(),
+        backlog.published,
+        p.duration,
+        read as f64 / secs,
+        read as f64 * p.size as f64 / secs / 1e6,
+        secs
+    ))
 }
 
 /// A note when a paced case published well under the rate it was given (the load generator
