@@ -248,14 +248,14 @@ impl Validate for BrokerConfig {
         if self.managed_ledger_max_entries_per_ledger == 0 || self.managed_ledger_max_size_per_ledger_mb == 0 {
             return bad("managed_ledger_max_entries_per_ledger", "ledger rollover limits must be at least 1");
         }
-        if self.cursor_persist_interval_ms == 0
-            || self.dispatcher_max_read_batch_size == 0
-            || self.dispatcher_max_read_size_bytes == 0
-        {
-            return bad(
-                "cursor_persist_interval_ms",
-                "cursor_persist_interval_ms, dispatcher_max_read_batch_size and dispatcher_max_read_size_bytes must be at least 1",
-            );
+        for (key, v) in [
+            ("cursor_persist_interval_ms", self.cursor_persist_interval_ms as usize),
+            ("dispatcher_max_read_batch_size", self.dispatcher_max_read_batch_size),
+            ("dispatcher_max_read_size_bytes", self.dispatcher_max_read_size_bytes),
+        ] {
+            if v == 0 {
+                return bad(key, "must be at least 1");
+            }
         }
         if crate::topic::quota::QuotaPolicy::parse(&self.backlog_quota_default_retention_policy).is_none() {
             return bad(

@@ -436,6 +436,8 @@ pub enum Cmd {
     ReadDone {
         /// Subscription.
         sub: String,
+        /// The subscription's instance (a subscription removed and made again is another).
+        instance: u64,
         /// The read generation it was started in.
         generation: u64,
         /// Entries read.
@@ -1093,11 +1095,13 @@ impl Actor {
                 let id = self.last_id().await;
                 let _ = done.send(id);
             }
-            Cmd::ReadDone { sub, generation, result } => {
+            Cmd::ReadDone { sub, instance, generation, result } => {
                 if let Some(s) = self.subs.get_mut(&sub) {
-                    if s.generation == generation {
+                    if s.instance == instance && s.generation == generation {
                         s.reading = false;
                         match result {
+                            // Nobody to send them to: read again when a consumer comes.
+                            Ok(_) if s.consumers.is_empty() => s.fetched.clear(),
                             Ok(entries) => {
                                 let bytes: usize = entries.iter().map(|(_, e)| e.len()).sum();
                                 s.read_entry_bytes = bytes / entries.len().max(1);
@@ -2086,10 +2090,12 @@ impl Actor {
                 sub.pending.retain(|q, _| *q > md);
                 sub.redeliveries.retain(|q, _| *q > md);
                 sub.replay = sub.replay.split_off(&Pos::new(md.ledger_id, md.entry_id + 1));
+                sub.fetched.retain(|q, _| *q > md);
             } else if sub.cursor.ack(p, set, &self.ml.span) {
                 sub.pending.remove(&p);
                 sub.redeliveries.remove(&p);
                 sub.replay.remove(&p);
+                sub.fetched.remove(&p);
             }
         }
         sub.dirty = true;
@@ -2107,6 +2113,10 @@ impl Actor {
         if sub.consumers.is_empty() && !sub.durable {
             self.subs.remove(&name);
             return;
+        }
+        if sub.consumers.is_empty() {
+            // Read entries kept for nobody: a consumer that comes reads them again.
+            sub.fetched.clear();
         }
         update_active(sub, self.ml.name.partition(), false);
         dispatch(sub, &mut self.ml);
@@ -2419,6 +2429,7 @@ fn dispatch(sub: &mut Sub, ml: &mut Ml) {
         for p in chunk {
             if sub.cursor.is_acked(p) || !ml.span.contains(p) {
                 sub.replay.remove(&p);
+                sub.fetched.remove(&p);
                 continue;
             }
             let unknown = left >= window && (sub.sub_type != SubType::KeyShared || waiting_read);
@@ -2466,23 +2477,14 @@ fn dispatch(sub: &mut Sub, ml: &mut Ml) {
         let Some(p) = ml.span.next(sub.read_pos) else { break };
         if sub.cursor.is_acked(p) {
             sub.read_pos = p;
+            sub.fetched.remove(&p);
             continue;
         }
         if sub.consumers.iter().all(|c| c.permits <= 0) {
             break;
         }
         let Some(c) = ml.cache.get(&p).or_else(|| sub.fetched.get(&p)).cloned() else {
-            let mut q = p;
-            need.push(q);
-            while need.len() < batch {
-                match ml.span.next(q) {
-                    Some(n) if n.ledger_id == p.ledger_id && !ml.cache.contains_key(&n) => {
-                        need.push(n);
-                        q = n;
-                    }
-                    _ => break,
-                }
-            }
+            need = read_run(p, &ml.span, batch, |q| ml.cache.contains_key(q), |q| sub.cursor.is_acked(*q));
             break;
         };
         if hold(sub, p, &c.info, now) {
@@ -2525,9 +2527,13 @@ fn read_batch(sub: &Sub, ml: &Ml) -> usize {
     batch_size(ml.settings.read_batch, ml.settings.read_bytes, sub.read_entry_bytes)
 }
 
-/// At most `entries`, and no more than fit in `bytes` at `entry_bytes` each; at least one.
+/// At most `entries`, and no more than fit in `bytes` at `entry_bytes` each; at least one,
+/// and only one while no entry size is known (0), as Pulsar does: the entries could be large.
 fn batch_size(entries: usize, bytes: usize, entry_bytes: usize) -> usize {
-    entries.min(bytes / entry_bytes.max(1)).max(1)
+    match entry_bytes {
+        0 => 1,
+        n => entries.min(bytes / n).max(1),
+    }
 }
 
 /// A catching-up subscription reads its next entries from the bookies while it still sends
@@ -2539,36 +2545,59 @@ fn prefetch(sub: &mut Sub, ml: &mut Ml) {
         return;
     }
     let batch = read_batch(sub, ml);
-    let need =
-        prefetch_positions(sub.fetched.keys().copied(), sub.read_pos, &ml.span, batch, |p| ml.cache.contains_key(p));
+    let need = prefetch_positions(
+        sub.fetched.keys().copied(),
+        sub.read_pos,
+        &ml.span,
+        batch,
+        |p| ml.cache.contains_key(p),
+        |p| sub.cursor.is_acked(*p),
+    );
     if !need.is_empty() {
         ml.start_read(sub, need);
     }
 }
 
 /// What to read ahead: once fewer than a read batch of `fetched` entries lie past
-/// `read_pos`, the entries after the last of them, up to a batch, within its ledger, and
-/// only until one is in the tail cache (`cached`). Nothing when no fetched entry lies ahead:
-/// dispatch then reads what it needs itself.
+/// `read_pos`, a [`read_run`] from the entry after the last of them. Nothing when no fetched
+/// entry lies ahead: dispatch then reads what it needs itself.
 fn prefetch_positions(
     fetched: impl Iterator<Item = Pos>,
     read_pos: Pos,
     span: &LedgerSpan,
     batch: usize,
     cached: impl Fn(&Pos) -> bool,
+    acked: impl Fn(&Pos) -> bool,
 ) -> Vec<Pos> {
     let ahead = fetched.filter(|p| *p > read_pos);
     let (count, last) = ahead.fold((0usize, None::<Pos>), |(n, m), p| (n + 1, m.max(Some(p))));
-    let Some(mut q) = last.filter(|_| count < batch) else { return Vec::new() };
+    match last.filter(|_| count < batch).and_then(|l| span.next(l)) {
+        Some(first) => read_run(first, span, batch, cached, acked),
+        None => Vec::new(),
+    }
+}
+
+/// The positions one catch-up read takes from `first` on: entries of `first`'s ledger in
+/// order, up to `batch` of them, leaving out acknowledged ones, and stopping where the tail
+/// cache begins (`cached`) or after looking at four batches' worth.
+fn read_run(
+    first: Pos,
+    span: &LedgerSpan,
+    batch: usize,
+    cached: impl Fn(&Pos) -> bool,
+    acked: impl Fn(&Pos) -> bool,
+) -> Vec<Pos> {
     let mut need = Vec::new();
-    while need.len() < batch {
-        match span.next(q) {
-            Some(n) if n.ledger_id == q.ledger_id && !cached(&n) => {
-                need.push(n);
-                q = n;
-            }
-            _ => break,
+    let (mut next, mut looked) = (Some(first), 0);
+    while let Some(p) = next.filter(|p| p.ledger_id == first.ledger_id && !cached(p)) {
+        if need.len() >= batch || looked >= 4 * batch {
+            break;
         }
+        looked += 1;
+        if !acked(&p) {
+            need.push(p);
+        }
+        next = span.next(p);
     }
     need
 }
@@ -2705,11 +2734,12 @@ impl Ml {
 
     fn start_read(&mut self, sub: &mut Sub, positions: Vec<Pos>) {
         sub.reading = true;
-        let (generation, name, tx, ledgers) = (sub.generation, sub.name.clone(), self.tx.clone(), self.ledgers.clone());
+        let (instance, generation, name) = (sub.instance, sub.generation, sub.name.clone());
+        let (tx, ledgers) = (self.tx.clone(), self.ledgers.clone());
         let current = self.writer.as_ref().map(|w| (w.id(), w.reader()));
         tokio::spawn(async move {
             let result = read_positions(ledgers, current, positions).await;
-            let _ = tx.send(Cmd::ReadDone { sub: name, generation, result });
+            let _ = tx.send(Cmd::ReadDone { sub: name, instance, generation, result });
         });
     }
 
@@ -2853,46 +2883,58 @@ async fn read_positions(
 
 #[cfg(test)]
 mod tests {
-    use super::{batch_size, prefetch_positions, LedgerSpan, Pos};
+    use super::{batch_size, prefetch_positions, read_run, LedgerSpan, Pos};
 
     fn range(ledger: u64, entries: std::ops::Range<i64>) -> Vec<Pos> {
         entries.map(|e| Pos::new(ledger, e)).collect()
     }
 
     /// A catching-up subscription reads ahead once less than a batch of fetched entries lies
-    /// ahead: the entries after the last fetched one, a batch at most, within its ledger and
-    /// short of the tail cache.
+    /// ahead: the entries after the last fetched one, a batch at most, within one ledger, short
+    /// of the tail cache, and without acknowledged ones.
     #[test]
     fn catch_up_reads_ahead_before_the_fetched_entries_run_out() {
         let span = LedgerSpan::new(vec![(1, 999), (2, 99)]);
         let none = |_: &Pos| false;
+        let ahead = |fetched: &[Pos], read_pos: i64, cached: &dyn Fn(&Pos) -> bool, acked: &dyn Fn(&Pos) -> bool| {
+            prefetch_positions(fetched.iter().copied(), Pos::new(1, read_pos), &span, 100, cached, acked)
+        };
         // 120 fetched entries ahead of the read position (30..=149): no read yet.
         let fetched = range(1, 0..150);
-        assert!(prefetch_positions(fetched.iter().copied(), Pos::new(1, 29), &span, 100, none).is_empty());
+        assert!(ahead(&fetched, 29, &none, &none).is_empty());
         // 80 ahead (70..=149): the next batch, 150..=249.
-        let got = prefetch_positions(fetched.iter().copied(), Pos::new(1, 69), &span, 100, none);
-        assert_eq!(got, range(1, 150..250));
+        assert_eq!(ahead(&fetched, 69, &none, &none), range(1, 150..250));
         // Nothing ahead: dispatch reads what it needs itself.
-        assert!(prefetch_positions(fetched.iter().copied(), Pos::new(1, 149), &span, 100, none).is_empty());
+        assert!(ahead(&fetched, 149, &none, &none).is_empty());
         // The read stops at the ledger's end...
         let fetched = range(1, 950..970);
-        assert_eq!(
-            prefetch_positions(fetched.iter().copied(), Pos::new(1, 955), &span, 100, none),
-            range(1, 970..1000)
-        );
-        // ...and where the tail cache starts.
+        assert_eq!(ahead(&fetched, 955, &none, &none), range(1, 970..1000));
+        // ...and where the tail cache starts...
         let cached = |p: &Pos| p.ledger_id == 1 && p.entry_id >= 980;
-        assert_eq!(
-            prefetch_positions(fetched.iter().copied(), Pos::new(1, 955), &span, 100, cached),
-            range(1, 970..980)
-        );
+        assert_eq!(ahead(&fetched, 955, &cached, &none), range(1, 970..980));
+        // ...and leaves acknowledged entries out.
+        let acked = |p: &Pos| p.entry_id % 2 == 0;
+        let odd: Vec<Pos> = range(1, 970..980).into_iter().filter(|p| p.entry_id % 2 == 1).collect();
+        assert_eq!(ahead(&fetched, 955, &cached, &acked), odd);
+        // After a ledger's last entry: the next ledger's first ones.
+        let fetched = range(1, 990..1000);
+        assert_eq!(ahead(&fetched, 995, &none, &none), range(2, 0..100));
+    }
+
+    /// A read run looks at four batches at most when nearly everything is acknowledged.
+    #[test]
+    fn a_read_run_over_acknowledged_entries_is_bounded() {
+        let span = LedgerSpan::new(vec![(1, 9999)]);
+        let acked = |p: &Pos| p.entry_id % 1000 != 999;
+        assert!(read_run(Pos::new(1, 0), &span, 100, |_| false, acked).is_empty());
+        assert_eq!(read_run(Pos::new(1, 900), &span, 100, |_| false, acked), vec![Pos::new(1, 999)]);
     }
 
     /// A catch-up read holds `dispatcherMaxReadBatchSize` entries, fewer when entries as large
     /// as the last read's would pass `dispatcherMaxReadSizeBytes`, and at least one.
     #[test]
     fn catch_up_reads_are_bounded_in_bytes() {
-        assert_eq!(batch_size(100, 5 << 20, 0), 100, "before any read");
+        assert_eq!(batch_size(100, 5 << 20, 0), 1, "before any read");
         assert_eq!(batch_size(100, 5 << 20, 1024), 100);
         assert_eq!(batch_size(100, 5 << 20, 128 << 10), 40);
         assert_eq!(batch_size(100, 5 << 20, 5 << 20), 1);
