@@ -870,14 +870,30 @@ impl Inner {
     }
 
     fn reader(&self, log: u64) -> std::io::Result<Arc<File>> {
-        let mut r = self.readers.lock().unwrap_or_else(|e| e.into_inner());
+        self.open_cached(&self.readers, log, OpenOptions::new().read(true))
+    }
+
+    fn direct_reader(&self, log: u64) -> std::io::Result<Arc<File>> {
+        let direct = rustix::fs::OFlags::DIRECT.bits() as i32;
+        self.open_cached(&self.direct_readers, log, OpenOptions::new().read(true).custom_flags(direct))
+    }
+
+    /// Log `log` from `handles`, opened with `options` when it is not there (the map is
+    /// emptied when it holds [`MAX_READERS`] files).
+    fn open_cached(
+        &self,
+        handles: &Mutex<HashMap<u64, Arc<File>>>,
+        log: u64,
+        options: &OpenOptions,
+    ) -> std::io::Result<Arc<File>> {
+        let mut r = handles.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(f) = r.get(&log) {
             return Ok(f.clone());
         }
         if r.len() >= MAX_READERS {
             r.clear();
         }
-        let f = Arc::new(File::open(self.path(log))?);
+        let f = Arc::new(options.open(self.path(log))?);
         r.insert(log, f.clone());
         Ok(f)
     }
@@ -921,24 +937,6 @@ impl Inner {
         let span = raw.get_mut(base..base + len).ok_or_else(|| std::io::Error::other("unaligned buffer"))?;
         self.direct_reader(at.log)?.read_exact_at(span, start)?;
         Ok(bytes::Bytes::from(raw).slice(base + skip..base + skip + at.len as usize))
-    }
-
-    fn direct_reader(&self, log: u64) -> std::io::Result<Arc<File>> {
-        let mut r = self.direct_readers.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(f) = r.get(&log) {
-            return Ok(f.clone());
-        }
-        if r.len() >= MAX_READERS {
-            r.clear();
-        }
-        let f = Arc::new(
-            OpenOptions::new()
-                .read(true)
-                .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
-                .open(self.path(log))?,
-        );
-        r.insert(log, f.clone());
-        Ok(f)
     }
 
     fn location(&self, ledger: u64, entry: i64) -> Result<Option<Location>> {
