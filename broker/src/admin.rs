@@ -1440,6 +1440,18 @@ async fn metrics(State(a): S) -> Response {
         a.cluster,
         a.topics.orphans_deleted()
     ));
+    let cache = &a.topics.settings().cache;
+    out.push_str(&format!(
+        "# HELP pulsar_ml_cache_used_size Bytes held by the topics' tail caches\n\
+         # TYPE pulsar_ml_cache_used_size gauge\npulsar_ml_cache_used_size{{cluster=\"{cluster}\"}} {}\n\
+         # HELP magnetar_ml_cache_size_limit The tail caches' budget (managed_ledger_cache_size_mb), bytes\n\
+         # TYPE magnetar_ml_cache_size_limit gauge\nmagnetar_ml_cache_size_limit{{cluster=\"{cluster}\"}} {}\n\
+         # HELP magnetar_ml_cache_evicted_total Entries that left a tail cache to keep the caches within their budget\n\
+         # TYPE magnetar_ml_cache_evicted_total counter\nmagnetar_ml_cache_evicted_total{{cluster=\"{cluster}\"}} {}\n",
+        cache.used(),
+        cache.limit(),
+        cache.evicted(),
+    ));
     out.push_str(&magnetar_common::metrics::process_text());
     ([(header::CONTENT_TYPE, magnetar_common::metrics::TEXT_CONTENT_TYPE)], out).into_response()
 }

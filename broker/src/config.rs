@@ -47,8 +47,11 @@ pub struct BrokerConfig {
     pub managed_ledger_max_size_per_ledger_mb: u64,
     /// Roll a topic's ledger (with entries) after this many minutes.
     pub managed_ledger_max_ledger_rollover_time_minutes: u64,
-    /// Tail cache per topic, MiB: consumers that keep up read from it, never from bookies.
+    /// The tail caches of all the broker's topics together, MiB: consumers that keep up read
+    /// from them, not from the bookies (0: every read goes to the bookies).
     pub managed_ledger_cache_size_mb: u64,
+    /// Cached entries older than this leave the tail cache, ms.
+    pub managed_ledger_cache_eviction_time_threshold_millis: u64,
     /// How often changed cursors (acknowledgements) are stored, ms. A broker that dies
     /// redelivers at most what was acknowledged in this window.
     pub cursor_persist_interval_ms: u64,
@@ -123,7 +126,8 @@ impl Default for BrokerConfig {
             managed_ledger_max_entries_per_ledger: 50_000,
             managed_ledger_max_size_per_ledger_mb: 2048,
             managed_ledger_max_ledger_rollover_time_minutes: 240,
-            managed_ledger_cache_size_mb: 32,
+            managed_ledger_cache_size_mb: 512,
+            managed_ledger_cache_eviction_time_threshold_millis: 1000,
             cursor_persist_interval_ms: 200,
             dispatcher_max_read_batch_size: 100,
             dispatcher_max_read_size_bytes: 5 << 20,
@@ -161,6 +165,8 @@ pub const ENV_ALIASES: &[(&str, &str)] = &[
     ("managedLedgerMaxEntriesPerLedger", "managed_ledger_max_entries_per_ledger"),
     ("managedLedgerMaxSizePerLedgerMbytes", "managed_ledger_max_size_per_ledger_mb"),
     ("managedLedgerMaxLedgerRolloverTimeMinutes", "managed_ledger_max_ledger_rollover_time_minutes"),
+    ("managedLedgerCacheSizeMB", "managed_ledger_cache_size_mb"),
+    ("managedLedgerCacheEvictionTimeThresholdMillis", "managed_ledger_cache_eviction_time_threshold_millis"),
     ("dispatcherMaxReadBatchSize", "dispatcher_max_read_batch_size"),
     ("dispatcherMaxReadSizeBytes", "dispatcher_max_read_size_bytes"),
     ("exposeTopicLevelMetricsInPrometheus", "expose_topic_level_metrics_in_prometheus"),
@@ -193,7 +199,8 @@ impl BrokerConfig {
             max_entries_per_ledger: self.managed_ledger_max_entries_per_ledger,
             max_bytes_per_ledger: self.managed_ledger_max_size_per_ledger_mb << 20,
             max_ledger_age: std::time::Duration::from_secs(self.managed_ledger_max_ledger_rollover_time_minutes * 60),
-            cache_bytes: (self.managed_ledger_cache_size_mb << 20) as usize,
+            cache: crate::topic::CacheBudget::new((self.managed_ledger_cache_size_mb << 20) as usize),
+            cache_age: std::time::Duration::from_millis(self.managed_ledger_cache_eviction_time_threshold_millis),
             cursor_persist_interval: std::time::Duration::from_millis(self.cursor_persist_interval_ms),
             read_batch: self.dispatcher_max_read_batch_size,
             read_bytes: self.dispatcher_max_read_size_bytes,
@@ -250,6 +257,10 @@ impl Validate for BrokerConfig {
         }
         for (key, v) in [
             ("cursor_persist_interval_ms", self.cursor_persist_interval_ms as usize),
+            (
+                "managed_ledger_cache_eviction_time_threshold_millis",
+                self.managed_ledger_cache_eviction_time_threshold_millis as usize,
+            ),
             ("dispatcher_max_read_batch_size", self.dispatcher_max_read_batch_size),
             ("dispatcher_max_read_size_bytes", self.dispatcher_max_read_size_bytes),
         ] {

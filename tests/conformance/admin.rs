@@ -1075,3 +1075,104 @@ async fn a_silent_client_gives_up_its_producer_name_and_exclusive_subscription()
     }
     drop(s);
 }
+
+/// `pulsar_ml_cache_used_size` of a broker's `/metrics`.
+async fn cache_used(web: &str) -> (f64, f64) {
+    let (st, text) = http(web, "GET", "/metrics", "").await;
+    assert_eq!(st, 200);
+    let m = scrape(&text);
+    let get = |k: &str| *m.get(&format!("{k}{{cluster=\"standalone\"}}")).unwrap_or_else(|| panic!("{k}:\n{text}"));
+    (get("pulsar_ml_cache_used_size"), get("magnetar_ml_cache_evicted_total"))
+}
+
+/// Waits (up to `within`) for the tail caches to hold `bytes`; fails with what they held.
+async fn cache_drops_to(web: &str, bytes: f64, within: Duration, why: &str) {
+    let started = std::time::Instant::now();
+    loop {
+        let (used, _) = cache_used(web).await;
+        if used == bytes {
+            return;
+        }
+        assert!(started.elapsed() < within, "{why}: the tail caches still hold {used} bytes after {within:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Sends `n` messages of `size` bytes (the first byte numbering them) and waits for each
+/// receipt.
+async fn send_numbered(p: &mut magnetar_broker::client::Producer, from: u8, n: u8, size: usize) {
+    for i in from..from + n {
+        let mut body = vec![i; size];
+        body[size - 1] = 0xEE;
+        p.send(&body, 0).expect("send");
+    }
+    for _ in 0..n {
+        p.receipt().await.expect("receipt").1.expect("stored");
+    }
+}
+
+/// Takes `n` messages and checks they are those numbered `from`.., in order and whole.
+async fn receive_numbered(c: &mut magnetar_broker::client::Consumer, from: u8, n: u8, size: usize) {
+    c.flow(u32::from(n)).expect("flow");
+    for i in from..from + n {
+        let m = tokio::time::timeout(Duration::from_secs(15), c.next()).await.expect("a message").expect("open");
+        let body = &m.payload.data;
+        assert_eq!((body.len(), body[0], body[size - 1]), (size, i, 0xEE), "message {i}");
+        c.ack(vec![m.command.message_id.clone()]).expect("ack");
+    }
+}
+
+/// The topics' tail caches share the broker's budget (`managed_ledger_cache_size_mb`): entries
+/// are cached only while a subscription has a consumer, leave once every such consumer has
+/// read them, leave when older than the age threshold, and a topic going over the budget gives
+/// up its own oldest entries. Consumers get every message whole either way (from the bookie
+/// when it is no longer cached).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tail_caches_keep_what_consumers_still_need_within_the_budget() {
+    // An age threshold of a minute: here entries leave because they were read, or because of
+    // the budget (1 MiB).
+    let s = standalone_with(&[
+        "managed_ledger_cache_size_mb=1",
+        "managed_ledger_cache_eviction_time_threshold_millis=60000",
+    ])
+    .await;
+    let client = Client::connect(&s.broker).await.expect("connect");
+    let topic = "persistent://public/default/cached";
+    let mut p = client.producer(topic).await.expect("producer");
+    // No subscription has a consumer: nothing is cached.
+    send_numbered(&mut p, 0, 10, 1000).await;
+    assert_eq!(cache_used(&s.web).await, (0.0, 0.0), "cached with no consumer");
+    // A consumer that has not asked for messages yet: what comes now is cached.
+    let mut c = client.subscribe(topic, "s", SubType::Exclusive, true).await.expect("subscribe");
+    send_numbered(&mut p, 10, 10, 1000).await;
+    let (used, evicted) = cache_used(&s.web).await;
+    assert!((10_000.0..20_000.0).contains(&used), "ten entries of 1000 bytes cached: {used}");
+    assert_eq!(evicted, 0.0);
+    // Read (the first ten from the bookie), the entries leave at the topic's next tick.
+    receive_numbered(&mut c, 0, 20, 1000).await;
+    cache_drops_to(&s.web, 0.0, Duration::from_secs(10), "every consumer read them").await;
+
+    // 30 entries of 100 KB against a budget of 1 MiB: the topic keeps its newest ten or so.
+    let big = 100_000;
+    send_numbered(&mut p, 20, 30, big).await;
+    let (used, evicted) = cache_used(&s.web).await;
+    assert!((9.0 * big as f64..=f64::from(1 << 20)).contains(&used), "within the budget and full: {used}");
+    assert!(evicted >= 19.0, "the oldest left for the budget: {evicted}");
+    receive_numbered(&mut c, 20, 30, big).await;
+    cache_drops_to(&s.web, 0.0, Duration::from_secs(10), "every consumer read them").await;
+    // No consumer: nothing more is cached.
+    client.unsubscribe(&c).await.expect("unsubscribe");
+    send_numbered(&mut p, 50, 5, 1000).await;
+    assert_eq!(cache_used(&s.web).await.0, 0.0, "cached with no consumer left");
+    drop((p, client, s));
+
+    // Entries a consumer has not read leave after the age threshold (300 ms here), and are
+    // then read from the bookie.
+    let s = standalone_with(&["managed_ledger_cache_eviction_time_threshold_millis=300"]).await;
+    let client = Client::connect(&s.broker).await.expect("connect");
+    let mut p = client.producer(topic).await.expect("producer");
+    let mut c = client.subscribe(topic, "s", SubType::Exclusive, true).await.expect("subscribe");
+    send_numbered(&mut p, 0, 20, 1000).await;
+    cache_drops_to(&s.web, 0.0, Duration::from_secs(10), "older than the threshold").await;
+    receive_numbered(&mut c, 0, 20, 1000).await;
+}

@@ -18,6 +18,7 @@ use magnetar_bookie::client::{LedgerClient, LedgerError, LedgerReader, LedgerWri
 use magnetar_metastore::client::{ClientError, MetaClient, PutOptions, Txn};
 use tokio::sync::{mpsc, oneshot};
 
+use super::cache::TailCache;
 use super::cursor::{Cursor, CursorInfo};
 use super::keys::{self, KeySelector};
 use super::position::{LedgerSpan, Pos};
@@ -472,6 +473,7 @@ pub(super) struct Init {
 pub(super) fn spawn(init: Init) -> mpsc::UnboundedSender<Cmd> {
     let (tx, rx) = mpsc::unbounded_channel();
     let next_expiry_check = Instant::now() + init.settings.expiry_check_interval;
+    let cache = TailCache::new(init.settings.cache.clone());
     let actor = Actor {
         ml: Ml {
             name: init.name,
@@ -486,8 +488,7 @@ pub(super) fn spawn(init: Init) -> mpsc::UnboundedSender<Cmd> {
             ledger_entries: 0,
             ledger_bytes: 0,
             ledger_since: Instant::now(),
-            cache: BTreeMap::new(),
-            cache_bytes: 0,
+            cache,
             last_info: None,
             tx: tx.clone(),
             next_trim_check: None,
@@ -564,8 +565,7 @@ struct Ml {
     ledger_entries: u64,
     ledger_bytes: u64,
     ledger_since: Instant,
-    cache: BTreeMap<Pos, Cached>,
-    cache_bytes: usize,
+    cache: TailCache<Cached>,
     last_info: Option<(Pos, EntryInfo)>,
     tx: mpsc::UnboundedSender<Cmd>,
     /// Consumed ledgers are kept by retention: look again (and read the namespace's policy
@@ -629,6 +629,15 @@ struct Sub {
     properties: BTreeMap<String, String>,
     msg_out: Rate,
     bytes_out: Rate,
+}
+
+impl Sub {
+    /// The first position it may still take from the tail cache: the first stashed for
+    /// delivery again, or the one after its read position.
+    fn needs_from(&self) -> Pos {
+        let next = Pos::new(self.read_pos.ledger_id, self.read_pos.entry_id.saturating_add(1));
+        self.replay.first().map_or(next, |r| (*r).min(next))
+    }
 }
 
 /// Numbers [`Sub::instance`].
@@ -889,6 +898,7 @@ impl Actor {
                     }
                     self.persist_cursors();
                     self.tick_rates();
+                    self.evict_cache();
                     self.trim().await;
                     if self.ml.ledger_entries > 0
                         && !self.ml.info.terminated
@@ -1189,6 +1199,19 @@ impl Actor {
         }
     }
 
+    /// Cached entries leave once every subscription with a consumer has read past them (all
+    /// of them when no subscription has one), and once older than `cache_age`.
+    fn evict_cache(&mut self) {
+        let needed = self.subs.values().filter(|s| !s.consumers.is_empty()).map(Sub::needs_from).min();
+        match needed {
+            Some(p) => self.ml.cache.evict_before(p),
+            None => self.ml.cache.clear(),
+        }
+        if let Some(cutoff) = Instant::now().checked_sub(self.ml.settings.cache_age) {
+            self.ml.cache.evict_older_than(cutoff);
+        }
+    }
+
     fn tick_rates(&mut self) {
         self.msg_in.tick(1.0);
         self.bytes_in.tick(1.0);
@@ -1319,6 +1342,10 @@ impl Actor {
     /// An append finished (in order); `false` stops the topic.
     async fn appended(&mut self, first: Result<i64, LedgerError>) -> bool {
         let ledger = self.ml.writer.as_ref().map(|w| w.id()).unwrap_or(0);
+        // Entries are cached only while a subscription has a consumer to read them (as in
+        // Pulsar); a consumer that comes later reads them from the bookies.
+        let cache = self.subs.values().any(|s| !s.consumers.is_empty());
+        let now = Instant::now();
         let mut next = Some(first);
         while let Some(r) = next {
             let Some((c, producer, done)) = self.inflight_meta.pop_front() else { break };
@@ -1329,7 +1356,10 @@ impl Actor {
                     self.ml.span.set_last(ledger, e);
                     self.ml.last_info = Some((p, c.info));
                     self.count_in(&c, producer);
-                    self.ml.insert_cache(p, c);
+                    if cache {
+                        let bytes = c.entry.len();
+                        self.ml.cache.insert(p, c, bytes, now);
+                    }
                     let _ = done.send(Ok(p));
                 }
                 Err(err) => {
@@ -1434,9 +1464,7 @@ impl Actor {
         }
         let first = self.ml.info.ledgers.first().map_or(0, |l| l.ledger_id);
         self.ml.span.drop_before(first);
-        let kept = self.ml.cache.split_off(&Pos::new(first, i64::MIN));
-        self.ml.cache_bytes = kept.values().map(|c| c.entry.len()).sum();
-        self.ml.cache = kept;
+        self.ml.cache.evict_before(Pos::new(first, i64::MIN));
         tracing::info!(topic = %self.ml.name, ledgers = ?ids, slowest = ?slowest, "deleting consumed ledgers");
         let (ledgers, name) = (self.ml.ledgers.clone(), self.ml.name.clone());
         tokio::spawn(async move {
@@ -2702,15 +2730,6 @@ fn send(sub: &mut Sub, i: usize, p: Pos, c: &Cached, partition: i32) {
 }
 
 impl Ml {
-    fn insert_cache(&mut self, p: Pos, c: Cached) {
-        self.cache_bytes += c.entry.len();
-        self.cache.insert(p, c);
-        while self.cache_bytes > self.settings.cache_bytes {
-            let Some((_, old)) = self.cache.pop_first() else { break };
-            self.cache_bytes -= old.entry.len();
-        }
-    }
-
     /// The facts of one entry (from the cache or the bookies).
     async fn entry_info(&mut self, p: Pos) -> Result<EntryInfo, String> {
         if let Some(c) = self.cache.get(&p) {

@@ -11,6 +11,7 @@
 //! partition counts at `/partitioned/<domain>/<tenant>/<namespace>/<topic>`.
 
 mod actor;
+pub mod cache;
 pub mod cursor;
 pub mod keys;
 pub mod liveness;
@@ -37,6 +38,7 @@ pub use actor::{
     applied_policy, dedup_key, producer_success, AppendError, Cmd, ConsumerSpec, CreateAt, EntryInfo, Out, OutTx,
     ProducerRequest, ProducerState, SeekTarget, SentBy, SubAnswer, SubError, SubOp,
 };
+pub use cache::CacheBudget;
 pub use liveness::{Liveness, LIVENESS_TIMEOUT};
 use position::{LedgerSpan, Pos};
 
@@ -254,8 +256,10 @@ pub struct TopicSettings {
     pub max_bytes_per_ledger: u64,
     /// Roll a ledger with entries after this long.
     pub max_ledger_age: Duration,
-    /// Tail cache bytes per topic.
-    pub cache_bytes: usize,
+    /// The budget all topics' tail caches share.
+    pub cache: Arc<CacheBudget>,
+    /// Cached entries older than this leave the tail cache.
+    pub cache_age: Duration,
     /// How often changed cursors are stored.
     pub cursor_persist_interval: Duration,
     /// Entries per catch-up read.
@@ -290,7 +294,8 @@ impl Default for TopicSettings {
             max_entries_per_ledger: 50_000,
             max_bytes_per_ledger: 2 << 30,
             max_ledger_age: Duration::from_secs(240 * 60),
-            cache_bytes: 32 << 20,
+            cache: CacheBudget::new(512 << 20),
+            cache_age: Duration::from_secs(1),
             cursor_persist_interval: Duration::from_millis(200),
             read_batch: 100,
             read_bytes: 5 << 20,
