@@ -82,6 +82,9 @@ pub struct BrokerConfig {
     /// Entries stored between two snapshots of a topic's deduplication state (a topic loading
     /// replays at most about this many).
     pub broker_deduplication_entries_interval: u64,
+    /// A producer name with no producer connected for this long is forgotten: its highest
+    /// sequence id (deduplication, `last_sequence_id`) and its rates, minutes.
+    pub broker_deduplication_producer_inactivity_timeout_minutes: f64,
     /// Backlog quota of namespaces without one, bytes a subscription may leave unacknowledged
     /// (-1: none).
     pub backlog_quota_default_limit_bytes: i64,
@@ -139,6 +142,7 @@ impl Default for BrokerConfig {
             message_expiry_check_interval_in_minutes: 5.0,
             broker_deduplication_enabled: false,
             broker_deduplication_entries_interval: 1000,
+            broker_deduplication_producer_inactivity_timeout_minutes: 360.0,
             backlog_quota_default_limit_bytes: -1,
             backlog_quota_default_retention_policy: "producer_request_hold".into(),
             backlog_quota_check_enabled: true,
@@ -177,6 +181,7 @@ pub const ENV_ALIASES: &[(&str, &str)] = &[
     ("messageExpiryCheckIntervalInMinutes", "message_expiry_check_interval_in_minutes"),
     ("brokerDeduplicationEnabled", "broker_deduplication_enabled"),
     ("brokerDeduplicationEntriesInterval", "broker_deduplication_entries_interval"),
+    ("brokerDeduplicationProducerInactivityTimeoutMinutes", "broker_deduplication_producer_inactivity_timeout_minutes"),
     ("backlogQuotaDefaultLimitBytes", "backlog_quota_default_limit_bytes"),
     ("backlogQuotaDefaultRetentionPolicy", "backlog_quota_default_retention_policy"),
     ("backlogQuotaCheckEnabled", "backlog_quota_check_enabled"),
@@ -217,6 +222,10 @@ impl BrokerConfig {
                 .and_then(|p| crate::topic::quota::BacklogQuota::from_limit(self.backlog_quota_default_limit_bytes, p)),
             deduplication: self.broker_deduplication_enabled,
             dedup_snapshot_entries: self.broker_deduplication_entries_interval,
+            producer_inactivity: std::time::Duration::try_from_secs_f64(
+                self.broker_deduplication_producer_inactivity_timeout_minutes * 60.0,
+            )
+            .unwrap_or(std::time::Duration::MAX),
             quota_check_interval: self
                 .backlog_quota_check_enabled
                 .then(|| std::time::Duration::from_secs(self.backlog_quota_check_interval_in_seconds.max(1))),
@@ -277,6 +286,10 @@ impl Validate for BrokerConfig {
         if self.broker_deduplication_entries_interval == 0 {
             return bad("broker_deduplication_entries_interval", "must be at least 1");
         }
+        let inactivity = self.broker_deduplication_producer_inactivity_timeout_minutes;
+        if !(inactivity.is_finite() && inactivity * 60.0 >= 1.0) {
+            return bad("broker_deduplication_producer_inactivity_timeout_minutes", "must be at least 1 s (1/60)");
+        }
         if self.backlog_quota_check_interval_in_seconds == 0 {
             return bad("backlog_quota_check_interval_in_seconds", "must be at least 1");
         }
@@ -317,5 +330,33 @@ mod tests {
         assert_eq!((cfg.ensemble_size, cfg.write_quorum, cfg.ack_quorum), (3, 2, 2));
         let err = ConfigLoader::new("MAGNETAR_BROKER_").set("ack_quorum", "3").load_with_env::<BrokerConfig>(&[]);
         assert!(err.map_err(|e| e.to_string()).err().unwrap_or_default().contains("ensemble_size"));
+    }
+
+    #[test]
+    fn cache_and_producer_expiry_settings_reach_the_topics() {
+        let env = [
+            ("managedLedgerCacheSizeMB", "64"),
+            ("managedLedgerCacheEvictionTimeThresholdMillis", "250"),
+            ("brokerDeduplicationProducerInactivityTimeoutMinutes", "0.5"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        let mut loader = ConfigLoader::new("MAGNETAR_BROKER_");
+        for (env, key) in ENV_ALIASES {
+            loader = loader.env_alias(env, key);
+        }
+        let cfg: BrokerConfig = loader.load_with_env(&env).unwrap_or_else(|e| panic!("{e}"));
+        let t = cfg.topic_settings();
+        assert_eq!(t.cache.limit(), 64 << 20);
+        assert_eq!(t.cache_age, std::time::Duration::from_millis(250));
+        assert_eq!(t.producer_inactivity, std::time::Duration::from_secs(30));
+        for (key, bad) in [
+            ("managed_ledger_cache_eviction_time_threshold_millis", "0"),
+            ("broker_deduplication_producer_inactivity_timeout_minutes", "0.001"),
+            ("broker_deduplication_producer_inactivity_timeout_minutes", "inf"),
+        ] {
+            let err = ConfigLoader::new("MAGNETAR_BROKER_").set(key, bad).load_with_env::<BrokerConfig>(&[]);
+            let err = err.map(|_| ()).map_err(|e| e.to_string()).expect_err(bad);
+            assert!(err.contains(key), "{key}={bad}: {err}");
+        }
     }
 }

@@ -385,6 +385,19 @@ async fn python_client_deduplication() {
     assert!(meta.get(&magnetar_broker::topic::dedup_key(&other)).await.expect("get").is_none(), "no snapshot when off");
 }
 
+/// Producer names with no producer connected for
+/// `broker_deduplication_producer_inactivity_timeout_minutes` (2 s here) are forgotten, as
+/// Pulsar forgets them; a name whose producer stays connected is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deduplication_forgets_inactive_producer_names() {
+    let s = standalone_with(&[
+        "broker_deduplication_enabled=true",
+        "broker_deduplication_producer_inactivity_timeout_minutes=0.0333",
+    ])
+    .await;
+    scenario(&s.url(), "dedup_forgets_inactive_producers", "forget");
+}
+
 /// A topic's own deduplication policy (and a partitioned topic's, for its partitions)
 /// overrides its namespace's; removed, the namespace's applies again. Through the admin API
 /// and `magnetar admin`.

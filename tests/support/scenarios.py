@@ -861,6 +861,30 @@ def dedup_after_restart():
     exactly(c, ["m-10", "m-11", "m-12"])
 
 
+def dedup_forgets_inactive_producers():
+    """Deduplication on (by the broker's default), producer names inactive for 2 s
+    forgotten: a name whose producer left that long ago starts afresh (last sequence id -1,
+    its old sequence ids stored again), while a name whose producer stayed connected all
+    along is still deduplicated."""
+    topic = f"{PREFIX}-forget"
+    c = client.subscribe(topic, "s", initial_position=pulsar.InitialPosition.Earliest)
+    kept = dedup_producer(topic, "kept-p")
+    gone = dedup_producer(topic, "gone-p")
+    for i in range(3):
+        send_stored(kept, f"k-{i}".encode(), i)
+        send_stored(gone, f"g-{i}".encode(), i)
+    gone.close()
+    # Twice the timeout, and the topic's look at its names (at most the timeout apart).
+    time.sleep(5)
+    send_duplicate(kept, b"k-again", 1)
+    back = dedup_producer(topic, "gone-p")
+    assert back.last_sequence_id() == -1, back.last_sequence_id()
+    send_stored(back, b"g-0-again", 0)
+    back.close()
+    kept.close()
+    exactly(c, ["k-0", "g-0", "k-1", "g-1", "k-2", "g-2", "g-0-again"])
+
+
 def dedup_off():
     """Without deduplication (namespace public/nodedup, broker default off), a resent
     sequence id is stored again."""

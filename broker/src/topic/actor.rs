@@ -517,6 +517,8 @@ pub(super) fn spawn(init: Init) -> mpsc::UnboundedSender<Cmd> {
         dedup_unknown: false,
         dedup_read: false,
         next_dedup_check: Instant::now() + dedup::POLICY_CHECK,
+        inactive: HashMap::new(),
+        next_producer_purge: Instant::now(),
         next_cid: 1,
         msg_in: Rate::default(),
         bytes_in: Rate::default(),
@@ -723,6 +725,10 @@ struct Actor {
     dedup_read: bool,
     /// When the namespace's deduplication policy is next read.
     next_dedup_check: Instant,
+    /// Producer names with no producer connected, since when (see
+    /// [`Actor::forget_inactive_producers`]).
+    inactive: HashMap<String, Instant>,
+    next_producer_purge: Instant,
     next_cid: u64,
     msg_in: Rate,
     bytes_in: Rate,
@@ -887,6 +893,11 @@ impl Actor {
                         self.next_dedup_check = Instant::now() + dedup::POLICY_CHECK;
                         self.check_dedup().await;
                     }
+                    if Instant::now() >= self.next_producer_purge {
+                        let every = (self.ml.settings.producer_inactivity / 4).min(dedup::POLICY_CHECK);
+                        self.next_producer_purge = Instant::now() + every;
+                        self.forget_inactive_producers();
+                    }
                     if self.dedup_snapshot_due() {
                         if let Err(e) = self.store_dedup_snapshot().await {
                             tracing::debug!(topic = %self.ml.name, error = %e, "storing the deduplication snapshot failed");
@@ -1014,7 +1025,11 @@ impl Actor {
                 if let Some(closed) = self.checking_producers.get_mut(&key) {
                     *closed = true;
                 }
-                self.producers.remove(&key);
+                if let Some(r) = self.producers.remove(&key) {
+                    if !self.producers.values().any(|o| o.name == r.name) {
+                        self.inactive.insert(r.name, Instant::now());
+                    }
+                }
                 self.waiting_exclusive.retain(|q| q.key != key);
                 if self.exclusive == Some(key) {
                     self.exclusive = None;

@@ -283,6 +283,8 @@ pub struct TopicSettings {
     pub deduplication: bool,
     /// Entries between two deduplication snapshots.
     pub dedup_snapshot_entries: u64,
+    /// A producer name with no producer connected for this long is forgotten.
+    pub producer_inactivity: Duration,
 }
 
 impl Default for TopicSettings {
@@ -307,6 +309,7 @@ impl Default for TopicSettings {
             quota_check_interval: Some(Duration::from_secs(60)),
             deduplication: false,
             dedup_snapshot_entries: 1000,
+            producer_inactivity: Duration::from_secs(360 * 60),
         }
     }
 }

@@ -68,6 +68,11 @@ pub(super) enum Verdict {
 }
 
 impl Dedup {
+    /// Forgets a producer name.
+    pub(super) fn forget(&mut self, name: &str) {
+        self.pushed.remove(name);
+    }
+
     /// A message of `name` up to `seq` was stored.
     pub(super) fn stored(&mut self, name: &str, seq: i64) {
         match self.pushed.get_mut(name) {
@@ -259,6 +264,46 @@ impl Actor {
 
     /// Writes the snapshot if this task still owns the topic (its ledger list is at the
     /// version this task holds), so a former owner never overwrites the new owner's.
+    /// Forgets the producer names that have had no producer connected for
+    /// `producer_inactivity` (Pulsar's `brokerDeduplicationProducerInactivityTimeoutMinutes`):
+    /// their highest sequence ids (so a producer of that name starts afresh, and a resend of
+    /// its old messages is stored again) and their rates. Without it, a topic kept a name for
+    /// good, and every client run with a generated producer name added one. A name is counted
+    /// inactive from when its last producer went or, for names a snapshot or replay brought
+    /// back, from the first look after the topic loaded. Looked at every quarter of the
+    /// timeout, at most a minute apart.
+    pub(super) fn forget_inactive_producers(&mut self) {
+        let now = std::time::Instant::now();
+        let connected: std::collections::HashSet<&str> = self
+            .producers
+            .values()
+            .chain(self.waiting_exclusive.iter().map(|q| &q.producer))
+            .map(|r| r.name.as_str())
+            .collect();
+        self.producer_rates.retain(|name, _| connected.contains(name.as_str()));
+        self.inactive.retain(|name, _| !connected.contains(name.as_str()));
+        for name in self.last_sequence.keys().filter(|n| !connected.contains(n.as_str())) {
+            self.inactive.entry(name.clone()).or_insert(now);
+        }
+        let timeout = self.ml.settings.producer_inactivity;
+        let gone: Vec<String> = self
+            .inactive
+            .iter()
+            .filter(|(_, since)| now.duration_since(**since) >= timeout)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in &gone {
+            self.inactive.remove(name);
+            self.last_sequence.remove(name);
+            if let Some(d) = self.dedup.as_mut() {
+                d.forget(name);
+            }
+        }
+        if !gone.is_empty() {
+            tracing::info!(topic = %self.ml.name, producers = gone.len(), "forgot producer names inactive for {timeout:?}");
+        }
+    }
+
     async fn write_dedup_snapshot(&mut self) -> Result<(), String> {
         let last = self.ml.span.last();
         let mut producers = self.last_sequence.clone();
