@@ -57,6 +57,32 @@ impl Ledgers {
         self.storage.get_entry(ledger, entry)
     }
 
+    /// Entries of one ledger, as [`Ledgers::read_entry`] gives each, until `budget` payload
+    /// bytes are read: results for a prefix of `entries` (see
+    /// [`LedgerStorage::get_entries`]). Those not in the tail cache are read from storage
+    /// together, so adjacent ones can be read at once.
+    pub fn read_entries(&self, ledger: u64, entries: &[i64], budget: usize) -> Vec<Result<Option<StoredEntry>>> {
+        let mut out = Vec::with_capacity(entries.len());
+        let mut left = budget.max(1);
+        while out.len() < entries.len() && left > 0 {
+            let at = out.len();
+            if let Some(e) = self.cache.get(ledger, entries[at]) {
+                left = left.saturating_sub(e.payload.len());
+                out.push(Ok(Some(e)));
+                continue;
+            }
+            // At least the one just missed (it may have been cached since).
+            let misses = entries[at..].iter().skip(1).take_while(|&&e| !self.cache.contains(ledger, e)).count() + 1;
+            for r in self.storage.get_entries(ledger, &entries[at..at + misses], left) {
+                if let Ok(Some(e)) = &r {
+                    left = left.saturating_sub(e.payload.len());
+                }
+                out.push(r);
+            }
+        }
+        out
+    }
+
     /// Deletes a ledger everywhere.
     pub fn delete(&self, ledger: u64) -> Result<()> {
         self.metas.lock().unwrap_or_else(|e| e.into_inner()).remove(&ledger);

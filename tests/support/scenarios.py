@@ -544,10 +544,13 @@ def redelivery_order():
     publish order, though the oldest entries have left the broker's tail cache (run with a
     1 MB cache) and are read from the bookie while the newest are still in memory, and though
     there are more of them than the broker looks at in one pass. Exclusive, Failover, and
-    Key_Shared with one key."""
+    Key_Shared with one key. (Entries stay cached while a subscription with a consumer has
+    not read them: a consumer on another subscription that asks for nothing keeps them.)"""
     n, pad = 1000, "x" * 2000
     for kind in (pulsar.ConsumerType.Exclusive, pulsar.ConsumerType.Failover, pulsar.ConsumerType.KeyShared):
         topic = f"{PREFIX}-order-{kind}"
+        idle = client.subscribe(topic, "idle", receiver_queue_size=0,
+                                initial_position=pulsar.InitialPosition.Earliest)
         a = client.subscribe(topic, "s", consumer_type=kind, receiver_queue_size=n,
                              initial_position=pulsar.InitialPosition.Earliest)
         p = client.create_producer(topic, batching_enabled=False, max_pending_messages=n)
@@ -564,6 +567,7 @@ def redelivery_order():
             [(i, g) for i, (g, w) in enumerate(zip(again, want)) if g != w][:5])
         nothing_more(b)
         b.close()
+        idle.close()
 
 
 def key_shared_sticky_alone():
@@ -880,9 +884,25 @@ def dedup_forgets_inactive_producers():
     back = dedup_producer(topic, "gone-p")
     assert back.last_sequence_id() == -1, back.last_sequence_id()
     send_stored(back, b"g-0-again", 0)
+    send_stored(back, b"g-1-again", 1)
     back.close()
     kept.close()
-    exactly(c, ["k-0", "g-0", "k-1", "g-1", "k-2", "g-2", "g-0-again"])
+    exactly(c, ["k-0", "g-0", "k-1", "g-1", "k-2", "g-2", "g-0-again", "g-1-again"])
+
+
+def dedup_forgotten_after_restart():
+    """After a SIGKILL: the forgotten name comes back only with what was sent after it was
+    forgotten (up to sequence id 1), not with its old highest one (2), which the snapshot
+    stored before it was forgotten held. (A sequence id of 0 is not sent explicitly by this
+    client: it numbers such a message itself.)"""
+    topic = f"{PREFIX}-forget"
+    c = client.subscribe(topic, "s")
+    p = dedup_producer(topic, "gone-p")
+    assert p.last_sequence_id() == 1, p.last_sequence_id()
+    send_duplicate(p, b"g-1-once-more", 1)
+    send_stored(p, b"g-2-again", 2)
+    p.close()
+    exactly(c, ["g-2-again"])
 
 
 def dedup_off():

@@ -211,38 +211,34 @@ impl BookieRpc for Service {
         let core2 = core.clone();
         let ids = req.entry_ids;
         let (entries, lac) = blocking(move || {
-            let mut budget = 32usize << 20;
+            // Entries past 32 MiB would make the answer too large: the client asks again.
+            let read = core2.ledgers.read_entries(ledger, &ids, 32 << 20);
             let mut out = Vec::with_capacity(ids.len());
-            for id in ids {
-                let r = if budget == 0 {
-                    // The rest would make the answer too large: the client asks again.
-                    pb::EntryResult {
+            for (i, &id) in ids.iter().enumerate() {
+                let r = match read.get(i) {
+                    None => pb::EntryResult {
                         entry_id: id,
                         code: Code::NotSent as i32,
                         message: "response size limit".into(),
                         ..Default::default()
+                    },
+                    Some(Ok(Some(e))) => pb::EntryResult {
+                        entry_id: id,
+                        code: Code::Ok as i32,
+                        payload: e.payload.clone(),
+                        checksum: e.checksum,
+                        message: String::new(),
+                    },
+                    Some(Ok(None)) => {
+                        pb::EntryResult { entry_id: id, code: Code::NoEntry as i32, ..Default::default() }
                     }
-                } else {
-                    match core2.ledgers.read_entry(ledger, id) {
-                        Ok(Some(e)) => {
-                            budget = budget.saturating_sub(e.payload.len());
-                            pb::EntryResult {
-                                entry_id: id,
-                                code: Code::Ok as i32,
-                                payload: e.payload,
-                                checksum: e.checksum,
-                                message: String::new(),
-                            }
-                        }
-                        Ok(None) => pb::EntryResult { entry_id: id, code: Code::NoEntry as i32, ..Default::default() },
-                        Err(e) => {
-                            tracing::error!(ledger, entry = id, error = %e, "reading an entry failed");
-                            pb::EntryResult {
-                                entry_id: id,
-                                code: e.code() as i32,
-                                message: e.to_string(),
-                                ..Default::default()
-                            }
+                    Some(Err(e)) => {
+                        tracing::error!(ledger, entry = id, error = %e, "reading an entry failed");
+                        pb::EntryResult {
+                            entry_id: id,
+                            code: e.code() as i32,
+                            message: e.to_string(),
+                            ..Default::default()
                         }
                     }
                 };

@@ -171,6 +171,12 @@ impl TailCache {
         g.gens.iter().rev().find_map(|gen| gen.map.get(&(ledger, entry))).cloned()
     }
 
+    /// Whether an entry is cached.
+    pub fn contains(&self, ledger: u64, entry: i64) -> bool {
+        let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        g.gens.iter().any(|gen| gen.map.contains_key(&(ledger, entry)))
+    }
+
     /// Drops a ledger's entries.
     pub fn remove_ledger(&self, ledger: u64) {
         let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());

@@ -115,6 +115,24 @@ pub trait LedgerStorage: Send + Sync + 'static {
     }
     /// One entry, verified; `None` when it was never stored (or its ledger was deleted).
     fn get_entry(&self, ledger: u64, entry: i64) -> Result<Option<StoredEntry>>;
+    /// Entries of one ledger, each as [`LedgerStorage::get_entry`] gives it, in the order
+    /// asked, until `budget` payload bytes have been read: the results are for a prefix of
+    /// `entries` (at least one when any is asked). A store may read adjacent entries at once.
+    fn get_entries(&self, ledger: u64, entries: &[i64], budget: usize) -> Vec<Result<Option<StoredEntry>>> {
+        let mut out = Vec::with_capacity(entries.len());
+        let mut left = budget.max(1);
+        for &entry in entries {
+            if left == 0 {
+                break;
+            }
+            let r = self.get_entry(ledger, entry);
+            if let Ok(Some(e)) = &r {
+                left = left.saturating_sub(e.payload.len());
+            }
+            out.push(r);
+        }
+        out
+    }
     /// A ledger's state, if the bookie knows the ledger.
     fn ledger_meta(&self, ledger: u64) -> Result<Option<LedgerMeta>>;
     /// Highest stored entry id of a ledger.

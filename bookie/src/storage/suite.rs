@@ -24,7 +24,7 @@ fn entry(ledger: u64, e: i64, payload: &[u8]) -> EntryWrite {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 pub fn run_all<S: LedgerStorage>(open: impl Fn(&Path) -> S, persistent: bool) {
     type Check<S> = fn(&dyn Fn(&Path) -> S, bool);
-    let checks: [(&str, Check<S>); 8] = [
+    let checks: [(&str, Check<S>); 9] = [
         ("absent_entries_and_ledgers", absent),
         ("round_trip_and_isolation", round_trip),
         ("ordering_is_numeric", ordering),
@@ -33,6 +33,7 @@ pub fn run_all<S: LedgerStorage>(open: impl Fn(&Path) -> S, persistent: bool) {
         ("delete_ledger", delete),
         ("flush_survives_reopen", reopen),
         ("unindexed_writes", unindexed),
+        ("many_entries_at_once", many),
     ];
     for (name, check) in checks {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -102,6 +103,40 @@ pub fn run_all<S: LedgerStorage>(open: impl Fn(&Path) -> S, persistent: bool) {
             Err(BookieError::Corrupt { ledger: 3, entry: 0 }) => {}
             other => panic!("a checksum mismatch must be Corrupt, got {other:?}"),
         }
+    }
+
+    /// `get_entries` gives what `get_entry` gives for each, in order (absent and corrupt ones
+    /// included, whatever lies around them), and stops once the budget is read.
+    fn many<S: LedgerStorage>(open: &dyn Fn(&Path) -> S, _: bool) {
+        let (_d, s) = with_dir(open);
+        let body = |e: i64| vec![e as u8; if e % 3 == 0 { 70_000 } else { 1000 + e as usize }];
+        let writes: Vec<EntryWrite> = (0..40).filter(|e| e % 10 != 7).map(|e| entry(8, e, &body(e))).collect();
+        let mut bad = entry(8, 7, b"damaged");
+        bad.checksum ^= 1;
+        s.write(&writes, &[]).unwrap();
+        s.write(&[bad], &[]).unwrap();
+        s.flush().unwrap();
+        let ids: Vec<i64> = (0..45).collect();
+        let got = s.get_entries(8, &ids, usize::MAX);
+        assert_eq!(got.len(), ids.len());
+        for (&e, r) in ids.iter().zip(&got) {
+            match (e, r) {
+                (7, Err(BookieError::Corrupt { ledger: 8, entry: 7 })) => {}
+                (e, Ok(None)) if e % 10 == 7 || e >= 40 => {}
+                (e, Ok(Some(x))) if e % 10 != 7 && e < 40 => assert_eq!(&x.payload[..], &body(e)[..], "entry {e}"),
+                (e, other) => panic!("entry {e}: {other:?}"),
+            }
+        }
+        // Out of order and repeated, as asked.
+        let some = [30i64, 2, 2, 39];
+        let got: Vec<Vec<u8>> =
+            s.get_entries(8, &some, usize::MAX).into_iter().map(|r| r.unwrap().unwrap().payload.to_vec()).collect();
+        assert_eq!(got, some.iter().map(|&e| body(e)).collect::<Vec<_>>());
+        // A budget of 100 kB: entries 0 (70 kB) and 1, 2 (1 kB each), then 3 (70 kB) passes it.
+        let got = s.get_entries(8, &ids, 100_000);
+        assert_eq!(got.len(), 4, "read up to the entry that passes the budget");
+        assert_eq!(s.get_entries(8, &ids, 0).len(), 1, "at least one");
+        assert!(s.get_entries(8, &[], 10).is_empty());
     }
 
     fn delete<S: LedgerStorage>(open: &dyn Fn(&Path) -> S, _: bool) {

@@ -896,7 +896,7 @@ impl Actor {
                     if Instant::now() >= self.next_producer_purge {
                         let every = (self.ml.settings.producer_inactivity / 4).min(dedup::POLICY_CHECK);
                         self.next_producer_purge = Instant::now() + every;
-                        self.forget_inactive_producers();
+                        self.forget_inactive_producers().await;
                     }
                     if self.dedup_snapshot_due() {
                         if let Err(e) = self.store_dedup_snapshot().await {
@@ -1360,6 +1360,11 @@ impl Actor {
         // Entries are cached only while a subscription has a consumer to read them (as in
         // Pulsar); a consumer that comes later reads them from the bookies.
         let cache = self.subs.values().any(|s| !s.consumers.is_empty());
+        if !cache {
+            // What is cached stays a run of the newest entries (catch-up reads stop where it
+            // begins): a consumer that comes later starts it afresh.
+            self.ml.cache.clear();
+        }
         let now = Instant::now();
         let mut next = Some(first);
         while let Some(r) = next {

@@ -473,3 +473,71 @@ fn a_damaged_large_record_reads_as_corrupt() {
     check(&s, 7, 0..1, 3000);
     check(&s, 7, 2..3, 3000);
 }
+
+/// Flips one byte near the end of the record of `ledger`/`entry` on the disk.
+fn damage(dir: &Path, at: Location) {
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(dir.join("logs").join(log_name(at.log))).unwrap();
+    let mut b = [0u8; 1];
+    let off = at.offset + at.len as u64 - 100;
+    f.read_exact_at(&mut b, off).unwrap();
+    f.write_all_at(&[b[0] ^ 0x10], off).unwrap();
+    f.sync_all().unwrap();
+}
+
+/// Entries whose records lie next to each other are read with one read per run of up to
+/// `MAX_RUN_BYTES` (direct for large runs, also of small records), byte for byte. A damaged
+/// record in a run reads as corrupt and its neighbours still read; entries still in memory
+/// read too.
+#[test]
+fn adjacent_records_are_read_at_once() {
+    let d = tempfile::tempdir().unwrap();
+    let size = |e: i64| if e % 4 == 0 { 400_000 + e as usize } else { 2000 + e as usize * 7 };
+    let n = 100i64;
+    let total: u64 = (0..n).map(|e| size(e) as u64).sum();
+    assert!(total > MAX_RUN_BYTES && total < 3 * MAX_RUN_BYTES, "{total}");
+    let damaged = {
+        let s = open(d.path(), 64 << 20);
+        for e in 0..n {
+            s.write(&[entry(9, e, size(e))], &[]).unwrap();
+        }
+        s.flush().unwrap();
+        s.inner.location(9, 41).unwrap().unwrap()
+    };
+    let ids: Vec<i64> = (0..n).collect();
+    let reads = |s: &EntryLogStorage| s.inner.file_reads.load(Ordering::Relaxed);
+    let same = |s: &EntryLogStorage, got: Vec<Result<Option<StoredEntry>>>, bad: Option<i64>| {
+        assert_eq!(got.len(), ids.len());
+        for (e, r) in ids.iter().zip(got) {
+            match r {
+                Err(BookieError::Corrupt { ledger: 9, entry }) if Some(entry) == bad => {}
+                Ok(Some(x)) => assert_eq!(x.payload, payload(9, *e, size(*e)), "entry {e}"),
+                other => panic!("entry {e}: {:?}", other.map(|x| x.map(|x| x.payload.len()))),
+            }
+        }
+        let _ = s;
+    };
+    let s = open(d.path(), 64 << 20);
+    evict_logs(d.path());
+    let before = reads(&s);
+    same(&s, s.get_entries(9, &ids, usize::MAX), None);
+    let runs = reads(&s) - before;
+    assert!(runs <= 3, "{n} adjacent entries ({total} bytes) took {runs} reads");
+    assert!(logs_resident(d.path()) < total / 16, "read through the page cache");
+    drop(s);
+
+    damage(d.path(), damaged);
+    let s = open(d.path(), 64 << 20);
+    same(&s, s.get_entries(9, &ids, usize::MAX), Some(41));
+    drop(s);
+
+    // Entries not yet written to the file (in the buffer being filled) read as well.
+    let s = open(d.path(), 64 << 20);
+    for e in n..n + 10 {
+        s.write(&[entry(9, e, 3000)], &[]).unwrap();
+    }
+    let more: Vec<i64> = (n - 5..n + 10).collect();
+    for (e, r) in more.iter().zip(s.get_entries(9, &more, usize::MAX)) {
+        let want = if *e < n { size(*e) } else { 3000 };
+        assert_eq!(r.unwrap().unwrap().payload, payload(9, *e, want), "entry {e}");
+    }
+}

@@ -262,8 +262,6 @@ impl Actor {
         Ok(())
     }
 
-    /// Writes the snapshot if this task still owns the topic (its ledger list is at the
-    /// version this task holds), so a former owner never overwrites the new owner's.
     /// Forgets the producer names that have had no producer connected for
     /// `producer_inactivity` (Pulsar's `brokerDeduplicationProducerInactivityTimeoutMinutes`):
     /// their highest sequence ids (so a producer of that name starts afresh, and a resend of
@@ -272,7 +270,12 @@ impl Actor {
     /// inactive from when its last producer went or, for names a snapshot or replay brought
     /// back, from the first look after the topic loaded. Looked at every quarter of the
     /// timeout, at most a minute apart.
-    pub(super) fn forget_inactive_producers(&mut self) {
+    ///
+    /// With deduplication on, names are forgotten only once a snapshot without them is
+    /// stored: the last one would otherwise bring them back if the broker died, and a
+    /// producer of that name, told to start from -1 meanwhile, would then have its next
+    /// messages taken for duplicates of the old ones and dropped.
+    pub(super) async fn forget_inactive_producers(&mut self) {
         let now = std::time::Instant::now();
         let connected: std::collections::HashSet<&str> = self
             .producers
@@ -292,18 +295,29 @@ impl Actor {
             .filter(|(_, since)| now.duration_since(**since) >= timeout)
             .map(|(n, _)| n.clone())
             .collect();
+        if gone.is_empty() {
+            return;
+        }
+        let kept: Vec<(String, i64)> = gone.iter().filter_map(|n| self.last_sequence.remove_entry(n)).collect();
+        if self.dedup.is_some() {
+            if let Err(e) = self.store_dedup_snapshot().await {
+                // Kept until a snapshot without them is stored (tried again at the next look).
+                self.last_sequence.extend(kept);
+                tracing::debug!(topic = %self.ml.name, error = %e, "storing the deduplication snapshot failed; producer names not forgotten yet");
+                return;
+            }
+        }
         for name in &gone {
             self.inactive.remove(name);
-            self.last_sequence.remove(name);
             if let Some(d) = self.dedup.as_mut() {
                 d.forget(name);
             }
         }
-        if !gone.is_empty() {
-            tracing::info!(topic = %self.ml.name, producers = gone.len(), "forgot producer names inactive for {timeout:?}");
-        }
+        tracing::info!(topic = %self.ml.name, producers = gone.len(), "forgot producer names inactive for {timeout:?}");
     }
 
+    /// Writes the snapshot if this task still owns the topic (its ledger list is at the
+    /// version this task holds), so a former owner never overwrites the new owner's.
     async fn write_dedup_snapshot(&mut self) -> Result<(), String> {
         let last = self.ml.span.last();
         let mut producers = self.last_sequence.clone();
