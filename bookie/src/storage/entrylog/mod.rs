@@ -390,6 +390,31 @@ impl EntryLogStorage {
         self.inner.compact(threshold, Duration::ZERO)
     }
 
+    /// One entry whose record the index put at `at`. A record can move (compaction) and its
+    /// old log be reused between the index lookup and the read: the read then finds another
+    /// record, and the lookup is repeated.
+    fn get_entry_at(&self, ledger: u64, entry: i64, mut at: Location) -> Result<Option<StoredEntry>> {
+        let mut last = None;
+        for attempt in 0..3 {
+            if attempt > 0 {
+                let Some(again) = self.inner.location(ledger, entry)? else { return Ok(None) };
+                if last == Some(again) {
+                    break;
+                }
+                at = again;
+            }
+            match self.inner.read_at(ledger, entry, at) {
+                Err(BookieError::Corrupt { .. }) => {
+                    self.inner.forget_reader(at.log);
+                    last = Some(at);
+                }
+                Err(BookieError::Io { .. }) if !self.inner.path(at.log).exists() => last = Some(at),
+                other => return other.map(Some),
+            }
+        }
+        Err(BookieError::Corrupt { ledger, entry })
+    }
+
     /// Logs holding records not yet indexed (compaction leaves them alone).
     #[cfg(test)]
     pub(crate) fn unindexed_logs(&self) -> usize {
@@ -861,16 +886,20 @@ impl Inner {
 
     /// A record still in memory (current buffer or one waiting for the writer).
     fn buffered(st: &State, at: Location) -> Option<Vec<u8>> {
+        Self::in_memory(st, at).map(<[u8]>::to_vec)
+    }
+
+    fn in_memory(st: &State, at: Location) -> Option<&[u8]> {
         let (off, len) = (at.offset, u64::from(at.len));
         if let Some(cur) = st.current.as_ref().filter(|c| c.id == at.log && off >= c.base) {
             let s = usize::try_from(off - cur.base).ok()?;
-            return cur.buf.data().get(s..s + at.len as usize).map(<[u8]>::to_vec);
+            return cur.buf.data().get(s..s + at.len as usize);
         }
         for f in st.inflight.iter().rev().filter(|f| f.log == at.log && f.offset <= off) {
             let b = &f.buf;
             if off + len <= f.offset + b.len() as u64 {
                 let s = usize::try_from(off - f.offset).ok()?;
-                return b.data().get(s..s + at.len as usize).map(<[u8]>::to_vec);
+                return b.data().get(s..s + at.len as usize);
             }
         }
         None
@@ -955,26 +984,28 @@ impl Inner {
     }
 
     /// Adjacent records (`runs[i]` ends where `runs[i + 1]` begins, in one log) read from
-    /// their file at once, when all of them are there (none still in a buffer). `None` when
-    /// they cannot be, or one of them does not decode as the entry asked: the caller then
-    /// reads them one by one, with the retries and errors of a single read.
-    fn read_run(&self, ledger: u64, entries: &[i64], runs: &[Location]) -> Option<Vec<StoredEntry>> {
-        let (first, last) = (runs.first()?, runs.last()?);
-        if Self::buffered(&self.lock(), *last).is_some() {
-            return None;
+    /// their file at once: those already written there (records are written in order, so
+    /// once one is, every one before it is), when at least two are. An entry left `None` (not
+    /// written yet, not read, or not decoding as the entry asked) is for the caller to read
+    /// alone, with the retries and errors of a single read.
+    fn read_run(&self, ledger: u64, entries: &[i64], runs: &[Location]) -> Vec<Option<StoredEntry>> {
+        let mut out: Vec<Option<StoredEntry>> = runs.iter().map(|_| None).collect();
+        let on_disk = {
+            let st = self.lock();
+            runs.partition_point(|at| Self::in_memory(&st, *at).is_none())
+        };
+        if on_disk < 2 {
+            return out;
         }
+        let (first, last) = (runs[0], runs[on_disk - 1]);
         let span = last.offset + u64::from(last.len) - first.offset;
-        let whole = Location { log: first.log, offset: first.offset, len: u32::try_from(span).ok()? };
-        let bytes = self.read_file(whole).ok()?;
-        entries
-            .iter()
-            .zip(runs)
-            .map(|(&entry, at)| {
-                let from = usize::try_from(at.offset - first.offset).ok()?;
-                let rec = bytes.slice(from..from + at.len as usize);
-                record::decode(rec, ledger, entry).ok()
-            })
-            .collect()
+        let Ok(len) = u32::try_from(span) else { return out };
+        let Ok(bytes) = self.read_file(Location { log: first.log, offset: first.offset, len }) else { return out };
+        for ((slot, &entry), at) in out.iter_mut().zip(entries).zip(&runs[..on_disk]) {
+            let Ok(from) = usize::try_from(at.offset - first.offset) else { continue };
+            *slot = record::decode(bytes.slice(from..from + at.len as usize), ledger, entry).ok();
+        }
+        out
     }
 
     fn read_at(&self, ledger: u64, entry: i64, at: Location) -> Result<StoredEntry> {
@@ -1478,24 +1509,8 @@ impl LedgerStorage for EntryLogStorage {
     }
 
     fn get_entry(&self, ledger: u64, entry: i64) -> Result<Option<StoredEntry>> {
-        // A record can move (compaction) and its old log be reused between the index lookup
-        // and the read: the read then finds another record, and the lookup is repeated.
-        let mut last = None;
-        for _ in 0..3 {
-            let Some(at) = self.inner.location(ledger, entry)? else { return Ok(None) };
-            if last == Some(at) {
-                break;
-            }
-            match self.inner.read_at(ledger, entry, at) {
-                Err(BookieError::Corrupt { .. }) => {
-                    self.inner.forget_reader(at.log);
-                    last = Some(at);
-                }
-                Err(BookieError::Io { .. }) if !self.inner.path(at.log).exists() => last = Some(at),
-                other => return other.map(Some),
-            }
-        }
-        Err(BookieError::Corrupt { ledger, entry })
+        let Some(at) = self.inner.location(ledger, entry)? else { return Ok(None) };
+        self.get_entry_at(ledger, entry, at)
     }
 
     /// Runs of entries whose records lie next to each other in one log (as a ledger's entries
@@ -1506,39 +1521,49 @@ impl LedgerStorage for EntryLogStorage {
         let mut out = Vec::with_capacity(entries.len());
         let mut left = budget.max(1);
         let mut next = 0;
+        // The lookup of `entries[next]`, when the last run ended at it.
+        let mut looked_up = None;
         while next < entries.len() && left > 0 {
-            let mut runs: Vec<Location> = Vec::new();
-            let mut bytes = 0u64;
-            for &entry in &entries[next..] {
-                let Ok(Some(at)) = self.inner.location(ledger, entry) else { break };
-                let adjacent = runs.last().is_none_or(|p| p.log == at.log && p.offset + u64::from(p.len) == at.offset);
-                if !adjacent || (!runs.is_empty() && bytes + u64::from(at.len) > MAX_RUN_BYTES) {
-                    break;
+            let first = match looked_up.take().unwrap_or_else(|| self.inner.location(ledger, entries[next])) {
+                Ok(Some(at)) => at,
+                other => {
+                    out.push(other.map(|_| None));
+                    next += 1;
+                    continue;
                 }
-                bytes += u64::from(at.len);
-                runs.push(at);
-                if bytes >= left as u64 {
-                    break;
+            };
+            let mut runs = vec![first];
+            let mut bytes = u64::from(first.len);
+            while bytes < left as u64 && next + runs.len() < entries.len() {
+                let found = self.inner.location(ledger, entries[next + runs.len()]);
+                match (&found, runs.last()) {
+                    (Ok(Some(at)), Some(p))
+                        if p.log == at.log
+                            && p.offset + u64::from(p.len) == at.offset
+                            && bytes + u64::from(at.len) <= MAX_RUN_BYTES =>
+                    {
+                        bytes += u64::from(at.len);
+                        runs.push(*at);
+                    }
+                    _ => {
+                        looked_up = Some(found);
+                        break;
+                    }
                 }
             }
             let ids = &entries[next..next + runs.len()];
-            match (runs.len() > 1).then(|| self.inner.read_run(ledger, ids, &runs)).flatten() {
-                Some(read) => {
-                    for e in read {
-                        left = left.saturating_sub(e.payload.len());
-                        out.push(Ok(Some(e)));
-                    }
-                    next += runs.len();
+            let read = self.inner.read_run(ledger, ids, &runs);
+            for ((&entry, &at), got) in ids.iter().zip(&runs).zip(read) {
+                let r = match got {
+                    Some(e) => Ok(Some(e)),
+                    None => self.get_entry_at(ledger, entry, at),
+                };
+                if let Ok(Some(e)) = &r {
+                    left = left.saturating_sub(e.payload.len());
                 }
-                None => {
-                    let r = self.get_entry(ledger, entries[next]);
-                    if let Ok(Some(e)) = &r {
-                        left = left.saturating_sub(e.payload.len());
-                    }
-                    out.push(r);
-                    next += 1;
-                }
+                out.push(r);
             }
+            next += runs.len();
         }
         out
     }
