@@ -1615,6 +1615,13 @@ impl LedgerStorage for EntryLogStorage {
         }
         let at = inner.append(&mut st, e.ledger, e.entry, e.checksum, &e.payload)?;
         *st.unindexed.entry(at.log).or_default() += 1;
+        // With the writer idle, the payload goes to it now rather than when the sync that
+        // covers it cuts the buffer: the sync, on the add's path to its ack, then finds it
+        // written or being written. While the writer is busy, payloads gather in the buffer
+        // and go out together.
+        if st.inflight.is_empty() && st.current.as_ref().is_some_and(|c| c.unsent) {
+            inner.send(&mut st, 0, false)?;
+        }
         drop(inner.throttle(st));
         Ok(Some(at.encode()))
     }

@@ -543,3 +543,26 @@ fn adjacent_records_are_read_at_once() {
     }
     same(&s, s.get_entries(9, &ids, usize::MAX), None);
 }
+
+/// A payload stored by reference goes to the file as soon as the writer is idle, before any
+/// sync asks for it (the sync on the add's path then has less to wait for), and a second one
+/// stored while the first is being written follows without a sync too.
+#[test]
+fn references_are_written_without_waiting_for_a_sync() {
+    let d = tempfile::tempdir().unwrap();
+    let s = open(d.path(), 16 << 20);
+    let refs: Vec<Location> = (0..2)
+        .map(|e| {
+            let at = s.write_ref(&entry(4, e, 100_000)).unwrap().unwrap();
+            Location::decode(&at).unwrap()
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    while refs.iter().any(|at| Inner::in_memory(&s.inner.lock(), *at).is_some()) {
+        assert!(started.elapsed() < Duration::from_secs(10), "still only in memory, waiting for a sync");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    s.sync_refs().unwrap()().unwrap();
+    s.index_refs(&[(4, 0, refs[0].encode()), (4, 1, refs[1].encode())]).unwrap();
+    check(&s, 4, 0..2, 100_000);
+}
