@@ -210,15 +210,21 @@ pub fn encode_command(cmd: &pb::BaseCommand, out: &mut BytesMut) {
 /// already encoded (as stored in a ledger), adding the checksum: `crc` when it is known (the
 /// CRC32C of `entry`), else computed.
 pub fn encode_with_entry(cmd: &pb::BaseCommand, entry: &[u8], crc: Option<u32>, out: &mut BytesMut) {
+    encode_entry_header(cmd, entry, crc, out, entry.len());
+    out.extend_from_slice(entry);
+}
+
+/// Appends what [`encode_with_entry`] writes before the entry itself (which the frame's
+/// writer then sends from where it is), reserving `extra` more bytes.
+pub fn encode_entry_header(cmd: &pb::BaseCommand, entry: &[u8], crc: Option<u32>, out: &mut BytesMut, extra: usize) {
     let cmd_size = cmd.encoded_len();
     let total = 4 + cmd_size + 2 + 4 + entry.len();
-    out.reserve(4 + total);
+    out.reserve(4 + total - entry.len() + extra);
     out.put_u32(total as u32);
     out.put_u32(cmd_size as u32);
     let _ = cmd.encode(out);
     out.put_u16(MAGIC_CRC32C);
     out.put_u32(crc.unwrap_or_else(|| crc32c::crc32c(entry)));
-    out.extend_from_slice(entry);
 }
 
 /// Encodes `[metadataSize][MessageMetadata][payload]`.

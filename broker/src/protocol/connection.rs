@@ -6,7 +6,7 @@
 //! first reply is CONNECTED (or ERROR), with the protocol version the two sides share and the
 //! largest message the broker accepts.
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::codec::{self, CodecError, Frame};
@@ -32,6 +32,10 @@ pub enum ConnError {
     #[error("connection closed by the peer")]
     Closed,
 }
+
+/// The most a read takes beyond the frame being read (many small frames still come in one
+/// read).
+const READ_AHEAD: usize = 16 << 10;
 
 /// Reads frames.
 pub struct FrameReader<R> {
@@ -62,24 +66,39 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             } else {
                 4
             };
-            self.buf.reserve(want.saturating_sub(self.buf.len()).max(4096));
-            if self.io.read_buf(&mut self.buf).await? == 0 {
+            let missing = want.saturating_sub(self.buf.len());
+            // Frames handed out keep their part of the buffer, so growing it for a large frame
+            // copies what was read of it so far into a new allocation. Reads therefore take
+            // at most `READ_AHEAD` bytes past what is known to be needed: a large frame is
+            // read up to its end and no further, and little of the next one is ever copied
+            // (before, about half of each 128 KiB entry was).
+            self.buf.reserve(missing.max(READ_AHEAD));
+            let limit = missing.max(READ_AHEAD) as u64;
+            if (&mut self.io).take(limit).read_buf(&mut self.buf).await? == 0 {
                 return if self.buf.is_empty() { Ok(None) } else { Err(ConnError::Closed) };
             }
         }
     }
 }
 
+/// Entries of at least this many bytes are sent from their own buffers (one vectored write
+/// carries them with the frames around them) instead of being copied into the write buffer.
+const SEND_IN_PLACE: usize = 16 << 10;
+
 /// Writes frames.
 pub struct FrameWriter<W> {
     io: W,
+    /// Frames queued, not yet in `parts`.
     buf: BytesMut,
+    /// What goes out before `buf`: pieces of it split off, and entries sent in place.
+    parts: std::collections::VecDeque<Bytes>,
+    parts_len: usize,
 }
 
 impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     /// Wraps a writer.
     pub fn new(io: W) -> Self {
-        FrameWriter { io, buf: BytesMut::with_capacity(64 * 1024) }
+        FrameWriter { io, buf: BytesMut::with_capacity(64 * 1024), parts: Default::default(), parts_len: 0 }
     }
 
     /// Queues a command without payload (call [`Self::flush`] to send).
@@ -87,19 +106,55 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         codec::encode_command(cmd, &mut self.buf);
     }
 
-    /// Queues a payload command carrying a stored entry.
-    pub fn queue_with_entry(&mut self, cmd: &pb::BaseCommand, entry: &[u8], crc: Option<u32>) {
-        codec::encode_with_entry(cmd, entry, crc, &mut self.buf);
+    /// Queues a payload command carrying a stored entry. A large entry is not copied: it is
+    /// sent from its own buffer.
+    pub fn queue_with_entry(&mut self, cmd: &pb::BaseCommand, entry: &Bytes, crc: Option<u32>) {
+        if entry.len() < SEND_IN_PLACE {
+            codec::encode_with_entry(cmd, entry, crc, &mut self.buf);
+            return;
+        }
+        codec::encode_entry_header(cmd, entry, crc, &mut self.buf, 0);
+        let head = self.buf.split().freeze();
+        self.parts_len += head.len() + entry.len();
+        self.parts.push_back(head);
+        self.parts.push_back(entry.clone());
     }
 
     /// Bytes queued and not yet written.
     pub fn buffered(&self) -> usize {
-        self.buf.len()
+        self.parts_len + self.buf.len()
     }
 
     /// Writes what is queued.
     pub async fn flush(&mut self) -> Result<(), ConnError> {
-        if !self.buf.is_empty() {
+        if !self.parts.is_empty() {
+            if !self.buf.is_empty() {
+                let rest = self.buf.split().freeze();
+                self.parts_len += rest.len();
+                self.parts.push_back(rest);
+            }
+            while let Some(front) = self.parts.front() {
+                let slices: Vec<std::io::IoSlice<'_>> =
+                    self.parts.iter().take(64).map(|b| std::io::IoSlice::new(b)).collect();
+                let mut n = match slices.len() {
+                    1 => self.io.write(front).await?,
+                    _ => self.io.write_vectored(&slices).await?,
+                };
+                if n == 0 {
+                    return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into());
+                }
+                self.parts_len -= n;
+                while let Some(b) = self.parts.front_mut().filter(|_| n > 0) {
+                    if b.len() <= n {
+                        n -= b.len();
+                        self.parts.pop_front();
+                    } else {
+                        bytes::Buf::advance(b, n);
+                        n = 0;
+                    }
+                }
+            }
+        } else if !self.buf.is_empty() {
             self.io.write_all(&self.buf).await?;
             self.buf.clear();
         }
@@ -261,6 +316,67 @@ mod tests {
         w.send(&codec::base(Type::Ping)).await.unwrap();
         assert!(matches!(reader.next().await, Err(ConnError::Codec(CodecError::ChecksumMismatch { .. }))));
         assert_eq!(reader.next().await.unwrap().unwrap().command.r#type, Type::Ping as i32);
+    }
+
+    /// Large frames come whole and in order among small ones, and reading them takes at most
+    /// `READ_AHEAD` bytes of the next frame: more would be copied when the buffer grows for
+    /// that frame (the frame handed out keeps the old allocation).
+    #[tokio::test]
+    async fn large_frames_are_read_without_reading_far_ahead() {
+        let (client, server) = tokio::io::duplex(4 << 20);
+        let mut reader = FrameReader::new(server, MAX);
+        let mut w = FrameWriter::new(client);
+        let sizes = [200_000usize, 10, 300_000, 70_000, 5, 5, 150_000];
+        for (i, &n) in sizes.iter().enumerate() {
+            let entry = codec::encode_entry(&pb::MessageMetadata::default(), &vec![i as u8; n]);
+            w.queue_with_entry(&codec::base(Type::Send), &entry, None);
+            w.queue(&codec::base(Type::Ping));
+        }
+        // All of it is there to be read before the first frame is.
+        w.flush().await.unwrap();
+        for (i, &n) in sizes.iter().enumerate() {
+            let f = reader.next().await.unwrap().unwrap();
+            let data = f.payload.expect("a payload").data;
+            assert_eq!((data.len(), data.first().copied()), (n, Some(i as u8)), "frame {i}");
+            assert!(reader.buf.len() <= READ_AHEAD, "{} bytes read ahead after frame {i}", reader.buf.len());
+            assert_eq!(reader.next().await.unwrap().unwrap().command.r#type, Type::Ping as i32);
+        }
+    }
+
+    /// Large entries go out from their own buffers, among frames copied into the write
+    /// buffer, in order and whole, however little each write takes; `buffered` counts them.
+    #[tokio::test]
+    async fn large_entries_are_sent_in_place_in_order() {
+        let (client, server) = tokio::io::duplex(1000);
+        let mut reader = FrameReader::new(server, MAX);
+        let mut w = FrameWriter::new(client);
+        let sizes = [100usize, 20_000, 3, 70_000, 16 << 10, (16 << 10) - 1];
+        let entries: Vec<Bytes> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| codec::encode_entry(&pb::MessageMetadata::default(), &vec![i as u8 + 1; n]))
+            .collect();
+        let mut queued = 0;
+        for e in &entries {
+            w.queue(&codec::base(Type::Ping));
+            w.queue_with_entry(&codec::base(Type::Send), e, None);
+            let in_place = w.parts.back().is_some_and(|b| b.as_ptr() == e.as_ptr());
+            assert_eq!(in_place, e.len() >= SEND_IN_PLACE, "entry of {} bytes", e.len());
+            queued += 8 + prost::Message::encoded_len(&codec::base(Type::Ping)) + 14;
+            queued += prost::Message::encoded_len(&codec::base(Type::Send)) + e.len();
+        }
+        assert_eq!(w.buffered(), queued);
+        let writer = tokio::spawn(async move {
+            w.flush().await.unwrap();
+            assert_eq!(w.buffered(), 0);
+        });
+        for (i, &n) in sizes.iter().enumerate() {
+            assert_eq!(reader.next().await.unwrap().unwrap().command.r#type, Type::Ping as i32);
+            let data = reader.next().await.unwrap().unwrap().payload.expect("a payload").data;
+            assert_eq!(data.len(), n, "frame {i}");
+            assert!(data.iter().all(|&b| b == i as u8 + 1), "frame {i}");
+        }
+        writer.await.unwrap();
     }
 
     #[tokio::test]
