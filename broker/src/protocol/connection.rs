@@ -72,7 +72,9 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             // at most `READ_AHEAD` bytes past what is known to be needed: a large frame is
             // read up to its end and no further, and little of the next one is ever copied
             // (before, about half of each 128 KiB entry was).
-            self.buf.reserve(missing.max(READ_AHEAD));
+            // Room for the whole rest and the read-ahead, so that no short read leaves the
+            // buffer to grow (and copy) in the middle of a frame.
+            self.buf.reserve(missing + READ_AHEAD);
             let limit = missing.max(READ_AHEAD) as u64;
             if (&mut self.io).take(limit).read_buf(&mut self.buf).await? == 0 {
                 return if self.buf.is_empty() { Ok(None) } else { Err(ConnError::Closed) };
@@ -350,7 +352,7 @@ mod tests {
         let (client, server) = tokio::io::duplex(1000);
         let mut reader = FrameReader::new(server, MAX);
         let mut w = FrameWriter::new(client);
-        let sizes = [100usize, 20_000, 3, 70_000, 16 << 10, (16 << 10) - 1];
+        let sizes = [100usize, 20_000, 3, 70_000, 16 << 10, (16 << 10) - 1, 200_000, 130_000];
         let entries: Vec<Bytes> = sizes
             .iter()
             .enumerate()
@@ -370,11 +372,20 @@ mod tests {
             w.flush().await.unwrap();
             assert_eq!(w.buffered(), 0);
         });
+        // Kept, as a broker keeps the entries it caches: their allocations stay shared.
+        let mut kept = Vec::new();
         for (i, &n) in sizes.iter().enumerate() {
             assert_eq!(reader.next().await.unwrap().unwrap().command.r#type, Type::Ping as i32);
             let data = reader.next().await.unwrap().unwrap().payload.expect("a payload").data;
             assert_eq!(data.len(), n, "frame {i}");
             assert!(data.iter().all(|&b| b == i as u8 + 1), "frame {i}");
+            kept.push(data);
+            // Read in short pieces here: the buffer never grew (doubling, and copying the
+            // frame) in the middle of a large one.
+            if n > 64 << 10 {
+                let left = reader.buf.capacity();
+                assert!(left <= 3 * READ_AHEAD, "{left} bytes of room left after frame {i}");
+            }
         }
         writer.await.unwrap();
     }
