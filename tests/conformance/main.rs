@@ -390,13 +390,13 @@ async fn python_client_deduplication() {
 }
 
 /// Producer names with no producer connected for
-/// `broker_deduplication_producer_inactivity_timeout_minutes` (2 s here) are forgotten, as
+/// `broker_deduplication_producer_inactivity_timeout_minutes` (3 s here) are forgotten, as
 /// Pulsar forgets them, also across a SIGKILL; a name whose producer stays connected is kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deduplication_forgets_inactive_producer_names() {
     let s = standalone_with(&[
         "broker_deduplication_enabled=true",
-        "broker_deduplication_producer_inactivity_timeout_minutes=0.0333",
+        "broker_deduplication_producer_inactivity_timeout_minutes=0.05",
     ])
     .await;
     scenario(&s.url(), "dedup_forgets_inactive_producers", "forget");
