@@ -135,13 +135,10 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
                 self.parts_len += rest.len();
                 self.parts.push_back(rest);
             }
-            while let Some(front) = self.parts.front() {
+            while !self.parts.is_empty() {
                 let slices: Vec<std::io::IoSlice<'_>> =
                     self.parts.iter().take(64).map(|b| std::io::IoSlice::new(b)).collect();
-                let mut n = match slices.len() {
-                    1 => self.io.write(front).await?,
-                    _ => self.io.write_vectored(&slices).await?,
-                };
+                let mut n = self.io.write_vectored(&slices).await?;
                 if n == 0 {
                     return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into());
                 }

@@ -117,6 +117,9 @@ struct Current {
     buf: AlignedBuf,
     /// The buffer holds bytes the writer has not been given.
     unsent: bool,
+    /// ... among them payloads stored by reference, which go to the writer as soon as it is
+    /// idle (see [`EntryLogStorage::write_ref`]).
+    unsent_refs: bool,
 }
 
 impl Current {
@@ -654,6 +657,12 @@ impl Inner {
                 }
             }
             st.done_seq = last_seq;
+            if st.inflight.is_empty() && st.current.as_ref().is_some_and(|c| c.unsent_refs) {
+                // References stored while this write ran go out now, not at their sync.
+                if let Err(e) = self.send(&mut st, 0, false) {
+                    st.failed.get_or_insert_with(|| e.to_string());
+                }
+            }
             for c in run {
                 if let Ok(b) = Arc::try_unwrap(c.buf) {
                     if b.capacity() == CHUNK && st.spare.len() < 4 {
@@ -783,7 +792,7 @@ impl Inner {
         st.ref_unsynced.insert(id, file.clone());
         st.logs.insert(id, LogInfo::default());
         st.dirty.insert(id);
-        st.current = Some(Current { id, file, base: 0, buf, unsent: false });
+        st.current = Some(Current { id, file, base: 0, buf, unsent: false, unsent_refs: false });
         Ok(())
     }
 
@@ -811,6 +820,7 @@ impl Inner {
         let (seq, offset, file, log) = (st.next_seq, cur.base, cur.file.clone(), cur.id);
         cur.base += keep_from as u64;
         cur.unsent = false;
+        cur.unsent_refs = false;
         st.next_seq += 1;
         st.inflight_bytes += old.capacity();
         let buf = Arc::new(old);
@@ -990,6 +1000,11 @@ impl Inner {
     /// alone, with the retries and errors of a single read.
     fn read_run(&self, ledger: u64, entries: &[i64], runs: &[Location]) -> Vec<Option<StoredEntry>> {
         let mut out: Vec<Option<StoredEntry>> = runs.iter().map(|_| None).collect();
+        if runs.len() < 2 {
+            // Nothing to read at once: spare the state lock (runs of one are the rule where
+            // ledgers' records interleave).
+            return out;
+        }
         let on_disk = {
             let st = self.lock();
             runs.partition_point(|at| Self::in_memory(&st, *at).is_none())
@@ -1617,9 +1632,12 @@ impl LedgerStorage for EntryLogStorage {
         *st.unindexed.entry(at.log).or_default() += 1;
         // With the writer idle, the payload goes to it now rather than when the sync that
         // covers it cuts the buffer: the sync, on the add's path to its ack, then finds it
-        // written or being written. While the writer is busy, payloads gather in the buffer
-        // and go out together.
-        if st.inflight.is_empty() && st.current.as_ref().is_some_and(|c| c.unsent) {
+        // written or being written. Payloads stored while the writer is busy gather in the
+        // buffer, and it takes them together once its write is done (`write_chunks`).
+        if let Some(cur) = st.current.as_mut() {
+            cur.unsent_refs = true;
+        }
+        if st.inflight.is_empty() {
             inner.send(&mut st, 0, false)?;
         }
         drop(inner.throttle(st));

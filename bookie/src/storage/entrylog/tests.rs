@@ -551,12 +551,15 @@ fn adjacent_records_are_read_at_once() {
 fn references_are_written_without_waiting_for_a_sync() {
     let d = tempfile::tempdir().unwrap();
     let s = open(d.path(), 16 << 20);
+    // The writer held at its first write, so the second reference comes while it is busy.
+    let held = s.inner.gate.lock().unwrap();
     let refs: Vec<Location> = (0..2)
         .map(|e| {
             let at = s.write_ref(&entry(4, e, 100_000)).unwrap().unwrap();
             Location::decode(&at).unwrap()
         })
         .collect();
+    drop(held);
     let started = std::time::Instant::now();
     while refs.iter().any(|at| Inner::in_memory(&s.inner.lock(), *at).is_some()) {
         assert!(started.elapsed() < Duration::from_secs(10), "still only in memory, waiting for a sync");
