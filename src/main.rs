@@ -6,8 +6,11 @@ mod cli;
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
+    // Before any thread starts or buffer is allocated (see `magnetar_common::malloc`).
+    let malloc = magnetar_common::malloc::tune();
     let args = cli::Cli::parse();
     magnetar_common::telemetry::init_tracing(magnetar_common::telemetry::log_format_from_env());
+    tracing::debug!(?malloc, "allocator thresholds");
     // Bookies keep many files open (see `magnetar_common::limits`).
     let files = magnetar_common::limits::raise_open_file_limit();
     tracing::debug!(limit = ?files, "open-file limit");

@@ -5,6 +5,7 @@
 pub mod config;
 pub mod error;
 pub mod limits;
+pub mod malloc;
 pub mod metrics;
 pub mod shutdown;
 pub mod telemetry;
