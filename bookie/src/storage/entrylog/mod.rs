@@ -243,6 +243,12 @@ struct Inner {
     /// Tests hold it to keep the writer from writing.
     #[cfg(test)]
     gate: Mutex<()>,
+    /// Tests hold it to keep the logs' fdatasyncs from starting.
+    #[cfg(test)]
+    sync_gate: Mutex<()>,
+    /// Tests hold it to keep reads of the files from starting.
+    #[cfg(test)]
+    read_gate: Mutex<()>,
     /// Signalled when the writer finishes a buffer.
     written: Condvar,
     /// One flush at a time: a flush promises that everything written before it is durable.
@@ -360,6 +366,10 @@ impl EntryLogStorage {
             replayed: std::sync::atomic::AtomicBool::new(false),
             #[cfg(test)]
             gate: Mutex::new(()),
+            #[cfg(test)]
+            sync_gate: Mutex::new(()),
+            #[cfg(test)]
+            read_gate: Mutex::new(()),
             readers: Mutex::new(HashMap::new()),
             direct_readers: Mutex::new(HashMap::new()),
             direct_reads: AtomicBool::new(true),
@@ -825,9 +835,16 @@ impl Inner {
         st.inflight_bytes += old.capacity();
         let buf = Arc::new(old);
         st.inflight.push_back(Inflight { seq, log, offset, buf: buf.clone() });
-        let tx = st.tx.as_ref().ok_or(BookieError::Invalid("the entry store is closed"))?;
-        tx.send(ToWriter::Write(Chunk { seq, file, offset, buf, filled }))
-            .map_err(|_| BookieError::Invalid("the entry log writer stopped"))
+        let chunk = ToWriter::Write(Chunk { seq, file, offset, buf, filled });
+        if st.tx.as_ref().is_some_and(|tx| tx.send(chunk).is_ok()) {
+            return Ok(());
+        }
+        // The buffer will never be written: a flush or sync waiting for it must not wait
+        // forever, and nothing stored after it may be called durable.
+        let why = "the entry log writer stopped";
+        st.failed.get_or_insert_with(|| why.to_string());
+        self.written.notify_all();
+        Err(BookieError::Invalid(why))
     }
 
     /// Seals the current log.
@@ -955,6 +972,8 @@ impl Inner {
     /// finds nothing cached; through the page cache, copying freshly read pages out took
     /// about half of a standalone's CPU while a consumer caught up (see docs/benchmarks.md).
     fn read_file(&self, at: Location) -> std::io::Result<bytes::Bytes> {
+        #[cfg(test)]
+        drop(self.read_gate.lock());
         self.file_reads.fetch_add(1, Ordering::Relaxed);
         if at.len as usize >= DIRECT_READ_BYTES && self.direct_reads.load(Ordering::Relaxed) {
             match self.read_direct(at) {
@@ -1024,7 +1043,9 @@ impl Inner {
     }
 
     fn read_at(&self, ledger: u64, entry: i64, at: Location) -> Result<StoredEntry> {
-        let rec: bytes::Bytes = match Self::buffered(&self.lock(), at) {
+        // Its own statement: the state lock is not held while the file is read.
+        let buffered = Self::buffered(&self.lock(), at);
+        let rec: bytes::Bytes = match buffered {
             Some(r) => r.into(),
             None => match self.read_file(at) {
                 Ok(r) => r,
@@ -1092,7 +1113,10 @@ impl Inner {
     /// beside the writer, which goes on writing, and the journal's fdatasync.
     fn sync_refs(&self, rx: Receiver<RefSyncJob>) {
         for job in rx {
-            let res = match self.lock().failed.clone() {
+            // Its own statement: the state lock is not held through the fdatasync (it would
+            // hold up every add storing a payload, and the writer, for as long).
+            let failure = self.lock().failed.clone();
+            let res = match failure {
                 Some(e) => Err(failed(&e)),
                 None => self.sync_logs(&job.files, job.new_names),
             };
@@ -1215,6 +1239,8 @@ impl Inner {
     /// sync of this kind: a reused file's new name must be durable before anything depends on
     /// it, and the fdatasync of an overwrite does not commit a rename.
     fn sync_logs(&self, files: &[(u64, Arc<File>)], new_names: bool) -> Result<()> {
+        #[cfg(test)]
+        drop(self.sync_gate.lock());
         for (id, f) in files {
             rustix::fs::fdatasync(&**f)
                 .map_err(|e| BookieError::io(format!("syncing entry log {}", log_name(*id)), e.into()))?;
@@ -1255,7 +1281,15 @@ impl Inner {
                 return Err(failed(e));
             }
             drop(st);
-            self.sync_logs(&files, new_names)?;
+            if let Err(e) = self.sync_logs(&files, new_names) {
+                // At once, so that a reference sync finishing meanwhile acknowledges nothing.
+                self.lock().failed.get_or_insert_with(|| e.to_string());
+                return Err(e);
+            }
+            // A reference sync of the same logs may have failed while this one ran.
+            if let Some(e) = &self.lock().failed {
+                return Err(failed(e));
+            }
             self.db.write_opt(batch, &self.no_wal)?;
             let mut fo = FlushOptions::default();
             fo.set_wait(true);
@@ -1634,10 +1668,15 @@ impl LedgerStorage for EntryLogStorage {
         // covers it cuts the buffer: the sync, on the add's path to its ack, then finds it
         // written or being written. Payloads stored while the writer is busy gather in the
         // buffer, and it takes them together once its write is done (`write_chunks`).
-        if let Some(cur) = st.current.as_mut() {
-            cur.unsent_refs = true;
-        }
-        if st.inflight.is_empty() {
+        // (A record that filled the buffer went with it already.)
+        let unsent = match st.current.as_mut() {
+            Some(cur) if cur.unsent => {
+                cur.unsent_refs = true;
+                true
+            }
+            _ => false,
+        };
+        if unsent && st.inflight.is_empty() {
             inner.send(&mut st, 0, false)?;
         }
         drop(inner.throttle(st));

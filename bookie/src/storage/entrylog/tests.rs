@@ -569,3 +569,83 @@ fn references_are_written_without_waiting_for_a_sync() {
     s.index_refs(&[(4, 0, refs[0].encode()), (4, 1, refs[1].encode())]).unwrap();
     check(&s, 4, 0..2, 100_000);
 }
+
+/// Runs `f` on a thread of its own; whether it finished within `within`.
+fn finishes_within<T: Send + 'static>(within: Duration, f: impl FnOnce() -> T + Send + 'static) -> bool {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let r = f();
+        let _ = tx.send(());
+        r
+    });
+    rx.recv_timeout(within).is_ok()
+}
+
+/// Neither a reference sync's fdatasync nor a read from a file holds the store's state lock:
+/// payloads go on being stored while either waits for the disk (before, every add storing a
+/// payload, and the writer, waited out each sync and each read of a record from a file).
+#[test]
+fn payloads_are_stored_while_a_sync_or_a_read_waits_for_the_disk() {
+    let d = tempfile::tempdir().unwrap();
+    let s = std::sync::Arc::new(open(d.path(), 16 << 20));
+    let at = Location::decode(&s.write_ref(&entry(4, 0, 100_000)).unwrap().unwrap()).unwrap();
+    let store = |s: &std::sync::Arc<EntryLogStorage>, e: i64| {
+        let s = s.clone();
+        move || s.write_ref(&entry(4, e, 100_000)).unwrap().unwrap()
+    };
+    // The sync thread held at its fdatasync.
+    let held = s.inner.sync_gate.lock().unwrap();
+    let finish = s.sync_refs().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(finishes_within(Duration::from_secs(5), store(&s, 1)), "storing waited for the sync");
+    drop(held);
+    finish().unwrap();
+    s.index_refs(&[(4, 0, at.encode())]).unwrap();
+
+    // A read held before it reads the file.
+    let held = s.inner.read_gate.lock().unwrap();
+    let reader = s.clone();
+    let read = std::thread::spawn(move || reader.get_entry(4, 0).unwrap().unwrap());
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(finishes_within(Duration::from_secs(5), store(&s, 2)), "storing waited for the read");
+    drop(held);
+    assert_eq!(read.join().unwrap().payload, payload(4, 0, 100_000));
+}
+
+/// A buffer the writer can no longer be given fails the store: a flush then reports it rather
+/// than waiting forever for a write that will never come.
+#[test]
+fn a_buffer_the_writer_never_gets_fails_the_store() {
+    let d = tempfile::tempdir().unwrap();
+    let s = std::sync::Arc::new(open(d.path(), 16 << 20));
+    s.write(&[entry(1, 0, 1000)], &[]).unwrap();
+    // As if the writer had died.
+    s.inner.lock().tx = None;
+    assert!(s.write_ref(&entry(1, 1, 100_000)).is_err());
+    let flushed = s.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(flushed.flush().is_err()));
+    assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(true), "the flush hung or succeeded");
+}
+
+/// A payload stored by reference that fills the buffer goes with it; the writer does not send
+/// the block carried over from it a second time when its write ends.
+#[test]
+fn a_reference_that_filled_the_buffer_is_not_sent_again() {
+    let d = tempfile::tempdir().unwrap();
+    let s = open(d.path(), 16 << 20);
+    let held = s.inner.gate.lock().unwrap();
+    let at = Location::decode(&s.write_ref(&entry(4, 0, CHUNK + 100)).unwrap().unwrap()).unwrap();
+    let sent = s.inner.lock().next_seq;
+    drop(held);
+    let started = std::time::Instant::now();
+    while !s.inner.lock().inflight.is_empty() {
+        assert!(started.elapsed() < Duration::from_secs(10), "not written");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(s.inner.lock().next_seq, sent, "a buffer was sent again");
+    s.sync_refs().unwrap()().unwrap();
+    s.index_refs(&[(4, 0, at.encode())]).unwrap();
+    check(&s, 4, 0..1, CHUNK + 100);
+}
