@@ -1176,3 +1176,55 @@ async fn the_tail_caches_keep_what_consumers_still_need_within_the_budget() {
     cache_drops_to(&s.web, 0.0, Duration::from_secs(10), "older than the threshold").await;
     receive_numbered(&mut c, 0, 20, 1000).await;
 }
+
+/// `fetchedEntries` of subscription `s` in a topic's `internalStats`, and whether a read from
+/// the bookies is in flight for it.
+async fn fetched_entries(web: &str, topic: &str) -> (u64, bool) {
+    let (st, body) = http(web, "GET", &format!("/admin/v2/persistent/public/default/{topic}/internalStats"), "").await;
+    assert_eq!(st, 200, "{body}");
+    let cursor = &parse(&body)["cursors"]["s"];
+    let n = cursor["fetchedEntries"].as_u64().unwrap_or_else(|| panic!("no fetchedEntries: {body}"));
+    (n, cursor["subscriptionHavePendingRead"].as_bool().unwrap_or(false))
+}
+
+/// Entries a catching-up subscription read from the bookies are held only while they can still
+/// go out: a skip past them (as an admin's skip, a TTL expiry or a backlog-quota eviction
+/// does) lets them go, and so does a read that lands behind it. Before, they stayed for as
+/// long as the consumer stayed connected, outside the cache budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_read_ahead_are_let_go_once_the_subscription_skips_past_them() {
+    let s = standalone_with(&[]).await;
+    let client = Client::connect(&s.broker).await.expect("connect");
+    let name = "read-ahead";
+    let topic = format!("persistent://public/default/{name}");
+    let mut p = client.producer(&topic).await.expect("producer");
+    // No consumer yet: nothing is cached, so the subscription reads from the bookie.
+    send_numbered(&mut p, 0, 200, 1000).await;
+    let sub = format!("/admin/v2/persistent/public/default/{name}/subscription/s");
+    assert_eq!(http(&s.web, "PUT", &sub, r#"{"ledgerId":-1,"entryId":-1}"#).await.0, 204);
+    let mut c = client.subscribe(&topic, "s", SubType::Exclusive, true).await.expect("subscribe");
+    receive_numbered(&mut c, 0, 5, 1000).await;
+    // The consumer asked for no more: the subscription has read ahead and holds what it read.
+    let started = std::time::Instant::now();
+    loop {
+        let (held, reading) = fetched_entries(&s.web, name).await;
+        if held > 0 && !reading {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(15), "nothing read ahead: {held} held, reading {reading}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(http(&s.web, "POST", &format!("{sub}/skip_all"), "").await.0, 204);
+    let started = std::time::Instant::now();
+    loop {
+        let (held, _) = fetched_entries(&s.web, name).await;
+        if held == 0 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "{held} entries still held after skipping past them");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Delivery goes on from after the skip.
+    send_numbered(&mut p, 200, 5, 1000).await;
+    receive_numbered(&mut c, 200, 5, 1000).await;
+}

@@ -640,6 +640,31 @@ impl Sub {
         let next = Pos::new(self.read_pos.ledger_id, self.read_pos.entry_id.saturating_add(1));
         self.replay.first().map_or(next, |r| (*r).min(next))
     }
+
+    /// Drops the entries read from the bookies that can no longer go out: acknowledged, in a
+    /// deleted ledger, or behind the read position and not stashed for delivery again (acked
+    /// while their read was in flight, passed by a TTL expiry or skip, or held for a later
+    /// delivery time, when they are read again). Nothing else removes those, and `fetched`
+    /// has no budget of its own.
+    fn prune_fetched(&mut self, span: &LedgerSpan) {
+        let (read_pos, replay, cursor) = (self.read_pos, &self.replay, &self.cursor);
+        self.fetched.retain(|p, _| span.contains(*p) && !cursor.is_acked(*p) && (*p > read_pos || replay.contains(p)));
+    }
+}
+
+/// Entries below this size are copied before they are cached (see [`unshared`]).
+const UNSHARED_BELOW: usize = 16 << 10;
+
+/// A small entry as its own allocation. Entries arrive as slices of their connection's read
+/// buffer (which holds up to 16 KiB past each frame), and a cached slice keeps that whole
+/// buffer alive: memory the cache's budget does not see, many times the entries' own size
+/// when small entries of one connection go to topics with and without consumers.
+fn unshared(entry: Bytes) -> Bytes {
+    if entry.len() < UNSHARED_BELOW {
+        Bytes::copy_from_slice(&entry)
+    } else {
+        entry
+    }
 }
 
 /// Numbers [`Sub::instance`].
@@ -1148,6 +1173,8 @@ impl Actor {
                                         }
                                     }
                                 }
+                                // Some may have been acknowledged or passed while being read.
+                                s.prune_fetched(&self.ml.span);
                                 dispatch(s, &mut self.ml);
                             }
                             // Retried on the next tick.
@@ -1377,6 +1404,7 @@ impl Actor {
                     self.ml.last_info = Some((p, c.info));
                     self.count_in(&c, producer);
                     if cache {
+                        let c = Cached { entry: unshared(c.entry), ..c };
                         let bytes = c.entry.len();
                         self.ml.cache.insert(p, c, bytes, now);
                     }
@@ -1485,6 +1513,9 @@ impl Actor {
         let first = self.ml.info.ledgers.first().map_or(0, |l| l.ledger_id);
         self.ml.span.drop_before(first);
         self.ml.cache.evict_before(Pos::new(first, i64::MIN));
+        for s in self.subs.values_mut() {
+            s.prune_fetched(&self.ml.span);
+        }
         tracing::info!(topic = %self.ml.name, ledgers = ?ids, slowest = ?slowest, "deleting consumed ledgers");
         let (ledgers, name) = (self.ml.ledgers.clone(), self.ml.name.clone());
         tokio::spawn(async move {
@@ -2922,7 +2953,20 @@ async fn read_positions(
 
 #[cfg(test)]
 mod tests {
-    use super::{batch_size, prefetch_positions, read_run, LedgerSpan, Pos};
+    use super::{batch_size, prefetch_positions, read_run, unshared, LedgerSpan, Pos, UNSHARED_BELOW};
+
+    /// Small entries are cached as copies, so that they do not keep their connection's read
+    /// buffer alive; large ones, most of their buffer anyway, as they are.
+    #[test]
+    fn small_entries_are_cached_in_their_own_allocation() {
+        let buffer = bytes::Bytes::from(vec![7u8; 4 * UNSHARED_BELOW]);
+        let small = buffer.slice(100..200);
+        let kept = unshared(small.clone());
+        assert_eq!(kept, small);
+        assert_ne!(kept.as_ptr(), small.as_ptr(), "a small entry still points into its buffer");
+        let large = buffer.slice(0..UNSHARED_BELOW);
+        assert_eq!(unshared(large.clone()).as_ptr(), large.as_ptr(), "a large entry was copied");
+    }
 
     fn range(ledger: u64, entries: std::ops::Range<i64>) -> Vec<Pos> {
         entries.map(|e| Pos::new(ledger, e)).collect()

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 use serde_json::json;
 
-use super::{close_consumer, cursor_key, pb, read_positions, Actor, Pos, Sub, SubType, TopicName};
+use super::{close_consumer, cursor_key, pb, read_positions, Actor, LedgerSpan, Pos, Sub, SubType, TopicName};
 use crate::topic::quota::{BacklogQuota, QuotaPolicy};
 
 /// Where a subscription created through the admin API starts.
@@ -83,7 +83,7 @@ async fn message_ttl(meta: &magnetar_metastore::client::MetaClient, topic: &Topi
 const EVICT_TO: f64 = 0.9;
 
 /// Forgets delivery state of entries the cursor now covers.
-fn forget_acked(sub: &mut Sub) {
+fn forget_acked(sub: &mut Sub, span: &LedgerSpan) {
     let cursor = &sub.cursor;
     sub.pending.retain(|p, _| !cursor.is_acked(*p));
     sub.redeliveries.retain(|p, _| !cursor.is_acked(*p));
@@ -92,6 +92,7 @@ fn forget_acked(sub: &mut Sub) {
     if sub.read_pos < cursor.mark_delete() {
         sub.read_pos = cursor.mark_delete();
     }
+    sub.prune_fetched(span);
     sub.dirty = true;
 }
 
@@ -147,7 +148,7 @@ impl Actor {
         for (name, sub) in &mut self.subs {
             if cutoff > sub.cursor.mark_delete() {
                 sub.cursor.ack_cumulative(cutoff, None, &span);
-                forget_acked(sub);
+                forget_acked(sub, &span);
                 tracing::debug!(topic = %self.ml.name, sub = %name, up_to = %cutoff, ttl, "expired messages past their TTL");
             }
         }
@@ -241,7 +242,7 @@ impl Actor {
         for (name, bytes, _) in over {
             let Some(sub) = self.subs.get_mut(&name).filter(|s| cut > s.cursor.mark_delete()) else { continue };
             sub.cursor.ack_cumulative(cut, None, &span);
-            forget_acked(sub);
+            forget_acked(sub, &span);
             tracing::info!(topic = %self.ml.name, sub = %name, backlog_bytes = bytes, limit = q.limit_bytes, up_to = %cut,
                 "backlog quota exceeded: evicted the oldest entries");
         }
@@ -329,16 +330,16 @@ impl Actor {
                         k += 1;
                     }
                 }
-                forget_acked(sub);
+                forget_acked(sub, &span);
             }
             SubOp::SkipAll => {
                 sub.cursor.ack_cumulative(span.last(), None, &span);
-                forget_acked(sub);
+                forget_acked(sub, &span);
             }
             SubOp::Expire(_) => {
                 if let Some(p) = cutoff.filter(|p| *p > sub.cursor.mark_delete()) {
                     sub.cursor.ack_cumulative(p, None, &span);
-                    forget_acked(sub);
+                    forget_acked(sub, &span);
                 }
             }
             SubOp::ResetToTime(_) => {
@@ -414,6 +415,10 @@ impl Actor {
                         "state": if s.consumers.is_empty() { "NoLedger" } else { "Open" },
                         "active": !s.consumers.is_empty(),
                         "durable": s.durable,
+                        "subscriptionHavePendingRead": s.reading,
+                        // Magnetar's: entries read from the bookies and held for delivery.
+                        "fetchedEntries": s.fetched.len(),
+                        "fetchedSize": s.fetched.values().map(|c| c.entry.len()).sum::<usize>(),
                     }),
                 )
             })
