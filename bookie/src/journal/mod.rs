@@ -305,6 +305,9 @@ struct Shared {
     /// Tests: the writer's next segment write fails.
     #[cfg(test)]
     fail_next_write: std::sync::atomic::AtomicBool,
+    /// Tests: the writer's next roll finds no next segment.
+    #[cfg(test)]
+    fail_next_take: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -457,6 +460,8 @@ impl Journal {
             before_sync: Mutex::new(None),
             #[cfg(test)]
             fail_next_write: std::sync::atomic::AtomicBool::new(false),
+            #[cfg(test)]
+            fail_next_take: std::sync::atomic::AtomicBool::new(false),
         });
         let file = alloc.take(first_segment)?;
         let (tx, rx) = mpsc::channel();
@@ -572,11 +577,14 @@ struct Segment {
     offset: u64,
     /// Page-aligned starts of the last two writes: where the next page-cache advice begins.
     advised: [u64; 2],
+    /// Written up to its end (marker): nothing more may go into it, even when the roll to the
+    /// next segment failed, as replay stops at the marker.
+    ended: bool,
 }
 
 impl Segment {
     fn new(seq: u64, file: Arc<File>) -> Self {
-        Segment { seq, file, offset: 0, advised: [0; 2] }
+        Segment { seq, file, offset: 0, advised: [0; 2], ended: false }
     }
 
     /// After a write of `[from, to)`: starts writeback of the new pages and drops the clean
@@ -903,13 +911,20 @@ impl Writer {
     ) -> Result<()> {
         let tail_len = tail.map_or(0, |t| t.len());
         let len = record::encoded_len(head.iter().map(|d| d.len()).sum::<usize>() + tail_len) as u64;
-        if self.seg.offset + self.pending() as u64 + len > self.size {
+        if self.seg.ended || self.seg.offset + self.pending() as u64 + len > self.size {
             // Mark the end, so replay can tell the unused rest of the segment from damage.
-            if self.seg.offset + (self.pending() + record::encoded_len(0)) as u64 <= self.size {
+            if !self.seg.ended && self.seg.offset + (self.pending() + record::encoded_len(0)) as u64 <= self.size {
                 record::encode(&mut self.buf, self.seg.seq, record::SEGMENT_END, 0, -1, -1, &[]);
             }
             // The batch's earlier records went with that write: none of it may be acknowledged.
-            if let Err(e) = self.flush_buf(b).and_then(|()| self.roll(b)) {
+            // Once it is written the segment is ended: if the roll fails (no next segment), the
+            // next record tries again rather than going after the marker, where replay would
+            // never see it.
+            let rolled = self.flush_buf(b).and_then(|()| {
+                self.seg.ended = true;
+                self.roll(b)
+            });
+            if let Err(e) = rolled {
                 b.broken = Some(BookieError::io("journal", std::io::Error::other(e.to_string())));
                 return Err(e);
             }
@@ -983,17 +998,38 @@ impl Writer {
     fn roll(&mut self, b: &mut Batch) -> Result<()> {
         // The old segment is durable before anything lands in the new one, so after a crash
         // only the last segment holding records can end in a torn write (replay relies on it).
-        if let Err(e) = self.seg.file.sync_data() {
+        // Under the syncing claim: the kernel reports a write-back error to one fdatasync of
+        // the file only, so a sync of the same segment by the syncer must not run meanwhile
+        // and succeed without the lost pages before this one's failure is recorded.
+        let synced = {
+            let mut q = self.shared.sync_q.lock().unwrap_or_else(|e| e.into_inner());
+            while q.syncing {
+                q = self.shared.sync_cv.wait(q).unwrap_or_else(|e| e.into_inner());
+            }
+            q.syncing = true;
+            drop(q);
+            let r = self.seg.file.sync_data();
+            if let Err(e) = &r {
+                self.shared.fail(format!("syncing journal segment {}: {e}", self.seg.seq));
+            }
+            self.shared.sync_q.lock().unwrap_or_else(|e| e.into_inner()).syncing = false;
+            self.shared.sync_cv.notify_all();
+            r
+        };
+        if let Err(e) = synced {
             // As for the syncer's fdatasyncs: a later one could succeed without the lost pages.
             let e = BookieError::io(format!("syncing journal segment {}", self.seg.seq), e);
             tracing::error!(error = %e, "journal fdatasync failed; the journal acknowledges nothing more");
-            self.shared.fail(e.to_string());
             return Err(e);
         }
         if self.drop_pages {
             self.seg.advise_synced();
         }
         let seq = self.seg.seq + 1;
+        #[cfg(test)]
+        if self.shared.fail_next_take.swap(false, Ordering::SeqCst) {
+            return Err(BookieError::Invalid("injected segment allocation failure"));
+        }
         let file = Arc::new(self.alloc.take(seq)?);
         self.seg = Segment::new(seq, file.clone());
         self.marked = 0;
@@ -1063,8 +1099,9 @@ impl Syncer {
             let groups = {
                 let mut q = self.shared.sync_q.lock().unwrap_or_else(|e| e.into_inner());
                 loop {
-                    if q.groups.is_empty() {
-                        if q.closed {
+                    // Also while the writer holds the syncing claim (its roll's fdatasync).
+                    if q.groups.is_empty() || q.syncing {
+                        if q.closed && q.groups.is_empty() {
                             return;
                         }
                         q = self.shared.sync_cv.wait(q).unwrap_or_else(|e| e.into_inner());
@@ -1086,6 +1123,8 @@ impl Syncer {
             };
             self.shared.sync_and_ack(groups, self.settings.sync);
             self.shared.sync_q.lock().unwrap_or_else(|e| e.into_inner()).syncing = false;
+            // A roll may be waiting for the claim.
+            self.shared.sync_cv.notify_all();
         }
     }
 }
@@ -1190,6 +1229,37 @@ mod tests {
             assert!(got == Some(payload(e)), "entry {e} acknowledged but not in the journal");
         }
         assert_eq!(acked, Vec::<i64>::new(), "adds acknowledged from a batch whose write failed");
+    }
+
+    /// A roll that finds no next segment fails its batch, and nothing goes into the ended
+    /// segment after its end marker (replay stops there): the next record rolls again, and
+    /// every add acknowledged after the failure is in the journal.
+    #[test]
+    fn a_failed_roll_writes_nothing_after_the_segments_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = start_small_segments(dir.path());
+        let payload = |e: i64| Bytes::from(vec![e as u8; if e < 40 { 10_000 } else { 10 }]);
+        journal.shared.fail_next_take.store(true, Ordering::SeqCst);
+        let ops: Vec<Op> = (0..40).map(|e| add_op(4, e, e - 1, payload(e), b"k", false)).collect();
+        let (tx, rx) = mpsc::channel();
+        journal.submit_batch(
+            ops,
+            Box::new(move |r| tx.send(r.into_iter().map(|r| r.is_ok()).collect::<Vec<_>>()).unwrap()),
+        );
+        let first = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert!(first.iter().any(|ok| !ok), "the roll did not fail");
+        // Small records, which would fit in what is left of the ended segment.
+        let ops: Vec<Op> = (40..50).map(|e| add_op(4, e, e - 1, payload(e), b"k", false)).collect();
+        let (tx, rx) = mpsc::channel();
+        journal.submit_batch(ops, Box::new(move |r| tx.send(r.iter().all(|r| r.is_ok())).unwrap()));
+        assert!(rx.recv_timeout(Duration::from_secs(10)).unwrap(), "the next batch was acknowledged");
+        journal.stop();
+        let replayed = MemStorage::new();
+        replay::replay(dir.path(), Position { segment: 1, offset: 0 }, &replayed, 64 << 10).unwrap();
+        for e in (0..40).filter(|e| first[*e as usize]).chain(40..50) {
+            let got = replayed.get_entry(4, e).unwrap().map(|s| s.payload);
+            assert!(got == Some(payload(e)), "entry {e} acknowledged but not in the journal");
+        }
     }
 
     /// A journal of 256 KiB segments over an in-memory store (entries up to 64 KiB).
