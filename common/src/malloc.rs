@@ -8,7 +8,7 @@
 //! a page fault per 4 KiB page on its first write, and every `munmap` interrupts the other
 //! cores to flush their TLBs. Measured on a `perf produce` client with one consumer at 345k
 //! msg/s of 1 KiB messages against a standalone, in eight alternating pairs of runs: the client
-//! took 170–540k page faults in its 17 s, against about 4k with the settings below, used 5–20%
+//! took 170–540k page faults in its 17 s, against about 4k with the settings below, used 4–21%
 //! less CPU, and the end-to-end p99 was lower in every pair (8.5–25.5 ms against 6.6–16.5 ms;
 //! see `docs/benchmarks.md`).
 //!
