@@ -24,6 +24,7 @@ fn config(cluster: &Cluster, root: &Path, listen: &str, advertise: &str) -> Book
         journal_dirs: vec![root.join("journal")],
         ledger_dirs: vec![root.join("ledgers")],
         metastore: vec![cluster.meta_addr.clone()],
+        disk_usage_threshold: crate::support::DISK_USAGE_ENV.1.parse().expect("threshold"),
         ..Default::default()
     }
 }

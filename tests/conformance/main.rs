@@ -62,6 +62,7 @@ async fn start_in(dir: tempfile::TempDir, settings: &[&str]) -> Standalone {
             &addr(5),
         ])
         .args(settings.iter().flat_map(|s| ["--set", s]))
+        .env(cluster::DISK_USAGE_ENV.0, cluster::DISK_USAGE_ENV.1)
         .stdout(log.try_clone().expect("log"))
         .stderr(log)
         .spawn()
