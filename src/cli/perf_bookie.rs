@@ -377,73 +377,87 @@ async fn run_in(a: &BookiePerf, dir: &Path) -> anyhow::Result<()> {
     let mut wakes: Vec<(usize, WakeDelay)> = Vec::new();
     // Probed just before the 64 KiB phases.
     let mut seq_near: Option<f64> = None;
-    for &size in &a.sizes {
-        // Incompressible bytes: compressible ones would flatter the entry store's LZ4.
-        let mut x: u64 = 0x9e37_79b9_7f4a_7c15 ^ size as u64;
-        let payload = Bytes::from(
-            (0..size)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    x as u8
-                })
-                .collect::<Vec<u8>>(),
-        );
-        let window = a.in_flight.min(((a.in_flight_mib << 20) / size.max(1)).max(16));
-        // The disk's speed drifts over minutes on shared machines: 64 KiB entries are compared
-        // with the better of the run's first probe and one taken just before their phases.
-        if size == 65536 {
-            let mbs = sequential_bandwidth(dir)?;
-            println!("{size} B: sequential write with fdatasync per MiB just before: {mbs:.0} MB/s");
-            seq_near = Some(mbs);
-        }
-        let w = client.create(LedgerConfig::new(1, 1, 1)).await?;
-        // Warm up (segment preallocation, connections).
-        let _ = saturate(&w, payload.clone(), window, Duration::from_secs(a.warmup)).await;
-        println!("{size} B: {window} adds in flight for {} s …", a.duration);
-        let steal = Steal::start();
-        let (adds, secs, hist) = saturate(&w, payload.clone(), window, dur).await;
-        let max = Result1 { size, label: "max".into(), adds, secs, hist, steal: steal.cell() };
-        println!("  {}", max.line());
-        let half = max.rate() * a.paced_fraction;
-        // The disk alone at the same byte rate, just before the paced load: the floor under
-        // the paced phase.
-        let disk = disk_floor(dir, half * size as f64).await?;
-        println!("{size} B: the disk alone at the same byte rate: {}", disk.describe());
-        disks.push((size, disk));
-        // The paced phase measures a bookie settled at that load: after full load, the entry
-        // store is still flushing a backlog for a second or two (and slows writes meanwhile),
-        // and load resuming after the disk probe's seconds of idleness backs adds up for a few
-        // hundred milliseconds (see `docs/benchmarks.md`). The warm-up at the paced rate comes
-        // last, right before the measured phase.
-        paced(&w, payload.clone(), half, Duration::from_secs(a.warmup), None).await?;
-        println!("{size} B: paced at {half:.0}/s …");
-        let before = server_latency_buckets(&http).await;
-        let steal = Steal::start();
-        let probe = WakeProbe::start()?;
-        let (adds, secs, hist) = paced(&w, payload.clone(), half, dur, a.timeline).await?;
-        let wake = probe.finish();
-        println!("  the CPU meanwhile: {}", wake.describe());
-        wakes.push((size, wake));
-        if let (Some(b), Some(a2)) = (before, server_latency_buckets(&http).await) {
-            if let Some(ms) = bucket_quantile(&b, &a2, 0.99) {
-                println!("  bookie-side p99 (receipt to durable ack): <= {ms} ms");
-                server_p99.push((size, ms));
+    let phases = async {
+        for &size in &a.sizes {
+            // Incompressible bytes: compressible ones would flatter the entry store's LZ4.
+            let mut x: u64 = 0x9e37_79b9_7f4a_7c15 ^ size as u64;
+            let payload = Bytes::from(
+                (0..size)
+                    .map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        x as u8
+                    })
+                    .collect::<Vec<u8>>(),
+            );
+            let window = a.in_flight.min(((a.in_flight_mib << 20) / size.max(1)).max(16));
+            // The disk's speed drifts over minutes on shared machines: 64 KiB entries are compared
+            // with the better of the run's first probe and one taken just before their phases.
+            if size == 65536 {
+                let mbs = sequential_bandwidth(dir)?;
+                println!("{size} B: sequential write with fdatasync per MiB just before: {mbs:.0} MB/s");
+                seq_near = Some(mbs);
             }
+            let w = client.create(LedgerConfig::new(1, 1, 1)).await?;
+            // Warm up (segment preallocation, connections).
+            let _ = saturate(&w, payload.clone(), window, Duration::from_secs(a.warmup)).await;
+            println!("{size} B: {window} adds in flight for {} s …", a.duration);
+            let steal = Steal::start();
+            let (adds, secs, hist) = saturate(&w, payload.clone(), window, dur).await;
+            let max = Result1 { size, label: "max".into(), adds, secs, hist, steal: steal.cell() };
+            println!("  {}", max.line());
+            let half = max.rate() * a.paced_fraction;
+            // The disk alone at the same byte rate, just before the paced load: the floor under
+            // the paced phase.
+            let disk = disk_floor(dir, half * size as f64).await?;
+            println!("{size} B: the disk alone at the same byte rate: {}", disk.describe());
+            disks.push((size, disk));
+            // The paced phase measures a bookie settled at that load: after full load, the entry
+            // store is still flushing a backlog for a second or two (and slows writes meanwhile),
+            // and load resuming after the disk probe's seconds of idleness backs adds up for a few
+            // hundred milliseconds (see `docs/benchmarks.md`). The warm-up at the paced rate comes
+            // last, right before the measured phase.
+            paced(&w, payload.clone(), half, Duration::from_secs(a.warmup), None).await?;
+            println!("{size} B: paced at {half:.0}/s …");
+            let before = server_latency_buckets(&http).await;
+            let steal = Steal::start();
+            let probe = WakeProbe::start()?;
+            let (adds, secs, hist) = paced(&w, payload.clone(), half, dur, a.timeline).await?;
+            let wake = probe.finish();
+            println!("  the CPU meanwhile: {}", wake.describe());
+            wakes.push((size, wake));
+            if let (Some(b), Some(a2)) = (before, server_latency_buckets(&http).await) {
+                if let Some(ms) = bucket_quantile(&b, &a2, 0.99) {
+                    println!("  bookie-side p99 (receipt to durable ack): <= {ms} ms");
+                    server_p99.push((size, ms));
+                }
+            }
+            let paced =
+                Result1 { size, label: paced_label(a.paced_fraction, "max"), adds, secs, hist, steal: steal.cell() };
+            println!("  {}", paced.line());
+            println!("{size} B: one add at a time …");
+            let steal = Steal::start();
+            let (adds, secs, hist) = saturate(&w, payload, 1, Duration::from_secs(a.duration.min(3))).await;
+            let one = Result1 { size, label: "1 in flight".into(), adds, secs, hist, steal: steal.cell() };
+            println!("  {}", one.line());
+            w.close().await?;
+            results.push(max);
+            results.push(paced);
+            results.push(one);
         }
-        let paced =
-            Result1 { size, label: paced_label(a.paced_fraction, "max"), adds, secs, hist, steal: steal.cell() };
-        println!("  {}", paced.line());
-        println!("{size} B: one add at a time …");
-        let steal = Steal::start();
-        let (adds, secs, hist) = saturate(&w, payload, 1, Duration::from_secs(a.duration.min(3))).await;
-        let one = Result1 { size, label: "1 in flight".into(), adds, secs, hist, steal: steal.cell() };
-        println!("  {}", one.line());
-        w.close().await?;
-        results.push(max);
-        results.push(paced);
-        results.push(one);
+        anyhow::Ok(())
+    }
+    .await;
+    if let Err(e) = phases {
+        if bookie_read_only(&http).await {
+            return Err(e.context(
+                "the bookie went read-only: its disk passed `disk_usage_threshold` (95% used by default), and \
+                 the run keeps every ledger it writes (tens of GB at full speed); free some space, or raise \
+                 the threshold for the run with --bookie-set disk_usage_threshold=0.99",
+            ));
+        }
+        return Err(e);
     }
     drop(child);
     shutdown.cancel();
@@ -515,6 +529,20 @@ async fn run_in(a: &BookiePerf, dir: &Path) -> anyhow::Result<()> {
 }
 
 /// The bookie's add-latency histogram buckets (`le` in ms → cumulative count) from `/metrics`.
+/// Whether the bookie at `http` says it is read-only (`/api/v1/bookie/state`).
+async fn bookie_read_only(http: &str) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(http).await else { return false };
+    let get = format!("GET /api/v1/bookie/state HTTP/1.1\r\nHost: {http}\r\nConnection: close\r\n\r\n");
+    let mut body = String::new();
+    if s.write_all(get.as_bytes()).await.is_err() || s.read_to_string(&mut body).await.is_err() {
+        return false;
+    }
+    body.split_once("\r\n\r\n")
+        .and_then(|(_, json)| serde_json::from_str::<serde_json::Value>(json).ok())
+        .is_some_and(|v| v["readOnly"] == true)
+}
+
 async fn server_latency_buckets(http: &str) -> Option<Vec<(f64, f64)>> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(http).await.ok()?;
@@ -546,8 +574,35 @@ fn bucket_quantile(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> Optio
 
 #[cfg(test)]
 mod tests {
-    use super::{clock, paced_label, Windows};
+    use super::{bookie_read_only, clock, paced_label, Windows};
     use std::time::Duration;
+
+    /// Serves one HTTP request with `body` as JSON; the address.
+    async fn one_answer(body: &'static str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr").to_string();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.expect("accept");
+            let mut req = [0u8; 1024];
+            let _ = s.read(&mut req).await;
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = s.write_all(answer.as_bytes()).await;
+        });
+        addr
+    }
+
+    /// A run that fails is explained when the bookie says it went read-only (its state
+    /// endpoint), and only then.
+    #[tokio::test]
+    async fn a_read_only_bookie_is_recognised() {
+        assert!(bookie_read_only(&one_answer(r#"{"running":true,"readOnly":true}"#).await).await);
+        assert!(!bookie_read_only(&one_answer(r#"{"running":true,"readOnly":false}"#).await).await);
+        assert!(!bookie_read_only(&one_answer("not json").await).await);
+    }
 
     /// Adds land in the window they were issued in; only windows with an add over the bound
     /// are listed, and the share of slow adds counts every window.
