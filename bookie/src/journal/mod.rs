@@ -482,6 +482,7 @@ impl Journal {
             drop_pages: settings.remove_pages_from_cache,
             on_roll,
             marked: 0,
+            marking: None,
         };
         let syncer = Syncer { shared: shared.clone(), settings: settings.clone() };
         let threads = vec![
@@ -653,8 +654,11 @@ struct Writer {
     /// `remove_pages_from_cache` (see [`Segment::advise_written`]).
     drop_pages: bool,
     on_roll: Box<dyn Fn() + Send>,
-    /// The offset the current segment's last `SYNCED` record gave.
+    /// The offset the current segment's last written `SYNCED` record gave.
     marked: u64,
+    /// The offset a `SYNCED` record still in `buf` gives: it counts once its write succeeds
+    /// (after a failed write the next batch writes the mark again, where the failed one was).
+    marking: Option<u64>,
 }
 
 /// What one writer batch produced.
@@ -769,13 +773,13 @@ impl Writer {
         let synced = *self.shared.synced.lock().unwrap_or_else(|e| e.into_inner());
         let len = record::encoded_len(0) as u64;
         if synced.segment != self.seg.seq
-            || synced.offset <= self.marked
+            || synced.offset <= self.marking.unwrap_or(self.marked)
             || self.seg.offset + (self.pending() as u64) + len > self.size
         {
             return;
         }
         record::encode(&mut self.buf, self.seg.seq, record::SYNCED, 0, synced.offset as i64, -1, &[]);
-        self.marked = synced.offset;
+        self.marking = Some(synced.offset);
     }
 
     fn state(&self, b: &mut Batch, ledger: u64) -> Result<Option<LedgerMeta>> {
@@ -954,8 +958,12 @@ impl Writer {
         self.buf.clear();
         self.pieces.clear();
         self.piece_bytes = 0;
+        let mark = self.marking.take();
         // On failure these records' adds fail; they must not reappear with a later batch.
         written.map_err(|e| BookieError::io(format!("writing journal segment {}", self.seg.seq), e))?;
+        if let Some(m) = mark {
+            self.marked = m;
+        }
         let from = self.seg.offset;
         self.seg.offset += n as u64;
         if self.drop_pages {
@@ -1503,6 +1511,39 @@ mod tests {
             Err(BookieError::CorruptJournal { offset, .. }) => assert_eq!(offset, entries[1] as u64),
             other => panic!("expected CorruptJournal, got {other:?}"),
         }
+    }
+
+    /// A batch whose write failed took its `SYNCED` record with it: the next batch, written
+    /// where the failed one was, says again how much of the segment was durable, so damage to
+    /// the acknowledged records before it is still told from a torn tail. (Before, the mark
+    /// counted as written and no later batch repeated it.)
+    #[test]
+    fn a_failed_write_does_not_lose_the_durability_mark() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledgers = Arc::new(Ledgers::new(Arc::new(MemStorage::new()), 1 << 20));
+        let journal = start_journal(dir.path(), &ledgers);
+        let payload = |e: i64| Bytes::from(vec![e as u8; 300]);
+        submit_and_wait(&journal, add_op(4, 0, -1, payload(0), b"k", false));
+        journal.shared.fail_next_write.store(true, Ordering::SeqCst);
+        assert!(outcome(&journal, add_op(4, 1, 0, payload(1), b"k", false)).is_err(), "the failed write's add");
+        submit_and_wait(&journal, add_op(4, 1, 0, payload(1), b"k", false));
+        journal.stop();
+        let (seq, path) = segment::list_segments(dir.path()).unwrap().remove(0);
+        let bytes = std::fs::read(&path).unwrap();
+        let (mut off, mut marks, mut entries) = (0usize, Vec::new(), Vec::new());
+        while let record::Decoded::Record(r, len) = record::decode(&bytes[off..], seq, 1 << 20) {
+            match r.kind {
+                record::SYNCED => marks.push((off, r.entry as usize)),
+                record::ENTRY => entries.push(off),
+                _ => {}
+            }
+            off += len;
+        }
+        assert_eq!(entries.len(), 2, "entries 0 and 1, once each");
+        assert!(
+            marks.iter().any(|(at, synced)| *synced > entries[0] && *at < entries[1]),
+            "no record before entry 1 says entry 0 was durable: {marks:?} {entries:?}"
+        );
     }
 
     /// With syncing off nothing is durable, and no `SYNCED` record claims otherwise.

@@ -249,6 +249,17 @@ struct Inner {
     /// Tests hold it to keep reads of the files from starting.
     #[cfg(test)]
     read_gate: Mutex<()>,
+    /// Tests set it to fail the next fdatasync of the logs (as a write-back error would).
+    #[cfg(test)]
+    fail_next_sync: AtomicBool,
+    /// Tests hold it to keep a sync that failed from recording its failure.
+    #[cfg(test)]
+    failed_sync_gate: Mutex<()>,
+    /// Held through every fdatasync of the logs and the recording of its failure. The kernel
+    /// reports a write-back error of a file to one fdatasync of it only: a reference sync
+    /// running beside a flush's sync of the same log could succeed without the lost pages,
+    /// and acknowledge them, before the flush recorded its failure.
+    syncing: Mutex<()>,
     /// Signalled when the writer finishes a buffer.
     written: Condvar,
     /// One flush at a time: a flush promises that everything written before it is durable.
@@ -370,6 +381,11 @@ impl EntryLogStorage {
             sync_gate: Mutex::new(()),
             #[cfg(test)]
             read_gate: Mutex::new(()),
+            #[cfg(test)]
+            fail_next_sync: AtomicBool::new(false),
+            #[cfg(test)]
+            failed_sync_gate: Mutex::new(()),
+            syncing: Mutex::new(()),
             readers: Mutex::new(HashMap::new()),
             direct_readers: Mutex::new(HashMap::new()),
             direct_reads: AtomicBool::new(true),
@@ -1113,21 +1129,11 @@ impl Inner {
     /// beside the writer, which goes on writing, and the journal's fdatasync.
     fn sync_refs(&self, rx: Receiver<RefSyncJob>) {
         for job in rx {
-            // Its own statement: the state lock is not held through the fdatasync (it would
-            // hold up every add storing a payload, and the writer, for as long).
-            let failure = self.lock().failed.clone();
-            let res = match failure {
-                Some(e) => Err(failed(&e)),
-                None => self.sync_logs(&job.files, job.new_names),
-            };
+            // The state lock is not held through the fdatasync (it would hold up every add
+            // storing a payload, and the writer, for as long). A failure (this sync's or an
+            // earlier one's) is recorded in the state by `sync_logs`.
+            let _ = self.sync_logs(&job.files, job.new_names);
             let mut st = self.lock();
-            if let Err(e) = &res {
-                if st.failed.is_none() {
-                    // As for a failed flush: nothing written before may be called durable.
-                    tracing::error!(error = %e, "syncing entry logs failed; the entry store accepts no more writes");
-                    st.failed = Some(e.to_string());
-                }
-            }
             st.ref_syncs_done = job.turn;
             drop(st);
             self.written.notify_all();
@@ -1241,14 +1247,36 @@ impl Inner {
     fn sync_logs(&self, files: &[(u64, Arc<File>)], new_names: bool) -> Result<()> {
         #[cfg(test)]
         drop(self.sync_gate.lock());
-        for (id, f) in files {
-            rustix::fs::fdatasync(&**f)
-                .map_err(|e| BookieError::io(format!("syncing entry log {}", log_name(*id)), e.into()))?;
+        let _one = self.syncing.lock().unwrap_or_else(|e| e.into_inner());
+        // A failure recorded before this sync (by another one, which may have taken the
+        // file's error) stands whatever this one says.
+        if let Some(e) = &self.lock().failed {
+            return Err(failed(e));
         }
-        if new_names {
-            crate::journal::segment::sync_dir(&self.dir)?;
+        let synced = (|| -> Result<()> {
+            #[cfg(test)]
+            if self.fail_next_sync.swap(false, Ordering::SeqCst) {
+                drop(self.failed_sync_gate.lock());
+                return Err(BookieError::io("syncing entry logs", std::io::Error::other("injected fdatasync failure")));
+            }
+            for (id, f) in files {
+                rustix::fs::fdatasync(&**f)
+                    .map_err(|e| BookieError::io(format!("syncing entry log {}", log_name(*id)), e.into()))?;
+            }
+            if new_names {
+                crate::journal::segment::sync_dir(&self.dir)?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = &synced {
+            // Before the next sync may start: nothing written before may be called durable.
+            let mut st = self.lock();
+            if st.failed.is_none() {
+                tracing::error!(error = %e, "syncing entry logs failed; the entry store accepts no more writes");
+                st.failed = Some(e.to_string());
+            }
         }
-        Ok(())
+        synced
     }
 
     /// Writes out every buffer, fdatasyncs the logs written, then records the accounting and
@@ -1281,12 +1309,9 @@ impl Inner {
                 return Err(failed(e));
             }
             drop(st);
-            if let Err(e) = self.sync_logs(&files, new_names) {
-                // At once, so that a reference sync finishing meanwhile acknowledges nothing.
-                self.lock().failed.get_or_insert_with(|| e.to_string());
-                return Err(e);
-            }
-            // A reference sync of the same logs may have failed while this one ran.
+            // Records its failure itself, before a reference sync can follow it.
+            self.sync_logs(&files, new_names)?;
+            // A reference sync of the same logs may have failed just before.
             if let Some(e) = &self.lock().failed {
                 return Err(failed(e));
             }

@@ -649,3 +649,38 @@ fn a_reference_that_filled_the_buffer_is_not_sent_again() {
     s.index_refs(&[(4, 0, at.encode())]).unwrap();
     check(&s, 4, 0..1, CHUNK + 100);
 }
+
+/// A reference sync that runs while a flush's fdatasync of the same logs fails acknowledges
+/// nothing, though its own fdatasync succeeds: the kernel reports a write-back error to one
+/// fdatasync of a file only, so the other one cannot tell the pages were lost. (Before, the
+/// two ran side by side and the reference sync could finish before the flush recorded its
+/// failure.)
+#[test]
+fn a_reference_sync_beside_a_failed_flush_acknowledges_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let s = std::sync::Arc::new(open(d.path(), 16 << 20));
+    s.write_ref(&entry(4, 0, 100_000)).unwrap().unwrap();
+    // The flush's fdatasync fails and stops before its failure is recorded.
+    let held = s.inner.failed_sync_gate.lock().unwrap();
+    s.inner.fail_next_sync.store(true, Ordering::SeqCst);
+    let flusher = s.clone();
+    let flush = std::thread::spawn(move || flusher.flush());
+    let started = std::time::Instant::now();
+    while s.inner.fail_next_sync.load(Ordering::SeqCst) {
+        assert!(started.elapsed() < Duration::from_secs(10), "the flush never synced");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    s.write_ref(&entry(4, 1, 100_000)).unwrap().unwrap();
+    let finish = s.sync_refs().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(finish().is_ok()));
+    let early = rx.recv_timeout(Duration::from_millis(500));
+    assert_ne!(early, Ok(true), "the reference sync acknowledged its payload beside a failed sync");
+    drop(held);
+    assert!(flush.join().unwrap().is_err());
+    let outcome = match early {
+        Ok(ok) => ok,
+        Err(_) => rx.recv_timeout(Duration::from_secs(10)).expect("the reference sync hung"),
+    };
+    assert!(!outcome, "the reference sync succeeded after the flush's sync failed");
+}
