@@ -37,9 +37,22 @@ pub struct ReplayStats {
     pub torn_tails: u64,
     /// Highest segment sequence seen (0 if none).
     pub last_segment: u64,
+    /// Highest segment sequence in which replay read a valid record (0 if none).
+    pub last_used: u64,
     /// `ENTRY_REF` records whose payload the entry store does not hold: adds whose group was
     /// still syncing when the bookie stopped (never acknowledged), or of ledgers deleted since.
     pub missing_refs: u64,
+}
+
+impl ReplayStats {
+    /// The segment the journal writes next after replaying from `from`: the one after the last
+    /// segment holding records, or `from`'s own segment when nothing was written in it. Files
+    /// prepared for later segments and never used are written over, so no unused segment ever
+    /// precedes a used one, and replay can tell a segment whose first record was damaged from
+    /// one that was never used.
+    pub fn next_segment(&self, from: Position) -> u64 {
+        (self.last_used + 1).max(from.segment + u64::from(from.offset > 0)).max(1)
+    }
 }
 
 /// Replays `dir` from `from` into `storage`. The caller flushes the store once every journal is
@@ -53,15 +66,23 @@ pub fn replay(dir: &Path, from: Position, storage: &dyn LedgerStorage, max_recor
     // A torn tail is legitimate only in the last segment that holds records: the journal syncs
     // a segment before writing to the next one.
     let mut torn: Option<(String, u64, &'static str)> = None;
+    // A segment replayed from its start that holds no record: only the last one may be so
+    // (see `ReplayStats::next_segment`); before a segment with records, its first record was
+    // damaged, and everything in it may have been acknowledged.
+    let mut unused: Option<String> = None;
     for (seq, path) in list_segments(dir)? {
         stats.last_segment = stats.last_segment.max(seq);
         if seq < from.segment {
             continue;
         }
         stats.segments += 1;
+        let from_start = seq != from.segment || from.offset == 0;
         let file = File::open(&path).map_err(|e| BookieError::io(format!("opening {}", path.display()), e))?;
         let len = file.metadata().map_err(|e| BookieError::io(format!("reading {}", path.display()), e))?.len();
         if len == 0 {
+            if from_start {
+                unused = Some(path.display().to_string());
+            }
             continue;
         }
         let map = map_file(&file).map_err(|e| BookieError::io(format!("mapping {}", path.display()), e))?;
@@ -76,24 +97,12 @@ pub fn replay(dir: &Path, from: Position, storage: &dyn LedgerStorage, max_recor
             match record::decode(&map[off..], seq, max_record) {
                 Decoded::Record(r, _) if r.kind == record::SEGMENT_END => break,
                 Decoded::Record(r, n) if r.kind == record::SYNCED => {
-                    if let Some((file, offset, reason)) = torn.take() {
-                        return Err(BookieError::CorruptJournal {
-                            file,
-                            offset,
-                            reason: format!("{reason}, and a later segment holds records"),
-                        });
-                    }
+                    later_records(&mut torn, &mut unused)?;
                     records_here += 1;
                     off += n;
                 }
                 Decoded::Record(r, n) => {
-                    if let Some((file, offset, reason)) = torn.take() {
-                        return Err(BookieError::CorruptJournal {
-                            file,
-                            offset,
-                            reason: format!("{reason}, and a later segment holds records"),
-                        });
-                    }
+                    later_records(&mut torn, &mut unused)?;
                     if !apply(&r, storage, &mut metas, &mut entries)? {
                         stats.missing_refs += 1;
                     }
@@ -147,6 +156,11 @@ pub fn replay(dir: &Path, from: Position, storage: &dyn LedgerStorage, max_recor
                 }
             }
         }
+        if records_here > 0 {
+            stats.last_used = seq;
+        } else if from_start {
+            unused = Some(path.display().to_string());
+        }
     }
     if stats.missing_refs > 0 {
         tracing::info!(
@@ -157,6 +171,25 @@ pub fn replay(dir: &Path, from: Position, storage: &dyn LedgerStorage, max_recor
     let states: Vec<(u64, LedgerMeta)> = metas.into_iter().collect();
     storage.write(&entries, &states)?;
     Ok(stats)
+}
+
+/// A record was read after a torn tail or a segment without records: either was damage.
+fn later_records(torn: &mut Option<(String, u64, &'static str)>, unused: &mut Option<String>) -> Result<()> {
+    if let Some((file, offset, reason)) = torn.take() {
+        return Err(BookieError::CorruptJournal {
+            file,
+            offset,
+            reason: format!("{reason}, and a later segment holds records"),
+        });
+    }
+    if let Some(file) = unused.take() {
+        return Err(BookieError::CorruptJournal {
+            file,
+            offset: 0,
+            reason: "no record verifies at the start of the segment, and a later segment holds records".into(),
+        });
+    }
+    Ok(())
 }
 
 /// Applies one record; false for an `ENTRY_REF` whose payload is not there.
@@ -589,5 +622,46 @@ mod tests {
         assert!(s.get_entry(1, 0).unwrap().is_none());
         assert!(s.get_entry(1, 1).unwrap().is_none());
         assert!(s.get_entry(1, 2).unwrap().is_some());
+    }
+
+    /// A segment whose start does not verify, with nothing after it to show it was used, is
+    /// an unused (prepared) segment only when it is the last one: a restarted journal writes
+    /// over such a file rather than past it. Before a segment holding records it is damage,
+    /// and the whole segment (its records may all have been acknowledged) is not skipped.
+    #[test]
+    fn a_segment_without_records_before_one_with_records_is_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        write_segment(dir.path(), 1, &[(0, b"a")], 0);
+        // Segment 2: one large entry whose header was zeroed; nothing verifies for 2 MiB.
+        let big = vec![7u8; 2 << 20];
+        let mut buf = Vec::new();
+        record::encode(&mut buf, 2, record::ENTRY, 1, 1, 0, &[&entry_checksum(1, 1, &big).to_le_bytes(), &big]);
+        buf[..8].fill(0);
+        std::fs::write(segment_path(dir.path(), 2), &buf).unwrap();
+        let s = MemStorage::new();
+        // As the last segment, it reads as unused, and the journal goes on in it.
+        let stats = replay(dir.path(), Position::default(), &s, 4 << 20).unwrap();
+        assert_eq!((stats.last_used, stats.last_segment), (1, 2));
+        assert_eq!(stats.next_segment(Position::default()), 2);
+        // Followed by a segment with records, it is damage.
+        write_segment(dir.path(), 3, &[(2, b"c")], 0);
+        match replay(dir.path(), Position::default(), &MemStorage::new(), 4 << 20) {
+            Err(BookieError::CorruptJournal { file, offset: 0, .. }) => {
+                assert_eq!(file, segment_path(dir.path(), 2).display().to_string())
+            }
+            other => panic!("expected CorruptJournal in segment 2, got {other:?}"),
+        }
+    }
+
+    /// Where the journal goes on after a replay: after the last segment with records, in the
+    /// checkpoint's segment when nothing was written there, never back into a segment the
+    /// checkpoint is partway through.
+    #[test]
+    fn the_next_segment_follows_the_last_one_used() {
+        let stats = |last_used| ReplayStats { last_used, last_segment: 9, ..Default::default() };
+        assert_eq!(stats(4).next_segment(Position { segment: 2, offset: 100 }), 5);
+        assert_eq!(stats(0).next_segment(Position { segment: 3, offset: 0 }), 3);
+        assert_eq!(stats(0).next_segment(Position { segment: 3, offset: 100 }), 4);
+        assert_eq!(stats(0).next_segment(Position::default()), 1);
     }
 }

@@ -199,7 +199,7 @@ impl Bookie {
             tracing::info!(journal = %dir.display(), records = stats.records, segments = stats.segments,
                 torn_tails = stats.torn_tails, missing_refs = stats.missing_refs,
                 elapsed_ms = started.elapsed().as_millis() as u64, "journal replayed");
-            next_segments.push(stats.last_segment.max(from.segment) + 1);
+            next_segments.push(stats.next_segment(from));
         }
 
         let registry = Registry::new();
