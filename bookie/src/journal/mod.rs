@@ -1484,17 +1484,7 @@ mod tests {
             submit_and_wait(&journal, add_op(4, e, e - 1, Bytes::from(vec![e as u8; 300]), b"k", false));
         }
         journal.stop();
-        let (seq, path) = segment::list_segments(dir.path()).unwrap().remove(0);
-        let bytes = std::fs::read(&path).unwrap();
-        let (mut off, mut marks, mut entries) = (0usize, Vec::new(), Vec::new());
-        while let record::Decoded::Record(r, len) = record::decode(&bytes[off..], seq, 1 << 20) {
-            match r.kind {
-                record::SYNCED => marks.push((off, r.entry as usize)),
-                record::ENTRY => entries.push(off),
-                _ => {}
-            }
-            off += len;
-        }
+        let (path, bytes, marks, entries) = first_segment_records(dir.path());
         assert_eq!(entries.len(), n as usize);
         // One add at a time, each acknowledged before the next: every later add's batch says
         // the one before was durable.
@@ -1513,6 +1503,24 @@ mod tests {
         }
     }
 
+    /// The first segment of `dir`: its path and bytes, its `SYNCED` records (offset, offset
+    /// they say was durable) and the offsets of its entry records.
+    #[allow(clippy::type_complexity)]
+    fn first_segment_records(dir: &Path) -> (PathBuf, Vec<u8>, Vec<(usize, usize)>, Vec<usize>) {
+        let (seq, path) = segment::list_segments(dir).unwrap().remove(0);
+        let bytes = std::fs::read(&path).unwrap();
+        let (mut off, mut marks, mut entries) = (0usize, Vec::new(), Vec::new());
+        while let record::Decoded::Record(r, len) = record::decode(&bytes[off..], seq, 1 << 20) {
+            match r.kind {
+                record::SYNCED => marks.push((off, r.entry as usize)),
+                record::ENTRY => entries.push(off),
+                _ => {}
+            }
+            off += len;
+        }
+        (path, bytes, marks, entries)
+    }
+
     /// A batch whose write failed took its `SYNCED` record with it: the next batch, written
     /// where the failed one was, says again how much of the segment was durable, so damage to
     /// the acknowledged records before it is still told from a torn tail. (Before, the mark
@@ -1528,17 +1536,7 @@ mod tests {
         assert!(outcome(&journal, add_op(4, 1, 0, payload(1), b"k", false)).is_err(), "the failed write's add");
         submit_and_wait(&journal, add_op(4, 1, 0, payload(1), b"k", false));
         journal.stop();
-        let (seq, path) = segment::list_segments(dir.path()).unwrap().remove(0);
-        let bytes = std::fs::read(&path).unwrap();
-        let (mut off, mut marks, mut entries) = (0usize, Vec::new(), Vec::new());
-        while let record::Decoded::Record(r, len) = record::decode(&bytes[off..], seq, 1 << 20) {
-            match r.kind {
-                record::SYNCED => marks.push((off, r.entry as usize)),
-                record::ENTRY => entries.push(off),
-                _ => {}
-            }
-            off += len;
-        }
+        let (_, _, marks, entries) = first_segment_records(dir.path());
         assert_eq!(entries.len(), 2, "entries 0 and 1, once each");
         assert!(
             marks.iter().any(|(at, synced)| *synced > entries[0] && *at < entries[1]),
